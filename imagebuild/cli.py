@@ -1,0 +1,176 @@
+"""Command line: one thin function per subcommand.
+
+``main_inner`` raises; ``main`` only maps ``ImagebuildError`` to its exit code (and
+Ctrl-C to 130) and prints the message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .derivation import Derivation, plan
+from .errors import ImagebuildError, Interrupted, LockError
+from .lock import atomic_write_text, compute_lock, format_lock, read_lock
+from .render import check_rendered, write_rendered
+from .spec import Spec, load_spec
+
+
+def _spec(args: argparse.Namespace) -> Spec:
+    return load_spec(args.file)
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# -- render --------------------------------------------------------------------------------
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    if args.check:
+        check_rendered(spec)
+        print(f"dockerfiles are up to date ({len(spec.images)} images)")
+        return 0
+    result = write_rendered(spec)
+    for p in result.written:
+        print(f"wrote {_rel(p)}")
+    for p in result.unchanged:
+        print(f"unchanged {_rel(p)}")
+    return 0
+
+
+# -- lock ----------------------------------------------------------------------------------
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    previous = None
+    if spec.lock_path.is_file():
+        try:
+            previous = read_lock(spec.lock_path)
+        except LockError as exc:
+            print(f"warning: ignoring the existing lock: {exc.message}", file=sys.stderr)
+    decls = [(d.filename, d.index) for d in spec.wheels]
+    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=args.upgrade)
+    try:
+        spec_name = str(spec.path.relative_to(spec.lock_path.parent))
+    except ValueError:
+        spec_name = spec.path.name
+    text = format_lock(result.wheels, spec_name)
+    for note in result.notes:
+        print(f"  {note}", file=sys.stderr)
+    current = spec.lock_path.read_text(encoding="utf-8") if spec.lock_path.is_file() else None
+    unresolved = sum(1 for w in result.wheels if w.sha256 is None)
+    if args.check:
+        if current != text:
+            raise LockError(f"{spec.lock_path} is out of date with the spec or the wheels",
+                            hint="run 'imagebuild lock' and commit wheels.lock")
+        print(f"{_rel(spec.lock_path)} is up to date ({len(result.wheels)} wheels, "
+              f"{unresolved} unresolved)")
+        return 0
+    if current == text:
+        print(f"{_rel(spec.lock_path)} unchanged ({len(result.wheels)} wheels, "
+              f"{unresolved} unresolved)")
+    else:
+        atomic_write_text(spec.lock_path, text)
+        print(f"wrote {_rel(spec.lock_path)} ({len(result.wheels)} wheels, "
+              f"{unresolved} unresolved)")
+    return 0
+
+
+# -- plan ----------------------------------------------------------------------------------
+
+
+def _plan_row(d: Derivation) -> dict[str, object]:
+    return {
+        "name": d.name,
+        "parent": d.parent,
+        "base": d.base,
+        "input_hash": d.input_hash,
+        "tag": d.tag if d.input_hash else None,
+        "unresolved": list(d.unresolved),
+        "context": [{"path": f.arcname, "sha256": f.sha256} for f in d.context],
+    }
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    lock = read_lock(spec.lock_path)
+    derivations = plan(spec, lock, args.images)
+    if args.json:
+        json.dump({"spec": str(spec.path), "images": [_plan_row(d) for d in derivations]},
+                  sys.stdout, indent=2)
+        print()
+        return 0
+    width = max(len(d.name) for d in derivations)
+    print(f"plan ({len(derivations)} images, in build order):")
+    for i, d in enumerate(derivations, 1):
+        h = d.input_hash[:12] if d.input_hash else "unresolved  "
+        origin = f"FROM {d.parent}" if d.parent else f"FROM {d.base}"
+        print(f"  {i}. {d.name:<{width}}  {h}  {origin}")
+    missing = sorted({f for d in derivations for f in d.unresolved})
+    if missing:
+        print(f"\n{len(missing)} wheel hash(es) are unresolved in {_rel(spec.lock_path)}: "
+              f"{', '.join(missing)}")
+        print("run 'imagebuild lock' where those wheels are, then plan again")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imagebuild",
+        description="Declarative, input-addressed builds of the vLLM cluster images.",
+    )
+    p.add_argument("-f", "--file", metavar="SPEC", default=None,
+                   help="the spec file (default: ./imagebuild.yaml)")
+    p.add_argument("--version", action="version", version=f"imagebuild {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("render", help="render dockerfiles/ from templates/")
+    s.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 with a diff if dockerfiles/ is stale")
+    s.set_defaults(func=cmd_render)
+
+    s = sub.add_parser("lock", help="write wheels.lock (sha256 of every declared wheel)")
+    s.add_argument("--upgrade", action="store_true",
+                   help="re-read index hashes even for wheels already locked")
+    s.add_argument("--check", action="store_true",
+                   help="write nothing; exit 2 if wheels.lock is out of date")
+    s.set_defaults(func=cmd_lock)
+
+    s = sub.add_parser("plan", help="show build order and input hashes (no engine needed)")
+    s.add_argument("images", nargs="*", metavar="IMAGE", help="images (short names work)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_plan)
+    return p
+
+
+def main_inner(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = main_inner(argv)
+    except KeyboardInterrupt:
+        err: ImagebuildError = Interrupted("interrupted")
+        print(f"imagebuild: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except ImagebuildError as err:
+        print(f"imagebuild: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    sys.exit(code)

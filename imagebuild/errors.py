@@ -1,0 +1,106 @@
+"""The error hierarchy: one class per kind of failure, one exit code per class.
+
+Every message says what failed, why, and what to do next. ``cli.main`` maps an
+``ImagebuildError`` to its ``exit_code`` and prints the message; nothing else
+in the package calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+
+class ImagebuildError(Exception):
+    """Base class. ``exit_code`` is what the command exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  hint: {self.hint}"
+        return self.message
+
+
+class SpecError(ImagebuildError):
+    """The spec (imagebuild.yaml) is malformed, incomplete or unsafe."""
+
+    exit_code = 2
+
+
+class LockError(ImagebuildError):
+    """wheels.lock is malformed, stale, or lacks a wheel the spec needs."""
+
+    exit_code = 2
+
+
+class UnresolvedHashError(LockError):
+    """A wheel's sha256 is not known on this machine; run the lock step where it is."""
+
+    exit_code = 2
+
+
+class RenderDrift(ImagebuildError):
+    """A committed Dockerfile differs from what the templates produce."""
+
+    exit_code = 1
+
+
+class WheelHashMismatch(ImagebuildError):
+    """A wheel file's bytes do not match the sha256 in wheels.lock."""
+
+    exit_code = 3
+
+
+class EngineError(ImagebuildError):
+    """The Docker engine is unreachable or an API call failed."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, hint: str | None = None, log_tail: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.log_tail = log_tail
+
+
+class BuildFailed(EngineError):
+    """A Dockerfile step failed during a build."""
+
+    exit_code = 5
+
+
+class ImageNotFound(ImagebuildError):
+    """An image the command needs is not present in the engine."""
+
+    exit_code = 6
+
+
+class VerifyFailed(ImagebuildError):
+    """An image failed one of its checks: it must not be distributed."""
+
+    exit_code = 1
+
+
+class NotVerified(ImagebuildError):
+    """An image has no passing verify record."""
+
+    exit_code = 7
+
+
+class BackupError(ImagebuildError):
+    """A backup could not be written, or a tar is corrupt or does not match its sidecar."""
+
+    exit_code = 8
+
+
+class RemoteError(ImagebuildError):
+    """An ssh command to a worker failed."""
+
+    exit_code = 9
+
+
+class Interrupted(ImagebuildError):
+    """The user pressed Ctrl-C."""
+
+    exit_code = 130

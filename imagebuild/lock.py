@@ -1,0 +1,333 @@
+"""``wheels.lock``: the hash-pinned wheels of a stack.
+
+The lock is machine-written (``imagebuild lock``), deterministic (sorted by canonical
+name, then version, then filename; fixed formatting) and written atomically. A wheel
+whose bytes are not available where the lock is written is recorded as ``unresolved``
+— never with a made-up hash — and anything that needs its hash refuses until the lock
+step is run where the wheel is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html.parser
+import os
+import tempfile
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urldefrag, urljoin
+
+from packaging.utils import (
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_wheel_filename,
+)
+
+from .errors import LockError, UnresolvedHashError, WheelHashMismatch
+
+LOCK_VERSION = 1
+UNRESOLVED = "unresolved"
+LOCAL_PREFIX = "wheels/"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ParsedWheel:
+    name: str  # canonical
+    version: str
+    filename: str
+
+
+def parse_wheel(filename: str) -> ParsedWheel:
+    """Name and version of a wheel filename, via ``packaging.utils.parse_wheel_filename``."""
+    try:
+        name, version, _build, _tags = parse_wheel_filename(filename)
+    except InvalidWheelFilename as exc:
+        raise LockError(f"wheel filename {filename!r} does not parse: {exc}",
+                        hint="wheel files are named NAME-VERSION(-BUILD)?-PY-ABI-PLATFORM.whl "
+                             "(PEP 427); do not rename them") from None
+    return ParsedWheel(name=canonicalize_name(name), version=str(version), filename=filename)
+
+
+@dataclass(frozen=True)
+class LockedWheel:
+    name: str
+    version: str
+    filename: str
+    sha256: str | None  # None: unresolved
+    source: str  # "wheels/<filename>" for a local file, else the index URL
+
+    @property
+    def is_local(self) -> bool:
+        return self.source.startswith(LOCAL_PREFIX)
+
+    @property
+    def index(self) -> str | None:
+        return None if self.is_local else self.source
+
+    def require_sha256(self, lock_path: Path) -> str:
+        if self.sha256 is None:
+            raise UnresolvedHashError(
+                f"{lock_path}: the sha256 of {self.filename} is unresolved",
+                hint="run 'imagebuild lock' on the machine where that wheel is (the head node "
+                     "with wheels/ populated, or with the index reachable), commit wheels.lock, "
+                     "and try again",
+            )
+        return self.sha256
+
+
+@dataclass(frozen=True)
+class Lock:
+    path: Path
+    wheels: tuple[LockedWheel, ...]
+
+    def by_filename(self) -> dict[str, LockedWheel]:
+        return {w.filename: w for w in self.wheels}
+
+    def get(self, name: str) -> LockedWheel:
+        """The locked wheel for a canonical name (a stack declares each name once)."""
+        cn = canonicalize_name(name)
+        for w in self.wheels:
+            if w.name == cn:
+                return w
+        raise LockError(f"{self.path}: no wheel named {name!r} is locked",
+                        hint="declare it in the spec's wheels section and run 'imagebuild lock'")
+
+    @property
+    def unresolved(self) -> list[LockedWheel]:
+        return [w for w in self.wheels if w.sha256 is None]
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks (memory stays flat for GB-sized wheels)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_wheel_file(path: Path, expected: str) -> None:
+    """Refuse a wheel whose bytes do not match its locked sha256."""
+    try:
+        actual = sha256_file(path)
+    except FileNotFoundError:
+        raise WheelHashMismatch(
+            f"wheel {path} is missing",
+            hint="put the locked wheel file in the spec's wheels directory",
+        ) from None
+    if actual != expected:
+        raise WheelHashMismatch(
+            f"wheel {path} does not match wheels.lock\n"
+            f"  expected sha256 {expected}\n  actual   sha256 {actual}",
+            hint="the file changed since it was locked: if the new wheel is intended, run "
+                 "'imagebuild lock' and commit wheels.lock; otherwise restore the locked file",
+        )
+
+
+# -- reading and writing -------------------------------------------------------------------
+
+
+def read_lock(path: Path) -> Lock:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise LockError(f"{path}: lock file not found",
+                        hint="run 'imagebuild lock' to write it") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise LockError(f"{path}: malformed lock file: {exc}",
+                        hint="regenerate it with 'imagebuild lock'") from None
+    if data.get("version") != LOCK_VERSION:
+        raise LockError(f"{path}: unsupported lock version {data.get('version')!r}",
+                        hint="regenerate it with 'imagebuild lock'")
+    wheels: list[LockedWheel] = []
+    for i, entry in enumerate(data.get("wheel", [])):
+        try:
+            filename = str(entry["filename"])
+            sha = str(entry["sha256"])
+            source = str(entry["source"])
+        except (KeyError, TypeError):
+            raise LockError(f"{path}: wheel entry {i + 1} lacks filename, sha256 or source",
+                            hint="regenerate it with 'imagebuild lock'") from None
+        parsed = parse_wheel(filename)
+        if sha != UNRESOLVED and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+            raise LockError(f"{path}: {filename}: {sha!r} is not a sha256 hex digest")
+        if entry.get("name") != parsed.name or entry.get("version") != parsed.version:
+            raise LockError(f"{path}: {filename}: name/version do not match the filename",
+                            hint="regenerate it with 'imagebuild lock'")
+        wheels.append(LockedWheel(name=parsed.name, version=parsed.version, filename=filename,
+                                  sha256=None if sha == UNRESOLVED else sha, source=source))
+    return Lock(path=path, wheels=tuple(_sorted(wheels)))
+
+
+def _sorted(wheels: Iterable[LockedWheel]) -> list[LockedWheel]:
+    return sorted(wheels, key=lambda w: (w.name, w.version, w.filename))
+
+
+def _q(value: str) -> str:
+    """A TOML basic string (JSON-compatible escaping)."""
+    out = ['"']
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def format_lock(wheels: Iterable[LockedWheel], spec_name: str) -> str:
+    lines = [
+        "# wheels.lock: the hash-pinned wheels of this stack.",
+        f"# Written by 'imagebuild lock' from {spec_name}; do not edit by hand.",
+        "# A sha256 of \"unresolved\" means the wheel was not available where this file was",
+        "# written: run 'imagebuild lock' where it is before building.",
+        f"version = {LOCK_VERSION}",
+    ]
+    for w in _sorted(wheels):
+        lines += [
+            "",
+            "[[wheel]]",
+            f"name = {_q(w.name)}",
+            f"version = {_q(w.version)}",
+            f"filename = {_q(w.filename)}",
+            f"sha256 = {_q(w.sha256 or UNRESOLVED)}",
+            f"source = {_q(w.source)}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory, fsync, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- the lock step ---------------------------------------------------------------------------
+
+
+class _Anchors(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []  # (text, href)
+        self._href: str | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self._href = dict(attrs).get("href") or ""
+            self._text = []
+
+    def handle_data(self, data: str) -> None:
+        if self._href is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a" and self._href is not None:
+            self.links.append(("".join(self._text).strip(), self._href))
+            self._href = None
+
+
+Fetcher = Callable[[str], str]
+
+
+def _http_get(url: str) -> str:
+    import requests
+
+    resp = requests.get(url, timeout=30)
+    resp.raise_for_status()
+    return resp.text
+
+
+def index_sha256(index: str, filename: str, fetch: Fetcher = _http_get) -> str | None:
+    """The sha256 a PEP 503 index publishes for ``filename`` (None if it has none)."""
+    name = parse_wheel(filename).name
+    page_url = f"{index.rstrip('/')}/{name}/"
+    page = fetch(page_url)
+    parser = _Anchors()
+    parser.feed(page)
+    for text, href in parser.links:
+        url, frag = urldefrag(urljoin(page_url, href))
+        if text == filename or url.rsplit("/", 1)[-1] == filename:
+            if frag.startswith("sha256="):
+                return frag.split("=", 1)[1].lower()
+            return None
+    raise LockError(f"{page_url} does not list {filename}",
+                    hint="check the filename and index URL declared in the spec")
+
+
+@dataclass(frozen=True)
+class LockResult:
+    wheels: tuple[LockedWheel, ...]
+    notes: tuple[str, ...]
+
+
+def compute_lock(wheels_dir: Path, decls: Iterable[tuple[str, str | None]],
+                 previous: Lock | None, upgrade: bool = False,
+                 fetch: Fetcher = _http_get) -> LockResult:
+    """Lock every declared wheel: ``decls`` is (filename, index URL or None for local).
+
+    Local files are hashed from disk. A file not present keeps the hash of a previous lock
+    with the same filename (it was computed where the file was), else is unresolved.
+    Index wheels keep their previous hash unless ``upgrade``; otherwise the index's
+    published sha256 is used.
+    """
+    old = previous.by_filename() if previous else {}
+    out: list[LockedWheel] = []
+    notes: list[str] = []
+    for filename, index in decls:
+        parsed = parse_wheel(filename)
+        prev = old.get(filename)
+        sha: str | None = None
+        if index is None:
+            source = LOCAL_PREFIX + filename
+            path = wheels_dir / filename
+            if path.is_file():
+                sha = sha256_file(path)
+                if prev and prev.sha256 and prev.sha256 != sha:
+                    notes.append(f"{filename}: sha256 changed {prev.sha256[:12]} -> {sha[:12]}")
+            elif prev and prev.sha256:
+                sha = prev.sha256
+                notes.append(f"{filename}: not in {wheels_dir}; kept the locked sha256")
+            else:
+                notes.append(f"{filename}: not in {wheels_dir}; recorded as unresolved")
+        else:
+            source = index
+            if prev and prev.sha256 and prev.source == index and not upgrade:
+                sha = prev.sha256
+            else:
+                try:
+                    sha = index_sha256(index, filename, fetch)
+                except LockError:
+                    raise
+                except Exception as exc:  # network errors: keep going, say so
+                    notes.append(f"{filename}: index {index} unreachable ({exc.__class__.__name__})"
+                                 f"; recorded as unresolved")
+                    sha = prev.sha256 if prev and prev.source == index else None
+                else:
+                    if sha is None:
+                        notes.append(f"{filename}: {index} publishes no sha256; "
+                                     f"recorded as unresolved")
+        out.append(LockedWheel(name=parsed.name, version=parsed.version, filename=filename,
+                               sha256=sha, source=source))
+    names = [w.name for w in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise LockError(f"more than one wheel is declared for {', '.join(dup)}",
+                        hint="a stack pins exactly one file per project")
+    return LockResult(wheels=tuple(_sorted(out)), notes=tuple(notes))

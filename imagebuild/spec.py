@@ -1,0 +1,709 @@
+"""The declarative spec, ``imagebuild.yaml``, parsed at the edge into frozen dataclasses.
+
+Everything past ``load_spec`` works on typed, validated values: an image name is a
+valid Docker repository name, an apt package is a package name, an env value cannot
+carry a newline or a ``$``. A value that could inject a line (or a shell word) into a
+rendered Dockerfile is refused here, with the file and line it came from.
+
+The YAML is read with a subclass of ``yaml.SafeLoader`` (so exactly what
+``yaml.safe_load`` accepts) whose only addition is remembering line numbers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import canonicalize_name
+
+from .errors import SpecError
+
+SCHEMA_VERSION = 1
+DEFAULT_SPEC = "imagebuild.yaml"
+
+# -- YAML with line numbers -------------------------------------------------------------
+
+
+class _LineDict(dict[str, Any]):
+    line: int = 0
+    key_lines: dict[str, int]
+
+
+class _LineList(list[Any]):
+    line: int = 0
+    item_lines: list[int]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that records the line of every mapping key and sequence item."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
+    loader.flatten_mapping(node)
+    out = _LineDict()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"mapping keys must be strings, not {key!r}", key_node.start_mark
+            )
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
+    out = _LineList(loader.construct_object(child, deep=True) for child in node.value)
+    out.line = node.start_mark.line + 1
+    out.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+# -- typed model ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WheelDecl:
+    """A wheel the stack uses: a file under the wheels directory, or a file on an index."""
+
+    filename: str
+    index: str | None = None  # None: a local file in the wheels directory
+
+
+@dataclass(frozen=True)
+class Params:
+    """Template parameters. Every field is validated for the Dockerfile it lands in."""
+
+    apt_packages: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    uv: str | None = None  # requirement used to install uv with pip, e.g. "uv==0.9.7"
+    pip_index: str | None = None  # index for dependency resolution; None: installer default
+    transformers: str | None = None  # requirement, e.g. "transformers>=5.0.0"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    run: tuple[str, ...]
+    kind: str  # "output" | "specifier" | "locked" | "succeeds"
+    expected: str  # exact output, specifier text, locked wheel name, or "" for succeeds
+    hint: str | None = None
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    name: str
+    aliases: tuple[str, ...]
+    template: str
+    parent: str | None
+    base: str | None
+    base_digest: str | None
+    params: Params
+    wheels: tuple[str, ...]  # canonical names of locked local wheels installed
+    torch: str | None  # canonical name of the locked index wheel force-reinstalled
+    checks: tuple[str, ...]
+
+    @property
+    def base_reference(self) -> str | None:
+        if self.base is None:
+            return None
+        return f"{self.base}@{self.base_digest}" if self.base_digest else self.base
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Cluster:
+    ssh_user: str | None = None
+    ssh_port: int | None = None
+    ssh_identity: str | None = None
+    ssh_config: str | None = None
+    workers: tuple[Worker, ...] = ()
+
+
+@dataclass(frozen=True)
+class Backups:
+    directory: str
+    keep: int = 2
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path
+    templates_dir: Path
+    dockerfiles_dir: Path
+    lock_path: Path
+    wheels_dir: Path
+    wheels: tuple[WheelDecl, ...]
+    images: Mapping[str, ImageSpec]
+    checks: Mapping[str, Check]
+    cluster: Cluster
+    backups: Backups | None
+    state_dir: Path
+    schema: int = SCHEMA_VERSION
+    _aliases: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, name: str) -> str:
+        """Full image name for a name or short name (``mimo`` -> ``vllm-node-mimo``)."""
+        if name in self.images:
+            return name
+        if name in self._aliases:
+            return self._aliases[name]
+        known = sorted(set(self.images) | set(self._aliases))
+        raise SpecError(
+            f"{self.path}: unknown image {name!r}{_did_you_mean(name, known)}",
+            hint=f"images in this spec: {', '.join(self.images)}",
+        )
+
+    def closure(self, names: list[str] | None) -> list[str]:
+        """The named images and all their ancestors, parents first (all images if None)."""
+        wanted = list(self.images) if not names else [self.resolve(n) for n in names]
+        order: list[str] = []
+        for name in wanted:
+            chain: list[str] = []
+            current: str | None = name
+            while current is not None and current not in order and current not in chain:
+                chain.append(current)
+                current = self.images[current].parent
+            order.extend(reversed(chain))
+        return order
+
+
+# -- loading -------------------------------------------------------------------------------
+
+_IMAGE_NAME = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
+_ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._/-]*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_APT = re.compile(r"^[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+:~_-]+)?$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_VALUE = re.compile(r"^[A-Za-z0-9_.,:/=+@%-]*$")
+_URL = re.compile(r"^https?://[A-Za-z0-9._~:/@%+-]+$")
+_REQUIREMENT_CHARS = re.compile(r"^[A-Za-z0-9_.\-\[\],<>=!~*+ ]+$")
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+_USER = re.compile(r"^[a-z_][a-z0-9_.-]*$")
+_WORKER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_WHEEL_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+!-]*\.whl$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _did_you_mean(word: str, options: list[str] | set[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Reader:
+    """Walks the parsed YAML, keeping the file and a dotted path for messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, where: str, line: int | None, what: str, hint: str | None = None) -> SpecError:
+        loc = f"{self.path}:{line}" if line else str(self.path)
+        return SpecError(f"{loc}: {where}: {what}", hint=hint)
+
+    def mapping(self, value: Any, where: str, line: int | None) -> _LineDict:
+        if not isinstance(value, dict):
+            raise self.fail(where, line, f"expected a mapping, got {type(value).__name__}")
+        if not isinstance(value, _LineDict):  # pragma: no cover - only from our loader
+            d = _LineDict(value)
+            d.key_lines = {}
+            return d
+        return value
+
+    def keys(self, value: _LineDict, where: str, allowed: set[str], required: set[str]) -> None:
+        for key in value:
+            if key not in allowed:
+                raise self.fail(
+                    where,
+                    value.key_lines.get(key),
+                    f"unknown key {key!r}{_did_you_mean(key, allowed)}",
+                    hint=f"allowed keys: {', '.join(sorted(allowed))}",
+                )
+        for key in sorted(required - set(value)):
+            raise self.fail(where, value.line, f"missing required key {key!r}")
+
+    def string(self, value: Any, where: str, line: int | None, pattern: re.Pattern[str] | None,
+               what: str) -> str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(where, line, f"expected {what} (a string), got {value!r}")
+        text = str(value)
+        if _CONTROL.search(text):
+            raise self.fail(
+                where, line,
+                f"{text!r} contains a newline or control character",
+                hint="a spec value must not be able to inject lines into a Dockerfile",
+            )
+        if pattern is not None and not pattern.match(text):
+            raise self.fail(where, line, f"{text!r} is not a valid {what}")
+        return text
+
+    def string_list(self, value: Any, where: str, line: int | None,
+                    pattern: re.Pattern[str] | None, what: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.fail(where, line, f"expected a list of {what}, got {value!r}")
+        lines = getattr(value, "item_lines", [line] * len(value))
+        return tuple(
+            self.string(item, f"{where}[{i}]", lines[i], pattern, what)
+            for i, item in enumerate(value)
+        )
+
+    def requirement(self, value: Any, where: str, line: int | None) -> str:
+        text = self.string(value, where, line, _REQUIREMENT_CHARS, "requirement")
+        try:
+            Requirement(text)
+        except InvalidRequirement as exc:
+            raise self.fail(where, line, f"{text!r} is not a valid requirement: {exc}") from None
+        return text
+
+    def to_path(self, value: Any, where: str, line: int | None) -> Path:
+        text = self.string(value, where, line, None, "path")
+        try:
+            expanded = expand_vars(text)
+        except KeyError as exc:
+            raise self.fail(
+                where, line, f"{text!r} uses the environment variable {exc.args[0]} which is unset",
+                hint="set it, or give a default with ${VAR:-default}",
+            ) from None
+        p = Path(expanded).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_vars(text: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset VAR without default is a KeyError."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        value = os.environ.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        raise KeyError(name)
+
+    return _VAR.sub(sub, text)
+
+
+_TOP_KEYS = {"schema", "templates", "dockerfiles", "lock", "wheels", "images", "checks",
+             "cluster", "backups", "state"}
+_IMAGE_KEYS = {"aliases", "template", "parent", "base", "base_digest", "params", "wheels",
+               "torch", "checks"}
+_PARAM_KEYS = {"apt_packages", "env", "uv", "pip_index", "transformers"}
+_CHECK_KEYS = {"run", "expect", "specifier", "locked", "succeeds", "hint", "timeout"}
+_CHECK_KINDS = {"expect": "output", "specifier": "specifier", "locked": "locked",
+                "succeeds": "succeeds"}
+_CLUSTER_KEYS = {"inventory", "ssh_user", "ssh_port", "ssh_identity", "ssh_config", "workers"}
+
+
+def load_spec(path: str | os.PathLike[str] | None = None) -> Spec:
+    """Parse and validate a spec file. Raises SpecError with file:line on any problem."""
+    spec_path = Path(path or DEFAULT_SPEC).absolute()
+    try:
+        text = spec_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(
+            f"{spec_path}: spec file not found",
+            hint="run from the directory holding imagebuild.yaml, or pass -f PATH",
+        ) from None
+    except OSError as exc:
+        raise SpecError(f"{spec_path}: cannot read the spec: {exc.strerror}") from None
+    data = _parse_yaml(text, spec_path)
+    return _build_spec(data, spec_path)
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise SpecError(f"{path}{line}: malformed YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: malformed YAML: {exc}") from None
+
+
+def _build_spec(data: Any, path: Path) -> Spec:
+    r = _Reader(path)
+    top = r.mapping(data, "top level", 1)
+    r.keys(top, "top level", _TOP_KEYS, {"schema", "images"})
+    schema = top["schema"]
+    if schema != SCHEMA_VERSION:
+        raise r.fail("schema", top.key_lines.get("schema"),
+                     f"unsupported schema {schema!r}; this imagebuild reads schema "
+                     f"{SCHEMA_VERSION}")
+
+    def top_path(key: str, default: str) -> Path:
+        return r.to_path(top.get(key, default), key, top.key_lines.get(key))
+
+    templates_dir = top_path("templates", "templates")
+    dockerfiles_dir = top_path("dockerfiles", "dockerfiles")
+    lock_path = top_path("lock", "wheels.lock")
+    state_dir = top_path("state", "${IMAGEBUILD_STATE:-~/.local/state/imagebuild}")
+
+    wheels_dir, wheels = _read_wheels(r, top.get("wheels"), top.key_lines.get("wheels"))
+    checks = _read_checks(r, top.get("checks", _empty()), top.key_lines.get("checks"))
+    images, aliases = _read_images(r, top["images"], top.key_lines.get("images"), wheels, checks)
+    cluster = _read_cluster(r, top.get("cluster"), top.key_lines.get("cluster"))
+    backups = _read_backups(r, top.get("backups"), top.key_lines.get("backups"))
+    return Spec(
+        path=path,
+        templates_dir=templates_dir,
+        dockerfiles_dir=dockerfiles_dir,
+        lock_path=lock_path,
+        wheels_dir=wheels_dir,
+        wheels=wheels,
+        images=images,
+        checks=checks,
+        cluster=cluster,
+        backups=backups,
+        state_dir=state_dir,
+        _aliases=aliases,
+    )
+
+
+def _empty() -> _LineDict:
+    d = _LineDict()
+    d.key_lines = {}
+    return d
+
+
+def _read_wheels(r: _Reader, raw: Any, line: int | None) -> tuple[Path, tuple[WheelDecl, ...]]:
+    if raw is None:
+        return r.to_path("wheels", "wheels", line), ()
+    m = r.mapping(raw, "wheels", line)
+    r.keys(m, "wheels", {"directory", "local", "index"}, set())
+    directory = r.to_path(m.get("directory", "wheels"), "wheels.directory",
+                       m.key_lines.get("directory"))
+    decls: list[WheelDecl] = []
+    for name in r.string_list(m.get("local", []), "wheels.local", m.key_lines.get("local"),
+                              _WHEEL_FILE, "wheel filename"):
+        decls.append(WheelDecl(filename=name))
+    index_raw = m.get("index", [])
+    if not isinstance(index_raw, list):
+        raise r.fail("wheels.index", m.key_lines.get("index"), "expected a list")
+    for i, item in enumerate(index_raw):
+        where = f"wheels.index[{i}]"
+        entry = r.mapping(item, where, index_raw.item_lines[i])  # type: ignore[attr-defined]
+        r.keys(entry, where, {"file", "url"}, {"file", "url"})
+        decls.append(WheelDecl(
+            filename=r.string(entry["file"], f"{where}.file", entry.key_lines["file"],
+                              _WHEEL_FILE, "wheel filename"),
+            index=r.string(entry["url"], f"{where}.url", entry.key_lines["url"], _URL,
+                           "http(s) index URL").rstrip("/"),
+        ))
+    seen: set[str] = set()
+    for d in decls:
+        if d.filename in seen:
+            raise r.fail("wheels", line, f"wheel {d.filename!r} is declared twice")
+        seen.add(d.filename)
+    return directory, tuple(decls)
+
+
+def _read_checks(r: _Reader, raw: Any, line: int | None) -> dict[str, Check]:
+    m = r.mapping(raw, "checks", line)
+    out: dict[str, Check] = {}
+    for name, body in m.items():
+        where = f"checks.{name}"
+        kline = m.key_lines.get(name)
+        r.string(name, where, kline, _ALIAS, "check name")
+        c = r.mapping(body, where, kline)
+        r.keys(c, where, _CHECK_KEYS, {"run"})
+        run_raw = c["run"]
+        if not isinstance(run_raw, list) or not run_raw:
+            raise r.fail(f"{where}.run", c.key_lines.get("run"),
+                         "expected a non-empty list (the command, in exec form, no shell)")
+        run = tuple(str(a) for a in run_raw)
+        kinds = [k for k in _CHECK_KINDS if k in c]
+        if len(kinds) != 1:
+            raise r.fail(where, c.line,
+                         "state exactly one expectation: expect (exact output), specifier "
+                         "(a version range), locked (a wheel name) or succeeds: true")
+        key = kinds[0]
+        kind = _CHECK_KINDS[key]
+        value = c[key]
+        vline = c.key_lines.get(key)
+        if kind == "succeeds":
+            if value is not True:
+                raise r.fail(f"{where}.succeeds", vline, "only 'succeeds: true' is meaningful")
+            expected = ""
+        elif kind == "specifier":
+            expected = r.string(value, f"{where}.specifier", vline, None, "version specifier")
+            try:
+                SpecifierSet(expected)
+            except InvalidSpecifier:
+                raise r.fail(f"{where}.specifier", vline,
+                             f"{expected!r} is not a version specifier such as '>=5.0.0'") from None
+        elif kind == "locked":
+            expected = canonicalize_name(
+                r.string(value, f"{where}.locked", vline, None, "wheel name"))
+        else:
+            expected = str(value)
+        timeout = c.get("timeout", 120)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise r.fail(f"{where}.timeout", c.key_lines.get("timeout"),
+                         "expected a positive number of seconds")
+        hint = c.get("hint")
+        out[name] = Check(name=name, run=run, kind=kind, expected=expected,
+                          hint=str(hint).strip() if hint is not None else None,
+                          timeout=float(timeout))
+    return out
+
+
+def _read_params(r: _Reader, raw: Any, where: str, line: int | None) -> Params:
+    if raw is None:
+        return Params()
+    m = r.mapping(raw, where, line)
+    r.keys(m, where, _PARAM_KEYS, set())
+
+    def kl(k: str) -> int | None:
+        return m.key_lines.get(k)
+
+    apt = r.string_list(m.get("apt_packages", []), f"{where}.apt_packages", kl("apt_packages"),
+                        _APT, "Debian package name")
+    env_items: list[tuple[str, str]] = []
+    if "env" in m:
+        env = r.mapping(m["env"], f"{where}.env", kl("env"))
+        for k, v in env.items():
+            eline = env.key_lines.get(k)
+            r.string(k, f"{where}.env", eline, _ENV_KEY, "environment variable name")
+            env_items.append((k, r.string(v, f"{where}.env.{k}", eline, _ENV_VALUE,
+                                          "environment value (letters, digits and _.,:/=+@%-)")))
+    uv = r.requirement(m["uv"], f"{where}.uv", kl("uv")) if m.get("uv") is not None else None
+    pip_index = (r.string(m["pip_index"], f"{where}.pip_index", kl("pip_index"), _URL,
+                          "http(s) index URL").rstrip("/")
+                 if m.get("pip_index") is not None else None)
+    transformers = (r.requirement(m["transformers"], f"{where}.transformers", kl("transformers"))
+                    if m.get("transformers") is not None else None)
+    return Params(apt_packages=apt, env=tuple(env_items), uv=uv, pip_index=pip_index,
+                  transformers=transformers)
+
+
+def _wheel_names(wheels: tuple[WheelDecl, ...]) -> dict[str, WheelDecl]:
+    from .lock import parse_wheel  # local import: lock imports spec-free helpers only
+
+    out: dict[str, WheelDecl] = {}
+    for d in wheels:
+        out[parse_wheel(d.filename).name] = d
+    return out
+
+
+def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl, ...],
+                 checks: Mapping[str, Check]) -> tuple[dict[str, ImageSpec], dict[str, str]]:
+    m = r.mapping(raw, "images", line)
+    if not m:
+        raise r.fail("images", line, "the spec defines no images")
+    try:
+        by_name = _wheel_names(wheels)
+    except Exception as exc:  # LockError from parse_wheel: name the spec, not the lock
+        raise r.fail("wheels", None, str(exc)) from None
+    images: dict[str, ImageSpec] = {}
+    aliases: dict[str, str] = {}
+    for name, body in m.items():
+        where = f"images.{name}"
+        kline = m.key_lines.get(name)
+        r.string(name, where, kline, _IMAGE_NAME, "image name (lowercase Docker repository)")
+        b = r.mapping(body, where, kline)
+        r.keys(b, where, _IMAGE_KEYS, {"template"})
+
+        def kl(k: str, b: _LineDict = b) -> int | None:
+            return b.key_lines.get(k)
+
+        if ("parent" in b) == ("base" in b):
+            raise r.fail(where, b.line, "give exactly one of 'parent' (another image of this "
+                         "spec) or 'base' (the root base image reference)")
+        template = r.string(b["template"], f"{where}.template", kl("template"),
+                            re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"), "template file name")
+        parent = base = digest = None
+        if "parent" in b:
+            parent = r.string(b["parent"], f"{where}.parent", kl("parent"), _IMAGE_NAME,
+                              "image name")
+        else:
+            base = r.string(b["base"], f"{where}.base", kl("base"), _REFERENCE,
+                            "image reference such as nvidia/cuda:13.2.0-devel-ubuntu24.04")
+            if b.get("base_digest") is not None:
+                digest = r.string(b["base_digest"], f"{where}.base_digest", kl("base_digest"),
+                                  _DIGEST, "digest (sha256:<64 hex>)")
+        img_aliases = r.string_list(b.get("aliases", []), f"{where}.aliases", kl("aliases"),
+                                    _ALIAS, "short name")
+        wheel_names: list[str] = []
+        for wn in r.string_list(b.get("wheels", []), f"{where}.wheels", kl("wheels"), None,
+                                "wheel name"):
+            cn = canonicalize_name(wn)
+            decl = by_name.get(cn)
+            if decl is None or decl.index is not None:
+                local = sorted(n for n, d in by_name.items() if d.index is None)
+                raise r.fail(f"{where}.wheels", kl("wheels"),
+                             f"wheel {wn!r} is not declared under wheels.local"
+                             f"{_did_you_mean(cn, local)}",
+                             hint="every wheel an image installs must be declared, and locked "
+                                  "in wheels.lock")
+            wheel_names.append(cn)
+        torch = None
+        if b.get("torch") is not None:
+            tn = canonicalize_name(r.string(b["torch"], f"{where}.torch", kl("torch"), None,
+                                            "wheel name"))
+            decl = by_name.get(tn)
+            if decl is None or decl.index is None:
+                raise r.fail(f"{where}.torch", kl("torch"),
+                             f"{tn!r} is not declared under wheels.index",
+                             hint="the torch force-reinstall takes a hash-pinned wheel from an "
+                                  "index; declare it under wheels.index")
+            torch = tn
+        check_names = r.string_list(b.get("checks", []), f"{where}.checks", kl("checks"), None,
+                                    "check name")
+        for cname in check_names:
+            if cname not in checks:
+                raise r.fail(f"{where}.checks", kl("checks"),
+                             f"unknown check {cname!r}{_did_you_mean(cname, set(checks))}")
+            check = checks[cname]
+            if check.kind == "locked" and check.expected not in by_name:
+                raise r.fail(f"checks.{cname}.locked", None,
+                             f"wheel {check.expected!r} is not declared under wheels")
+        params = _read_params(r, b.get("params"), f"{where}.params", kl("params"))
+        images[name] = ImageSpec(
+            name=name, aliases=img_aliases, template=template, parent=parent, base=base,
+            base_digest=digest, params=params, wheels=tuple(wheel_names), torch=torch,
+            checks=check_names,
+        )
+        for a in img_aliases:
+            if a in aliases or a in m:
+                raise r.fail(f"{where}.aliases", kl("aliases"), f"short name {a!r} is ambiguous")
+            aliases[a] = name
+    for name, img in images.items():
+        if img.parent is not None and img.parent not in images:
+            raise r.fail(f"images.{name}.parent", m[name].key_lines.get("parent"),
+                         f"unknown parent {img.parent!r}"
+                         f"{_did_you_mean(img.parent, set(images))}")
+    _check_cycles(r, images, m)
+    return images, aliases
+
+
+def _check_cycles(r: _Reader, images: Mapping[str, ImageSpec], m: _LineDict) -> None:
+    for start in images:
+        seen: list[str] = []
+        current: str | None = start
+        while current is not None:
+            if current in seen:
+                cycle = " -> ".join([*seen[seen.index(current):], current])
+                raise r.fail(f"images.{start}.parent", m[start].key_lines.get("parent"),
+                             f"the lineage has a cycle: {cycle}",
+                             hint="every chain of parents must end at an image with 'base'")
+            seen.append(current)
+            current = images[current].parent
+
+
+def _read_cluster(r: _Reader, raw: Any, line: int | None) -> Cluster:
+    if raw is None:
+        return Cluster()
+    m = r.mapping(raw, "cluster", line)
+    r.keys(m, "cluster", _CLUSTER_KEYS, set())
+    if "inventory" in m:
+        if len(m) > 1:
+            raise r.fail("cluster", line, "'inventory' replaces the whole cluster section; "
+                         "put the other keys in the inventory file")
+        inv_path = r.to_path(m["inventory"], "cluster.inventory", m.key_lines.get("inventory"))
+        try:
+            text = inv_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise r.fail("cluster.inventory", m.key_lines.get("inventory"),
+                         f"cannot read {inv_path}: {exc.strerror}",
+                         hint="for the test bed, run scripts/testbed up first") from None
+        inv = _parse_yaml(text, inv_path)
+        sub = _Reader(inv_path)
+        m = sub.mapping(inv, "cluster", 1)
+        sub.keys(m, "cluster", _CLUSTER_KEYS - {"inventory"}, set())
+        r = sub
+
+    def kl(k: str) -> int | None:
+        return m.key_lines.get(k)
+
+    user = (r.string(m["ssh_user"], "cluster.ssh_user", kl("ssh_user"), _USER, "user name")
+            if m.get("ssh_user") is not None else None)
+    port = m.get("ssh_port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 0 < port < 65536):
+        raise r.fail("cluster.ssh_port", kl("ssh_port"), f"{port!r} is not a TCP port")
+    identity = (str(r.to_path(m["ssh_identity"], "cluster.ssh_identity", kl("ssh_identity")))
+                if m.get("ssh_identity") is not None else None)
+    config = (str(r.to_path(m["ssh_config"], "cluster.ssh_config", kl("ssh_config")))
+              if m.get("ssh_config") is not None else None)
+    workers: list[Worker] = []
+    raw_workers = m.get("workers", [])
+    if not isinstance(raw_workers, list):
+        raise r.fail("cluster.workers", kl("workers"), "expected a list of workers")
+    for i, w in enumerate(raw_workers):
+        where = f"cluster.workers[{i}]"
+        wl = raw_workers.item_lines[i] if isinstance(raw_workers, _LineList) else None
+        wm = r.mapping(w, where, wl)
+        r.keys(wm, where, {"name", "address"}, {"name", "address"})
+        name = r.string(wm["name"], f"{where}.name", wm.key_lines["name"], _WORKER, "worker name")
+        if any(x.name == name for x in workers):
+            raise r.fail(f"{where}.name", wm.key_lines["name"], f"worker {name!r} appears twice")
+        workers.append(Worker(
+            name=name,
+            address=r.string(wm["address"], f"{where}.address", wm.key_lines["address"], _HOST,
+                             "host name or address"),
+        ))
+    return Cluster(ssh_user=user, ssh_port=port, ssh_identity=identity, ssh_config=config,
+                   workers=tuple(workers))
+
+
+def _read_backups(r: _Reader, raw: Any, line: int | None) -> Backups | None:
+    if raw is None:
+        return None
+    m = r.mapping(raw, "backups", line)
+    r.keys(m, "backups", {"directory", "keep"}, {"directory"})
+    raw_dir = r.string(m["directory"], "backups.directory", m.key_lines["directory"], None,
+                       "directory")
+    if raw_dir.startswith("ssh://"):
+        directory = raw_dir
+    else:
+        directory = str(r.to_path(raw_dir, "backups.directory", m.key_lines["directory"]))
+    keep = m.get("keep", 2)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise r.fail("backups.keep", m.key_lines.get("keep"),
+                     "expected a whole number >= 1 (generations kept beside the newest)")
+    return Backups(directory=directory, keep=keep)
+
+
+def iter_dockerfile_values(spec: Spec) -> Iterator[tuple[str, str]]:
+    """Every spec string that reaches a rendered Dockerfile, for audits and tests."""
+    for img in spec.images.values():
+        p = img.params
+        yield from ((f"{img.name}.apt_packages", a) for a in p.apt_packages)
+        yield from ((f"{img.name}.env.{k}", v) for k, v in p.env)
+        for k in ("uv", "pip_index", "transformers"):
+            v = getattr(p, k)
+            if v is not None:
+                yield f"{img.name}.{k}", v
