@@ -86,9 +86,10 @@ def plan(spec: Spec, lock: Lock, names: list[str] | None = None) -> list[Derivat
     for name in spec.closure(names):
         img = spec.images[name]
         dockerfile = render_image(spec, name)
+        df_bytes = dockerfile.encode()
         context: list[ContextFile] = [
-            ContextFile(arcname="Dockerfile", sha256=hashlib.sha256(dockerfile.encode()).hexdigest(),
-                        data=dockerfile.encode())
+            ContextFile(arcname="Dockerfile", sha256=hashlib.sha256(df_bytes).hexdigest(),
+                        data=df_bytes)
         ]
         unresolved: list[str] = []
         wheels: list[LockedWheel] = []

@@ -254,11 +254,11 @@ def _http_get(url: str) -> str:
     return resp.text
 
 
-def index_sha256(index: str, filename: str, fetch: Fetcher = _http_get) -> str | None:
+def index_sha256(index: str, filename: str, fetch: Fetcher | None = None) -> str | None:
     """The sha256 a PEP 503 index publishes for ``filename`` (None if it has none)."""
     name = parse_wheel(filename).name
     page_url = f"{index.rstrip('/')}/{name}/"
-    page = fetch(page_url)
+    page = (fetch or _http_get)(page_url)
     parser = _Anchors()
     parser.feed(page)
     for text, href in parser.links:
@@ -279,7 +279,7 @@ class LockResult:
 
 def compute_lock(wheels_dir: Path, decls: Iterable[tuple[str, str | None]],
                  previous: Lock | None, upgrade: bool = False,
-                 fetch: Fetcher = _http_get) -> LockResult:
+                 fetch: Fetcher | None = None) -> LockResult:
     """Lock every declared wheel: ``decls`` is (filename, index URL or None for local).
 
     Local files are hashed from disk. A file not present keeps the hash of a previous lock

