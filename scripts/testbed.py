@@ -5,6 +5,7 @@
     scripts/testbed down               stop what 'up' started (by its pid files)
     scripts/testbed env                print the environment variables
     scripts/testbed status             what runs, what does not
+    scripts/testbed reset-workers      remove every container and image from the worker engines
 
 Everything lives under $IMAGEBUILD_BED (default /var/lib/imagebuild-bed):
 
@@ -563,6 +564,20 @@ def cmd_status() -> int:
     return 1 if bad or not iok else 0
 
 
+def cmd_reset_workers() -> None:
+    """Empty the bed's worker engines (only ours: reached through the bed's own sockets)."""
+    for node in all_nodes()[1:]:
+        if not engine_answers(node):
+            continue
+        ids = docker(node, "ps", "-aq", capture_output=True).stdout.split()
+        if ids:
+            docker(node, "rm", "-f", *ids, capture_output=True)
+        images = docker(node, "images", "-aq", capture_output=True).stdout.split()
+        if images:
+            docker(node, "rmi", "-f", *sorted(set(images)), capture_output=True)
+        log(f"reset {node}: removed {len(ids)} containers, {len(set(images))} images")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="testbed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -572,6 +587,7 @@ def main() -> int:
     sub.add_parser("down")
     sub.add_parser("env")
     sub.add_parser("status")
+    sub.add_parser("reset-workers")
     args = p.parse_args()
     if args.cmd == "up":
         cmd_up(args.workers)
@@ -581,6 +597,8 @@ def main() -> int:
         print(env_text(), end="")
     elif args.cmd == "status":
         return cmd_status()
+    elif args.cmd == "reset-workers":
+        cmd_reset_workers()
     return 0
 
 
