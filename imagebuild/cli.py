@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .derivation import Derivation, plan
+from .build import Progress, Step, decide, execute
+from .derivation import HASH_LABEL, Derivation, plan
+from .engine import Engine
 from .errors import ImagebuildError, Interrupted, LockError
 from .lock import atomic_write_text, compute_lock, format_lock, read_lock
 from .render import check_rendered, write_rendered
@@ -125,6 +127,41 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- build ---------------------------------------------------------------------------------
+
+
+def _steps_table(steps: list[Step]) -> list[str]:
+    width = max(len(s.derivation.name) for s in steps)
+    rows = []
+    for i, s in enumerate(steps, 1):
+        d = s.derivation
+        what = f"reuse {s.image.id[7:19]}" if s.action == "reuse" and s.image else "build"
+        rows.append(f"  {i}. {d.name:<{width}}  {d.hash12}  {what}")
+    return rows
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    lock = read_lock(spec.lock_path)
+    derivations = plan(spec, lock, args.images)
+    rebuild = {spec.resolve(n) for n in args.images} if args.rebuild else set()
+    if args.rebuild and not args.images:
+        rebuild = {d.name for d in derivations}
+    engine = Engine()
+    steps = decide(engine, derivations, rebuild)
+    if args.dry_run:
+        print(f"build plan ({len(steps)} images, in order; nothing will be done):")
+        print("\n".join(_steps_table(steps)))
+        return 0
+    report = execute(spec, engine, steps, progress=Progress(), rebuild=rebuild)
+    print(f"built {len(report.built)}, reused {len(report.reused)}"
+          + (f"; latest moved: {', '.join(report.latest_moved)}" if report.latest_moved else ""))
+    for name, info in report.images.items():
+        print(f"  {name}:latest -> {name}:{info.labels.get(HASH_LABEL, '')[:12]} "
+              f"({info.id[7:19]})")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
@@ -154,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="*", metavar="IMAGE", help="images (short names work)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("build", help="build the images (and their parents) that are not built")
+    s.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="images to build with their parents (default: all)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print what would be reused or built, and do nothing")
+    s.add_argument("--rebuild", action="store_true",
+                   help="build the named images even if their input hash exists (no cache)")
+    s.set_defaults(func=cmd_build)
     return p
 
 

@@ -497,7 +497,6 @@ def env_text() -> str:
     return "\n".join([
         f"export IMAGEBUILD_BED={BED}",
         f"export DOCKER_HOST=unix://{socket_of('head')}",
-        f"export IMAGEBUILD_STATE={BED / 'state'}",
         f"export IMAGEBUILD_SSH_CONFIG={BED / 'ssh' / 'config'}",
     ]) + "\n"
 

@@ -8,8 +8,10 @@ missing engine is a failure, never a silent skip.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +53,7 @@ def _bed_problem() -> str | None:
     try:
         if testbed.cmd_status() != 0:
             return f"the test bed at {testbed.BED} is not fully up: run scripts/testbed up"
-    except Exception as exc:  # noqa: BLE001 - any failure to inspect means "not up"
+    except Exception as exc:
         return f"cannot inspect the test bed: {exc}"
     return None
 
@@ -75,5 +77,44 @@ def bed_env(bed: Bed, monkeypatch: pytest.MonkeyPatch) -> Bed:
     """The environment `scripts/testbed env` prints, applied to this test."""
     monkeypatch.setenv("IMAGEBUILD_BED", str(bed.root))
     monkeypatch.setenv("DOCKER_HOST", bed.docker_host)
-    monkeypatch.setenv("IMAGEBUILD_STATE", str(bed.root / "state"))
     return bed
+
+
+class MiniStack:
+    """A private copy of the test stack (spec, templates, lock, wheels, state) in tmp.
+
+    ``salt`` goes into vllm-node's env, so every copy has its own input hashes and its
+    first build is really cold, whatever earlier runs left in the head engine.
+    """
+
+    def __init__(self, root: Path, bed: Bed, salt: str) -> None:
+        self.root = root
+        self.bed = bed
+        shutil.copytree(REPO / "templates", root / "templates")
+        shutil.copytree(bed.root / "wheels", root / "wheels")
+        text = MINI.read_text()
+        text = text.replace("templates: ../../templates", "templates: templates")
+        text = text.replace("${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/wheels", "wheels")
+        text = text.replace("${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/state", "state")
+        text = text.replace("${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/backups", "backups")
+        text = text.replace("      uv: uv==0.9.7\n",
+                            f"      uv: uv==0.9.7\n      env: {{IMAGEBUILD_TEST_SALT: {salt}}}\n")
+        assert "IMAGEBUILD_TEST_SALT" in text
+        self.spec = root / "imagebuild.yaml"
+        self.spec.write_text(text)
+        shutil.copy(MINI.parent / "wheels.lock", root / "wheels.lock")
+
+    def edit_spec(self, old: str, new: str) -> None:
+        text = self.spec.read_text()
+        assert old in text, old
+        self.spec.write_text(text.replace(old, new))
+
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, DOCKER_HOST=self.bed.docker_host, IMAGEBUILD_BED=str(self.bed.root))
+        return subprocess.run([sys.executable, "-m", "imagebuild", "-f", str(self.spec), *args],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def mini(bed_env: Bed, tmp_path: Path) -> MiniStack:
+    return MiniStack(tmp_path / "stack", bed_env, uuid.uuid4().hex[:12])

@@ -1,0 +1,320 @@
+"""``imagebuild build``: plan, then execute through an engine.
+
+For each derivation of the closure, parents first: reuse it if an image with its input
+hash exists (no build call at all); otherwise check every wheel against its locked
+sha256, stream a minimal context (only the files the Dockerfile copies) to the engine,
+and tag ``NAME:<hash12>`` only after the build succeeded. ``NAME:latest`` moves only
+when the gate (if any) passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from . import __version__
+from .derivation import HASH_LABEL, IMAGE_LABEL, ContextFile, Derivation
+from .engine import Engine, ImageInfo
+from .errors import (
+    BuildFailed,
+    ImagebuildError,
+    ImageNotFound,
+    Interrupted,
+    UnresolvedHashError,
+)
+from .lock import verify_wheel_file
+from .spec import Spec
+
+CHUNK = 1 << 20
+WHEEL_LABEL_PREFIX = "org.imagebuild.wheel."
+VERSION_LABEL = "org.imagebuild.version"
+GIT_LABEL = "org.imagebuild.git-commit"
+LOG_TAIL = 25
+
+
+# -- status of each derivation ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    derivation: Derivation
+    action: str  # "reuse" | "build"
+    image: ImageInfo | None  # the existing image when reused
+
+
+def find_existing(engine: Engine, d: Derivation) -> ImageInfo | None:
+    """The local image of derivation ``d``: by its tag, else by its input-hash label."""
+    info = engine.inspect(d.tag)
+    if info is not None and info.labels.get(HASH_LABEL) == d.input_hash:
+        return info
+    assert d.input_hash is not None
+    for other in engine.find_by_label(HASH_LABEL, d.input_hash):
+        if other.labels.get(IMAGE_LABEL) == d.name:
+            engine.tag(other.id, d.name, d.hash12)  # the tag was removed; the image was not
+            return engine.inspect(d.tag)
+    return None
+
+
+def decide(engine: Engine, derivations: list[Derivation], rebuild: set[str]) -> list[Step]:
+    steps: list[Step] = []
+    for d in derivations:
+        if d.input_hash is None:
+            _ = d.tag  # raises UnresolvedHashError with the lock-step hint
+        existing = None if d.name in rebuild else find_existing(engine, d)
+        steps.append(Step(d, "reuse" if existing else "build", existing))
+    return steps
+
+
+# -- the build context -------------------------------------------------------------------------
+
+
+def preflight(spec: Spec, d: Derivation) -> None:
+    """Before the engine is touched: every context file is resolved and every wheel's
+    bytes match wheels.lock."""
+    for f in d.context:
+        if f.sha256 is None:
+            raise UnresolvedHashError(
+                f"{d.name}: the sha256 of {f.arcname} is unresolved in {spec.lock_path}",
+                hint="run 'imagebuild lock' where the wheels are and commit wheels.lock",
+            )
+        if f.source is not None:
+            verify_wheel_file(f.source, f.sha256)
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mode = 0o644
+    ti.mtime = 0
+    ti.uname = ti.gname = "root"
+    return ti.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def context_stream(files: tuple[ContextFile, ...]) -> Iterator[bytes]:
+    """A tar of ``files``, produced chunk by chunk (memory stays flat for GB wheels).
+
+    Wheels are hashed again while they stream: a file that changes after the preflight
+    check aborts the upload, so the engine never gets bytes that do not match the lock.
+    """
+    for f in files:
+        if f.data is not None:
+            yield _tar_header(f.arcname, len(f.data))
+            yield f.data
+            size = len(f.data)
+        else:
+            assert f.source is not None and f.sha256 is not None
+            with f.source.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                yield from _file_chunks(f, fh, size)
+        pad = (-size) % 512
+        if pad:
+            yield b"\0" * pad
+    yield b"\0" * 1024
+
+
+def _file_chunks(f: ContextFile, fh: IO[bytes], size: int) -> Iterator[bytes]:
+    h = hashlib.sha256()
+    yield _tar_header(f.arcname, size)
+    left = size
+    while left > 0:
+        chunk = fh.read(min(CHUNK, left))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+        yield chunk
+    if left or h.hexdigest() != f.sha256:
+        assert f.source is not None
+        verify_wheel_file(f.source, f.sha256 or "")  # raises WheelHashMismatch with details
+        raise BuildFailed(f"{f.source} changed while it was being sent to the engine")
+
+
+# -- labels --------------------------------------------------------------------------------------
+
+
+def git_commit(root: Path) -> str | None:
+    git = shutil.which("git")
+    if git is None:
+        return None
+    try:
+        r = subprocess.run([git, "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                           text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    commit = r.stdout.strip()
+    dirty = subprocess.run([git, "-C", str(root), "status", "--porcelain"], capture_output=True,
+                           text=True, timeout=10).stdout.strip()
+    return commit + ("-dirty" if dirty else "")
+
+
+def labels_for(d: Derivation, commit: str | None) -> dict[str, str]:
+    assert d.input_hash is not None
+    out = {HASH_LABEL: d.input_hash, IMAGE_LABEL: d.name, VERSION_LABEL: __version__}
+    for w in d.wheels:
+        out[WHEEL_LABEL_PREFIX + w.name] = f"{w.version} sha256:{w.sha256}"
+    if commit:
+        out[GIT_LABEL] = commit
+    return out
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A live line per image on a terminal; plain lines otherwise."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.out = stream or sys.stderr
+        self.tty = self.out.isatty()
+        self._live = False
+
+    def live(self, text: str) -> None:
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.out.write("\r\x1b[K" + text[:width])
+            self.out.flush()
+            self._live = True
+        else:
+            self.say(text)
+
+    def say(self, text: str) -> None:
+        if self._live:
+            self.out.write("\r\x1b[K")
+            self._live = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+# -- execution -----------------------------------------------------------------------------------
+
+
+Gate = Callable[[str, ImageInfo], bool]  # (image name, image) -> passed
+
+
+@dataclass
+class BuildReport:
+    built: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    latest_moved: list[str] = field(default_factory=list)
+    gate_failed: list[str] = field(default_factory=list)
+    images: dict[str, ImageInfo] = field(default_factory=dict)
+
+
+def log_path(spec: Spec, d: Derivation) -> Path:
+    return spec.state_dir / "logs" / f"{d.name}-{d.hash12}.log"
+
+
+def execute(spec: Spec, engine: Engine, steps: list[Step], *, progress: Progress,
+            gate: Gate | None = None, rebuild: set[str] | None = None) -> BuildReport:
+    report = BuildReport()
+    by_name: dict[str, Derivation] = {s.derivation.name: s.derivation for s in steps}
+    commit = git_commit(spec.root)
+    total = len(steps)
+    for i, step in enumerate(steps, 1):
+        d = step.derivation
+        prefix = f"[{i}/{total}] {d.name}"
+        if step.action == "reuse":
+            assert step.image is not None
+            progress.say(f"{prefix} {d.hash12} reused (no build)")
+            report.reused.append(d.name)
+            report.images[d.name] = step.image
+        else:
+            parent = by_name.get(d.parent) if d.parent else None
+            info = _build_one(spec, engine, d, parent, commit, prefix, progress,
+                              nocache=d.name in (rebuild or set()))
+            report.built.append(d.name)
+            report.images[d.name] = info
+        image = report.images[d.name]
+        if gate is not None and not gate(d.name, image):
+            report.gate_failed.append(d.name)
+            progress.say(f"{prefix}: gate failed; {d.name}:latest stays where it was")
+            break
+        current = engine.inspect(f"{d.name}:latest")
+        if current is None or current.id != image.id:
+            engine.tag(image.id, d.name, "latest")
+            report.latest_moved.append(d.name)
+    return report
+
+
+def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | None,
+               commit: str | None, prefix: str, progress: Progress, nocache: bool) -> ImageInfo:
+    preflight(spec, d)
+    base = d.base_image_arg(parent)
+    if parent is None and engine.inspect(base) is None:
+        raise ImageNotFound(
+            f"{d.name}: the base image {base} is not present in the engine",
+            hint=f"docker pull {base} (builds never pull implicitly), then build again",
+        )
+    logfile = log_path(spec, d)
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    progress.say(f"{prefix} {d.hash12} building (log: {logfile})")
+    step_line = ""
+    tail: list[str] = []
+    image_id = ""
+    error = ""
+    with logfile.open("w", encoding="utf-8", buffering=1) as log:
+        log.write(f"# imagebuild {__version__} build of {d.name} input hash {d.input_hash}\n"
+                  f"# started {datetime.now(UTC).isoformat(timespec='seconds')}, "
+                  f"BASE_IMAGE={base}\n")
+        events = engine.build(context_stream(d.context), buildargs={"BASE_IMAGE": base},
+                              labels=labels_for(d, commit), nocache=nocache)
+        try:
+            for ev in events:
+                if ev.kind == "line":
+                    log.write(ev.text)
+                    for line in ev.text.splitlines():
+                        if line.startswith("Step "):
+                            step_line = line.strip()
+                            progress.live(f"{prefix} {_short_step(step_line)}")
+                        if line.strip():
+                            tail.append(line.rstrip())
+                    del tail[:-LOG_TAIL]
+                elif ev.kind == "error":
+                    error = ev.text
+                    log.write(f"\nERROR: {ev.text}\n")
+                elif ev.kind == "done":
+                    image_id = ev.image_id
+        except KeyboardInterrupt:
+            events.close()
+            log.write("\nINTERRUPTED\n")
+            progress.say(f"{prefix} interrupted")
+            raise Interrupted(
+                f"build of {d.name} interrupted: no tag was written for it; images built "
+                f"before it stay tagged and a rerun continues from there (log: {logfile})"
+            ) from None
+        except ImagebuildError as exc:  # a wheel changed mid-stream
+            log.write(f"\nERROR: {exc}\n")
+            raise
+    if error or not image_id:
+        raise BuildFailed(
+            f"{d.name}: build failed at {step_line or 'the first step'}\n"
+            f"  {error or 'the engine reported no image ID'}\n"
+            f"  last lines of output:\n    " + "\n    ".join(tail[-12:])
+            + f"\n  full log: {logfile}",
+            hint="no tag was written for this image; images built before it stay reusable",
+            log_tail="\n".join(tail),
+        )
+    engine.tag(image_id, d.name, d.hash12)
+    info = engine.require(d.tag)
+    progress.say(f"{prefix} {d.hash12} built in {time.monotonic() - started:.1f}s "
+                 f"({info.id[7:19]})")
+    return info
+
+
+def _short_step(step: str) -> str:
+    # "Step 4/7 : RUN uv pip install ..." -> "step 4/7: RUN uv pip install ..."
+    head, _, rest = step.partition(" : ")
+    return f"{head.lower()}: {rest}"

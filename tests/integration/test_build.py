@@ -1,0 +1,260 @@
+"""imagebuild build on the real head engine, with private copies of the test stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imagebuild.build import Progress, decide, execute
+from imagebuild.derivation import HASH_LABEL, IMAGE_LABEL, plan
+from imagebuild.engine import Engine
+from imagebuild.lock import read_lock
+from imagebuild.spec import load_spec
+
+from .conftest import MiniStack, testbed
+
+pytestmark = pytest.mark.bed
+
+NAMES = ["vllm-node", "vllm-node-tf5", "vllm-node-mimo"]
+
+
+class CountingEngine(Engine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.builds: list[str] = []
+
+    def build(self, context, *, buildargs, labels, nocache=False):  # type: ignore[no-untyped-def]
+        self.builds.append(labels[IMAGE_LABEL])
+        return super().build(context, buildargs=buildargs, labels=labels, nocache=nocache)
+
+
+def _build(mini: MiniStack, names: list[str]) -> tuple[CountingEngine, dict[str, str]]:
+    spec = load_spec(mini.spec)
+    derivations = plan(spec, read_lock(spec.lock_path), names)
+    engine = CountingEngine()
+    report = execute(spec, engine, decide(engine, derivations, set()), progress=Progress())
+    return engine, {n: i.id for n, i in report.images.items()}
+
+
+def _hashes(mini: MiniStack) -> dict[str, str]:
+    r = mini.cli("plan", "--json")
+    assert r.returncode == 0, r.stderr
+    return {i["name"]: i["input_hash"] for i in json.loads(r.stdout)["images"]}
+
+
+def _run(image: str, code: str) -> str:
+    r = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "python3",
+                        image, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
+    hashes = _hashes(mini)
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 0, r.stderr
+    assert "built 3, reused 0" in r.stdout
+    engine = Engine()
+    infos = {n: engine.require(f"{n}:{hashes[n][:12]}") for n in NAMES}
+    # lineage: each image is its parent's exact derivation plus layers
+    node, tf5, mimo = (infos[n] for n in NAMES)
+    assert tf5.diff_ids[: len(node.diff_ids)] == node.diff_ids
+    assert mimo.diff_ids[: len(tf5.diff_ids)] == tf5.diff_ids
+    assert len(mimo.diff_ids) > len(tf5.diff_ids) > len(node.diff_ids)
+    lock = {w.name: w for w in read_lock(mini.root / "wheels.lock").wheels}
+    for n in NAMES:
+        labels = infos[n].labels
+        assert labels[HASH_LABEL] == hashes[n]
+        assert labels[IMAGE_LABEL] == n
+        assert labels["org.imagebuild.version"]
+        assert "org.imagebuild.git-commit" not in labels  # this copy is not in a git repo
+        assert engine.require(f"{n}:latest").id == infos[n].id
+    assert mimo.labels["org.imagebuild.wheel.vllm"] == (
+        f"{lock['vllm'].version} sha256:{lock['vllm'].sha256}")
+    assert mimo.labels["org.imagebuild.wheel.torch"].endswith(lock["torch"].sha256 or "?")
+    # the force-reinstall really ran after the vllm install
+    assert _run(mimo.id, "import torch; print(torch.__version__, torch.version.cuda)") == (
+        "2.11.0+cu130 13.0")
+    assert _run(mimo.id, "import transformers; print(transformers.__version__)") == "5.0.0"
+    assert _run(tf5.id, "import transformers; print(transformers.__version__)") == "4.57.1"
+    # a log per image and hash, whose path was printed
+    for n in NAMES:
+        log = mini.root / "state" / "logs" / f"{n}-{hashes[n][:12]}.log"
+        assert log.is_file() and str(log) in r.stderr
+    assert "Step" in (mini.root / "state" / "logs" / f"vllm-node-{hashes['vllm-node'][:12]}.log"
+                      ).read_text()
+
+
+def test_git_commit_label_source() -> None:
+    from imagebuild.build import git_commit
+
+    from .conftest import REPO
+
+    commit = git_commit(REPO)
+    assert commit is not None and len(commit.removesuffix("-dirty")) == 40
+
+
+def test_second_build_makes_no_build_call_and_changes_nothing(mini: MiniStack) -> None:
+    engine, first = _build(mini, ["mimo"])
+    assert engine.builds == NAMES
+    engine, second = _build(mini, ["mimo"])
+    assert engine.builds == []
+    assert second == first
+    t0 = time.monotonic()
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 0 and "built 0, reused 3" in r.stdout
+    assert time.monotonic() - t0 < 30  # generous: the benchmark measures the real figure
+    r = mini.cli("build", "--dry-run", "mimo")
+    assert r.returncode == 0
+    assert r.stdout.count("reuse") == 3
+
+
+def test_a_removed_hash_tag_is_found_again_by_label(mini: MiniStack) -> None:
+    _, first = _build(mini, ["tf5"])
+    h = _hashes(mini)["vllm-node-tf5"][:12]
+    subprocess.run(["docker", "rmi", f"vllm-node-tf5:{h}"], check=True, capture_output=True)
+    engine, again = _build(mini, ["tf5"])
+    assert engine.builds == []
+    assert again == first
+
+
+def test_touching_one_wheel_rebuilds_only_the_images_that_install_it(mini: MiniStack) -> None:
+    # node installs three wheels; only mimo also installs flashinfer-jit-cache
+    mini.edit_spec("    wheels: [vllm, flashinfer-python, flashinfer-cubin, flashinfer-jit-cache]\n"
+                   "    torch: torch\n    checks: [torch-gate, vllm-locked, flashinfer-locked, "
+                   "vllm-imports]",
+                   "    wheels: [vllm, flashinfer-python, flashinfer-cubin]\n"
+                   "    torch: torch\n    checks: [torch-gate, vllm-locked, flashinfer-locked, "
+                   "vllm-imports]")
+    _, first = _build(mini, ["mimo"])
+    before = _hashes(mini)
+    testbed.make_wheel(mini.root / "wheels", "flashinfer-jit-cache", "0.6.12",
+                       {"flashinfer_jit_cache/__init__.py": '__version__ = "0.6.12"  # rebuilt\n'})
+    r = mini.cli("lock")
+    assert r.returncode == 0, r.stderr
+    after = _hashes(mini)
+    assert {n for n in NAMES if before[n] != after[n]} == {"vllm-node-mimo"}
+    engine, second = _build(mini, ["mimo"])
+    assert engine.builds == ["vllm-node-mimo"]
+    assert second["vllm-node"] == first["vllm-node"]
+    assert second["vllm-node-tf5"] == first["vllm-node-tf5"]
+    assert second["vllm-node-mimo"] != first["vllm-node-mimo"]
+    # and a wheel node installs rebuilds all three
+    testbed.make_wheel(mini.root / "wheels", "flashinfer-cubin", "0.6.12",
+                       {"flashinfer_cubin/__init__.py": '__version__ = "0.6.12"  # rebuilt\n'})
+    assert mini.cli("lock").returncode == 0
+    engine, _ = _build(mini, ["mimo"])
+    assert engine.builds == NAMES
+
+
+def test_a_corrupted_wheel_is_refused_before_the_engine_is_touched(mini: MiniStack) -> None:
+    wheel = next((mini.root / "wheels").glob("flashinfer_cubin-*.whl"))
+    data = bytearray(wheel.read_bytes())
+    data[100] ^= 0xFF
+    wheel.write_bytes(bytes(data))
+    images_before = set(subprocess.run(["docker", "images", "-aq"], capture_output=True,
+                                       text=True).stdout.split())
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 3
+    assert str(wheel) in r.stderr
+    assert "expected sha256" in r.stderr and "actual   sha256" in r.stderr
+    engine = CountingEngine()
+    spec = load_spec(mini.spec)
+    from imagebuild.errors import WheelHashMismatch
+
+    with pytest.raises(WheelHashMismatch):
+        execute(spec, engine, decide(engine, plan(spec, read_lock(spec.lock_path), ["mimo"]),
+                                     set()), progress=Progress())
+    assert engine.builds == []
+    assert set(subprocess.run(["docker", "images", "-aq"], capture_output=True,
+                              text=True).stdout.split()) == images_before
+
+
+def test_a_failing_run_leaves_no_tag_and_reports_the_step(mini: MiniStack) -> None:
+    tpl = mini.root / "templates" / "vllm-node-tf5.Dockerfile.j2"
+    tpl.write_text(tpl.read_text() + "\nRUN echo about to fail && exit 3\n")
+    hashes = _hashes(mini)
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 5, r.stderr
+    assert "vllm-node-tf5: build failed at Step" in r.stderr
+    assert "RUN echo about to fail && exit 3" in r.stderr
+    assert "about to fail" in r.stderr  # the last lines of the step's output
+    log = mini.root / "state" / "logs" / f"vllm-node-tf5-{hashes['vllm-node-tf5'][:12]}.log"
+    assert f"full log: {log}" in r.stderr and log.is_file()
+    engine = Engine()
+    assert engine.inspect(f"vllm-node-tf5:{hashes['vllm-node-tf5'][:12]}") is None
+    assert engine.inspect(f"vllm-node-mimo:{hashes['vllm-node-mimo'][:12]}") is None
+    node = engine.require(f"vllm-node:{hashes['vllm-node'][:12]}")
+    assert not subprocess.run(["docker", "ps", "-aq"], capture_output=True, text=True).stdout
+    # a rerun continues from there: node is reused
+    r = mini.cli("build", "--dry-run", "mimo")
+    assert f"reuse {node.id[7:19]}" in r.stdout
+
+
+def test_ctrl_c_leaves_no_tag_and_no_container(mini: MiniStack) -> None:
+    tpl = mini.root / "templates" / "vllm-node-tf5.Dockerfile.j2"
+    tpl.write_text(tpl.read_text() + "\nRUN echo sleeping && sleep 60\n")
+    hashes = _hashes(mini)
+    env = dict(os.environ, DOCKER_HOST=mini.bed.docker_host, IMAGEBUILD_BED=str(mini.bed.root))
+    proc = subprocess.Popen([sys.executable, "-m", "imagebuild", "-f", str(mini.spec), "build",
+                             "mimo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    log = mini.root / "state" / "logs" / f"vllm-node-tf5-{hashes['vllm-node-tf5'][:12]}.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if log.is_file() and "sleeping" in log.read_text():
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the slow step never started")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "no tag was written" in err
+    engine = Engine()
+    assert engine.inspect(f"vllm-node-tf5:{hashes['vllm-node-tf5'][:12]}") is None
+    assert engine.inspect(f"vllm-node:{hashes['vllm-node'][:12]}") is not None
+    deadline = time.monotonic() + 30
+    while subprocess.run(["docker", "ps", "-aq"], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "the build container was left behind"
+        time.sleep(0.5)
+
+
+def test_rebuild_forces_a_build_on_a_hash_match(mini: MiniStack) -> None:
+    _build(mini, ["tf5"])
+    r = mini.cli("build", "--rebuild", "tf5")
+    assert r.returncode == 0, r.stderr
+    assert "built 1, reused 1" in r.stdout
+
+
+def test_missing_base_image_is_a_clear_error(mini: MiniStack) -> None:
+    mini.edit_spec("base: imagebuild-bed/bookworm-python:1", "base: imagebuild-bed/absent:1")
+    r = mini.cli("build", "node")
+    assert r.returncode == 6
+    assert "imagebuild-bed/absent:1 is not present" in r.stderr and "docker pull" in r.stderr
+
+
+def test_unresolved_hash_refuses_to_build(mini: MiniStack) -> None:
+    lock = mini.root / "wheels.lock"
+    text = lock.read_text()
+    sha = read_lock(lock).get("flashinfer-cubin").sha256
+    lock.write_text(text.replace(f'sha256 = "{sha}"', 'sha256 = "unresolved"'))
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 2
+    assert "unresolved" in r.stderr and "imagebuild lock" in r.stderr
+
+
+def test_engine_down_is_a_clear_error(mini: MiniStack, tmp_path: Path) -> None:
+    env = dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/nothing.sock")
+    r = subprocess.run([sys.executable, "-m", "imagebuild", "-f", str(mini.spec), "build"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 4
+    assert "cannot reach the Docker engine" in r.stderr
