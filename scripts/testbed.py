@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -34,6 +34,7 @@ import sys
 import time
 import zipfile
 from base64 import urlsafe_b64encode
+from collections.abc import Iterator
 from pathlib import Path
 
 BED = Path(os.environ.get("IMAGEBUILD_BED") or "/var/lib/imagebuild-bed").absolute()
@@ -223,7 +224,8 @@ def make_wheel(outdir: Path, dist: str, version: str, files: dict[str, str],
                requires: list[str] | None = None, pad_bytes: int = 0) -> Path:
     """A real, byte-for-byte reproducible wheel (stored entries, fixed timestamps).
 
-    ``pad_bytes`` adds an incompressible data file, to give layers a realistic size.
+    ``pad_bytes`` adds an incompressible data file, to give layers a realistic size; it
+    is generated and written in 1 MiB pieces, so memory stays flat for GB-sized wheels.
     """
     dist_norm = dist.replace("-", "_")
     filename = f"{dist_norm}-{version}-py3-none-any.whl"
@@ -231,39 +233,60 @@ def make_wheel(outdir: Path, dist: str, version: str, files: dict[str, str],
     meta = ["Metadata-Version: 2.1", f"Name: {dist}", f"Version: {version}"]
     meta += [f"Requires-Dist: {r}" for r in requires or []]
     entries: dict[str, bytes] = {k: v.encode() for k, v in sorted(files.items())}
-    if pad_bytes:
-        pkg = next(iter(files)).split("/")[0]
-        entries[f"{pkg}/_payload.bin"] = _pad(f"{dist}-{version}", pad_bytes)
     entries[f"{info}/METADATA"] = ("\n".join(meta) + "\n").encode()
     entries[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: imagebuild-testbed\n"
                                 b"Root-Is-Purelib: true\nTag: py3-none-any\n")
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in entries.items())
+    pad_name = f"{next(iter(files)).split('/')[0]}/_payload.bin"
+    if pad_bytes:
+        h = hashlib.sha256()
+        for piece in _pad(f"{dist}-{version}", pad_bytes):
+            h.update(piece)
+        digest = urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+        record += f"{pad_name},sha256={digest},{pad_bytes}\n"
     record += f"{info}/RECORD,,\n"
     entries[f"{info}/RECORD"] = record.encode()
     outdir.mkdir(parents=True, exist_ok=True)
     path = outdir / filename
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+    tmp = outdir / f".{filename}.tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
         for name, data in entries.items():
-            zi = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
-            zi.external_attr = 0o644 << 16
-            zi.compress_type = zipfile.ZIP_STORED
-            zf.writestr(zi, data)
-    data = buf.getvalue()
-    if not path.is_file() or path.read_bytes() != data:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
+            if pad_bytes and name == f"{info}/METADATA":
+                zi = _zipinfo(pad_name)
+                with zf.open(zi, "w", force_zip64=pad_bytes > (1 << 31)) as out:
+                    for piece in _pad(f"{dist}-{version}", pad_bytes):
+                        out.write(piece)
+            zf.writestr(_zipinfo(name), data)
+    if path.is_file() and _file_sha(path) == _file_sha(tmp):
+        tmp.unlink()
+    else:
         os.replace(tmp, path)
     return path
 
 
-def _pad(seed: str, size: int) -> bytes:
-    out = bytearray()
-    block = hashlib.sha512(seed.encode()).digest()
-    while len(out) < size:
-        block = hashlib.sha512(block).digest()
-        out += block
-    return bytes(out[:size])
+def _zipinfo(name: str) -> zipfile.ZipInfo:
+    zi = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+    zi.external_attr = 0o644 << 16
+    zi.compress_type = zipfile.ZIP_STORED
+    return zi
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pad(seed: str, size: int) -> Iterator[bytes]:
+    """Deterministic, incompressible bytes in 1 MiB pieces."""
+    rng = random.Random(seed)
+    left = size
+    while left > 0:
+        n = min(left, 1 << 20)
+        yield rng.randbytes(n)
+        left -= n
 
 
 VLLM_VERSION = "0.22.1rc1.dev124+gace95c9cf.d20260603.cu132"
