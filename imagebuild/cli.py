@@ -15,11 +15,12 @@ from pathlib import Path
 from . import __version__
 from .build import Progress, Step, decide, execute
 from .derivation import HASH_LABEL, Derivation, plan
-from .engine import Engine
-from .errors import ImagebuildError, Interrupted, LockError
+from .engine import Engine, ImageInfo
+from .errors import ImagebuildError, ImageNotFound, Interrupted, LockError, VerifyFailed
 from .lock import atomic_write_text, compute_lock, format_lock, read_lock
 from .render import check_rendered, write_rendered
 from .spec import Spec, load_spec
+from .verify import passing_record, table, verify_image
 
 
 def _spec(args: argparse.Namespace) -> Spec:
@@ -153,12 +154,86 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"build plan ({len(steps)} images, in order; nothing will be done):")
         print("\n".join(_steps_table(steps)))
         return 0
-    report = execute(spec, engine, steps, progress=Progress(), rebuild=rebuild)
+    progress = Progress()
+
+    def gate(name: str, info: ImageInfo) -> bool:
+        record = passing_record(spec, lock, name, info)
+        if record is not None:
+            progress.say(f"  {name}: verified {record.checked_at} (record reused)")
+            return True
+        progress.say(f"  {name}: verifying ({len(spec.images[name].checks)} checks)")
+        record = verify_image(spec, lock, engine, name, info)
+        if not record.passed:
+            progress.say(table([record]))
+        return record.passed
+
+    report = execute(spec, engine, steps, progress=progress, rebuild=rebuild, gate=gate)
     print(f"built {len(report.built)}, reused {len(report.reused)}"
           + (f"; latest moved: {', '.join(report.latest_moved)}" if report.latest_moved else ""))
     for name, info in report.images.items():
-        print(f"  {name}:latest -> {name}:{info.labels.get(HASH_LABEL, '')[:12]} "
-              f"({info.id[7:19]})")
+        mark = "FAILED its checks" if name in report.gate_failed else "verified"
+        print(f"  {name}:{info.labels.get(HASH_LABEL, '')[:12]} ({info.id[7:19]}) {mark}")
+    if report.gate_failed:
+        name = report.gate_failed[0]
+        raise VerifyFailed(
+            f"{name} failed its checks: do NOT distribute it. Its tag "
+            f"{name}:{report.images[name].labels.get(HASH_LABEL, '')[:12]} is kept for "
+            f"inspection; {name}:latest was not moved"
+            + ("; images after it were not built" if report.images.keys() != set(
+                d.name for d in derivations) else ""),
+            hint="fix the template or the wheels, then build again",
+        )
+    return 0
+
+
+# -- verify --------------------------------------------------------------------------------
+
+
+def _current_image(spec: Spec, engine: Engine, name: str,
+                   derivations: dict[str, Derivation]) -> tuple[str, ImageInfo] | None:
+    """The image to check: the spec's current derivation if present, else NAME:latest."""
+    d = derivations.get(name)
+    refs = ([d.tag] if d is not None and d.input_hash else []) + [f"{name}:latest"]
+    for ref in refs:
+        info = engine.inspect(ref)
+        if info is not None:
+            return ref, info
+    return None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    lock = read_lock(spec.lock_path)
+    names = [spec.resolve(n) for n in args.images] or list(spec.images)
+    derivations = {d.name: d for d in plan(spec, lock, names)}
+    engine = Engine()
+    targets: list[tuple[str, str, ImageInfo]] = []
+    for name in names:
+        found = _current_image(spec, engine, name, derivations)
+        if found is None:
+            if args.images:
+                raise ImageNotFound(f"{name}: no image to verify (neither its current "
+                                    f"derivation nor {name}:latest is present)",
+                                    hint=f"run 'imagebuild build {name}'")
+            continue
+        targets.append((name, *found))
+    if not targets:
+        raise ImageNotFound("none of the spec's images is present in the engine",
+                            hint="run 'imagebuild build' first")
+    records = []
+    for name, ref, info in targets:
+        note = ""
+        if ref.endswith(":latest") and derivations[name].input_hash:
+            note = f" (its current derivation {derivations[name].tag} is not built)"
+        print(f"verifying {ref} ({info.id[7:19]}): {len(spec.images[name].checks)} checks"
+              + note, file=sys.stderr)
+        records.append(verify_image(spec, lock, engine, name, info))
+    print(table(records))
+    failed = [r.image for r in records if not r.passed]
+    if failed:
+        raise VerifyFailed(f"{', '.join(failed)} failed verification: do NOT distribute",
+                           hint="see the expected and got columns above")
+    print(f"\nall checks passed: {', '.join(r.image for r in records)}")
     return 0
 
 
@@ -200,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rebuild", action="store_true",
                    help="build the named images even if their input hash exists (no cache)")
     s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("verify", help="run each image's checks (the torch gate) and record them")
+    s.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="images to verify (default: every image of the spec present locally)")
+    s.set_defaults(func=cmd_verify)
     return p
 
 

@@ -60,7 +60,8 @@ class BuildEvent:
 @dataclass(frozen=True)
 class RunResult:
     exit_code: int | None  # None: killed at its timeout
-    output: str
+    stdout: str
+    stderr: str
     timed_out: bool
 
 
@@ -202,18 +203,17 @@ class Engine:
         try:
             self.api.start(cid)
             timed_out = False
+            code: int | None
             try:
                 status = self.api.wait(cid, timeout=timeout)
-                code: int | None = int(status.get("StatusCode", -1))
-            except requests.exceptions.ConnectionError:
+                code = int(status.get("StatusCode", -1))
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                # docker-py surfaces a read timeout on the wait call as either
                 timed_out, code = True, None
-            except requests.exceptions.ReadTimeout:
-                timed_out, code = True, None
-            if timed_out:
                 self.api.kill(cid)
-            raw = self.api.logs(cid, stdout=True, stderr=True)
-            return RunResult(exit_code=code, output=raw.decode(errors="replace"),
-                             timed_out=timed_out)
+            out = self.api.logs(cid, stdout=True, stderr=False).decode(errors="replace")
+            err = self.api.logs(cid, stdout=False, stderr=True).decode(errors="replace")
+            return RunResult(exit_code=code, stdout=out, stderr=err, timed_out=timed_out)
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             raise self._error(f"run a check in {image}", exc) from None
         finally:

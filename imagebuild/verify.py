@@ -1,0 +1,188 @@
+"""``imagebuild verify``: run each image's checks in throwaway containers, record results.
+
+The field rule: verify torch immediately before redistributing; it must print
+``2.11.0+cu130 13.0``. A record is kept per image *content* (image ID plus the content
+fingerprint of its layers and config) and per set of checks, so later steps can ask:
+was this exact image verified, when, and against which checks?
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from . import __version__
+from .derivation import HASH_LABEL
+from .engine import Engine, ImageInfo, RunResult
+from .errors import NotVerified
+from .lock import Lock, atomic_write_text
+from .spec import Check, Spec
+
+STDERR_TAIL = 3
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    check: str
+    kind: str
+    expected: str
+    got: str
+    passed: bool
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifyRecord:
+    image: str
+    image_id: str
+    fingerprint: str
+    input_hash: str | None
+    checks_digest: str
+    checked_at: str
+    passed: bool
+    results: tuple[CheckResult, ...]
+    tool_version: str = __version__
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["results"] = [asdict(r) for r in self.results]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> VerifyRecord:
+        data = json.loads(text)
+        data["results"] = tuple(CheckResult(**r) for r in data["results"])
+        return cls(**data)
+
+
+def expected_text(check: Check, lock: Lock) -> str:
+    """What the check expects, as shown to the user (locked checks resolve the version)."""
+    if check.kind == "locked":
+        return f"=={lock.get(check.expected).version}"
+    if check.kind == "succeeds":
+        return "exit 0"
+    return check.expected
+
+
+def checks_digest(checks: list[Check], lock: Lock) -> str:
+    material = [{"name": c.name, "run": list(c.run), "kind": c.kind,
+                 "expected": expected_text(c, lock)} for c in checks]
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def evaluate(check: Check, lock: Lock, result: RunResult) -> CheckResult:
+    """Judge one check's run. Pure: no engine."""
+    expected = expected_text(check, lock)
+    out = result.stdout.strip()
+    err_tail = " | ".join(result.stderr.strip().splitlines()[-STDERR_TAIL:])
+
+    def res(got: str, passed: bool) -> CheckResult:
+        return CheckResult(check=check.name, kind=check.kind, expected=expected, got=got,
+                           passed=passed, hint=None if passed else check.hint)
+
+    if result.timed_out:
+        return res(f"timed out after {check.timeout:g}s (killed)", False)
+    if result.exit_code != 0:
+        detail = err_tail or out or "no output"
+        return res(f"exit {result.exit_code}: {detail}", False)
+    if check.kind == "succeeds":
+        return res("exit 0", True)
+    if check.kind == "output":
+        return res(out, out == check.expected)
+    try:
+        version = Version(out)
+    except InvalidVersion:
+        return res(f"{out!r} (not a version)", False)
+    if check.kind == "specifier":
+        return res(out, SpecifierSet(check.expected, prereleases=True).contains(version))
+    locked = Version(lock.get(check.expected).version)
+    return res(out, version == locked)
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+def _record_path(spec: Spec, image_id: str) -> Path:
+    return spec.state_dir / "verified" / f"{image_id.removeprefix('sha256:')}.json"
+
+
+def read_record(spec: Spec, info: ImageInfo) -> VerifyRecord | None:
+    path = _record_path(spec, info.id)
+    try:
+        record = VerifyRecord.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if record.image_id != info.id or record.fingerprint != info.fingerprint:
+        return None
+    return record
+
+
+def passing_record(spec: Spec, lock: Lock, name: str, info: ImageInfo) -> VerifyRecord | None:
+    """The passing record of this exact image against the spec's current checks, if any."""
+    record = read_record(spec, info)
+    checks = [spec.checks[c] for c in spec.images[name].checks]
+    if record is None or not record.passed or record.checks_digest != checks_digest(checks, lock):
+        return None
+    return record
+
+
+def require_verified(spec: Spec, lock: Lock, name: str, info: ImageInfo) -> VerifyRecord:
+    """For distribute and backups: refuse an image without a passing record."""
+    record = passing_record(spec, lock, name, info)
+    if record is None:
+        raise NotVerified(
+            f"{name} ({info.id[7:19]}) is not verified against its current checks",
+            hint=f"run 'imagebuild verify {name}'; an image that fails its checks must not "
+                 f"be distributed",
+        )
+    return record
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def verify_image(spec: Spec, lock: Lock, engine: Engine, name: str,
+                 info: ImageInfo) -> VerifyRecord:
+    """Run every check of ``name`` against image ``info`` and record the result."""
+    checks = [spec.checks[c] for c in spec.images[name].checks]
+    results = tuple(
+        evaluate(check, lock, engine.run_check(info.id, list(check.run), check.timeout))
+        for check in checks
+    )
+    record = VerifyRecord(
+        image=name, image_id=info.id, fingerprint=info.fingerprint,
+        input_hash=info.labels.get(HASH_LABEL), checks_digest=checks_digest(checks, lock),
+        checked_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        passed=all(r.passed for r in results), results=results,
+    )
+    atomic_write_text(_record_path(spec, info.id), record.to_json())
+    return record
+
+
+def table(records: list[VerifyRecord]) -> str:
+    rows = [("image", "check", "expected", "got", "result")]
+    for rec in records:
+        for r in rec.results:
+            rows.append((rec.image, r.check, r.expected, r.got, "pass" if r.passed else "FAIL"))
+        if not rec.results:
+            rows.append((rec.image, "(no checks)", "", "", "pass"))
+    widths = [min(max(len(row[i]) for row in rows), 48) for i in range(5)]
+    lines = []
+    for row in rows:
+        cells = [(c if len(c) <= 48 else c[:45] + "...").ljust(widths[i])
+                 for i, c in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    hints = [(rec.image, r) for rec in records for r in rec.results if not r.passed]
+    for image, r in hints:
+        lines.append("")
+        lines.append(f"{image} / {r.check}: expected {r.expected}, got {r.got}")
+        if r.hint:
+            lines.append(f"  hint: {r.hint}")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""imagebuild verify and the build gate, with the real torch regression."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from imagebuild.engine import Engine
+from imagebuild.errors import NotVerified
+from imagebuild.lock import read_lock
+from imagebuild.spec import load_spec
+from imagebuild.verify import passing_record, read_record, require_verified
+
+from .conftest import MiniStack
+
+pytestmark = pytest.mark.bed
+
+
+def _no_check_containers() -> bool:
+    r = subprocess.run(["docker", "ps", "-aq", "--filter", "label=org.imagebuild.check"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() == ""
+
+
+def _tags(mini: MiniStack) -> dict[str, str]:
+    import json
+
+    r = mini.cli("plan", "--json")
+    return {i["name"]: i["tag"] for i in json.loads(r.stdout)["images"]}
+
+
+def test_the_good_stack_passes_every_check_and_records_it(mini: MiniStack) -> None:
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 0, r.stderr
+    r = mini.cli("verify")
+    assert r.returncode == 0, r.stderr
+    assert "all checks passed: vllm-node, vllm-node-tf5, vllm-node-mimo" in r.stdout
+    assert r.stdout.count("pass") >= 13 and "FAIL" not in r.stdout
+    spec = load_spec(mini.spec)
+    lock = read_lock(spec.lock_path)
+    engine = Engine()
+    tags = _tags(mini)
+    for name, tag in tags.items():
+        info = engine.require(tag)
+        assert engine.require(f"{name}:latest").id == info.id
+        record = require_verified(spec, lock, name, info)
+        assert record.passed and record.image_id == info.id
+        assert record.fingerprint == info.fingerprint
+        assert {res.check for res in record.results} == set(spec.images[name].checks)
+        assert record.checked_at.startswith("20")
+    assert _no_check_containers()
+
+
+def test_missing_force_reinstall_lands_the_cpu_torch_and_the_gate_stops_it(
+        mini: MiniStack) -> None:
+    assert mini.cli("build", "mimo").returncode == 0
+    engine = Engine()
+    good_latest = engine.require("vllm-node-mimo:latest").id
+    tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
+    text = tpl.read_text()
+    cut = text.index("# Fix torch CPU regression")
+    tpl.write_text(text[:cut])
+    bad_tag = _tags(mini)["vllm-node-mimo"]
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "vllm-node-mimo failed its checks: do NOT distribute" in r.stderr
+    assert "torch-gate" in r.stderr
+    assert "expected 2.11.0+cu130 13.0, got 2.10.0+cpu None" in r.stderr
+    assert "force-reinstall" in r.stderr and "torch==2.10.0" in r.stderr  # the hint
+    assert "libtorch_cuda.so" in r.stderr  # import vllm fails like in the field
+    bad = engine.require(bad_tag)  # kept for inspection
+    out = subprocess.run(["docker", "run", "--rm", "--entrypoint", "python3", bad.id, "-c",
+                          "import torch; print(torch.__version__)"], capture_output=True,
+                         text=True)
+    assert out.stdout.strip() == "2.10.0+cpu"
+    assert engine.require("vllm-node-mimo:latest").id == good_latest  # latest did not move
+    spec = load_spec(mini.spec)
+    lock = read_lock(spec.lock_path)
+    with pytest.raises(NotVerified, match="imagebuild verify"):
+        require_verified(spec, lock, "vllm-node-mimo", bad)
+    record = read_record(spec, bad)
+    assert record is not None and not record.passed
+    # verify on its own says the same, with its own exit code
+    r = mini.cli("verify", "mimo")
+    assert r.returncode == 1 and "do NOT distribute" in r.stderr and "FAIL" in r.stdout
+    assert _no_check_containers()
+
+
+def test_tf5_with_transformers_5_fails_its_specifier_and_stops_the_chain(
+        mini: MiniStack) -> None:
+    mini.edit_spec("transformers: transformers>=4.57,<5", "transformers: transformers>=5.0.0")
+    tags = _tags(mini)
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 1
+    assert "transformers-4" in r.stderr and "expected <5, got 5.0.0" in r.stderr
+    assert "images after it were not built" in r.stderr
+    engine = Engine()
+    assert engine.inspect(tags["vllm-node-tf5"]) is not None
+    assert engine.inspect(tags["vllm-node-mimo"]) is None
+    assert _no_check_containers()
+
+
+def test_a_hanging_check_is_killed_at_its_timeout(mini: MiniStack) -> None:
+    mini.edit_spec("checks:\n  torch-gate:\n",
+                   "checks:\n  hang:\n    run: [python3, -c, 'import time; time.sleep(300)']\n"
+                   "    succeeds: true\n    timeout: 3\n  torch-gate:\n")
+    mini.edit_spec("    checks: [torch-gate, vllm-locked, flashinfer-locked, vllm-imports]\n\n"
+                   "  vllm-node-tf5:",
+                   "    checks: [hang, torch-gate]\n\n  vllm-node-tf5:")
+    assert mini.cli("build", "node").returncode == 1
+    t0 = time.monotonic()
+    r = mini.cli("verify", "node")
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 1
+    assert "timed out after 3s (killed)" in r.stdout
+    assert elapsed < 60
+    assert _no_check_containers()
+
+
+def test_changed_checks_invalidate_the_record(mini: MiniStack) -> None:
+    assert mini.cli("build", "node").returncode == 0
+    spec = load_spec(mini.spec)
+    info = Engine().require(_tags(mini)["vllm-node"])
+    assert passing_record(spec, read_lock(spec.lock_path), "vllm-node", info) is not None
+    mini.edit_spec("    checks: [torch-gate, vllm-locked, flashinfer-locked, vllm-imports]\n\n"
+                   "  vllm-node-tf5:", "    checks: [torch-gate]\n\n  vllm-node-tf5:")
+    spec = load_spec(mini.spec)
+    assert passing_record(spec, read_lock(spec.lock_path), "vllm-node", info) is None
+
+
+def test_verify_of_a_missing_image_and_a_down_engine(mini: MiniStack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    mini.edit_spec("\nchecks:\n", "\n  never-built:\n    template: vllm-node-tf5.Dockerfile.j2\n"
+                   "    parent: vllm-node\n    params:\n      transformers: transformers<5\n"
+                   "\nchecks:\n")
+    r = mini.cli("verify", "never-built")
+    assert r.returncode == 6 and "imagebuild build never-built" in r.stderr
+    import os
+    import sys
+
+    env = dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/none.sock")
+    r = subprocess.run([sys.executable, "-m", "imagebuild", "-f", str(mini.spec), "verify"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 4 and "cannot reach the Docker engine" in r.stderr

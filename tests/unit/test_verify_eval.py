@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+
+from imagebuild.engine import RunResult
+from imagebuild.lock import read_lock
+from imagebuild.spec import Check
+from imagebuild.verify import checks_digest, evaluate, table
+
+from .conftest import Stack
+
+
+def _ok(out: str, err: str = "") -> RunResult:
+    return RunResult(exit_code=0, stdout=out, stderr=err, timed_out=False)
+
+
+@pytest.fixture
+def lock(stack: Stack):  # type: ignore[no-untyped-def]
+    return read_lock(stack.root / "wheels.lock")
+
+
+GATE = Check(name="torch-gate", run=("python3", "-c", "..."), kind="output",
+             expected="2.11.0+cu130 13.0", hint="force-reinstall torch")
+
+
+def test_exact_output(lock) -> None:  # type: ignore[no-untyped-def]
+    assert evaluate(GATE, lock, _ok("2.11.0+cu130 13.0\n", "a warning\n")).passed
+    bad = evaluate(GATE, lock, _ok("2.10.0+cpu None\n"))
+    assert not bad.passed and bad.got == "2.10.0+cpu None" and bad.hint == "force-reinstall torch"
+    assert bad.expected == "2.11.0+cu130 13.0"
+
+
+def test_specifier(lock) -> None:  # type: ignore[no-untyped-def]
+    c = Check(name="tf", run=("x",), kind="specifier", expected=">=5.0.0")
+    assert evaluate(c, lock, _ok("5.0.0")).passed
+    assert evaluate(c, lock, _ok("5.1.0rc1")).passed
+    assert not evaluate(c, lock, _ok("4.57.1")).passed
+    r = evaluate(c, lock, _ok("banana"))
+    assert not r.passed and "not a version" in r.got
+    c4 = Check(name="tf4", run=("x",), kind="specifier", expected="<5")
+    assert evaluate(c4, lock, _ok("4.57.1")).passed and not evaluate(c4, lock, _ok("5.0.0")).passed
+
+
+def test_locked_version(lock) -> None:  # type: ignore[no-untyped-def]
+    c = Check(name="v", run=("x",), kind="locked", expected="vllm")
+    want = lock.get("vllm").version
+    r = evaluate(c, lock, _ok(want))
+    assert r.passed and r.expected == f"=={want}"
+    assert not evaluate(c, lock, _ok("0.22.0")).passed
+
+
+def test_succeeds_failure_and_timeout(lock) -> None:  # type: ignore[no-untyped-def]
+    c = Check(name="imp", run=("x",), kind="succeeds", expected="", timeout=7)
+    assert evaluate(c, lock, _ok("")).passed
+    r = evaluate(c, lock, RunResult(1, "", "Traceback\nImportError: libtorch_cuda.so", False))
+    assert not r.passed and "exit 1" in r.got and "libtorch_cuda.so" in r.got
+    t = evaluate(c, lock, RunResult(None, "", "", True))
+    assert not t.passed and t.got == "timed out after 7s (killed)"
+    # a non-zero exit fails even an output check whose stdout happens to match
+    assert not evaluate(GATE, lock, RunResult(2, "2.11.0+cu130 13.0", "", False)).passed
+
+
+def test_checks_digest_changes_with_the_checks(lock) -> None:  # type: ignore[no-untyped-def]
+    other = Check(name="torch-gate", run=GATE.run, kind="output", expected="2.12.0+cu130 13.0")
+    assert checks_digest([GATE], lock) != checks_digest([other], lock)
+    assert checks_digest([GATE], lock) == checks_digest([GATE], lock)
+
+
+def test_table_shows_expected_got_and_hint(lock) -> None:  # type: ignore[no-untyped-def]
+    from imagebuild.verify import VerifyRecord
+
+    r = evaluate(GATE, lock, _ok("2.10.0+cpu None"))
+    rec = VerifyRecord(image="vllm-node-mimo", image_id="sha256:x", fingerprint="f",
+                       input_hash=None, checks_digest="d", checked_at="t", passed=False,
+                       results=(r,))
+    text = table([rec])
+    assert "FAIL" in text and "2.10.0+cpu None" in text and "hint: force-reinstall torch" in text
