@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from . import __version__
+from .backup import find_substitute, restore_tar
 from .derivation import HASH_LABEL, IMAGE_LABEL, ContextFile, Derivation
 from .engine import Engine, ImageInfo
 from .errors import (
@@ -48,30 +49,41 @@ LOG_TAIL = 25
 @dataclass(frozen=True)
 class Step:
     derivation: Derivation
-    action: str  # "reuse" | "build"
+    action: str  # "reuse" | "restore" | "build"
     image: ImageInfo | None  # the existing image when reused
+    substitute: Path | None = None  # the backup tar when restored
 
 
 def find_existing(engine: Engine, d: Derivation) -> ImageInfo | None:
-    """The local image of derivation ``d``: by its tag, else by its input-hash label."""
+    """The local image of derivation ``d``: by its tag, else by its input-hash label
+    (its tag may have been removed while another tag kept the image). Read-only."""
     info = engine.inspect(d.tag)
     if info is not None and info.labels.get(HASH_LABEL) == d.input_hash:
         return info
     assert d.input_hash is not None
     for other in engine.find_by_label(HASH_LABEL, d.input_hash):
         if other.labels.get(IMAGE_LABEL) == d.name:
-            engine.tag(other.id, d.name, d.hash12)  # the tag was removed; the image was not
-            return engine.inspect(d.tag)
+            return other
     return None
 
 
-def decide(engine: Engine, derivations: list[Derivation], rebuild: set[str]) -> list[Step]:
+def decide(engine: Engine, derivations: list[Derivation], rebuild: set[str],
+           backups: Path | None = None) -> list[Step]:
+    """Reuse what exists, restore what a backup holds (the substituter), build the rest."""
     steps: list[Step] = []
     for d in derivations:
         if d.input_hash is None:
             _ = d.tag  # raises UnresolvedHashError with the lock-step hint
-        existing = None if d.name in rebuild else find_existing(engine, d)
-        steps.append(Step(d, "reuse" if existing else "build", existing))
+        if d.name in rebuild:
+            steps.append(Step(d, "build", None))
+            continue
+        existing = find_existing(engine, d)
+        if existing is not None:
+            steps.append(Step(d, "reuse", existing))
+            continue
+        assert d.input_hash is not None
+        tar = find_substitute(backups, d.name, d.input_hash) if backups else None
+        steps.append(Step(d, "restore", None, tar) if tar else Step(d, "build", None))
     return steps
 
 
@@ -201,12 +213,14 @@ class Progress:
 
 
 Gate = Callable[[str, ImageInfo], bool]  # (image name, image) -> passed
+AfterGate = Callable[[str, ImageInfo], None]  # e.g. write the backup
 
 
 @dataclass
 class BuildReport:
     built: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
     latest_moved: list[str] = field(default_factory=list)
     gate_failed: list[str] = field(default_factory=list)
     images: dict[str, ImageInfo] = field(default_factory=dict)
@@ -217,7 +231,8 @@ def log_path(spec: Spec, d: Derivation) -> Path:
 
 
 def execute(spec: Spec, engine: Engine, steps: list[Step], *, progress: Progress,
-            gate: Gate | None = None, rebuild: set[str] | None = None) -> BuildReport:
+            gate: Gate | None = None, rebuild: set[str] | None = None,
+            after_gate: AfterGate | None = None) -> BuildReport:
     report = BuildReport()
     by_name: dict[str, Derivation] = {s.derivation.name: s.derivation for s in steps}
     commit = git_commit(spec.root)
@@ -227,9 +242,17 @@ def execute(spec: Spec, engine: Engine, steps: list[Step], *, progress: Progress
         prefix = f"[{i}/{total}] {d.name}"
         if step.action == "reuse":
             assert step.image is not None
+            if d.tag not in step.image.tags:  # found by label: put the tag back
+                engine.tag(step.image.id, d.name, d.hash12)
             progress.say(f"{prefix} {d.hash12} reused (no build)")
             report.reused.append(d.name)
             report.images[d.name] = step.image
+        elif step.action == "restore":
+            assert step.substitute is not None
+            progress.say(f"{prefix} {d.hash12} restoring from {step.substitute} (no build)")
+            restored = restore_tar(engine, step.substitute, progress.say, expect_image=d.name)
+            report.restored.append(d.name)
+            report.images[d.name] = restored.info
         else:
             parent = by_name.get(d.parent) if d.parent else None
             info = _build_one(spec, engine, d, parent, commit, prefix, progress,
@@ -245,6 +268,8 @@ def execute(spec: Spec, engine: Engine, steps: list[Step], *, progress: Progress
         if current is None or current.id != image.id:
             engine.tag(image.id, d.name, "latest")
             report.latest_moved.append(d.name)
+        if after_gate is not None:
+            after_gate(d.name, image)
     return report
 
 

@@ -13,14 +13,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
+from .backup import BackupResult, backup_image, restore_tar, tar_path
 from .build import Progress, Step, decide, execute
 from .derivation import HASH_LABEL, Derivation, plan
 from .engine import Engine, ImageInfo
-from .errors import ImagebuildError, ImageNotFound, Interrupted, LockError, VerifyFailed
+from .errors import (
+    BackupError,
+    ImagebuildError,
+    ImageNotFound,
+    Interrupted,
+    LockError,
+    SpecError,
+    VerifyFailed,
+)
 from .lock import atomic_write_text, compute_lock, format_lock, read_lock
 from .render import check_rendered, write_rendered
 from .spec import Spec, load_spec
-from .verify import passing_record, table, verify_image
+from .verify import passing_record, require_verified, table, verify_image
 
 
 def _spec(args: argparse.Namespace) -> Spec:
@@ -136,7 +145,12 @@ def _steps_table(steps: list[Step]) -> list[str]:
     rows = []
     for i, s in enumerate(steps, 1):
         d = s.derivation
-        what = f"reuse {s.image.id[7:19]}" if s.action == "reuse" and s.image else "build"
+        if s.action == "reuse" and s.image:
+            what = f"reuse {s.image.id[7:19]}"
+        elif s.action == "restore":
+            what = f"restore from {s.substitute}"
+        else:
+            what = "build"
         rows.append(f"  {i}. {d.name:<{width}}  {d.hash12}  {what}")
     return rows
 
@@ -149,7 +163,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.rebuild and not args.images:
         rebuild = {d.name for d in derivations}
     engine = Engine()
-    steps = decide(engine, derivations, rebuild)
+    steps = decide(engine, derivations, rebuild, _local_backups(spec))
     if args.dry_run:
         print(f"build plan ({len(steps)} images, in order; nothing will be done):")
         print("\n".join(_steps_table(steps)))
@@ -167,8 +181,18 @@ def cmd_build(args: argparse.Namespace) -> int:
             progress.say(table([record]))
         return record.passed
 
-    report = execute(spec, engine, steps, progress=progress, rebuild=rebuild, gate=gate)
-    print(f"built {len(report.built)}, reused {len(report.reused)}"
+    def after_gate(name: str, info: ImageInfo) -> None:
+        if spec.backups is None or args.no_backup:
+            return
+        result = _backup(spec, engine, name, info, progress.say)
+        if result.written:
+            progress.say(f"  {name}: backup written to {result.tar} "
+                         f"({result.sidecar.size / 1e9:.2f} GB, {result.seconds:.1f}s)")
+
+    report = execute(spec, engine, steps, progress=progress, rebuild=rebuild, gate=gate,
+                     after_gate=after_gate)
+    print(f"built {len(report.built)}, restored {len(report.restored)}, "
+          f"reused {len(report.reused)}"
           + (f"; latest moved: {', '.join(report.latest_moved)}" if report.latest_moved else ""))
     for name, info in report.images.items():
         mark = "FAILED its checks" if name in report.gate_failed else "verified"
@@ -183,6 +207,110 @@ def cmd_build(args: argparse.Namespace) -> int:
                 d.name for d in derivations) else ""),
             hint="fix the template or the wheels, then build again",
         )
+    return 0
+
+
+# -- backups -------------------------------------------------------------------------------
+
+
+def _local_backups(spec: Spec) -> Path | None:
+    if spec.backups is None or spec.backups.directory.startswith("ssh://"):
+        return None
+    return Path(spec.backups.directory)
+
+
+def _backup_dir(spec: Spec) -> Path:
+    if spec.backups is None:
+        raise SpecError(f"{spec.path}: the spec has no backups section",
+                        hint="add backups: {directory: ~/control-workspace/docker-images}")
+    directory = _local_backups(spec)
+    if directory is None:
+        raise SpecError(f"{spec.path}: backups.directory {spec.backups.directory} is remote; "
+                        f"remote backup directories are not supported yet")
+    return directory
+
+
+def _backup(spec: Spec, engine: Engine, name: str, info: ImageInfo,
+            report: Callable[[str], None]) -> BackupResult:
+    require_verified(spec, read_lock(spec.lock_path), name, info)
+    assert spec.backups is not None
+    return backup_image(engine, name, info, _backup_dir(spec), spec.backups.keep, report)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    lock = read_lock(spec.lock_path)
+    names = [spec.resolve(n) for n in args.images] or list(spec.images)
+    directory = _backup_dir(spec)
+    derivations = {d.name: d for d in plan(spec, lock, names)}
+    engine = Engine()
+    done = 0
+    for name in names:
+        found = _current_image(spec, engine, name, derivations)
+        if found is None:
+            if args.images:
+                raise ImageNotFound(f"{name}: no image to back up",
+                                    hint=f"run 'imagebuild build {name}'")
+            continue
+        _ref, info = found
+        result = _backup(spec, engine, name, info, _say)
+        state = "written" if result.written else "up to date"
+        print(f"{name}: {result.tar} {state} ({result.sidecar.size / 1e9:.2f} GB, "
+              f"sha256 {result.sidecar.sha256[:16]}...)")
+        done += 1
+    if not done:
+        raise ImageNotFound("none of the spec's images is present in the engine",
+                            hint="run 'imagebuild build' first")
+    print(f"backups in {directory}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    lock = read_lock(spec.lock_path)
+    engine = Engine()
+    if args.tar:
+        if len(args.images) > 1:
+            raise SpecError("--file restores one tar; name at most one image")
+        tars = [(spec.resolve(args.images[0]) if args.images else None, Path(args.tar))]
+    else:
+        directory = _backup_dir(spec)
+        names = [spec.resolve(n) for n in args.images] or list(spec.images)
+        tars = [(n, tar_path(directory, n)) for n in names]
+        if not args.images:
+            tars = [(n, t) for n, t in tars if t.is_file()]
+            if not tars:
+                raise BackupError(f"no backups in {directory}",
+                                  hint="run 'imagebuild backup' (or build) first")
+    failed = []
+    for name, tar in tars:
+        if not tar.is_file():
+            raise BackupError(f"{tar} does not exist",
+                              hint="list the backups directory; use --file for another tar")
+        result = restore_tar(engine, tar, _say, expect_image=name)
+        image = result.name
+        if image not in spec.images:
+            raise BackupError(f"{tar} holds {image}, which this spec does not define")
+        if not result.loaded:
+            print(f"{image}: already present ({result.info.id[7:19]}); nothing loaded")
+        else:
+            print(f"{image}: loaded {result.info.id[7:19]} from {tar} in {result.seconds:.1f}s")
+        record = None if result.loaded else passing_record(spec, lock, image, result.info)
+        if record is None:
+            record = verify_image(spec, lock, engine, image, result.info)
+        if not record.passed:
+            print(table([record]))
+            failed.append(image)
+            continue
+        engine.tag(result.info.id, image, "latest")
+        print(f"{image}: verified; {image}:latest -> {result.info.id[7:19]}")
+    if failed:
+        raise VerifyFailed(f"{', '.join(failed)} restored but failed verification: "
+                           f"latest was not moved; do NOT distribute")
     return 0
 
 
@@ -274,7 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print what would be reused or built, and do nothing")
     s.add_argument("--rebuild", action="store_true",
                    help="build the named images even if their input hash exists (no cache)")
+    s.add_argument("--no-backup", action="store_true",
+                   help="do not write tar backups of the verified images")
     s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("backup", help="write tar backups of verified images (NAME.tar + .json)")
+    s.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="images to back up (default: every image of the spec present)")
+    s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("restore-from-tar",
+                       help="load images from their backup tars, checked, tagged and verified")
+    s.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="images to restore (default: every image with a backup)")
+    s.add_argument("--file", dest="tar", metavar="PATH",
+                   help="restore this tar (its sidecar is PATH.json)")
+    s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("verify", help="run each image's checks (the torch gate) and record them")
     s.add_argument("images", nargs="*", metavar="IMAGE",

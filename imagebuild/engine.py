@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +150,38 @@ class Engine:
             return
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             raise self._error(f"remove {ref}", exc) from None
+
+    # -- save / load -------------------------------------------------------------------------
+
+    def save(self, ref: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """``docker save`` as a stream of chunks (the engine exports before sending)."""
+        try:
+            # a dedicated client with no read timeout: the first byte may take minutes
+            api = docker.APIClient(base_url=self.base_url, version=self.api.api_version,
+                                   timeout=None)
+            yield from api.get_image(ref, chunk_size=chunk_size)
+        except docker.errors.NotFound:
+            raise ImageNotFound(f"image {ref} is not present in the engine") from None
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            raise self._error(f"save {ref}", exc) from None
+
+    def load(self, chunks: Iterable[bytes]) -> list[str]:
+        """``docker load`` from a stream; returns the engine's "Loaded ..." lines."""
+        api = docker.APIClient(base_url=self.base_url, version=self.api.api_version,
+                               timeout=None)
+        loaded: list[str] = []
+        try:
+            for item in api.load_image(chunks):
+                if "error" in item:
+                    detail = item.get("errorDetail") or {}
+                    message = detail.get("message") or item["error"]
+                    raise EngineError(f"docker load failed: {message}")
+                text = str(item.get("stream") or "").strip()
+                if text.startswith("Loaded"):
+                    loaded.append(text)
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            raise self._error("load", exc) from None
+        return loaded
 
     # -- build -------------------------------------------------------------------------------
 

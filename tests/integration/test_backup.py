@@ -1,0 +1,173 @@
+"""Tar backups, restore-from-tar, and the backup substituter, on the real head engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imagebuild.engine import Engine
+
+from .conftest import MiniStack
+
+pytestmark = pytest.mark.bed
+
+
+def _tags(mini: MiniStack) -> dict[str, str]:
+    r = mini.cli("plan", "--json")
+    return {i["name"]: i["tag"] for i in json.loads(r.stdout)["images"]}
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rmi(*refs: str) -> None:
+    subprocess.run(["docker", "rmi", *refs], capture_output=True)
+
+
+def _built(mini: MiniStack) -> tuple[Path, dict[str, object], str]:
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 0, r.stderr
+    tar = mini.root / "backups" / "vllm-node-mimo.tar"
+    sidecar = json.loads((tar.parent / (tar.name + ".json")).read_text())
+    return tar, sidecar, _tags(mini)["vllm-node-mimo"]
+
+
+def test_build_writes_backups_and_restore_gives_the_same_image(mini: MiniStack) -> None:
+    tar, sidecar, tag = _built(mini)
+    engine = Engine()
+    image_id = engine.require(tag).id
+    for name in ("vllm-node", "vllm-node-tf5", "vllm-node-mimo"):
+        assert (mini.root / "backups" / f"{name}.tar").is_file()
+    assert sidecar["image_id"] == image_id
+    assert sidecar["sha256"] == _sha(tar) and sidecar["size"] == tar.stat().st_size
+    assert sidecar["input_hash"].startswith(tag.split(":")[1])
+    assert sorted(sidecar["tags"]) == sorted([tag, "vllm-node-mimo:latest"])
+    assert sidecar["fingerprint"].startswith("sha256:") and sidecar["created"]
+    assert not list(tar.parent.glob(".*partial*"))
+    _rmi(tag, "vllm-node-mimo:latest")
+    assert engine.inspect(image_id) is None
+    r = mini.cli("restore-from-tar", "mimo")
+    assert r.returncode == 0, r.stderr
+    assert "loaded" in r.stdout and "verified" in r.stdout
+    assert engine.require(tag).id == image_id
+    assert engine.require("vllm-node-mimo:latest").id == image_id
+    r = mini.cli("restore-from-tar", "mimo")  # already present: a no-op
+    assert r.returncode == 0 and "nothing loaded" in r.stdout
+    # an unchanged backup is not rewritten
+    mtime = tar.stat().st_mtime_ns
+    r = mini.cli("backup", "mimo")
+    assert r.returncode == 0 and "up to date" in r.stdout
+    assert tar.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_tar_is_refused_and_nothing_is_loaded(mini: MiniStack, damage: str) -> None:
+    tar, sidecar, tag = _built(mini)
+    with tar.open("r+b") as f:
+        if damage == "flip":
+            f.seek(tar.stat().st_size // 2)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 0x01]))
+        else:
+            f.truncate(tar.stat().st_size - 4096)
+    _rmi(tag, "vllm-node-mimo:latest")
+    r = mini.cli("restore-from-tar", "mimo")
+    assert r.returncode == 8, r.stderr
+    assert str(tar) in r.stderr and "nothing was loaded" in r.stderr
+    assert Engine().inspect(str(sidecar["image_id"])) is None
+
+
+def test_a_killed_backup_leaves_the_previous_one_intact(mini: MiniStack) -> None:
+    tar, first, _ = _built(mini)
+    first_sha = _sha(tar)
+    tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
+    tpl.write_text(tpl.read_text() + "# a new derivation\n")
+    assert mini.cli("build", "--no-backup", "mimo").returncode == 0
+    assert _sha(tar) == first_sha  # --no-backup wrote nothing
+    env = dict(os.environ, DOCKER_HOST=mini.bed.docker_host)
+    proc = subprocess.Popen([sys.executable, "-m", "imagebuild", "-f", str(mini.spec), "backup",
+                             "mimo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    killed_at = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = list(tar.parent.glob(".vllm-node-mimo.tar.*partial"))
+        if partial and partial[0].stat().st_size > 0:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = partial[0].stat().st_size
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_at > 0, "the backup finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    assert _sha(tar) == first_sha  # the previous backup is intact
+    assert json.loads((tar.parent / (tar.name + ".json")).read_text()) == first
+    # a rerun cleans up and writes the new generation, keeping the previous one
+    r = mini.cli("backup", "mimo")
+    assert r.returncode == 0, r.stderr
+    assert not list(tar.parent.glob(".*partial*"))
+    prev = tar.parent / f"vllm-node-mimo@{str(first['input_hash'])[:12]}.tar"
+    assert prev.is_file() and _sha(prev) == first_sha
+    assert _sha(tar) != first_sha
+
+
+def test_generations_are_pruned_to_keep(mini: MiniStack) -> None:
+    _built(mini)
+    tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
+    for i in range(2):
+        tpl.write_text(tpl.read_text() + f"# generation {i}\n")
+        assert mini.cli("build", "mimo").returncode == 0
+    olds = sorted(p.name for p in (mini.root / "backups").glob("vllm-node-mimo@*.tar"))
+    assert len(olds) == 1  # keep: 2 -> the current tar and one older generation
+    assert (mini.root / "backups" / (olds[0] + ".json")).is_file()
+
+
+def test_a_backup_directory_too_small_is_refused_before_writing(mini: MiniStack) -> None:
+    _built(mini)
+    small = mini.root / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(small)], check=True)
+    try:
+        mini.edit_spec("directory: backups", f"directory: {small}")
+        r = mini.cli("backup", "mimo")
+        assert r.returncode == 8
+        assert "GB free" in r.stderr and "nothing was written" in r.stderr
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_an_unverified_image_is_not_backed_up(mini: MiniStack) -> None:
+    r = mini.cli("build", "--no-backup", "tf5")
+    assert r.returncode == 0
+    for record in (mini.root / "state" / "verified").glob("*.json"):
+        record.unlink()
+    r = mini.cli("backup", "tf5")
+    assert r.returncode == 7
+    assert "not verified" in r.stderr and "imagebuild verify" in r.stderr
+    assert not (mini.root / "backups" / "vllm-node-tf5.tar").exists()
+
+
+def test_build_restores_a_missing_derivation_from_its_backup(mini: MiniStack) -> None:
+    tar, sidecar, tag = _built(mini)
+    _rmi(tag, "vllm-node-mimo:latest")
+    r = mini.cli("build", "--dry-run", "mimo")
+    assert f"restore from {tar}" in r.stdout
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 0, r.stderr
+    assert "built 0, restored 1, reused 2" in r.stdout
+    assert Engine().require(tag).id == sidecar["image_id"]
