@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .backup import BackupResult, backup_image, restore_tar, tar_path
+from .backup import (
+    BackupResult,
+    backup_image,
+    generations,
+    read_sidecar,
+    restore_tar,
+    tar_path,
+)
 from .build import Progress, Step, decide, execute
 from .derivation import HASH_LABEL, Derivation, plan
+from .distribute import ArchiveIndex, Item, Outcome, distribute
 from .engine import Engine, ImageInfo
 from .errors import (
     BackupError,
@@ -23,12 +33,14 @@ from .errors import (
     ImageNotFound,
     Interrupted,
     LockError,
+    RemoteError,
     SpecError,
     VerifyFailed,
 )
 from .lock import atomic_write_text, compute_lock, format_lock, read_lock
+from .remote import Target
 from .render import check_rendered, write_rendered
-from .spec import Spec, load_spec
+from .spec import Spec, did_you_mean, load_spec
 from .verify import passing_record, require_verified, table, verify_image
 
 
@@ -314,6 +326,123 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- distribute ----------------------------------------------------------------------------
+
+
+def _select_workers(spec: Spec, arg: str | None) -> list[Target]:
+    workers = list(spec.cluster.workers)
+    if not workers:
+        raise SpecError(f"{spec.path}: the cluster section lists no workers")
+    if arg is None:
+        chosen = workers
+    elif arg.isdigit():
+        n = int(arg)
+        if not 1 <= n <= len(workers):
+            raise SpecError(f"--workers {n}: the cluster has {len(workers)} worker(s) "
+                            f"({', '.join(w.name for w in workers)})",
+                            hint=f"use --workers {len(workers)} or name them: --workers w1,w2")
+        chosen = workers[:n]
+    else:
+        by_name = {w.name: w for w in workers}
+        chosen = []
+        for name in [x.strip() for x in arg.split(",") if x.strip()]:
+            if name not in by_name:
+                raise SpecError(f"--workers: unknown worker {name!r}"
+                                f"{did_you_mean(name, list(by_name))}",
+                                hint=f"workers: {', '.join(by_name)}")
+            chosen.append(by_name[name])
+    return [Target.of(spec.cluster, w) for w in chosen]
+
+
+def _backup_tar_of(spec: Spec, engine: Engine, name: str, info: ImageInfo) -> Path:
+    """The local backup tar of exactly this image, written first if missing."""
+    directory = _backup_dir(spec)
+    for tar in [tar_path(directory, name), *generations(directory, name)]:
+        sc = read_sidecar(tar)
+        if sc is not None and sc.image_id == info.id and tar.is_file():
+            return tar
+    assert spec.backups is not None
+    _say(f"{name}: no backup of {info.id[7:19]} yet; writing it first")
+    return backup_image(engine, name, info, directory, spec.backups.keep, _say).tar
+
+
+def cmd_distribute(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    lock = read_lock(spec.lock_path)
+    targets = _select_workers(spec, args.workers)
+    engine = Engine()
+    names = ([spec.resolve(n) for n in args.images] if args.images
+             else [n for n in spec.images if engine.inspect(f"{n}:latest") is not None])
+    if not names:
+        raise ImageNotFound("no image of the spec has a latest tag to distribute",
+                            hint="run 'imagebuild build' first")
+    items: list[Item] = []
+    for name in [n for n in spec.closure(names) if n in names]:
+        info = engine.inspect(f"{name}:latest")
+        if info is None:
+            raise ImageNotFound(f"{name}:latest is not present on this head node",
+                                hint=f"run 'imagebuild build {name}'")
+        if not args.force:
+            require_verified(spec, lock, name, info)
+        tar = _backup_tar_of(spec, engine, name, info)
+        label = info.labels.get(HASH_LABEL)
+        hash_tag = f"{name}:{label[:12] if label else info.id[7:19]}"
+        items.append(Item(name=name, info=info, hash_tag=hash_tag,
+                          archive=ArchiveIndex.read(tar)))
+    progress = Progress()
+    sent: dict[str, int] = {t.name: 0 for t in targets}
+    last = [0.0]
+
+    def on_bytes(worker: str, n: int) -> None:
+        sent[worker] = n
+        now = time.monotonic()
+        if now - last[0] >= (0.5 if progress.tty else 10.0):
+            last[0] = now
+            progress.live("  ".join(f"{w} {b / 1e6:,.0f} MB" for w, b in sent.items()))
+
+    verb = "would send" if args.dry_run else "sending"
+    _say(f"{verb} {', '.join(i.name for i in items)} to {', '.join(t.name for t in targets)}")
+    outcomes = distribute(targets, items, on_bytes, dry_run=args.dry_run)
+    progress.say("")
+    if args.json:
+        json.dump({"ok": all(o.ok for o in outcomes), "dry_run": args.dry_run,
+                   "outcomes": [_outcome_json(o) for o in outcomes]}, sys.stdout, indent=2)
+        print()
+    else:
+        for o in outcomes:
+            print(_outcome_line(o, args.dry_run))
+    failed = sorted({o.worker for o in outcomes if not o.ok})
+    if failed:
+        reasons = "; ".join(sorted({o.error for o in outcomes if o.error and not o.ok
+                                    and o.action == "failed"}))
+        raise RemoteError(f"distribution failed on {', '.join(failed)}: {reasons}",
+                          hint="the other workers finished; fix the cause and run the same "
+                               "command again: it sends only what is still missing")
+    return 0
+
+
+def _outcome_json(o: Outcome) -> dict[str, object]:
+    return {"worker": o.worker, "address": o.address, "store": o.store, "image": o.image,
+            "action": o.action, "layers_total": o.layers_total,
+            "layers_skipped": o.layers_skipped, "bytes_planned": o.bytes_planned,
+            "bytes_sent": o.bytes_sent, "seconds": round(o.seconds, 3),
+            "mb_per_s": round(o.mb_per_s, 1), "ok": o.ok, "error": o.error, "note": o.note}
+
+
+def _outcome_line(o: Outcome, dry_run: bool) -> str:
+    head = f"{o.worker:<6} {o.image:<16}"
+    if not o.ok:
+        return f"{head} FAILED: {o.error}"
+    if o.action == "up to date":
+        return f"{head} up to date (nothing sent)"
+    skipped = f"{o.layers_skipped}/{o.layers_total} layers skipped"
+    if dry_run:
+        return f"{head} would send {o.bytes_planned / 1e6:,.1f} MB ({o.action}, {skipped})"
+    note = f" [{o.note}]" if o.note else ""
+    return (f"{head} sent {o.bytes_sent / 1e6:,.1f} MB in {o.seconds:.1f}s "
+            f"({o.mb_per_s:,.0f} MB/s), {skipped}{note}")
+
+
 # -- verify --------------------------------------------------------------------------------
 
 
@@ -419,6 +548,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restore this tar (its sidecar is PATH.json)")
     s.set_defaults(func=cmd_restore)
 
+    s = sub.add_parser("distribute",
+                       help="send verified images to the workers, only the layers they lack")
+    s.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="images to send (default: every image of the spec with a latest tag)")
+    s.add_argument("--workers", metavar="N|w1,w3",
+                   help="the first N workers of the cluster, or workers by name (default: all)")
+    s.add_argument("--force", action="store_true",
+                   help="send an image that has no passing verify record (not recommended)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print what each worker would receive; send nothing")
+    s.add_argument("--json", action="store_true", help="a JSON summary on stdout")
+    s.set_defaults(func=cmd_distribute)
+
     s = sub.add_parser("verify", help="run each image's checks (the torch gate) and record them")
     s.add_argument("images", nargs="*", metavar="IMAGE",
                    help="images to verify (default: every image of the spec present locally)")
@@ -442,4 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImagebuildError as err:
         print(f"imagebuild: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except BrokenPipeError:  # stdout closed early (| head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     sys.exit(code)

@@ -65,7 +65,7 @@ class RunResult:
     timed_out: bool
 
 
-def _inspect_to_info(data: dict[str, Any]) -> ImageInfo:
+def image_info_from_inspect(data: dict[str, Any]) -> ImageInfo:
     cfg = data.get("Config") or {}
     return ImageInfo(
         id=data["Id"],
@@ -98,7 +98,7 @@ class Engine:
 
     def inspect(self, ref: str) -> ImageInfo | None:
         try:
-            return _inspect_to_info(self.api.inspect_image(ref))
+            return image_info_from_inspect(self.api.inspect_image(ref))
         except docker.errors.ImageNotFound:
             return None
         except docker.errors.APIError as exc:

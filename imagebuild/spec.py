@@ -178,7 +178,7 @@ class Spec:
             return self._aliases[name]
         known = sorted(set(self.images) | set(self._aliases))
         raise SpecError(
-            f"{self.path}: unknown image {name!r}{_did_you_mean(name, known)}",
+            f"{self.path}: unknown image {name!r}{did_you_mean(name, known)}",
             hint=f"images in this spec: {', '.join(self.images)}",
         )
 
@@ -214,7 +214,7 @@ _WHEEL_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+!-]*\.whl$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _did_you_mean(word: str, options: list[str] | set[str]) -> str:
+def did_you_mean(word: str, options: list[str] | set[str]) -> str:
     close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -244,7 +244,7 @@ class _Reader:
                 raise self.fail(
                     where,
                     value.key_lines.get(key),
-                    f"unknown key {key!r}{_did_you_mean(key, allowed)}",
+                    f"unknown key {key!r}{did_you_mean(key, allowed)}",
                     hint=f"allowed keys: {', '.join(sorted(allowed))}",
                 )
         for key in sorted(required - set(value)):
@@ -565,7 +565,7 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
                 local = sorted(n for n, d in by_name.items() if d.index is None)
                 raise r.fail(f"{where}.wheels", kl("wheels"),
                              f"wheel {wn!r} is not declared under wheels.local"
-                             f"{_did_you_mean(cn, local)}",
+                             f"{did_you_mean(cn, local)}",
                              hint="every wheel an image installs must be declared, and locked "
                                   "in wheels.lock")
             wheel_names.append(cn)
@@ -585,7 +585,7 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
         for cname in check_names:
             if cname not in checks:
                 raise r.fail(f"{where}.checks", kl("checks"),
-                             f"unknown check {cname!r}{_did_you_mean(cname, set(checks))}")
+                             f"unknown check {cname!r}{did_you_mean(cname, set(checks))}")
             check = checks[cname]
             if check.kind == "locked" and check.expected not in by_name:
                 raise r.fail(f"checks.{cname}.locked", None,
@@ -604,7 +604,7 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
         if img.parent is not None and img.parent not in images:
             raise r.fail(f"images.{name}.parent", m[name].key_lines.get("parent"),
                          f"unknown parent {img.parent!r}"
-                         f"{_did_you_mean(img.parent, set(images))}")
+                         f"{did_you_mean(img.parent, set(images))}")
     _check_cycles(r, images, m)
     return images, aliases
 

@@ -1,0 +1,294 @@
+"""``imagebuild distribute``: verified images to the workers, only the layers each lacks.
+
+For every worker, in parallel: ask its engine (over ssh) which layer chains it holds,
+then send an archive composed on the fly from the image's backup tar that omits the
+``layer.tar`` of every layer whose whole chain the worker already has. The classic
+(overlay2) store's ``docker load`` registers the layers it needs and skips those whose
+chain exists. The archive is a list of byte ranges of the backup tar, pushed into
+``ssh worker docker load`` with ``os.sendfile``: no Python in the bulk data path, no
+temp file, memory flat. After the load the worker's image is checked by content
+fingerprint and tagged like the head's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engine import ImageInfo, image_info_from_inspect
+from .errors import ImagebuildError, RemoteError
+from .remote import Target, explain, run, start
+
+BLOCK = 512
+TRAILER = b"\0" * (2 * BLOCK)
+CONTAINERD = "io.containerd.snapshotter.v1"
+
+
+def chain_ids(diff_ids: tuple[str, ...] | list[str]) -> list[str]:
+    """The OCI chain ID of every layer prefix (a layer is only usable with its chain)."""
+    out: list[str] = []
+    for d in diff_ids:
+        out.append(d if not out else
+                   "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+    return out
+
+
+# -- the archive -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    offset: int  # start of its header block(s)
+    end: int  # end of its data, padded to the block size
+
+
+@dataclass(frozen=True)
+class ArchiveIndex:
+    """Where each member of a ``docker save`` tar lies, and which file is which layer."""
+
+    path: Path
+    size: int
+    members: tuple[Member, ...]
+    layers: tuple[str, ...]  # manifest "Layers": member name of layer i
+    repo_tags: tuple[str, ...]
+
+    @classmethod
+    def read(cls, path: Path) -> ArchiveIndex:
+        members: list[Member] = []
+        manifest: list[dict[str, object]] | None = None
+        with tarfile.open(path, "r:") as tf:
+            for ti in tf:
+                data_end = ti.offset_data + -(-ti.size // BLOCK) * BLOCK
+                members.append(Member(ti.name, ti.offset, data_end))
+                if ti.name == "manifest.json":
+                    f = tf.extractfile(ti)
+                    assert f is not None
+                    manifest = json.loads(f.read())
+        if not manifest or len(manifest) != 1:
+            raise ImagebuildError(f"{path} is not a single-image docker save archive")
+        entry = manifest[0]
+        layers = tuple(str(x) for x in entry.get("Layers") or [])  # type: ignore[attr-defined]
+        tags = tuple(str(x) for x in entry.get("RepoTags") or [])  # type: ignore[attr-defined]
+        return cls(path=path, size=path.stat().st_size, members=tuple(members), layers=layers,
+                   repo_tags=tags)
+
+    def ranges(self, skip_layers: int) -> list[tuple[int, int]]:
+        """Byte ranges of the archive without the first ``skip_layers`` layer files."""
+        skip = set(self.layers[:skip_layers])
+        out: list[tuple[int, int]] = []
+        for m in self.members:
+            if m.name in skip:
+                continue
+            if out and out[-1][0] + out[-1][1] == m.offset:
+                out[-1] = (out[-1][0], m.end - out[-1][0])
+            else:
+                out.append((m.offset, m.end - m.offset))
+        return out
+
+
+def archive_bytes(ranges: list[tuple[int, int]]) -> int:
+    return sum(n for _, n in ranges) + len(TRAILER)
+
+
+# -- what a worker has --------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerState:
+    store: str  # "classic" | "containerd"
+    chains: set[str] = field(default_factory=set)
+    by_fingerprint: dict[str, ImageInfo] = field(default_factory=dict)
+
+    def add(self, info: ImageInfo) -> None:
+        self.chains.update(chain_ids(info.diff_ids))
+        self.by_fingerprint[info.fingerprint] = info
+
+
+def probe(target: Target) -> WorkerState:
+    info = json.loads(run(target, ["docker", "info", "--format", "{{json .}}"]))
+    status = {str(k): str(v) for k, v in (info.get("DriverStatus") or [])}
+    store = "containerd" if status.get("driver-type") == CONTAINERD else "classic"
+    state = WorkerState(store=store)
+    ids = sorted(set(run(target, ["docker", "images", "-aq", "--no-trunc"]).split()))
+    if ids:
+        for data in json.loads(run(target, ["docker", "image", "inspect", *ids])):
+            state.add(image_info_from_inspect(data))
+    return state
+
+
+# -- per worker -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to send: head image, its tags, and its backup archive."""
+
+    name: str
+    info: ImageInfo
+    hash_tag: str  # NAME:<hash12>
+    archive: ArchiveIndex
+
+
+@dataclass
+class Outcome:
+    worker: str
+    address: str
+    store: str = "?"
+    image: str = ""
+    action: str = ""  # "up to date" | "partial" | "whole archive" | "failed"
+    layers_total: int = 0
+    layers_skipped: int = 0
+    bytes_sent: int = 0
+    bytes_planned: int = 0
+    seconds: float = 0.0
+    ok: bool = False
+    error: str = ""
+    note: str = ""
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_sent / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+def plan_item(state: WorkerState, item: Item) -> tuple[str, int, list[tuple[int, int]], str]:
+    """(action, layers skipped, ranges, note) for sending ``item`` to a worker in ``state``."""
+    if item.info.fingerprint in state.by_fingerprint:
+        return "up to date", len(item.info.diff_ids), [], ""
+    present = 0
+    for i, chain in enumerate(chain_ids(item.info.diff_ids)):
+        if chain not in state.chains:
+            break
+        present = i + 1
+    if state.store == "containerd":
+        return ("whole archive", 0, item.archive.ranges(0),
+                "containerd image store: partial archives are not used there; sending the "
+                "whole archive")
+    if present == 0:
+        return "whole archive", 0, item.archive.ranges(0), ""
+    return "partial", present, item.archive.ranges(present), ""
+
+
+Progress = Callable[[str, int], None]  # (worker, bytes sent so far)
+
+
+def send_ranges(target: Target, path: Path, ranges: list[tuple[int, int]],
+                progress: Progress) -> int:
+    """Stream the ranges (plus the tar trailer) into ``ssh worker docker load``."""
+    proc = start(target, ["docker", "load"])
+    assert proc.stdin is not None
+    sent = 0
+    broken = False
+    try:
+        fd = proc.stdin.fileno()
+        with path.open("rb") as f:
+            for offset, length in ranges:
+                while length > 0:
+                    n = os.sendfile(fd, f.fileno(), offset, min(length, 1 << 30))
+                    if n == 0:
+                        raise RemoteError(f"{path} ended early while sending to {target.name}")
+                    offset += n
+                    length -= n
+                    sent += n
+                    progress(target.name, sent)
+        os.write(fd, TRAILER)
+        sent += len(TRAILER)
+    except (BrokenPipeError, ConnectionResetError):
+        broken = True
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            broken = True
+    assert proc.stderr is not None
+    err = proc.stderr.read()  # ends when ssh exits: the load finished or failed
+    proc.wait()
+    if proc.returncode != 0 or broken:
+        stderr = err.decode(errors="replace")
+        why = (explain(target, proc.returncode or 255, stderr) if proc.returncode or stderr.strip()
+               else f"{target.name}: the connection closed during the transfer")
+        raise RemoteError(f"transfer failed after {sent / 1e6:.1f} MB: {why}")
+    return sent
+
+
+def remote_inspect(target: Target, ref: str) -> ImageInfo | None:
+    try:
+        data = json.loads(run(target, ["docker", "image", "inspect", ref]))
+    except RemoteError:
+        return None
+    return image_info_from_inspect(data[0]) if data else None
+
+
+def ship(target: Target, items: list[Item], progress: Progress,
+         dry_run: bool = False) -> list[Outcome]:
+    """Everything for one worker; never raises: failures are outcomes."""
+    outcomes: list[Outcome] = []
+    try:
+        state = probe(target)
+    except ImagebuildError as exc:
+        return [Outcome(worker=target.name, address=target.host, image=i.name, action="failed",
+                        error=exc.message) for i in items]
+    for item in items:
+        out = Outcome(worker=target.name, address=target.host, store=state.store,
+                      image=item.name, layers_total=len(item.info.diff_ids))
+        outcomes.append(out)
+        try:
+            action, skipped, ranges, note = plan_item(state, item)
+            out.action, out.layers_skipped, out.note = action, skipped, note
+            out.bytes_planned = archive_bytes(ranges) if ranges else 0
+            if dry_run:
+                out.ok = True
+                continue
+            started = time.monotonic()
+            if ranges:
+                out.bytes_sent = send_ranges(target, item.archive.path, ranges, progress)
+            loaded = _settle(target, item, state)
+            out.seconds = time.monotonic() - started
+            state.add(loaded)
+            out.ok = True
+        except ImagebuildError as exc:
+            out.action, out.ok, out.error = "failed", False, exc.message
+            break  # later images build on this one: stop this worker, the others go on
+    for item in items[len(outcomes):]:
+        outcomes.append(Outcome(worker=target.name, address=target.host, store=state.store,
+                                image=item.name, action="skipped",
+                                error="not sent: an earlier image failed on this worker"))
+    return outcomes
+
+
+def _settle(target: Target, item: Item, state: WorkerState) -> ImageInfo:
+    """Check the worker's copy by content fingerprint and tag it like the head's."""
+    loaded = remote_inspect(target, item.hash_tag)
+    if loaded is None:  # up to date under other tags: find it by content
+        loaded = state.by_fingerprint.get(item.info.fingerprint)
+    if loaded is None:
+        raise RemoteError(f"{target.name}: {item.hash_tag} is not present after the load")
+    if loaded.fingerprint != item.info.fingerprint:
+        run(target, ["docker", "rmi", item.hash_tag])
+        raise RemoteError(f"{target.name}: the loaded image's content fingerprint differs "
+                          f"from the head's; its tag was removed")
+    for tag in (item.hash_tag, f"{item.name}:latest"):
+        if tag not in loaded.tags:
+            run(target, ["docker", "tag", loaded.id, tag])
+    return loaded
+
+
+def distribute(targets: list[Target], items: list[Item], progress: Progress,
+               dry_run: bool = False) -> list[Outcome]:
+    lock = threading.Lock()
+
+    def guarded(worker: str, sent: int) -> None:
+        with lock:
+            progress(worker, sent)
+
+    with ThreadPoolExecutor(max_workers=max(len(targets), 1)) as pool:
+        futures = [pool.submit(ship, t, items, guarded, dry_run) for t in targets]
+        return [o for f in futures for o in f.result()]

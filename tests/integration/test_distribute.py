@@ -1,0 +1,218 @@
+"""imagebuild distribute over real ssh to three real worker engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imagebuild.engine import Engine, image_info_from_inspect
+
+from .conftest import REPO, Bed, MiniStack, testbed
+
+pytestmark = pytest.mark.bed
+
+NODE_WHEELS = ("    wheels: [vllm, flashinfer-python, flashinfer-cubin, flashinfer-jit-cache]\n"
+               "    torch: torch\n    checks: [torch-gate, vllm-locked, flashinfer-locked, "
+               "vllm-imports]")
+
+
+@pytest.fixture
+def clean(mini: MiniStack) -> MiniStack:
+    testbed.cmd_reset_workers()
+    return mini
+
+
+def _distribute(mini: MiniStack, *args: str) -> tuple[int, dict[str, object], str]:
+    r = mini.cli("distribute", "--json", *args)
+    data = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+    return r.returncode, data, r.stderr
+
+
+def _worker_image(bed: Bed, worker: str, ref: str):  # type: ignore[no-untyped-def]
+    r = bed.ssh(worker, "docker", "image", "inspect", ref)
+    if r.returncode != 0:
+        return None
+    return image_info_from_inspect(json.loads(r.stdout)[0])
+
+
+def _by(data: dict[str, object], worker: str, image: str) -> dict[str, object]:
+    return next(o for o in data["outcomes"]  # type: ignore[union-attr]
+                if o["worker"] == worker and o["image"] == image)
+
+
+def test_cold_fanout_lands_the_identical_image_on_every_worker(clean: MiniStack) -> None:
+    mini = clean
+    assert mini.cli("build", "mimo").returncode == 0
+    code, data, err = _distribute(mini, "--workers", "3")
+    assert code == 0, err
+    head = Engine().require("vllm-node-mimo:latest")
+    hash_tag = next(t for t in head.tags if not t.endswith(":latest"))
+    archive = (mini.root / "backups" / "vllm-node-mimo.tar").stat().st_size
+    for w in mini.bed.workers:
+        got = _worker_image(mini.bed, w, "vllm-node-mimo:latest")
+        assert got is not None and got.fingerprint == head.fingerprint
+        assert hash_tag in got.tags
+        node = _by(data, w, "vllm-node")
+        assert node["action"] == "whole archive" and node["ok"]
+        mimo = _by(data, w, "vllm-node-mimo")
+        assert mimo["action"] == "partial" and mimo["bytes_sent"] < archive / 8
+        assert float(node["mb_per_s"]) > 0  # type: ignore[arg-type]
+    # a second run sends nothing
+    t0 = time.monotonic()
+    code, data, _ = _distribute(mini, "--workers", "3")
+    assert code == 0
+    assert all(o["action"] == "up to date" and o["bytes_sent"] == 0
+               for o in data["outcomes"])  # type: ignore[union-attr]
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_one_wheel_rebuild_sends_only_mimos_new_layers(clean: MiniStack) -> None:
+    mini = clean
+    mini.edit_spec(NODE_WHEELS, NODE_WHEELS.replace(", flashinfer-jit-cache]", "]"))
+    assert mini.cli("build", "mimo").returncode == 0
+    assert _distribute(mini, "--workers", "3")[0] == 0
+    testbed.make_wheel(mini.root / "wheels", "flashinfer-jit-cache", "0.6.12",
+                       {"flashinfer_jit_cache/__init__.py": '__version__ = "0.6.12"  # new\n'})
+    assert mini.cli("lock").returncode == 0
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 0 and "built 1" in r.stdout, r.stdout + r.stderr
+    code, data, err = _distribute(mini, "--workers", "w1,w3", "mimo")
+    assert code == 0, err
+    archive = (mini.root / "backups" / "vllm-node-mimo.tar").stat().st_size
+    for w in ("w1", "w3"):
+        o = _by(data, w, "vllm-node-mimo")
+        assert o["action"] == "partial"
+        assert 0 < int(o["bytes_sent"]) < archive / 8  # type: ignore[call-overload]
+        assert int(o["layers_skipped"]) >= 8  # type: ignore[call-overload]
+    assert {o["worker"] for o in data["outcomes"]} == {"w1", "w3"}  # type: ignore[union-attr]
+
+
+def test_an_unverified_image_is_refused_unless_forced(clean: MiniStack) -> None:
+    mini = clean
+    assert mini.cli("build", "--no-backup", "tf5").returncode == 0
+    for record in (mini.root / "state" / "verified").glob("*.json"):
+        record.unlink()
+    code, _, err = _distribute(mini, "--workers", "1", "tf5")
+    assert code == 7 and "not verified" in err and "imagebuild verify" in err
+    assert mini.bed.ssh("w1", "docker", "images", "-q").stdout.strip() == ""
+    code, _data, err = _distribute(mini, "--workers", "1", "--force", "tf5")
+    assert code == 0, err
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in children.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_killing_one_workers_sshd_mid_transfer_fails_it_alone(clean: MiniStack) -> None:
+    mini = clean
+    assert mini.cli("build", "mimo").returncode == 0
+    sshd_pid = int((mini.bed.root / "workers" / "w2" / "sshd.pid").read_text())
+    env = dict(os.environ, DOCKER_HOST=mini.bed.docker_host, IMAGEBUILD_BED=str(mini.bed.root))
+    proc = subprocess.Popen([sys.executable, "-m", "imagebuild", "-f", str(mini.spec),
+                             "distribute", "--json", "--workers", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None and not killed:
+        tree = _descendants(sshd_pid)
+        if any("docker load" in _cmdline(p) for p in tree):
+            time.sleep(0.5)  # let some bytes flow
+            for p in [sshd_pid, *tree]:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed = True
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=600)
+    assert killed, "the transfer to w2 never started"
+    assert proc.returncode == 9, err
+    data = json.loads(out)
+    assert not data["ok"]
+    w2 = [o for o in data["outcomes"] if o["worker"] == "w2"]
+    assert w2[0]["action"] == "failed" and "w2" in w2[0]["error"]
+    assert all(o["ok"] for o in data["outcomes"] if o["worker"] != "w2")
+    assert "distribution failed on w2" in err
+    # bring w2's sshd back (the bed's own 'up' is idempotent), nothing partial is tagged
+    subprocess.run([sys.executable, str(REPO / "scripts" / "testbed.py"), "up"],
+                   check=True, capture_output=True)
+    tags = mini.bed.ssh("w2", "docker", "images", "--format", "'{{.Repository}}:{{.Tag}}'")
+    assert "vllm-node-mimo" not in tags.stdout and "vllm-node:" not in tags.stdout
+    # and a rerun completes it, sending nothing to the others
+    code, data, err = _distribute(mini, "--workers", "3")
+    assert code == 0, err
+    for o in data["outcomes"]:  # type: ignore[union-attr]
+        if o["worker"] != "w2":
+            assert o["action"] == "up to date" and o["bytes_sent"] == 0
+    head = Engine().require("vllm-node-mimo:latest")
+    got = _worker_image(mini.bed, "w2", "vllm-node-mimo:latest")
+    assert got is not None and got.fingerprint == head.fingerprint
+
+
+def test_a_wrong_host_key_fails_that_worker_only(clean: MiniStack, tmp_path: Path) -> None:
+    mini = clean
+    assert mini.cli("build", "node").returncode == 0
+    bed = mini.bed
+    known = (bed.root / "ssh" / "known_hosts").read_text().splitlines()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    fake = (tmp_path / "k.pub").read_text().split()
+    known[1] = f"{known[1].split()[0]} {fake[0]} {fake[1]}"  # w2's entry, wrong key
+    (tmp_path / "known_hosts").write_text("\n".join(known) + "\n")
+    config = (bed.root / "ssh" / "config").read_text().replace(
+        str(bed.root / "ssh" / "known_hosts"), str(tmp_path / "known_hosts"))
+    (tmp_path / "ssh_config").write_text(config)
+    (tmp_path / "cluster.yaml").write_text(
+        (bed.root / "cluster.yaml").read_text().replace(str(bed.root / "ssh" / "config"),
+                                                        str(tmp_path / "ssh_config")))
+    mini.edit_spec("inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster.yaml",
+                   f"inventory: {tmp_path / 'cluster.yaml'}")
+    code, data, _err = _distribute(mini, "node")
+    assert code == 9
+    w2 = _by(data, "w2", "vllm-node")
+    assert not w2["ok"] and "host key" in str(w2["error"])
+    assert _by(data, "w1", "vllm-node")["ok"] and _by(data, "w3", "vllm-node")["ok"]
+    assert bed.ssh("w2", "docker", "images", "-q").stdout.strip() == ""
+
+
+def test_bad_worker_selection_is_a_clear_error(mini: MiniStack) -> None:
+    r = mini.cli("distribute", "--workers", "5")
+    assert r.returncode == 2 and "the cluster has 3 worker(s)" in r.stderr
+    r = mini.cli("distribute", "--workers", "w1,w4")
+    assert r.returncode == 2 and "unknown worker 'w4'" in r.stderr
+
+
+def test_dry_run_sends_nothing(clean: MiniStack) -> None:
+    mini = clean
+    assert mini.cli("build", "tf5").returncode == 0
+    r = mini.cli("distribute", "--dry-run", "--workers", "2", "tf5")
+    assert r.returncode == 0, r.stderr
+    assert "would send" in r.stdout and "w1" in r.stdout and "w3" not in r.stdout
+    assert mini.bed.ssh("w1", "docker", "images", "-q").stdout.strip() == ""

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from imagebuild.distribute import (
+    ArchiveIndex,
+    Item,
+    WorkerState,
+    archive_bytes,
+    chain_ids,
+    plan_item,
+)
+from imagebuild.engine import ImageInfo
+from imagebuild.remote import Target, explain
+from imagebuild.spec import Cluster, Worker
+
+
+def _save_like(path: Path, layers: list[bytes]) -> list[str]:
+    """A tar shaped like a classic-store docker save; returns the diff IDs."""
+    diff_ids = ["sha256:" + hashlib.sha256(b).hexdigest() for b in layers]
+    names = [f"{i:064x}/layer.tar" for i in range(len(layers))]
+    manifest = [{"Config": "cfg.json", "RepoTags": ["img:abc"], "Layers": names}]
+    with tarfile.open(path, "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        add("cfg.json", b"{}")
+        for name, data in zip(names, layers, strict=True):
+            add(name.replace("layer.tar", "json"), b"{}")
+            add(name, data)
+        add("manifest.json", json.dumps(manifest).encode())
+    return diff_ids
+
+
+def _compose(index: ArchiveIndex, skip: int) -> bytes:
+    raw = index.path.read_bytes()
+    return b"".join(raw[o:o + n] for o, n in index.ranges(skip)) + b"\0" * 1024
+
+
+def test_chain_ids() -> None:
+    assert chain_ids(["sha256:a"]) == ["sha256:a"]
+    two = chain_ids(["sha256:a", "sha256:b"])
+    assert two[1] == "sha256:" + hashlib.sha256(b"sha256:a sha256:b").hexdigest()
+    assert chain_ids(["sha256:b", "sha256:a"])[1] != two[1]  # order matters
+
+
+def test_ranges_omit_exactly_the_skipped_layer_files(tmp_path: Path) -> None:
+    layers = [b"base" * 3000, b"middle" * 500, b"top"]
+    _save_like(tmp_path / "a.tar", layers)
+    index = ArchiveIndex.read(tmp_path / "a.tar")
+    assert index.repo_tags == ("img:abc",)
+    whole = _compose(index, 0)
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tf:
+        assert len([n for n in tf.getnames() if n.endswith("layer.tar")]) == 3
+    part = _compose(index, 2)
+    assert archive_bytes(index.ranges(2)) == len(part)
+    assert len(part) < len(whole) - 12000
+    with tarfile.open(fileobj=io.BytesIO(part)) as tf:
+        names = tf.getnames()
+        assert [n for n in names if n.endswith("layer.tar")] == [index.layers[2]]
+        assert "manifest.json" in names and "cfg.json" in names
+        assert f"{0:064x}/json" in names  # only the layer.tar files are left out
+        top = tf.extractfile(index.layers[2])
+        assert top is not None and top.read() == b"top"
+
+
+def _info(diff_ids: list[str], labels: dict[str, str] | None = None) -> ImageInfo:
+    return ImageInfo(id="sha256:" + "1" * 64, tags=(), labels=labels or {},
+                     diff_ids=tuple(diff_ids), size=1, created="",
+                     config={"Labels": labels or {}})
+
+
+def test_plan_item_counts_only_whole_chains(tmp_path: Path) -> None:
+    diff = _save_like(tmp_path / "a.tar", [b"a", b"b", b"c"])
+    item = Item(name="img", info=_info(diff), hash_tag="img:abc",
+                archive=ArchiveIndex.read(tmp_path / "a.tar"))
+    empty = WorkerState(store="classic")
+    assert plan_item(empty, item)[:2] == ("whole archive", 0)
+    has_two = WorkerState(store="classic")
+    has_two.add(_info(diff[:2]))
+    assert plan_item(has_two, item)[:2] == ("partial", 2)
+    # the same top layer on a different base is not a usable chain
+    other = WorkerState(store="classic")
+    other.add(_info(["sha256:" + "9" * 64, diff[1]]))
+    assert plan_item(other, item)[:2] == ("whole archive", 0)
+    same = WorkerState(store="classic")
+    same.add(_info(diff))
+    assert plan_item(same, item)[0] == "up to date"
+    ctrd = WorkerState(store="containerd")
+    ctrd.add(_info(diff[:2]))
+    action, skipped, ranges, note = plan_item(ctrd, item)
+    assert action == "whole archive" and skipped == 0 and "containerd" in note
+    assert ranges == item.archive.ranges(0)
+
+
+def test_ssh_argv_never_weakens_host_key_checking_and_quotes_the_command() -> None:
+    t = Target.of(Cluster(ssh_user="spark", ssh_port=2200, ssh_identity="/k",
+                          ssh_config="/c"), Worker(name="w1", address="10.0.0.2"))
+    argv = t.argv(["docker", "image", "inspect", "a b", "$(reboot)"])
+    assert argv[:3] == ["ssh", "-F", "/c"]
+    assert "StrictHostKeyChecking=no" not in " ".join(argv)
+    assert argv[-2:] == ["10.0.0.2", "docker image inspect 'a b' '$(reboot)'"]
+    assert ["-l", "spark"] == argv[argv.index("-l"):argv.index("-l") + 2]
+    assert "host key does not match" in explain(
+        t, 255, "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@")
+    assert "unreachable" in explain(t, 255, "ssh: connect to host 10.0.0.2: No route to host")
