@@ -23,8 +23,9 @@ from pathlib import Path
 from . import __version__
 from .derivation import HASH_LABEL
 from .engine import Engine, ImageInfo
-from .errors import BackupError, ImagebuildError
+from .errors import BackupError, RemoteError
 from .lock import atomic_write_text
+from .remote import RemoteDir, explain, run, start
 
 CHUNK = 1 << 20
 SPACE_MARGIN = 64 << 20  # tar headers and the sidecar, on top of the image size
@@ -71,7 +72,7 @@ def read_sidecar(tar: Path) -> Sidecar | None:
 
 @dataclass(frozen=True)
 class BackupResult:
-    tar: Path
+    where: str  # the tar's path, or ssh://host/path/NAME.tar
     sidecar: Sidecar
     written: bool
     seconds: float = 0.0
@@ -140,7 +141,7 @@ def backup_image(engine: Engine, name: str, info: ImageInfo, directory: Path, ke
     tar = tar_path(directory, name)
     existing = read_sidecar(tar)
     if existing and existing.image_id == info.id and _unchanged(tar, existing):
-        return BackupResult(tar, existing, written=False)
+        return BackupResult(str(tar), existing, written=False)
     _clean_partials(directory, name)
     check_space(directory, info.size + SPACE_MARGIN, f"a backup of {name}")
     input_hash = info.labels.get(HASH_LABEL)
@@ -177,7 +178,7 @@ def backup_image(engine: Engine, name: str, info: ImageInfo, directory: Path, ke
     atomic_write_text(sidecar_path(tar), sidecar.to_json())
     _fsync_dir(directory)
     _prune_generations(directory, name, keep)
-    return BackupResult(tar, sidecar, written=True, seconds=time.monotonic() - started)
+    return BackupResult(str(tar), sidecar, written=True, seconds=time.monotonic() - started)
 
 
 def _generation_name(old: Sidecar | None) -> str:
@@ -256,38 +257,44 @@ class RestoreResult:
     seconds: float = 0.0
 
 
-def restore_tar(engine: Engine, tar: Path, report: Report,
-                expect_image: str | None = None) -> RestoreResult:
-    """Load ``tar`` after checking it against its sidecar; restore its hash tag.
-
-    ``NAME:latest`` is left to the caller, who moves it only after the verify gate.
-    """
-    sidecar = read_sidecar(tar)
+def _restore(engine: Engine, where: str, sidecar: Sidecar | None, expect_image: str | None,
+             check_and_load: Callable[[Sidecar], None]) -> RestoreResult:
+    """Shared by local and remote restores: refuse what cannot be checked, load only when
+    the image is absent, then restore its hash tag (``latest`` is the caller's, after the
+    verify gate)."""
     if sidecar is None:
-        raise BackupError(f"{tar} has no sidecar {sidecar_path(tar).name}; refusing to load "
+        raise BackupError(f"{where} has no readable sidecar ({where}.json); refusing to load "
                           f"a tar whose content cannot be checked")
     if expect_image is not None and sidecar.image != expect_image:
-        raise BackupError(f"{tar} is a backup of {sidecar.image}, not {expect_image}")
+        raise BackupError(f"{where} is a backup of {sidecar.image}, not {expect_image}")
     started = time.monotonic()
     present = engine.inspect(sidecar.image_id)
     loaded = present is None
     if present is None:
-        check_tar(tar, sidecar, report)
-        report(f"  loading {tar} ({sidecar.size / 1e9:.2f} GB)")
-        engine.load(file_chunks(tar, Meter(report, f"loading {tar.name}", sidecar.size)))
+        check_and_load(sidecar)
         present = engine.inspect(sidecar.image_id)
         if present is None:
-            raise BackupError(f"loading {tar} did not produce image {sidecar.image_id[:19]} "
+            raise BackupError(f"loading {where} did not produce image {sidecar.image_id[:19]} "
                               f"named in its sidecar",
                               hint="the tar and its sidecar do not belong together")
     for ref in sidecar.tags:
         if not ref.endswith(":latest"):
             repo, _, tag = ref.rpartition(":")
             engine.tag(present.id, repo, tag)
-    info = engine.inspect(present.id)
-    if info is None:  # pragma: no cover - removed concurrently
-        raise ImagebuildError(f"image {present.id} vanished during restore")
+    info = engine.require(present.id)
     return RestoreResult(sidecar.image, info, loaded=loaded, seconds=time.monotonic() - started)
+
+
+def restore_tar(engine: Engine, tar: Path, report: Report,
+                expect_image: str | None = None) -> RestoreResult:
+    """Load a local ``tar`` after checking it against its sidecar."""
+
+    def check_and_load(sidecar: Sidecar) -> None:
+        check_tar(tar, sidecar, report)
+        report(f"  loading {tar} ({sidecar.size / 1e9:.2f} GB)")
+        engine.load(file_chunks(tar, Meter(report, f"loading {tar.name}", sidecar.size)))
+
+    return _restore(engine, str(tar), read_sidecar(tar), expect_image, check_and_load)
 
 
 def find_substitute(directory: Path, name: str, input_hash: str) -> Path | None:
@@ -302,3 +309,137 @@ def find_substitute(directory: Path, name: str, input_hash: str) -> Path | None:
         if sc is not None and sc.input_hash == input_hash and tar.is_file():
             return tar
     return None
+
+
+# -- a backup directory on another host (ssh://host/path) --------------------------------------
+#
+# The same guarantees over OpenSSH: the stream goes to a temporary name in the target
+# directory, is synced there, its size checked, and only then renamed into place, the
+# previous generation hard-linked to NAME@<hash12>.tar first. Commands are argument
+# lists; the remote shell only ever sees shlex-quoted words.
+
+
+def _remote_sidecar(rdir: RemoteDir, tar: str) -> Sidecar | None:
+    try:
+        text = run(rdir.target, ["cat", f"{tar}.json"])
+    except RemoteError:
+        return None
+    try:
+        return Sidecar(**json.loads(text))
+    except (ValueError, TypeError) as exc:
+        raise BackupError(f"{rdir.target.host}:{tar}.json is not a valid sidecar: {exc}") from None
+
+
+def _remote_size(rdir: RemoteDir, path: str) -> int | None:
+    try:
+        return int(run(rdir.target, ["stat", "-c", "%s", path]).strip())
+    except (RemoteError, ValueError):
+        return None
+
+
+def remote_backup_image(engine: Engine, name: str, info: ImageInfo, rdir: RemoteDir, keep: int,
+                        report: Report) -> BackupResult:
+    t = rdir.target
+    tar = rdir.file(f"{name}.tar")
+    run(t, ["mkdir", "-p", rdir.path])
+    existing = _remote_sidecar(rdir, tar)
+    if existing and existing.image_id == info.id and _remote_size(rdir, tar) == existing.size:
+        return BackupResult(f"{rdir}/{name}.tar", existing, written=False)
+    df = run(t, ["df", "-P", "-B1", rdir.path]).splitlines()
+    free = int(df[-1].split()[3])
+    need = info.size + SPACE_MARGIN
+    if free < need:
+        raise BackupError(f"{rdir} has {free / 1e9:.2f} GB free, but a backup of {name} needs "
+                          f"about {need / 1e9:.2f} GB: nothing was written",
+                          hint="free space there, or point backups.directory elsewhere")
+    run(t, ["find", rdir.path, "-maxdepth", "1", "-name", f".{name}.tar.*{PARTIAL}", "-delete"])
+    tmp = rdir.file(f".{name}.tar.{os.getpid()}{PARTIAL}")
+    input_hash = info.labels.get(HASH_LABEL)
+    ref = f"{name}:{input_hash[:12]}" if input_hash else info.id
+    started = time.monotonic()
+    h = hashlib.sha256()
+    meter = Meter(report, f"saving {name} to {t.host}", info.size)
+    proc = start(t, ["sh", "-c", 'cat > "$1" && sync "$1"', "sh", tmp])
+    assert proc.stdin is not None and proc.stderr is not None
+    size = 0
+    try:
+        for chunk in engine.save(ref, CHUNK):
+            proc.stdin.write(chunk)
+            h.update(chunk)
+            size += len(chunk)
+            meter.add(len(chunk))
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        _remote_cleanup(rdir, tmp)
+        raise
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.wait() != 0 or _remote_size(rdir, tmp) != size:
+        _remote_cleanup(rdir, tmp)
+        raise BackupError(f"writing {t.host}:{tmp} failed; nothing was replaced: "
+                          f"{explain(t, proc.returncode or 255, err)}")
+    sidecar = Sidecar(
+        image=name, image_id=info.id, fingerprint=info.fingerprint, input_hash=input_hash,
+        tags=sorted({ref, f"{name}:latest"} if input_hash else {f"{name}:latest"}),
+        size=size, sha256=h.hexdigest(), created=datetime.now(UTC).isoformat(timespec="seconds"),
+        mtime_ns=0,
+    )
+    if _remote_size(rdir, tar) is not None:
+        gen = rdir.file(f"{name}@{_generation_name(existing)}.tar")
+        run(t, ["ln", "-f", tar, gen])
+        if existing is not None:
+            run(t, ["ln", "-f", f"{tar}.json", f"{gen}.json"])
+    run(t, ["mv", "-f", tmp, tar])
+    run(t, ["sh", "-c", 'cat > "$1.tmp" && sync "$1.tmp" && mv -f "$1.tmp" "$1"', "sh",
+            f"{tar}.json"], stdin=sidecar.to_json().encode())
+    listing = run(t, ["sh", "-c", 'ls -1t "$1"/"$2"@*.tar 2>/dev/null || true', "sh",
+                      rdir.path, name]).split()
+    for old in listing[max(keep - 1, 0):]:
+        run(t, ["rm", "-f", old, f"{old}.json"])
+    return BackupResult(f"{rdir}/{name}.tar", sidecar, written=True,
+                        seconds=time.monotonic() - started)
+
+
+def _remote_cleanup(rdir: RemoteDir, path: str) -> None:
+    try:
+        run(rdir.target, ["rm", "-f", path])
+    except RemoteError:
+        pass
+
+
+def remote_restore(engine: Engine, rdir: RemoteDir, tar: str, report: Report,
+                   expect_image: str | None = None) -> RestoreResult:
+    """Like restore_tar, for a tar on another host: checked there, streamed over ssh."""
+    where = f"{rdir.target.host}:{tar}"
+
+    def check_and_load(sidecar: Sidecar) -> None:
+        size = _remote_size(rdir, tar)
+        if size != sidecar.size:
+            raise BackupError(f"{where} is {size} bytes but its sidecar says {sidecar.size}: "
+                              f"truncated or altered; nothing was loaded")
+        report(f"  checking {where}")
+        actual = run(rdir.target, ["sha256sum", tar], timeout=3600).split()[0]
+        if actual != sidecar.sha256:
+            raise BackupError(f"{where} does not match its sidecar; nothing was loaded\n"
+                              f"  expected sha256 {sidecar.sha256}\n  actual   sha256 {actual}")
+        report(f"  loading {where} ({sidecar.size / 1e9:.2f} GB)")
+        proc = start(rdir.target, ["cat", tar], read=True)
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        meter = Meter(report, f"loading {Path(tar).name}", sidecar.size)
+
+        def chunks() -> Iterator[bytes]:
+            while chunk := stdout.read(CHUNK):
+                meter.add(len(chunk))
+                yield chunk
+
+        try:
+            engine.load(chunks())
+        finally:
+            proc.kill()
+            proc.wait()
+
+    return _restore(engine, where, _remote_sidecar(rdir, tar), expect_image, check_and_load)

@@ -17,9 +17,12 @@ from pathlib import Path
 from . import __version__
 from .backup import (
     BackupResult,
+    RestoreResult,
     backup_image,
     generations,
     read_sidecar,
+    remote_backup_image,
+    remote_restore,
     restore_tar,
     tar_path,
 )
@@ -38,7 +41,7 @@ from .errors import (
     VerifyFailed,
 )
 from .lock import atomic_write_text, compute_lock, format_lock, read_lock
-from .remote import Target
+from .remote import RemoteDir, Target
 from .render import check_rendered, write_rendered
 from .spec import Spec, did_you_mean, load_spec
 from .verify import passing_record, require_verified, table, verify_image
@@ -198,7 +201,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             return
         result = _backup(spec, engine, name, info, progress.say)
         if result.written:
-            progress.say(f"  {name}: backup written to {result.tar} "
+            progress.say(f"  {name}: backup written to {result.where} "
                          f"({result.sidecar.size / 1e9:.2f} GB, {result.seconds:.1f}s)")
 
     report = execute(spec, engine, steps, progress=progress, rebuild=rebuild, gate=gate,
@@ -231,14 +234,13 @@ def _local_backups(spec: Spec) -> Path | None:
     return Path(spec.backups.directory)
 
 
-def _backup_dir(spec: Spec) -> Path:
+def _backup_store(spec: Spec) -> Path | RemoteDir:
     if spec.backups is None:
         raise SpecError(f"{spec.path}: the spec has no backups section",
                         hint="add backups: {directory: ~/control-workspace/docker-images}")
     directory = _local_backups(spec)
     if directory is None:
-        raise SpecError(f"{spec.path}: backups.directory {spec.backups.directory} is remote; "
-                        f"remote backup directories are not supported yet")
+        return RemoteDir.parse(spec.backups.directory, spec.cluster.ssh_config)
     return directory
 
 
@@ -246,7 +248,10 @@ def _backup(spec: Spec, engine: Engine, name: str, info: ImageInfo,
             report: Callable[[str], None]) -> BackupResult:
     require_verified(spec, read_lock(spec.lock_path), name, info)
     assert spec.backups is not None
-    return backup_image(engine, name, info, _backup_dir(spec), spec.backups.keep, report)
+    store = _backup_store(spec)
+    if isinstance(store, RemoteDir):
+        return remote_backup_image(engine, name, info, store, spec.backups.keep, report)
+    return backup_image(engine, name, info, store, spec.backups.keep, report)
 
 
 def _say(text: str) -> None:
@@ -257,7 +262,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     spec = _spec(args)
     lock = read_lock(spec.lock_path)
     names = [spec.resolve(n) for n in args.images] or list(spec.images)
-    directory = _backup_dir(spec)
+    store = _backup_store(spec)
     derivations = {d.name: d for d in plan(spec, lock, names)}
     engine = Engine()
     done = 0
@@ -271,13 +276,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
         _ref, info = found
         result = _backup(spec, engine, name, info, _say)
         state = "written" if result.written else "up to date"
-        print(f"{name}: {result.tar} {state} ({result.sidecar.size / 1e9:.2f} GB, "
+        print(f"{name}: {result.where} {state} ({result.sidecar.size / 1e9:.2f} GB, "
               f"sha256 {result.sidecar.sha256[:16]}...)")
         done += 1
     if not done:
         raise ImageNotFound("none of the spec's images is present in the engine",
                             hint="run 'imagebuild build' first")
-    print(f"backups in {directory}")
+    print(f"backups in {store}")
     return 0
 
 
@@ -285,32 +290,55 @@ def cmd_restore(args: argparse.Namespace) -> int:
     spec = _spec(args)
     lock = read_lock(spec.lock_path)
     engine = Engine()
+    restore: Callable[[str | None], RestoreResult]
+    jobs: list[str | None]
     if args.tar:
         if len(args.images) > 1:
             raise SpecError("--file restores one tar; name at most one image")
-        tars = [(spec.resolve(args.images[0]) if args.images else None, Path(args.tar))]
+        tar = Path(args.tar)
+        if not tar.is_file():
+            raise BackupError(f"{tar} does not exist")
+        jobs = [spec.resolve(args.images[0]) if args.images else None]
+
+        def restore(name: str | None) -> RestoreResult:
+            return restore_tar(engine, tar, _say, expect_image=name)
     else:
-        directory = _backup_dir(spec)
+        store = _backup_store(spec)
         names = [spec.resolve(n) for n in args.images] or list(spec.images)
-        tars = [(n, tar_path(directory, n)) for n in names]
-        if not args.images:
-            tars = [(n, t) for n, t in tars if t.is_file()]
-            if not tars:
+        if isinstance(store, RemoteDir):
+            rdir = store
+            jobs = list(names)
+
+            def restore(name: str | None) -> RestoreResult:
+                assert name is not None
+                return remote_restore(engine, rdir, rdir.file(f"{name}.tar"), _say,
+                                      expect_image=name)
+        else:
+            directory = store
+            present = [n for n in names if args.images or tar_path(directory, n).is_file()]
+            if not present:
                 raise BackupError(f"no backups in {directory}",
                                   hint="run 'imagebuild backup' (or build) first")
+            jobs = list(present)
+            for n in present:
+                if not tar_path(directory, n).is_file():
+                    raise BackupError(f"{tar_path(directory, n)} does not exist",
+                                      hint="list the backups directory; use --file for "
+                                           "another tar")
+
+            def restore(name: str | None) -> RestoreResult:
+                assert name is not None
+                return restore_tar(engine, tar_path(directory, name), _say, expect_image=name)
     failed = []
-    for name, tar in tars:
-        if not tar.is_file():
-            raise BackupError(f"{tar} does not exist",
-                              hint="list the backups directory; use --file for another tar")
-        result = restore_tar(engine, tar, _say, expect_image=name)
+    for job in jobs:
+        result = restore(job)
         image = result.name
         if image not in spec.images:
-            raise BackupError(f"{tar} holds {image}, which this spec does not define")
+            raise BackupError(f"the tar holds {image}, which this spec does not define")
         if not result.loaded:
             print(f"{image}: already present ({result.info.id[7:19]}); nothing loaded")
         else:
-            print(f"{image}: loaded {result.info.id[7:19]} from {tar} in {result.seconds:.1f}s")
+            print(f"{image}: loaded {result.info.id[7:19]} in {result.seconds:.1f}s")
         record = None if result.loaded else passing_record(spec, lock, image, result.info)
         if record is None:
             record = verify_image(spec, lock, engine, image, result.info)
@@ -356,14 +384,19 @@ def _select_workers(spec: Spec, arg: str | None) -> list[Target]:
 
 def _backup_tar_of(spec: Spec, engine: Engine, name: str, info: ImageInfo) -> Path:
     """The local backup tar of exactly this image, written first if missing."""
-    directory = _backup_dir(spec)
+    directory = _local_backups(spec)
+    if directory is None:
+        raise SpecError(f"{spec.path}: distribute reads each image's backup tar on this "
+                        f"host, but backups.directory is remote",
+                        hint="use a local backups.directory on the head node (it can be "
+                             "copied to the control node separately)")
     for tar in [tar_path(directory, name), *generations(directory, name)]:
         sc = read_sidecar(tar)
         if sc is not None and sc.image_id == info.id and tar.is_file():
             return tar
     assert spec.backups is not None
     _say(f"{name}: no backup of {info.id[7:19]} yet; writing it first")
-    return backup_image(engine, name, info, directory, spec.backups.keep, _say).tar
+    return Path(backup_image(engine, name, info, directory, spec.backups.keep, _say).where)
 
 
 def cmd_distribute(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .errors import RemoteError
 from .spec import Cluster, Worker
@@ -89,11 +90,36 @@ def run(target: Target, remote: list[str], timeout: float = 120,
     return r.stdout.decode(errors="replace")
 
 
-def start(target: Target, remote: list[str]) -> subprocess.Popen[bytes]:
-    """Start ``remote`` with a pipe on its stdin (for streaming an archive to it); its
-    stdout is discarded and its stderr kept for the error message."""
+def start(target: Target, remote: list[str], *, read: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``remote`` streaming: with a pipe on its stdin (to send it bytes), or with
+    ``read`` a pipe on its stdout (to receive them). Its stderr is kept for messages."""
     try:
-        return subprocess.Popen(target.argv(remote), stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return subprocess.Popen(target.argv(remote),
+                                stdin=subprocess.DEVNULL if read else subprocess.PIPE,
+                                stdout=subprocess.PIPE if read else subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
     except FileNotFoundError:
         raise RemoteError("ssh is not installed", hint="install openssh-client") from None
+
+
+@dataclass(frozen=True)
+class RemoteDir:
+    """A directory on another host, given as ``ssh://[user@]host[:port]/path``."""
+
+    target: Target
+    path: str
+
+    @classmethod
+    def parse(cls, url: str, ssh_config: str | None) -> RemoteDir:
+        parts = urlsplit(url)
+        if parts.scheme != "ssh" or not parts.hostname or not parts.path.startswith("/"):
+            raise RemoteError(f"{url!r} is not ssh://[user@]host[:port]/absolute/path")
+        target = Target(name=parts.hostname, host=parts.hostname, user=parts.username,
+                        port=parts.port, config=ssh_config)
+        return cls(target=target, path=parts.path.rstrip("/") or "/")
+
+    def file(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def __str__(self) -> str:
+        return f"ssh://{self.target.host}{self.path}"

@@ -171,3 +171,33 @@ def test_build_restores_a_missing_derivation_from_its_backup(mini: MiniStack) ->
     assert r.returncode == 0, r.stderr
     assert "built 0, restored 1, reused 2" in r.stdout
     assert Engine().require(tag).id == sidecar["image_id"]
+
+
+def test_a_remote_ssh_backup_directory_works_against_a_worker(mini: MiniStack) -> None:
+    remote = mini.bed.root / "remote-backups" / mini.root.parent.name
+    mini.edit_spec("directory: backups", f"directory: ssh://w1{remote}")
+    try:
+        r = mini.cli("build", "mimo")
+        assert r.returncode == 0, r.stderr
+        assert f"backup written to ssh://w1{remote}/vllm-node-mimo.tar" in r.stderr
+        tar = remote / "vllm-node-mimo.tar"
+        sidecar = json.loads((remote / "vllm-node-mimo.tar.json").read_text())
+        assert sidecar["sha256"] == _sha(tar) and sidecar["size"] == tar.stat().st_size
+        assert not list(remote.glob(".*partial*"))
+        r = mini.cli("backup", "mimo")
+        assert r.returncode == 0 and "up to date" in r.stdout
+        tag = _tags(mini)["vllm-node-mimo"]
+        _rmi(tag, "vllm-node-mimo:latest")
+        r = mini.cli("restore-from-tar", "mimo")
+        assert r.returncode == 0, r.stderr
+        assert Engine().require(tag).id == sidecar["image_id"]
+        # a damaged remote tar is refused, nothing loaded
+        with tar.open("r+b") as f:
+            f.seek(1000)
+            f.write(b"X")
+        _rmi(tag, "vllm-node-mimo:latest")
+        r = mini.cli("restore-from-tar", "mimo")
+        assert r.returncode == 8 and "does not match its sidecar" in r.stderr
+        assert Engine().inspect(sidecar["image_id"]) is None
+    finally:
+        subprocess.run(["rm", "-rf", str(remote)])

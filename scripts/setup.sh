@@ -1,0 +1,43 @@
+# Shared by scripts/test and scripts/try (sourced, not run): everything a fresh
+# Debian/Ubuntu machine needs, installed only when missing, then the test bed up.
+# Needs root: the bed runs its own dockerd and sshd.
+
+ib_need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "$1: the test bed starts dockerd and sshd, which need root; run: sudo $1" >&2
+    exit 1
+  fi
+}
+
+ib_packages() {
+  local missing=()
+  command -v dockerd >/dev/null || missing+=(docker.io)
+  command -v docker >/dev/null || missing+=(docker.io)
+  [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+  command -v ssh >/dev/null || missing+=(openssh-client)
+  command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+ib_venv() {
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  local stamp=.venv/.imagebuild-installed want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "installing imagebuild into .venv" >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+    echo "$want" > "$stamp"
+  fi
+}
+
+ib_bed_up() {
+  .venv/bin/python scripts/testbed.py up >/dev/null
+  # shellcheck disable=SC1091
+  . "${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/env"
+}

@@ -1,0 +1,45 @@
+"""The newcomer's command, run as CI runs it: non-interactive, twice."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from .conftest import REPO, Bed
+
+pytestmark = pytest.mark.bed
+
+
+def _try() -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(REPO / "scripts" / "try")], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=1200, env=dict(os.environ, CI="true"))
+
+
+def test_try_runs_the_whole_job_then_shows_the_no_op_paths(bed: Bed) -> None:
+    first = _try()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = first.stdout
+    for cmd in ("$ imagebuild plan mimo", "$ imagebuild build mimo", "$ imagebuild verify",
+                "$ imagebuild distribute --workers 3", "$ docker rmi vllm-node-mimo:latest",
+                "$ imagebuild restore-from-tar mimo"):
+        assert cmd in out, cmd
+    assert out.index("$ imagebuild build mimo") < out.index("$ imagebuild distribute")
+    assert "all checks passed: vllm-node, vllm-node-tf5, vllm-node-mimo" in out
+    assert "vllm-node-mimo: loaded" in out and "vllm-node-mimo: verified" in out
+    summary = out[out.index("== summary"):]
+    for w in bed.workers:
+        assert f"{w}: up to date" in summary
+    assert re.search(r"vllm-node-mimo\.tar\s+\d", summary)
+    assert str(bed.root / "backups") in summary
+    assert "scripts/testbed down" in summary
+
+    second = _try()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "built 0, restored 0, reused 3" in second.stdout
+    dist = second.stdout[second.stdout.index("$ imagebuild distribute"):]
+    dist = dist[:dist.index("$ docker rmi")]
+    assert dist.count("up to date (nothing sent)") == 9 and "sent " not in dist.replace(
+        "nothing sent", "")
