@@ -201,6 +201,13 @@ class Progress:
         else:
             self.say(text)
 
+    def end_live(self) -> None:
+        """Clear a live line, if one is showing."""
+        if self._live:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+            self._live = False
+
     def say(self, text: str) -> None:
         if self._live:
             self.out.write("\r\x1b[K")

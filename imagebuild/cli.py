@@ -436,7 +436,7 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     verb = "would send" if args.dry_run else "sending"
     _say(f"{verb} {', '.join(i.name for i in items)} to {', '.join(t.name for t in targets)}")
     outcomes = distribute(targets, items, on_bytes, dry_run=args.dry_run)
-    progress.say("")
+    progress.end_live()
     if args.json:
         json.dump({"ok": all(o.ok for o in outcomes), "dry_run": args.dry_run,
                    "outcomes": [_outcome_json(o) for o in outcomes]}, sys.stdout, indent=2)

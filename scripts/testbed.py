@@ -346,6 +346,9 @@ def ensure_uv_wheel() -> Path:
         return found[0]
     log(f"downloading uv {UV_VERSION} from PyPI (once; cached)")
     cache.mkdir(parents=True, exist_ok=True)
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode:
+        die(f"{sys.executable} has no pip to download the uv wheel with",
+            "run scripts/test or scripts/try once (they create .venv), or install python3-pip")
     run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
          "-d", str(cache), f"uv=={UV_VERSION}"])
     found = sorted(cache.glob(f"uv-{UV_VERSION}-*.whl"))
