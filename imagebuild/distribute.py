@@ -113,15 +113,21 @@ class WorkerState:
         self.by_fingerprint[info.fingerprint] = info
 
 
+# One round trip: the engine's info on the first line, then the inspect array of every
+# image (a constant script; nothing from the spec reaches this shell).
+PROBE = ('docker info --format "{{json .}}" && '
+         "docker images -aq --no-trunc | sort -u | xargs -r docker image inspect")
+
+
 def probe(target: Target) -> WorkerState:
-    info = json.loads(run(target, ["docker", "info", "--format", "{{json .}}"]))
+    out = run(target, ["sh", "-c", PROBE])
+    first, _, rest = out.partition("\n")
+    info = json.loads(first)
     status = {str(k): str(v) for k, v in (info.get("DriverStatus") or [])}
     store = "containerd" if status.get("driver-type") == CONTAINERD else "classic"
     state = WorkerState(store=store)
-    ids = sorted(set(run(target, ["docker", "images", "-aq", "--no-trunc"]).split()))
-    if ids:
-        for data in json.loads(run(target, ["docker", "image", "inspect", *ids])):
-            state.add(image_info_from_inspect(data))
+    for data in json.loads(rest) if rest.strip() else []:
+        state.add(image_info_from_inspect(data))
     return state
 
 
@@ -266,6 +272,10 @@ def ship(target: Target, items: list[Item], progress: Progress,
 
 def _settle(target: Target, item: Item, state: WorkerState) -> ImageInfo:
     """Check the worker's copy by content fingerprint and tag it like the head's."""
+    tags = (item.hash_tag, f"{item.name}:latest")
+    known = state.by_fingerprint.get(item.info.fingerprint)
+    if known is not None and all(t in known.tags for t in tags):
+        return known  # up to date and tagged: nothing to ask the worker
     loaded = remote_inspect(target, item.hash_tag)
     if loaded is None:  # up to date under other tags: find it by content
         loaded = state.by_fingerprint.get(item.info.fingerprint)
@@ -275,7 +285,7 @@ def _settle(target: Target, item: Item, state: WorkerState) -> ImageInfo:
         run(target, ["docker", "rmi", item.hash_tag])
         raise RemoteError(f"{target.name}: the loaded image's content fingerprint differs "
                           f"from the head's; its tag was removed")
-    for tag in (item.hash_tag, f"{item.name}:latest"):
+    for tag in tags:
         if tag not in loaded.tags:
             run(target, ["docker", "tag", loaded.id, tag])
     return loaded

@@ -37,7 +37,8 @@ ib_venv() {
 }
 
 ib_bed_up() {
-  .venv/bin/python scripts/testbed.py up >/dev/null
+  # arguments go to 'testbed.py up' (scripts/test passes --fresh in CI)
+  .venv/bin/python scripts/testbed.py up "$@" >/dev/null
   # shellcheck disable=SC1091
   . "${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/env"
 }

@@ -2,6 +2,7 @@
 """The imagebuild test bed: a cluster on one machine, from Debian packages, no registry.
 
     scripts/testbed up [--workers N]   start everything (idempotent); prints the env to use
+    scripts/testbed up --fresh         the same, from empty engines (keeps cache/; for CI)
     scripts/testbed down               stop what 'up' started (by its pid files)
     scripts/testbed env                print the environment variables
     scripts/testbed status             what runs, what does not
@@ -527,10 +528,22 @@ def env_text() -> str:
     ]) + "\n"
 
 
-def cmd_up(n: int) -> None:
+def wipe_engines() -> None:
+    """Stop the bed and remove every engine's data and the bed's state, keeping cache/."""
+    cmd_down()
+    for name in ("head", "workers", "state", "backups", "remote-backups", "bench"):
+        path = BED / name
+        if path.exists():
+            shutil.rmtree(path)
+    log("wiped the engines' data (kept the cache)")
+
+
+def cmd_up(n: int, fresh: bool = False) -> None:
     t0 = time.monotonic()
     if os.geteuid() != 0:
         die("the test bed runs dockerd and sshd, which need root", "run it as root (or sudo)")
+    if fresh and BED.is_dir():
+        wipe_engines()
     BED.mkdir(parents=True, exist_ok=True)
     ensure_packages()
     workers = workers_list(n)
@@ -570,6 +583,22 @@ def cmd_down() -> None:
             stop_pidfile(d / "sshd.pid", str(d / "sshd_config"), f"sshd {node}")
         stop_pidfile(d / "docker.pid", str(d), f"dockerd {node}")
     stop_pidfile(BED / "index.pid", str(BED / "index"), "wheel index")
+    unmount_leftovers()
+
+
+def unmount_leftovers() -> None:
+    """Unmount what the bed's engines left mounted under the bed (e.g. exec-root/netns),
+    so the bed directory can be removed. Only mount points below BED are touched."""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return
+    points = [ln.split()[1] for ln in lines if len(ln.split()) > 1]
+    ours = [p for p in points if p == str(BED) or p.startswith(str(BED) + "/")]
+    for point in sorted(ours, key=len, reverse=True):
+        r = subprocess.run(["umount", "-l", point], capture_output=True, text=True)
+        if r.returncode == 0:
+            log(f"unmounted {point}")
 
 
 def cmd_status() -> int:
@@ -609,13 +638,15 @@ def main() -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up")
     up.add_argument("--workers", type=int, default=int(os.environ.get("IMAGEBUILD_BED_WORKERS", 3)))
+    up.add_argument("--fresh", action="store_true",
+                    help="start from empty engines (the debootstrap and uv cache is kept)")
     sub.add_parser("down")
     sub.add_parser("env")
     sub.add_parser("status")
     sub.add_parser("reset-workers")
     args = p.parse_args()
     if args.cmd == "up":
-        cmd_up(args.workers)
+        cmd_up(args.workers, fresh=args.fresh)
     elif args.cmd == "down":
         cmd_down()
     elif args.cmd == "env":
