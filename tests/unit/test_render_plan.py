@@ -218,3 +218,15 @@ def test_lock_check_cli(stack: Stack, capsys: pytest.CaptureFixture[str],
     stack.wheel("extra_mimo-1.0-py3-none-any.whl", b"changed")
     code, _, err = _run(["-f", str(stack.spec_path), "lock", "--check"], capsys)
     assert code == 2 and "out of date" in err
+
+
+def test_a_wheel_missing_from_the_lock_is_a_clear_error(stack: Stack,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    lock = stack.root / "wheels.lock"
+    text = lock.read_text()
+    start = text.index('[[wheel]]\nname = "extra-mimo"')
+    end = text.index("[[wheel]]", start + 1)
+    lock.write_text(text[:start] + text[end:])
+    code, _, err = _run(["-f", str(stack.spec_path), "plan", "mimo"], capsys)
+    assert code == 2
+    assert "no wheel named 'extra-mimo' is locked" in err and "imagebuild lock" in err
