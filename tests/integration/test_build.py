@@ -60,7 +60,7 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
     hashes = _hashes(mini)
     r = mini.cli("build", "mimo")
     assert r.returncode == 0, r.stderr
-    assert "built 3, reused 0" in r.stdout
+    assert "built 3, restored 0, reused 0" in r.stdout
     engine = Engine()
     infos = {n: engine.require(f"{n}:{hashes[n][:12]}") for n in NAMES}
     # lineage: each image is its parent's exact derivation plus layers
@@ -109,7 +109,7 @@ def test_second_build_makes_no_build_call_and_changes_nothing(mini: MiniStack) -
     assert second == first
     t0 = time.monotonic()
     r = mini.cli("build", "mimo")
-    assert r.returncode == 0 and "built 0, reused 3" in r.stdout
+    assert r.returncode == 0 and "built 0, restored 0, reused 3" in r.stdout
     assert time.monotonic() - t0 < 30  # generous: the benchmark measures the real figure
     r = mini.cli("build", "--dry-run", "mimo")
     assert r.returncode == 0
@@ -232,7 +232,7 @@ def test_rebuild_forces_a_build_on_a_hash_match(mini: MiniStack) -> None:
     _build(mini, ["tf5"])
     r = mini.cli("build", "--rebuild", "tf5")
     assert r.returncode == 0, r.stderr
-    assert "built 1, reused 1" in r.stdout
+    assert "built 1, restored 0, reused 1" in r.stdout
 
 
 def test_missing_base_image_is_a_clear_error(mini: MiniStack) -> None:
