@@ -12,6 +12,10 @@ ENV PIP_BREAK_SYSTEM_PACKAGES=1
 ENV UV_SYSTEM_PYTHON=1
 ENV UV_BREAK_SYSTEM_PACKAGES=1
 ENV UV_LINK_MODE=copy
+# uv would otherwise keep an unpacked copy of every wheel it installs (torch included) in
+# /root/.cache/uv inside the install layers: images twice the size, rebuild deltas too.
+# Children (tf5, mimo) inherit it.
+ENV UV_NO_CACHE=1
 
 RUN python3 -m pip install --no-cache-dir --index-url http://127.0.0.1:18080/simple uv==0.9.7
 
