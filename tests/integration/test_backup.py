@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from imagebuild.engine import Engine
+from imagebuild.lock import sha256_file
 
 from .conftest import MiniStack
 
@@ -25,13 +26,7 @@ def _tags(mini: MiniStack) -> dict[str, str]:
 
 
 def _sha(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _rmi(*refs: str) -> None:
