@@ -134,15 +134,6 @@ class Engine:
         if not ok:
             raise EngineError(f"the engine refused to tag {image_id} as {repository}:{tag}")
 
-    def untag(self, ref: str) -> None:
-        """Remove one tag (never the image content while other tags hold it)."""
-        try:
-            self.api.remove_image(ref, noprune=True)
-        except docker.errors.ImageNotFound:
-            return
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise self._error(f"remove tag {ref}", exc) from None
-
     def remove_image(self, ref: str) -> None:
         try:
             self.api.remove_image(ref, force=True)
@@ -253,12 +244,6 @@ class Engine:
                 self.api.remove_container(cid, force=True)
             except (docker.errors.APIError, requests.exceptions.RequestException):
                 pass
-
-    def containers_with_label(self, label: str) -> list[str]:
-        try:
-            return [c["Id"] for c in self.api.containers(all=True, filters={"label": label})]
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise self._error("list containers", exc) from None
 
     # -- info --------------------------------------------------------------------------------
 

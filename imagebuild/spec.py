@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -695,15 +695,3 @@ def _read_backups(r: _Reader, raw: Any, line: int | None) -> Backups | None:
         raise r.fail("backups.keep", m.key_lines.get("keep"),
                      "expected a whole number >= 1 (generations kept beside the newest)")
     return Backups(directory=directory, keep=keep)
-
-
-def iter_dockerfile_values(spec: Spec) -> Iterator[tuple[str, str]]:
-    """Every spec string that reaches a rendered Dockerfile, for audits and tests."""
-    for img in spec.images.values():
-        p = img.params
-        yield from ((f"{img.name}.apt_packages", a) for a in p.apt_packages)
-        yield from ((f"{img.name}.env.{k}", v) for k, v in p.env)
-        for k in ("uv", "pip_index", "transformers"):
-            v = getattr(p, k)
-            if v is not None:
-                yield f"{img.name}.{k}", v
