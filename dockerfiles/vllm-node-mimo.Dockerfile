@@ -3,6 +3,10 @@
 # vllm-node-mimo (Dockerfile.mimo-runtime): transformers>=5 for the qwen3_5_moe and
 # qwen3_next_mtp config classes, the vllm/flashinfer wheels reinstalled, then torch
 # force-reinstalled. imagebuild passes BASE_IMAGE as the parent's exact derivation.
+# One change from the field's file: the wheels are not COPYed (that layer would keep them
+# in the image for good and ship them to every worker on each rebuild); imagebuild
+# serves them, checked against wheels.lock, to the install RUN over the build's host
+# network, and wheel-requirements.txt pins each URL by sha256 for uv to check.
 ARG BASE_IMAGE=vllm-node-tf5:latest
 FROM ${BASE_IMAGE}
 
@@ -11,10 +15,12 @@ ENV UV_SYSTEM_PYTHON=1
 ENV UV_BREAK_SYSTEM_PACKAGES=1
 ENV UV_LINK_MODE=copy
 
-COPY wheels/*.whl /tmp/mimo-wheels/
-RUN printf "%s\n" 'transformers>=5.0.0' > /tmp/tf-override.txt \
-    && uv pip install /tmp/mimo-wheels/*.whl --override /tmp/tf-override.txt \
-    && rm -rf /tmp/mimo-wheels /tmp/tf-override.txt
+COPY wheel-requirements.txt /tmp/mimo-wheel-requirements.txt
+ARG IMAGEBUILD_WHEELS
+RUN : "${IMAGEBUILD_WHEELS:?pass --build-arg IMAGEBUILD_WHEELS=URL serving wheels/}" \
+    && printf "%s\n" 'transformers>=5.0.0' > /tmp/tf-override.txt \
+    && uv pip install -r /tmp/mimo-wheel-requirements.txt --override /tmp/tf-override.txt \
+    && rm /tmp/mimo-wheel-requirements.txt /tmp/tf-override.txt
 
 # Fix torch CPU regression: the fresh vllm wheel ships metadata pinning torch==2.10.0 but
 # the C++ ABI needs 2.11.0+cu130 from its index. Force-reinstall, no deps, in its own

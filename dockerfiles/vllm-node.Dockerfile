@@ -42,10 +42,16 @@ RUN python3 -m pip install --no-cache-dir uv==0.9.7
 COPY torch-requirements.txt /tmp/torch-requirements.txt
 RUN uv pip install --index-url https://download.pytorch.org/whl/cu130 -r /tmp/torch-requirements.txt
 
-# The vllm and flashinfer wheels (hash-checked by imagebuild before they enter the context).
-COPY wheels/*.whl /tmp/node-wheels/
-RUN uv pip install /tmp/node-wheels/*.whl \
-    && rm -rf /tmp/node-wheels
+# The vllm and flashinfer wheels. imagebuild checks them against wheels.lock and serves
+# them to this RUN over the build's host network: a COPY layer would keep every wheel in
+# the image for good and ship it to each worker twice. wheel-requirements.txt pins
+# each URL by sha256, and uv checks it. By hand: serve wheels/ on 127.0.0.1 and pass
+# --build-arg IMAGEBUILD_WHEELS=http://127.0.0.1:PORT with --network host.
+COPY wheel-requirements.txt /tmp/wheel-requirements.txt
+ARG IMAGEBUILD_WHEELS
+RUN : "${IMAGEBUILD_WHEELS:?pass --build-arg IMAGEBUILD_WHEELS=URL serving wheels/}" \
+    && uv pip install -r /tmp/wheel-requirements.txt \
+    && rm /tmp/wheel-requirements.txt
 
 # Fix torch CPU regression: the vllm wheel's metadata pins torch==2.10.0, so the install
 # above lands torch 2.10.0+cpu, which dies at import (libtorch_cuda.so). The C++ ABI needs

@@ -2,15 +2,14 @@
 
 For each derivation of the closure, parents first: reuse it if an image with its input
 hash exists (no build call at all); otherwise check every wheel against its locked
-sha256, stream a minimal context (only the files the Dockerfile copies) to the engine,
-and tag ``NAME:<hash12>`` only after the build succeeded. ``NAME:latest`` moves only
-when the gate (if any) passes.
+sha256, stream a minimal context (the Dockerfile and the small files it copies) to the
+engine while serving the wheels to the build (wheelserve.py), and tag ``NAME:<hash12>``
+only after the build succeeded. ``NAME:latest`` moves only when the gate (if any) passes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -28,15 +27,17 @@ from .derivation import HASH_LABEL, IMAGE_LABEL, ContextFile, Derivation
 from .engine import Engine, ImageInfo
 from .errors import (
     BuildFailed,
+    EngineError,
     ImagebuildError,
     ImageNotFound,
     Interrupted,
     UnresolvedHashError,
 )
 from .lock import verify_wheel_file
+from .render import WHEELS_ARG
 from .spec import Spec
+from .wheelserve import WheelServer
 
-CHUNK = 1 << 20
 WHEEL_LABEL_PREFIX = "org.imagebuild.wheel."
 VERSION_LABEL = "org.imagebuild.version"
 GIT_LABEL = "org.imagebuild.git-commit"
@@ -93,14 +94,16 @@ def decide(engine: Engine, derivations: list[Derivation], rebuild: set[str],
 def preflight(spec: Spec, d: Derivation) -> None:
     """Before the engine is touched: every context file is resolved and every wheel's
     bytes match wheels.lock."""
-    for f in d.context:
-        if f.sha256 is None:
-            raise UnresolvedHashError(
-                f"{d.name}: the sha256 of {f.arcname} is unresolved in {spec.lock_path}",
-                hint="run 'imagebuild lock' where the wheels are and commit wheels.lock",
-            )
-        if f.source is not None:
-            verify_wheel_file(f.source, f.sha256)
+    unresolved = [w.filename for w in d.served if w.sha256 is None]
+    unresolved += [f.arcname for f in d.context if f.sha256 is None]
+    if unresolved:
+        raise UnresolvedHashError(
+            f"{d.name}: the sha256 of {unresolved[0]} is unresolved in {spec.lock_path}",
+            hint="run 'imagebuild lock' where the wheels are and commit wheels.lock",
+        )
+    for w in d.served:
+        assert w.sha256 is not None
+        verify_wheel_file(w.source, w.sha256)
 
 
 def _tar_header(name: str, size: int) -> bytes:
@@ -113,42 +116,16 @@ def _tar_header(name: str, size: int) -> bytes:
 
 
 def context_stream(files: tuple[ContextFile, ...]) -> Iterator[bytes]:
-    """A tar of ``files``, produced chunk by chunk (memory stays flat for GB wheels).
-
-    Wheels are hashed again while they stream: a file that changes after the preflight
-    check aborts the upload, so the engine never gets bytes that do not match the lock.
-    """
+    """The build context as a tar stream: the Dockerfile and the small generated files
+    it copies (the wheels are served, not sent; see wheelserve.py)."""
     for f in files:
-        if f.data is not None:
-            yield _tar_header(f.arcname, len(f.data))
-            yield f.data
-            size = len(f.data)
-        else:
-            assert f.source is not None and f.sha256 is not None
-            with f.source.open("rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                yield from _file_chunks(f, fh, size)
-        pad = (-size) % 512
+        assert f.data is not None, f"{f.arcname} has no content"
+        yield _tar_header(f.arcname, len(f.data))
+        yield f.data
+        pad = (-len(f.data)) % 512
         if pad:
             yield b"\0" * pad
     yield b"\0" * 1024
-
-
-def _file_chunks(f: ContextFile, fh: IO[bytes], size: int) -> Iterator[bytes]:
-    h = hashlib.sha256()
-    yield _tar_header(f.arcname, size)
-    left = size
-    while left > 0:
-        chunk = fh.read(min(CHUNK, left))
-        if not chunk:
-            break
-        h.update(chunk)
-        left -= len(chunk)
-        yield chunk
-    if left or h.hexdigest() != f.sha256:
-        assert f.source is not None
-        verify_wheel_file(f.source, f.sha256 or "")  # raises WheelHashMismatch with details
-        raise BuildFailed(f"{f.source} changed while it was being sent to the engine")
 
 
 # -- labels --------------------------------------------------------------------------------------
@@ -289,6 +266,13 @@ def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | N
             f"{d.name}: the base image {base} is not present in the engine",
             hint=f"docker pull {base} (builds never pull implicitly), then build again",
         )
+    if d.served and not engine.on_this_host:
+        raise EngineError(
+            f"{d.name}: the engine at {engine.base_url} is not on this machine, so its build "
+            f"cannot reach the wheels imagebuild serves on 127.0.0.1",
+            hint="run imagebuild on the engine's host (the head node), with DOCKER_HOST "
+                 "unset or a unix:// socket",
+        )
     logfile = log_path(spec, d)
     logfile.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -297,11 +281,18 @@ def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | N
     tail: list[str] = []
     image_id = ""
     error = ""
-    with logfile.open("w", encoding="utf-8", buffering=1) as log:
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(logfile.open("w", encoding="utf-8", buffering=1))
+        buildargs = {"BASE_IMAGE": base}
+        server: WheelServer | None = None
+        if d.served:
+            server = stack.enter_context(WheelServer(
+                {w.filename: w.source for w in d.served}, log=lambda m: print(m, file=log)))
+            buildargs[WHEELS_ARG] = server.url
         log.write(f"# imagebuild {__version__} build of {d.name} input hash {d.input_hash}\n"
                   f"# started {datetime.now(UTC).isoformat(timespec='seconds')}, "
-                  f"BASE_IMAGE={base}\n")
-        events = engine.build(context_stream(d.context), buildargs={"BASE_IMAGE": base},
+                  + ", ".join(f"{k}={v}" for k, v in buildargs.items()) + "\n")
+        events = engine.build(context_stream(d.context), buildargs=buildargs,
                               labels=labels_for(d, commit), nocache=nocache)
         try:
             for ev in events:
@@ -327,13 +318,17 @@ def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | N
                 f"build of {d.name} interrupted: no tag was written for it; images built "
                 f"before it stay tagged and a rerun continues from there (log: {logfile})"
             ) from None
-        except ImagebuildError as exc:  # a wheel changed mid-stream
+        except ImagebuildError as exc:
             log.write(f"\nERROR: {exc}\n")
             raise
-    if error or not image_id:
+        refused = list(server.refused) if server is not None else []
+        if server is not None:
+            log.write(f"# wheel server: {server.bytes_sent} bytes sent\n")
+    if error or not image_id or refused:
+        why = "".join(f"  {r}\n" for r in refused)
         raise BuildFailed(
             f"{d.name}: build failed at {step_line or 'the first step'}\n"
-            f"  {error or 'the engine reported no image ID'}\n"
+            f"{why}  {error or 'the engine reported no image ID'}\n"
             f"  last lines of output:\n    " + "\n    ".join(tail[-12:])
             + f"\n  full log: {logfile}",
             hint="no tag was written for this image; images built before it stay reusable",

@@ -2,9 +2,12 @@
 beyond reading the spec's templates.
 
 An image's input hash is sha256 over a canonical JSON of: the schema version, the image
-name, the rendered Dockerfile, every build-context file (path and sha256; wheels by
-their locked hash), and the parent's input hash (or, for the root, the pinned base
-reference). The only build argument, ``BASE_IMAGE``, is a function of those last two.
+name, the rendered Dockerfile, every build-context file (path and sha256), and the
+parent's input hash (or, for the root, the pinned base reference). The image's wheels
+enter through the context's ``wheel-requirements.txt``, which pins each by its locked
+sha256; the wheels themselves are served to the build, not copied into the context.
+Build arguments are not inputs: ``BASE_IMAGE`` is a function of the parent's hash (or
+the base), and ``IMAGEBUILD_WHEELS`` is only where this run's wheel server listens.
 Same inputs, same hash; change any input and exactly the hashes downstream change.
 """
 
@@ -17,7 +20,7 @@ from pathlib import Path
 
 from .errors import UnresolvedHashError
 from .lock import Lock, LockedWheel
-from .render import TORCH_REQUIREMENTS, render_image
+from .render import TORCH_REQUIREMENTS, WHEEL_REQUIREMENTS, WHEELS_ARG, render_image
 from .spec import SCHEMA_VERSION, Spec
 
 HASH_LABEL = "org.imagebuild.input-hash"
@@ -26,13 +29,20 @@ IMAGE_LABEL = "org.imagebuild.image"
 
 @dataclass(frozen=True)
 class ContextFile:
-    """One file of a build context: streamed from ``source`` or taken from ``data``."""
+    """One (small, generated) file of a build context."""
 
     arcname: str
     sha256: str | None  # None: unresolved in the lock
-    size: int | None = None
-    source: Path | None = None
     data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ServedWheel:
+    """A local wheel the build installs: served to it, checked against ``sha256`` first."""
+
+    filename: str
+    sha256: str | None  # None: unresolved in the lock
+    source: Path
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class Derivation:
     base: str | None  # root only: pinned base reference
     dockerfile: str
     context: tuple[ContextFile, ...]
+    served: tuple[ServedWheel, ...]
     wheels: tuple[LockedWheel, ...]
     input_hash: str | None  # None when any input (or an ancestor's) is unresolved
     unresolved: tuple[str, ...]  # filenames whose sha256 is unknown, here or upstream
@@ -80,6 +91,18 @@ def torch_requirements(wheel: LockedWheel) -> bytes | None:
     return f"{wheel.name}=={wheel.version} --hash=sha256:{wheel.sha256}\n".encode()
 
 
+def wheel_requirements(wheels: list[LockedWheel]) -> bytes | None:
+    """The requirement file the wheel install RUN reads: one direct URL per wheel under
+    ``${IMAGEBUILD_WHEELS}`` (uv expands it), pinned by sha256 (None if any is unresolved).
+    """
+    if any(w.sha256 is None for w in wheels):
+        return None
+    return "".join(
+        f"{w.name} @ ${{{WHEELS_ARG}}}/{w.filename} --hash=sha256:{w.sha256}\n"
+        for w in sorted(wheels, key=lambda w: w.name)
+    ).encode()
+
+
 def plan(spec: Spec, lock: Lock, names: list[str] | None = None) -> list[Derivation]:
     """Derivations of the closure of ``names`` (all images if empty), parents first."""
     out: dict[str, Derivation] = {}
@@ -92,14 +115,15 @@ def plan(spec: Spec, lock: Lock, names: list[str] | None = None) -> list[Derivat
                         data=df_bytes)
         ]
         unresolved: list[str] = []
-        wheels: list[LockedWheel] = []
-        for wname in img.wheels:
-            w = lock.get(wname)
-            wheels.append(w)
-            if w.sha256 is None:
-                unresolved.append(w.filename)
-            context.append(ContextFile(arcname=f"wheels/{w.filename}", sha256=w.sha256,
-                                       source=spec.wheels_dir / w.filename))
+        wheels: list[LockedWheel] = [lock.get(wname) for wname in img.wheels]
+        served = tuple(ServedWheel(w.filename, w.sha256, spec.wheels_dir / w.filename)
+                       for w in wheels)
+        unresolved.extend(w.filename for w in wheels if w.sha256 is None)
+        if wheels:
+            wreq = wheel_requirements(wheels)
+            context.append(ContextFile(
+                arcname=WHEEL_REQUIREMENTS, data=wreq,
+                sha256=hashlib.sha256(wreq).hexdigest() if wreq is not None else None))
         if img.torch is not None:
             t = lock.get(img.torch)
             wheels.append(t)
@@ -126,7 +150,8 @@ def plan(spec: Spec, lock: Lock, names: list[str] | None = None) -> list[Derivat
             input_hash = hashlib.sha256(_canonical(material)).hexdigest()
         out[name] = Derivation(
             name=name, parent=img.parent, base=img.base_reference, dockerfile=dockerfile,
-            context=tuple(sorted(context, key=lambda f: f.arcname)), wheels=tuple(wheels),
+            context=tuple(sorted(context, key=lambda f: f.arcname)), served=served,
+            wheels=tuple(wheels),
             input_hash=input_hash, unresolved=tuple(unresolved),
         )
     return list(out.values())

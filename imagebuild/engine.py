@@ -13,6 +13,7 @@ import os
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import docker  # type: ignore[import-untyped]
 import docker.errors  # type: ignore[import-untyped]
@@ -79,6 +80,15 @@ def image_info_from_inspect(data: dict[str, Any]) -> ImageInfo:
     )
 
 
+def is_local_engine_url(url: str) -> bool:
+    """Whether an engine address is on this machine: a unix socket or a loopback TCP
+    address (not ``ssh://`` or a remote ``tcp://``)."""
+    if url.startswith(("unix://", "/")):
+        return True
+    host = urlsplit(url if "://" in url else "tcp://" + url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 class Engine:
     """A Docker engine, reached through ``DOCKER_HOST`` (or the default socket)."""
 
@@ -93,6 +103,11 @@ class Engine:
                 hint="is dockerd running? set DOCKER_HOST to its socket (for the test bed: "
                      "eval \"$(scripts/testbed env)\")",
             ) from None
+
+    @property
+    def on_this_host(self) -> bool:
+        """Whether a build with host networking reaches this process on 127.0.0.1."""
+        return is_local_engine_url(self.base_url)
 
     # -- images ------------------------------------------------------------------------------
 

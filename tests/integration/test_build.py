@@ -88,8 +88,20 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
     for n in NAMES:
         log = mini.root / "state" / "logs" / f"{n}-{hashes[n][:12]}.log"
         assert log.is_file() and str(log) in r.stderr
-    assert "Step" in (mini.root / "state" / "logs" / f"vllm-node-{hashes['vllm-node'][:12]}.log"
-                      ).read_text()
+    node_log = (mini.root / "state" / "logs" / f"vllm-node-{hashes['vllm-node'][:12]}.log"
+                ).read_text()
+    assert "Step" in node_log
+    # the wheels came from imagebuild's loopback server, and no layer holds a wheel file:
+    # every COPY of the lineage is a small generated file
+    assert "(from http://127.0.0.1:" in node_log
+    assert int(node_log.split("# wheel server: ")[1].split()[0]) > 0
+    history = subprocess.run(["docker", "history", "--no-trunc", "--format",
+                              "{{.Size}}\t{{.CreatedBy}}", mimo.id],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    copies = [h for h in history if "COPY" in h]
+    assert len(copies) == 4, history  # torch + wheel requirement files, node and mimo
+    assert all(h.split("\t")[0].endswith("B") and not h.split("\t")[0].endswith(("kB", "MB"))
+               for h in copies), copies
 
 
 def test_git_commit_label_source() -> None:
@@ -175,6 +187,37 @@ def test_a_corrupted_wheel_is_refused_before_the_engine_is_touched(mini: MiniSta
     assert engine.builds == []
     assert set(subprocess.run(["docker", "images", "-aq"], capture_output=True,
                               text=True).stdout.split()) == images_before
+
+
+class SwappingEngine(Engine):
+    """Replaces a wheel after imagebuild checked it and started serving it, just before
+    the build: the moment a COPY-free build has to guard."""
+
+    def __init__(self, wheel: Path) -> None:
+        super().__init__()
+        self.wheel = wheel
+
+    def build(self, context, *, buildargs, labels, nocache=False):  # type: ignore[no-untyped-def]
+        if labels[IMAGE_LABEL] == "vllm-node":
+            new = self.wheel.with_suffix(".swapped")
+            new.write_bytes(self.wheel.read_bytes() + b"appended after the check")
+            os.replace(new, self.wheel)
+        return super().build(context, buildargs=buildargs, labels=labels, nocache=nocache)
+
+
+def test_a_wheel_swapped_after_the_check_is_not_served(mini: MiniStack) -> None:
+    from imagebuild.errors import BuildFailed
+
+    wheel = next((mini.root / "wheels").glob("flashinfer_cubin-*.whl"))
+    spec = load_spec(mini.spec)
+    derivations = plan(spec, read_lock(spec.lock_path), ["node"])
+    engine = SwappingEngine(wheel)
+    with pytest.raises(BuildFailed) as info:
+        execute(spec, engine, decide(engine, derivations, set()), progress=Progress())
+    assert f"{wheel} changed after it was checked against wheels.lock" in str(info.value)
+    assert engine.inspect(derivations[0].tag) is None
+    assert engine.inspect("vllm-node:latest") is None or (
+        engine.require("vllm-node:latest").labels[HASH_LABEL] != derivations[0].input_hash)
 
 
 def test_a_failing_run_leaves_no_tag_and_reports_the_step(mini: MiniStack) -> None:

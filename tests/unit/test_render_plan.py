@@ -40,16 +40,20 @@ def test_mimo_does_what_the_field_dockerfile_does_in_order() -> None:
     assert ins[1] == "FROM ${BASE_IMAGE}"
     assert ins[2:6] == ["ENV PIP_BREAK_SYSTEM_PACKAGES=1", "ENV UV_SYSTEM_PYTHON=1",
                         "ENV UV_BREAK_SYSTEM_PACKAGES=1", "ENV UV_LINK_MODE=copy"]
-    assert ins[6] == "COPY wheels/*.whl /tmp/mimo-wheels/"
-    assert ins[7].startswith("RUN ")
-    assert "transformers>=5.0.0" in ins[7] and "--override /tmp/tf-override.txt" in ins[7]
-    assert "uv pip install /tmp/mimo-wheels/*.whl" in ins[7]
+    # the one deliberate change: the wheels are served to the install RUN, not COPYed,
+    # so no layer of the image holds the wheel files themselves
+    assert not any(i.startswith("COPY wheels") or ".whl" in i for i in ins)
+    assert ins[6] == "COPY wheel-requirements.txt /tmp/mimo-wheel-requirements.txt"
+    assert ins[7] == "ARG IMAGEBUILD_WHEELS"
+    assert ins[8].startswith("RUN ")
+    assert "transformers>=5.0.0" in ins[8] and "--override /tmp/tf-override.txt" in ins[8]
+    assert "uv pip install -r /tmp/mimo-wheel-requirements.txt" in ins[8]
     torch_run = ins[-1]
     assert torch_run.startswith("RUN uv pip install --no-deps --force-reinstall")
     assert "--index-url https://download.pytorch.org/whl/cu130" in torch_run
     assert "--require-hashes" in torch_run
     # a separate RUN, after the wheel install
-    assert ins.index(torch_run) > 7 and "torch" not in ins[7]
+    assert ins.index(torch_run) > 8 and "torch" not in ins[8]
     assert "--mount" not in text
 
 
@@ -61,7 +65,10 @@ def test_node_follows_the_lineage_and_ends_with_the_force_reinstall() -> None:
     for pkg in ("ccache", "build-essential", "libibverbs1", "rdma-core"):
         assert pkg in apt
     assert any("uv==" in i for i in ins)
-    wheels = ins.index("COPY wheels/*.whl /tmp/node-wheels/")
+    wheels = ins.index("COPY wheel-requirements.txt /tmp/wheel-requirements.txt")
+    assert ins[wheels + 1] == "ARG IMAGEBUILD_WHEELS"
+    assert "uv pip install -r /tmp/wheel-requirements.txt" in ins[wheels + 2]
+    assert not any(".whl" in i for i in ins)
     first_torch = next(i for i, x in enumerate(ins) if "torch-requirements.txt" in x and "RUN" in x)
     assert first_torch < wheels
     assert ins[-1].startswith("RUN uv pip install --no-deps --force-reinstall")
@@ -93,6 +100,14 @@ def test_render_check_fails_with_a_diff_on_drift(stack: Stack,
 def test_strict_undefined_names_the_template(stack: Stack) -> None:
     (stack.root / "templates" / "vllm-node-tf5.Dockerfile.j2").write_text("FROM {{ nope }}\n")
     with pytest.raises(SpecError, match="nope"):
+        render_image(stack.load(), "vllm-node-tf5")
+
+
+def test_a_template_syntax_error_names_the_file_and_line(stack: Stack) -> None:
+    tpl = stack.root / "templates" / "vllm-node-tf5.Dockerfile.j2"
+    tpl.write_text(tpl.read_text() + "RUN echo {% if %}\n")
+    lines = tpl.read_text().count("\n")
+    with pytest.raises(SpecError, match=rf"vllm-node-tf5\.Dockerfile\.j2:{lines}: template syntax"):
         render_image(stack.load(), "vllm-node-tf5")
 
 
