@@ -146,6 +146,34 @@ def test_a_backup_directory_too_small_is_refused_before_writing(mini: MiniStack)
         subprocess.run(["umount", str(small)], check=True)
 
 
+def test_a_disk_that_fills_up_mid_write_leaves_nothing_half_written(mini: MiniStack) -> None:
+    """The free-space check passed (the engine's size claim was low), then the disk filled:
+    the partial file goes, the previous tar is untouched, and the error says why."""
+    import dataclasses
+
+    from imagebuild.backup import backup_image
+    from imagebuild.errors import BackupError
+
+    assert mini.cli("build", "node").returncode == 0
+    info = Engine().require(_tags(mini)["vllm-node"])
+    small = mini.root / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(small)], check=True)
+    try:
+        previous = small / "vllm-node.tar"
+        previous.write_bytes(b"the previous generation")
+        with pytest.raises(BackupError) as exc:
+            backup_image(Engine(), "vllm-node", dataclasses.replace(info, size=1), small, 2,
+                         lambda _msg: None)
+        assert "No space left on device" in exc.value.message
+        assert "nothing was replaced" in exc.value.message
+        assert exc.value.exit_code == 8
+        assert sorted(p.name for p in small.iterdir()) == ["vllm-node.tar"]
+        assert previous.read_bytes() == b"the previous generation"
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def test_an_unverified_image_is_not_backed_up(mini: MiniStack) -> None:
     r = mini.cli("build", "--no-backup", "tf5")
     assert r.returncode == 0

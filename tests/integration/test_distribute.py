@@ -202,6 +202,32 @@ def test_a_wrong_host_key_fails_that_worker_only(clean: MiniStack, tmp_path: Pat
     assert bed.ssh("w2", "docker", "images", "-q").stdout.strip() == ""
 
 
+def test_a_worker_out_of_disk_fails_alone_and_a_rerun_completes_it(clean: MiniStack) -> None:
+    mini = clean
+    assert mini.cli("build", "node").returncode == 0
+    # dockerd unpacks a load under <data-root>/tmp: give w3 a 4 MiB one
+    tmp = mini.bed.root / "workers" / "w3" / "data" / "tmp"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "imagebuild-bed-full", str(tmp)],
+                   check=True)
+    try:
+        code, data, err = _distribute(mini, "--workers", "3", "node")
+    finally:
+        subprocess.run(["umount", str(tmp)], check=True)
+    assert code == 9, err
+    w3 = _by(data, "w3", "vllm-node")
+    assert not w3["ok"] and w3["action"] == "failed"
+    assert "no space left on device" in str(w3["error"]), w3["error"]
+    assert "distribution failed on w3" in err
+    assert _by(data, "w1", "vllm-node")["ok"] and _by(data, "w2", "vllm-node")["ok"]
+    assert mini.bed.ssh("w3", "docker", "images", "-q").stdout.strip() == ""
+    # with space again, a rerun sends to w3 only
+    code, data, err = _distribute(mini, "--workers", "3", "node")
+    assert code == 0, err
+    assert _by(data, "w3", "vllm-node")["action"] == "whole archive"
+    for w in ("w1", "w2"):
+        assert _by(data, w, "vllm-node")["bytes_sent"] == 0
+
+
 def test_bad_worker_selection_is_a_clear_error(mini: MiniStack) -> None:
     r = mini.cli("distribute", "--workers", "5")
     assert r.returncode == 2 and "the cluster has 3 worker(s)" in r.stderr
