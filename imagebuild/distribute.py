@@ -120,7 +120,11 @@ PROBE = ('docker info --format "{{json .}}" && '
 
 
 def probe(target: Target) -> WorkerState:
-    out = run(target, ["sh", "-c", PROBE])
+    return parse_probe(run(target, ["sh", "-c", PROBE]))
+
+
+def parse_probe(out: str) -> WorkerState:
+    """The worker's store (from ``docker info``'s DriverStatus) and its images."""
     first, _, rest = out.partition("\n")
     info = json.loads(first)
     status = {str(k): str(v) for k, v in (info.get("DriverStatus") or [])}

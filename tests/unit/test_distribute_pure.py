@@ -12,6 +12,7 @@ from imagebuild.distribute import (
     WorkerState,
     archive_bytes,
     chain_ids,
+    parse_probe,
     plan_item,
 )
 from imagebuild.engine import ImageInfo
@@ -96,6 +97,23 @@ def test_plan_item_counts_only_whole_chains(tmp_path: Path) -> None:
     action, skipped, ranges, note = plan_item(ctrd, item)
     assert action == "whole archive" and skipped == 0 and "containerd" in note
     assert ranges == item.archive.ranges(0)
+
+
+def test_the_probe_tells_the_stores_apart_and_reads_every_image() -> None:
+    image = {"Id": "sha256:" + "1" * 64, "RepoTags": ["vllm-node:latest"],
+             "RootFS": {"Layers": ["sha256:" + "a" * 64, "sha256:" + "b" * 64]},
+             "Config": {"Env": ["A=1"], "Labels": {"x": "y"}}}
+    classic = json.dumps({"Driver": "overlay2",
+                          "DriverStatus": [["Backing Filesystem", "extfs"]]})
+    state = parse_probe(classic + "\n" + json.dumps([image]) + "\n")
+    assert state.store == "classic"
+    assert set(state.chains) == set(chain_ids(image["RootFS"]["Layers"]))  # type: ignore[index]
+    assert [i.id for i in state.by_fingerprint.values()] == [image["Id"]]
+    # Docker 24+ with the containerd image store
+    ctrd = json.dumps({"Driver": "overlayfs",
+                       "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]]})
+    state = parse_probe(ctrd + "\n")  # and an engine with no images at all
+    assert state.store == "containerd" and not state.chains and not state.by_fingerprint
 
 
 def test_ssh_argv_never_weakens_host_key_checking_and_quotes_the_command() -> None:
