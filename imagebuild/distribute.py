@@ -4,10 +4,14 @@ For every worker, in parallel: ask its engine (over ssh) which layer chains it h
 then send an archive composed on the fly from the image's backup tar that omits the
 ``layer.tar`` of every layer whose whole chain the worker already has. The classic
 (overlay2) store's ``docker load`` registers the layers it needs and skips those whose
-chain exists. The archive is a list of byte ranges of the backup tar, pushed into
-``ssh worker docker load`` with ``os.sendfile``: no Python in the bulk data path, no
-temp file, memory flat. After the load the worker's image is checked by content
-fingerprint and tagged like the head's.
+chain exists. The containerd image store does not accept a ``docker save`` archive with
+layer files missing ("failed to resolve layers"), but it does import an OCI image layout
+whose manifest names every layer while the blobs of the present ones are left out; for
+such a worker the same backup tar is recomposed as that layout. Either way the archive
+is a list of pieces: byte ranges of the backup tar, pushed into ``ssh worker docker
+load`` with ``os.sendfile``, and a few small generated headers and JSON files. No Python
+copies layer bytes, nothing is staged in a temp file, memory stays flat. After the load
+the worker's image is checked by content fingerprint and tagged like the head's.
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ class Member:
     name: str
     offset: int  # start of its header block(s)
     end: int  # end of its data, padded to the block size
+    data_offset: int = 0
+    size: int = 0
+    link: str = ""  # a symlink's target, resolved to a member name
+
+
+Piece = tuple[int, int] | bytes  # a byte range of the backup tar, or literal bytes
 
 
 @dataclass(frozen=True)
@@ -60,26 +70,46 @@ class ArchiveIndex:
     members: tuple[Member, ...]
     layers: tuple[str, ...]  # manifest "Layers": member name of layer i
     repo_tags: tuple[str, ...]
+    config: bytes = b""  # the image config JSON (a few KB)
 
     @classmethod
     def read(cls, path: Path) -> ArchiveIndex:
         members: list[Member] = []
         manifest: list[dict[str, object]] | None = None
+        small: dict[str, bytes] = {}
         with tarfile.open(path, "r:") as tf:
             for ti in tf:
                 data_end = ti.offset_data + -(-ti.size // BLOCK) * BLOCK
-                members.append(Member(ti.name, ti.offset, data_end))
-                if ti.name == "manifest.json":
+                link = (os.path.normpath(os.path.join(os.path.dirname(ti.name), ti.linkname))
+                        if ti.issym() else ti.linkname if ti.islnk() else "")
+                members.append(Member(ti.name, ti.offset, data_end, ti.offset_data, ti.size,
+                                      link))
+                if ti.isfile() and ti.name.endswith(".json") and ti.size < (1 << 22):
                     f = tf.extractfile(ti)
                     assert f is not None
-                    manifest = json.loads(f.read())
+                    small[ti.name] = f.read()
+        if "manifest.json" in small:
+            manifest = json.loads(small["manifest.json"])
         if not manifest or len(manifest) != 1:
             raise ImagebuildError(f"{path} is not a single-image docker save archive")
         entry = manifest[0]
         layers = tuple(str(x) for x in entry.get("Layers") or [])  # type: ignore[attr-defined]
         tags = tuple(str(x) for x in entry.get("RepoTags") or [])  # type: ignore[attr-defined]
+        config = small.get(str(entry.get("Config") or ""), b"")
         return cls(path=path, size=path.stat().st_size, members=tuple(members), layers=layers,
-                   repo_tags=tags)
+                   repo_tags=tags, config=config)
+
+    def member(self, name: str) -> Member:
+        """The member holding ``name``'s bytes (symlinks and hard links followed)."""
+        by_name = {m.name: m for m in self.members}
+        m = by_name.get(name)
+        for _ in range(8):
+            if m is None or not m.link:
+                break
+            m = by_name.get(m.link)
+        if m is None or m.link:
+            raise ImagebuildError(f"{self.path}: no file for {name}")
+        return m
 
     def ranges(self, skip_layers: int) -> list[tuple[int, int]]:
         """Byte ranges of the archive without the first ``skip_layers`` layer files."""
@@ -95,8 +125,83 @@ class ArchiveIndex:
         return out
 
 
-def archive_bytes(ranges: list[tuple[int, int]]) -> int:
-    return sum(n for _, n in ranges) + len(TRAILER)
+def docker_pieces(archive: ArchiveIndex, skip_layers: int) -> list[Piece]:
+    """The ``docker save`` archive without the first ``skip_layers`` layer files."""
+    return [*archive.ranges(skip_layers), TRAILER]
+
+
+def _header(name: str, size: int) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mode = 0o644
+    return ti.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * ((-size) % BLOCK)
+
+
+def containerd_name(ref: str) -> str:
+    """A reference as the containerd store names it: docker.io/library/NAME:TAG."""
+    first, _, rest = ref.partition("/")
+    if not rest:
+        return f"docker.io/library/{ref}"
+    if "." in first or ":" in first or first == "localhost":
+        return ref
+    return f"docker.io/{ref}"
+
+
+def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: int,
+               ref: str) -> list[Piece]:
+    """The image as an OCI image layout that names every layer (uncompressed, by its
+    diff ID) but carries only the blobs of layers ``skip_layers`` and up."""
+    if len(diff_ids) != len(archive.layers) or not archive.config:
+        raise ImagebuildError(f"{archive.path}: its manifest and the image's layers differ")
+    pieces: list[Piece] = []
+
+    def literal(name: str, data: bytes) -> None:
+        pieces.extend([_header(name, len(data)) + data + _padding(len(data))])
+
+    descriptors: list[dict[str, object]] = []
+    sent: set[str] = set()
+    for i, (name, diff_id) in enumerate(zip(archive.layers, diff_ids, strict=True)):
+        m = archive.member(name)
+        descriptors.append({"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                            "digest": diff_id, "size": m.size})
+        if i >= skip_layers and diff_id not in sent:
+            sent.add(diff_id)
+            pieces.append(_header("blobs/sha256/" + diff_id.removeprefix("sha256:"), m.size))
+            if m.size:
+                pieces.append((m.data_offset, m.size))
+            if _padding(m.size):
+                pieces.append(_padding(m.size))
+    config_digest = "sha256:" + hashlib.sha256(archive.config).hexdigest()
+    literal("blobs/sha256/" + config_digest.removeprefix("sha256:"), archive.config)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": len(archive.config)},
+        "layers": descriptors,
+    }, separators=(",", ":")).encode()
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    literal("blobs/sha256/" + manifest_digest.removeprefix("sha256:"), manifest)
+    index = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": len(manifest),
+            "annotations": {"io.containerd.image.name": containerd_name(ref),
+                            "org.opencontainers.image.ref.name": ref.rpartition(":")[2]},
+        }],
+    }, separators=(",", ":")).encode()
+    literal("index.json", index)
+    literal("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+    pieces.append(TRAILER)
+    return pieces
+
+
+def archive_bytes(pieces: list[Piece]) -> int:
+    return sum(p[1] if isinstance(p, tuple) else len(p) for p in pieces)
 
 
 # -- what a worker has --------------------------------------------------------------------------
@@ -169,8 +274,8 @@ class Outcome:
         return self.bytes_sent / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
 
-def plan_item(state: WorkerState, item: Item) -> tuple[str, int, list[tuple[int, int]], str]:
-    """(action, layers skipped, ranges, note) for sending ``item`` to a worker in ``state``."""
+def plan_item(state: WorkerState, item: Item) -> tuple[str, int, list[Piece], str]:
+    """(action, layers skipped, pieces, note) for sending ``item`` to a worker in ``state``."""
     if item.info.fingerprint in state.by_fingerprint:
         return "up to date", len(item.info.diff_ids), [], ""
     present = 0
@@ -178,21 +283,21 @@ def plan_item(state: WorkerState, item: Item) -> tuple[str, int, list[tuple[int,
         if chain not in state.chains:
             break
         present = i + 1
-    if state.store == "containerd":
-        return ("whole archive", 0, item.archive.ranges(0),
-                "containerd image store: partial archives are not used there; sending the "
-                "whole archive")
     if present == 0:
-        return "whole archive", 0, item.archive.ranges(0), ""
-    return "partial", present, item.archive.ranges(present), ""
+        return "whole archive", 0, docker_pieces(item.archive, 0), ""
+    if state.store == "containerd":
+        return ("partial", present,
+                oci_pieces(item.archive, item.info.diff_ids, present, item.hash_tag),
+                "containerd image store: an OCI layout without the present layers")
+    return "partial", present, docker_pieces(item.archive, present), ""
 
 
 Progress = Callable[[str, int], None]  # (worker, bytes sent so far)
 
 
-def send_ranges(target: Target, path: Path, ranges: list[tuple[int, int]],
-                progress: Progress) -> int:
-    """Stream the ranges (plus the tar trailer) into ``ssh worker docker load``."""
+def send_pieces(target: Target, path: Path, pieces: list[Piece], progress: Progress) -> int:
+    """Stream the pieces (ranges of ``path`` with ``sendfile``, literal bytes with
+    ``write``) into ``ssh worker docker load``."""
     proc = start(target, ["docker", "load"])
     assert proc.stdin is not None
     sent = 0
@@ -200,7 +305,15 @@ def send_ranges(target: Target, path: Path, ranges: list[tuple[int, int]],
     try:
         fd = proc.stdin.fileno()
         with path.open("rb") as f:
-            for offset, length in ranges:
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    view = memoryview(piece)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                        sent += n
+                    continue
+                offset, length = piece
                 while length > 0:
                     n = os.sendfile(fd, f.fileno(), offset, min(length, 1 << 30))
                     if n == 0:
@@ -209,8 +322,6 @@ def send_ranges(target: Target, path: Path, ranges: list[tuple[int, int]],
                     length -= n
                     sent += n
                     progress(target.name, sent)
-        os.write(fd, TRAILER)
-        sent += len(TRAILER)
     except (BrokenPipeError, ConnectionResetError):
         broken = True
     finally:
@@ -251,15 +362,15 @@ def ship(target: Target, items: list[Item], progress: Progress,
                       image=item.name, layers_total=len(item.info.diff_ids))
         outcomes.append(out)
         try:
-            action, skipped, ranges, note = plan_item(state, item)
+            action, skipped, pieces, note = plan_item(state, item)
             out.action, out.layers_skipped, out.note = action, skipped, note
-            out.bytes_planned = archive_bytes(ranges) if ranges else 0
+            out.bytes_planned = archive_bytes(pieces) if pieces else 0
             if dry_run:
                 out.ok = True
                 continue
             started = time.monotonic()
-            if ranges:
-                out.bytes_sent = send_ranges(target, item.archive.path, ranges, progress)
+            if pieces:
+                out.bytes_sent = send_pieces(target, item.archive.path, pieces, progress)
             loaded = _settle(target, item, state)
             out.seconds = time.monotonic() - started
             state.add(loaded)

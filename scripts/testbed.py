@@ -12,6 +12,10 @@ Everything lives under $IMAGEBUILD_BED (default /var/lib/imagebuild-bed):
 
     head/                 the head node's dockerd (own data-root, exec-root, socket, pidfile)
     workers/wN/           worker N: a dockerd plus the sshd on 127.0.0.(N+1):2222 that reaches it
+    c1/                   a worker on the containerd image store: Docker 26 and containerd
+                          from Debian trixie in a debootstrapped chroot (Debian 12's docker.io
+                          20.10 has no containerd store), behind its sshd on 127.0.0.9:2222;
+                          inventory in cluster-containerd.yaml
     ssh/                  client key, known_hosts (host keys of the workers), ssh_config
     wheels/               the test stack's local fixture wheels (vllm, flashinfer)
     index/simple/         a PEP 503 index on 127.0.0.1:18080 (torch, transformers, uv, ...)
@@ -45,6 +49,10 @@ SSH_PORT = 2222
 BASE_IMAGE = "imagebuild-bed/bookworm-python:1"
 UV_VERSION = "0.9.7"
 SUITE = "bookworm"
+CTRD = "c1"  # the containerd-store worker
+CTRD_ADDR = "127.0.0.9"
+CTRD_SUITE = "trixie"  # Docker 26.1 with the containerd image store
+CTRD_RUN = "/run/imagebuild-bed"  # inside its chroot: sockets and pid files
 MIRROR = os.environ.get("IMAGEBUILD_BED_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = {  # binary -> Debian package
     "dockerd": "docker.io",
@@ -136,10 +144,14 @@ def spawn(cmd: list[str], logfile: Path, pidfile: Path | None = None) -> int:
 
 
 def node_dir(node: str) -> Path:
-    return BED / "head" if node == "head" else BED / "workers" / node
+    if node in ("head", CTRD):
+        return BED / node
+    return BED / "workers" / node
 
 
 def socket_of(node: str) -> Path:
+    if node == CTRD:
+        return node_dir(node) / "root" / CTRD_RUN.lstrip("/") / "docker.sock"
     return node_dir(node) / "docker.sock"
 
 
@@ -182,6 +194,86 @@ def wait_engine(node: str, timeout: float = 60) -> None:
         + "\n  ".join(tail), f"see {node_dir(node) / 'dockerd.log'}")
 
 
+# -- the containerd-store worker -----------------------------------------------------------
+
+
+def _mounted() -> set[str]:
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return set()
+    return {ln.split()[1] for ln in lines if len(ln.split()) > 1}
+
+
+def cached_rootfs(suite: str, packages: str, what: str) -> Path:
+    """A debootstrapped ``suite`` with ``packages``, as a tarball in cache/ (made once)."""
+    tarball = BED / "cache" / f"{suite}-{what}-rootfs.tar"
+    if tarball.is_file():
+        return tarball
+    tmp = tarball.with_suffix(".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    log(f"debootstrap --variant=minbase {suite} with {packages} "
+        "(about a minute, cached afterwards)")
+    t0 = time.monotonic()
+    run([which("debootstrap") or "debootstrap", "--variant=minbase", f"--include={packages}",
+         suite, str(tmp), MIRROR], stdout=subprocess.DEVNULL)
+    (tmp / "var/lib/apt/lists").mkdir(parents=True, exist_ok=True)
+    for deb in (tmp / "var/cache/apt/archives").glob("*.deb"):
+        deb.unlink()
+    partial = tarball.with_suffix(".partial")
+    run(["tar", "--numeric-owner", "-C", str(tmp), "-cf", str(partial), "."])
+    os.replace(partial, tarball)
+    shutil.rmtree(tmp)
+    log(f"rootfs ready in {time.monotonic() - t0:.0f}s: {tarball}")
+    return tarball
+
+
+def start_ctrd_engine() -> None:
+    d = node_dir(CTRD)
+    root = d / "root"
+    if pid_alive(d / "docker.pid", CTRD_RUN) and engine_answers(CTRD):
+        return
+    stop_pidfile(d / "docker.pid", CTRD_RUN, f"dockerd {CTRD}")
+    stop_pidfile(d / "containerd.pid", CTRD_RUN, f"containerd {CTRD}")
+    if not (root / "usr" / "sbin" / "dockerd").is_file():
+        tarball = cached_rootfs(CTRD_SUITE, "docker.io,containerd,ca-certificates", "docker")
+        root.mkdir(parents=True, exist_ok=True)
+        run(["tar", "--numeric-owner", "-C", str(root), "-xf", str(tarball)])
+    mounted = _mounted()
+    for target, cmd in (("proc", ["mount", "-t", "proc", "proc"]),
+                        ("sys", ["mount", "--rbind", "/sys"]),
+                        ("dev", ["mount", "--rbind", "/dev"])):
+        if str(root / target) not in mounted:
+            run([*cmd, str(root / target)])
+    (root / CTRD_RUN.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "docker").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "docker" / "daemon.json").write_text(
+        '{"features": {"containerd-snapshotter": true}}\n')
+    spawn(["chroot", str(root), "containerd", "--address", f"{CTRD_RUN}/containerd.sock"],
+          d / "containerd.log", d / "containerd.pid")
+    sock = root / CTRD_RUN.lstrip("/") / "containerd.sock"
+    for _ in range(100):
+        if sock.exists():
+            break
+        time.sleep(0.1)
+    socket_of(CTRD).unlink(missing_ok=True)
+    spawn(["chroot", str(root), "dockerd", "--host", f"unix://{CTRD_RUN}/docker.sock",
+           "--containerd", f"{CTRD_RUN}/containerd.sock", "--pidfile", f"{CTRD_RUN}/docker.pid",
+           "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false"],
+          d / "dockerd.log", d / "docker.pid")
+    log(f"starting dockerd {CTRD} (Docker from {CTRD_SUITE}, containerd image store)")
+
+
+def stop_ctrd_engine() -> None:
+    d = node_dir(CTRD)
+    if not d.is_dir():
+        return
+    stop_pidfile(d / "sshd.pid", str(d / "sshd_config"), f"sshd {CTRD}")
+    stop_pidfile(d / "docker.pid", CTRD_RUN, f"dockerd {CTRD}")
+    stop_pidfile(d / "containerd.pid", CTRD_RUN, f"containerd {CTRD}")
+
+
 # -- base image without a registry ---------------------------------------------------------
 
 
@@ -190,24 +282,7 @@ def ensure_base_image() -> None:
                         BASE_IMAGE], capture_output=True, text=True)
     if r.returncode == 0:
         return
-    tarball = BED / "cache" / f"{SUITE}-python-rootfs.tar"
-    if not tarball.is_file():
-        root = BED / "cache" / f"{SUITE}-rootfs.tmp"
-        if root.exists():
-            shutil.rmtree(root)
-        log(f"debootstrap --variant=minbase {SUITE} (about a minute, cached afterwards)")
-        t0 = time.monotonic()
-        run([which("debootstrap") or "debootstrap", "--variant=minbase",
-             "--include=python3,python3-pip,python3-venv,ca-certificates", SUITE, str(root),
-             MIRROR], stdout=subprocess.DEVNULL)
-        (root / "var/lib/apt/lists").mkdir(parents=True, exist_ok=True)
-        for p in (root / "var/cache/apt/archives").glob("*.deb"):
-            p.unlink()
-        partial = tarball.with_suffix(".partial")
-        run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(partial), "."])
-        os.replace(partial, tarball)
-        shutil.rmtree(root)
-        log(f"rootfs ready in {time.monotonic() - t0:.0f}s: {tarball}")
+    tarball = cached_rootfs(SUITE, "python3,python3-pip,python3-venv,ca-certificates", "python")
     log(f"docker import {tarball.name} as {BASE_IMAGE}")
     docker("head", "import", "--change", 'CMD ["/bin/bash"]',
            "--change", "ENV LANG=C.UTF-8", str(tarball), BASE_IMAGE,
@@ -441,7 +516,8 @@ def keygen(path: Path, comment: str) -> None:
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
 
 
-def ensure_ssh(workers: list[str]) -> None:
+def ensure_ssh(workers: list[tuple[str, str]]) -> None:
+    """Client key, known_hosts and ssh config for ``(name, address)`` workers."""
     sshdir = BED / "ssh"
     sshdir.mkdir(parents=True, exist_ok=True)
     os.chmod(sshdir, 0o700)
@@ -450,14 +526,14 @@ def ensure_ssh(workers: list[str]) -> None:
     (sshdir / "authorized_keys").write_text(pub)
     known = []
     config = [f"# ssh config of the imagebuild test bed: ssh -F {sshdir / 'config'} w1 docker info"]
-    for i, w in enumerate(workers, 1):
+    for w, addr in workers:
         wd = node_dir(w)
         wd.mkdir(parents=True, exist_ok=True)
         keygen(wd / "ssh_host_ed25519_key", f"imagebuild-testbed-{w}")
         hostkey = (wd / "ssh_host_ed25519_key.pub").read_text().split()
-        known.append(f"[{worker_addr(i)}]:{SSH_PORT} {hostkey[0]} {hostkey[1]}")
+        known.append(f"[{addr}]:{SSH_PORT} {hostkey[0]} {hostkey[1]}")
         config += [
-            "", f"Host {w}", f"  HostName {worker_addr(i)}", f"  Port {SSH_PORT}", "  User root",
+            "", f"Host {w}", f"  HostName {addr}", f"  Port {SSH_PORT}", "  User root",
             f"  IdentityFile {sshdir / 'id_ed25519'}", "  IdentitiesOnly yes",
             f"  UserKnownHostsFile {sshdir / 'known_hosts'}", "  StrictHostKeyChecking yes",
             "  BatchMode yes", "  ConnectTimeout 5", "  ServerAliveInterval 5",
@@ -467,13 +543,13 @@ def ensure_ssh(workers: list[str]) -> None:
     (sshdir / "config").write_text("\n".join(config) + "\n")
 
 
-def start_sshd(i: int, w: str) -> None:
+def start_sshd(addr: str, w: str) -> None:
     wd = node_dir(w)
     pidfile = wd / "sshd.pid"
     conf = wd / "sshd_config"
     conf.write_text("\n".join([
         f"# sshd of test-bed worker {w}: its sessions talk to this worker's dockerd",
-        f"ListenAddress {worker_addr(i)}:{SSH_PORT}",
+        f"ListenAddress {addr}:{SSH_PORT}",
         f"HostKey {wd / 'ssh_host_ed25519_key'}",
         f"PidFile {pidfile}",
         f"AuthorizedKeysFile {BED / 'ssh' / 'authorized_keys'}",
@@ -518,6 +594,10 @@ def write_inventory(workers: list[str]) -> None:
     lines += [f"  - name: {w}\n    address: {w}" for w in workers]
     (BED / "cluster.yaml").write_text("\n".join(lines) + "\n")
     (BED / "workers.count").write_text(f"{len(workers)}\n")
+    (BED / "cluster-containerd.yaml").write_text("\n".join([
+        "# the containerd-store worker of the imagebuild test bed", 
+        f"ssh_config: {BED / 'ssh' / 'config'}", "workers:",
+        f"  - name: {CTRD}\n    address: {CTRD}"]) + "\n")
 
 
 def env_text() -> str:
@@ -531,7 +611,7 @@ def env_text() -> str:
 def wipe_engines() -> None:
     """Stop the bed and remove every engine's data and the bed's state, keeping cache/."""
     cmd_down()
-    for name in ("head", "workers", "state", "backups", "remote-backups", "bench"):
+    for name in ("head", "workers", CTRD, "state", "backups", "remote-backups", "bench"):
         path = BED / name
         if path.exists():
             shutil.rmtree(path)
@@ -551,37 +631,48 @@ def cmd_up(n: int, fresh: bool = False) -> None:
     build_index([*served, ensure_uv_wheel()])
     start_index()
     start_dockerd("head")
-    ensure_ssh(workers)
+    ensure_ssh([*((w, worker_addr(i)) for i, w in enumerate(workers, 1)), (CTRD, CTRD_ADDR)])
     for w in workers:
         start_dockerd(w)
+    start_ctrd_engine()
     wait_engine("head")
     ensure_base_image()
     for i, w in enumerate(workers, 1):
         wait_engine(w)
-        start_sshd(i, w)
-    for w in workers:
+        start_sshd(worker_addr(i), w)
+    wait_engine(CTRD)
+    start_sshd(CTRD_ADDR, CTRD)
+    for w in [*workers, CTRD]:
         if not ssh_answers(w):
             die(f"ssh to worker {w} does not reach its engine",
                 f"try: ssh -F {BED / 'ssh' / 'config'} -v {w} docker info; logs in {node_dir(w)}")
     write_inventory(workers)
     (BED / "env").write_text(env_text())
-    log(f"up in {time.monotonic() - t0:.1f}s: head engine, {n} ssh workers, wheel index")
+    log(f"up in {time.monotonic() - t0:.1f}s: head engine, {n} ssh workers, a containerd-store "
+        f"worker ({CTRD}), wheel index")
     print(env_text(), end="")
 
 
 def all_nodes() -> list[str]:
     wdir = BED / "workers"
-    return ["head", *sorted(p.name for p in wdir.iterdir())] if wdir.is_dir() else ["head"]
+    nodes = ["head", *sorted(p.name for p in wdir.iterdir())] if wdir.is_dir() else ["head"]
+    return [*nodes, CTRD] if node_dir(CTRD).is_dir() else nodes
+
+
+def engine_marker(node: str) -> str:
+    """What the command line of ``node``'s dockerd contains (pid files are checked)."""
+    return CTRD_RUN if node == CTRD else str(node_dir(node))
 
 
 def cmd_down() -> None:
     if not BED.is_dir():
         return
+    stop_ctrd_engine()
     for node in reversed(all_nodes()):
         d = node_dir(node)
         if node != "head":
             stop_pidfile(d / "sshd.pid", str(d / "sshd_config"), f"sshd {node}")
-        stop_pidfile(d / "docker.pid", str(d), f"dockerd {node}")
+        stop_pidfile(d / "docker.pid", engine_marker(node), f"dockerd {node}")
     stop_pidfile(BED / "index.pid", str(BED / "index"), "wheel index")
     unmount_leftovers()
 
@@ -605,7 +696,7 @@ def cmd_status() -> int:
     bad = 0
     for node in all_nodes():
         d = node_dir(node)
-        ok = bool(pid_alive(d / "docker.pid", str(d))) and engine_answers(node)
+        ok = bool(pid_alive(d / "docker.pid", engine_marker(node))) and engine_answers(node)
         line = f"{node:6} dockerd {'up' if ok else 'DOWN'}"
         bad += not ok
         if node != "head":

@@ -228,6 +228,38 @@ def test_a_worker_out_of_disk_fails_alone_and_a_rerun_completes_it(clean: MiniSt
         assert _by(data, w, "vllm-node")["bytes_sent"] == 0
 
 
+def test_a_containerd_store_worker_gets_only_its_missing_layers(clean: MiniStack) -> None:
+    """c1 runs Docker 26 on the containerd image store: it refuses a docker-save archive
+    with layer files left out, so it gets an OCI layout without the present layers' blobs."""
+    mini = clean
+    mini.edit_spec("inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster.yaml",
+                   "inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster-containerd.yaml")
+    assert mini.cli("build", "mimo").returncode == 0
+    code, data, err = _distribute(mini)
+    assert code == 0, err
+    head = Engine()
+    for name in ("vllm-node", "vllm-node-tf5", "vllm-node-mimo"):
+        o = _by(data, "c1", name)
+        assert o["ok"] and o["store"] == "containerd", o
+        want = head.require(f"{name}:latest")
+        got = _worker_image(mini.bed, "c1", f"{name}:latest")
+        assert got is not None and got.fingerprint == want.fingerprint
+        assert got.id != want.id  # the two stores name the same content differently
+        hash_tag = next(t for t in want.tags if not t.endswith(":latest"))
+        assert hash_tag in got.tags
+    assert _by(data, "c1", "vllm-node")["action"] == "whole archive"
+    archive = (mini.root / "backups" / "vllm-node-mimo.tar").stat().st_size
+    for name in ("vllm-node-tf5", "vllm-node-mimo"):
+        o = _by(data, "c1", name)
+        assert o["action"] == "partial" and "OCI layout" in str(o["note"])
+        assert int(o["layers_skipped"]) >= 7  # type: ignore[call-overload]
+        assert 0 < int(o["bytes_sent"]) < archive / 8  # type: ignore[call-overload]
+    code, data, err = _distribute(mini)
+    assert code == 0, err
+    assert all(o["action"] == "up to date" and o["bytes_sent"] == 0
+               for o in data["outcomes"])  # type: ignore[union-attr]
+
+
 def test_bad_worker_selection_is_a_clear_error(mini: MiniStack) -> None:
     r = mini.cli("distribute", "--workers", "5")
     assert r.returncode == 2 and "the cluster has 3 worker(s)" in r.stderr

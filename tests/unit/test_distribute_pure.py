@@ -9,9 +9,13 @@ from pathlib import Path
 from imagebuild.distribute import (
     ArchiveIndex,
     Item,
+    Piece,
     WorkerState,
     archive_bytes,
     chain_ids,
+    containerd_name,
+    docker_pieces,
+    oci_pieces,
     parse_probe,
     plan_item,
 )
@@ -38,9 +42,13 @@ def _save_like(path: Path, layers: list[bytes]) -> list[str]:
     return diff_ids
 
 
-def _compose(index: ArchiveIndex, skip: int) -> bytes:
+def _join(index: ArchiveIndex, pieces: list[Piece]) -> bytes:
     raw = index.path.read_bytes()
-    return b"".join(raw[o:o + n] for o, n in index.ranges(skip)) + b"\0" * 1024
+    return b"".join(p if isinstance(p, bytes) else raw[p[0]:p[0] + p[1]] for p in pieces)
+
+
+def _compose(index: ArchiveIndex, skip: int) -> bytes:
+    return _join(index, docker_pieces(index, skip))
 
 
 def test_chain_ids() -> None:
@@ -59,7 +67,7 @@ def test_ranges_omit_exactly_the_skipped_layer_files(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(whole)) as tf:
         assert len([n for n in tf.getnames() if n.endswith("layer.tar")]) == 3
     part = _compose(index, 2)
-    assert archive_bytes(index.ranges(2)) == len(part)
+    assert archive_bytes(docker_pieces(index, 2)) == len(part)
     assert len(part) < len(whole) - 12000
     with tarfile.open(fileobj=io.BytesIO(part)) as tf:
         names = tf.getnames()
@@ -92,11 +100,51 @@ def test_plan_item_counts_only_whole_chains(tmp_path: Path) -> None:
     same = WorkerState(store="classic")
     same.add(_info(diff))
     assert plan_item(same, item)[0] == "up to date"
+    # the containerd store gets an OCI layout without the present layers' blobs
     ctrd = WorkerState(store="containerd")
     ctrd.add(_info(diff[:2]))
-    action, skipped, ranges, note = plan_item(ctrd, item)
-    assert action == "whole archive" and skipped == 0 and "containerd" in note
-    assert ranges == item.archive.ranges(0)
+    action, skipped, pieces, note = plan_item(ctrd, item)
+    assert (action, skipped) == ("partial", 2) and "OCI layout" in note
+    assert pieces == oci_pieces(item.archive, item.info.diff_ids, 2, "img:abc")
+    assert plan_item(WorkerState(store="containerd"), item)[:2] == ("whole archive", 0)
+
+
+def test_the_oci_layout_names_every_layer_and_carries_only_the_missing_blobs(
+        tmp_path: Path) -> None:
+    layers = [b"base" * 3000, b"middle" * 500, b"top"]
+    diff = _save_like(tmp_path / "a.tar", layers)
+    index = ArchiveIndex.read(tmp_path / "a.tar")
+    assert index.config == b"{}"
+    pieces = oci_pieces(index, tuple(diff), 2, "vllm-node-mimo:0123456789ab")
+    data = _join(index, pieces)
+    assert archive_bytes(pieces) == len(data) and len(data) % 512 == 0
+    # the layer bytes travel as ranges of the backup tar, not through Python
+    assert sum(n for p in pieces if isinstance(p, tuple) for n in p[1:]) == len(b"top")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        files = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}  # type: ignore[union-attr]
+    assert json.loads(files["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
+    idx = json.loads(files["index.json"])
+    [entry] = idx["manifests"]
+    assert entry["annotations"]["io.containerd.image.name"] == (
+        "docker.io/library/vllm-node-mimo:0123456789ab")
+    manifest_blob = files["blobs/sha256/" + entry["digest"].removeprefix("sha256:")]
+    assert "sha256:" + hashlib.sha256(manifest_blob).hexdigest() == entry["digest"]
+    manifest = json.loads(manifest_blob)
+    assert [d["digest"] for d in manifest["layers"]] == diff
+    assert [d["size"] for d in manifest["layers"]] == [len(b) for b in layers]
+    config = files["blobs/sha256/" + manifest["config"]["digest"].removeprefix("sha256:")]
+    assert config == b"{}"
+    blobs = {n for n in files if n.startswith("blobs/")}
+    assert "blobs/sha256/" + diff[2].removeprefix("sha256:") in blobs
+    assert not any("blobs/sha256/" + d.removeprefix("sha256:") in blobs for d in diff[:2])
+    assert files["blobs/sha256/" + diff[2].removeprefix("sha256:")] == b"top"
+
+
+def test_containerd_names() -> None:
+    assert containerd_name("vllm-node:latest") == "docker.io/library/vllm-node:latest"
+    assert containerd_name("team/vllm-node:1") == "docker.io/team/vllm-node:1"
+    assert containerd_name("head:5000/vllm-node:1") == "head:5000/vllm-node:1"
+    assert containerd_name("registry.lan/x/y:1") == "registry.lan/x/y:1"
 
 
 def test_the_probe_tells_the_stores_apart_and_reads_every_image() -> None:
