@@ -297,8 +297,9 @@ def restore_tar(engine: Engine, tar: Path, report: Report,
     return _restore(engine, str(tar), read_sidecar(tar), expect_image, check_and_load)
 
 
-def find_substitute(directory: Path, name: str, input_hash: str) -> Path | None:
-    """A backup tar (current or older generation) of exactly this derivation."""
+def find_backup(directory: Path, name: str, match: Callable[[Sidecar], bool]) -> Path | None:
+    """The newest backup tar of ``name`` (current, then older generations) whose sidecar
+    matches; a generation with an unreadable sidecar is passed over, not fatal."""
     if not directory.is_dir():
         return None
     for tar in [tar_path(directory, name), *generations(directory, name)]:
@@ -306,9 +307,14 @@ def find_substitute(directory: Path, name: str, input_hash: str) -> Path | None:
             sc = read_sidecar(tar)
         except BackupError:
             continue
-        if sc is not None and sc.input_hash == input_hash and tar.is_file():
+        if sc is not None and match(sc) and tar.is_file():
             return tar
     return None
+
+
+def find_substitute(directory: Path, name: str, input_hash: str) -> Path | None:
+    """A backup tar (current or older generation) of exactly this derivation."""
+    return find_backup(directory, name, lambda sc: sc.input_hash == input_hash)
 
 
 # -- a backup directory on another host (ssh://host/path) --------------------------------------

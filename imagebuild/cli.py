@@ -19,8 +19,7 @@ from .backup import (
     BackupResult,
     RestoreResult,
     backup_image,
-    generations,
-    read_sidecar,
+    find_backup,
     remote_backup_image,
     remote_restore,
     restore_tar,
@@ -390,10 +389,9 @@ def _backup_tar_of(spec: Spec, engine: Engine, name: str, info: ImageInfo) -> Pa
                         f"host, but backups.directory is remote",
                         hint="use a local backups.directory on the head node (it can be "
                              "copied to the control node separately)")
-    for tar in [tar_path(directory, name), *generations(directory, name)]:
-        sc = read_sidecar(tar)
-        if sc is not None and sc.image_id == info.id and tar.is_file():
-            return tar
+    tar = find_backup(directory, name, lambda sc: sc.image_id == info.id)
+    if tar is not None:
+        return tar
     assert spec.backups is not None
     _say(f"{name}: no backup of {info.id[7:19]} yet; writing it first")
     return Path(backup_image(engine, name, info, directory, spec.backups.keep, _say).where)

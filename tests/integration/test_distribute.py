@@ -270,7 +270,20 @@ def test_bad_worker_selection_is_a_clear_error(mini: MiniStack) -> None:
 def test_dry_run_sends_nothing(clean: MiniStack) -> None:
     mini = clean
     assert mini.cli("build", "tf5").returncode == 0
+    # no current backup, and an older generation whose sidecar is damaged: that one is
+    # passed over, not fatal, and the backup is written first
+    current = mini.root / "backups" / "vllm-node-tf5.tar"
+    current.unlink()
+    (current.parent / (current.name + ".json")).unlink()
+    old = current.parent / "vllm-node-tf5@000000000000.tar"
+    old.write_bytes(b"an old generation")
+    (old.parent / (old.name + ".json")).write_text("{ not json")
     r = mini.cli("distribute", "--dry-run", "--workers", "2", "tf5")
     assert r.returncode == 0, r.stderr
+    assert "no backup of" in r.stderr and current.is_file()
     assert "would send" in r.stdout and "w1" in r.stdout and "w3" not in r.stdout
     assert mini.bed.ssh("w1", "docker", "images", "-q").stdout.strip() == ""
+    # distribute reads the backup tar on this host: a remote backups directory is refused
+    mini.edit_spec("directory: backups", "directory: ssh://w1/var/tmp/imagebuild-backups")
+    r = mini.cli("distribute", "--dry-run", "--workers", "1", "tf5")
+    assert r.returncode == 2 and "backups.directory is remote" in r.stderr, r.stderr
