@@ -124,14 +124,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def check_space(directory: Path, need: int, what: str) -> None:
-    free = shutil.disk_usage(directory).free
+def check_space(directory: object, free: int, need: int, what: str) -> None:
+    """Refuse before writing anything when ``directory`` has less than ``need`` free."""
     if free < need:
         raise BackupError(
             f"{directory} has {free / 1e9:.2f} GB free, but {what} needs about "
             f"{need / 1e9:.2f} GB: nothing was written",
             hint="free space there, or point backups.directory at a larger disk",
         )
+
+
+def _save_ref(name: str, info: ImageInfo) -> str:
+    """What to ``docker save``: the hash tag, so the tar restores it (or the bare ID)."""
+    input_hash = info.labels.get(HASH_LABEL)
+    return f"{name}:{input_hash[:12]}" if input_hash else info.id
+
+
+def _new_sidecar(name: str, info: ImageInfo, size: int, sha256: str,
+                 mtime_ns: int) -> Sidecar:
+    input_hash = info.labels.get(HASH_LABEL)
+    tags = {f"{name}:latest"} | ({_save_ref(name, info)} if input_hash else set())
+    return Sidecar(
+        image=name, image_id=info.id, fingerprint=info.fingerprint, input_hash=input_hash,
+        tags=sorted(tags), size=size, sha256=sha256,
+        created=datetime.now(UTC).isoformat(timespec="seconds"), mtime_ns=mtime_ns,
+    )
 
 
 def backup_image(engine: Engine, name: str, info: ImageInfo, directory: Path, keep: int,
@@ -143,9 +160,9 @@ def backup_image(engine: Engine, name: str, info: ImageInfo, directory: Path, ke
     if existing and existing.image_id == info.id and _unchanged(tar, existing):
         return BackupResult(str(tar), existing, written=False)
     _clean_partials(directory, name)
-    check_space(directory, info.size + SPACE_MARGIN, f"a backup of {name}")
-    input_hash = info.labels.get(HASH_LABEL)
-    ref = f"{name}:{input_hash[:12]}" if input_hash else info.id
+    check_space(directory, shutil.disk_usage(directory).free, info.size + SPACE_MARGIN,
+                f"a backup of {name}")
+    ref = _save_ref(name, info)
     tmp = directory / f".{name}.tar.{os.getpid()}{PARTIAL}"
     started = time.monotonic()
     h = hashlib.sha256()
@@ -167,12 +184,7 @@ def backup_image(engine: Engine, name: str, info: ImageInfo, directory: Path, ke
         tmp.unlink(missing_ok=True)
         raise
     st = tmp.stat()
-    tags = sorted({ref, f"{name}:latest"} if input_hash else {f"{name}:latest"})
-    sidecar = Sidecar(
-        image=name, image_id=info.id, fingerprint=info.fingerprint, input_hash=input_hash,
-        tags=tags, size=st.st_size, sha256=h.hexdigest(),
-        created=datetime.now(UTC).isoformat(timespec="seconds"), mtime_ns=st.st_mtime_ns,
-    )
+    sidecar = _new_sidecar(name, info, st.st_size, h.hexdigest(), st.st_mtime_ns)
     _keep_previous(tar, existing)
     os.replace(tmp, tar)
     atomic_write_text(sidecar_path(tar), sidecar.to_json())
@@ -352,16 +364,10 @@ def remote_backup_image(engine: Engine, name: str, info: ImageInfo, rdir: Remote
     if existing and existing.image_id == info.id and _remote_size(rdir, tar) == existing.size:
         return BackupResult(f"{rdir}/{name}.tar", existing, written=False)
     df = run(t, ["df", "-P", "-B1", rdir.path]).splitlines()
-    free = int(df[-1].split()[3])
-    need = info.size + SPACE_MARGIN
-    if free < need:
-        raise BackupError(f"{rdir} has {free / 1e9:.2f} GB free, but a backup of {name} needs "
-                          f"about {need / 1e9:.2f} GB: nothing was written",
-                          hint="free space there, or point backups.directory elsewhere")
+    check_space(rdir, int(df[-1].split()[3]), info.size + SPACE_MARGIN, f"a backup of {name}")
     run(t, ["find", rdir.path, "-maxdepth", "1", "-name", f".{name}.tar.*{PARTIAL}", "-delete"])
     tmp = rdir.file(f".{name}.tar.{os.getpid()}{PARTIAL}")
-    input_hash = info.labels.get(HASH_LABEL)
-    ref = f"{name}:{input_hash[:12]}" if input_hash else info.id
+    ref = _save_ref(name, info)
     started = time.monotonic()
     h = hashlib.sha256()
     meter = Meter(report, f"saving {name} to {t.host}", info.size)
@@ -387,12 +393,7 @@ def remote_backup_image(engine: Engine, name: str, info: ImageInfo, rdir: Remote
         _remote_cleanup(rdir, tmp)
         raise BackupError(f"writing {t.host}:{tmp} failed; nothing was replaced: "
                           f"{explain(t, proc.returncode or 255, err)}")
-    sidecar = Sidecar(
-        image=name, image_id=info.id, fingerprint=info.fingerprint, input_hash=input_hash,
-        tags=sorted({ref, f"{name}:latest"} if input_hash else {f"{name}:latest"}),
-        size=size, sha256=h.hexdigest(), created=datetime.now(UTC).isoformat(timespec="seconds"),
-        mtime_ns=0,
-    )
+    sidecar = _new_sidecar(name, info, size, h.hexdigest(), mtime_ns=0)
     if _remote_size(rdir, tar) is not None:
         gen = rdir.file(f"{name}@{_generation_name(existing)}.tar")
         run(t, ["ln", "-f", tar, gen])
