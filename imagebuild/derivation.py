@@ -29,11 +29,15 @@ IMAGE_LABEL = "org.imagebuild.image"
 
 @dataclass(frozen=True)
 class ContextFile:
-    """One (small, generated) file of a build context."""
+    """One (small, generated) file of a build context; no data while a hash it needs is
+    unresolved in the lock."""
 
     arcname: str
-    sha256: str | None  # None: unresolved in the lock
-    data: bytes | None = None
+    data: bytes | None
+
+    @property
+    def sha256(self) -> str | None:
+        return hashlib.sha256(self.data).hexdigest() if self.data is not None else None
 
 
 @dataclass(frozen=True)
@@ -110,30 +114,20 @@ def plan(spec: Spec, lock: Lock, names: list[str] | None = None) -> list[Derivat
         img = spec.images[name]
         dockerfile = render_image(spec, name)
         df_bytes = dockerfile.encode()
-        context: list[ContextFile] = [
-            ContextFile(arcname="Dockerfile", sha256=hashlib.sha256(df_bytes).hexdigest(),
-                        data=df_bytes)
-        ]
+        context: list[ContextFile] = [ContextFile("Dockerfile", df_bytes)]
         unresolved: list[str] = []
         wheels: list[LockedWheel] = [lock.get(wname) for wname in img.wheels]
         served = tuple(ServedWheel(w.filename, w.sha256, spec.wheels_dir / w.filename)
                        for w in wheels)
         unresolved.extend(w.filename for w in wheels if w.sha256 is None)
         if wheels:
-            wreq = wheel_requirements(wheels)
-            context.append(ContextFile(
-                arcname=WHEEL_REQUIREMENTS, data=wreq,
-                sha256=hashlib.sha256(wreq).hexdigest() if wreq is not None else None))
+            context.append(ContextFile(WHEEL_REQUIREMENTS, wheel_requirements(wheels)))
         if img.torch is not None:
             t = lock.get(img.torch)
             wheels.append(t)
-            req = torch_requirements(t)
-            if req is None:
+            if t.sha256 is None:
                 unresolved.append(t.filename)
-                context.append(ContextFile(arcname=TORCH_REQUIREMENTS, sha256=None))
-            else:
-                context.append(ContextFile(arcname=TORCH_REQUIREMENTS,
-                                           sha256=hashlib.sha256(req).hexdigest(), data=req))
+            context.append(ContextFile(TORCH_REQUIREMENTS, torch_requirements(t)))
         parent = out[img.parent] if img.parent is not None else None
         if parent is not None and parent.input_hash is None:
             unresolved.extend(f for f in parent.unresolved if f not in unresolved)

@@ -16,6 +16,7 @@ the worker's image is checked by content fingerprint and tagged like the head's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -99,9 +100,13 @@ class ArchiveIndex:
         return cls(path=path, size=path.stat().st_size, members=tuple(members), layers=layers,
                    repo_tags=tags, config=config)
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Member]:
+        return {m.name: m for m in self.members}
+
     def member(self, name: str) -> Member:
         """The member holding ``name``'s bytes (symlinks and hard links followed)."""
-        by_name = {m.name: m for m in self.members}
+        by_name = self._by_name
         m = by_name.get(name)
         for _ in range(8):
             if m is None or not m.link:
@@ -160,7 +165,7 @@ def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: in
     pieces: list[Piece] = []
 
     def literal(name: str, data: bytes) -> None:
-        pieces.extend([_header(name, len(data)) + data + _padding(len(data))])
+        pieces.append(_header(name, len(data)) + data + _padding(len(data)))
 
     descriptors: list[dict[str, object]] = []
     sent: set[str] = set()
@@ -364,7 +369,7 @@ def ship(target: Target, items: list[Item], progress: Progress,
         try:
             action, skipped, pieces, note = plan_item(state, item)
             out.action, out.layers_skipped, out.note = action, skipped, note
-            out.bytes_planned = archive_bytes(pieces) if pieces else 0
+            out.bytes_planned = archive_bytes(pieces)
             if dry_run:
                 out.ok = True
                 continue

@@ -34,8 +34,11 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 @dataclass(frozen=True)
 class _Pinned:
     path: Path
-    size: int
     identity: tuple[int, int, int, int]  # dev, ino, size, mtime_ns
+
+    @property
+    def size(self) -> int:
+        return self.identity[2]
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -53,8 +56,7 @@ class WheelServer:
                  ) -> None:
         self._files: dict[str, _Pinned] = {}
         for name, path in files.items():
-            st = path.stat()
-            self._files[name] = _Pinned(path, st.st_size, _identity(st))
+            self._files[name] = _Pinned(path, _identity(path.stat()))
         self._log = log or (lambda _msg: None)
         self._lock = threading.Lock()
         self.bytes_sent = 0
@@ -126,7 +128,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, *, body: bool) -> None:
         name = unquote(urlsplit(self.path).path).lstrip("/")
-        pinned = self.owner.lookup(name) if "/" not in name else None
+        pinned = self.owner.lookup(name)  # exact names only: no paths, no listing
         if pinned is None:
             self._plain(404, f"not served here: {name}\n")
             return
