@@ -314,16 +314,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
                                       expect_image=name)
         else:
             directory = store
-            present = [n for n in names if args.images or tar_path(directory, n).is_file()]
-            if not present:
+            missing = [tar_path(directory, n) for n in names
+                       if not tar_path(directory, n).is_file()]
+            if args.images and missing:  # named: every one must be there
+                raise BackupError(f"{missing[0]} does not exist",
+                                  hint="list the backups directory; use --file for "
+                                       "another tar")
+            jobs = [n for n in names if tar_path(directory, n) not in missing]
+            if not jobs:
                 raise BackupError(f"no backups in {directory}",
                                   hint="run 'imagebuild backup' (or build) first")
-            jobs = list(present)
-            for n in present:
-                if not tar_path(directory, n).is_file():
-                    raise BackupError(f"{tar_path(directory, n)} does not exist",
-                                      hint="list the backups directory; use --file for "
-                                           "another tar")
 
             def restore(name: str | None) -> RestoreResult:
                 assert name is not None

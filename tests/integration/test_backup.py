@@ -174,6 +174,17 @@ def test_a_disk_that_fills_up_mid_write_leaves_nothing_half_written(mini: MiniSt
         subprocess.run(["umount", str(small)], check=True)
 
 
+def test_restore_without_the_tar_is_a_clear_error(mini: MiniStack, tmp_path: Path) -> None:
+    (mini.root / "backups").mkdir(exist_ok=True)
+    r = mini.cli("restore-from-tar")
+    assert r.returncode == 8 and "no backups in" in r.stderr, r.stderr
+    r = mini.cli("restore-from-tar", "mimo")
+    assert r.returncode == 8, r.stderr
+    assert f"{mini.root / 'backups' / 'vllm-node-mimo.tar'} does not exist" in r.stderr
+    r = mini.cli("restore-from-tar", "--file", str(tmp_path / "absent.tar"))
+    assert r.returncode == 8 and "absent.tar does not exist" in r.stderr, r.stderr
+
+
 def test_an_unverified_image_is_not_backed_up(mini: MiniStack) -> None:
     r = mini.cli("build", "--no-backup", "tf5")
     assert r.returncode == 0
