@@ -95,13 +95,12 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
     # every COPY of the lineage is a small generated file
     assert "(from http://127.0.0.1:" in node_log
     assert int(node_log.split("# wheel server: ")[1].split()[0]) > 0
-    history = subprocess.run(["docker", "history", "--no-trunc", "--format",
+    history = subprocess.run(["docker", "history", "--no-trunc", "--human=false", "--format",
                               "{{.Size}}\t{{.CreatedBy}}", mimo.id],
                              capture_output=True, text=True, check=True).stdout.splitlines()
     copies = [h for h in history if "COPY" in h]
     assert len(copies) == 4, history  # torch + wheel requirement files, node and mimo
-    assert all(h.split("\t")[0].endswith("B") and not h.split("\t")[0].endswith(("kB", "MB"))
-               for h in copies), copies
+    assert all(int(h.split("\t")[0]) < 4096 for h in copies), copies  # bytes, not wheels
 
 
 def test_git_commit_label_source() -> None:
