@@ -5,9 +5,10 @@ import tarfile
 
 import pytest
 
-from imagebuild.build import context_stream, preflight
+from imagebuild.build import Progress, Step, context_stream, execute, log_path, preflight
 from imagebuild.derivation import plan
-from imagebuild.errors import UnresolvedHashError, WheelHashMismatch
+from imagebuild.engine import Engine, ImageInfo
+from imagebuild.errors import EngineError, UnresolvedHashError, WheelHashMismatch
 from imagebuild.lock import read_lock, sha256_file
 
 from .conftest import Stack
@@ -65,3 +66,30 @@ def test_preflight_names_an_unresolved_wheel(stack: Stack) -> None:
     assert mimo.input_hash is None
     with pytest.raises(UnresolvedHashError, match=r"extra_mimo-1\.0-py3-none-any\.whl"):
         preflight(spec, mimo)
+
+
+class _RemoteEngine(Engine):
+    """An engine on another host (ssh://): fake only behind the engine boundary."""
+
+    def __init__(self) -> None:
+        self.base_url = "ssh://admin@head-node"
+        self.builds: list[str] = []
+
+    def inspect(self, ref: str) -> ImageInfo | None:
+        return ImageInfo(id="sha256:" + "b" * 64, tags=(ref,), labels={}, diff_ids=(),
+                         size=1, created="")
+
+    def build(self, context, *, buildargs, labels, nocache=False):  # type: ignore[no-untyped-def]
+        self.builds.append(labels)
+        raise AssertionError("no build may start")
+
+
+def test_a_build_that_needs_served_wheels_refuses_an_engine_on_another_host(
+        stack: Stack) -> None:
+    spec = stack.load()
+    node = plan(spec, read_lock(spec.lock_path), ["node"])[0]
+    engine = _RemoteEngine()
+    with pytest.raises(EngineError, match="is not on this machine") as info:
+        execute(spec, engine, [Step(node, "build", None)], progress=Progress())
+    assert info.value.exit_code == 4 and engine.builds == []
+    assert not log_path(spec, node).exists()

@@ -6,6 +6,8 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from imagebuild.distribute import (
     ArchiveIndex,
     Item,
@@ -20,6 +22,7 @@ from imagebuild.distribute import (
     plan_item,
 )
 from imagebuild.engine import ImageInfo
+from imagebuild.errors import ImagebuildError
 from imagebuild.remote import Target, explain
 from imagebuild.spec import Cluster, Worker
 
@@ -138,6 +141,19 @@ def test_the_oci_layout_names_every_layer_and_carries_only_the_missing_blobs(
     assert "blobs/sha256/" + diff[2].removeprefix("sha256:") in blobs
     assert not any("blobs/sha256/" + d.removeprefix("sha256:") in blobs for d in diff[:2])
     assert files["blobs/sha256/" + diff[2].removeprefix("sha256:")] == b"top"
+
+
+def test_an_archive_that_is_not_one_docker_save_image_is_refused(tmp_path: Path) -> None:
+    with tarfile.open(tmp_path / "other.tar", "w") as tf:
+        ti = tarfile.TarInfo("hello.txt")
+        ti.size = 2
+        tf.addfile(ti, io.BytesIO(b"hi"))
+    with pytest.raises(ImagebuildError, match="not a single-image docker save archive"):
+        ArchiveIndex.read(tmp_path / "other.tar")
+    # a backup tar that does not belong to the image's layers is not recomposed
+    diff = _save_like(tmp_path / "a.tar", [b"a", b"b"])
+    with pytest.raises(ImagebuildError, match="manifest and the image's layers differ"):
+        oci_pieces(ArchiveIndex.read(tmp_path / "a.tar"), (*diff, diff[0]), 1, "img:abc")
 
 
 def test_containerd_names() -> None:
