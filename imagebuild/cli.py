@@ -402,14 +402,15 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     lock = read_lock(spec.lock_path)
     targets = _select_workers(spec, args.workers)
     engine = Engine()
-    names = ([spec.resolve(n) for n in args.images] if args.images
-             else [n for n in spec.images if engine.inspect(f"{n}:latest") is not None])
+    wanted = [spec.resolve(n) for n in args.images] or list(spec.images)
+    latest = {n: engine.inspect(f"{n}:latest") for n in wanted}
+    names = wanted if args.images else [n for n in wanted if latest[n] is not None]
     if not names:
         raise ImageNotFound("no image of the spec has a latest tag to distribute",
                             hint="run 'imagebuild build' first")
     items: list[Item] = []
     for name in [n for n in spec.closure(names) if n in names]:
-        info = engine.inspect(f"{name}:latest")
+        info = latest[name]
         if info is None:
             raise ImageNotFound(f"{name}:latest is not present on this head node",
                                 hint=f"run 'imagebuild build {name}'")
