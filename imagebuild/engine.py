@@ -1,27 +1,41 @@
-"""The one boundary to the Docker Engine: the only module that imports ``docker``.
+"""The engine interface: what the workflows ask of a Docker engine, on the head or on a
+worker, and the typed results it answers with.
 
-Everything here returns typed results and raises ``EngineError`` (or a subclass)
-carrying what was asked, what the engine said, and the tail of any log. Bulk bytes
-(save/load) are streamed: nothing here holds an image or a layer in memory.
+Two implementations share it: ``engine_docker.DockerEngine`` (the head's engine, through
+the docker SDK; the only module that imports ``docker``) and ``engine_ssh.SshEngine`` (a
+worker's engine, through the docker CLI over OpenSSH). The unit tests drive the workflows
+against an in-memory engine that implements the same interface.
+
+Replies are parsed and validated here, at the edge: ``parse_image`` and ``parse_info``
+refuse a reply of an unexpected shape with ``BadReply`` (each engine turns it into its own
+typed error), so nothing downstream trusts an unchecked ``docker inspect``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Generator, Iterable, Iterator
+import re
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
-import docker  # type: ignore[import-untyped]
-import docker.errors  # type: ignore[import-untyped]
-import requests.exceptions
+from .errors import ImageNotFound
 
-from .errors import EngineError, ImageNotFound
+StoreKind = Literal["classic", "containerd"]
+CONTAINERD_DRIVER = "io.containerd.snapshotter.v1"
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+CHUNK = 1 << 20
 
-API_TIMEOUT = 120  # seconds, for short calls; streaming calls use no timeout
+Piece = tuple[int, int] | bytes  # a byte range (offset, length) of a file, or literal bytes
+OnBytes = Callable[[int], None]  # bytes sent so far
+
+
+class BadReply(ValueError):
+    """An engine answered with something of an unexpected shape."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +64,27 @@ class ImageInfo:
 
 
 @dataclass(frozen=True)
+class EngineInfo:
+    """What ``docker info`` says that the workflows use."""
+
+    store: StoreKind
+    driver: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An engine's info and every image it holds, read at once."""
+
+    info: EngineInfo
+    images: tuple[ImageInfo, ...]
+
+
+@dataclass(frozen=True)
 class BuildEvent:
     """One item of a build's progress stream."""
 
-    kind: str  # "line" | "error" | "done"
+    kind: Literal["line", "error", "done"]
     text: str = ""
     image_id: str = ""
 
@@ -66,216 +97,192 @@ class RunResult:
     timed_out: bool
 
 
-def image_info_from_inspect(data: dict[str, Any]) -> ImageInfo:
+# -- parsing replies -------------------------------------------------------------------------
+
+_CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "Labels", "WorkingDir", "User", "ExposedPorts",
+                "Volumes")
+
+
+def _str_list(value: object, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise BadReply(f"{what} is not a list of strings")
+    return tuple(value)
+
+
+def parse_image(data: object) -> ImageInfo:
+    """One entry of ``docker image inspect``'s array, checked."""
+    if not isinstance(data, dict):
+        raise BadReply(f"an inspect entry is a {type(data).__name__}, not an object")
+    image_id = data.get("Id")
+    if not isinstance(image_id, str) or not _DIGEST.match(image_id):
+        raise BadReply(f"an inspect entry has no valid Id ({image_id!r})")
     cfg = data.get("Config") or {}
+    if not isinstance(cfg, dict):
+        raise BadReply(f"{image_id[:19]}: Config is not an object")
+    labels = cfg.get("Labels") or {}
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise BadReply(f"{image_id[:19]}: Config.Labels is not a string mapping")
+    rootfs = data.get("RootFS") or {}
+    if not isinstance(rootfs, dict):
+        raise BadReply(f"{image_id[:19]}: RootFS is not an object")
+    layers = _str_list(rootfs.get("Layers"), f"{image_id[:19]}: RootFS.Layers")
+    if not all(_DIGEST.match(x) for x in layers):
+        raise BadReply(f"{image_id[:19]}: RootFS.Layers holds a value that is not a digest")
+    size = data.get("Size") or 0
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise BadReply(f"{image_id[:19]}: Size is not a byte count")
     return ImageInfo(
-        id=data["Id"],
-        tags=tuple(data.get("RepoTags") or ()),
-        labels=dict(cfg.get("Labels") or {}),
-        diff_ids=tuple((data.get("RootFS") or {}).get("Layers") or ()),
-        size=int(data.get("Size") or 0),
+        id=image_id,
+        tags=_str_list(data.get("RepoTags"), f"{image_id[:19]}: RepoTags"),
+        labels=dict(labels),
+        diff_ids=layers,
+        size=size,
         created=str(data.get("Created") or ""),
-        config={k: cfg.get(k) for k in ("Env", "Cmd", "Entrypoint", "Labels", "WorkingDir",
-                                         "User", "ExposedPorts", "Volumes")},
+        config={k: cfg.get(k) for k in _CONFIG_KEYS},
     )
+
+
+def parse_images(text: str) -> list[ImageInfo]:
+    """The JSON array ``docker image inspect`` prints (empty text: no images)."""
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise BadReply(f"docker image inspect did not print JSON ({exc})") from None
+    if not isinstance(data, list):
+        raise BadReply("docker image inspect did not print a JSON array")
+    return [parse_image(entry) for entry in data]
+
+
+def parse_info(data: object) -> EngineInfo:
+    """``docker info`` (as JSON): which image store, which version."""
+    if not isinstance(data, dict):
+        raise BadReply("docker info is not a JSON object")
+    status = data.get("DriverStatus") or []
+    if not isinstance(status, list):
+        raise BadReply("docker info: DriverStatus is not a list")
+    pairs: dict[str, str] = {}
+    for row in status:
+        if isinstance(row, list) and len(row) == 2:
+            pairs[str(row[0])] = str(row[1])
+    containerd = pairs.get("driver-type") == CONTAINERD_DRIVER
+    return EngineInfo(store="containerd" if containerd else "classic",
+                      driver=str(data.get("Driver") or "?"),
+                      version=str(data.get("ServerVersion") or "?"))
 
 
 def is_local_engine_url(url: str) -> bool:
     """Whether an engine address is on this machine: a unix socket or a loopback TCP
-    address (not ``ssh://`` or a remote ``tcp://``)."""
+    address (not ``ssh://``, and not a name that merely starts with ``127.``)."""
     if url.startswith(("unix://", "/")):
         return True
-    host = urlsplit(url if "://" in url else "tcp://" + url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    try:
+        host = urlsplit(url if "://" in url else "tcp://" + url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-class Engine:
-    """A Docker engine, reached through ``DOCKER_HOST`` (or the default socket)."""
+def archive_chunks(path: Path, pieces: list[Piece], on_bytes: OnBytes | None = None
+                   ) -> Iterator[bytes]:
+    """The archive the pieces describe, in chunks of at most 1 MiB (memory stays flat)."""
+    sent = 0
+    with path.open("rb") as f:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                sent += len(piece)
+                yield piece
+                continue
+            offset, length = piece
+            f.seek(offset)
+            while length > 0:
+                chunk = f.read(min(length, CHUNK))
+                if not chunk:
+                    raise BadReply(f"{path} ended early")
+                length -= len(chunk)
+                sent += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(sent)
+                yield chunk
 
-    def __init__(self, base_url: str | None = None) -> None:
-        self.base_url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-        try:
-            self.api = docker.APIClient(base_url=self.base_url, version="auto",
-                                        timeout=API_TIMEOUT)
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise EngineError(
-                f"cannot reach the Docker engine at {self.base_url}: {_reason(exc)}",
-                hint="is dockerd running? set DOCKER_HOST to its socket (for the test bed: "
-                     "eval \"$(scripts/testbed env)\")",
-            ) from None
+
+# -- the interface ---------------------------------------------------------------------------
+
+
+class Engine(Protocol):
+    """A Docker engine, on the head or on a worker.
+
+    Implementations subclass this explicitly to inherit ``require`` and ``load_archive``.
+    """
+
+    @property
+    def where(self) -> str:
+        """Where the engine is, for messages (a socket URL, or a worker's name)."""
+        ...
 
     @property
     def on_this_host(self) -> bool:
         """Whether a build with host networking reaches this process on 127.0.0.1."""
-        return is_local_engine_url(self.base_url)
+        ...
 
-    # -- images ------------------------------------------------------------------------------
+    def info(self) -> EngineInfo: ...
+
+    def snapshot(self) -> Snapshot:
+        """The engine's info and every image (one round trip on a worker)."""
+        ...
 
     def inspect(self, ref: str) -> ImageInfo | None:
-        try:
-            return image_info_from_inspect(self.api.inspect_image(ref))
-        except docker.errors.ImageNotFound:
-            return None
-        except docker.errors.APIError as exc:
-            if exc.status_code == 404:
-                return None
-            raise self._error(f"inspect {ref}", exc) from None
-        except requests.exceptions.RequestException as exc:
-            raise self._error(f"inspect {ref}", exc) from None
+        """The image ``ref`` names, or None when there is none."""
+        ...
 
-    def require(self, ref: str) -> ImageInfo:
-        info = self.inspect(ref)
-        if info is None:
-            raise ImageNotFound(f"image {ref} is not present in the engine at {self.base_url}")
-        return info
+    def find_by_label(self, key: str, value: str) -> list[ImageInfo]: ...
 
-    def find_by_label(self, key: str, value: str) -> list[ImageInfo]:
-        try:
-            rows = self.api.images(filters={"label": f"{key}={value}"})
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise self._error(f"list images with label {key}={value}", exc) from None
-        out = []
-        for row in rows:
-            info = self.inspect(row["Id"])
-            if info is not None:
-                out.append(info)
-        return out
-
-    def tag(self, image_id: str, repository: str, tag: str) -> None:
-        try:
-            ok = self.api.tag(image_id, repository, tag, force=True)
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise self._error(f"tag {image_id} as {repository}:{tag}", exc) from None
-        if not ok:
-            raise EngineError(f"the engine refused to tag {image_id} as {repository}:{tag}")
+    def tag(self, image_id: str, repository: str, tag: str) -> None: ...
 
     def remove_image(self, ref: str) -> None:
-        try:
-            self.api.remove_image(ref, force=True)
-        except docker.errors.ImageNotFound:
-            return
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise self._error(f"remove {ref}", exc) from None
+        """Remove a tag (or an image by ID); absent is not an error."""
+        ...
 
-    # -- save / load -------------------------------------------------------------------------
-
-    def save(self, ref: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        """``docker save`` as a stream of chunks (the engine exports before sending)."""
-        try:
-            # a dedicated client with no read timeout: the first byte may take minutes
-            api = docker.APIClient(base_url=self.base_url, version=self.api.api_version,
-                                   timeout=None)
-            yield from api.get_image(ref, chunk_size=chunk_size)
-        except docker.errors.NotFound:
-            raise ImageNotFound(f"image {ref} is not present in the engine") from None
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise self._error(f"save {ref}", exc) from None
+    def save(self, ref: str) -> Iterator[bytes]:
+        """``docker save`` as a stream of chunks."""
+        ...
 
     def load(self, chunks: Iterable[bytes]) -> list[str]:
         """``docker load`` from a stream; returns the engine's "Loaded ..." lines."""
-        api = docker.APIClient(base_url=self.base_url, version=self.api.api_version,
-                               timeout=None)
-        loaded: list[str] = []
-        try:
-            for item in api.load_image(chunks):
-                if "error" in item:
-                    detail = item.get("errorDetail") or {}
-                    message = detail.get("message") or item["error"]
-                    raise EngineError(f"docker load failed: {message}")
-                text = str(item.get("stream") or "").strip()
-                if text.startswith("Loaded"):
-                    loaded.append(text)
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise self._error("load", exc) from None
-        return loaded
-
-    # -- build -------------------------------------------------------------------------------
+        ...
 
     def build(self, context: Iterable[bytes], *, buildargs: dict[str, str],
               labels: dict[str, str], nocache: bool = False
               ) -> Generator[BuildEvent, None, None]:
-        """Classic-builder build from a streamed tar context; yields progress events.
-
-        Nothing is tagged here: the caller tags the image ID only after success, so no
-        tag ever points at a failed or partial build. Intermediate containers are
-        removed even on failure (forcerm). Builds use host networking.
-        """
-        try:
-            stream = self.api.build(
-                fileobj=context, custom_context=True, buildargs=buildargs, labels=labels,
-                network_mode="host", rm=True, forcerm=True, pull=False, nocache=nocache,
-                decode=True, timeout=None,
-            )
-            for item in stream:
-                if "stream" in item:
-                    yield BuildEvent("line", text=str(item["stream"]))
-                elif "error" in item:
-                    detail = item.get("errorDetail") or {}
-                    yield BuildEvent("error", text=str(detail.get("message") or item["error"]))
-                    return
-                elif "aux" in item and isinstance(item["aux"], dict) and "ID" in item["aux"]:
-                    yield BuildEvent("done", image_id=str(item["aux"]["ID"]))
-                elif "status" in item:
-                    yield BuildEvent("line", text=str(item["status"]) + "\n")
-        except docker.errors.APIError as exc:
-            yield BuildEvent("error", text=_reason(exc))
-        except requests.exceptions.RequestException as exc:
-            raise self._error("build", exc) from None
-
-    # -- containers --------------------------------------------------------------------------
+        """A build from a streamed tar context; tags nothing."""
+        ...
 
     def run_check(self, image: str, command: list[str], timeout: float) -> RunResult:
-        """Run ``command`` in a throwaway container: entrypoint overridden, no network,
-        killed at ``timeout``, always removed. Returns exit code and combined output."""
-        try:
-            cid = self.api.create_container(
-                image, command=command[1:], entrypoint=[command[0]],
-                network_disabled=True,
-                host_config=self.api.create_host_config(network_mode="none"),
-                labels={"org.imagebuild.check": "1"},
-            )["Id"]
-        except docker.errors.ImageNotFound:
-            raise ImageNotFound(f"image {image} is not present in the engine") from None
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise self._error(f"create a check container from {image}", exc) from None
-        try:
-            self.api.start(cid)
-            timed_out = False
-            code: int | None
-            try:
-                status = self.api.wait(cid, timeout=timeout)
-                code = int(status.get("StatusCode", -1))
-            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-                # docker-py surfaces a read timeout on the wait call as either
-                timed_out, code = True, None
-                self.api.kill(cid)
-            out = self.api.logs(cid, stdout=True, stderr=False).decode(errors="replace")
-            err = self.api.logs(cid, stdout=False, stderr=True).decode(errors="replace")
-            return RunResult(exit_code=code, stdout=out, stderr=err, timed_out=timed_out)
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise self._error(f"run a check in {image}", exc) from None
-        finally:
-            try:
-                self.api.remove_container(cid, force=True)
-            except (docker.errors.APIError, requests.exceptions.RequestException):
-                pass
+        """Run ``command`` in a throwaway container: no network, killed at ``timeout``,
+        always removed."""
+        ...
 
-    # -- info --------------------------------------------------------------------------------
+    # -- shared by every implementation ----------------------------------------------------
 
-    def info(self) -> dict[str, Any]:
-        try:
-            return dict(self.api.info())
-        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            raise self._error("info", exc) from None
+    def require(self, ref: str) -> ImageInfo:
+        info = self.inspect(ref)
+        if info is None:
+            raise ImageNotFound(f"image {ref} is not present in the engine at {self.where}")
+        return info
 
-    def _error(self, what: str, exc: Exception) -> EngineError:
-        return EngineError(
-            f"docker {what} failed on {self.base_url}: {_reason(exc)}",
-            hint="check that dockerd is running and DOCKER_HOST points at it",
-        )
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, docker.errors.APIError):
-        return str(exc.explanation or exc)
-    return str(exc) or exc.__class__.__name__
+    def load_archive(self, path: Path, pieces: list[Piece],
+                     on_bytes: OnBytes | None = None) -> int:
+        """Load the archive made of ``pieces`` (byte ranges of ``path`` and literal bytes);
+        returns the bytes sent."""
+        total = sum(p[1] if isinstance(p, tuple) else len(p) for p in pieces)
+        self.load(archive_chunks(path, pieces, on_bytes))
+        return total

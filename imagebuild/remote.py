@@ -1,29 +1,32 @@
-"""The one subprocess boundary: OpenSSH to the workers.
+"""The one process boundary: OpenSSH to the workers and backup hosts, and git.
 
 Commands are argument lists (never ``shell=True``); the remote command is a single
 string built with ``shlex.join`` so the remote shell sees exactly the words we mean.
 The user's ssh config, agent and known_hosts are respected, and host-key checking is
 never weakened: we only add BatchMode (no prompts), a connect timeout and keepalives so
-a dead worker fails instead of hanging.
+a dead worker fails instead of hanging. Every value that reaches an ssh command line
+was validated when the spec loaded (user and host names cannot start with ``-``), and
+the host is put after ``--`` so it can never be read as an option.
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from pathlib import Path
 
 from .errors import RemoteError
-from .spec import Cluster, Worker
 
 CONNECT_TIMEOUT = 10
 KEEPALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
+GIT_TIMEOUT = 10
 
 
 @dataclass(frozen=True)
 class Target:
-    """How to reach one worker with ssh."""
+    """How to reach one host with ssh."""
 
     name: str
     host: str
@@ -31,12 +34,6 @@ class Target:
     port: int | None = None
     identity: str | None = None
     config: str | None = None
-
-    @classmethod
-    def of(cls, cluster: Cluster, worker: Worker) -> Target:
-        return cls(name=worker.name, host=worker.address, user=cluster.ssh_user,
-                   port=cluster.ssh_port, identity=cluster.ssh_identity,
-                   config=cluster.ssh_config)
 
     def argv(self, remote: list[str]) -> list[str]:
         argv = ["ssh"]
@@ -52,74 +49,118 @@ class Target:
         argv += ["--", self.host, shlex.join(remote)]
         return argv
 
+    def __str__(self) -> str:
+        return f"{self.name} ({self.host})" if self.name != self.host else self.host
+
 
 def explain(target: Target, code: int, stderr: str) -> str:
     """One line saying why an ssh command failed."""
     err = stderr.strip()
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in err:
-        return (f"{target.name} ({target.host}): the host key does not match known_hosts; "
-                f"refused (host-key checking stays on)")
+        return (f"{target}: the host key does not match known_hosts; refused (host-key "
+                f"checking stays on)")
     if "Host key verification failed" in err:
-        return (f"{target.name} ({target.host}): host key verification failed; add the "
-                f"worker's key to known_hosts (ssh-keyscan, checked by hand)")
+        return (f"{target}: host key verification failed; add the host's key to "
+                f"known_hosts (ssh-keyscan, checked by hand)")
     if "Permission denied" in err:
-        return f"{target.name} ({target.host}): ssh authentication failed: {_last(err)}"
+        return f"{target}: ssh authentication failed: {last_line(err)}"
     if code == 255:
-        return f"{target.name} ({target.host}): unreachable over ssh: {_last(err) or 'no answer'}"
-    return f"{target.name}: remote command failed (exit {code}): {_last(err) or 'no output'}"
+        return f"{target}: unreachable over ssh: {last_line(err) or 'no answer'}"
+    return f"{target.name}: remote command failed (exit {code}): {last_line(err) or 'no output'}"
 
 
-def _last(text: str) -> str:
+def last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1].strip() if lines else ""
 
 
-def run(target: Target, remote: list[str], timeout: float = 120,
-        stdin: bytes | None = None) -> str:
-    """Run ``remote`` on the worker; return its stdout or raise RemoteError."""
+@dataclass(frozen=True)
+class Completed:
+    code: int | None  # None: killed at the timeout
+    stdout: str
+    stderr: str
+
+    @property
+    def timed_out(self) -> bool:
+        return self.code is None
+
+
+def call(target: Target, remote: list[str], timeout: float = 120,
+         stdin: bytes | None = None) -> Completed:
+    """Run ``remote`` on the host and return what happened, whatever its exit status."""
     try:
         r = subprocess.run(target.argv(remote), input=stdin, capture_output=True,
                            timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise RemoteError(f"{target.name} ({target.host}): {shlex.join(remote)} did not "
-                          f"finish within {timeout:.0f}s") from None
+    except subprocess.TimeoutExpired as exc:
+        return Completed(None, _text(exc.stdout), _text(exc.stderr))
     except FileNotFoundError:
         raise RemoteError("ssh is not installed", hint="install openssh-client") from None
-    if r.returncode != 0:
-        raise RemoteError(explain(target, r.returncode, r.stderr.decode(errors="replace")))
-    return r.stdout.decode(errors="replace")
+    return Completed(r.returncode, _text(r.stdout), _text(r.stderr))
 
 
-def start(target: Target, remote: list[str], *, read: bool = False) -> subprocess.Popen[bytes]:
-    """Start ``remote`` streaming: with a pipe on its stdin (to send it bytes), or with
-    ``read`` a pipe on its stdout (to receive them). Its stderr is kept for messages."""
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")
+
+
+def run(target: Target, remote: list[str], timeout: float = 120,
+        stdin: bytes | None = None) -> str:
+    """Run ``remote`` on the host; return its stdout or raise RemoteError."""
+    r = call(target, remote, timeout, stdin)
+    if r.code is None:
+        raise RemoteError(f"{target}: {shlex.join(remote)} did not finish within "
+                          f"{timeout:.0f}s")
+    if r.code != 0:
+        raise RemoteError(explain(target, r.code, r.stderr))
+    return r.stdout
+
+
+Process = subprocess.Popen[bytes]
+
+
+def start(target: Target, remote: list[str], *, read: bool = False) -> Process:
+    """Start ``remote`` streaming: with a pipe on its stdin (to send it bytes) and on its
+    stdout (a few lines of reply), or with ``read`` a pipe on its stdout only (to receive
+    bytes). Its stderr is kept for messages."""
     try:
         return subprocess.Popen(target.argv(remote),
                                 stdin=subprocess.DEVNULL if read else subprocess.PIPE,
-                                stdout=subprocess.PIPE if read else subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
         raise RemoteError("ssh is not installed", hint="install openssh-client") from None
 
 
-@dataclass(frozen=True)
-class RemoteDir:
-    """A directory on another host, given as ``ssh://[user@]host[:port]/path``."""
+def finish(proc: Process) -> Completed:
+    """Close a started command's stdin (if any), wait for it, and collect its output."""
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+    out, err = proc.communicate()
+    return Completed(proc.returncode, _text(out), _text(err))
 
-    target: Target
-    path: str
 
-    @classmethod
-    def parse(cls, url: str, ssh_config: str | None) -> RemoteDir:
-        parts = urlsplit(url)
-        if parts.scheme != "ssh" or not parts.hostname or not parts.path.startswith("/"):
-            raise RemoteError(f"{url!r} is not ssh://[user@]host[:port]/absolute/path")
-        target = Target(name=parts.hostname, host=parts.hostname, user=parts.username,
-                        port=parts.port, config=ssh_config)
-        return cls(target=target, path=parts.path.rstrip("/") or "/")
+def git_commit(root: Path) -> str | None:
+    """The commit ``root`` is checked out at (``-dirty`` with local changes), or None when
+    it is not a git repository or git is missing, slow or broken."""
+    git = shutil.which("git")
+    if git is None:
+        return None
 
-    def file(self, name: str) -> str:
-        return f"{self.path}/{name}"
+    def ask(*args: str) -> str | None:
+        try:
+            r = subprocess.run([git, "-C", str(root), *args], capture_output=True, text=True,
+                               timeout=GIT_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
 
-    def __str__(self) -> str:
-        return f"ssh://{self.target.host}{self.path}"
+    commit = ask("rev-parse", "HEAD")
+    if not commit:
+        return None
+    dirty = ask("status", "--porcelain")
+    if dirty is None:
+        return None
+    return commit + ("-dirty" if dirty else "")

@@ -1,0 +1,236 @@
+"""A worker's engine over OpenSSH: the docker CLI on the worker, through remote.py.
+
+Every reply is parsed by the same functions as the head's (``engine.parse_*``); a reply
+of an unexpected shape (a login banner on stdout, an inspect entry without ``Id``) is a
+``RemoteError`` naming the worker, so one bad worker fails alone. Bulk bytes go through
+OpenSSH with no Python in the data path: ``load_archive`` pushes byte ranges of a local
+file into ``ssh worker docker load`` with ``os.sendfile``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Generator, Iterable, Iterator
+from pathlib import Path
+
+from .engine import (
+    CHUNK,
+    BadReply,
+    BuildEvent,
+    Engine,
+    EngineInfo,
+    ImageInfo,
+    OnBytes,
+    Piece,
+    RunResult,
+    Snapshot,
+    parse_images,
+    parse_info,
+)
+from .errors import EngineError, ImageNotFound, RemoteError
+from .naming import CHECK_LABEL
+from .remote import Process, Target, call, explain, finish, last_line, run, start
+
+# One round trip: the engine's info on the first line, then the inspect array of every
+# image (a constant script; nothing from the spec reaches this shell).
+PROBE = ('docker info --format "{{json .}}" && '
+         "docker images -aq --no-trunc | sort -u | xargs -r docker image inspect")
+# Images with a label: the label arrives as "$1", never as shell text.
+BY_LABEL = ('docker images -q --no-trunc --filter "label=$1" | sort -u '
+            "| xargs -r docker image inspect")
+_NOT_FOUND = ("No such image", "No such object", "not found")
+CHECK_GRACE = 30  # seconds ssh may take on top of a check's own timeout
+
+
+class SshEngine(Engine):
+    """The Docker engine of one worker, reached with ``ssh worker docker ...``."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def where(self) -> str:
+        return str(self.target)
+
+    @property
+    def on_this_host(self) -> bool:
+        return False
+
+    def _reply(self, what: str, parse_text: str) -> list[ImageInfo]:
+        try:
+            return parse_images(parse_text)
+        except BadReply as exc:
+            raise RemoteError(f"{self.target}: unexpected reply to {what}: {exc}",
+                              hint="a login banner or message on stdout breaks replies; "
+                                   "make the worker's shell print nothing for "
+                                   "non-interactive ssh") from None
+
+    # -- images ------------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        return self._parse_info(run(self.target, ["docker", "info", "--format", "{{json .}}"]))
+
+    def _parse_info(self, line: str) -> EngineInfo:
+        try:
+            return parse_info(json.loads(line))
+        except (ValueError, BadReply) as exc:
+            raise RemoteError(f"{self.target}: unexpected reply to docker info: {exc}",
+                              hint="a login banner or message on stdout breaks replies; "
+                                   "make the worker's shell print nothing for "
+                                   "non-interactive ssh") from None
+
+    def snapshot(self) -> Snapshot:
+        first, _, rest = run(self.target, ["sh", "-c", PROBE]).partition("\n")
+        return Snapshot(info=self._parse_info(first),
+                        images=tuple(self._reply("the image listing", rest)))
+
+    def inspect(self, ref: str) -> ImageInfo | None:
+        r = call(self.target, ["docker", "image", "inspect", "--", ref])
+        if r.code == 0:
+            found = self._reply(f"docker image inspect {ref}", r.stdout)
+            if len(found) != 1:
+                raise RemoteError(f"{self.target}: docker image inspect {ref} returned "
+                                  f"{len(found)} images")
+            return found[0]
+        if r.code == 1 and any(s in r.stderr for s in _NOT_FOUND):
+            return None
+        raise self._failed(f"docker image inspect {ref}", r.code, r.stderr)
+
+    def find_by_label(self, key: str, value: str) -> list[ImageInfo]:
+        out = run(self.target, ["sh", "-c", BY_LABEL, "sh", f"{key}={value}"])
+        return self._reply(f"images labelled {key}", out)
+
+    def tag(self, image_id: str, repository: str, tag: str) -> None:
+        run(self.target, ["docker", "tag", image_id, f"{repository}:{tag}"])
+
+    def remove_image(self, ref: str) -> None:
+        r = call(self.target, ["docker", "rmi", "-f", "--", ref])
+        if r.code != 0 and not (r.code == 1 and any(s in r.stderr for s in _NOT_FOUND)):
+            raise self._failed(f"docker rmi {ref}", r.code, r.stderr)
+
+    # -- save / load -------------------------------------------------------------------------
+
+    def save(self, ref: str) -> Iterator[bytes]:
+        proc = start(self.target, ["docker", "save", "--", ref], read=True)
+        assert proc.stdout is not None
+        try:
+            while chunk := proc.stdout.read(CHUNK):
+                yield chunk
+        except BaseException:  # the reader stopped early, or Ctrl-C
+            proc.kill()
+            proc.wait()
+            raise
+        r = finish(proc)
+        if r.code != 0:
+            if any(s in r.stderr for s in _NOT_FOUND):
+                raise ImageNotFound(f"{self.target}: image {ref} is not present")
+            raise self._failed(f"docker save {ref}", r.code, r.stderr)
+
+    def load(self, chunks: Iterable[bytes]) -> list[str]:
+        def feed(fd: int, count: OnBytes) -> None:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+                count(len(chunk))
+
+        return self._loading(feed)[0]
+
+    def load_archive(self, path: Path, pieces: list[Piece],
+                     on_bytes: OnBytes | None = None) -> int:
+        """Pieces into ``docker load``: ranges with ``sendfile``, literals with ``write``."""
+
+        def feed(fd: int, count: OnBytes) -> None:
+            with path.open("rb") as f:
+                for piece in pieces:
+                    if isinstance(piece, bytes):
+                        _write_all(fd, piece)
+                        count(len(piece))
+                        continue
+                    offset, length = piece
+                    while length > 0:
+                        n = os.sendfile(fd, f.fileno(), offset, min(length, 1 << 30))
+                        if n == 0:
+                            raise RemoteError(f"{path} ended early while sending to "
+                                              f"{self.target.name}")
+                        offset += n
+                        length -= n
+                        count(n)
+
+        return self._loading(feed, on_bytes)[1]
+
+    def _loading(self, feed: Callable[[int, OnBytes], None], on_bytes: OnBytes | None = None
+                 ) -> tuple[list[str], int]:
+        """Run ``ssh worker docker load`` and let ``feed`` write the archive to its stdin;
+        returns the "Loaded ..." lines and the bytes sent."""
+        proc = start(self.target, ["docker", "load"])
+        assert proc.stdin is not None
+        sent = 0
+
+        def count(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if on_bytes is not None:
+                on_bytes(sent)
+
+        broken = False
+        try:
+            feed(proc.stdin.fileno(), count)
+        except (BrokenPipeError, ConnectionResetError):
+            broken = True
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        return self._finish_load(proc, sent, broken), sent
+
+    def _finish_load(self, proc: Process, sent: int, broken: bool) -> list[str]:
+        r = finish(proc)
+        if r.code != 0 or broken:
+            why = (explain(self.target, r.code or 255, r.stderr) if r.code or r.stderr.strip()
+                   else f"{self.target.name}: the connection closed during the transfer")
+            raise RemoteError(f"transfer failed after {sent / 1e6:.1f} MB: {why}")
+        return [ln.strip() for ln in r.stdout.splitlines() if ln.strip().startswith("Loaded")]
+
+    # -- build and checks --------------------------------------------------------------------
+
+    def build(self, context: Iterable[bytes], *, buildargs: dict[str, str],
+              labels: dict[str, str], nocache: bool = False
+              ) -> Generator[BuildEvent, None, None]:
+        raise EngineError(f"{self.target}: images are built on the head node's engine, "
+                          f"not on a worker",
+                          hint="run imagebuild build on the head, then imagebuild distribute")
+        yield BuildEvent("error")  # pragma: no cover - makes this a generator
+
+    def run_check(self, image: str, command: list[str], timeout: float) -> RunResult:
+        name = f"imagebuild-check-{uuid.uuid4().hex[:12]}"
+        argv = ["docker", "run", "--rm", "--name", name, "--network", "none",
+                "--label", f"{CHECK_LABEL}=1", "--entrypoint", command[0], "--", image,
+                *command[1:]]
+        r = call(self.target, argv, timeout=timeout + CHECK_GRACE)
+        if r.code is None or r.code == 255:
+            call(self.target, ["docker", "rm", "-f", name])
+        if r.code is None:
+            return RunResult(exit_code=None, stdout=r.stdout, stderr=r.stderr, timed_out=True)
+        if r.code == 255:
+            raise self._failed(f"docker run {image}", r.code, r.stderr)
+        if r.code == 125 and any(s in r.stderr for s in _NOT_FOUND):
+            raise ImageNotFound(f"{self.target}: image {image} is not present")
+        return RunResult(exit_code=r.code, stdout=r.stdout, stderr=r.stderr, timed_out=False)
+
+    def _failed(self, what: str, code: int | None, stderr: str) -> RemoteError:
+        if code == 255 or code is None:
+            return RemoteError(explain(self.target, code or 255, stderr))
+        return RemoteError(f"{self.target}: {what} failed (exit {code}): "
+                           f"{last_line(stderr) or 'no output'}")
+
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
