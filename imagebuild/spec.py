@@ -17,7 +17,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
@@ -99,11 +100,14 @@ class Params:
     transformers: str | None = None  # requirement, e.g. "transformers>=5.0.0"
 
 
+CheckKind = Literal["output", "specifier", "locked", "succeeds"]
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
     run: tuple[str, ...]
-    kind: str  # "output" | "specifier" | "locked" | "succeeds"
+    kind: CheckKind
     expected: str  # exact output, specifier text, locked wheel name, or "" for succeeds
     hint: str | None = None
     timeout: float = 120.0
@@ -145,9 +149,29 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class SshLocation:
+    """A directory on another host: ``ssh://[user@]host[:port]/absolute/path``."""
+
+    host: str
+    path: str
+    user: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"ssh://{user}{self.host}{port}{self.path}"
+
+
+@dataclass(frozen=True)
 class Backups:
-    directory: str
+    location: Path | SshLocation  # a local directory, or one on another host
     keep: int = 2
+
+    @property
+    def local(self) -> Path | None:
+        """The directory when it is on this host."""
+        return self.location if isinstance(self.location, Path) else None
 
 
 @dataclass(frozen=True)
@@ -320,8 +344,8 @@ _IMAGE_KEYS = {"aliases", "template", "parent", "base", "base_digest", "params",
                "torch", "checks"}
 _PARAM_KEYS = {"apt_packages", "env", "uv", "pip_index", "transformers"}
 _CHECK_KEYS = {"run", "expect", "specifier", "locked", "succeeds", "hint", "timeout"}
-_CHECK_KINDS = {"expect": "output", "specifier": "specifier", "locked": "locked",
-                "succeeds": "succeeds"}
+_CHECK_KINDS: dict[str, CheckKind] = {"expect": "output", "specifier": "specifier",
+                                      "locked": "locked", "succeeds": "succeeds"}
 _CLUSTER_KEYS = {"inventory", "ssh_user", "ssh_port", "ssh_identity", "ssh_config", "workers"}
 
 
@@ -684,14 +708,41 @@ def _read_backups(r: _Reader, raw: Any, line: int | None) -> Backups | None:
         return None
     m = r.mapping(raw, "backups", line)
     r.keys(m, "backups", {"directory", "keep"}, {"directory"})
-    raw_dir = r.string(m["directory"], "backups.directory", m.key_lines["directory"], None,
-                       "directory")
+    dline = m.key_lines["directory"]
+    raw_dir = r.string(m["directory"], "backups.directory", dline, None, "directory")
+    location: Path | SshLocation
     if raw_dir.startswith("ssh://"):
-        directory = raw_dir
+        location = _ssh_location(r, raw_dir, "backups.directory", dline)
     else:
-        directory = str(r.to_path(raw_dir, "backups.directory", m.key_lines["directory"]))
+        location = r.to_path(raw_dir, "backups.directory", dline)
     keep = m.get("keep", 2)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise r.fail("backups.keep", m.key_lines.get("keep"),
                      "expected a whole number >= 1 (generations kept beside the newest)")
-    return Backups(directory=directory, keep=keep)
+    return Backups(location=location, keep=keep)
+
+
+def _ssh_location(r: _Reader, url: str, where: str, line: int | None) -> SshLocation:
+    """``ssh://[user@]host[:port]/absolute/path``, each part checked like a worker's."""
+    form = "ssh://[user@]host[:port]/absolute/path"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise r.fail(where, line, f"{url!r} is not {form}: {exc}") from None
+    if parts.query or parts.fragment or parts.password is not None:
+        raise r.fail(where, line, f"{url!r} is not {form} (no password, query or fragment)")
+    host = parts.hostname or ""
+    if not _HOST.match(host):
+        raise r.fail(where, line, f"{url!r}: {host!r} is not a valid host name or address")
+    if parts.username is not None and not _USER.match(parts.username):
+        raise r.fail(where, line, f"{url!r}: {parts.username!r} is not a valid user name")
+    if port is not None and not 0 < port < 65536:
+        raise r.fail(where, line, f"{url!r}: port {port} is not a TCP port (1-65535)")
+    if parts.netloc.endswith(":"):
+        raise r.fail(where, line, f"{url!r}: the port after ':' is missing")
+    path = parts.path.rstrip("/")
+    if not parts.path.startswith("/") or not path:
+        raise r.fail(where, line, f"{url!r}: the directory must be an absolute path other "
+                     f"than /", hint=f"write it as {form}")
+    return SshLocation(host=host, path=path, user=parts.username, port=port)

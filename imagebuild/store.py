@@ -1,0 +1,383 @@
+"""Backup stores: a directory of backup files on this host or on another one (ssh://).
+
+``BackupDir`` is the interface: named files in one directory, each written under a
+temporary name and renamed into place, hard links for generations, streaming reads and
+writes. ``LocalDir`` and ``SshDir`` implement it; what to write, when to keep a
+generation and what to prune is decided once, in ``backup.py``, for both.
+
+File names are single path components chosen by imagebuild (``NAME.tar``,
+``NAME@<hash12>.tar``, ``.NAME.tar.<host>-<pid>.partial``); the remote side never parses
+``ls`` output: listings come NUL-separated from ``find -printf`` and every remote path is
+one shell word (``shlex`` quoting by remote.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from .engine import CHUNK
+from .errors import BackupError, RemoteError
+from .fsutil import atomic_write_text, fsync_dir
+from .progress import Meter
+from .remote import Process, Target, call, explain, finish, last_line, run, start
+from .spec import Backups, SshLocation
+
+_BAD_NAME = re.compile(r"[/\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    mtime_ns: int
+
+
+class Writer(Protocol):
+    """A file being written under a temporary name: ``write`` chunks, then ``commit``
+    (durable, size checked) or ``abort`` (removed)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def commit(self) -> FileStat: ...
+
+    def abort(self) -> None: ...
+
+
+class BackupDir(Protocol):
+    """One directory of backup files."""
+
+    def __str__(self) -> str: ...
+
+    def local_path(self, name: str) -> Path | None:
+        """The file as a path on this host (None for a remote directory)."""
+        ...
+
+    def prepare(self) -> None:
+        """Create the directory if it is missing."""
+        ...
+
+    def files(self) -> dict[str, FileStat]:
+        """Every regular file in the directory, by name."""
+        ...
+
+    def stat(self, name: str) -> FileStat | None: ...
+
+    def read_text(self, name: str) -> str | None:
+        """A small file's text, or None when it does not exist."""
+        ...
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a small file atomically."""
+        ...
+
+    def free_bytes(self) -> int: ...
+
+    def writer(self, name: str) -> Writer: ...
+
+    def read(self, name: str, meter: Meter | None = None) -> Iterator[bytes]:
+        """The file's bytes in chunks (memory stays flat)."""
+        ...
+
+    def sha256(self, name: str, meter: Meter | None = None) -> str:
+        """The file's sha256, computed where the file is."""
+        ...
+
+    def link(self, src: str, dst: str) -> None:
+        """Hard-link ``src`` as ``dst``, replacing ``dst``."""
+        ...
+
+    def rename(self, src: str, dst: str) -> None: ...
+
+    def remove(self, *names: str) -> None:
+        """Remove files; absent ones are not an error."""
+        ...
+
+
+def check_name(name: str) -> str:
+    """A file name in the directory: one path component, no control characters."""
+    if not name or _BAD_NAME.search(name) or name in (".", ".."):
+        raise BackupError(f"{name!r} is not a file name in a backup directory")
+    return name
+
+
+def open_store(backups: Backups, ssh_config: str | None) -> BackupDir:
+    if isinstance(backups.location, SshLocation):
+        return SshDir(backups.location, ssh_config)
+    return LocalDir(backups.location)
+
+
+# -- on this host ------------------------------------------------------------------------------
+
+
+class _LocalWriter:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.f = path.open("wb")
+
+    def write(self, chunk: bytes) -> None:
+        self.f.write(chunk)
+
+    def commit(self) -> FileStat:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        st = self.path.stat()
+        return FileStat(st.st_size, st.st_mtime_ns)
+
+    def abort(self) -> None:
+        try:
+            self.f.close()  # may fail again flushing its buffer onto a full disk
+        except OSError:
+            pass
+        self.path.unlink(missing_ok=True)
+
+
+class LocalDir:
+    """A backup directory on this host."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __str__(self) -> str:
+        return str(self.directory)
+
+    def _p(self, name: str) -> Path:
+        return self.directory / check_name(name)
+
+    def local_path(self, name: str) -> Path | None:
+        return self._p(name)
+
+    def prepare(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackupError(f"cannot create the backup directory {self.directory}: "
+                              f"{exc.strerror or exc}") from None
+
+    def files(self) -> dict[str, FileStat]:
+        out: dict[str, FileStat] = {}
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return out
+        for e in entries:
+            if e.is_file(follow_symlinks=False):
+                st = e.stat(follow_symlinks=False)
+                out[e.name] = FileStat(st.st_size, st.st_mtime_ns)
+        return out
+
+    def stat(self, name: str) -> FileStat | None:
+        try:
+            st = self._p(name).stat()
+        except FileNotFoundError:
+            return None
+        return FileStat(st.st_size, st.st_mtime_ns)
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            return self._p(name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BackupError(f"cannot read {self._p(name)}: {exc}") from None
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self._p(name), text)
+        fsync_dir(self.directory)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.directory).free
+
+    def writer(self, name: str) -> Writer:
+        return _LocalWriter(self._p(name))
+
+    def read(self, name: str, meter: Meter | None = None) -> Iterator[bytes]:
+        with self._p(name).open("rb") as f:
+            while chunk := f.read(CHUNK):
+                if meter is not None:
+                    meter.add(len(chunk))
+                yield chunk
+
+    def sha256(self, name: str, meter: Meter | None = None) -> str:
+        h = hashlib.sha256()
+        for chunk in self.read(name, meter):
+            h.update(chunk)
+        return h.hexdigest()
+
+    def link(self, src: str, dst: str) -> None:
+        self._p(dst).unlink(missing_ok=True)
+        os.link(self._p(src), self._p(dst))
+
+    def rename(self, src: str, dst: str) -> None:
+        os.replace(self._p(src), self._p(dst))
+        fsync_dir(self.directory)
+
+    def remove(self, *names: str) -> None:
+        for name in names:
+            self._p(name).unlink(missing_ok=True)
+
+
+# -- on another host -----------------------------------------------------------------------------
+
+
+class _SshWriter:
+    def __init__(self, store: SshDir, name: str) -> None:
+        self.store, self.name = store, name
+        self.proc: Process = start(store.target, ["sh", "-c", 'cat > "$1" && sync "$1"', "sh",
+                                                  store.path_of(name)])
+        self.size = 0
+        self.broken = False
+
+    def write(self, chunk: bytes) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            self.broken = True
+            raise OSError(f"the connection to {self.store.target} closed") from None
+        self.size += len(chunk)
+
+    def commit(self) -> FileStat:
+        r = finish(self.proc)
+        got = self.store.stat(self.name)
+        if r.code != 0 or self.broken or got is None or got.size != self.size:
+            self.abort()
+            why = (explain(self.store.target, r.code or 255, r.stderr) if r.code
+                   else f"{got.size if got else 'no'} bytes arrived of {self.size}")
+            raise OSError(why)
+        return got
+
+    def abort(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        try:
+            self.store.remove(self.name)
+        except RemoteError:
+            pass
+
+
+class SshDir:
+    """A backup directory on another host, reached with OpenSSH."""
+
+    def __init__(self, location: SshLocation, ssh_config: str | None) -> None:
+        self.location = location
+        self.target = Target(name=location.host, host=location.host, user=location.user,
+                             port=location.port, config=ssh_config)
+
+    def __str__(self) -> str:
+        return str(self.location)
+
+    def path_of(self, name: str) -> str:
+        return f"{self.location.path}/{check_name(name)}"
+
+    def local_path(self, name: str) -> Path | None:
+        return None
+
+    def prepare(self) -> None:
+        run(self.target, ["mkdir", "-p", "--", self.location.path])
+
+    def files(self) -> dict[str, FileStat]:
+        r = call(self.target, ["find", self.location.path, "-maxdepth", "1", "-type", "f",
+                               "-printf", r"%f\0%s\0%T@\0"])
+        if r.code != 0:
+            if r.code == 1 and "No such file" in r.stderr:
+                return {}
+            raise RemoteError(explain(self.target, r.code or 255, r.stderr))
+        fields = r.stdout.split("\0")
+        out: dict[str, FileStat] = {}
+        try:
+            for i in range(0, len(fields) - 2, 3):
+                out[fields[i]] = FileStat(int(fields[i + 1]),
+                                          int(Decimal(fields[i + 2]) * 1_000_000_000))
+        except (ValueError, InvalidOperation):
+            raise RemoteError(f"{self.target}: unexpected reply listing "
+                              f"{self.location.path}") from None
+        return out
+
+    def stat(self, name: str) -> FileStat | None:
+        return self.files().get(check_name(name))
+
+    def read_text(self, name: str) -> str | None:
+        r = call(self.target, ["cat", "--", self.path_of(name)])
+        if r.code == 0:
+            return r.stdout
+        if r.code == 1 and "No such file" in r.stderr:
+            return None
+        raise RemoteError(explain(self.target, r.code or 255, r.stderr))
+
+    def write_text(self, name: str, text: str) -> None:
+        run(self.target, ["sh", "-c", 'cat > "$1.tmp" && sync "$1.tmp" && mv -f "$1.tmp" "$1"',
+                          "sh", self.path_of(name)], stdin=text.encode())
+
+    def free_bytes(self) -> int:
+        lines = run(self.target, ["df", "-P", "-B1", "--", self.location.path]).splitlines()
+        try:
+            return int(lines[-1].split()[3])
+        except (IndexError, ValueError):
+            raise RemoteError(f"{self.target}: unexpected reply from df: "
+                              f"{last_line(' '.join(lines))!r}") from None
+
+    def writer(self, name: str) -> Writer:
+        return _SshWriter(self, name)
+
+    def read(self, name: str, meter: Meter | None = None) -> Iterator[bytes]:
+        proc = start(self.target, ["cat", "--", self.path_of(name)], read=True)
+        assert proc.stdout is not None
+        try:
+            while chunk := proc.stdout.read(CHUNK):
+                if meter is not None:
+                    meter.add(len(chunk))
+                yield chunk
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        r = finish(proc)
+        if r.code != 0:
+            raise RemoteError(f"reading {self.target.host}:{self.path_of(name)} failed: "
+                              f"{explain(self.target, r.code or 255, r.stderr)}")
+
+    def sha256(self, name: str, meter: Meter | None = None) -> str:
+        out = run(self.target, ["sha256sum", "--", self.path_of(name)], timeout=3600)
+        digest = out.split(" ", 1)[0]
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise RemoteError(f"{self.target}: unexpected reply from sha256sum: {out[:80]!r}")
+        return digest
+
+    def link(self, src: str, dst: str) -> None:
+        run(self.target, ["ln", "-f", "--", self.path_of(src), self.path_of(dst)])
+
+    def rename(self, src: str, dst: str) -> None:
+        run(self.target, ["mv", "-f", "--", self.path_of(src), self.path_of(dst)])
+
+    def remove(self, *names: str) -> None:
+        if names:
+            run(self.target, ["rm", "-f", "--", *(self.path_of(n) for n in names)])
+
+
+class _Aborting:
+    """``with _Aborting(writer):`` aborts the writer when the block raises."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+
+    def __enter__(self) -> Writer:
+        return self.writer
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.writer.abort()
+
+
+def writing(store: BackupDir, name: str) -> _Aborting:
+    return _Aborting(store.writer(name))
