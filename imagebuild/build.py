@@ -1,29 +1,28 @@
-"""``imagebuild build``: plan, then execute through an engine.
+"""Realizing derivations through an engine: ``decide`` what each needs, ``execute`` it.
 
 For each derivation of the closure, parents first: reuse it if an image with its input
-hash exists (no build call at all); otherwise check every wheel against its locked
-sha256, stream a minimal context (the Dockerfile and the small files it copies) to the
-engine while serving the wheels to the build (wheelserve.py), and tag ``NAME:<hash12>``
-only after the build succeeded. ``NAME:latest`` moves only when the gate (if any) passes.
+hash exists (no build call at all); restore it if a backup holds that input hash (the
+substituter); otherwise check every wheel against its locked sha256, stream a minimal
+context (the Dockerfile and the small files it copies) to the engine while serving the
+wheels to the build (wheelserve.py), and tag ``NAME:<hash12>`` only after the build
+succeeded. Nothing here moves ``latest``: the build workflow promotes each image through
+the gate (promote.py) as ``execute`` hands it over.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
-import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
-from typing import IO
 
 from . import __version__
-from .backup import find_substitute, restore_tar
-from .derivation import HASH_LABEL, IMAGE_LABEL, ContextFile, Derivation
+from .backup import find_substitute, restore_backup
+from .derivation import ContextFile, Derivation
 from .engine import Engine, ImageInfo
 from .errors import (
     BuildFailed,
@@ -34,32 +33,48 @@ from .errors import (
     UnresolvedHashError,
 )
 from .lock import verify_wheel_file
+from .naming import (
+    GIT_LABEL,
+    HASH_LABEL,
+    IMAGE_LABEL,
+    VERSION_LABEL,
+    WHEEL_LABEL_PREFIX,
+    input_hash,
+    short_id,
+)
+from .progress import Progress
+from .remote import git_commit
 from .render import WHEELS_ARG
 from .spec import Spec
+from .store import BackupDir
 from .wheelserve import WheelServer
 
-WHEEL_LABEL_PREFIX = "org.imagebuild.wheel."
-VERSION_LABEL = "org.imagebuild.version"
-GIT_LABEL = "org.imagebuild.git-commit"
 LOG_TAIL = 25
 
 
 # -- status of each derivation ---------------------------------------------------------------
 
 
+class Action(Enum):
+    REUSE = "reuse"  # an image with this input hash exists: no build at all
+    RESTORE = "restore"  # a backup holds this input hash: load it (the substituter)
+    BUILD = "build"
+
+
 @dataclass(frozen=True)
 class Step:
     derivation: Derivation
-    action: str  # "reuse" | "restore" | "build"
-    image: ImageInfo | None  # the existing image when reused
-    substitute: Path | None = None  # the backup tar when restored
+    action: Action
+    image: ImageInfo | None = None  # the existing image, for REUSE
+    substitute: str | None = None  # the backup tar's name in the store, for RESTORE
+    substitute_from: str = ""  # where that tar is (a path or an ssh:// URL), for messages
 
 
 def find_existing(engine: Engine, d: Derivation) -> ImageInfo | None:
     """The local image of derivation ``d``: by its tag, else by its input-hash label
     (its tag may have been removed while another tag kept the image). Read-only."""
     info = engine.inspect(d.tag)
-    if info is not None and info.labels.get(HASH_LABEL) == d.input_hash:
+    if info is not None and input_hash(info) == d.input_hash:
         return info
     assert d.input_hash is not None
     for other in engine.find_by_label(HASH_LABEL, d.input_hash):
@@ -69,22 +84,23 @@ def find_existing(engine: Engine, d: Derivation) -> ImageInfo | None:
 
 
 def decide(engine: Engine, derivations: list[Derivation], rebuild: set[str],
-           backups: Path | None = None) -> list[Step]:
+           store: BackupDir | None = None) -> list[Step]:
     """Reuse what exists, restore what a backup holds (the substituter), build the rest."""
     steps: list[Step] = []
     for d in derivations:
         if d.input_hash is None:
             _ = d.tag  # raises UnresolvedHashError with the lock-step hint
         if d.name in rebuild:
-            steps.append(Step(d, "build", None))
+            steps.append(Step(d, Action.BUILD))
             continue
         existing = find_existing(engine, d)
         if existing is not None:
-            steps.append(Step(d, "reuse", existing))
+            steps.append(Step(d, Action.REUSE, existing))
             continue
         assert d.input_hash is not None
-        tar = find_substitute(backups, d.name, d.input_hash) if backups else None
-        steps.append(Step(d, "restore", None, tar) if tar else Step(d, "build", None))
+        tar = find_substitute(store, d.name, d.input_hash) if store is not None else None
+        steps.append(Step(d, Action.RESTORE, substitute=tar, substitute_from=f"{store}/{tar}")
+                     if tar else Step(d, Action.BUILD))
     return steps
 
 
@@ -131,23 +147,6 @@ def context_stream(files: tuple[ContextFile, ...]) -> Iterator[bytes]:
 # -- labels --------------------------------------------------------------------------------------
 
 
-def git_commit(root: Path) -> str | None:
-    git = shutil.which("git")
-    if git is None:
-        return None
-    try:
-        r = subprocess.run([git, "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                           text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if r.returncode != 0:
-        return None
-    commit = r.stdout.strip()
-    dirty = subprocess.run([git, "-C", str(root), "status", "--porcelain"], capture_output=True,
-                           text=True, timeout=10).stdout.strip()
-    return commit + ("-dirty" if dirty else "")
-
-
 def labels_for(d: Derivation, commit: str | None) -> dict[str, str]:
     assert d.input_hash is not None
     out = {HASH_LABEL: d.input_hash, IMAGE_LABEL: d.name, VERSION_LABEL: __version__}
@@ -158,46 +157,10 @@ def labels_for(d: Derivation, commit: str | None) -> dict[str, str]:
     return out
 
 
-# -- progress ------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A live line per image on a terminal; plain lines otherwise."""
-
-    def __init__(self, stream: IO[str] | None = None) -> None:
-        self.out = stream or sys.stderr
-        self.tty = self.out.isatty()
-        self._live = False
-
-    def live(self, text: str) -> None:
-        if self.tty:
-            width = shutil.get_terminal_size((100, 20)).columns - 1
-            self.out.write("\r\x1b[K" + text[:width])
-            self.out.flush()
-            self._live = True
-        else:
-            self.say(text)
-
-    def end_live(self) -> None:
-        """Clear a live line, if one is showing."""
-        if self._live:
-            self.out.write("\r\x1b[K")
-            self.out.flush()
-            self._live = False
-
-    def say(self, text: str) -> None:
-        if self._live:
-            self.out.write("\r\x1b[K")
-            self._live = False
-        self.out.write(text + "\n")
-        self.out.flush()
-
-
 # -- execution -----------------------------------------------------------------------------------
 
 
-Gate = Callable[[str, ImageInfo], bool]  # (image name, image) -> passed
-AfterGate = Callable[[str, ImageInfo], None]  # e.g. write the backup
+AfterEach = Callable[[Step, ImageInfo], bool]  # after each image: go on to the next?
 
 
 @dataclass
@@ -205,9 +168,8 @@ class BuildReport:
     built: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)
-    latest_moved: list[str] = field(default_factory=list)
-    gate_failed: list[str] = field(default_factory=list)
     images: dict[str, ImageInfo] = field(default_factory=dict)
+    stopped_after: str | None = None  # the image after which ``after_each`` stopped
 
 
 def log_path(spec: Spec, d: Derivation) -> Path:
@@ -215,8 +177,10 @@ def log_path(spec: Spec, d: Derivation) -> Path:
 
 
 def execute(spec: Spec, engine: Engine, steps: list[Step], *, progress: Progress,
-            gate: Gate | None = None, rebuild: set[str] | None = None,
-            after_gate: AfterGate | None = None) -> BuildReport:
+            rebuild: set[str] | None = None, store: BackupDir | None = None,
+            after_each: AfterEach | None = None) -> BuildReport:
+    """Realize every step in order (reuse, restore or build), tagging ``NAME:<hash12>``;
+    ``after_each`` (the caller's gate) may stop the run. Never moves ``latest``."""
     report = BuildReport()
     by_name: dict[str, Derivation] = {s.derivation.name: s.derivation for s in steps}
     commit = git_commit(spec.root)
@@ -224,17 +188,19 @@ def execute(spec: Spec, engine: Engine, steps: list[Step], *, progress: Progress
     for i, step in enumerate(steps, 1):
         d = step.derivation
         prefix = f"[{i}/{total}] {d.name}"
-        if step.action == "reuse":
+        if step.action is Action.REUSE:
             assert step.image is not None
             if d.tag not in step.image.tags:  # found by label: put the tag back
                 engine.tag(step.image.id, d.name, d.hash12)
             progress.say(f"{prefix} {d.hash12} reused (no build)")
             report.reused.append(d.name)
             report.images[d.name] = step.image
-        elif step.action == "restore":
-            assert step.substitute is not None
-            progress.say(f"{prefix} {d.hash12} restoring from {step.substitute} (no build)")
-            restored = restore_tar(engine, step.substitute, progress.say, expect_image=d.name)
+        elif step.action is Action.RESTORE:
+            assert step.substitute is not None and store is not None
+            progress.say(f"{prefix} {d.hash12} restoring from {step.substitute_from} "
+                         f"(no build)")
+            restored = restore_backup(engine, store, step.substitute, progress,
+                                      expect_image=d.name)
             report.restored.append(d.name)
             report.images[d.name] = restored.info
         else:
@@ -243,17 +209,9 @@ def execute(spec: Spec, engine: Engine, steps: list[Step], *, progress: Progress
                               nocache=d.name in (rebuild or set()))
             report.built.append(d.name)
             report.images[d.name] = info
-        image = report.images[d.name]
-        if gate is not None and not gate(d.name, image):
-            report.gate_failed.append(d.name)
-            progress.say(f"{prefix}: gate failed; {d.name}:latest stays where it was")
+        if after_each is not None and not after_each(step, report.images[d.name]):
+            report.stopped_after = d.name
             break
-        current = engine.inspect(f"{d.name}:latest")
-        if current is None or current.id != image.id:
-            engine.tag(image.id, d.name, "latest")
-            report.latest_moved.append(d.name)
-        if after_gate is not None:
-            after_gate(d.name, image)
     return report
 
 
@@ -268,7 +226,7 @@ def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | N
         )
     if d.served and not engine.on_this_host:
         raise EngineError(
-            f"{d.name}: the engine at {engine.base_url} is not on this machine, so its build "
+            f"{d.name}: the engine at {engine.where} is not on this machine, so its build "
             f"cannot reach the wheels imagebuild serves on 127.0.0.1",
             hint="run imagebuild on the engine's host (the head node), with DOCKER_HOST "
                  "unset or a unix:// socket",
@@ -337,7 +295,7 @@ def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | N
     engine.tag(image_id, d.name, d.hash12)
     info = engine.require(d.tag)
     progress.say(f"{prefix} {d.hash12} built in {time.monotonic() - started:.1f}s "
-                 f"({info.id[7:19]})")
+                 f"({short_id(info.id)})")
     return info
 
 

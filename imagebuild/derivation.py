@@ -20,11 +20,9 @@ from pathlib import Path
 
 from .errors import UnresolvedHashError
 from .lock import Lock, LockedWheel
+from .naming import hash12
 from .render import TORCH_REQUIREMENTS, WHEEL_REQUIREMENTS, WHEELS_ARG, render_image
 from .spec import SCHEMA_VERSION, Spec
-
-HASH_LABEL = "org.imagebuild.input-hash"
-IMAGE_LABEL = "org.imagebuild.image"
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class Derivation:
                 hint="run 'imagebuild lock' where the wheels are (the head node with wheels/ "
                      "populated) and commit wheels.lock",
             )
-        return self.input_hash[:12]
+        return hash12(self.input_hash)
 
     @property
     def tag(self) -> str:

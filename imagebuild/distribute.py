@@ -1,6 +1,7 @@
-"""``imagebuild distribute``: verified images to the workers, only the layers each lacks.
+"""Verified images to the workers, only the layers each lacks.
 
-For every worker, in parallel: ask its engine (over ssh) which layer chains it holds,
+For every worker, in parallel: ask its engine which layer chains it holds (one ssh
+round trip),
 then send an archive composed on the fly from the image's backup tar that omits the
 ``layer.tar`` of every layer whose whole chain the worker already has. The classic
 (overlay2) store's ``docker load`` registers the layers it needs and skips those whose
@@ -11,7 +12,9 @@ such a worker the same backup tar is recomposed as that layout. Either way the a
 is a list of pieces: byte ranges of the backup tar, pushed into ``ssh worker docker
 load`` with ``os.sendfile``, and a few small generated headers and JSON files. No Python
 copies layer bytes, nothing is staged in a temp file, memory stays flat. After the load
-the worker's image is checked by content fingerprint and tagged like the head's.
+the worker's image is checked by content fingerprint, tagged ``NAME:<hash12>``, and
+promoted (promote.py: its ``latest`` moves only on the head's passing record of the same
+content). Workers are reached only through the engine interface (engine_ssh.py).
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ import os
 import tarfile
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from .engine import ImageInfo, image_info_from_inspect
+from .engine import Engine, ImageInfo, Piece, StoreKind
 from .errors import ImagebuildError, RemoteError
-from .remote import Target, explain, run, start
+from .naming import latest_tag, split_ref
+from .progress import Progress, Quiet
+from .promote import Gate, promote
+from .verify import VerifyRecord
 
 BLOCK = 512
 TRAILER = b"\0" * (2 * BLOCK)
-CONTAINERD = "io.containerd.snapshotter.v1"
 
 
 def chain_ids(diff_ids: tuple[str, ...] | list[str]) -> list[str]:
@@ -58,8 +63,6 @@ class Member:
     size: int = 0
     link: str = ""  # a symlink's target, resolved to a member name
 
-
-Piece = tuple[int, int] | bytes  # a byte range of the backup tar, or literal bytes
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,7 @@ def archive_bytes(pieces: list[Piece]) -> int:
 
 @dataclass
 class WorkerState:
-    store: str  # "classic" | "containerd"
+    store: StoreKind
     chains: set[str] = field(default_factory=set)
     by_fingerprint: dict[str, ImageInfo] = field(default_factory=dict)
 
@@ -223,25 +226,12 @@ class WorkerState:
         self.by_fingerprint[info.fingerprint] = info
 
 
-# One round trip: the engine's info on the first line, then the inspect array of every
-# image (a constant script; nothing from the spec reaches this shell).
-PROBE = ('docker info --format "{{json .}}" && '
-         "docker images -aq --no-trunc | sort -u | xargs -r docker image inspect")
-
-
-def probe(target: Target) -> WorkerState:
-    return parse_probe(run(target, ["sh", "-c", PROBE]))
-
-
-def parse_probe(out: str) -> WorkerState:
-    """The worker's store (from ``docker info``'s DriverStatus) and its images."""
-    first, _, rest = out.partition("\n")
-    info = json.loads(first)
-    status = {str(k): str(v) for k, v in (info.get("DriverStatus") or [])}
-    store = "containerd" if status.get("driver-type") == CONTAINERD else "classic"
-    state = WorkerState(store=store)
-    for data in json.loads(rest) if rest.strip() else []:
-        state.add(image_info_from_inspect(data))
+def worker_state(engine: Engine) -> WorkerState:
+    """What a worker holds: its store and every image (one round trip over ssh)."""
+    snap = engine.snapshot()
+    state = WorkerState(store=snap.info.store)
+    for info in snap.images:
+        state.add(info)
     return state
 
 
@@ -249,22 +239,47 @@ def parse_probe(out: str) -> WorkerState:
 
 
 @dataclass(frozen=True)
+class Worker:
+    """A worker of the cluster and its engine."""
+
+    name: str
+    address: str
+    engine: Engine
+
+
+@dataclass(frozen=True)
 class Item:
-    """One image to send: head image, its tags, and its backup archive."""
+    """One image to send: the head's image, its tags, its backup archive, and the head's
+    passing record of it (None when sent with --force)."""
 
     name: str
     info: ImageInfo
     hash_tag: str  # NAME:<hash12>
     archive: ArchiveIndex
+    record: VerifyRecord | None = None
+
+
+Action = Literal["up to date", "partial", "whole archive", "failed", "skipped"]
+# "skipped": not attempted, because an earlier image (its parent) failed on this worker
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a worker gets for one image."""
+
+    action: Action
+    layers_skipped: int
+    pieces: list[Piece]
+    note: str = ""
 
 
 @dataclass
 class Outcome:
     worker: str
     address: str
-    store: str = "?"
+    store: StoreKind | Literal["?"] = "?"
     image: str = ""
-    action: str = ""  # "up to date" | "partial" | "whole archive" | "failed"
+    action: Action = "failed"
     layers_total: int = 0
     layers_skipped: int = 0
     bytes_sent: int = 0
@@ -273,110 +288,81 @@ class Outcome:
     ok: bool = False
     error: str = ""
     note: str = ""
+    latest_moved: bool = False
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes_sent / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
 
-def plan_item(state: WorkerState, item: Item) -> tuple[str, int, list[Piece], str]:
-    """(action, layers skipped, pieces, note) for sending ``item`` to a worker in ``state``."""
+def plan_item(state: WorkerState, item: Item) -> Delivery:
+    """What to send ``item`` to a worker in ``state``. Pure."""
     if item.info.fingerprint in state.by_fingerprint:
-        return "up to date", len(item.info.diff_ids), [], ""
+        return Delivery("up to date", len(item.info.diff_ids), [])
     present = 0
     for i, chain in enumerate(chain_ids(item.info.diff_ids)):
         if chain not in state.chains:
             break
         present = i + 1
     if present == 0:
-        return "whole archive", 0, docker_pieces(item.archive, 0), ""
+        return Delivery("whole archive", 0, docker_pieces(item.archive, 0))
     if state.store == "containerd":
-        return ("partial", present,
-                oci_pieces(item.archive, item.info.diff_ids, present, item.hash_tag),
-                "containerd image store: an OCI layout without the present layers")
-    return "partial", present, docker_pieces(item.archive, present), ""
+        return Delivery("partial", present,
+                        oci_pieces(item.archive, item.info.diff_ids, present, item.hash_tag),
+                        "containerd image store: an OCI layout without the present layers")
+    return Delivery("partial", present, docker_pieces(item.archive, present))
 
 
-Progress = Callable[[str, int], None]  # (worker, bytes sent so far)
+class FanoutMeter:
+    """One live line with the bytes sent to every worker so far."""
+
+    def __init__(self, progress: Progress, workers: list[str]) -> None:
+        self.progress = progress
+        self.sent = dict.fromkeys(workers, 0)
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def on_bytes(self, worker: str, n: int) -> None:
+        with self.lock:
+            self.sent[worker] = n
+            now = time.monotonic()
+            if now - self.last < self.progress.interval:
+                return
+            self.last = now
+            line = "  ".join(f"{w} {b / 1e6:,.0f} MB" for w, b in self.sent.items())
+        self.progress.live(line)
 
 
-def send_pieces(target: Target, path: Path, pieces: list[Piece], progress: Progress) -> int:
-    """Stream the pieces (ranges of ``path`` with ``sendfile``, literal bytes with
-    ``write``) into ``ssh worker docker load``."""
-    proc = start(target, ["docker", "load"])
-    assert proc.stdin is not None
-    sent = 0
-    broken = False
-    try:
-        fd = proc.stdin.fileno()
-        with path.open("rb") as f:
-            for piece in pieces:
-                if isinstance(piece, bytes):
-                    view = memoryview(piece)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                        sent += n
-                    continue
-                offset, length = piece
-                while length > 0:
-                    n = os.sendfile(fd, f.fileno(), offset, min(length, 1 << 30))
-                    if n == 0:
-                        raise RemoteError(f"{path} ended early while sending to {target.name}")
-                    offset += n
-                    length -= n
-                    sent += n
-                    progress(target.name, sent)
-    except (BrokenPipeError, ConnectionResetError):
-        broken = True
-    finally:
-        try:
-            proc.stdin.close()
-        except BrokenPipeError:
-            broken = True
-    assert proc.stderr is not None
-    err = proc.stderr.read()  # ends when ssh exits: the load finished or failed
-    proc.wait()
-    if proc.returncode != 0 or broken:
-        stderr = err.decode(errors="replace")
-        why = (explain(target, proc.returncode or 255, stderr) if proc.returncode or stderr.strip()
-               else f"{target.name}: the connection closed during the transfer")
-        raise RemoteError(f"transfer failed after {sent / 1e6:.1f} MB: {why}")
-    return sent
-
-
-def remote_inspect(target: Target, ref: str) -> ImageInfo | None:
-    try:
-        data = json.loads(run(target, ["docker", "image", "inspect", ref]))
-    except RemoteError:
-        return None
-    return image_info_from_inspect(data[0]) if data else None
-
-
-def ship(target: Target, items: list[Item], progress: Progress,
+def ship(worker: Worker, items: list[Item], gate: Gate, meter: FanoutMeter | None = None,
          dry_run: bool = False) -> list[Outcome]:
-    """Everything for one worker; never raises: failures are outcomes."""
+    """Everything for one worker; never raises: any failure is this worker's outcome."""
     outcomes: list[Outcome] = []
     try:
-        state = probe(target)
+        state = worker_state(worker.engine)
     except ImagebuildError as exc:
-        return [Outcome(worker=target.name, address=target.host, image=i.name, action="failed",
+        return [Outcome(worker=worker.name, address=worker.address, image=i.name,
                         error=exc.message) for i in items]
     for item in items:
-        out = Outcome(worker=target.name, address=target.host, store=state.store,
+        out = Outcome(worker=worker.name, address=worker.address, store=state.store,
                       image=item.name, layers_total=len(item.info.diff_ids))
         outcomes.append(out)
         try:
-            action, skipped, pieces, note = plan_item(state, item)
-            out.action, out.layers_skipped, out.note = action, skipped, note
-            out.bytes_planned = archive_bytes(pieces)
+            plan = plan_item(state, item)
+            out.action, out.layers_skipped, out.note = (plan.action, plan.layers_skipped,
+                                                        plan.note)
+            out.bytes_planned = archive_bytes(plan.pieces)
             if dry_run:
                 out.ok = True
                 continue
             started = time.monotonic()
-            if pieces:
-                out.bytes_sent = send_pieces(target, item.archive.path, pieces, progress)
-            loaded = _settle(target, item, state)
+            if plan.pieces:
+                out.bytes_sent = worker.engine.load_archive(
+                    item.archive.path, plan.pieces,
+                    (lambda n: meter.on_bytes(worker.name, n)) if meter else None)
+            loaded, out.latest_moved = _settle(worker, item, state, gate)
+            if item.record is None:
+                out.note = "; ".join(x for x in (out.note, "not verified: its latest was not "
+                                                 "moved") if x)
             out.seconds = time.monotonic() - started
             state.add(loaded)
             out.ok = True
@@ -384,41 +370,45 @@ def ship(target: Target, items: list[Item], progress: Progress,
             out.action, out.ok, out.error = "failed", False, exc.message
             break  # later images build on this one: stop this worker, the others go on
     for item in items[len(outcomes):]:
-        outcomes.append(Outcome(worker=target.name, address=target.host, store=state.store,
+        outcomes.append(Outcome(worker=worker.name, address=worker.address, store=state.store,
                                 image=item.name, action="skipped",
                                 error="not sent: an earlier image failed on this worker"))
     return outcomes
 
 
-def _settle(target: Target, item: Item, state: WorkerState) -> ImageInfo:
-    """Check the worker's copy by content fingerprint and tag it like the head's."""
-    tags = (item.hash_tag, f"{item.name}:latest")
+def _settle(worker: Worker, item: Item, state: WorkerState, gate: Gate
+            ) -> tuple[ImageInfo, bool]:
+    """Check the worker's copy by content fingerprint, tag it ``NAME:<hash12>`` and
+    promote it. Returns the copy and whether its ``latest`` moved."""
+    engine = worker.engine
     known = state.by_fingerprint.get(item.info.fingerprint)
-    if known is not None and all(t in known.tags for t in tags):
-        return known  # up to date and tagged: nothing to ask the worker
-    loaded = remote_inspect(target, item.hash_tag)
-    if loaded is None:  # up to date under other tags: find it by content
-        loaded = state.by_fingerprint.get(item.info.fingerprint)
+    if known is not None and {item.hash_tag, latest_tag(item.name)} <= set(known.tags):
+        return known, False  # up to date and tagged: nothing to ask the worker
+    loaded = engine.inspect(item.hash_tag)
+    if loaded is None:  # up to date under other tags: found by content
+        loaded = known
     if loaded is None:
-        raise RemoteError(f"{target.name}: {item.hash_tag} is not present after the load")
+        raise RemoteError(f"{worker.name}: {item.hash_tag} is not present after the load")
     if loaded.fingerprint != item.info.fingerprint:
-        run(target, ["docker", "rmi", item.hash_tag])
-        raise RemoteError(f"{target.name}: the loaded image's content fingerprint differs "
+        engine.remove_image(item.hash_tag)
+        raise RemoteError(f"{worker.name}: the loaded image's content fingerprint differs "
                           f"from the head's; its tag was removed")
-    for tag in tags:
-        if tag not in loaded.tags:
-            run(target, ["docker", "tag", loaded.id, tag])
-    return loaded
+    if item.hash_tag not in loaded.tags:
+        engine.tag(loaded.id, *split_ref(item.hash_tag))
+    # reported through the outcome table, not line by line
+    promotion = promote(gate, engine, item.name, loaded, Quiet(), evidence=item.record,
+                        run_checks=False)
+    return loaded, promotion.moved
 
 
-def distribute(targets: list[Target], items: list[Item], progress: Progress,
+def distribute(workers: list[Worker], items: list[Item], gate: Gate, progress: Progress,
                dry_run: bool = False) -> list[Outcome]:
-    lock = threading.Lock()
-
-    def guarded(worker: str, sent: int) -> None:
-        with lock:
-            progress(worker, sent)
-
-    with ThreadPoolExecutor(max_workers=max(len(targets), 1)) as pool:
-        futures = [pool.submit(ship, t, items, guarded, dry_run) for t in targets]
-        return [o for f in futures for o in f.result()]
+    """Every item to every worker, the workers in parallel."""
+    meter = FanoutMeter(progress, [w.name for w in workers])
+    try:
+        with ThreadPoolExecutor(max_workers=max(len(workers), 1)) as pool:
+            futures = [pool.submit(ship, w, items, gate, meter, dry_run)
+                       for w in workers]
+            return [o for f in futures for o in f.result()]
+    finally:
+        progress.end_live()

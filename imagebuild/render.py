@@ -17,7 +17,8 @@ from typing import Any
 import jinja2
 
 from .errors import RenderDrift, SpecError
-from .lock import atomic_write_text, parse_wheel
+from .fsutil import atomic_write_text
+from .lock import parse_wheel
 from .spec import ImageSpec, Spec
 
 TORCH_REQUIREMENTS = "torch-requirements.txt"

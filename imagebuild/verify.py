@@ -18,11 +18,12 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from . import __version__
-from .derivation import HASH_LABEL
 from .engine import Engine, ImageInfo, RunResult
 from .errors import NotVerified
-from .lock import Lock, atomic_write_text
-from .spec import Check, Spec
+from .fsutil import atomic_write_text
+from .lock import Lock
+from .naming import input_hash, short_id
+from .spec import Check, CheckKind, Spec
 
 STDERR_TAIL = 3
 
@@ -30,7 +31,7 @@ STDERR_TAIL = 3
 @dataclass(frozen=True)
 class CheckResult:
     check: str
-    kind: str
+    kind: CheckKind
     expected: str
     got: str
     passed: bool
@@ -124,13 +125,21 @@ def read_record(spec: Spec, info: ImageInfo) -> VerifyRecord | None:
     return record
 
 
+def image_checks(spec: Spec, name: str) -> list[Check]:
+    return [spec.checks[c] for c in spec.images[name].checks]
+
+
+def is_passing(record: VerifyRecord | None, spec: Spec, lock: Lock, name: str,
+               info: ImageInfo) -> bool:
+    """Whether ``record`` passed for exactly this content against the current checks."""
+    return (record is not None and record.passed and record.fingerprint == info.fingerprint
+            and record.checks_digest == checks_digest(image_checks(spec, name), lock))
+
+
 def passing_record(spec: Spec, lock: Lock, name: str, info: ImageInfo) -> VerifyRecord | None:
     """The passing record of this exact image against the spec's current checks, if any."""
     record = read_record(spec, info)
-    checks = [spec.checks[c] for c in spec.images[name].checks]
-    if record is None or not record.passed or record.checks_digest != checks_digest(checks, lock):
-        return None
-    return record
+    return record if is_passing(record, spec, lock, name, info) else None
 
 
 def require_verified(spec: Spec, lock: Lock, name: str, info: ImageInfo) -> VerifyRecord:
@@ -138,7 +147,7 @@ def require_verified(spec: Spec, lock: Lock, name: str, info: ImageInfo) -> Veri
     record = passing_record(spec, lock, name, info)
     if record is None:
         raise NotVerified(
-            f"{name} ({info.id[7:19]}) is not verified against its current checks",
+            f"{name} ({short_id(info.id)}) is not verified against its current checks",
             hint=f"run 'imagebuild verify {name}'; an image that fails its checks must not "
                  f"be distributed",
         )
@@ -151,14 +160,14 @@ def require_verified(spec: Spec, lock: Lock, name: str, info: ImageInfo) -> Veri
 def verify_image(spec: Spec, lock: Lock, engine: Engine, name: str,
                  info: ImageInfo) -> VerifyRecord:
     """Run every check of ``name`` against image ``info`` and record the result."""
-    checks = [spec.checks[c] for c in spec.images[name].checks]
+    checks = image_checks(spec, name)
     results = tuple(
         evaluate(check, lock, engine.run_check(info.id, list(check.run), check.timeout))
         for check in checks
     )
     record = VerifyRecord(
         image=name, image_id=info.id, fingerprint=info.fingerprint,
-        input_hash=info.labels.get(HASH_LABEL), checks_digest=checks_digest(checks, lock),
+        input_hash=input_hash(info), checks_digest=checks_digest(checks, lock),
         checked_at=datetime.now(UTC).isoformat(timespec="seconds"),
         passed=all(r.passed for r in results), results=results,
     )

@@ -1,0 +1,508 @@
+"""The workflows: one function per operation a user runs, typed inputs, typed results.
+
+``cli.py`` parses arguments, calls one of these, and formats what it returns. Every
+decision lives here or below: which images an operation concerns, the gate (through
+``promote``, the one path that moves ``latest``), the backup policy, which workers. An
+operation validates its arguments before it touches an engine (the ``*_request``
+functions need no engine), and reports progress through a ``Progress``.
+
+Failures that end a command are raised as typed errors (errors.py). Where a command has
+something to show before it fails (a build summary, a verify table, a worker table), its
+result carries the failure and ``result.error()`` returns the error to raise afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .backup import (
+    BackupResult,
+    RestoreResult,
+    find_backup,
+    local_tar,
+    read_sidecar,
+    restore_backup,
+    tar_name,
+    write_backup,
+)
+from .build import BuildReport, Step, decide, execute
+from .derivation import Derivation, plan
+from .distribute import ArchiveIndex, Item, Outcome, Worker
+from .distribute import distribute as fan_out
+from .engine import Engine, ImageInfo
+from .engine_ssh import SshEngine
+from .errors import (
+    BackupError,
+    ImagebuildError,
+    ImageNotFound,
+    LockError,
+    RemoteError,
+    SpecError,
+    VerifyFailed,
+)
+from .fsutil import atomic_write_text
+from .lock import Lock, compute_lock, format_lock, read_lock
+from .naming import hash_tag, latest_tag, short_id
+from .progress import Progress
+from .promote import Gate, Promotion, promote
+from .remote import Target
+from .render import RenderResult, check_rendered, write_rendered
+from .spec import Spec, did_you_mean, load_spec
+from .store import BackupDir, LocalDir, open_store
+from .verify import VerifyRecord, image_checks, passing_record, require_verified, verify_image
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every workflow but render and lock reads: the spec and its lock."""
+
+    spec: Spec
+    lock: Lock
+
+    @property
+    def gate(self) -> Gate:
+        return Gate(self.spec, self.lock)
+
+    def names(self, images: list[str]) -> list[str]:
+        """Full names of the images asked for (short names work), or every image."""
+        return [self.spec.resolve(n) for n in images] or list(self.spec.images)
+
+
+def load(spec_path: str | None) -> Context:
+    spec = load_spec(spec_path)
+    return Context(spec, read_lock(spec.lock_path))
+
+
+def backup_store(spec: Spec) -> BackupDir:
+    if spec.backups is None:
+        raise SpecError(f"{spec.path}: the spec has no backups section",
+                        hint="add backups: {directory: ~/control-workspace/docker-images}")
+    return open_store(spec.backups, spec.cluster.ssh_config)
+
+
+# -- render and lock -------------------------------------------------------------------------
+
+
+def render(spec: Spec, *, check: bool) -> RenderResult:
+    """Write dockerfiles/ from the templates, or (``check``) raise RenderDrift if stale."""
+    if check:
+        check_rendered(spec)
+        return RenderResult(written=(), unchanged=())
+    return write_rendered(spec)
+
+
+@dataclass(frozen=True)
+class LockOutcome:
+    path: Path
+    wheels: int
+    unresolved: int
+    state: Literal["written", "unchanged", "up to date"]  # "up to date": with --check
+    notes: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+
+
+def lock(spec: Spec, *, check: bool, upgrade: bool) -> LockOutcome:
+    """Hash every declared wheel into wheels.lock (or, ``check``, refuse a stale lock)."""
+    previous = None
+    warnings: list[str] = []
+    if spec.lock_path.is_file():
+        try:
+            previous = read_lock(spec.lock_path)
+        except LockError as exc:
+            warnings.append(f"ignoring the existing lock: {exc.message}")
+    decls = [(d.filename, d.index) for d in spec.wheels]
+    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade)
+    try:
+        spec_name = str(spec.path.relative_to(spec.lock_path.parent))
+    except ValueError:
+        spec_name = spec.path.name
+    text = format_lock(result.wheels, spec_name)
+    current = spec.lock_path.read_text(encoding="utf-8") if spec.lock_path.is_file() else None
+    unresolved = sum(1 for w in result.wheels if w.sha256 is None)
+
+    def outcome(state: Literal["written", "unchanged", "up to date"]) -> LockOutcome:
+        return LockOutcome(spec.lock_path, len(result.wheels), unresolved, state,
+                           result.notes, tuple(warnings))
+
+    if check:
+        if current != text:
+            raise LockError(f"{spec.lock_path} is out of date with the spec or the wheels",
+                            hint="run 'imagebuild lock' and commit wheels.lock")
+        return outcome("up to date")
+    if current == text:
+        return outcome("unchanged")
+    atomic_write_text(spec.lock_path, text)
+    return outcome("written")
+
+
+def plan_images(ctx: Context, images: list[str]) -> list[Derivation]:
+    """The closure of ``images`` in build order, with input hashes. No engine."""
+    return plan(ctx.spec, ctx.lock, images)
+
+
+# -- build -----------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildOutcome:
+    steps: list[Step]
+    report: BuildReport | None = None  # None: a dry run
+    promotions: dict[str, Promotion] = field(default_factory=dict)
+    backups: dict[str, BackupResult] = field(default_factory=dict)
+
+    @property
+    def gate_failed(self) -> str | None:
+        return next((n for n, p in self.promotions.items() if not p.passed), None)
+
+    @property
+    def latest_moved(self) -> list[str]:
+        return [n for n, p in self.promotions.items() if p.moved]
+
+    def error(self) -> ImagebuildError | None:
+        name = self.gate_failed
+        if name is None or self.report is None:
+            return None
+        h = hash_tag(name, self.report.images[name])
+        rest = ("; images after it were not built"
+                if len(self.report.images) < len(self.steps) else "")
+        return VerifyFailed(
+            f"{name} failed its checks: do NOT distribute it. Its tag {h} is kept for "
+            f"inspection; {latest_tag(name)} was not moved{rest}",
+            hint="fix the template or the wheels, then build again",
+        )
+
+
+def build(ctx: Context, engine: Engine, images: list[str], *, rebuild: bool = False,
+          backup: bool = True, dry_run: bool = False,
+          progress: Progress | None = None) -> BuildOutcome:
+    """Build what is missing of the closure of ``images``, parents first; promote each
+    image through the gate (a failure stops the chain) and back up the verified ones."""
+    progress = progress or Progress()
+    spec = ctx.spec
+    derivations = plan(spec, ctx.lock, images)
+    forced = ({d.name for d in derivations} if not images else set(ctx.names(images))
+              ) if rebuild else set()
+    store = backup_store(spec) if spec.backups is not None else None
+    steps = decide(engine, derivations, forced, store)
+    outcome = BuildOutcome(steps)
+    if dry_run:
+        return outcome
+
+    def after_each(step: Step, image: ImageInfo) -> bool:
+        name = step.derivation.name
+        promotion = promote(ctx.gate, engine, name, image, progress)
+        outcome.promotions[name] = promotion
+        if not promotion.passed:
+            progress.say(f"  {name}: gate failed; {latest_tag(name)} stays where it was")
+            return False
+        if store is not None and backup:
+            assert spec.backups is not None
+            result = write_backup(store, engine, name, image, spec.backups.keep, progress)
+            outcome.backups[name] = result
+            if result.written:
+                progress.say(f"  {name}: backup written to {result.where} "
+                             f"({result.sidecar.size / 1e9:.2f} GB, {result.seconds:.1f}s)")
+        return True
+
+    outcome.report = execute(spec, engine, steps, progress=progress, rebuild=forced,
+                             store=store, after_each=after_each)
+    return outcome
+
+
+# -- verify ----------------------------------------------------------------------------------
+
+
+def current_image(ctx: Context, engine: Engine, name: str,
+                  derivation: Derivation | None) -> tuple[str, ImageInfo] | None:
+    """The image a command means by ``name``: the spec's current derivation if it is
+    built, else ``NAME:latest``; with the reference it was found by."""
+    refs = [derivation.tag] if derivation is not None and derivation.input_hash else []
+    for ref in [*refs, latest_tag(name)]:
+        info = engine.inspect(ref)
+        if info is not None:
+            return ref, info
+    return None
+
+
+def _present(ctx: Context, engine: Engine, images: list[str], what: str
+             ) -> list[tuple[str, str, ImageInfo]]:
+    """(name, ref, image) of every image asked for that is present; a named image that is
+    missing is an error, an unnamed one is passed over."""
+    names = ctx.names(images)
+    derivations = {d.name: d for d in plan(ctx.spec, ctx.lock, names)}
+    found: list[tuple[str, str, ImageInfo]] = []
+    for name in names:
+        hit = current_image(ctx, engine, name, derivations.get(name))
+        if hit is None:
+            if images:
+                raise ImageNotFound(f"{name}: no image to {what} (neither its current "
+                                    f"derivation nor {latest_tag(name)} is present)",
+                                    hint=f"run 'imagebuild build {name}'")
+            continue
+        found.append((name, *hit))
+    if not found:
+        raise ImageNotFound("none of the spec's images is present in the engine",
+                            hint="run 'imagebuild build' first")
+    return found
+
+
+@dataclass(frozen=True)
+class Verified:
+    name: str
+    ref: str  # what was checked: NAME:<hash12>, or NAME:latest when that is not built
+    stale: bool  # checked NAME:latest because the current derivation is not built
+    record: VerifyRecord
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    checked: list[Verified]
+
+    def error(self) -> ImagebuildError | None:
+        failed = [v.name for v in self.checked if not v.record.passed]
+        if not failed:
+            return None
+        return VerifyFailed(f"{', '.join(failed)} failed verification: do NOT distribute",
+                            hint="see the expected and got columns above")
+
+
+def verify(ctx: Context, engine: Engine, images: list[str],
+           progress: Progress | None = None) -> VerifyOutcome:
+    """Run every check of each image (the torch gate first) and record the results."""
+    progress = progress or Progress()
+    checked: list[Verified] = []
+    for name, ref, info in _present(ctx, engine, images, "verify"):
+        stale = ref == latest_tag(name)
+        progress.say(f"verifying {ref} ({short_id(info.id)}): "
+                     f"{len(image_checks(ctx.spec, name))} checks"
+                     + (" (its current derivation is not built)" if stale else ""))
+        checked.append(Verified(name, ref, stale,
+                                verify_image(ctx.spec, ctx.lock, engine, name, info)))
+    return VerifyOutcome(checked)
+
+
+# -- backup and restore ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackupOutcome:
+    store: str
+    results: list[tuple[str, BackupResult]]
+
+
+def backup(ctx: Context, engine: Engine, images: list[str],
+           progress: Progress | None = None) -> BackupOutcome:
+    """A backup of each verified image present (the named ones must be present)."""
+    progress = progress or Progress()
+    store = backup_store(ctx.spec)
+    assert ctx.spec.backups is not None
+    results: list[tuple[str, BackupResult]] = []
+    for name, _ref, info in _present(ctx, engine, images, "back up"):
+        require_verified(ctx.spec, ctx.lock, name, info)
+        results.append((name, write_backup(store, engine, name, info, ctx.spec.backups.keep,
+                                           progress)))
+    return BackupOutcome(str(store), results)
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """What to restore: tars of the backup store by image name, or one tar by path."""
+
+    names: list[str]
+    named: bool  # the user named them: each must have a backup
+    file: Path | None = None
+
+
+def restore_request(ctx: Context, images: list[str], file: str | None) -> RestoreRequest:
+    """Check restore-from-tar's arguments (no engine needed)."""
+    if file is None:
+        backup_store(ctx.spec)  # refuses a spec without backups
+        return RestoreRequest(ctx.names(images), bool(images))
+    if len(images) > 1:
+        raise SpecError("--file restores one tar; name at most one image",
+                        hint="imagebuild restore-from-tar --file PATH [IMAGE]")
+    path = Path(file)
+    if not path.is_file():
+        raise BackupError(f"{path} does not exist")
+    return RestoreRequest([ctx.spec.resolve(images[0])] if images else [], bool(images), path)
+
+
+@dataclass(frozen=True)
+class Restored:
+    result: RestoreResult
+    promotion: Promotion
+
+
+@dataclass(frozen=True)
+class RestoreOutcome:
+    restored: list[Restored]
+
+    def error(self) -> ImagebuildError | None:
+        failed = [r.result.name for r in self.restored if not r.promotion.passed]
+        if not failed:
+            return None
+        return VerifyFailed(f"{', '.join(failed)} restored but failed verification: "
+                            f"latest was not moved; do NOT distribute")
+
+
+def restore(ctx: Context, engine: Engine, req: RestoreRequest,
+            progress: Progress | None = None) -> RestoreOutcome:
+    """Load each backup (checked against its sidecar), then promote it through the gate."""
+    progress = progress or Progress()
+    jobs: list[tuple[BackupDir, str, str | None]] = []
+    if req.file is not None:
+        directory, tar = local_tar(req.file)
+        expect = req.names[0] if req.names else None
+        sidecar = read_sidecar(directory, tar)
+        if sidecar is not None and expect is None and sidecar.image not in ctx.spec.images:
+            raise BackupError(f"{req.file} holds {sidecar.image}, which this spec does not "
+                              f"define; nothing was loaded")
+        jobs.append((directory, tar, expect))
+    else:
+        store = backup_store(ctx.spec)
+        files = store.files()
+        missing = [tar_name(n) for n in req.names if tar_name(n) not in files]
+        if req.named and missing:
+            raise BackupError(f"{store}/{missing[0]} does not exist",
+                              hint="list the backups directory; use --file for another tar")
+        jobs = [(store, tar_name(n), n) for n in req.names if tar_name(n) not in missing]
+        if not jobs:
+            raise BackupError(f"no backups in {store}",
+                              hint="run 'imagebuild backup' (or build) first")
+    done: list[Restored] = []
+    for store_of_job, tar, expect in jobs:
+        result = restore_backup(engine, store_of_job, tar, progress, expect_image=expect)
+        if result.name not in ctx.spec.images:
+            raise BackupError(f"the tar holds {result.name}, which this spec does not define")
+        done.append(Restored(result, promote(ctx.gate, engine, result.name, result.info,
+                                             progress)))
+    return RestoreOutcome(done)
+
+
+# -- distribute ------------------------------------------------------------------------------
+
+
+def select_workers(spec: Spec, arg: str | None) -> list[Worker]:
+    """``--workers N`` (the first N), ``--workers w1,w3`` (by name), or all of them."""
+    workers = list(spec.cluster.workers)
+    if not workers:
+        raise SpecError(f"{spec.path}: the cluster section lists no workers")
+    if arg is None:
+        chosen = workers
+    elif arg.isdigit():
+        n = int(arg)
+        if not 1 <= n <= len(workers):
+            raise SpecError(f"--workers {n}: the cluster has {len(workers)} worker(s) "
+                            f"({', '.join(w.name for w in workers)})",
+                            hint=f"use --workers {len(workers)} or name them: --workers w1,w2")
+        chosen = workers[:n]
+    else:
+        by_name = {w.name: w for w in workers}
+        chosen = []
+        for name in [x.strip() for x in arg.split(",") if x.strip()]:
+            if name not in by_name:
+                raise SpecError(f"--workers: unknown worker {name!r}"
+                                f"{did_you_mean(name, list(by_name))}",
+                                hint=f"workers: {', '.join(by_name)}")
+            chosen.append(by_name[name])
+        if not chosen:
+            raise SpecError("--workers: no worker named", hint="--workers 3 or --workers w1,w3")
+    c = spec.cluster
+    return [Worker(w.name, w.address, SshEngine(Target(
+        name=w.name, host=w.address, user=c.ssh_user, port=c.ssh_port,
+        identity=c.ssh_identity, config=c.ssh_config))) for w in chosen]
+
+
+@dataclass(frozen=True)
+class DistributeRequest:
+    names: list[str]  # in build order
+    named: bool  # the user named them (each must have a latest)
+    workers: list[Worker]
+    force: bool = False
+    dry_run: bool = False
+
+
+def distribute_request(ctx: Context, images: list[str], workers: str | None, *,
+                       force: bool = False, dry_run: bool = False) -> DistributeRequest:
+    """Check distribute's arguments (no engine needed)."""
+    wanted = ctx.names(images)
+    chosen = select_workers(ctx.spec, workers)
+    store = backup_store(ctx.spec)
+    if not isinstance(store, LocalDir):
+        raise SpecError(f"{ctx.spec.path}: distribute reads each image's backup tar on this "
+                        f"host, but backups.directory is remote",
+                        hint="use a local backups.directory on the head node (it can be "
+                             "copied to the control node separately)")
+    order = [n for n in ctx.spec.closure(wanted) if n in wanted]
+    return DistributeRequest(order, bool(images), chosen, force, dry_run)
+
+
+@dataclass(frozen=True)
+class DistributeOutcome:
+    items: list[Item]
+    outcomes: list[Outcome]
+    dry_run: bool
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outcomes)
+
+    def error(self) -> ImagebuildError | None:
+        failed = sorted({o.worker for o in self.outcomes if not o.ok})
+        if not failed:
+            return None
+        reasons = "; ".join(sorted({o.error for o in self.outcomes
+                                    if o.error and o.action == "failed"}))
+        return RemoteError(f"distribution failed on {', '.join(failed)}: {reasons}",
+                           hint="the other workers finished; fix the cause and run the same "
+                                "command again: it sends only what is still missing")
+
+
+def distribute(ctx: Context, engine: Engine, req: DistributeRequest,
+               progress: Progress | None = None) -> DistributeOutcome:
+    """Send each verified image's ``latest`` to the workers, only the layers each lacks."""
+    progress = progress or Progress()
+    spec = ctx.spec
+    latest = {n: engine.inspect(latest_tag(n)) for n in req.names}
+    names = req.names if req.named else [n for n in req.names if latest[n] is not None]
+    if not names:
+        raise ImageNotFound("no image of the spec has a latest tag to distribute",
+                            hint="run 'imagebuild build' first")
+    store = backup_store(spec)
+    assert spec.backups is not None
+    items: list[Item] = []
+    for name in names:
+        info = latest[name]
+        if info is None:
+            raise ImageNotFound(f"{latest_tag(name)} is not present on this head node",
+                                hint=f"run 'imagebuild build {name}'")
+        record = (passing_record(spec, ctx.lock, name, info) if req.force
+                  else require_verified(spec, ctx.lock, name, info))
+        tag = hash_tag(name, info)
+        if tag is None:
+            raise ImageNotFound(f"{latest_tag(name)} ({short_id(info.id)}) was not built by "
+                                f"imagebuild (it has no input-hash label)",
+                                hint=f"run 'imagebuild build {name}'")
+        items.append(Item(name=name, info=info, hash_tag=tag, record=record,
+                          archive=ArchiveIndex.read(_backup_tar(store, engine, name, info,
+                                                                spec.backups.keep, progress))))
+    verb = "would send" if req.dry_run else "sending"
+    progress.say(f"{verb} {', '.join(i.name for i in items)} to "
+                 f"{', '.join(w.name for w in req.workers)}")
+    outcomes = fan_out(req.workers, items, ctx.gate, progress, dry_run=req.dry_run)
+    return DistributeOutcome(items, outcomes, req.dry_run)
+
+
+def _backup_tar(store: BackupDir, engine: Engine, name: str, info: ImageInfo, keep: int,
+                progress: Progress) -> Path:
+    """The local backup tar of exactly this image, written first if missing."""
+    tar = find_backup(store, name, lambda sc: sc.image_id == info.id)
+    if tar is None:
+        progress.say(f"{name}: no backup of {short_id(info.id)} yet; writing it first")
+        tar = write_backup(store, engine, name, info, keep, progress).tar
+    path = store.local_path(tar)
+    assert path is not None  # distribute_request refused a remote store
+    return path
+

@@ -1,0 +1,70 @@
+"""The one path that moves ``NAME:latest``: ``promote``.
+
+``latest`` is the GC root of an image and only ever points at a verified image. To
+promote an image is to pass the gate, then move ``latest``:
+
+* the gate passes with a passing record for exactly this content (the content
+  fingerprint) and the spec's current checks: a worker's copy is judged by the head's
+  record of the same content (``evidence``), the head's image by its record in the state
+  directory; with neither, the checks run now (on the head; never on a worker);
+* ``latest`` moves only when the gate passed, and only if it points elsewhere.
+
+Build, restore and distribute (the workers' ``latest``) all come through here; so will
+rollback and the GC roots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .engine import Engine, ImageInfo
+from .lock import Lock
+from .naming import LATEST, latest_tag, short_id
+from .progress import Progress
+from .spec import Spec
+from .verify import VerifyRecord, image_checks, is_passing, passing_record, verify_image
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The spec's checks, against which images are verified."""
+
+    spec: Spec
+    lock: Lock
+
+
+@dataclass(frozen=True)
+class Promotion:
+    name: str
+    image: ImageInfo
+    record: VerifyRecord | None  # None: no passing evidence, and no checks were run
+    verified_now: bool  # the checks ran (False: a record was reused)
+    moved: bool  # latest moved to this image
+
+    @property
+    def passed(self) -> bool:
+        return self.record is not None and self.record.passed
+
+
+def promote(gate: Gate, engine: Engine, name: str, image: ImageInfo, progress: Progress, *,
+            evidence: VerifyRecord | None = None, run_checks: bool = True) -> Promotion:
+    """Verify ``image`` unless a passing record exists, then move ``NAME:latest`` to it."""
+    spec, lock = gate.spec, gate.lock
+    record = evidence if is_passing(evidence, spec, lock, name, image) else None
+    if record is None:
+        record = passing_record(spec, lock, name, image)
+    verified_now = False
+    if record is not None:
+        progress.say(f"  {name}: verified {record.checked_at} (record reused)")
+    elif run_checks:
+        progress.say(f"  {name}: verifying ({len(image_checks(spec, name))} checks)")
+        record = verify_image(spec, lock, engine, name, image)
+        verified_now = True
+    if record is None or not record.passed:
+        return Promotion(name, image, record, verified_now, moved=False)
+    current = engine.inspect(latest_tag(name))
+    moved = current is None or current.id != image.id
+    if moved:
+        engine.tag(image.id, name, LATEST)
+        progress.say(f"  {name}: {latest_tag(name)} -> {short_id(image.id)}")
+    return Promotion(name, image, record, verified_now, moved=moved)
