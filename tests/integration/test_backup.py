@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.engine import Engine
+from imagebuild.engine_docker import DockerEngine
 from imagebuild.lock import sha256_file
 
 from .conftest import MiniStack
@@ -43,7 +43,7 @@ def _built(mini: MiniStack) -> tuple[Path, dict[str, object], str]:
 
 def test_build_writes_backups_and_restore_gives_the_same_image(mini: MiniStack) -> None:
     tar, sidecar, tag = _built(mini)
-    engine = Engine()
+    engine = DockerEngine()
     image_id = engine.require(tag).id
     for name in ("vllm-node", "vllm-node-tf5", "vllm-node-mimo"):
         assert (mini.root / "backups" / f"{name}.tar").is_file()
@@ -84,7 +84,7 @@ def test_a_damaged_tar_is_refused_and_nothing_is_loaded(mini: MiniStack, damage:
     r = mini.cli("restore-from-tar", "mimo")
     assert r.returncode == 8, r.stderr
     assert str(tar) in r.stderr and "nothing was loaded" in r.stderr
-    assert Engine().inspect(str(sidecar["image_id"])) is None
+    assert DockerEngine().inspect(str(sidecar["image_id"])) is None
 
 
 def test_a_killed_backup_leaves_the_previous_one_intact(mini: MiniStack) -> None:
@@ -151,11 +151,13 @@ def test_a_disk_that_fills_up_mid_write_leaves_nothing_half_written(mini: MiniSt
     the partial file goes, the previous tar is untouched, and the error says why."""
     import dataclasses
 
-    from imagebuild.backup import backup_image
+    from imagebuild.backup import write_backup
     from imagebuild.errors import BackupError
+    from imagebuild.progress import Quiet
+    from imagebuild.store import LocalDir
 
     assert mini.cli("build", "node").returncode == 0
-    info = Engine().require(_tags(mini)["vllm-node"])
+    info = DockerEngine().require(_tags(mini)["vllm-node"])
     small = mini.root / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(small)], check=True)
@@ -163,8 +165,8 @@ def test_a_disk_that_fills_up_mid_write_leaves_nothing_half_written(mini: MiniSt
         previous = small / "vllm-node.tar"
         previous.write_bytes(b"the previous generation")
         with pytest.raises(BackupError) as exc:
-            backup_image(Engine(), "vllm-node", dataclasses.replace(info, size=1), small, 2,
-                         lambda _msg: None)
+            write_backup(LocalDir(small), DockerEngine(), "vllm-node",
+                         dataclasses.replace(info, size=1), 2, Quiet())
         assert "No space left on device" in exc.value.message
         assert "nothing was replaced" in exc.value.message
         assert exc.value.exit_code == 8
@@ -204,11 +206,15 @@ def test_build_restores_a_missing_derivation_from_its_backup(mini: MiniStack) ->
     r = mini.cli("build", "mimo")
     assert r.returncode == 0, r.stderr
     assert "built 0, restored 1, reused 2" in r.stdout
-    assert Engine().require(tag).id == sidecar["image_id"]
+    assert DockerEngine().require(tag).id == sidecar["image_id"]
 
 
 def test_a_remote_ssh_backup_directory_works_against_a_worker(mini: MiniStack) -> None:
-    remote = mini.bed.root / "remote-backups" / mini.root.parent.name
+    # a directory whose name has a space, beside a file that pruning must not touch
+    remote = mini.bed.root / "remote-backups" / f"{mini.root.parent.name} copy"
+    remote.mkdir(parents=True)
+    decoy = remote.parent / f"{mini.root.parent.name} vllm-node-mimo@keep-me.tar"
+    decoy.write_text("not ours")
     mini.edit_spec("directory: backups", f"directory: ssh://w1{remote}")
     try:
         r = mini.cli("build", "mimo")
@@ -224,14 +230,27 @@ def test_a_remote_ssh_backup_directory_works_against_a_worker(mini: MiniStack) -
         _rmi(tag, "vllm-node-mimo:latest")
         r = mini.cli("restore-from-tar", "mimo")
         assert r.returncode == 0, r.stderr
-        assert Engine().require(tag).id == sidecar["image_id"]
+        assert DockerEngine().require(tag).id == sidecar["image_id"]
+        # the substituter restores from the remote directory too
+        _rmi(tag, "vllm-node-mimo:latest")
+        r = mini.cli("build", "mimo")
+        assert r.returncode == 0 and "built 0, restored 1, reused 2" in r.stdout, r.stderr
+        # generations are kept and pruned there like here, by name, never by parsing ls
+        tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
+        for i in range(2):
+            tpl.write_text(tpl.read_text() + f"# generation {i}\n")
+            assert mini.cli("build", "mimo").returncode == 0
+        olds = sorted(p.name for p in remote.glob("vllm-node-mimo@*.tar"))
+        assert len(olds) == 1 and (remote / (olds[0] + ".json")).is_file()
+        assert decoy.read_text() == "not ours"
         # a damaged remote tar is refused, nothing loaded
+        sidecar = json.loads((remote / "vllm-node-mimo.tar.json").read_text())
         with tar.open("r+b") as f:
             f.seek(1000)
             f.write(b"X")
-        _rmi(tag, "vllm-node-mimo:latest")
+        _rmi(*[t for t in DockerEngine().require(sidecar["image_id"]).tags])
         r = mini.cli("restore-from-tar", "mimo")
         assert r.returncode == 8 and "does not match its sidecar" in r.stderr
-        assert Engine().inspect(sidecar["image_id"]) is None
+        assert DockerEngine().inspect(sidecar["image_id"]) is None
     finally:
-        subprocess.run(["rm", "-rf", str(remote)])
+        subprocess.run(["rm", "-rf", str(remote), str(decoy)])

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.build import Progress, decide, execute
-from imagebuild.derivation import HASH_LABEL, IMAGE_LABEL, plan
-from imagebuild.engine import Engine
+from imagebuild import ops
+from imagebuild.build import decide, execute
+from imagebuild.derivation import plan
+from imagebuild.engine_docker import DockerEngine
 from imagebuild.lock import read_lock
+from imagebuild.naming import HASH_LABEL, IMAGE_LABEL
+from imagebuild.progress import Progress
 from imagebuild.spec import load_spec
 
 from .conftest import MiniStack, testbed
@@ -25,7 +28,7 @@ pytestmark = pytest.mark.bed
 NAMES = ["vllm-node", "vllm-node-tf5", "vllm-node-mimo"]
 
 
-class CountingEngine(Engine):
+class CountingEngine(DockerEngine):
     def __init__(self) -> None:
         super().__init__()
         self.builds: list[str] = []
@@ -36,11 +39,12 @@ class CountingEngine(Engine):
 
 
 def _build(mini: MiniStack, names: list[str]) -> tuple[CountingEngine, dict[str, str]]:
-    spec = load_spec(mini.spec)
-    derivations = plan(spec, read_lock(spec.lock_path), names)
+    """The build workflow (gate included, no backups) through an engine that counts."""
     engine = CountingEngine()
-    report = execute(spec, engine, decide(engine, derivations, set()), progress=Progress())
-    return engine, {n: i.id for n, i in report.images.items()}
+    result = ops.build(ops.load(str(mini.spec)), engine, names, backup=False,
+                       progress=Progress())
+    assert result.error() is None and result.report is not None
+    return engine, {n: i.id for n, i in result.report.images.items()}
 
 
 def _hashes(mini: MiniStack) -> dict[str, str]:
@@ -61,7 +65,7 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
     r = mini.cli("build", "mimo")
     assert r.returncode == 0, r.stderr
     assert "built 3, restored 0, reused 0" in r.stdout
-    engine = Engine()
+    engine = DockerEngine()
     infos = {n: engine.require(f"{n}:{hashes[n][:12]}") for n in NAMES}
     # lineage: each image is its parent's exact derivation plus layers
     node, tf5, mimo = (infos[n] for n in NAMES)
@@ -104,7 +108,7 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
 
 
 def test_git_commit_label_source() -> None:
-    from imagebuild.build import git_commit
+    from imagebuild.remote import git_commit
 
     from .conftest import REPO
 
@@ -188,7 +192,7 @@ def test_a_corrupted_wheel_is_refused_before_the_engine_is_touched(mini: MiniSta
                               text=True).stdout.split()) == images_before
 
 
-class SwappingEngine(Engine):
+class SwappingEngine(DockerEngine):
     """Replaces a wheel after imagebuild checked it and started serving it, just before
     the build: the moment a COPY-free build has to guard."""
 
@@ -230,7 +234,7 @@ def test_a_failing_run_leaves_no_tag_and_reports_the_step(mini: MiniStack) -> No
     assert "about to fail" in r.stderr  # the last lines of the step's output
     log = mini.root / "state" / "logs" / f"vllm-node-tf5-{hashes['vllm-node-tf5'][:12]}.log"
     assert f"full log: {log}" in r.stderr and log.is_file()
-    engine = Engine()
+    engine = DockerEngine()
     assert engine.inspect(f"vllm-node-tf5:{hashes['vllm-node-tf5'][:12]}") is None
     assert engine.inspect(f"vllm-node-mimo:{hashes['vllm-node-mimo'][:12]}") is None
     node = engine.require(f"vllm-node:{hashes['vllm-node'][:12]}")
@@ -261,7 +265,7 @@ def test_ctrl_c_leaves_no_tag_and_no_container(mini: MiniStack) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "no tag was written" in err
-    engine = Engine()
+    engine = DockerEngine()
     assert engine.inspect(f"vllm-node-tf5:{hashes['vllm-node-tf5'][:12]}") is None
     assert engine.inspect(f"vllm-node:{hashes['vllm-node'][:12]}") is not None
     deadline = time.monotonic() + 30

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.engine import Engine, image_info_from_inspect
+from imagebuild.engine import parse_image
+from imagebuild.engine_docker import DockerEngine
 
 from .conftest import REPO, Bed, MiniStack, testbed
 
@@ -39,7 +40,7 @@ def _worker_image(bed: Bed, worker: str, ref: str):  # type: ignore[no-untyped-d
     r = bed.ssh(worker, "docker", "image", "inspect", ref)
     if r.returncode != 0:
         return None
-    return image_info_from_inspect(json.loads(r.stdout)[0])
+    return parse_image(json.loads(r.stdout)[0])
 
 
 def _by(data: dict[str, object], worker: str, image: str) -> dict[str, object]:
@@ -52,7 +53,7 @@ def test_cold_fanout_lands_the_identical_image_on_every_worker(clean: MiniStack)
     assert mini.cli("build", "mimo").returncode == 0
     code, data, err = _distribute(mini, "--workers", "3")
     assert code == 0, err
-    head = Engine().require("vllm-node-mimo:latest")
+    head = DockerEngine().require("vllm-node-mimo:latest")
     hash_tag = next(t for t in head.tags if not t.endswith(":latest"))
     archive = (mini.root / "backups" / "vllm-node-mimo.tar").stat().st_size
     for w in mini.bed.workers:
@@ -171,7 +172,7 @@ def test_killing_one_workers_sshd_mid_transfer_fails_it_alone(clean: MiniStack) 
     for o in data["outcomes"]:  # type: ignore[union-attr]
         if o["worker"] != "w2":
             assert o["action"] == "up to date" and o["bytes_sent"] == 0
-    head = Engine().require("vllm-node-mimo:latest")
+    head = DockerEngine().require("vllm-node-mimo:latest")
     got = _worker_image(mini.bed, "w2", "vllm-node-mimo:latest")
     assert got is not None and got.fingerprint == head.fingerprint
 
@@ -237,7 +238,7 @@ def test_a_containerd_store_worker_gets_only_its_missing_layers(clean: MiniStack
     assert mini.cli("build", "mimo").returncode == 0
     code, data, err = _distribute(mini)
     assert code == 0, err
-    head = Engine()
+    head = DockerEngine()
     for name in ("vllm-node", "vllm-node-tf5", "vllm-node-mimo"):
         o = _by(data, "c1", name)
         assert o["ok"] and o["store"] == "containerd", o

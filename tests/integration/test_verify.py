@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from imagebuild.engine import Engine
+from imagebuild.engine_docker import DockerEngine
 from imagebuild.errors import NotVerified
 from imagebuild.lock import read_lock
 from imagebuild.spec import load_spec
@@ -40,7 +40,7 @@ def test_the_good_stack_passes_every_check_and_records_it(mini: MiniStack) -> No
     assert r.stdout.count("pass") >= 13 and "FAIL" not in r.stdout
     spec = load_spec(mini.spec)
     lock = read_lock(spec.lock_path)
-    engine = Engine()
+    engine = DockerEngine()
     tags = _tags(mini)
     for name, tag in tags.items():
         info = engine.require(tag)
@@ -56,7 +56,7 @@ def test_the_good_stack_passes_every_check_and_records_it(mini: MiniStack) -> No
 def test_missing_force_reinstall_lands_the_cpu_torch_and_the_gate_stops_it(
         mini: MiniStack) -> None:
     assert mini.cli("build", "mimo").returncode == 0
-    engine = Engine()
+    engine = DockerEngine()
     good_latest = engine.require("vllm-node-mimo:latest").id
     tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
     text = tpl.read_text()
@@ -96,7 +96,7 @@ def test_tf5_with_transformers_5_fails_its_specifier_and_stops_the_chain(
     assert r.returncode == 1
     assert "transformers-4" in r.stderr and "expected <5, got 5.0.0" in r.stderr
     assert "images after it were not built" in r.stderr
-    engine = Engine()
+    engine = DockerEngine()
     assert engine.inspect(tags["vllm-node-tf5"]) is not None
     assert engine.inspect(tags["vllm-node-mimo"]) is None
     assert _no_check_containers()
@@ -122,7 +122,7 @@ def test_a_hanging_check_is_killed_at_its_timeout(mini: MiniStack) -> None:
 def test_changed_checks_invalidate_the_record(mini: MiniStack) -> None:
     assert mini.cli("build", "node").returncode == 0
     spec = load_spec(mini.spec)
-    info = Engine().require(_tags(mini)["vllm-node"])
+    info = DockerEngine().require(_tags(mini)["vllm-node"])
     assert passing_record(spec, read_lock(spec.lock_path), "vllm-node", info) is not None
     mini.edit_spec("    checks: [torch-gate, vllm-locked, flashinfer-locked, vllm-imports]\n\n"
                    "  vllm-node-tf5:", "    checks: [torch-gate]\n\n  vllm-node-tf5:")

@@ -5,12 +5,13 @@ import tarfile
 
 import pytest
 
-from imagebuild.build import Progress, Step, context_stream, execute, log_path, preflight
+from imagebuild.build import Action, Step, context_stream, execute, log_path, preflight
 from imagebuild.derivation import plan
-from imagebuild.engine import Engine, ImageInfo
 from imagebuild.errors import EngineError, UnresolvedHashError, WheelHashMismatch
 from imagebuild.lock import read_lock, sha256_file
+from imagebuild.progress import Quiet
 
+from ..fake_engine import FakeEngine
 from .conftest import Stack
 
 VLLM = "vllm-0.22.1rc1.dev124+gace95c9cf.d20260603.cu132-py3-none-any.whl"
@@ -68,28 +69,13 @@ def test_preflight_names_an_unresolved_wheel(stack: Stack) -> None:
         preflight(spec, mimo)
 
 
-class _RemoteEngine(Engine):
-    """An engine on another host (ssh://): fake only behind the engine boundary."""
-
-    def __init__(self) -> None:
-        self.base_url = "ssh://admin@head-node"
-        self.builds: list[str] = []
-
-    def inspect(self, ref: str) -> ImageInfo | None:
-        return ImageInfo(id="sha256:" + "b" * 64, tags=(ref,), labels={}, diff_ids=(),
-                         size=1, created="")
-
-    def build(self, context, *, buildargs, labels, nocache=False):  # type: ignore[no-untyped-def]
-        self.builds.append(labels)
-        raise AssertionError("no build may start")
-
-
 def test_a_build_that_needs_served_wheels_refuses_an_engine_on_another_host(
         stack: Stack) -> None:
     spec = stack.load()
     node = plan(spec, read_lock(spec.lock_path), ["node"])[0]
-    engine = _RemoteEngine()
+    engine = FakeEngine(name="head-node", local=False)  # e.g. DOCKER_HOST=ssh://head-node
+    engine.add_base("example/base:1", [b"base"])
     with pytest.raises(EngineError, match="is not on this machine") as info:
-        execute(spec, engine, [Step(node, "build", None)], progress=Progress())
+        execute(spec, engine, [Step(node, Action.BUILD)], progress=Quiet())
     assert info.value.exit_code == 4 and engine.builds == []
     assert not log_path(spec, node).exists()

@@ -11,20 +11,17 @@ import pytest
 from imagebuild.distribute import (
     ArchiveIndex,
     Item,
-    Piece,
     WorkerState,
     archive_bytes,
     chain_ids,
     containerd_name,
     docker_pieces,
     oci_pieces,
-    parse_probe,
     plan_item,
 )
-from imagebuild.engine import ImageInfo
+from imagebuild.engine import BadReply, ImageInfo, Piece, parse_images, parse_info
 from imagebuild.errors import ImagebuildError
 from imagebuild.remote import Target, explain
-from imagebuild.spec import Cluster, Worker
 
 
 def _save_like(path: Path, layers: list[bytes]) -> list[str]:
@@ -91,25 +88,29 @@ def test_plan_item_counts_only_whole_chains(tmp_path: Path) -> None:
     diff = _save_like(tmp_path / "a.tar", [b"a", b"b", b"c"])
     item = Item(name="img", info=_info(diff), hash_tag="img:abc",
                 archive=ArchiveIndex.read(tmp_path / "a.tar"))
+    def planned(state: WorkerState) -> tuple[str, int]:
+        d = plan_item(state, item)
+        return d.action, d.layers_skipped
+
     empty = WorkerState(store="classic")
-    assert plan_item(empty, item)[:2] == ("whole archive", 0)
+    assert planned(empty) == ("whole archive", 0)
     has_two = WorkerState(store="classic")
     has_two.add(_info(diff[:2]))
-    assert plan_item(has_two, item)[:2] == ("partial", 2)
+    assert planned(has_two) == ("partial", 2)
     # the same top layer on a different base is not a usable chain
     other = WorkerState(store="classic")
     other.add(_info(["sha256:" + "9" * 64, diff[1]]))
-    assert plan_item(other, item)[:2] == ("whole archive", 0)
+    assert planned(other) == ("whole archive", 0)
     same = WorkerState(store="classic")
     same.add(_info(diff))
-    assert plan_item(same, item)[0] == "up to date"
+    assert planned(same)[0] == "up to date" and plan_item(same, item).pieces == []
     # the containerd store gets an OCI layout without the present layers' blobs
     ctrd = WorkerState(store="containerd")
     ctrd.add(_info(diff[:2]))
-    action, skipped, pieces, note = plan_item(ctrd, item)
-    assert (action, skipped) == ("partial", 2) and "OCI layout" in note
-    assert pieces == oci_pieces(item.archive, item.info.diff_ids, 2, "img:abc")
-    assert plan_item(WorkerState(store="containerd"), item)[:2] == ("whole archive", 0)
+    d = plan_item(ctrd, item)
+    assert (d.action, d.layers_skipped) == ("partial", 2) and "OCI layout" in d.note
+    assert d.pieces == oci_pieces(item.archive, item.info.diff_ids, 2, "img:abc")
+    assert planned(WorkerState(store="containerd")) == ("whole archive", 0)
 
 
 def test_the_oci_layout_names_every_layer_and_carries_only_the_missing_blobs(
@@ -163,26 +164,48 @@ def test_containerd_names() -> None:
     assert containerd_name("registry.lan/x/y:1") == "registry.lan/x/y:1"
 
 
-def test_the_probe_tells_the_stores_apart_and_reads_every_image() -> None:
+def test_engine_replies_tell_the_stores_apart_and_read_every_image() -> None:
     image = {"Id": "sha256:" + "1" * 64, "RepoTags": ["vllm-node:latest"],
              "RootFS": {"Layers": ["sha256:" + "a" * 64, "sha256:" + "b" * 64]},
              "Config": {"Env": ["A=1"], "Labels": {"x": "y"}}}
-    classic = json.dumps({"Driver": "overlay2",
-                          "DriverStatus": [["Backing Filesystem", "extfs"]]})
-    state = parse_probe(classic + "\n" + json.dumps([image]) + "\n")
-    assert state.store == "classic"
-    assert set(state.chains) == set(chain_ids(image["RootFS"]["Layers"]))  # type: ignore[index]
-    assert [i.id for i in state.by_fingerprint.values()] == [image["Id"]]
+    classic = {"Driver": "overlay2", "ServerVersion": "20.10.24",
+               "DriverStatus": [["Backing Filesystem", "extfs"]]}
+    assert parse_info(classic).store == "classic"
+    [info] = parse_images(json.dumps([image]) + "\n")
+    assert info.id == image["Id"] and info.tags == ("vllm-node:latest",)
+    assert info.labels == {"x": "y"} and len(info.diff_ids) == 2
     # Docker 24+ with the containerd image store
-    ctrd = json.dumps({"Driver": "overlayfs",
-                       "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]]})
-    state = parse_probe(ctrd + "\n")  # and an engine with no images at all
-    assert state.store == "containerd" and not state.chains and not state.by_fingerprint
+    ctrd = {"Driver": "overlayfs", "ServerVersion": "26.1.5",
+            "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]]}
+    assert parse_info(ctrd).store == "containerd" and parse_info(ctrd).version == "26.1.5"
+    assert parse_images("") == []  # an engine with no images at all
+
+
+@pytest.mark.parametrize("reply", [
+    "Welcome to spark-2!\n[]",  # a login banner on stdout
+    '{"Id": "sha256:' + "1" * 64 + '"}',  # an object, not an array
+    '[{"RepoTags": []}]',  # an entry without Id
+    '[{"Id": "abc"}]',  # an Id that is not a digest
+    '[{"Id": "sha256:' + "1" * 64 + '", "RootFS": {"Layers": ["x"]}}]',
+    '[{"Id": "sha256:' + "1" * 64 + '", "Config": {"Labels": {"a": 1}}}]',
+    '[{"Id": "sha256:' + "1" * 64 + '", "Size": "big"}]',
+    '[{"Id": "sha256:' + "1" * 64 + '", "RepoTags": "x:1"}]',
+    '[5]',
+])
+def test_an_engine_reply_of_the_wrong_shape_is_refused(reply: str) -> None:
+    with pytest.raises(BadReply):
+        parse_images(reply)
+
+
+def test_a_docker_info_of_the_wrong_shape_is_refused() -> None:
+    for bad in ([], "text", {"DriverStatus": "x"}):
+        with pytest.raises(BadReply):
+            parse_info(bad)
 
 
 def test_ssh_argv_never_weakens_host_key_checking_and_quotes_the_command() -> None:
-    t = Target.of(Cluster(ssh_user="spark", ssh_port=2200, ssh_identity="/k",
-                          ssh_config="/c"), Worker(name="w1", address="10.0.0.2"))
+    t = Target(name="w1", host="10.0.0.2", user="spark", port=2200, identity="/k",
+               config="/c")
     argv = t.argv(["docker", "image", "inspect", "a b", "$(reboot)"])
     assert argv[:3] == ["ssh", "-F", "/c"]
     assert "StrictHostKeyChecking=no" not in " ".join(argv)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from imagebuild.errors import LockError, UnresolvedHashError, WheelHashMismatch
+from imagebuild.fsutil import atomic_write_text
 from imagebuild.lock import (
-    atomic_write_text,
     compute_lock,
     format_lock,
     parse_wheel,
@@ -129,8 +129,24 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path,
     def boom(src: object, dst: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("imagebuild.lock.os.replace", boom)
+    monkeypatch.setattr("imagebuild.fsutil.os.replace", boom)
     with pytest.raises(OSError):
         atomic_write_text(p, "new\n")
     assert p.read_text() == "old\n"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["wheels.lock"]
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path: Path) -> None:
+    import os
+
+    kept = tmp_path / "kept"
+    atomic_write_text(kept, "one\n")
+    kept.chmod(0o640)
+    atomic_write_text(kept, "two\n")
+    assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "two\n"
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "new", "x\n")  # a new file follows the umask
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o644

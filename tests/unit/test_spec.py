@@ -27,7 +27,8 @@ def test_real_stack_loads_with_lineage_and_short_names() -> None:
     assert spec.checks["transformers-5"].expected == ">=5.0.0"
     assert spec.checks["vllm-locked"].kind == "locked"
     assert [w.address for w in spec.cluster.workers][:1] == ["192.168.100.11"]
-    assert spec.backups is not None and spec.backups.directory.endswith("docker-images")
+    assert spec.backups is not None and spec.backups.local is not None
+    assert spec.backups.local.name == "docker-images"
 
 
 def _fails(stack: Stack, text: str) -> SpecError:
@@ -113,3 +114,35 @@ def test_env_var_expansion_with_default(stack: Stack, monkeypatch: pytest.Monkey
     monkeypatch.delenv("IB_TEST_UNSET_VAR", raising=False)
     with pytest.raises(SpecError, match="IB_TEST_UNSET_VAR"):
         stack.load()
+
+
+@pytest.mark.parametrize("url, says", [
+    ("ssh://host:99999/backups", "Port out of range"),
+    ("ssh://host:abc/backups", "is not ssh://[user@]host[:port]/absolute/path"),
+    ("ssh://host:0/backups", "port 0 is not a TCP port"),
+    ("ssh://host:/backups", "the port after ':' is missing"),
+    ("ssh://-oProxyCommand=x/backups", "is not a valid host name"),
+    ("ssh://Root Admin@host/backups", "is not a valid user name"),
+    ("ssh://-l@host/backups", "is not a valid user name"),
+    ("ssh://host", "must be an absolute path"),
+    ("ssh://host/", "must be an absolute path"),
+    ("ssh://user:secret@host/backups", "no password"),
+    ("ssh://host/backups?x=1", "no password, query or fragment"),
+])
+def test_a_bad_ssh_backup_url_is_a_spec_error_at_load(stack: Stack, url: str,
+                                                      says: str) -> None:
+    err = _fails(stack, SPEC + f"backups:\n  directory: {url!r}\n")
+    line = len(SPEC.splitlines()) + 2
+    assert f"imagebuild.yaml:{line}: backups.directory" in str(err), str(err)
+    assert says in str(err)
+
+
+def test_an_ssh_backup_url_is_parsed_into_its_parts(stack: Stack) -> None:
+    from imagebuild.spec import SshLocation
+
+    stack.write_spec(SPEC + "backups:\n  directory: ssh://spark@control:2201/srv/images/\n")
+    backups = stack.load().backups
+    assert backups is not None and backups.local is None
+    assert backups.location == SshLocation(host="control", path="/srv/images", user="spark",
+                                           port=2201)
+    assert str(backups.location) == "ssh://spark@control:2201/srv/images"

@@ -1,0 +1,412 @@
+"""The workflows (build, promote, backup, restore, distribute) against the in-memory
+engine: no daemon. The integration tier runs the same paths on real engines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imagebuild import ops
+from imagebuild.backup import generations, restore_backup, tar_name, write_backup
+from imagebuild.build import Action, decide, execute
+from imagebuild.distribute import Worker
+from imagebuild.engine import ImageInfo, RunResult
+from imagebuild.errors import BackupError, ImageNotFound, NotVerified, RemoteError, VerifyFailed
+from imagebuild.naming import hash_tag, latest_tag
+from imagebuild.progress import Quiet
+from imagebuild.promote import promote
+from imagebuild.store import LocalDir
+from imagebuild.verify import passing_record
+
+from ..fake_engine import FakeEngine, ok
+from .conftest import SPEC, Stack
+
+NAMES = ["vllm-node", "vllm-node-tf5", "vllm-node-mimo"]
+GOOD = "2.11.0+cu130 13.0"
+CPU = "2.10.0+cpu None"
+WITH_BACKUPS = SPEC + """\
+backups:
+  directory: backups
+  keep: 2
+cluster:
+  workers:
+    - {name: w1, address: 10.0.0.1}
+    - {name: w2, address: 10.0.0.2}
+"""
+
+
+def torch_prints(text: str):  # type: ignore[no-untyped-def]
+    def respond(image: ImageInfo, cmd: list[str]) -> RunResult:
+        return ok(text)
+    return respond
+
+
+def head(**kw: object) -> FakeEngine:
+    e = FakeEngine(name="head", responder=torch_prints(GOOD), **kw)  # type: ignore[arg-type]
+    e.add_base("example/base:1", [b"debian" * 4000, b"cuda" * 8000])
+    return e
+
+
+@pytest.fixture
+def ctx(stack: Stack) -> ops.Context:
+    stack.write_spec(WITH_BACKUPS)
+    return ops.load(str(stack.spec_path))
+
+
+def _touch_template(stack: Stack, name: str, text: str) -> None:
+    tpl = stack.root / "templates" / f"{name}.Dockerfile.j2"
+    tpl.write_text(tpl.read_text() + f"# {text}\n")
+
+
+# -- build and promote ---------------------------------------------------------------------------
+
+
+def test_build_realizes_the_closure_gates_it_and_then_reuses_it(ctx: ops.Context) -> None:
+    e = head()
+    result = ops.build(ctx, e, ["mimo"], progress=Quiet())
+    assert result.error() is None
+    assert e.builds == NAMES and result.latest_moved == NAMES
+    report = result.report
+    assert report is not None and report.built == NAMES
+    node, tf5, mimo = (report.images[n] for n in NAMES)
+    assert tf5.diff_ids[:len(node.diff_ids)] == node.diff_ids  # built FROM its parent
+    assert mimo.diff_ids[:len(tf5.diff_ids)] == tf5.diff_ids
+    for name in NAMES:
+        info = report.images[name]
+        assert e.require(latest_tag(name)).id == info.id
+        assert hash_tag(name, info) in e.require(info.id).tags
+    assert e.checks_run == [(node.id, tuple(ctx.spec.checks["torch-gate"].run))]
+    assert sorted(result.backups) == sorted(NAMES)
+    assert all((ctx.spec.root / "backups" / tar_name(n)).is_file() for n in NAMES)
+    again = ops.build(ctx, e, ["mimo"], progress=Quiet())
+    assert e.builds == NAMES  # no build call the second time
+    assert again.report is not None and again.report.reused == NAMES
+    assert again.latest_moved == [] and len(e.checks_run) == 1  # the record was reused
+    assert all(not b.written for b in again.backups.values())
+
+
+def test_dry_run_and_rebuild(ctx: ops.Context) -> None:
+    e = head()
+    dry = ops.build(ctx, e, ["tf5"], dry_run=True, progress=Quiet())
+    assert dry.report is None and [s.action for s in dry.steps] == [Action.BUILD] * 2
+    assert e.builds == [] and e.inspect("vllm-node:latest") is None
+    ops.build(ctx, e, ["tf5"], progress=Quiet())
+    ops.build(ctx, e, ["tf5"], rebuild=True, progress=Quiet())
+    assert e.builds == ["vllm-node", "vllm-node-tf5", "vllm-node-tf5"]
+
+
+def test_a_failing_gate_stops_the_chain_and_latest_stays(stack: Stack,
+                                                        ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["mimo"], progress=Quiet())
+    good = e.require("vllm-node:latest").id
+    _touch_template(stack, "vllm-node", "a new derivation")
+    e.responder = torch_prints(CPU)
+    ctx = ops.load(str(stack.spec_path))
+    result = ops.build(ctx, e, ["mimo"], progress=Quiet())
+    assert result.gate_failed == "vllm-node" and result.latest_moved == []
+    assert e.builds == [*NAMES, "vllm-node"]  # tf5 and mimo were not built on top of it
+    assert e.require("vllm-node:latest").id == good
+    err = result.error()
+    assert isinstance(err, VerifyFailed) and err.exit_code == 1
+    assert "do NOT distribute" in err.message and "images after it were not built" in err.message
+    bad = result.promotions["vllm-node"].image
+    assert hash_tag("vllm-node", bad) in e.require(bad.id).tags  # kept for inspection
+    assert "vllm-node" not in result.backups
+
+
+def test_decide_restores_a_missing_derivation_from_its_backup(ctx: ops.Context) -> None:
+    e = head()
+    first = ops.build(ctx, e, ["mimo"], progress=Quiet())
+    assert first.report is not None
+    mimo = first.report.images["vllm-node-mimo"]
+    e.remove_image(mimo.id)
+    store = LocalDir(ctx.spec.root / "backups")
+    steps = decide(e, ops.plan_images(ctx, ["mimo"]), set(), store)
+    assert [s.action for s in steps] == [Action.REUSE, Action.REUSE, Action.RESTORE]
+    assert steps[2].substitute == "vllm-node-mimo.tar"
+    again = ops.build(ctx, e, ["mimo"], progress=Quiet())
+    assert again.report is not None and again.report.restored == ["vllm-node-mimo"]
+    assert e.require("vllm-node-mimo:latest").id == mimo.id and e.builds == NAMES
+
+
+def test_execute_alone_never_moves_latest(ctx: ops.Context) -> None:
+    e = head()
+    steps = decide(e, ops.plan_images(ctx, ["tf5"]), set())
+    report = execute(ctx.spec, e, steps, progress=Quiet(), after_each=lambda s, i: False)
+    assert report.built == ["vllm-node"] and report.stopped_after == "vllm-node"
+    assert e.inspect("vllm-node:latest") is None
+
+
+def test_promote_reuses_a_record_and_moves_latest_only_when_it_passes(
+        ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["node"], backup=False, progress=Quiet())
+    image = e.require("vllm-node:latest")
+    runs = len(e.checks_run)
+    again = promote(ctx.gate, e, "vllm-node", image, Quiet())
+    assert again.passed and not again.verified_now and not again.moved
+    assert len(e.checks_run) == runs
+    # a new image that fails: the checks run, latest stays
+    e.responder = torch_prints(CPU)
+    other = e.add_base("example/other:1", [b"other"])
+    failed = promote(ctx.gate, e, "vllm-node", other, Quiet())
+    assert failed.verified_now and not failed.passed and not failed.moved
+    assert e.require("vllm-node:latest").id == image.id
+
+
+def test_a_workers_copy_is_promoted_on_the_heads_record_of_the_same_content(
+        ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["node"], backup=False, progress=Quiet())
+    image = e.require("vllm-node:latest")
+    record = passing_record(ctx.spec, ctx.lock, "vllm-node", image)
+    assert record is not None
+    worker = FakeEngine(name="w1", store="containerd")
+    worker.load(e.save(hash_tag("vllm-node", image) or ""))
+    copy = worker.require(hash_tag("vllm-node", image) or "")
+    assert copy.id != image.id and copy.fingerprint == image.fingerprint
+    p = promote(ctx.gate, worker, "vllm-node", copy, Quiet(), evidence=record, run_checks=False)
+    assert p.passed and p.moved and worker.checks_run == []
+    assert worker.require("vllm-node:latest").id == copy.id
+    # evidence of other content counts for nothing, and a worker never runs the checks
+    other = FakeEngine(name="w2")
+    base = other.add_base("example/base:1", [b"x"])
+    p = promote(ctx.gate, other, "vllm-node", base, Quiet(), evidence=record, run_checks=False)
+    assert not p.passed and not p.moved and other.checks_run == []
+    assert other.inspect("vllm-node:latest") is None
+
+
+# -- backups and restore -------------------------------------------------------------------------
+
+
+def test_restore_checks_the_tar_loads_it_and_promotes_it(ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["tf5"], progress=Quiet())
+    tf5 = e.require("vllm-node-tf5:latest")
+    e.remove_image(tf5.id)
+    request = ops.restore_request(ctx, ["tf5"], None)
+    result = ops.restore(ctx, e, request, Quiet())
+    assert result.error() is None
+    [r] = result.restored
+    assert r.result.loaded and r.promotion.passed and r.promotion.moved
+    assert e.require("vllm-node-tf5:latest").id == tf5.id
+    assert hash_tag("vllm-node-tf5", tf5) in e.require(tf5.id).tags
+    again = ops.restore(ctx, e, request, Quiet())
+    assert not again.restored[0].result.loaded and e.loads == 1  # present: a no-op
+
+
+def test_a_damaged_tar_is_refused_and_nothing_is_loaded(ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["node"], progress=Quiet())
+    node = e.require("vllm-node:latest")
+    tar = ctx.spec.root / "backups" / "vllm-node.tar"
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 1
+    tar.write_bytes(bytes(data))
+    e.remove_image(node.id)
+    with pytest.raises(BackupError, match="does not match its sidecar; nothing was loaded"):
+        ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Quiet())
+    assert e.loads == 0 and e.inspect(node.id) is None
+
+
+def test_restore_of_a_tar_the_spec_does_not_define_is_refused_before_loading(
+        ctx: ops.Context, tmp_path: Path) -> None:
+    e = head()
+    ops.build(ctx, e, ["node"], progress=Quiet())
+    tar = ctx.spec.root / "backups" / "vllm-node.tar"
+    foreign = tmp_path / "other.tar"
+    foreign.write_bytes(tar.read_bytes())
+    sidecar = json.loads((tar.parent / (tar.name + ".json")).read_text())
+    sidecar["image"] = "someone-elses-image"
+    (tmp_path / "other.tar.json").write_text(json.dumps(sidecar))
+    e.remove_image(e.require("vllm-node:latest").id)
+    with pytest.raises(BackupError, match="which this spec does not define; nothing was"):
+        ops.restore(ctx, e, ops.restore_request(ctx, [], str(foreign)), Quiet())
+    assert e.loads == 0
+    with pytest.raises(BackupError, match="is a backup of someone-elses-image, not vllm-node"):
+        ops.restore(ctx, e, ops.restore_request(ctx, ["node"], str(foreign)), Quiet())
+
+
+def test_backup_refuses_an_unverified_image_and_keeps_generations(ctx: ops.Context,
+                                                                  stack: Stack) -> None:
+    e = head()
+    ops.build(ctx, e, ["node"], backup=False, progress=Quiet())
+    for record in (ctx.spec.state_dir / "verified").glob("*.json"):
+        record.unlink()
+    with pytest.raises(NotVerified):
+        ops.backup(ctx, e, ["node"], Quiet())
+    store = LocalDir(ctx.spec.root / "backups")
+    assert store.files() == {}
+    for i in range(3):
+        _touch_template(stack, "vllm-node", f"generation {i}")
+        ctx = ops.load(str(stack.spec_path))
+        ops.build(ctx, e, ["node"], progress=Quiet())
+    assert len(generations(store, "vllm-node")) == 1  # keep: 2 = the current and one more
+    assert sorted(store.files()) == sorted([
+        "vllm-node.tar", "vllm-node.tar.json", generations(store, "vllm-node")[0],
+        generations(store, "vllm-node")[0] + ".json"])
+
+
+def test_a_backup_killed_half_way_is_cleaned_up_but_a_live_one_is_spared(
+        ctx: ops.Context) -> None:
+    import socket
+
+    e = head()
+    ops.build(ctx, e, ["node"], backup=False, progress=Quiet())
+    image = e.require("vllm-node:latest")
+    directory = ctx.spec.root / "backups"
+    directory.mkdir()
+    host = socket.gethostname()
+    dead = directory / f".vllm-node.tar.{host}-999999999.partial"
+    alive = directory / f".vllm-node.tar.{host}-1.partial"  # pid 1 is always running
+    for p in (dead, alive):
+        p.write_bytes(b"half")
+    write_backup(LocalDir(directory), e, "vllm-node", image, 2, Quiet())
+    assert not dead.exists() and alive.exists()
+    assert not [p for p in directory.iterdir() if p.name.endswith(".partial") and p != alive]
+
+
+def test_a_failing_save_leaves_the_previous_backup_and_no_partial(ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["node"], progress=Quiet())
+    image = e.require("vllm-node:latest")
+    store = LocalDir(ctx.spec.root / "backups")
+    before = store.files()
+
+    class Failing(FakeEngine):
+        def save(self, ref: str):  # type: ignore[no-untyped-def, override]
+            yield b"x" * 1000
+            raise OSError(28, "No space left on device")
+
+    failing = Failing(images=e.images, blobs=e.blobs)
+    changed = ImageInfo(id="sha256:" + "f" * 64, tags=(), labels=image.labels,
+                        diff_ids=image.diff_ids, size=1, created="", config=image.config)
+    with pytest.raises(BackupError, match="No space left on device; nothing was replaced"):
+        write_backup(store, failing, "vllm-node", changed, 2, Quiet())
+    assert store.files() == before
+
+
+def test_restore_backup_refuses_a_tar_without_a_sidecar(tmp_path: Path) -> None:
+    (tmp_path / "x.tar").write_bytes(b"tar")
+    with pytest.raises(BackupError, match="no readable sidecar"):
+        restore_backup(head(), LocalDir(tmp_path), "x.tar", Quiet())
+
+
+# -- distribute ----------------------------------------------------------------------------------
+
+
+def _workers(*engines: FakeEngine) -> list[Worker]:
+    return [Worker(e.name, f"10.0.0.{i}", e) for i, e in enumerate(engines, 1)]
+
+
+def _request(ctx: ops.Context, workers: list[Worker], images: list[str] | None = None,
+             force: bool = False) -> ops.DistributeRequest:
+    names = ctx.names(images or [])
+    return ops.DistributeRequest(names, bool(images), workers, force=force)
+
+
+def test_distribute_sends_each_worker_only_what_it_lacks(ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["mimo"], progress=Quiet())
+    w1, c1 = FakeEngine(name="w1"), FakeEngine(name="c1", store="containerd")
+    result = ops.distribute(ctx, e, _request(ctx, _workers(w1, c1)), Quiet())
+    assert result.error() is None
+    by = {(o.worker, o.image): o for o in result.outcomes}
+    for w in (w1, c1):
+        assert by[(w.name, "vllm-node")].action == "whole archive"
+        for name in ("vllm-node-tf5", "vllm-node-mimo"):
+            o = by[(w.name, name)]
+            assert o.action == "partial" and o.layers_skipped >= 3 and o.latest_moved
+        for name in NAMES:
+            mine = e.require(latest_tag(name))
+            theirs = w.require(latest_tag(name))
+            assert theirs.fingerprint == mine.fingerprint
+            assert hash_tag(name, mine) in theirs.tags
+            assert w.checks_run == []  # judged by the head's record, never re-run
+    assert "OCI layout" in by[("c1", "vllm-node-mimo")].note
+    assert by[("w1", "vllm-node-mimo")].bytes_sent < by[("w1", "vllm-node")].bytes_sent
+    loads = (w1.loads, c1.loads)
+    again = ops.distribute(ctx, e, _request(ctx, _workers(w1, c1)), Quiet())
+    assert all(o.action == "up to date" and o.bytes_sent == 0 for o in again.outcomes)
+    assert (w1.loads, c1.loads) == loads
+
+
+def test_one_broken_worker_fails_alone(ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["tf5"], progress=Quiet())
+    w1, w2 = FakeEngine(name="w1"), FakeEngine(name="w2", broken="connection refused")
+    result = ops.distribute(ctx, e, _request(ctx, _workers(w1, w2)), Quiet())
+    err = result.error()
+    assert isinstance(err, RemoteError) and err.exit_code == 9
+    assert "distribution failed on w2" in err.message and "connection refused" in err.message
+    assert all(o.ok for o in result.outcomes if o.worker == "w1")
+    assert w1.require("vllm-node-tf5:latest") is not None
+
+
+def test_a_copy_whose_content_differs_is_untagged_and_later_images_are_skipped(
+        ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["tf5"], progress=Quiet())
+
+    class Tampering(FakeEngine):
+        def _register(self, config, diff_ids, tags):  # type: ignore[no-untyped-def]
+            config["config"]["Env"] = ["TAMPERED=1"]
+            return super()._register(config, diff_ids, tags)
+
+    w = Tampering(name="w1")
+    result = ops.distribute(ctx, e, _request(ctx, _workers(w)), Quiet())
+    node, tf5 = result.outcomes
+    assert node.action == "failed" and "content fingerprint differs" in node.error
+    assert tf5.action == "skipped" and not tf5.ok
+    assert all(not any(t.startswith("vllm-node") for t in i.tags) for i in w.images.values())
+
+
+def test_forced_images_travel_but_their_latest_does_not_move(ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["node"], progress=Quiet())
+    for record in (ctx.spec.state_dir / "verified").glob("*.json"):
+        record.unlink()
+    w = FakeEngine(name="w1")
+    with pytest.raises(NotVerified):
+        ops.distribute(ctx, e, _request(ctx, _workers(w)), Quiet())
+    result = ops.distribute(ctx, e, _request(ctx, _workers(w), force=True), Quiet())
+    [o] = result.outcomes
+    assert o.ok and not o.latest_moved and "not verified" in o.note
+    node = e.require("vllm-node:latest")
+    assert w.inspect(hash_tag("vllm-node", node) or "") is not None
+    assert w.inspect("vllm-node:latest") is None
+
+
+def test_distribute_of_a_named_image_without_latest_is_refused(ctx: ops.Context) -> None:
+    e = head()
+    with pytest.raises(ImageNotFound, match="no image of the spec has a latest tag"):
+        ops.distribute(ctx, e, _request(ctx, _workers(FakeEngine(name="w1"))), Quiet())
+    with pytest.raises(ImageNotFound, match="vllm-node-tf5:latest is not present"):
+        ops.distribute(ctx, e, _request(ctx, _workers(FakeEngine(name="w1")), ["tf5"]),
+                       Quiet())
+
+
+# -- arguments are checked before any engine is contacted -----------------------------------------
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["restore-from-tar", "--file", "x.tar", "node", "tf5"], "--file restores one tar"),
+    (["build", "nope"], "unknown image 'nope'"),
+    (["verify", "mimoo"], "did you mean 'mimo'"),
+    (["distribute", "--workers", "5"], "the cluster has 2 worker(s)"),
+    (["distribute", "--workers", "w9"], "unknown worker 'w9'"),
+])
+def test_usage_errors_exit_2_before_the_engine_is_contacted(
+        ctx: ops.Context, argv: list[str], says: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from imagebuild import cli
+
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine-here.sock")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["-f", str(ctx.spec.path), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert says in err and "cannot reach the Docker engine" not in err
