@@ -40,8 +40,8 @@ PROBE = ('docker info --format "{{json .}}" && '
 # Images with a label: the label arrives as "$1", never as shell text.
 BY_LABEL = ('docker images -q --no-trunc --filter "label=$1" | sort -u '
             "| xargs -r docker image inspect")
-_NOT_FOUND = ("No such image", "No such object", "not found")
-CHECK_GRACE = 30  # seconds ssh may take on top of a check's own timeout
+_NOT_FOUND = ("No such image", "No such object", "not found", "reference does not exist")
+CHECK_GRACE = 5  # seconds ssh may take on top of a check's own timeout
 
 
 class SshEngine(Engine):
@@ -208,7 +208,7 @@ class SshEngine(Engine):
 
     def run_check(self, image: str, command: list[str], timeout: float) -> RunResult:
         name = f"imagebuild-check-{uuid.uuid4().hex[:12]}"
-        argv = ["docker", "run", "--rm", "--name", name, "--network", "none",
+        argv = ["docker", "run", "--rm", "--pull", "never", "--name", name, "--network", "none",
                 "--label", f"{CHECK_LABEL}=1", "--entrypoint", command[0], "--", image,
                 *command[1:]]
         r = call(self.target, argv, timeout=timeout + CHECK_GRACE)
