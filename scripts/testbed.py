@@ -241,6 +241,12 @@ def start_ctrd_engine() -> None:
         root.mkdir(parents=True, exist_ok=True)
         run(["tar", "--numeric-owner", "-C", str(root), "-xf", str(tarball)])
     mounted = _mounted()
+    if str(root) not in mounted:
+        # runc remounts the container's root relative to the engine's own "/": in a chroot
+        # whose root is not a mount point that fails ("remount /, flags: 0x84000: invalid
+        # argument") and no container runs. A bind mount of the root onto itself fixes it.
+        run(["mount", "--rbind", str(root), str(root)])
+        mounted = _mounted()
     for target, cmd in (("proc", ["mount", "-t", "proc", "proc"]),
                         ("sys", ["mount", "--rbind", "/sys"]),
                         ("dev", ["mount", "--rbind", "/dev"])):
