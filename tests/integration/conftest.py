@@ -117,4 +117,17 @@ class MiniStack:
 
 @pytest.fixture
 def mini(bed_env: Bed, tmp_path: Path) -> MiniStack:
+    """A stack of its own: its first build is cold."""
     return MiniStack(tmp_path / "stack", bed_env, uuid.uuid4().hex[:12])
+
+
+WARM_SALT = "warm-" + uuid.uuid4().hex[:8]  # one per test session
+
+
+@pytest.fixture
+def warm(bed_env: Bed, tmp_path: Path) -> MiniStack:
+    """A stack of its own (spec, state, backups) whose images are the same derivations
+    in every test of the session: the first such test builds them, the others reuse
+    them by input hash (and still gate and back them up in their own state). For tests
+    that need built images, not a cold build."""
+    return MiniStack(tmp_path / "stack", bed_env, WARM_SALT)

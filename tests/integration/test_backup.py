@@ -20,6 +20,12 @@ from .conftest import MiniStack
 pytestmark = pytest.mark.bed
 
 
+@pytest.fixture
+def mini(warm: MiniStack) -> MiniStack:
+    """These tests need built images, not a cold build: the session's warm stack."""
+    return warm
+
+
 def _tags(mini: MiniStack) -> dict[str, str]:
     r = mini.cli("plan", "--json")
     return {i["name"]: i["tag"] for i in json.loads(r.stdout)["images"]}

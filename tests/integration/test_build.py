@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,7 +98,8 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
     assert "Step" in node_log
     # the wheels came from imagebuild's loopback server, and no layer holds a wheel file:
     # every COPY of the lineage is a small generated file
-    assert "(from http://127.0.0.1:" in node_log
+    # (docker wraps each stderr write in colour codes: strip them, a line may be cut by one)
+    assert "(from http://127.0.0.1:" in re.sub(r"\x1b\[[0-9;]*m", "", node_log)
     assert int(node_log.split("# wheel server: ")[1].split()[0]) > 0
     history = subprocess.run(["docker", "history", "--no-trunc", "--human=false", "--format",
                               "{{.Size}}\t{{.CreatedBy}}", mimo.id],

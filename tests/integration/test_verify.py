@@ -18,6 +18,12 @@ from .conftest import MiniStack
 pytestmark = pytest.mark.bed
 
 
+@pytest.fixture
+def mini(warm: MiniStack) -> MiniStack:
+    """These tests need built images, not a cold build: the session's warm stack."""
+    return warm
+
+
 def _no_check_containers() -> bool:
     r = subprocess.run(["docker", "ps", "-aq", "--filter", "label=org.imagebuild.check"],
                        capture_output=True, text=True)
