@@ -133,12 +133,7 @@ def start(target: Target, remote: list[str], *, read: bool = False) -> Process:
 
 def finish(proc: Process) -> Completed:
     """Close a started command's stdin (if any), wait for it, and collect its output."""
-    if proc.stdin is not None:
-        try:
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-    out, err = proc.communicate()
+    out, err = proc.communicate()  # closes stdin first; a broken pipe there is ignored
     return Completed(proc.returncode, _text(out), _text(err))
 
 

@@ -35,7 +35,7 @@ def _labelled_image(head: DockerEngine, label: str) -> str:
         ti = tarfile.TarInfo("Dockerfile")
         ti.size = len(dockerfile)
         tf.addfile(ti, io.BytesIO(dockerfile))
-    events = list(head.build([buf.getvalue()], buildargs={}, labels={}))
+    events = list(head.build(iter([buf.getvalue()]), buildargs={}, labels={}))
     [done] = [e for e in events if e.kind == "done"]
     return done.image_id
 
