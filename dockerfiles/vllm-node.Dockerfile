@@ -35,7 +35,12 @@ RUN apt-get update \
        rdma-core \
     && rm -rf /var/lib/apt/lists/*
 
-RUN python3 -m pip install --no-cache-dir uv==0.9.7
+# uv 0.9.7 from its index; uv-requirements.txt pins the wheel by sha256 (written
+# by imagebuild from wheels.lock), and pip verifies it.
+COPY uv-requirements.txt /tmp/uv-requirements.txt
+RUN python3 -m pip install --no-cache-dir --no-deps --require-hashes \
+    --index-url https://pypi.org/simple -r /tmp/uv-requirements.txt \
+    && rm /tmp/uv-requirements.txt
 
 # torch 2.11.0+cu130 from its index; torch-requirements.txt pins the wheel by sha256
 # (written by imagebuild from wheels.lock), and uv verifies it.

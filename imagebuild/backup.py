@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -24,8 +25,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__
+from .archive import Manifest, TarGuard, allowed_tags_error, config_fingerprint, manifest_tags
 from .engine import Engine, ImageInfo
 from .errors import BackupError
+from .fsutil import PinnedFile
 from .naming import hash12, hash_tag, input_hash, latest_tag, short_id, split_ref
 from .progress import Progress
 from .store import BackupDir, FileStat, LocalDir, writing
@@ -47,6 +50,8 @@ class Sidecar:
     created: str
     mtime_ns: int
     tool_version: str = __version__
+    ino: int = 0  # the file's inode and ctime when it was written and hashed (0: unknown)
+    ctime_ns: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -61,9 +66,9 @@ class Sidecar:
         if extra:
             raise ValueError(f"unknown keys {extra}")
         sc = cls(**data)
-        ints = (sc.size, sc.mtime_ns)
+        ints = (sc.size, sc.mtime_ns, sc.ino, sc.ctime_ns)
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
-            raise ValueError("size and mtime_ns must be whole numbers")
+            raise ValueError("size, mtime_ns, ino and ctime_ns must be whole numbers")
         strs = (sc.image, sc.image_id, sc.fingerprint, sc.sha256, sc.created)
         if not all(isinstance(v, str) for v in strs):
             raise ValueError("image, image_id, fingerprint, sha256 and created must be strings")
@@ -71,7 +76,27 @@ class Sidecar:
             raise ValueError("tags must be a list of strings")
         if sc.input_hash is not None and not isinstance(sc.input_hash, str):
             raise ValueError("input_hash must be a string or null")
+        if not re.fullmatch(r"[0-9a-f]{64}", sc.sha256):
+            raise ValueError("sha256 is not a sha256 hex digest")
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", sc.image_id):
+            raise ValueError("image_id is not an image ID")
+        if sc.input_hash is not None and not re.fullmatch(r"[0-9a-f]{64}", sc.input_hash):
+            raise ValueError("input_hash is not a sha256 hex digest")
+        if not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*", sc.image):
+            raise ValueError("image is not an image name")
         return sc
+
+    @property
+    def hash_tag(self) -> str | None:
+        """The one tag a backup may carry: ``NAME:<hash12>``."""
+        return f"{self.image}:{hash12(self.input_hash)}" if self.input_hash else None
+
+    def written_as(self, stat: FileStat | None) -> bool:
+        """Whether the file is still the one that was written and hashed (its size,
+        mtime, inode and ctime unchanged; sidecars of old versions: size and mtime)."""
+        if stat is None or (stat.size, stat.mtime_ns) != (self.size, self.mtime_ns):
+            return False
+        return self.ino == 0 or (stat.ino, stat.ctime_ns) == (self.ino, self.ctime_ns)
 
 
 def tar_name(name: str) -> str:
@@ -119,6 +144,7 @@ def _new_sidecar(name: str, info: ImageInfo, stat: FileStat, sha256: str) -> Sid
         image=name, image_id=info.id, fingerprint=info.fingerprint, input_hash=input_hash(info),
         tags=sorted(tags), size=stat.size, sha256=sha256,
         created=datetime.now(UTC).isoformat(timespec="seconds"), mtime_ns=stat.mtime_ns,
+        ino=stat.ino, ctime_ns=stat.ctime_ns,
     )
 
 
@@ -154,8 +180,7 @@ def write_backup(store: BackupDir, engine: Engine, name: str, info: ImageInfo, k
     existing = read_sidecar(store, tar)
     files = store.files()
     current = files.get(tar)
-    if (existing and existing.image_id == info.id and current is not None
-            and (current.size, current.mtime_ns) == (existing.size, existing.mtime_ns)):
+    if existing and existing.image_id == info.id and existing.written_as(current):
         return BackupResult(f"{store}/{tar}", tar, existing, written=False,
                             local_tar=store.local_path(tar))
     _clean_partials(store, name, files)
@@ -177,7 +202,6 @@ def write_backup(store: BackupDir, engine: Engine, name: str, info: ImageInfo, k
                           f"replaced",
                           hint="check free space and permissions of the backup directory"
                           ) from None
-    sidecar = _new_sidecar(name, info, stat, h.hexdigest())
     if current is not None:  # keep the previous generation as NAME@<hash12>.tar
         gen = f"{name}@{_generation(existing)}.tar"
         store.remove(gen, sidecar_name(gen))
@@ -185,6 +209,10 @@ def write_backup(store: BackupDir, engine: Engine, name: str, info: ImageInfo, k
         if existing is not None:
             store.link(sidecar_name(tar), sidecar_name(gen))
     store.rename(tmp, tar)
+    final = store.stat(tar)  # the rename moved its ctime
+    if final is None or final.size != stat.size:
+        raise BackupError(f"{store}/{tar} is not there after it was written")
+    sidecar = _new_sidecar(name, info, final, h.hexdigest())
     store.write_text(sidecar_name(tar), sidecar.to_json())
     _prune_generations(store, name, keep)
     return BackupResult(f"{store}/{tar}", tar, sidecar, written=True,
@@ -248,32 +276,38 @@ class RestoreResult:
     seconds: float = 0.0
 
 
-def check_tar(store: BackupDir, tar: str, sidecar: Sidecar, progress: Progress) -> None:
-    """Refuse a tar that is missing, truncated or whose sha256 differs from its sidecar."""
-    where = f"{store}/{tar}"
-    stat = store.stat(tar)
-    if stat is None:
-        raise BackupError(f"{where} is missing (its sidecar is there)")
-    if stat.size != sidecar.size:
-        raise BackupError(
-            f"{where} is {stat.size} bytes but its sidecar says {sidecar.size}: truncated or "
-            f"altered; nothing was loaded",
-            hint="restore from an older generation (NAME@<hash12>.tar) with --file, or "
-                 "rebuild",
-        )
-    actual = store.sha256(tar, progress.meter(f"checking {tar}", stat.size))
-    if actual != sidecar.sha256:
-        raise BackupError(
-            f"{where} does not match its sidecar; nothing was loaded\n"
-            f"  expected sha256 {sidecar.sha256}\n  actual   sha256 {actual}",
-            hint="the file is corrupt: restore an older generation with --file, or rebuild",
-        )
+def _guard(where: str, sidecar: Sidecar) -> TarGuard:
+    """The checks a backup tar passes on its way into ``docker load``: its size and
+    sha256 (the sidecar's), the tags it would apply (only the sidecar's hash tag), and its
+    config (the sidecar's content fingerprint)."""
+    allowed = {sidecar.hash_tag} if sidecar.hash_tag else set()
+
+    def check_meta(name: str, data: bytes) -> None:
+        err = allowed_tags_error(manifest_tags(name, data, where), allowed, where)
+        if err is not None:
+            raise err
+
+    def finish(metas: dict[str, bytes]) -> None:
+        if "manifest.json" not in metas:
+            raise BackupError(f"{where} is not a docker save archive (no manifest.json); "
+                              f"nothing was loaded")
+        manifest = Manifest.parse(metas["manifest.json"], where)
+        config = metas.get(manifest.config)
+        if config is None:
+            raise BackupError(f"{where}: its config {manifest.config} is missing")
+        fingerprint, diff_ids = config_fingerprint(config, where)
+        if fingerprint != sidecar.fingerprint or len(diff_ids) != len(manifest.layers):
+            raise BackupError(f"{where} does not hold the image its sidecar names (the "
+                              f"content fingerprint differs); nothing was loaded")
+
+    return TarGuard(where, sidecar.size, sidecar.sha256, check_meta, finish)
 
 
 def restore_backup(engine: Engine, store: BackupDir, tar: str, progress: Progress,
                    expect_image: str | None = None) -> RestoreResult:
-    """Load ``tar`` after checking it against its sidecar (a no-op when the image is
-    present), then restore its hash tag. ``latest`` is promote's, after the gate."""
+    """Load ``tar`` (a no-op when its image is present), checked as it streams: its size,
+    sha256, tags and config against its sidecar, the tail held back until all pass. Then
+    restore its hash tag. ``latest`` is promote's, after the gate."""
     where = f"{store}/{tar}"
     sidecar = read_sidecar(store, tar)
     if sidecar is None:
@@ -285,20 +319,60 @@ def restore_backup(engine: Engine, store: BackupDir, tar: str, progress: Progres
     present = engine.inspect(sidecar.image_id)
     loaded = present is None
     if present is None:
-        check_tar(store, tar, sidecar, progress)
-        progress.say(f"  loading {where} ({sidecar.size / 1e9:.2f} GB)")
-        engine.load(store.read(tar, progress.meter(f"loading {tar}", sidecar.size)))
+        stat = store.stat(tar)
+        if stat is None:
+            raise BackupError(f"{where} is missing (its sidecar is there)")
+        if stat.size != sidecar.size:
+            raise BackupError(
+                f"{where} is {stat.size} bytes but its sidecar says {sidecar.size}: "
+                f"truncated or altered; nothing was loaded",
+                hint="restore from an older generation (NAME@<hash12>.tar) with --file, or "
+                     "rebuild")
+        progress.say(f"  loading {where} ({sidecar.size / 1e9:.2f} GB), checked as it "
+                     f"streams")
+        guard = _guard(where, sidecar)
+        engine.load(guard.feed(store.read(tar, progress.meter(f"loading {tar}",
+                                                              sidecar.size))))
         present = engine.inspect(sidecar.image_id)
         if present is None:
             raise BackupError(f"loading {where} did not produce image {sidecar.image_id[:19]} "
                               f"named in its sidecar",
                               hint="the tar and its sidecar do not belong together")
-    for ref in sidecar.tags:
-        repo, tag = split_ref(ref)
-        if ref != latest_tag(repo):
-            engine.tag(present.id, repo, tag)
+    if present.fingerprint != sidecar.fingerprint:
+        raise BackupError(f"{where}: the image {short_id(present.id)} does not have the "
+                          f"content its sidecar names")
+    if sidecar.hash_tag is not None:
+        engine.tag(present.id, *split_ref(sidecar.hash_tag))
     info = engine.require(present.id)
     return RestoreResult(sidecar.image, info, loaded=loaded, seconds=time.monotonic() - started)
+
+
+def checked_tar(store: BackupDir, tar: str, sidecar: Sidecar, progress: Progress
+                ) -> PinnedFile:
+    """A local backup tar opened for sending: the same descriptor that is checked is
+    sent from. Still the file that was hashed when it was written (size, mtime, inode,
+    ctime), or hashed again now against its sidecar."""
+    path = store.local_path(tar)
+    if path is None:
+        raise BackupError(f"{store}/{tar} is not on this host")
+    try:
+        f = PinnedFile.open(path)
+    except OSError as exc:
+        raise BackupError(f"cannot open {path}: {exc.strerror or exc}") from None
+    st = os.fstat(f.fd)
+    if not sidecar.written_as(FileStat.of(st)):
+        if st.st_size != sidecar.size:
+            f.close()
+            raise BackupError(f"{path} is {st.st_size} bytes but its sidecar says "
+                              f"{sidecar.size}: truncated or altered; nothing was sent",
+                              hint="write the backup again: imagebuild backup NAME")
+        actual = f.sha256(progress.meter(f"checking {tar}", sidecar.size))
+        if actual != sidecar.sha256:
+            f.close()
+            raise BackupError(f"{path} does not match its sidecar; nothing was sent\n"
+                              f"  expected sha256 {sidecar.sha256}\n  actual   sha256 {actual}",
+                              hint="write the backup again: imagebuild backup NAME")
+    return f
 
 
 def local_tar(path: Path) -> tuple[LocalDir, str]:

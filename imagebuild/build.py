@@ -31,8 +31,10 @@ from .errors import (
     ImageNotFound,
     Interrupted,
     UnresolvedHashError,
+    WheelHashMismatch,
 )
-from .lock import verify_wheel_file
+from .fsutil import PinnedFile
+from .lock import check_wheel_digest
 from .naming import (
     GIT_LABEL,
     HASH_LABEL,
@@ -107,9 +109,10 @@ def decide(engine: Engine, derivations: list[Derivation], rebuild: set[str],
 # -- the build context -------------------------------------------------------------------------
 
 
-def preflight(spec: Spec, d: Derivation) -> None:
-    """Before the engine is touched: every context file is resolved and every wheel's
-    bytes match wheels.lock."""
+def preflight(spec: Spec, d: Derivation, stack: contextlib.ExitStack) -> dict[str, PinnedFile]:
+    """Before the engine is touched: every context file is resolved, and every wheel is
+    opened once and its bytes checked against wheels.lock through that descriptor. The
+    build is served from the same descriptors (closed with ``stack``)."""
     unresolved = [w.filename for w in d.served if w.sha256 is None]
     unresolved += [f.arcname for f in d.context if f.sha256 is None]
     if unresolved:
@@ -117,9 +120,22 @@ def preflight(spec: Spec, d: Derivation) -> None:
             f"{d.name}: the sha256 of {unresolved[0]} is unresolved in {spec.lock_path}",
             hint="run 'imagebuild lock' where the wheels are and commit wheels.lock",
         )
+    pinned: dict[str, PinnedFile] = {}
     for w in d.served:
         assert w.sha256 is not None
-        verify_wheel_file(w.source, w.sha256)
+        try:
+            f = PinnedFile.open(w.source)
+        except FileNotFoundError:
+            raise WheelHashMismatch(
+                f"wheel {w.source} is missing",
+                hint="put the locked wheel file in the spec's wheels directory") from None
+        except OSError as exc:
+            raise WheelHashMismatch(f"wheel {w.source} cannot be read: "
+                                    f"{exc.strerror or exc}") from None
+        stack.callback(f.close)
+        check_wheel_digest(w.source, f.sha256(), w.sha256)
+        pinned[w.filename] = f
+    return pinned
 
 
 def _tar_header(name: str, size: int) -> bytes:
@@ -217,7 +233,15 @@ def execute(spec: Spec, engine: Engine, steps: list[Step], *, progress: Progress
 
 def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | None,
                commit: str | None, prefix: str, progress: Progress, nocache: bool) -> ImageInfo:
-    preflight(spec, d)
+    with contextlib.ExitStack() as pins:
+        pinned = preflight(spec, d, pins)
+        return _build_checked(spec, engine, d, parent, commit, prefix, progress, nocache,
+                              pinned)
+
+
+def _build_checked(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | None,
+                   commit: str | None, prefix: str, progress: Progress, nocache: bool,
+                   pinned: dict[str, PinnedFile]) -> ImageInfo:
     base = d.base_image_arg(parent)
     if parent is None and engine.inspect(base) is None:
         raise ImageNotFound(
@@ -244,8 +268,7 @@ def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | N
         buildargs = {"BASE_IMAGE": base}
         server: WheelServer | None = None
         if d.served:
-            server = stack.enter_context(WheelServer(
-                {w.filename: w.source for w in d.served}, log=lambda m: print(m, file=log)))
+            server = stack.enter_context(WheelServer(pinned, log=lambda m: print(m, file=log)))
             buildargs[WHEELS_ARG] = server.url
         log.write(f"# imagebuild {__version__} build of {d.name} input hash {d.input_hash}\n"
                   f"# started {datetime.now(UTC).isoformat(timespec='seconds')}, "
@@ -279,9 +302,10 @@ def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | N
         except ImagebuildError as exc:
             log.write(f"\nERROR: {exc}\n")
             raise
-        refused = list(server.refused) if server is not None else []
         if server is not None:
+            server.close()  # records a wheel that changed while it was served
             log.write(f"# wheel server: {server.bytes_sent} bytes sent\n")
+    refused = list(server.refused) if server is not None else []
     if error or not image_id or refused:
         why = "".join(f"  {r}\n" for r in refused)
         raise BuildFailed(

@@ -21,7 +21,13 @@ from pathlib import Path
 from .errors import UnresolvedHashError
 from .lock import Lock, LockedWheel
 from .naming import hash12
-from .render import TORCH_REQUIREMENTS, WHEEL_REQUIREMENTS, WHEELS_ARG, render_image
+from .render import (
+    TORCH_REQUIREMENTS,
+    UV_REQUIREMENTS,
+    WHEEL_REQUIREMENTS,
+    WHEELS_ARG,
+    render_image,
+)
 from .spec import SCHEMA_VERSION, Spec
 
 
@@ -86,8 +92,9 @@ def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def torch_requirements(wheel: LockedWheel) -> bytes | None:
-    """The hash-pinned requirement file the torch install steps read (None if unresolved)."""
+def pinned_requirement(wheel: LockedWheel) -> bytes | None:
+    """A hash-pinned requirement file for one index wheel (None if unresolved): what the
+    torch install steps and the uv install read."""
     if wheel.sha256 is None:
         return None
     return f"{wheel.name}=={wheel.version} --hash=sha256:{wheel.sha256}\n".encode()
@@ -120,12 +127,15 @@ def plan(spec: Spec, lock: Lock, names: list[str] | None = None) -> list[Derivat
         unresolved.extend(w.filename for w in wheels if w.sha256 is None)
         if wheels:
             context.append(ContextFile(WHEEL_REQUIREMENTS, wheel_requirements(wheels)))
-        if img.torch is not None:
-            t = lock.get(img.torch)
+        for pinned, arcname in ((img.params.uv, UV_REQUIREMENTS),
+                                (img.torch, TORCH_REQUIREMENTS)):
+            if pinned is None:
+                continue
+            t = lock.get(pinned)
             wheels.append(t)
             if t.sha256 is None:
                 unresolved.append(t.filename)
-            context.append(ContextFile(TORCH_REQUIREMENTS, torch_requirements(t)))
+            context.append(ContextFile(arcname, pinned_requirement(t)))
         parent = out[img.parent] if img.parent is not None else None
         if parent is not None and parent.input_hash is None:
             unresolved.extend(f for f in parent.unresolved if f not in unresolved)

@@ -19,18 +19,16 @@ content). Workers are reached only through the engine interface (engine_ssh.py).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import os
 import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
+from .archive import BLOCK, ArchiveIndex
 from .engine import Engine, ImageInfo, Piece, StoreKind
 from .errors import ImagebuildError, RemoteError
 from .naming import latest_tag, split_ref
@@ -38,7 +36,6 @@ from .progress import Progress, Quiet
 from .promote import Gate, promote
 from .verify import VerifyRecord
 
-BLOCK = 512
 TRAILER = b"\0" * (2 * BLOCK)
 
 
@@ -51,86 +48,7 @@ def chain_ids(diff_ids: tuple[str, ...] | list[str]) -> list[str]:
     return out
 
 
-# -- the archive -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Member:
-    name: str
-    offset: int  # start of its header block(s)
-    end: int  # end of its data, padded to the block size
-    data_offset: int = 0
-    size: int = 0
-    link: str = ""  # a symlink's target, resolved to a member name
-
-
-
-@dataclass(frozen=True)
-class ArchiveIndex:
-    """Where each member of a ``docker save`` tar lies, and which file is which layer."""
-
-    path: Path
-    size: int
-    members: tuple[Member, ...]
-    layers: tuple[str, ...]  # manifest "Layers": member name of layer i
-    repo_tags: tuple[str, ...]
-    config: bytes = b""  # the image config JSON (a few KB)
-
-    @classmethod
-    def read(cls, path: Path) -> ArchiveIndex:
-        members: list[Member] = []
-        manifest: list[dict[str, object]] | None = None
-        small: dict[str, bytes] = {}
-        with tarfile.open(path, "r:") as tf:
-            for ti in tf:
-                data_end = ti.offset_data + -(-ti.size // BLOCK) * BLOCK
-                link = (os.path.normpath(os.path.join(os.path.dirname(ti.name), ti.linkname))
-                        if ti.issym() else ti.linkname if ti.islnk() else "")
-                members.append(Member(ti.name, ti.offset, data_end, ti.offset_data, ti.size,
-                                      link))
-                if ti.isfile() and ti.name.endswith(".json") and ti.size < (1 << 22):
-                    f = tf.extractfile(ti)
-                    assert f is not None
-                    small[ti.name] = f.read()
-        if "manifest.json" in small:
-            manifest = json.loads(small["manifest.json"])
-        if not manifest or len(manifest) != 1:
-            raise ImagebuildError(f"{path} is not a single-image docker save archive")
-        entry = manifest[0]
-        layers = tuple(str(x) for x in entry.get("Layers") or [])  # type: ignore[attr-defined]
-        tags = tuple(str(x) for x in entry.get("RepoTags") or [])  # type: ignore[attr-defined]
-        config = small.get(str(entry.get("Config") or ""), b"")
-        return cls(path=path, size=path.stat().st_size, members=tuple(members), layers=layers,
-                   repo_tags=tags, config=config)
-
-    @functools.cached_property
-    def _by_name(self) -> dict[str, Member]:
-        return {m.name: m for m in self.members}
-
-    def member(self, name: str) -> Member:
-        """The member holding ``name``'s bytes (symlinks and hard links followed)."""
-        by_name = self._by_name
-        m = by_name.get(name)
-        for _ in range(8):
-            if m is None or not m.link:
-                break
-            m = by_name.get(m.link)
-        if m is None or m.link:
-            raise ImagebuildError(f"{self.path}: no file for {name}")
-        return m
-
-    def ranges(self, skip_layers: int) -> list[tuple[int, int]]:
-        """Byte ranges of the archive without the first ``skip_layers`` layer files."""
-        skip = set(self.layers[:skip_layers])
-        out: list[tuple[int, int]] = []
-        for m in self.members:
-            if m.name in skip:
-                continue
-            if out and out[-1][0] + out[-1][1] == m.offset:
-                out[-1] = (out[-1][0], m.end - out[-1][0])
-            else:
-                out.append((m.offset, m.end - m.offset))
-        return out
+# -- composing each worker's archive -------------------------------------------------------
 
 
 def docker_pieces(archive: ArchiveIndex, skip_layers: int) -> list[Piece]:
@@ -164,7 +82,8 @@ def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: in
     """The image as an OCI image layout that names every layer (uncompressed, by its
     diff ID) but carries only the blobs of layers ``skip_layers`` and up."""
     if len(diff_ids) != len(archive.layers) or not archive.config:
-        raise ImagebuildError(f"{archive.path}: its manifest and the image's layers differ")
+        raise ImagebuildError(f"{archive.file.path}: its manifest and the image's layers "
+                              f"differ")
     pieces: list[Piece] = []
 
     def literal(name: str, data: bytes) -> None:
@@ -339,9 +258,9 @@ def ship(worker: Worker, items: list[Item], gate: Gate, meter: FanoutMeter | Non
     outcomes: list[Outcome] = []
     try:
         state = worker_state(worker.engine)
-    except ImagebuildError as exc:
+    except Exception as exc:  # any failure on one worker is that worker's alone
         return [Outcome(worker=worker.name, address=worker.address, image=i.name,
-                        error=exc.message) for i in items]
+                        error=_why(worker, exc)) for i in items]
     for item in items:
         out = Outcome(worker=worker.name, address=worker.address, store=state.store,
                       image=item.name, layers_total=len(item.info.diff_ids))
@@ -357,8 +276,12 @@ def ship(worker: Worker, items: list[Item], gate: Gate, meter: FanoutMeter | Non
             started = time.monotonic()
             if plan.pieces:
                 out.bytes_sent = worker.engine.load_archive(
-                    item.archive.path, plan.pieces,
+                    item.archive.file, plan.pieces,
                     (lambda n: meter.on_bytes(worker.name, n)) if meter else None)
+                if item.archive.file.changed():
+                    worker.engine.remove_image(item.hash_tag)
+                    raise RemoteError(f"{item.archive.file.path} changed while it was sent to "
+                                      f"{worker.name}; its tag there was removed")
             loaded, out.latest_moved = _settle(worker, item, state, gate)
             if item.record is None:
                 out.note = "; ".join(x for x in (out.note, "not verified: its latest was not "
@@ -366,14 +289,20 @@ def ship(worker: Worker, items: list[Item], gate: Gate, meter: FanoutMeter | Non
             out.seconds = time.monotonic() - started
             state.add(loaded)
             out.ok = True
-        except ImagebuildError as exc:
-            out.action, out.ok, out.error = "failed", False, exc.message
+        except Exception as exc:  # any failure on one worker is that worker's alone
+            out.action, out.ok, out.error = "failed", False, _why(worker, exc)
             break  # later images build on this one: stop this worker, the others go on
     for item in items[len(outcomes):]:
         outcomes.append(Outcome(worker=worker.name, address=worker.address, store=state.store,
                                 image=item.name, action="skipped",
                                 error="not sent: an earlier image failed on this worker"))
     return outcomes
+
+
+def _why(worker: Worker, exc: Exception) -> str:
+    if isinstance(exc, ImagebuildError):
+        return exc.message
+    return f"{worker.name}: unexpected failure: {type(exc).__name__}: {exc}"
 
 
 def _settle(worker: Worker, item: Item, state: WorkerState, gate: Gate

@@ -19,11 +19,11 @@ import re
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address
-from pathlib import Path
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from .errors import ImageNotFound
+from .fsutil import PinnedFile
 
 StoreKind = Literal["classic", "containerd"]
 CONTAINERD_DRIVER = "io.containerd.snapshotter.v1"
@@ -58,9 +58,7 @@ class ImageInfo:
         labels, workdir, user...). Image IDs differ between the overlay2 and containerd
         stores for the same image; this does not.
         """
-        material = {"diff_ids": list(self.diff_ids), "config": self.config}
-        blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
-        return "sha256:" + hashlib.sha256(blob).hexdigest()
+        return fingerprint_of(self.diff_ids, self.config)
 
 
 @dataclass(frozen=True)
@@ -99,8 +97,21 @@ class RunResult:
 
 # -- parsing replies -------------------------------------------------------------------------
 
-_CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "Labels", "WorkingDir", "User", "ExposedPorts",
-                "Volumes")
+CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "Labels", "WorkingDir", "User", "ExposedPorts",
+               "Volumes")
+
+
+def fingerprint_of(diff_ids: tuple[str, ...], config: dict[str, Any]) -> str:
+    """The content fingerprint of an image: its layers' diff IDs and the parts of its
+    config that ``CONFIG_KEYS`` names (from ``docker inspect``'s Config or from the image
+    config JSON's "config": the same values)."""
+    try:
+        material = {"diff_ids": list(diff_ids),
+                    "config": {k: config.get(k) for k in CONFIG_KEYS}}
+        blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise BadReply(f"an image config cannot be fingerprinted: {exc}") from None
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def _str_list(value: object, what: str) -> tuple[str, ...]:
@@ -141,7 +152,7 @@ def parse_image(data: object) -> ImageInfo:
         diff_ids=layers,
         size=size,
         created=str(data.get("Created") or ""),
-        config={k: cfg.get(k) for k in _CONFIG_KEYS},
+        config={k: cfg.get(k) for k in CONFIG_KEYS},
     )
 
 
@@ -192,27 +203,20 @@ def is_local_engine_url(url: str) -> bool:
         return False
 
 
-def archive_chunks(path: Path, pieces: list[Piece], on_bytes: OnBytes | None = None
+def archive_chunks(file: PinnedFile, pieces: list[Piece], on_bytes: OnBytes | None = None
                    ) -> Iterator[bytes]:
     """The archive the pieces describe, in chunks of at most 1 MiB (memory stays flat)."""
     sent = 0
-    with path.open("rb") as f:
-        for piece in pieces:
-            if isinstance(piece, bytes):
-                sent += len(piece)
-                yield piece
-                continue
-            offset, length = piece
-            f.seek(offset)
-            while length > 0:
-                chunk = f.read(min(length, CHUNK))
-                if not chunk:
-                    raise BadReply(f"{path} ended early")
-                length -= len(chunk)
-                sent += len(chunk)
-                if on_bytes is not None:
-                    on_bytes(sent)
-                yield chunk
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            sent += len(piece)
+            yield piece
+            continue
+        for chunk in file.chunks(*piece):
+            sent += len(chunk)
+            if on_bytes is not None:
+                on_bytes(sent)
+            yield chunk
 
 
 # -- the interface ---------------------------------------------------------------------------
@@ -279,10 +283,10 @@ class Engine(Protocol):
             raise ImageNotFound(f"image {ref} is not present in the engine at {self.where}")
         return info
 
-    def load_archive(self, path: Path, pieces: list[Piece],
+    def load_archive(self, file: PinnedFile, pieces: list[Piece],
                      on_bytes: OnBytes | None = None) -> int:
-        """Load the archive made of ``pieces`` (byte ranges of ``path`` and literal bytes);
-        returns the bytes sent."""
+        """Load the archive made of ``pieces`` (byte ranges of ``file``, read through its
+        open descriptor, and literal bytes); returns the bytes sent."""
         total = sum(p[1] if isinstance(p, tuple) else len(p) for p in pieces)
-        self.load(archive_chunks(path, pieces, on_bytes))
+        self.load(archive_chunks(file, pieces, on_bytes))
         return total

@@ -13,7 +13,6 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
-from pathlib import Path
 
 from .engine import (
     CHUNK,
@@ -30,6 +29,7 @@ from .engine import (
     parse_info,
 )
 from .errors import EngineError, ImageNotFound, RemoteError
+from .fsutil import PinnedFile
 from .naming import CHECK_LABEL
 from .remote import Process, Target, call, explain, finish, last_line, run, start
 
@@ -140,26 +140,26 @@ class SshEngine(Engine):
 
         return self._loading(feed)[0]
 
-    def load_archive(self, path: Path, pieces: list[Piece],
+    def load_archive(self, file: PinnedFile, pieces: list[Piece],
                      on_bytes: OnBytes | None = None) -> int:
-        """Pieces into ``docker load``: ranges with ``sendfile``, literals with ``write``."""
+        """Pieces into ``docker load``: ranges of the file's open descriptor with
+        ``sendfile``, literals with ``write``."""
 
         def feed(fd: int, count: OnBytes) -> None:
-            with path.open("rb") as f:
-                for piece in pieces:
-                    if isinstance(piece, bytes):
-                        _write_all(fd, piece)
-                        count(len(piece))
-                        continue
-                    offset, length = piece
-                    while length > 0:
-                        n = os.sendfile(fd, f.fileno(), offset, min(length, 1 << 30))
-                        if n == 0:
-                            raise RemoteError(f"{path} ended early while sending to "
-                                              f"{self.target.name}")
-                        offset += n
-                        length -= n
-                        count(n)
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    _write_all(fd, piece)
+                    count(len(piece))
+                    continue
+                offset, length = piece
+                while length > 0:
+                    n = os.sendfile(fd, file.fd, offset, min(length, 1 << 30))
+                    if n == 0:
+                        raise RemoteError(f"{file.path} ended early while sending to "
+                                          f"{self.target.name}")
+                    offset += n
+                    length -= n
+                    count(n)
 
         return self._loading(feed, on_bytes)[1]
 

@@ -8,9 +8,19 @@ so a lock, a Dockerfile or a sidecar stays readable to the users who could read 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+_CHUNK = 1 << 20
+
+
+class Meter(Protocol):
+    def add(self, n: int) -> None: ...
 
 
 def _umask() -> int:
@@ -46,3 +56,70 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+Identity = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
+
+
+def _identity(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass
+class PinnedFile:
+    """A file opened once: hashed, and served, through the same descriptor."""
+
+    path: Path
+    fd: int
+    identity: Identity
+
+    @classmethod
+    def open(cls, path: Path) -> PinnedFile:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return cls(path, fd, _identity(os.fstat(fd)))
+
+    @property
+    def size(self) -> int:
+        return self.identity[2]
+
+    def changed(self) -> bool:
+        """Whether the file was written to since it was opened: its size or mtime moved,
+        or its ctime did while it still has a name (a write with the mtime put back).
+        A file only unlinked or renamed over (ctime moves, no link left) has not changed:
+        the descriptor still holds the bytes that were checked."""
+        st = os.fstat(self.fd)
+        now = _identity(st)
+        if now[:4] != self.identity[:4]:
+            return True
+        return now[4] != self.identity[4] and st.st_nlink > 0
+
+    def sha256(self, meter: Meter | None = None) -> str:
+        h = hashlib.sha256()
+        offset = 0
+        while chunk := os.pread(self.fd, _CHUNK, offset):
+            h.update(chunk)
+            offset += len(chunk)
+            if meter is not None:
+                meter.add(len(chunk))
+        return h.hexdigest()
+
+    def chunks(self, offset: int, length: int) -> Iterator[bytes]:
+        """``length`` bytes from ``offset``, in chunks of at most 1 MiB."""
+        while length > 0:
+            chunk = os.pread(self.fd, min(length, _CHUNK), offset)
+            if not chunk:
+                raise OSError(f"{self.path} ended early")
+            offset += len(chunk)
+            length -= len(chunk)
+            yield chunk
+
+    def __enter__(self) -> PinnedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

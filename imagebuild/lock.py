@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import html.parser
+import re
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ LOCK_VERSION = 1
 UNRESOLVED = "unresolved"
 LOCAL_PREFIX = "wheels/"
 _CHUNK = 1 << 20
+# shared with spec.py: what a wheel filename and an index URL may look like
+WHEEL_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+!-]*\.whl$")
+INDEX_URL = re.compile(r"^https?://[A-Za-z0-9._~:/@%+-]+$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ENTRY_KEYS = {"name", "version", "filename", "sha256", "source"}
 
 
 @dataclass(frozen=True)
@@ -107,15 +113,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_wheel_file(path: Path, expected: str) -> None:
-    """Refuse a wheel whose bytes do not match its locked sha256."""
-    try:
-        actual = sha256_file(path)
-    except FileNotFoundError:
-        raise WheelHashMismatch(
-            f"wheel {path} is missing",
-            hint="put the locked wheel file in the spec's wheels directory",
-        ) from None
+def check_wheel_digest(path: Path, actual: str, expected: str) -> None:
+    """Refuse a wheel whose bytes (hashed to ``actual``) do not match its locked sha256."""
     if actual != expected:
         raise WheelHashMismatch(
             f"wheel {path} does not match wheels.lock\n"
@@ -129,37 +128,108 @@ def verify_wheel_file(path: Path, expected: str) -> None:
 
 
 def read_lock(path: Path) -> Lock:
+    """Read and check ``wheels.lock``: every field of every entry, one entry per project."""
+    regenerate = "regenerate it with 'imagebuild lock'"
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise LockError(f"{path}: lock file not found",
                         hint="run 'imagebuild lock' to write it") from None
+    except OSError as exc:
+        raise LockError(f"{path}: cannot read the lock file: {exc.strerror or exc}",
+                        hint="the spec's 'lock:' must name a file") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise LockError(f"{path}: malformed lock file: {exc}",
-                        hint="regenerate it with 'imagebuild lock'") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LockError(f"{path}: malformed lock file: {exc}", hint=regenerate) from None
     if data.get("version") != LOCK_VERSION:
         raise LockError(f"{path}: unsupported lock version {data.get('version')!r}",
-                        hint="regenerate it with 'imagebuild lock'")
-    wheels: list[LockedWheel] = []
-    for i, entry in enumerate(data.get("wheel", [])):
-        try:
-            filename = str(entry["filename"])
-            sha = str(entry["sha256"])
-            source = str(entry["source"])
-        except (KeyError, TypeError):
-            raise LockError(f"{path}: wheel entry {i + 1} lacks filename, sha256 or source",
-                            hint="regenerate it with 'imagebuild lock'") from None
-        parsed = parse_wheel(filename)
-        if sha != UNRESOLVED and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
-            raise LockError(f"{path}: {filename}: {sha!r} is not a sha256 hex digest")
-        if entry.get("name") != parsed.name or entry.get("version") != parsed.version:
-            raise LockError(f"{path}: {filename}: name/version do not match the filename",
-                            hint="regenerate it with 'imagebuild lock'")
-        wheels.append(LockedWheel(name=parsed.name, version=parsed.version, filename=filename,
-                                  sha256=None if sha == UNRESOLVED else sha, source=source))
+                        hint=regenerate)
+    unknown = sorted(set(data) - {"version", "wheel"})
+    if unknown:
+        raise LockError(f"{path}: unknown top-level keys {unknown}", hint=regenerate)
+    entries = data.get("wheel", [])
+    if not isinstance(entries, list):
+        raise LockError(f"{path}: 'wheel' must be an array of tables ([[wheel]])",
+                        hint=regenerate)
+    wheels = [_entry(path, i, entry) for i, entry in enumerate(entries, 1)]
+    seen: dict[str, str] = {}
+    for w in wheels:
+        if w.name in seen:
+            raise LockError(f"{path}: more than one file is locked for {w.name} "
+                            f"({seen[w.name]}, {w.filename})",
+                            hint="a stack pins exactly one file per project; " + regenerate)
+        seen[w.name] = w.filename
     return Lock(path=path, wheels=tuple(_sorted(wheels)))
+
+
+def _entry(path: Path, i: int, entry: object) -> LockedWheel:
+    """One ``[[wheel]]`` table, every field checked: nothing unchecked reaches a
+    requirements file or a Dockerfile."""
+    where = f"{path}: wheel entry {i}"
+    hint = "regenerate it with 'imagebuild lock'"
+    if not isinstance(entry, dict):
+        raise LockError(f"{where} is not a table", hint=hint)
+    missing = sorted(_ENTRY_KEYS - set(entry))
+    extra = sorted(set(entry) - _ENTRY_KEYS)
+    if missing or extra:
+        raise LockError(f"{where}: " + "; ".join(
+            ([f"lacks {', '.join(missing)}"] if missing else [])
+            + ([f"has unknown keys {', '.join(extra)}"] if extra else [])), hint=hint)
+    bad = sorted(k for k in _ENTRY_KEYS if not isinstance(entry[k], str))
+    if bad:
+        raise LockError(f"{where}: {', '.join(bad)} must be strings", hint=hint)
+    w = _locked(entry["filename"], entry["sha256"], entry["source"], where)
+    if entry["name"] != w.name or entry["version"] != w.version:
+        raise LockError(f"{where} ({w.filename}): name/version do not match the filename",
+                        hint=hint)
+    return w
+
+
+def _locked(filename: str, sha: str, source: str, where: str) -> LockedWheel:
+    """A locked wheel from its three facts, each checked (on read and on write)."""
+    if not WHEEL_FILE.match(filename):
+        raise LockError(f"{where}: {filename!r} is not a wheel filename",
+                        hint="regenerate it with 'imagebuild lock'")
+    parsed = parse_wheel(filename)
+    if sha != UNRESOLVED and not SHA256.match(sha):
+        raise LockError(f"{where} ({filename}): {sha!r} is not a sha256 hex digest",
+                        hint="regenerate it with 'imagebuild lock'")
+    if source != LOCAL_PREFIX + filename and not INDEX_URL.match(source):
+        raise LockError(f"{where} ({filename}): source {source!r} is neither "
+                        f"{LOCAL_PREFIX}{filename} nor an http(s) index URL",
+                        hint="regenerate it with 'imagebuild lock'")
+    return LockedWheel(name=parsed.name, version=parsed.version, filename=filename,
+                       sha256=None if sha == UNRESOLVED else sha, source=source)
+
+
+def check_matches(lock: Lock, decls: Iterable[tuple[str, str | None]], spec_path: Path
+                  ) -> None:
+    """Refuse a lock that does not pin exactly the wheels the spec declares: a stale lock
+    would be hash-checked, served and installed as if it were the spec's."""
+    by_file = lock.by_filename()
+    wanted: set[str] = set()
+    for filename, index in decls:
+        wanted.add(filename)
+        source = LOCAL_PREFIX + filename if index is None else index
+        locked = by_file.get(filename)
+        if locked is None:
+            name = parse_wheel(filename).name
+            other = [w.filename for w in lock.wheels if w.name == name]
+            has = f"it locks {other[0]} instead" if other else "it has no entry for it"
+            raise LockError(f"{lock.path} is out of date: {spec_path.name} declares "
+                            f"{filename}, but {has}",
+                            hint="run 'imagebuild lock' (where the wheels are) and commit "
+                                 "wheels.lock")
+        if locked.source != source:
+            raise LockError(f"{lock.path} is out of date: {filename} comes from {source} in "
+                            f"{spec_path.name}, from {locked.source} in the lock",
+                            hint="run 'imagebuild lock' and commit wheels.lock")
+    extra = sorted(set(by_file) - wanted)
+    if extra:
+        raise LockError(f"{lock.path} is out of date: it locks {', '.join(extra)}, which "
+                        f"{spec_path.name} does not declare",
+                        hint="run 'imagebuild lock' and commit wheels.lock")
 
 
 def _sorted(wheels: Iterable[LockedWheel]) -> list[LockedWheel]:
@@ -181,6 +251,8 @@ def _q(value: str) -> str:
 
 
 def format_lock(wheels: Iterable[LockedWheel], spec_name: str) -> str:
+    wheels = [_locked(w.filename, w.sha256 or UNRESOLVED, w.source, "writing wheels.lock")
+              for w in wheels]
     lines = [
         "# wheels.lock: the hash-pinned wheels of this stack.",
         f"# Written by 'imagebuild lock' from {spec_name}; do not edit by hand.",
@@ -247,9 +319,14 @@ def index_sha256(index: str, filename: str, fetch: Fetcher | None = None) -> str
     for text, href in parser.links:
         url, frag = urldefrag(urljoin(page_url, href))
         if text == filename or url.rsplit("/", 1)[-1] == filename:
-            if frag.startswith("sha256="):
-                return frag.split("=", 1)[1].lower()
-            return None
+            if not frag.startswith("sha256="):
+                return None
+            digest = frag.split("=", 1)[1].lower()
+            if not SHA256.match(digest):
+                raise LockError(f"{page_url} publishes {digest[:80]!r} as the sha256 of "
+                                f"{filename}, which is not a sha256 digest",
+                                hint="check the index; nothing was written")
+            return digest
     raise LockError(f"{page_url} does not list {filename}",
                     hint="check the filename and index URL declared in the spec")
 

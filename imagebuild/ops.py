@@ -13,13 +13,16 @@ result carries the failure and ``result.error()`` returns the error to raise aft
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .archive import ArchiveIndex
 from .backup import (
     BackupResult,
     RestoreResult,
+    checked_tar,
     find_backup,
     local_tar,
     read_sidecar,
@@ -29,7 +32,7 @@ from .backup import (
 )
 from .build import BuildReport, Step, decide, execute
 from .derivation import Derivation, plan
-from .distribute import ArchiveIndex, Item, Outcome, Worker
+from .distribute import Item, Outcome, Worker
 from .distribute import distribute as fan_out
 from .engine import Engine, ImageInfo
 from .engine_ssh import SshEngine
@@ -42,8 +45,8 @@ from .errors import (
     SpecError,
     VerifyFailed,
 )
-from .fsutil import atomic_write_text
-from .lock import Lock, compute_lock, format_lock, read_lock
+from .fsutil import PinnedFile, atomic_write_text
+from .lock import Lock, check_matches, compute_lock, format_lock, read_lock
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
 from .promote import Gate, Promotion, promote
@@ -71,8 +74,12 @@ class Context:
 
 
 def load(spec_path: str | None) -> Context:
+    """The spec and its lock, the lock checked against the spec: a command never builds,
+    serves or checks against a lock that pins other wheels than the spec declares."""
     spec = load_spec(spec_path)
-    return Context(spec, read_lock(spec.lock_path))
+    lock = read_lock(spec.lock_path)
+    check_matches(lock, [(d.filename, d.index) for d in spec.wheels], spec.path)
+    return Context(spec, lock)
 
 
 def backup_store(spec: Spec) -> BackupDir:
@@ -107,7 +114,7 @@ def lock(spec: Spec, *, check: bool, upgrade: bool) -> LockOutcome:
     """Hash every declared wheel into wheels.lock (or, ``check``, refuse a stale lock)."""
     previous = None
     warnings: list[str] = []
-    if spec.lock_path.is_file():
+    if spec.lock_path.exists():
         try:
             previous = read_lock(spec.lock_path)
         except LockError as exc:
@@ -119,7 +126,7 @@ def lock(spec: Spec, *, check: bool, upgrade: bool) -> LockOutcome:
     except ValueError:
         spec_name = spec.path.name
     text = format_lock(result.wheels, spec_name)
-    current = spec.lock_path.read_text(encoding="utf-8") if spec.lock_path.is_file() else None
+    current = _current_text(spec.lock_path)
     unresolved = sum(1 for w in result.wheels if w.sha256 is None)
 
     def outcome(state: Literal["written", "unchanged", "up to date"]) -> LockOutcome:
@@ -133,8 +140,26 @@ def lock(spec: Spec, *, check: bool, upgrade: bool) -> LockOutcome:
         return outcome("up to date")
     if current == text:
         return outcome("unchanged")
-    atomic_write_text(spec.lock_path, text)
+    try:
+        atomic_write_text(spec.lock_path, text)
+    except OSError as exc:
+        raise LockError(f"cannot write {spec.lock_path}: {exc.strerror or exc}; nothing was "
+                        f"written", hint="the spec's 'lock:' must name a file") from None
     return outcome("written")
+
+
+def _current_text(path: Path) -> str | None:
+    """The lock file's text, or None when there is none or it is not text (then it is
+    simply out of date)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        return None
+    except OSError as exc:
+        raise LockError(f"cannot read {path}: {exc.strerror or exc}",
+                        hint="the spec's 'lock:' must name a file") from None
 
 
 def plan_images(ctx: Context, images: list[str]) -> list[Derivation]:
@@ -473,36 +498,40 @@ def distribute(ctx: Context, engine: Engine, req: DistributeRequest,
     store = backup_store(spec)
     assert spec.backups is not None
     items: list[Item] = []
-    for name in names:
-        info = latest[name]
-        if info is None:
-            raise ImageNotFound(f"{latest_tag(name)} is not present on this head node",
-                                hint=f"run 'imagebuild build {name}'")
-        record = (passing_record(spec, ctx.lock, name, info) if req.force
-                  else require_verified(spec, ctx.lock, name, info))
-        tag = hash_tag(name, info)
-        if tag is None:
-            raise ImageNotFound(f"{latest_tag(name)} ({short_id(info.id)}) was not built by "
-                                f"imagebuild (it has no input-hash label)",
-                                hint=f"run 'imagebuild build {name}'")
-        items.append(Item(name=name, info=info, hash_tag=tag, record=record,
-                          archive=ArchiveIndex.read(_backup_tar(store, engine, name, info,
-                                                                spec.backups.keep, progress))))
-    verb = "would send" if req.dry_run else "sending"
-    progress.say(f"{verb} {', '.join(i.name for i in items)} to "
-                 f"{', '.join(w.name for w in req.workers)}")
-    outcomes = fan_out(req.workers, items, ctx.gate, progress, dry_run=req.dry_run)
+    with contextlib.ExitStack() as opened:
+        for name in names:
+            info = latest[name]
+            if info is None:
+                raise ImageNotFound(f"{latest_tag(name)} is not present on this head node",
+                                    hint=f"run 'imagebuild build {name}'")
+            record = (passing_record(spec, ctx.lock, name, info) if req.force
+                      else require_verified(spec, ctx.lock, name, info))
+            tag = hash_tag(name, info)
+            if tag is None:
+                raise ImageNotFound(f"{latest_tag(name)} ({short_id(info.id)}) was not built "
+                                    f"by imagebuild (it has no input-hash label)",
+                                    hint=f"run 'imagebuild build {name}'")
+            tar = opened.enter_context(_backup_tar(store, engine, name, info,
+                                                   spec.backups.keep, progress))
+            archive = ArchiveIndex.read(tar)
+            archive.check(info.fingerprint, {tag})
+            items.append(Item(name=name, info=info, hash_tag=tag, record=record,
+                              archive=archive))
+        verb = "would send" if req.dry_run else "sending"
+        progress.say(f"{verb} {', '.join(i.name for i in items)} to "
+                     f"{', '.join(w.name for w in req.workers)}")
+        outcomes = fan_out(req.workers, items, ctx.gate, progress, dry_run=req.dry_run)
     return DistributeOutcome(items, outcomes, req.dry_run)
 
 
 def _backup_tar(store: BackupDir, engine: Engine, name: str, info: ImageInfo, keep: int,
-                progress: Progress) -> Path:
-    """The local backup tar of exactly this image, written first if missing."""
+                progress: Progress) -> PinnedFile:
+    """The local backup tar of exactly this image (written first if missing), opened and
+    checked against its sidecar: what is sent is read through this descriptor."""
     tar = find_backup(store, name, lambda sc: sc.image_id == info.id)
     if tar is None:
         progress.say(f"{name}: no backup of {short_id(info.id)} yet; writing it first")
         tar = write_backup(store, engine, name, info, keep, progress).tar
-    path = store.local_path(tar)
-    assert path is not None  # distribute_request refused a remote store
-    return path
-
+    sidecar = read_sidecar(store, tar)
+    assert sidecar is not None  # find_backup and write_backup saw it
+    return checked_tar(store, tar, sidecar, progress)

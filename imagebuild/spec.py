@@ -12,6 +12,7 @@ The YAML is read with a subclass of ``yaml.SafeLoader`` (so exactly what
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -25,10 +26,12 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 
-from .errors import SpecError
+from .errors import LockError, SpecError
+from .lock import INDEX_URL, WHEEL_FILE, parse_wheel
 
 SCHEMA_VERSION = 1
 DEFAULT_SPEC = "imagebuild.yaml"
+MAX_CHECK_TIMEOUT = 24 * 3600
 
 # -- YAML with line numbers -------------------------------------------------------------
 
@@ -95,7 +98,7 @@ class Params:
 
     apt_packages: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
-    uv: str | None = None  # requirement used to install uv with pip, e.g. "uv==0.9.7"
+    uv: str | None = None  # canonical name of the locked index wheel pip installs uv from
     pip_index: str | None = None  # index for dependency resolution; None: installer default
     transformers: str | None = None  # requirement, e.g. "transformers>=5.0.0"
 
@@ -229,12 +232,12 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _APT = re.compile(r"^[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+:~_-]+)?$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ENV_VALUE = re.compile(r"^[A-Za-z0-9_.,:/=+@%-]*$")
-_URL = re.compile(r"^https?://[A-Za-z0-9._~:/@%+-]+$")
+_URL = INDEX_URL
 _REQUIREMENT_CHARS = re.compile(r"^[A-Za-z0-9_.\-\[\],<>=!~*+ ]+$")
 _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]*$")
 _WORKER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_WHEEL_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+!-]*\.whl$")
+_WHEEL_FILE = WHEEL_FILE
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -360,14 +363,35 @@ def load_spec(path: str | os.PathLike[str] | None = None) -> Spec:
             hint="run from the directory holding imagebuild.yaml, or pass -f PATH",
         ) from None
     except OSError as exc:
-        raise SpecError(f"{spec_path}: cannot read the spec: {exc.strerror}") from None
+        raise SpecError(f"{spec_path}: cannot read the spec: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{spec_path}: the spec is not UTF-8 text (byte {exc.start})") from None
     data = _parse_yaml(text, spec_path)
     return _build_spec(data, spec_path)
 
 
+MAX_YAML_CHARS = 1 << 20  # a spec is a page or two; a megabyte is a mistake or an attack
+MAX_YAML_NODES = 100_000  # after expanding aliases
+MAX_YAML_DEPTH = 50
+
+
 def _parse_yaml(text: str, path: Path) -> Any:
+    """YAML as ``yaml.safe_load`` reads it, within bounds: a file of a sane size whose
+    aliases do not expand beyond ``MAX_YAML_NODES`` nodes (the "billion laughs") and
+    whose nesting stays within ``MAX_YAML_DEPTH``."""
+    if len(text) > MAX_YAML_CHARS:
+        raise SpecError(f"{path}: {len(text)} characters is too large for a spec "
+                        f"(at most {MAX_YAML_CHARS})")
     try:
-        return yaml.load(text, Loader=_Loader)
+        loader = _Loader(text)
+    except yaml.YAMLError as exc:  # a character YAML does not allow
+        raise SpecError(f"{path}: malformed YAML: {exc}") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, path)
+        return loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
@@ -375,6 +399,44 @@ def _parse_yaml(text: str, path: Path) -> Any:
         raise SpecError(f"{path}{line}: malformed YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: malformed YAML: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: malformed YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise SpecError(f"{path}: a value cannot be read: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, path: Path) -> None:
+    """Refuse a document whose aliases expand beyond bounds, or refer to themselves."""
+    sizes: dict[int, int] = {}
+    stack: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        line = node.start_mark.line + 1
+        if key in stack:
+            raise SpecError(f"{path}:{line}: an alias refers to the node that contains it")
+        if depth > MAX_YAML_DEPTH:
+            raise SpecError(f"{path}:{line}: nested more than {MAX_YAML_DEPTH} levels deep")
+        stack.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        stack.discard(key)
+        if total > MAX_YAML_NODES:
+            raise SpecError(f"{path}:{line}: its aliases expand to more than "
+                            f"{MAX_YAML_NODES} values; refusing to read it",
+                            hint="a spec needs no deeply repeated aliases; write the values "
+                                 "out")
+        sizes[key] = total
+        return total
+
+    size(root, 0)
 
 
 def _build_spec(data: Any, path: Path) -> Spec:
@@ -446,11 +508,20 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None) -> tuple[Path, tuple[Wh
             index=r.string(entry["url"], f"{where}.url", entry.key_lines["url"], _URL,
                            "http(s) index URL").rstrip("/"),
         ))
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for d in decls:
-        if d.filename in seen:
+        try:
+            project = parse_wheel(d.filename).name
+        except LockError as exc:
+            raise r.fail("wheels", line, exc.message, hint=exc.hint) from None
+        if d.filename in seen.values():
             raise r.fail("wheels", line, f"wheel {d.filename!r} is declared twice")
-        seen.add(d.filename)
+        if project in seen:
+            raise r.fail("wheels", line, f"two files of {project} are declared: "
+                         f"{seen[project]} and {d.filename}",
+                         hint="a stack pins exactly one file per project; keep the one the "
+                              "images should install")
+        seen[project] = d.filename
     return directory, tuple(decls)
 
 
@@ -464,10 +535,16 @@ def _read_checks(r: _Reader, raw: Any, line: int | None) -> dict[str, Check]:
         c = r.mapping(body, where, kline)
         r.keys(c, where, _CHECK_KEYS, {"run"})
         run_raw = c["run"]
+        rline = c.key_lines.get("run")
         if not isinstance(run_raw, list) or not run_raw:
-            raise r.fail(f"{where}.run", c.key_lines.get("run"),
+            raise r.fail(f"{where}.run", rline,
                          "expected a non-empty list (the command, in exec form, no shell)")
-        run = tuple(str(a) for a in run_raw)
+        for i, arg in enumerate(run_raw):
+            if isinstance(arg, bool) or not isinstance(arg, str | int):
+                raise r.fail(f"{where}.run[{i}]", rline,
+                             f"{arg!r} is not a word of a command (a string)",
+                             hint="quote it: run: [python3, -c, \"...\"]")
+        run = tuple(str(a) for a in run_raw)  # exec form: never a shell, never a Dockerfile
         kinds = [k for k in _CHECK_KINDS if k in c]
         if len(kinds) != 1:
             raise r.fail(where, c.line,
@@ -482,6 +559,9 @@ def _read_checks(r: _Reader, raw: Any, line: int | None) -> dict[str, Check]:
                 raise r.fail(f"{where}.succeeds", vline, "only 'succeeds: true' is meaningful")
             expected = ""
         elif kind == "specifier":
+            if not isinstance(value, str):
+                raise r.fail(f"{where}.specifier", vline, f"{value!r} is not text",
+                             hint="quote it: specifier: \">=5.0.0\"")
             expected = r.string(value, f"{where}.specifier", vline, None, "version specifier")
             try:
                 SpecifierSet(expected)
@@ -492,14 +572,23 @@ def _read_checks(r: _Reader, raw: Any, line: int | None) -> dict[str, Check]:
             expected = canonicalize_name(
                 r.string(value, f"{where}.locked", vline, None, "wheel name"))
         else:
-            expected = str(value)
+            if not isinstance(value, str):
+                raise r.fail(f"{where}.expect", vline,
+                             f"{value!r} is a {type(value).__name__}, not text: YAML reads "
+                             f"an unquoted 2.10 as the number 2.1",
+                             hint=f"quote it: expect: \"{value}\"")
+            expected = value
         timeout = c.get("timeout", 120)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        if (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                or not math.isfinite(timeout) or not 0 < timeout <= MAX_CHECK_TIMEOUT):
             raise r.fail(f"{where}.timeout", c.key_lines.get("timeout"),
-                         "expected a positive number of seconds")
+                         f"{timeout!r}: expected a number of seconds, more than 0 and at "
+                         f"most {MAX_CHECK_TIMEOUT}")
         hint = c.get("hint")
+        if hint is not None and not isinstance(hint, str):
+            raise r.fail(f"{where}.hint", c.key_lines.get("hint"), "expected text")
         out[name] = Check(name=name, run=run, kind=kind, expected=expected,
-                          hint=str(hint).strip() if hint is not None else None,
+                          hint=hint.strip() if hint is not None else None,
                           timeout=float(timeout))
     return out
 
@@ -523,7 +612,8 @@ def _read_params(r: _Reader, raw: Any, where: str, line: int | None) -> Params:
             r.string(k, f"{where}.env", eline, _ENV_KEY, "environment variable name")
             env_items.append((k, r.string(v, f"{where}.env.{k}", eline, _ENV_VALUE,
                                           "environment value (letters, digits and _.,:/=+@%-)")))
-    uv = r.requirement(m["uv"], f"{where}.uv", kl("uv")) if m.get("uv") is not None else None
+    uv = (canonicalize_name(r.string(m["uv"], f"{where}.uv", kl("uv"), _ALIAS, "wheel name"))
+          if m.get("uv") is not None else None)
     pip_index = (r.string(m["pip_index"], f"{where}.pip_index", kl("pip_index"), _URL,
                           "http(s) index URL").rstrip("/")
                  if m.get("pip_index") is not None else None)
@@ -534,8 +624,6 @@ def _read_params(r: _Reader, raw: Any, where: str, line: int | None) -> Params:
 
 
 def _wheel_names(wheels: tuple[WheelDecl, ...]) -> dict[str, WheelDecl]:
-    from .lock import parse_wheel  # local import: lock imports spec-free helpers only
-
     out: dict[str, WheelDecl] = {}
     for d in wheels:
         out[parse_wheel(d.filename).name] = d
@@ -615,6 +703,15 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
                 raise r.fail(f"checks.{cname}.locked", None,
                              f"wheel {check.expected!r} is not declared under wheels")
         params = _read_params(r, b.get("params"), f"{where}.params", kl("params"))
+        if params.uv is not None:
+            decl = by_name.get(params.uv)
+            if decl is None or decl.index is None:
+                raise r.fail(f"{where}.params.uv", kl("params"),
+                             f"{params.uv!r} is not declared under wheels.index",
+                             hint="uv is installed from a hash-pinned wheel: declare its file "
+                                  "under wheels.index (e.g. uv-0.9.7-py3-none-manylinux_2_17_"
+                                  "aarch64.manylinux2014_aarch64.whl from "
+                                  "https://pypi.org/simple) and run 'imagebuild lock'")
         images[name] = ImageSpec(
             name=name, aliases=img_aliases, template=template, parent=parent, base=base,
             base_digest=digest, params=params, wheels=tuple(wheel_names), torch=torch,
@@ -659,9 +756,10 @@ def _read_cluster(r: _Reader, raw: Any, line: int | None) -> Cluster:
         inv_path = r.to_path(m["inventory"], "cluster.inventory", m.key_lines.get("inventory"))
         try:
             text = inv_path.read_text(encoding="utf-8")
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
             raise r.fail("cluster.inventory", m.key_lines.get("inventory"),
-                         f"cannot read {inv_path}: {exc.strerror}",
+                         f"cannot read {inv_path}: {why}",
                          hint="for the test bed, run scripts/testbed up first") from None
         inv = _parse_yaml(text, inv_path)
         sub = _Reader(inv_path)

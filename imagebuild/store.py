@@ -38,6 +38,12 @@ _BAD_NAME = re.compile(r"[/\x00-\x1f\x7f]")
 class FileStat:
     size: int
     mtime_ns: int
+    ino: int = 0
+    ctime_ns: int = 0
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStat:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 class Writer(Protocol):
@@ -130,7 +136,7 @@ class _LocalWriter:
         os.fsync(self.f.fileno())
         self.f.close()
         st = self.path.stat()
-        return FileStat(st.st_size, st.st_mtime_ns)
+        return FileStat.of(st)
 
     def abort(self) -> None:
         try:
@@ -171,7 +177,7 @@ class LocalDir:
         for e in entries:
             if e.is_file(follow_symlinks=False):
                 st = e.stat(follow_symlinks=False)
-                out[e.name] = FileStat(st.st_size, st.st_mtime_ns)
+                out[e.name] = FileStat.of(st)
         return out
 
     def stat(self, name: str) -> FileStat | None:
@@ -179,7 +185,7 @@ class LocalDir:
             st = self._p(name).stat()
         except FileNotFoundError:
             return None
-        return FileStat(st.st_size, st.st_mtime_ns)
+        return FileStat.of(st)
 
     def read_text(self, name: str) -> str | None:
         try:
@@ -287,7 +293,7 @@ class SshDir:
 
     def files(self) -> dict[str, FileStat]:
         r = call(self.target, ["find", self.location.path, "-maxdepth", "1", "-type", "f",
-                               "-printf", r"%f\0%s\0%T@\0"])
+                               "-printf", r"%f\0%s\0%T@\0%i\0%C@\0"])
         if r.code != 0:
             if r.code == 1 and "No such file" in r.stderr:
                 return {}
@@ -295,9 +301,9 @@ class SshDir:
         fields = r.stdout.split("\0")
         out: dict[str, FileStat] = {}
         try:
-            for i in range(0, len(fields) - 2, 3):
-                out[fields[i]] = FileStat(int(fields[i + 1]),
-                                          int(Decimal(fields[i + 2]) * 1_000_000_000))
+            for i in range(0, len(fields) - 4, 5):
+                out[fields[i]] = FileStat(int(fields[i + 1]), _ns(fields[i + 2]),
+                                          int(fields[i + 3]), _ns(fields[i + 4]))
         except (ValueError, InvalidOperation):
             raise RemoteError(f"{self.target}: unexpected reply listing "
                               f"{self.location.path}") from None
@@ -362,6 +368,11 @@ class SshDir:
     def remove(self, *names: str) -> None:
         if names:
             run(self.target, ["rm", "-f", "--", *(self.path_of(n) for n in names)])
+
+
+def _ns(seconds: str) -> int:
+    """find's %T@ / %C@ (seconds with a fraction) in nanoseconds, exactly."""
+    return int(Decimal(seconds) * 1_000_000_000)
 
 
 class _Aborting:

@@ -12,8 +12,13 @@ with a range request before it downloads the whole file) and moves the bytes wit
 ``sendfile`` (no Python copying, flat memory). Integrity is checked twice: imagebuild
 hashes every wheel against wheels.lock before the engine is touched, and the
 requirements file the RUN installs from pins each URL by sha256, which uv checks on
-download. A file whose size, mtime or inode changed after that first check is not
-served at all.
+download. Each file is opened once, hashed through that descriptor, and served from the
+same descriptor: a file swapped in by rename afterwards is never seen, and one rewritten
+in place (its ctime moves even when its mtime is put back) is refused with 409.
+
+Bounded: an idle connection is closed after ``IDLE_TIMEOUT`` seconds, at most
+``MAX_CONNECTIONS`` are served at once, a malformed ``Range`` is answered 400 or 416,
+and nothing is served once the server is closed (open connections are shut down).
 """
 
 from __future__ import annotations
@@ -21,47 +26,79 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import socket
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from urllib.parse import unquote, urlsplit
 
+from .fsutil import PinnedFile
+
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_MAX_DIGITS = 18  # byte offsets beyond an exabyte are not offsets
+IDLE_TIMEOUT = 30.0  # seconds a connection may sit idle
+MAX_CONNECTIONS = 32
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    owner: WheelServer
 
-@dataclass(frozen=True)
-class _Pinned:
-    path: Path
-    identity: tuple[int, int, int, int]  # dev, ino, size, mtime_ns
+    def __init__(self, owner: WheelServer, handler: type[_Handler]) -> None:
+        self.owner = owner
+        self.active: set[socket.socket] = set()
+        self.guard = threading.Lock()
+        super().__init__(("127.0.0.1", 0), handler)
 
-    @property
-    def size(self) -> int:
-        return self.identity[2]
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                        client_address: object) -> None:
+        assert isinstance(request, socket.socket)
+        with self.guard:
+            full = len(self.active) >= MAX_CONNECTIONS or self.owner.closed
+            if not full:
+                self.active.add(request)
+        if full:
+            self.owner.log("wheel server: connection refused (too many, or closed)")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
 
+    def shutdown_request(self, request: socket.socket | tuple[bytes, socket.socket]
+                         ) -> None:
+        with self.guard:
+            self.active.discard(request)
+        super().shutdown_request(request)
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    def drop_all(self, wait: float = 5.0) -> None:
+        """Shut down every open connection and wait (a little) for their handlers."""
+        with self.guard:
+            conns = list(self.active)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self.guard:
+                if not self.active:
+                    return
+            time.sleep(0.01)
 
 
 class WheelServer:
-    """``with WheelServer({filename: path}) as srv:`` then pass ``srv.url`` to the build.
+    """``with WheelServer({filename: PinnedFile.open(path)}) as srv:`` then pass
+    ``srv.url`` to the build. The files stay the caller's to close."""
 
-    The files are pinned (size, mtime, inode) when the server starts: call it right after
-    the files were checked against wheels.lock.
-    """
-
-    def __init__(self, files: dict[str, Path], log: Callable[[str], None] | None = None
+    def __init__(self, files: dict[str, PinnedFile], log: Callable[[str], None] | None = None
                  ) -> None:
-        self._files: dict[str, _Pinned] = {}
-        for name, path in files.items():
-            self._files[name] = _Pinned(path, _identity(path.stat()))
-        self._log = log or (lambda _msg: None)
+        self._files = dict(files)
+        self.log = log or (lambda _msg: None)
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.refused: list[str] = []  # why a request for a known file was refused
-        self._httpd: http.server.ThreadingHTTPServer | None = None
+        self.closed = False
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -76,8 +113,7 @@ class WheelServer:
         class Handler(_Handler):
             owner = server
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(self, Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.2},
                                         name="imagebuild-wheelserve", daemon=True)
@@ -89,23 +125,32 @@ class WheelServer:
         self.close()
 
     def close(self) -> None:
+        """Stop serving: the port closes and open connections are shut down. A file that
+        changed while the server ran is recorded as refused."""
+        self.closed = True
         if self._httpd is not None:
             self._httpd.shutdown()
+            self._httpd.drop_all()
             self._httpd.server_close()
             self._httpd = None
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        for name, pinned in self._files.items():
+            if pinned.fd >= 0 and pinned.changed():
+                self.refuse(f"{pinned.path} changed while it was served; {name} is not "
+                            f"what was checked against wheels.lock")
 
     # -- used by the handler ------------------------------------------------------------
 
-    def lookup(self, name: str) -> _Pinned | None:
+    def lookup(self, name: str) -> PinnedFile | None:
         return self._files.get(name)
 
     def refuse(self, why: str) -> None:
         with self._lock:
-            self.refused.append(why)
-        self._log(f"wheel server: {why}")
+            if why not in self.refused:
+                self.refused.append(why)
+        self.log(f"wheel server: {why}")
 
     def count(self, n: int) -> None:
         with self._lock:
@@ -116,9 +161,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     owner: WheelServer
     protocol_version = "HTTP/1.1"
     server_version = "imagebuild-wheelserve"
+    timeout = IDLE_TIMEOUT
 
     def log_message(self, format: str, *args: object) -> None:
-        self.owner._log("wheel server: " + (format % args))
+        self.owner.log("wheel server: " + (format % args))
 
     def do_HEAD(self) -> None:
         self._serve(body=False)
@@ -127,50 +173,53 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, *, body: bool) -> None:
+        if self.owner.closed:
+            self.close_connection = True
+            self._plain(503, "the build is over\n")
+            return
         name = unquote(urlsplit(self.path).path).lstrip("/")
         pinned = self.owner.lookup(name)  # exact names only: no paths, no listing
         if pinned is None:
             self._plain(404, f"not served here: {name}\n")
             return
-        try:
-            fh = pinned.path.open("rb")
-        except OSError as exc:
-            self.owner.refuse(f"{pinned.path}: cannot open: {exc.strerror}")
-            self._plain(500, f"cannot open {name}\n")
+        if pinned.changed():
+            self.owner.refuse(f"{pinned.path} changed after it was checked against "
+                              f"wheels.lock; not served")
+            self._plain(409, f"{name} changed after it was checked\n")
             return
-        with fh:
-            if _identity(os.fstat(fh.fileno())) != pinned.identity:
-                self.owner.refuse(f"{pinned.path} changed after it was checked against "
-                                  f"wheels.lock; not served")
-                self._plain(409, f"{name} changed after it was checked\n")
-                return
-            span = _parse_range(self.headers.get("Range"), pinned.size)
-            if span is None:
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{pinned.size}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            start, length, partial = span
-            self.send_response(206 if partial else 200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(length))
-            if partial:
-                self.send_header("Content-Range",
-                                 f"bytes {start}-{start + length - 1}/{pinned.size}")
+        span = _parse_range(self.headers.get("Range"), pinned.size)
+        if isinstance(span, str):
+            self._plain(400, "malformed Range header\n")
+            return
+        if span is None:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{pinned.size}")
+            self.send_header("Content-Length", "0")
             self.end_headers()
-            if not body or length == 0:
-                return
-            self.wfile.flush()
-            try:
+            return
+        start, length, partial = span
+        self.send_response(206 if partial else 200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(length))
+        if partial:
+            self.send_header("Content-Range",
+                             f"bytes {start}-{start + length - 1}/{pinned.size}")
+        self.end_headers()
+        if not body or length == 0:
+            return
+        self.wfile.flush()
+        try:
+            with os.fdopen(os.dup(pinned.fd), "rb") as fh:
                 sent = self.connection.sendfile(fh, offset=start, count=length)
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True
-                return
-            self.owner.count(sent)
-            if sent != length:  # the file shrank under us: the client sees a short body
-                self.close_connection = True
+        except OSError:  # the client went away, or timed out
+            self.close_connection = True
+            return
+        self.owner.count(sent)
+        if sent != length or pinned.changed():
+            self.close_connection = True  # the client sees a short body, uv a bad hash
+            if pinned.changed():
+                self.owner.refuse(f"{pinned.path} changed while it was served")
 
     def _plain(self, code: int, text: str) -> None:
         data = text.encode()
@@ -182,14 +231,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
-def _parse_range(header: str | None, size: int) -> tuple[int, int, bool] | None:
+def _parse_range(header: str | None, size: int) -> tuple[int, int, bool] | str | None:
     """(start, length, partial) for a ``Range`` header; the whole file when there is none
-    or it is a form not served here (several ranges); None when it is out of bounds."""
+    or it asks for several ranges (not served here); None when it is out of bounds;
+    ``"bad"`` when it is malformed."""
     whole = (0, size, False)
-    m = _RANGE.match(header.strip()) if header else None
-    if m is None or (m.group(1) == "" and m.group(2) == ""):
+    if header is None:
         return whole
+    text = header.strip()
+    if "," in text and text.startswith("bytes="):
+        return whole
+    m = _RANGE.match(text)
+    if m is None or (m.group(1) == "" and m.group(2) == ""):
+        return "bad"
     first, last = m.group(1), m.group(2)
+    if len(first) > _MAX_DIGITS or len(last) > _MAX_DIGITS:
+        return None
     if first == "":  # a suffix: the last N bytes
         n = min(int(last), size)
         return (size - n, n, True) if n > 0 else None

@@ -260,3 +260,37 @@ def test_a_remote_ssh_backup_directory_works_against_a_worker(mini: MiniStack) -
         assert DockerEngine().inspect(sidecar["image_id"]) is None
     finally:
         subprocess.run(["rm", "-rf", str(remote), str(decoy)])
+
+
+def test_a_tar_whose_manifest_would_move_a_tag_is_refused_before_loading(
+        mini: MiniStack, tmp_path: Path) -> None:
+    """A tar and a sidecar that agree (size, sha256), but whose manifest.json would make
+    docker load move latest or another image's tag before the gate: nothing is loaded."""
+    import hashlib
+    import io
+    import tarfile
+
+    tar, sidecar, hash_tag = _built(mini)
+    base_before = DockerEngine().require("imagebuild-bed/bookworm-python:1").id
+    _rmi(hash_tag, "vllm-node-mimo:latest")
+    for tag in ("vllm-node-mimo:latest", "imagebuild-bed/bookworm-python:1"):
+        crafted = tmp_path / "crafted.tar"
+        with tarfile.open(tar) as src, tarfile.open(crafted, "w") as out:
+            for m in src.getmembers():
+                data = src.extractfile(m).read() if m.isfile() else None  # type: ignore[union-attr]
+                if m.name == "manifest.json":
+                    manifest = json.loads(data or b"")
+                    manifest[0]["RepoTags"] = [tag]
+                    data = json.dumps(manifest).encode()
+                    m.size = len(data)
+                out.addfile(m, io.BytesIO(data) if data is not None else None)
+        forged = dict(sidecar, size=crafted.stat().st_size,
+                      sha256=hashlib.sha256(crafted.read_bytes()).hexdigest())
+        (tmp_path / "crafted.tar.json").write_text(json.dumps(forged))
+        r = mini.cli("restore-from-tar", "--file", str(crafted))
+        assert r.returncode == 8, r.stderr
+        assert f"would tag {tag}" in r.stderr and "nothing was loaded" in r.stderr
+        engine = DockerEngine()
+        assert engine.inspect(str(sidecar["image_id"])) is None
+        assert engine.inspect("vllm-node-mimo:latest") is None
+        assert engine.require("imagebuild-bed/bookworm-python:1").id == base_before

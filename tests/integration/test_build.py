@@ -195,34 +195,50 @@ def test_a_corrupted_wheel_is_refused_before_the_engine_is_touched(mini: MiniSta
 
 
 class SwappingEngine(DockerEngine):
-    """Replaces a wheel after imagebuild checked it and started serving it, just before
-    the build: the moment a COPY-free build has to guard."""
+    """Changes a wheel after imagebuild checked it and started serving it, just before
+    the build: the moment a COPY-free build has to guard. ``how``: "rename" puts another
+    file in its place; "in place" rewrites its bytes and puts its mtime back."""
 
-    def __init__(self, wheel: Path) -> None:
+    def __init__(self, wheel: Path, how: str) -> None:
         super().__init__()
-        self.wheel = wheel
+        self.wheel, self.how = wheel, how
 
     def build(self, context, *, buildargs, labels, nocache=False):  # type: ignore[no-untyped-def]
         if labels[IMAGE_LABEL] == "vllm-node":
-            new = self.wheel.with_suffix(".swapped")
-            new.write_bytes(self.wheel.read_bytes() + b"appended after the check")
-            os.replace(new, self.wheel)
+            if self.how == "rename":
+                new = self.wheel.with_suffix(".swapped")
+                new.write_bytes(self.wheel.read_bytes() + b"appended after the check")
+                os.replace(new, self.wheel)
+            else:
+                st = self.wheel.stat()
+                with self.wheel.open("r+b") as f:
+                    f.seek(st.st_size - 30)
+                    f.write(b"X" * 10)
+                os.utime(self.wheel, ns=(st.st_atime_ns, st.st_mtime_ns))
         return super().build(context, buildargs=buildargs, labels=labels, nocache=nocache)
 
 
-def test_a_wheel_swapped_after_the_check_is_not_served(mini: MiniStack) -> None:
+def test_a_wheel_changed_after_the_check_is_never_what_is_served(mini: MiniStack) -> None:
     from imagebuild.errors import BuildFailed
 
     wheel = next((mini.root / "wheels").glob("flashinfer_cubin-*.whl"))
+    checked = wheel.read_bytes()
     spec = load_spec(mini.spec)
     derivations = plan(spec, read_lock(spec.lock_path), ["node"])
-    engine = SwappingEngine(wheel)
+    # rewritten in place, mtime put back: refused, the build fails, nothing is tagged
+    engine = SwappingEngine(wheel, "in place")
     with pytest.raises(BuildFailed) as info:
         execute(spec, engine, decide(engine, derivations, set()), progress=Progress())
     assert f"{wheel} changed after it was checked against wheels.lock" in str(info.value)
     assert engine.inspect(derivations[0].tag) is None
-    assert engine.inspect("vllm-node:latest") is None or (
-        engine.require("vllm-node:latest").labels[HASH_LABEL] != derivations[0].input_hash)
+    # renamed over: the build is served the bytes that were checked, from the open file
+    wheel.write_bytes(checked)
+    engine = SwappingEngine(wheel, "rename")
+    report = execute(spec, engine, decide(engine, derivations, set()), progress=Progress())
+    assert report.built == ["vllm-node"] and wheel.read_bytes() != checked
+    image = engine.require(derivations[0].tag)
+    assert _run(image.id, "import flashinfer_cubin; print(flashinfer_cubin.__version__)") == (
+        "0.6.12")
 
 
 def test_a_failing_run_leaves_no_tag_and_reports_the_step(mini: MiniStack) -> None:

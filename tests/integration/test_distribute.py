@@ -288,3 +288,108 @@ def test_dry_run_sends_nothing(clean: MiniStack) -> None:
     mini.edit_spec("directory: backups", "directory: ssh://w1/var/tmp/imagebuild-backups")
     r = mini.cli("distribute", "--dry-run", "--workers", "1", "tf5")
     assert r.returncode == 2 and "backups.directory is remote" in r.stderr, r.stderr
+
+
+def test_a_backup_tar_that_does_not_match_its_sidecar_is_never_sent(
+        clean: MiniStack) -> None:
+    """distribute sends byte ranges of the backup tar: it checks the tar against its
+    sidecar and its manifest against the image before any byte goes to a worker."""
+    import tarfile
+
+    mini = clean
+    assert mini.cli("build", "node").returncode == 0
+    tar = mini.root / "backups" / "vllm-node.tar"
+    good = tar.read_bytes()
+    for damage in ("same-size manifest", "truncated at a member"):
+        data = bytearray(good)
+        if damage == "same-size manifest":
+            at = data.index(b'"RepoTags":["vllm-node:') + len(b'"RepoTags":["')
+            data[at:at + 9] = b"vllm-nodX"  # another image's tag, same length
+            tar.write_bytes(bytes(data))
+        else:
+            with tarfile.open(tar) as tf:
+                last = [m for m in tf.getmembers() if m.name.endswith("layer.tar")][-1]
+            tar.write_bytes(bytes(data[:last.offset]) + b"\0" * 1024)
+        code, _, err = _distribute(mini, "--workers", "2", "node")
+        assert code == 8, (damage, err)
+        assert str(tar) in err and "nothing was sent" in err
+        for w in ("w1", "w2"):
+            assert mini.bed.ssh(w, "docker", "images", "-q").stdout.strip() == ""
+    tar.write_bytes(good)  # the very bytes again (a new mtime): checked, and sent
+    code, _, err = _distribute(mini, "--workers", "1", "node")
+    assert code == 0, err
+
+
+def _built(head: DockerEngine, files: dict[str, bytes]) -> str:
+    """Build a context of ``files`` on the head; the image ID."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, content in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime = len(content), 1_700_000_000
+            tf.addfile(ti, io.BytesIO(content))
+    events = list(head.build(iter([buf.getvalue()]), buildargs={}, labels={}))
+    done = [e for e in events if e.kind == "done"]
+    assert done, events
+    return done[0].image_id
+
+
+def test_a_repeated_layer_reaches_a_worker_that_has_its_first_occurrence(
+        bed_env: Bed, tmp_path: Path) -> None:
+    """An image that adds the same tar twice (with its contents removed in between) has
+    one layer twice, and Docker 20.10 saves the second as a link to the first. A worker
+    that holds the first gets an archive without it, which must still carry the file the
+    second one links to."""
+    import io
+    import tarfile
+
+    from imagebuild.archive import ArchiveIndex
+    from imagebuild.distribute import docker_pieces
+    from imagebuild.engine_ssh import SshEngine
+    from imagebuild.fsutil import PinnedFile
+    from imagebuild.remote import Target
+
+    testbed.cmd_reset_workers()
+    head = DockerEngine()
+    same = io.BytesIO()
+    with tarfile.open(fileobj=same, mode="w") as tf:
+        for name, content in (("same/", b""), ("same/a.txt", os.urandom(2048))):
+            ti = tarfile.TarInfo(name.rstrip("/"))
+            ti.mtime = 1_700_000_000
+            if name.endswith("/"):
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+            else:
+                ti.size = len(content)
+            tf.addfile(ti, io.BytesIO(content) if content else None)
+    first = f"FROM {testbed.BASE_IMAGE}\nADD same.tar /\n"
+    parent_id = _built(head, {"Dockerfile": first.encode(), "same.tar": same.getvalue()})
+    image_id = _built(head, {"Dockerfile": (first + "RUN rm -rf /same\nADD same.tar /\n")
+                             .encode(), "same.tar": same.getvalue()})
+    parent, image = head.require(parent_id), head.require(image_id)
+    n = len(parent.diff_ids)
+    assert image.diff_ids[:n] == parent.diff_ids
+    assert image.diff_ids[n + 1] == image.diff_ids[n - 1]  # the same layer twice
+    head.tag(parent.id, "imagebuild-repeat", "parent")
+    head.tag(image.id, "imagebuild-repeat", "image")
+    worker = SshEngine(Target(name="w1", host="w1", config=str(bed_env.ssh_config)))
+    tars = {}
+    for tag in ("parent", "image"):
+        tars[tag] = tmp_path / f"{tag}.tar"
+        with tars[tag].open("wb") as f:
+            for chunk in head.save(f"imagebuild-repeat:{tag}"):
+                f.write(chunk)
+    with PinnedFile.open(tars["parent"]) as p:
+        worker.load_archive(p, docker_pieces(ArchiveIndex.read(p), 0))
+    with PinnedFile.open(tars["image"]) as pinned:
+        index = ArchiveIndex.read(pinned)
+        links = [m for m in index.members if m.link]
+        assert links, "docker save wrote no link for the repeated layer"
+        pieces = docker_pieces(index, n)  # the worker holds the parent's layers
+        worker.load_archive(pinned, pieces)
+    got = worker.require("imagebuild-repeat:image")
+    assert got.fingerprint == image.fingerprint
+    for tag in ("parent", "image"):
+        head.remove_image(f"imagebuild-repeat:{tag}")

@@ -12,6 +12,7 @@ from imagebuild.spec import Spec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 TORCH_SHA = "a" * 64
+UV_SHA = "b" * 64
 
 SPEC = """\
 schema: 1
@@ -26,13 +27,15 @@ wheels:
   index:
     - file: torch-2.11.0+cu130-py3-none-any.whl
       url: http://127.0.0.1:9/simple
+    - file: uv-0.9.7-py3-none-any.whl
+      url: http://127.0.0.1:9/simple
 images:
   vllm-node:
     aliases: [node]
     template: vllm-node.Dockerfile.j2
     base: example/base:1
     params:
-      uv: uv==0.9.7
+      uv: uv
     wheels: [vllm, flashinfer-python]
     torch: torch
     checks: [torch-gate]
@@ -83,9 +86,12 @@ class Stack:
 
 
 def _fake_index(url: str) -> str:
-    assert url == "http://127.0.0.1:9/simple/torch/", url
-    name = "torch-2.11.0+cu130-py3-none-any.whl"
-    return f'<a href="{name}#sha256={TORCH_SHA}">{name}</a>'
+    pages = {"http://127.0.0.1:9/simple/torch/": ("torch-2.11.0+cu130-py3-none-any.whl",
+                                                   TORCH_SHA),
+             "http://127.0.0.1:9/simple/uv/": ("uv-0.9.7-py3-none-any.whl", UV_SHA)}
+    assert url in pages, url
+    name, sha = pages[url]
+    return f'<a href="{name}#sha256={sha}">{name}</a>'
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 
@@ -21,7 +22,9 @@ def test_context_holds_only_the_dockerfile_and_the_pinned_requirement_files(
         stack: Stack) -> None:
     spec = stack.load()
     mimo = plan(spec, read_lock(spec.lock_path), ["mimo"])[-1]
-    preflight(spec, mimo)
+    with contextlib.ExitStack() as pins:
+        pinned = preflight(spec, mimo, pins)
+        assert sorted(pinned) == sorted(w.filename for w in mimo.served)
     data = b"".join(context_stream(mimo.context))
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         assert sorted(tf.getnames()) == [
@@ -55,7 +58,7 @@ def test_preflight_refuses_a_mismatching_wheel(stack: Stack) -> None:
     node = plan(spec, read_lock(spec.lock_path), ["node"])[0]
     stack.wheel("flashinfer_python-0.6.12-py3-none-any.whl", b"not what was locked")
     with pytest.raises(WheelHashMismatch, match=r"does not match wheels\.lock"):
-        preflight(spec, node)
+        preflight(spec, node, contextlib.ExitStack())
 
 
 def test_preflight_names_an_unresolved_wheel(stack: Stack) -> None:
@@ -66,7 +69,7 @@ def test_preflight_names_an_unresolved_wheel(stack: Stack) -> None:
     mimo = plan(spec, read_lock(spec.lock_path), ["mimo"])[-1]
     assert mimo.input_hash is None
     with pytest.raises(UnresolvedHashError, match=r"extra_mimo-1\.0-py3-none-any\.whl"):
-        preflight(spec, mimo)
+        preflight(spec, mimo, contextlib.ExitStack())
 
 
 def test_a_build_that_needs_served_wheels_refuses_an_engine_on_another_host(

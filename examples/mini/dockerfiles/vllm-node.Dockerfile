@@ -17,7 +17,12 @@ ENV UV_LINK_MODE=copy
 # Children (tf5, mimo) inherit it.
 ENV UV_NO_CACHE=1
 
-RUN python3 -m pip install --no-cache-dir --index-url http://127.0.0.1:18080/simple uv==0.9.7
+# uv 0.9.7 from its index; uv-requirements.txt pins the wheel by sha256 (written
+# by imagebuild from wheels.lock), and pip verifies it.
+COPY uv-requirements.txt /tmp/uv-requirements.txt
+RUN python3 -m pip install --no-cache-dir --no-deps --require-hashes \
+    --index-url http://127.0.0.1:18080/simple -r /tmp/uv-requirements.txt \
+    && rm /tmp/uv-requirements.txt
 
 # torch 2.11.0+cu130 from its index; torch-requirements.txt pins the wheel by sha256
 # (written by imagebuild from wheels.lock), and uv verifies it.

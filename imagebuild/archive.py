@@ -1,0 +1,396 @@
+"""Image archives (``docker save`` tars): read, checked against the image they claim to
+hold, and checked again as they stream into ``docker load``.
+
+Nothing an archive says is trusted before it is checked:
+
+* ``ArchiveIndex.read`` indexes a backup tar through an open descriptor (a ``PinnedFile``;
+  the same descriptor is later sent from) and validates its ``manifest.json``: one image,
+  a config member, one layer file per layer of the config's ``rootfs``.
+  ``ArchiveIndex.check`` then compares the archive's content fingerprint with the image's
+  and refuses tags other than the ones allowed (``docker load`` applies ``RepoTags``:
+  an archive must never move ``NAME:latest`` or name another image).
+* ``TarGuard`` passes a tar stream through to ``docker load`` while hashing it and
+  parsing its headers: it checks ``manifest.json`` (tags) before that member is released,
+  and holds the tail of the stream back until the whole stream's size and sha256 match
+  the sidecar and its config matches the expected fingerprint. A stream that fails any
+  check is cut short, so ``docker load`` sees a truncated archive and loads nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import BadReply, fingerprint_of
+from .errors import BackupError
+from .fsutil import PinnedFile
+
+BLOCK = 512
+SMALL = 4 << 20  # metadata members (manifest, config, index) are read whole below this
+HOLD = 1 << 20  # bytes TarGuard keeps back until the end of the stream is checked
+_META = ("manifest.json", "index.json", "repositories", "oci-layout")
+
+
+def _is_meta(name: str) -> bool:
+    return name in _META or name.endswith(".json")
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    offset: int  # start of its header block(s)
+    end: int  # end of its data, padded to the block size
+    data_offset: int = 0
+    size: int = 0
+    link: str = ""  # a symlink's or hard link's target, as a member name
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The one entry of a ``docker save`` manifest.json, checked."""
+
+    config: str
+    layers: tuple[str, ...]
+    repo_tags: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> Manifest:
+        try:
+            entries = json.loads(data)
+        except ValueError:
+            raise BackupError(f"{where}: manifest.json is not JSON") from None
+        if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0],
+                                                                                 dict):
+            raise BackupError(f"{where} is not a single-image docker save archive")
+        e = entries[0]
+        config, layers, tags = e.get("Config"), e.get("Layers"), e.get("RepoTags") or []
+        if not isinstance(config, str) or not config:
+            raise BackupError(f"{where}: manifest.json names no config")
+        for what, value in (("Layers", layers), ("RepoTags", tags)):
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise BackupError(f"{where}: manifest.json {what} is not a list of names")
+        return cls(config, tuple(layers), tuple(tags))  # type: ignore[arg-type]
+
+
+def config_fingerprint(config: bytes, where: str) -> tuple[str, tuple[str, ...]]:
+    """The content fingerprint an image config (JSON) gives, and its layers' diff IDs."""
+    try:
+        data = json.loads(config)
+    except ValueError:
+        raise BackupError(f"{where}: the image config is not JSON") from None
+    if not isinstance(data, dict):
+        raise BackupError(f"{where}: the image config is not a JSON object")
+    rootfs = data.get("rootfs") or {}
+    cfg = data.get("config") or {}
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if (not isinstance(cfg, dict) or not isinstance(diff_ids, list)
+            or not all(isinstance(d, str) for d in diff_ids)):
+        raise BackupError(f"{where}: the image config has no rootfs.diff_ids or config")
+    try:
+        return fingerprint_of(tuple(diff_ids), cfg), tuple(diff_ids)
+    except BadReply as exc:
+        raise BackupError(f"{where}: the image config is malformed: {exc}") from None
+
+
+def allowed_tags_error(tags: Iterable[str], allowed: set[str], where: str) -> BackupError | None:
+    extra = sorted(set(tags) - allowed)
+    if not extra:
+        return None
+    return BackupError(
+        f"{where} would tag {', '.join(extra)} when loaded, but it may only tag "
+        f"{', '.join(sorted(allowed)) or 'nothing'}: refusing it; nothing was loaded",
+        hint="a backup names its image only by NAME:<hash12>; latest moves only after the "
+             "gate. Restore a tar imagebuild wrote, or rebuild")
+
+
+@dataclass(frozen=True)
+class ArchiveIndex:
+    """Where each member of a ``docker save`` tar lies, and which file is which layer."""
+
+    file: PinnedFile
+    members: tuple[Member, ...]
+    manifest: Manifest
+    config: bytes  # the image config JSON (a few KB)
+    fingerprint: str  # of the config: diff IDs and config
+    diff_ids: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.manifest.layers
+
+    @property
+    def repo_tags(self) -> tuple[str, ...]:
+        return self.manifest.repo_tags
+
+    @classmethod
+    def read(cls, file: PinnedFile) -> ArchiveIndex:
+        where = str(file.path)
+        members: list[Member] = []
+        small: dict[str, bytes] = {}
+        try:
+            with os.fdopen(os.dup(file.fd), "rb") as fh, tarfile.open(fileobj=fh,
+                                                                        mode="r:") as tf:
+                for ti in tf:
+                    data_end = ti.offset_data + -(-ti.size // BLOCK) * BLOCK
+                    if data_end > file.size:
+                        raise BackupError(f"{where} is truncated inside {ti.name}")
+                    link = (os.path.normpath(os.path.join(os.path.dirname(ti.name),
+                                                          ti.linkname))
+                            if ti.issym() else ti.linkname if ti.islnk() else "")
+                    members.append(Member(ti.name, ti.offset, data_end, ti.offset_data,
+                                          ti.size, link))
+                    if ti.isfile() and _is_meta(ti.name) and ti.size < SMALL:
+                        f = tf.extractfile(ti)
+                        assert f is not None
+                        small[ti.name] = f.read()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise BackupError(f"{where} is not a readable tar: {exc}") from None
+        names = [m.name for m in members]
+        if len(set(names)) != len(names):
+            raise BackupError(f"{where} holds a member name twice")
+        if "manifest.json" not in small:
+            raise BackupError(f"{where} is not a single-image docker save archive "
+                              f"(no manifest.json)")
+        manifest = Manifest.parse(small["manifest.json"], where)
+        config = small.get(manifest.config)
+        if config is None:
+            raise BackupError(f"{where}: manifest.json names the config {manifest.config}, "
+                              f"which the archive does not hold")
+        fingerprint, diff_ids = config_fingerprint(config, where)
+        if len(diff_ids) != len(manifest.layers):
+            raise BackupError(f"{where}: manifest.json lists {len(manifest.layers)} layers, "
+                              f"the config {len(diff_ids)}")
+        index = cls(file=file, members=tuple(members), manifest=manifest, config=config,
+                    fingerprint=fingerprint, diff_ids=diff_ids)
+        for name in manifest.layers:
+            index.member(name)  # every layer has a file, links resolved
+        return index
+
+    def check(self, fingerprint: str, allowed_tags: set[str]) -> None:
+        """Refuse an archive that does not hold exactly the image with ``fingerprint``, or
+        that would apply tags outside ``allowed_tags`` when loaded."""
+        where = str(self.file.path)
+        if self.fingerprint != fingerprint:
+            raise BackupError(f"{where} does not hold the image it is the backup of (its "
+                              f"content fingerprint differs); nothing was sent",
+                              hint="write the backup again: imagebuild backup NAME")
+        err = allowed_tags_error(self.repo_tags, allowed_tags, where)
+        if err is not None:
+            raise err
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Member]:
+        return {m.name: m for m in self.members}
+
+    def member(self, name: str) -> Member:
+        """The member holding ``name``'s bytes (symlinks and hard links followed)."""
+        by_name = self._by_name
+        m = by_name.get(name)
+        for _ in range(8):
+            if m is None or not m.link:
+                break
+            m = by_name.get(m.link)
+        if m is None or m.link:
+            raise BackupError(f"{self.file.path}: no file for {name}")
+        return m
+
+    def ranges(self, skip_layers: int) -> list[tuple[int, int]]:
+        """Byte ranges of the archive without the files of the first ``skip_layers``
+        layers. Taken from the manifest's layer list: a file that a later layer still
+        needs (the same layer twice in one image: a link, or one blob named twice) stays."""
+        needed = set()
+        for name in self.layers[skip_layers:]:
+            needed.add(name)
+            needed.add(self.member(name).name)
+        skip = {n for name in self.layers[:skip_layers]
+                for n in (name, self.member(name).name)} - needed
+        out: list[tuple[int, int]] = []
+        for m in self.members:
+            if m.name in skip:
+                continue
+            if out and out[-1][0] + out[-1][1] == m.offset:
+                out[-1] = (out[-1][0], m.end - out[-1][0])
+            else:
+                out.append((m.offset, m.end - m.offset))
+        return out
+
+
+# -- checking a stream -------------------------------------------------------------------------
+
+
+def _octal(field: bytes) -> int:
+    if field and field[0] & 0x80:  # base-256, for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big") | ((field[0] & 0x7F) << (8 * (len(field) - 1)))
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode(errors="replace")] = value.decode(errors="replace")
+        pos += length
+    return out
+
+
+class TarGuard:
+    """Checks a tar stream while it passes through (see the module's text).
+
+    ``check_meta(name, data)`` is called for each small metadata member as soon as it is
+    complete (raise to refuse); ``finish(metas)`` once at the end with all of them. The
+    bytes of a metadata member are held back until it was checked, and the last ``HOLD``
+    bytes until the end was.
+    """
+
+    def __init__(self, where: str, size: int, sha256: str,
+                 check_meta: Callable[[str, bytes], None],
+                 finish: Callable[[dict[str, bytes]], None]) -> None:
+        self.where, self.size, self.sha256 = where, size, sha256
+        self.check_meta, self.finish = check_meta, finish
+        self.hash = hashlib.sha256()
+        self.seen = 0  # absolute offset of the end of what was received
+        self.pending = bytearray()  # received, not yet released
+        self.released = 0  # absolute offset released so far
+        self.parsed = 0  # next header starts here (or the current member's data ends here)
+        self.hold_from: int | None = None  # a metadata member starts here: hold it back
+        # the member being walked: (name, typeflag, data start, data size); None: a header
+        self.current: tuple[str, bytes, int, int] | None = None
+        self.metas: dict[str, bytes] = {}
+        self.capture: bytearray | None = None
+        self.next_name: str | None = None  # from a pax or GNU long-name header
+
+    def feed(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.seen += len(chunk)
+            if self.seen > self.size:
+                raise BackupError(f"{self.where} is longer than its sidecar says "
+                                  f"({self.size} bytes); nothing was loaded")
+            self.hash.update(chunk)
+            self.pending += chunk
+            self._walk()
+            out = self._releasable()
+            if out:
+                yield out
+        if self.seen != self.size:
+            raise BackupError(f"{self.where} is {self.seen} bytes but its sidecar says "
+                              f"{self.size}: truncated or altered; nothing was loaded")
+        actual = self.hash.hexdigest()
+        if actual != self.sha256:
+            raise BackupError(
+                f"{self.where} does not match its sidecar; nothing was loaded\n"
+                f"  expected sha256 {self.sha256}\n  actual   sha256 {actual}",
+                hint="the file is corrupt: restore an older generation with --file, or "
+                     "rebuild")
+        if self.current is not None:
+            raise BackupError(f"{self.where} ends inside {self.current[0]}")
+        self.finish(self.metas)
+        if self.pending:
+            yield bytes(self.pending)
+            self.pending.clear()
+
+    def _releasable(self) -> bytes:
+        limit = self.seen - HOLD
+        if self.hold_from is not None:
+            limit = min(limit, self.hold_from)
+        n = limit - self.released
+        if n <= 0:
+            return b""
+        out = bytes(self.pending[:n])
+        del self.pending[:n]
+        self.released += n
+        return out
+
+    def _bytes(self, offset: int, length: int) -> bytes:
+        start = offset - self.released
+        assert start >= 0, "walked bytes were released"
+        return bytes(self.pending[start:start + length])
+
+    def _walk(self) -> None:
+        """Advance through headers and data as far as the bytes received allow."""
+        while True:
+            if self.current is None:  # a header
+                if self.seen - self.parsed < BLOCK:
+                    return
+                start = self.parsed
+                header = self._bytes(start, BLOCK)
+                self.parsed += BLOCK
+                if header == b"\0" * BLOCK:
+                    continue  # the end-of-archive blocks
+                try:
+                    size = _octal(header[124:136])
+                except ValueError:
+                    raise BackupError(f"{self.where}: a tar header is corrupt") from None
+                flag = header[156:157]
+                raw = header[0:100].split(b"\0", 1)[0]
+                if header[257:262] == b"ustar":
+                    prefix = header[345:500].split(b"\0", 1)[0]
+                    raw = prefix + b"/" + raw if prefix else raw
+                name = self.next_name or raw.decode(errors="replace")
+                if flag not in (b"x", b"g", b"L"):
+                    self.next_name = None
+                meta = flag in (b"0", b"\0") and _is_meta(name) and size < SMALL
+                self.capture = bytearray() if flag in (b"x", b"L") or meta else None
+                if meta and self.hold_from is None:
+                    self.hold_from = start
+                self.current = (name, flag, self.parsed, size)
+                self.parsed += -(-size // BLOCK) * BLOCK
+                continue
+            name, flag, data_start, size = self.current
+            if self.capture is not None:
+                have = min(self.seen, data_start + size) - (data_start + len(self.capture))
+                if have > 0:
+                    self.capture += self._bytes(data_start + len(self.capture), have)
+            if self.seen < self.parsed:
+                return
+            self.current = None
+            self._member_done(name, flag)
+
+    def _member_done(self, name: str, flag: bytes) -> None:
+        data = bytes(self.capture) if self.capture is not None else None
+        self.capture = None
+        if data is None:
+            return
+        if flag == b"x":
+            try:
+                pax = _pax(data)
+            except ValueError:
+                raise BackupError(f"{self.where}: a pax header is corrupt") from None
+            self.next_name = pax.get("path", self.next_name)
+            return
+        if flag == b"L":
+            self.next_name = data.split(b"\0", 1)[0].decode(errors="replace")
+            return
+        self.metas[name] = data
+        self.check_meta(name, data)
+        self.hold_from = None
+
+
+def manifest_tags(name: str, data: bytes, where: str) -> list[str]:
+    """The tags ``docker load`` would apply from a metadata member (manifest.json's
+    RepoTags; index.json's image-name annotations), for checking before it passes."""
+    if name == "manifest.json":
+        return list(Manifest.parse(data, where).repo_tags)
+    if name == "index.json":
+        try:
+            index: Any = json.loads(data)
+            manifests = index.get("manifests") or []
+            return [str(v) for m in manifests for k, v in (m.get("annotations") or {}).items()
+                    if k in ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+                    and ":" in str(v)]
+        except (ValueError, AttributeError):
+            raise BackupError(f"{where}: index.json is malformed") from None
+    return []

@@ -1,0 +1,139 @@
+"""Each class of bad input found by the hardening review: a clear error with its exit
+code (never a traceback), or a refusal where a value used to be accepted silently."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from imagebuild import cli, ops
+from imagebuild.errors import ImagebuildError, LockError, SpecError
+from imagebuild.lock import read_lock
+from imagebuild.render import render_image
+
+from .conftest import SPEC, Stack
+
+GATE = '    expect: "2.11.0+cu130 13.0"\n'
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    code = info.value.code
+    assert isinstance(code, int)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("old, new, says", [
+    (GATE, GATE + "    timeout: .nan\n", "more than 0"),
+    (GATE, GATE + "    timeout: .inf\n", "more than 0"),
+    (GATE, GATE + "    timeout: 1e30\n", "at most 86400"),
+    (GATE, GATE + "    timeout: 0\n", "more than 0"),
+    (GATE, '    expect: 2.10\n', "YAML reads an unquoted 2.10 as the number 2.1"),
+    (GATE, '    expect: [a]\n', "not text"),
+    ('    run: [python3, -c, "import torch; print(torch.__version__, torch.version.cuda)"]\n',
+     '    run: [python3, null]\n', "is not a word of a command"),
+    ('    run: [python3, -c, "import torch; print(torch.__version__, torch.version.cuda)"]\n',
+     '    run: [python3, {a: 1}]\n', "is not a word of a command"),
+    ("    - extra_mimo-1.0-py3-none-any.whl\n",
+     "    - extra_mimo-1.0-py3-none-any.whl\n    - extra_mimo-1.1-py3-none-any.whl\n",
+     "two files of extra-mimo are declared"),
+    ("      uv: uv\n", "      uv: uv==0.9.7\n", "is not a valid wheel name"),
+    ("      uv: uv\n", "      uv: torch-nope\n", "is not declared under wheels.index"),
+])
+def test_values_that_were_accepted_are_refused_at_load(stack: Stack, old: str, new: str,
+                                                       says: str) -> None:
+    assert old in SPEC
+    stack.write_spec(SPEC.replace(old, new, 1))
+    with pytest.raises(SpecError) as info:
+        stack.load()
+    assert says in str(info.value) and info.value.exit_code == 2
+    assert f"{stack.spec_path}:" in str(info.value)  # file:line
+
+
+def test_a_non_utf8_spec_template_dockerfile_or_lock_is_a_clear_error(
+        stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = str(stack.spec_path)
+    good_spec = stack.spec_path.read_bytes()
+    stack.spec_path.write_bytes(good_spec.replace(b"state: state", b"state: st\xffate"))
+    code, err = _cli(["-f", spec, "plan"], capsys)
+    assert code == 2 and "not UTF-8" in err
+    stack.spec_path.write_bytes(good_spec)
+    tpl = stack.root / "templates" / "vllm-node-tf5.Dockerfile.j2"
+    good_tpl = tpl.read_bytes()
+    tpl.write_bytes(good_tpl + b"# \xff\xfe\n")
+    code, err = _cli(["-f", spec, "render"], capsys)
+    assert code == 2 and "not UTF-8" in err and str(tpl) in err
+    tpl.write_bytes(good_tpl)
+    # a committed Dockerfile that is not text is drift (exit 1), not a traceback
+    assert _cli(["-f", spec, "render"], capsys)[0] == 0
+    committed = stack.root / "dockerfiles" / "vllm-node.Dockerfile"
+    committed.write_bytes(b"\xff\xfe")
+    code, err = _cli(["-f", spec, "render", "--check"], capsys)
+    assert code == 1 and "differ" in err
+    # a lock that is not UTF-8: every command refuses it, and 'lock' (the cure) rewrites it
+    lock = stack.root / "wheels.lock"
+    lock.write_bytes(lock.read_bytes() + b"\xff\xfe")
+    code, err = _cli(["-f", spec, "plan"], capsys)
+    assert code == 2 and "malformed lock file" in err
+    code, err = _cli(["-f", spec, "lock"], capsys)
+    assert code == 2 or code == 0, err  # refused cleanly or rewritten; never a traceback
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("body, says", [
+    ("{% include 'vllm-node-tf5.Dockerfile.j2' %}\n", "includes or calls itself"),
+    ("{{ 1 // 0 }}\n", "ZeroDivisionError"),
+    ("{{ image.name.split(1, 2, 3, 4) }}\n", "rendering failed: TypeError"),
+])
+def test_a_template_that_fails_to_render_is_a_spec_error(stack: Stack, body: str,
+                                                         says: str) -> None:
+    tpl = stack.root / "templates" / "vllm-node-tf5.Dockerfile.j2"
+    tpl.write_text(tpl.read_text() + body)
+    with pytest.raises(SpecError, match=says) as info:
+        render_image(stack.load(), "vllm-node-tf5")
+    assert str(tpl) in str(info.value)
+
+
+def test_the_lock_or_dockerfiles_path_of_the_wrong_kind(
+        stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = str(stack.spec_path)
+    lock = stack.root / "wheels.lock"
+    lock.unlink()
+    lock.mkdir()
+    code, err = _cli(["-f", spec, "plan"], capsys)
+    assert code == 2 and "cannot read the lock file" in err
+    code, err = _cli(["-f", spec, "lock"], capsys)
+    assert code == 2 and "cannot" in err and "Traceback" not in err
+    os.rmdir(lock)
+    stack.lock()
+    (stack.root / "dockerfiles").write_text("a file, not a directory")
+    code, err = _cli(["-f", spec, "render"], capsys)
+    assert code == 2 and "must name a directory" in err
+
+
+@pytest.mark.parametrize("text, says", [
+    ("version = 1\nwheel = 5\n", "must be an array of tables"),
+    ("version = 1\n[[wheel]]\nname = 5\n", "lacks"),
+    ("version = 1\nsurprise = true\n", "unknown top-level keys"),
+    ('version = 1\n[[wheel]]\nname = "x"\nversion = "1"\nfilename = "x-1-py3-none-any.whl"\n'
+     'sha256 = "unresolved"\nsource = "/etc/passwd"\n', "is neither wheels/"),
+    ('version = 1\n[[wheel]]\nname = "x"\nversion = "1"\nfilename = "x-1-py3-none-any.whl"\n'
+     'sha256 = "unresolved"\nsource = "wheels/x-1-py3-none-any.whl"\nextra = 1\n',
+     "unknown keys extra"),
+    ("version = " + "9" * 5000 + "\n", "malformed lock file"),
+])
+def test_lock_values_are_all_checked(tmp_path: Path, text: str, says: str) -> None:
+    p = tmp_path / "wheels.lock"
+    p.write_text(text)
+    with pytest.raises(LockError, match=says):
+        read_lock(p)
+
+
+def test_every_refusal_here_is_an_imagebuild_error_with_exit_2(stack: Stack) -> None:
+    stack.write_spec(SPEC + "backups:\n  directory: ssh://host:abc/x\n")
+    with pytest.raises(ImagebuildError) as info:
+        ops.load(str(stack.spec_path))
+    assert info.value.exit_code == 2
