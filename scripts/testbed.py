@@ -617,6 +617,9 @@ def env_text() -> str:
 def wipe_engines() -> None:
     """Stop the bed and remove every engine's data and the bed's state, keeping cache/."""
     cmd_down()
+    left = bed_mounts()
+    if left:  # never remove a tree with a mount under it: c1 binds the host's /dev
+        die(f"refusing to wipe {BED}: still mounted there: {', '.join(left[:3])}")
     for name in ("head", "workers", CTRD, "state", "backups", "remote-backups", "bench"):
         path = BED / name
         if path.exists():
@@ -683,19 +686,33 @@ def cmd_down() -> None:
     unmount_leftovers()
 
 
-def unmount_leftovers() -> None:
-    """Unmount what the bed's engines left mounted under the bed (e.g. exec-root/netns),
-    so the bed directory can be removed. Only mount points below BED are touched."""
+def bed_mounts() -> list[str]:
+    """Mount points at or below BED, as /proc/mounts lists them (one per mount)."""
     try:
         lines = Path("/proc/mounts").read_text().splitlines()
     except OSError:
-        return
+        return []
     points = [ln.split()[1] for ln in lines if len(ln.split()) > 1]
-    ours = [p for p in points if p == str(BED) or p.startswith(str(BED) + "/")]
-    for point in sorted(ours, key=len, reverse=True):
-        r = subprocess.run(["umount", "-l", point], capture_output=True, text=True)
-        if r.returncode == 0:
-            log(f"unmounted {point}")
+    return [p for p in points if p == str(BED) or p.startswith(str(BED) + "/")]
+
+
+def unmount_leftovers() -> None:
+    """Unmount what the bed's engines left mounted under the bed (exec-root/netns, c1's
+    proc, sys, dev and its root bind), so the bed directory can be removed. Mounts can be
+    stacked (a bind over a directory that has mounts of its own): read /proc/mounts
+    again after each round until none is left. Only mount points below BED are touched."""
+    for _ in range(10):
+        ours = bed_mounts()
+        if not ours:
+            return
+        for point in sorted(set(ours), key=len, reverse=True):
+            r = subprocess.run(["umount", "-l", point], capture_output=True, text=True)
+            if r.returncode == 0:
+                log(f"unmounted {point}")
+    left = bed_mounts()
+    if left:
+        die(f"{len(left)} mounts under {BED} would not unmount: {', '.join(left[:3])}",
+            "unmount them by hand before removing the bed")
 
 
 def cmd_status() -> int:
