@@ -105,7 +105,7 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
                               "{{.Size}}\t{{.CreatedBy}}", mimo.id],
                              capture_output=True, text=True, check=True).stdout.splitlines()
     copies = [h for h in history if "COPY" in h]
-    assert len(copies) == 4, history  # torch + wheel requirement files, node and mimo
+    assert len(copies) == 5, history  # torch + wheel requirement files (node and mimo), uv
     assert all(int(h.split("\t")[0]) < 4096 for h in copies), copies  # bytes, not wheels
 
 

@@ -15,6 +15,7 @@ from imagebuild.engine import Engine
 from imagebuild.engine_docker import DockerEngine
 from imagebuild.engine_ssh import SshEngine
 from imagebuild.errors import EngineError, ImageNotFound, RemoteError
+from imagebuild.fsutil import PinnedFile
 from imagebuild.remote import Target
 
 from .conftest import Bed, testbed
@@ -63,8 +64,9 @@ def test_a_worker_engine_answers_like_the_heads(bed_env: Bed, head: DockerEngine
             f.write(chunk)
     size = tar.stat().st_size
     seen: list[int] = []
-    sent = worker.load_archive(tar, [(0, size // 2), (size // 2, size - size // 2)],
-                               seen.append)
+    with PinnedFile.open(tar) as pinned:
+        sent = worker.load_archive(pinned, [(0, size // 2), (size // 2, size - size // 2)],
+                                   seen.append)
     assert sent == size and seen[-1] == size
     theirs = worker.require(f"imagebuild-engine-test:{label}")
     assert theirs.fingerprint == mine.fingerprint
