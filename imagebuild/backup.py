@@ -69,9 +69,12 @@ class Sidecar:
         ints = (sc.size, sc.mtime_ns, sc.ino, sc.ctime_ns)
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
             raise ValueError("size, mtime_ns, ino and ctime_ns must be whole numbers")
-        strs = (sc.image, sc.image_id, sc.fingerprint, sc.sha256, sc.created)
+        strs = (sc.image, sc.image_id, sc.fingerprint, sc.sha256, sc.created, sc.tool_version)
         if not all(isinstance(v, str) for v in strs):
-            raise ValueError("image, image_id, fingerprint, sha256 and created must be strings")
+            raise ValueError("image, image_id, fingerprint, sha256, created and tool_version "
+                             "must be strings")
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", sc.fingerprint):
+            raise ValueError("fingerprint is not a content fingerprint")
         if not isinstance(sc.tags, list) or not all(isinstance(t, str) for t in sc.tags):
             raise ValueError("tags must be a list of strings")
         if sc.input_hash is not None and not isinstance(sc.input_hash, str):
