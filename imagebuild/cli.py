@@ -13,15 +13,17 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__, ops
+from . import __version__, lifecycle, ops
 from .build import Action, Step
 from .derivation import Derivation
-from .distribute import Outcome
+from .distribute import Outcome, Worker
 from .engine_docker import DockerEngine
 from .errors import ImagebuildError, Interrupted
 from .naming import hash12, input_hash, short_id
+from .ops import DistributeOutcome
 from .progress import Progress
 from .spec import load_spec
 from .verify import table
@@ -210,12 +212,7 @@ def cmd_distribute(args: argparse.Namespace) -> int:
 
 
 def _outcome_json(o: Outcome) -> dict[str, object]:
-    return {"worker": o.worker, "address": o.address, "store": o.store, "image": o.image,
-            "action": o.action, "layers_total": o.layers_total,
-            "layers_skipped": o.layers_skipped, "bytes_planned": o.bytes_planned,
-            "bytes_sent": o.bytes_sent, "seconds": round(o.seconds, 3),
-            "mb_per_s": round(o.mb_per_s, 1), "ok": o.ok, "error": o.error, "note": o.note,
-            "latest_moved": o.latest_moved}
+    return {**asdict(o), "seconds": round(o.seconds, 3), "mb_per_s": round(o.mb_per_s, 1)}
 
 
 def _outcome_line(o: Outcome, dry_run: bool) -> str:
@@ -230,6 +227,105 @@ def _outcome_line(o: Outcome, dry_run: bool) -> str:
     note = f" [{o.note}]" if o.note else ""
     return (f"{head} sent {o.bytes_sent / 1e6:,.1f} MB in {o.seconds:.1f}s "
             f"({o.mb_per_s:,.0f} MB/s), {skipped}{note}")
+
+
+# -- status, prune, rollback ----------------------------------------------------------------
+
+
+def _workers_for(ctx: ops.Context, arg: str | None) -> list[Worker]:
+    if arg is None and not ctx.spec.cluster.workers:
+        return []
+    return ops.select_workers(ctx.spec, arg)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ctx = ops.load(args.file)
+    workers = _workers_for(ctx, args.workers)
+    if args.check_backups:
+        ops.backup_store(ctx.spec)
+    report = lifecycle.status(ctx, DockerEngine(), workers, check=args.check_backups,
+                              progress=Progress())
+    if args.json:
+        _json(report.to_json())
+        return 0
+    names = [w.name for w in workers]
+    rows = [["image", "derivation", "latest", "verified", "rooted", "backup", *names]]
+    for i in report.images:
+        derivation = (i.derivation or "unresolved") + ("" if i.built else " (not built)")
+        latest = (f"{i.latest} ({i.latest_hash})" if i.latest else "-")
+        verified = f"{i.verified_at} ({len(i.checks)} checks)" if i.verified_at else "NO"
+        rooted = ("yes" if i.rooted else "NO") + ("" if i.hash_tag_present
+                                                  else ", hash tag stripped")
+        b = i.backup
+        backup = "none" if b.where is None else (
+            f"{b.where} {_gb(b.size)}, +{b.generations} older"
+            + ("" if b.matches_latest else ", not of latest")
+            + ("" if b.check_ok is None else
+               f", checked {b.checked} {'ok' if b.check_ok else 'CORRUPT'}"))
+        rows.append([i.name, derivation, latest, verified, rooted, backup,
+                     *(i.workers.get(w, "-") for w in names)])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(r)).rstrip())
+    for w, why in report.unreachable.items():
+        print(f"{w}: unreachable: {why}")
+    if any(not i.hash_tag_present or not i.rooted for i in report.images if i.latest):
+        print("a root is missing or a tag was stripped (docker image prune -a keeps one tag "
+              "of an image in use): 'imagebuild prune' puts roots and tags back")
+    print(f"({report.seconds:.1f}s)", file=sys.stderr)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    ctx = ops.load(args.file)
+    workers = _workers_for(ctx, args.workers) if args.workers else []
+    result = lifecycle.prune(ctx, DockerEngine(), workers, dry_run=args.dry_run,
+                             progress=Progress())
+    for node in result.nodes:
+        if node.error:
+            print(f"{node.node}: FAILED: {node.error}")
+            continue
+        if node.repaired:
+            print(f"{node.node}: put back {node.repaired} root holder(s) or tag(s) first")
+        for item in node.items:
+            size = f" {_gb(item.size)}" if item.size else ""
+            print(f"{node.node}: {'would remove' if result.dry_run else 'removed'} "
+                  f"{item.kind} {item.ref}{size} ({item.why})")
+        total = sum(i.size for i in node.items)
+        if result.dry_run:
+            print(f"{node.node}: {len(node.items)} item(s), about {_gb(total)} to reclaim")
+        else:
+            print(f"{node.node}: {len(node.items)} item(s) removed, "
+                  f"{_gb(node.reclaimed or 0)} reclaimed")
+    if (err := result.error()) is not None:
+        raise err
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    ctx = ops.load(args.file)
+    name = ctx.spec.resolve(args.image)
+    to = lifecycle.check_hash12(args.to)
+    workers = ops.select_workers(ctx.spec, args.workers) if args.workers else []
+    result = lifecycle.rollback(ctx, DockerEngine(), name, to, workers, Progress())
+    p = result.promotion
+    if p.passed:
+        print(f"{name}: latest {result.previous or '-'} -> {short_id(p.image.id)} "
+              f"(generation {result.generation.hash12}"
+              + (", restored from its backup" if result.restored else "") + ")")
+    elif p.record is not None:
+        print(table([p.record]))
+    dist = result.distributed
+    if isinstance(dist, DistributeOutcome):
+        for o in dist.outcomes:
+            print(_outcome_line(o, False))
+    if (err := result.error()) is not None:
+        raise err
+    return 0
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -302,10 +398,45 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="run each image's checks (the torch gate) and record them")
     images(s, "images to verify (default: every image of the spec present locally)")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("status", help="each image: derivation, latest, verified, rooted, "
+                                      "backup, and what every worker holds")
+    s.add_argument("--workers", metavar="N|w1,w3", help="the workers to ask (default: all)")
+    s.add_argument("--check-backups", action="store_true",
+                   help="hash every current backup against its sidecar (minutes for 40 GB)")
+    s.add_argument("--json", action="store_true", help="the same, as JSON")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("prune", help="remove imagebuild's images that are not a GC root "
+                                     "(never a root, never a backup; there is no -a)")
+    s.add_argument("--workers", metavar="N|w1,w3", help="also prune these workers")
+    s.add_argument("--dry-run", action="store_true",
+                   help="list what would be removed, with sizes; remove nothing")
+    s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("rollback", help="move an image's latest back to an earlier "
+                                        "generation (verified; restored from backup if gone)")
+    s.add_argument("image", metavar="IMAGE")
+    s.add_argument("--to", metavar="HASH12", help="the generation (default: the previous one)")
+    s.add_argument("--workers", metavar="N|w1,w3", help="the workers follow it")
+    s.set_defaults(func=cmd_rollback)
     return p
 
 
+def _command(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The subcommand and the arguments after it (``-f SPEC`` may come first)."""
+    rest = list(argv)
+    while rest and rest[0].startswith("-"):
+        flag = rest.pop(0)
+        if flag in ("-f", "--file") and rest:
+            rest.pop(0)
+    return (rest[0], rest[1:]) if rest else (None, [])
+
+
 def main_inner(argv: Sequence[str] | None = None) -> int:
+    command, rest = _command(sys.argv[1:] if argv is None else argv)
+    if command == "prune":
+        lifecycle.refuse_all(rest)  # before argparse: say why -a is refused
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)

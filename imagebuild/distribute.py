@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .archive import BLOCK, ArchiveIndex
-from .engine import Engine, ImageInfo, Piece, StoreKind
+from .engine import ContainerInfo, Engine, ImageInfo, Piece, StoreKind
 from .errors import ImagebuildError, RemoteError
-from .naming import latest_tag, split_ref
+from .naming import LATEST, ROOT_LABEL, ROOT_TAG_LABEL, latest_tag, split_ref
 from .progress import Progress, Quiet
 from .promote import Gate, promote
 from .verify import VerifyRecord
@@ -139,6 +139,7 @@ class WorkerState:
     store: StoreKind
     chains: set[str] = field(default_factory=set)
     by_fingerprint: dict[str, ImageInfo] = field(default_factory=dict)
+    holders: list[ContainerInfo] = field(default_factory=list)  # its GC-root holders
 
     def add(self, info: ImageInfo) -> None:
         self.chains.update(chain_ids(info.diff_ids))
@@ -148,7 +149,7 @@ class WorkerState:
 def worker_state(engine: Engine) -> WorkerState:
     """What a worker holds: its store and every image (one round trip over ssh)."""
     snap = engine.snapshot()
-    state = WorkerState(store=snap.info.store)
+    state = WorkerState(store=snap.info.store, holders=list(snap.holders))
     for info in snap.images:
         state.add(info)
     return state
@@ -311,8 +312,9 @@ def _settle(worker: Worker, item: Item, state: WorkerState, gate: Gate
     promote it. Returns the copy and whether its ``latest`` moved."""
     engine = worker.engine
     known = state.by_fingerprint.get(item.info.fingerprint)
-    if known is not None and {item.hash_tag, latest_tag(item.name)} <= set(known.tags):
-        return known, False  # up to date and tagged: nothing to ask the worker
+    if (known is not None and {item.hash_tag, latest_tag(item.name)} <= set(known.tags)
+            and _rooted(state, item, known)):
+        return known, False  # up to date, tagged and rooted: nothing to ask the worker
     loaded = engine.inspect(item.hash_tag)
     if loaded is None:  # up to date under other tags: found by content
         loaded = known
@@ -326,8 +328,18 @@ def _settle(worker: Worker, item: Item, state: WorkerState, gate: Gate
         engine.tag(loaded.id, *split_ref(item.hash_tag))
     # reported through the outcome table, not line by line
     promotion = promote(gate, engine, item.name, loaded, Quiet(), evidence=item.record,
-                        run_checks=False)
+                        run_checks=False,
+                        holders=[h for h in state.holders
+                                 if h.labels.get(ROOT_LABEL) == item.name])
     return loaded, promotion.moved
+
+
+def _rooted(state: WorkerState, item: Item, image: ImageInfo) -> bool:
+    """Whether the worker's holders keep ``image`` as ``item``'s latest and current
+    generation."""
+    held = {h.labels.get(ROOT_TAG_LABEL) for h in state.holders
+            if h.labels.get(ROOT_LABEL) == item.name and h.running and h.image_id == image.id}
+    return {LATEST, split_ref(item.hash_tag)[1]} <= held
 
 
 def distribute(workers: list[Worker], items: list[Item], gate: Gate, progress: Progress,

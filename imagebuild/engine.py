@@ -19,12 +19,13 @@ import re
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import ImageNotFound
 from .fsutil import PinnedFile
 
+T = TypeVar("T")
 StoreKind = Literal["classic", "containerd"]
 CONTAINERD_DRIVER = "io.containerd.snapshotter.v1"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -49,6 +50,7 @@ class ImageInfo:
     size: int
     created: str
     config: dict[str, Any] = field(repr=False, default_factory=dict)
+    parent: str = ""  # the image it was built on, on the classic store (else "")
 
     @property
     def fingerprint(self) -> str:
@@ -71,11 +73,26 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
+class ContainerInfo:
+    """A typed view of ``docker container inspect`` (imagebuild's GC-root holders)."""
+
+    id: str
+    name: str  # without the leading "/"
+    image_id: str  # the image it holds
+    image_ref: str  # the reference it was created from (NAME:TAG)
+    labels: dict[str, str]
+    running: bool
+    created: str  # RFC 3339: sorts in time order as text
+
+
+@dataclass(frozen=True)
 class Snapshot:
-    """An engine's info and every image it holds, read at once."""
+    """An engine's info, every image it holds and imagebuild's root holders, read at
+    once."""
 
     info: EngineInfo
     images: tuple[ImageInfo, ...]
+    holders: tuple[ContainerInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,20 +170,50 @@ def parse_image(data: object) -> ImageInfo:
         size=size,
         created=str(data.get("Created") or ""),
         config={k: cfg.get(k) for k in CONFIG_KEYS},
+        parent=str(data.get("Parent") or ""),
     )
 
 
-def parse_images(text: str) -> list[ImageInfo]:
-    """The JSON array ``docker image inspect`` prints (empty text: no images)."""
+def parse_container(data: object) -> ContainerInfo:
+    """One ``docker container inspect`` object, checked."""
+    if not isinstance(data, dict):
+        raise BadReply(f"a container entry is a {type(data).__name__}, not an object")
+    cid, image_id = data.get("Id"), data.get("Image")
+    if not isinstance(cid, str) or not re.fullmatch(r"[0-9a-f]{64}", cid):
+        raise BadReply(f"a container entry has no valid Id ({cid!r})")
+    if not isinstance(image_id, str) or not _DIGEST.match(image_id):
+        raise BadReply(f"container {cid[:12]}: Image is not an image ID")
+    cfg = data.get("Config") or {}
+    state = data.get("State") or {}
+    if not isinstance(cfg, dict) or not isinstance(state, dict):
+        raise BadReply(f"container {cid[:12]}: Config or State is not an object")
+    labels = cfg.get("Labels") or {}
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise BadReply(f"container {cid[:12]}: Config.Labels is not a string mapping")
+    return ContainerInfo(id=cid, name=str(data.get("Name") or "").lstrip("/"),
+                         image_id=image_id, image_ref=str(cfg.get("Image") or ""),
+                         labels=dict(labels), running=bool(state.get("Running")),
+                         created=str(data.get("Created") or ""))
+
+
+def parse_array(text: str, parse: Callable[[object], T]) -> list[T]:
+    """The JSON array ``docker ... inspect`` prints (empty text: none), each entry
+    parsed with ``parse``."""
     if not text.strip():
         return []
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise BadReply(f"docker image inspect did not print JSON ({exc})") from None
+        raise BadReply(f"docker inspect did not print JSON ({exc})") from None
     if not isinstance(data, list):
-        raise BadReply("docker image inspect did not print a JSON array")
-    return [parse_image(entry) for entry in data]
+        raise BadReply("docker inspect did not print a JSON array")
+    return [parse(entry) for entry in data]
+
+
+def parse_images(text: str) -> list[ImageInfo]:
+    """The JSON array ``docker image inspect`` prints (empty text: no images)."""
+    return parse_array(text, parse_image)
 
 
 def parse_info(data: object) -> EngineInfo:
@@ -273,6 +320,23 @@ class Engine(Protocol):
     def run_check(self, image: str, command: list[str], timeout: float) -> RunResult:
         """Run ``command`` in a throwaway container: no network, killed at ``timeout``,
         always removed."""
+        ...
+
+    def holders(self, label: str) -> list[ContainerInfo]:
+        """The containers that carry ``label`` (any value), running or not."""
+        ...
+
+    def hold(self, name: str, ref: str, labels: dict[str, str]) -> ContainerInfo:
+        """Start a container named ``name`` from ``ref`` that does nothing but hold its
+        image (``sleep infinity``; no network; restarted with the engine)."""
+        ...
+
+    def remove_container(self, ref: str) -> None:
+        """Remove a container (stopping it); absent is not an error."""
+        ...
+
+    def disk_usage(self) -> int:
+        """Bytes the engine's image layers take on disk."""
         ...
 
     # -- shared by every implementation ----------------------------------------------------

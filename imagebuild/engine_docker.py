@@ -18,17 +18,19 @@ import requests.exceptions
 from .engine import (
     BadReply,
     BuildEvent,
+    ContainerInfo,
     Engine,
     EngineInfo,
     ImageInfo,
     RunResult,
     Snapshot,
     is_local_engine_url,
+    parse_container,
     parse_image,
     parse_info,
 )
 from .errors import EngineError, ImageNotFound
-from .naming import CHECK_LABEL
+from .naming import CHECK_LABEL, ROOT_LABEL
 
 API_TIMEOUT = 120  # seconds, for short calls; streaming calls use no timeout
 _FAILURES = (docker.errors.APIError, requests.exceptions.RequestException, BadReply)
@@ -77,7 +79,8 @@ class DockerEngine(Engine):
             raise self._error("list images", exc) from None
         ids = sorted({str(row.get("Id")) for row in rows if isinstance(row, dict)})
         images = [info for i in ids if (info := self.inspect(i)) is not None]
-        return Snapshot(info=self.info(), images=tuple(images))
+        return Snapshot(info=self.info(), images=tuple(images),
+                        holders=tuple(self.holders(ROOT_LABEL)))
 
     def inspect(self, ref: str) -> ImageInfo | None:
         try:
@@ -208,6 +211,51 @@ class DockerEngine(Engine):
                 self.api.remove_container(cid, force=True)
             except (docker.errors.APIError, requests.exceptions.RequestException):
                 pass
+
+    # -- root holders ------------------------------------------------------------------------
+
+    def holders(self, label: str) -> list[ContainerInfo]:
+        try:
+            rows = self.api.containers(all=True, filters={"label": label})
+            out = []
+            for row in rows:
+                try:
+                    out.append(parse_container(self.api.inspect_container(row["Id"])))
+                except docker.errors.NotFound:
+                    continue  # removed while we looked
+            return out
+        except (*_FAILURES, KeyError, TypeError) as exc:
+            raise self._error(f"list containers labelled {label}", exc) from None
+
+    def hold(self, name: str, ref: str, labels: dict[str, str]) -> ContainerInfo:
+        try:
+            cid = self.api.create_container(
+                ref, command=["infinity"], entrypoint=["sleep"], name=name, labels=labels,
+                network_disabled=True,
+                host_config=self.api.create_host_config(
+                    network_mode="none", restart_policy={"Name": "unless-stopped"},
+                    read_only=True, security_opt=["no-new-privileges"]),
+            )["Id"]
+            self.api.start(cid)
+            return parse_container(self.api.inspect_container(cid))
+        except docker.errors.ImageNotFound:
+            raise ImageNotFound(f"image {ref} is not present in the engine") from None
+        except _FAILURES as exc:
+            raise self._error(f"start the root holder {name} from {ref}", exc) from None
+
+    def remove_container(self, ref: str) -> None:
+        try:
+            self.api.remove_container(ref, force=True)
+        except docker.errors.NotFound:
+            return
+        except _FAILURES as exc:
+            raise self._error(f"remove container {ref}", exc) from None
+
+    def disk_usage(self) -> int:
+        try:
+            return int(self.api.df().get("LayersSize") or 0)
+        except (*_FAILURES, ValueError) as exc:
+            raise self._error("system df", exc) from None
 
     def _error(self, what: str, exc: Exception) -> EngineError:
         return EngineError(

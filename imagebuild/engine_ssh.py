@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 
@@ -18,6 +19,7 @@ from .engine import (
     CHUNK,
     BadReply,
     BuildEvent,
+    ContainerInfo,
     Engine,
     EngineInfo,
     ImageInfo,
@@ -25,18 +27,30 @@ from .engine import (
     Piece,
     RunResult,
     Snapshot,
+    T,
+    parse_array,
+    parse_container,
     parse_images,
     parse_info,
 )
 from .errors import EngineError, ImageNotFound, RemoteError
 from .fsutil import PinnedFile
-from .naming import CHECK_LABEL
+from .naming import CHECK_LABEL, ROOT_LABEL
 from .remote import Process, Target, call, explain, finish, last_line, run, start
 
-# One round trip: the engine's info on the first line, then the inspect array of every
-# image (a constant script; nothing from the spec reaches this shell).
-PROBE = ('docker info --format "{{json .}}" && '
-         "docker images -aq --no-trunc | sort -u | xargs -r docker image inspect")
+# One round trip: the engine's info, then the inspect arrays of every image and of every
+# root holder, in marked sections (a constant script; nothing from the spec reaches this
+# shell). The arrays are docker's own inspect output, as the head's SDK sees it: a
+# --format '{{json .}}' rendering leaves out empty fields and would change fingerprints.
+PROBE = ('docker info --format "{{json .}}" && echo @@images && '
+         "docker images -aq --no-trunc | sort -u | xargs -r docker image inspect && "
+         f"echo @@holders && docker ps -aq --no-trunc --filter label={ROOT_LABEL} "
+         "| xargs -r docker container inspect")
+HOLDERS = ('docker ps -aq --no-trunc --filter "label=$1" '
+           "| xargs -r docker container inspect")
+_SIZE = re.compile(r"^([0-9.]+)\s*([kKMGTP]?B)$")
+_UNITS = {"B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "PB": 10**15}
 # Images with a label: the label arrives as "$1", never as shell text.
 BY_LABEL = ('docker images -q --no-trunc --filter "label=$1" | sort -u '
             "| xargs -r docker image inspect")
@@ -86,9 +100,24 @@ class SshEngine(Engine):
                                    "non-interactive ssh") from None
 
     def snapshot(self) -> Snapshot:
-        first, _, rest = run(self.target, ["sh", "-c", PROBE]).partition("\n")
+        out = run(self.target, ["sh", "-c", PROBE])
+        first, sep1, rest = out.partition("\n@@images\n")
+        images, sep2, holders = rest.partition("@@holders\n")
+        if not sep1 or not sep2:
+            raise RemoteError(f"{self.target}: unexpected reply to the probe (no sections)",
+                              hint="a login banner or message on stdout breaks replies; "
+                                   "make the worker's shell print nothing for "
+                                   "non-interactive ssh")
         return Snapshot(info=self._parse_info(first),
-                        images=tuple(self._reply("the image listing", rest)))
+                        images=tuple(self._reply("the image listing", images)),
+                        holders=tuple(self._array("the root holders", holders,
+                                                  parse_container)))
+
+    def _array(self, what: str, text: str, parse: Callable[[object], T]) -> list[T]:
+        try:
+            return parse_array(text, parse)
+        except BadReply as exc:
+            raise RemoteError(f"{self.target}: unexpected reply to {what}: {exc}") from None
 
     def inspect(self, ref: str) -> ImageInfo | None:
         r = call(self.target, ["docker", "image", "inspect", "--", ref])
@@ -221,6 +250,48 @@ class SshEngine(Engine):
         if r.code == 125 and any(s in r.stderr for s in _NOT_FOUND):
             raise ImageNotFound(f"{self.target}: image {image} is not present")
         return RunResult(exit_code=r.code, stdout=r.stdout, stderr=r.stderr, timed_out=False)
+
+    # -- root holders ------------------------------------------------------------------------
+
+    def holders(self, label: str) -> list[ContainerInfo]:
+        out = run(self.target, ["sh", "-c", HOLDERS, "sh", label])
+        return self._array(f"containers labelled {label}", out, parse_container)
+
+    def hold(self, name: str, ref: str, labels: dict[str, str]) -> ContainerInfo:
+        argv = ["docker", "run", "-d", "--pull", "never", "--name", name, "--network", "none",
+                "--restart", "unless-stopped", "--read-only",
+                "--security-opt", "no-new-privileges", "--entrypoint", "sleep"]
+        for k, v in sorted(labels.items()):
+            argv += ["--label", f"{k}={v}"]
+        r = call(self.target, [*argv, "--", ref, "infinity"])
+        if r.code != 0:
+            if r.code == 125 and any(s in r.stderr for s in _NOT_FOUND):
+                raise ImageNotFound(f"{self.target}: image {ref} is not present")
+            raise self._failed(f"docker run (the root holder {name})", r.code, r.stderr)
+        found = self._array("docker container inspect",
+                            run(self.target, ["docker", "container", "inspect", "--", name]),
+                            parse_container)
+        if len(found) != 1:
+            raise RemoteError(f"{self.target}: the root holder {name} is not there after "
+                              f"docker run")
+        return found[0]
+
+    def remove_container(self, ref: str) -> None:
+        r = call(self.target, ["docker", "rm", "-f", "--", ref])
+        if r.code != 0 and not (r.code == 1 and any(s in r.stderr for s in _NOT_FOUND)):
+            raise self._failed(f"docker rm {ref}", r.code, r.stderr)
+
+    def disk_usage(self) -> int:
+        out = run(self.target, ["docker", "system", "df", "--format",
+                                "{{.Type}}\t{{.Size}}"])
+        for line in out.splitlines():
+            kind, _, size = line.partition("\t")
+            if kind.strip() == "Images":
+                m = _SIZE.match(size.strip())
+                if m:
+                    return int(float(m.group(1)) * _UNITS[m.group(2)])
+        raise RemoteError(f"{self.target}: unexpected reply to docker system df: "
+                          f"{out[:80]!r}")
 
     def _failed(self, what: str, code: int | None, stderr: str) -> RemoteError:
         if code == 255 or code is None:

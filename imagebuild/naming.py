@@ -16,6 +16,8 @@ VERSION_LABEL = "org.imagebuild.version"
 GIT_LABEL = "org.imagebuild.git-commit"
 WHEEL_LABEL_PREFIX = "org.imagebuild.wheel."
 CHECK_LABEL = "org.imagebuild.check"  # on the throwaway containers that run checks
+ROOT_LABEL = "org.imagebuild.root"  # on GC-root holder containers: the image name
+ROOT_TAG_LABEL = "org.imagebuild.root.tag"  # the tag a holder keeps: latest or <hash12>
 LATEST = "latest"
 HASH12 = 12
 

@@ -452,8 +452,14 @@ class DistributeRequest:
 def distribute_request(ctx: Context, images: list[str], workers: str | None, *,
                        force: bool = False, dry_run: bool = False) -> DistributeRequest:
     """Check distribute's arguments (no engine needed)."""
+    return request_for(ctx, images, select_workers(ctx.spec, workers), force=force,
+                       dry_run=dry_run)
+
+
+def request_for(ctx: Context, images: list[str], workers: list[Worker], *,
+                force: bool = False, dry_run: bool = False) -> DistributeRequest:
+    """A distribution of ``images`` (all: empty) to chosen workers."""
     wanted = ctx.names(images)
-    chosen = select_workers(ctx.spec, workers)
     store = backup_store(ctx.spec)
     if not isinstance(store, LocalDir):
         raise SpecError(f"{ctx.spec.path}: distribute reads each image's backup tar on this "
@@ -461,7 +467,7 @@ def distribute_request(ctx: Context, images: list[str], workers: str | None, *,
                         hint="use a local backups.directory on the head node (it can be "
                              "copied to the control node separately)")
     order = [n for n in ctx.spec.closure(wanted) if n in wanted]
-    return DistributeRequest(order, bool(images), chosen, force, dry_run)
+    return DistributeRequest(order, bool(images), workers, force, dry_run)
 
 
 @dataclass(frozen=True)

@@ -7,30 +7,39 @@ promote an image is to pass the gate, then move ``latest``:
   fingerprint) and the spec's current checks: a worker's copy is judged by the head's
   record of the same content (``evidence``), the head's image by its record in the state
   directory; with neither, the checks run now (on the head; never on a worker);
-* ``latest`` moves only when the gate passed, and only if it points elsewhere.
+* ``latest`` moves only when the gate passed, and only if it points elsewhere;
+* the image is rooted (roots.py): holders keep ``latest`` and the newest generations
+  through a blind ``docker image prune -a`` or ``docker system prune -a``.
 
-Build, restore and distribute (the workers' ``latest``) all come through here; so will
-rollback and the GC roots.
+Build, restore, distribute (the workers' ``latest``) and rollback all come through here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine import Engine, ImageInfo
+from .engine import ContainerInfo, Engine, ImageInfo
 from .lock import Lock
 from .naming import LATEST, latest_tag, short_id
 from .progress import Progress
+from .roots import root, root_base
 from .spec import Spec
 from .verify import VerifyRecord, image_checks, is_passing, passing_record, verify_image
+
+DEFAULT_KEEP = 2
 
 
 @dataclass(frozen=True)
 class Gate:
-    """The spec's checks, against which images are verified."""
+    """The spec's checks, against which images are verified, and how many generations
+    of each image stay rooted (``backups.keep``, default 2)."""
 
     spec: Spec
     lock: Lock
+
+    @property
+    def keep(self) -> int:
+        return self.spec.backups.keep if self.spec.backups is not None else DEFAULT_KEEP
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,10 @@ class Promotion:
 
 
 def promote(gate: Gate, engine: Engine, name: str, image: ImageInfo, progress: Progress, *,
-            evidence: VerifyRecord | None = None, run_checks: bool = True) -> Promotion:
-    """Verify ``image`` unless a passing record exists, then move ``NAME:latest`` to it."""
+            evidence: VerifyRecord | None = None, run_checks: bool = True,
+            holders: list[ContainerInfo] | None = None) -> Promotion:
+    """Verify ``image`` unless a passing record exists, then move ``NAME:latest`` to it
+    and root it (``holders``: the engine's root holders, when the caller has read them)."""
     spec, lock = gate.spec, gate.lock
     record = evidence if is_passing(evidence, spec, lock, name, image) else None
     if record is None:
@@ -67,4 +78,8 @@ def promote(gate: Gate, engine: Engine, name: str, image: ImageInfo, progress: P
     if moved:
         engine.tag(image.id, name, LATEST)
         progress.say(f"  {name}: {latest_tag(name)} -> {short_id(image.id)}")
+    root(engine, name, engine.require(image.id), gate.keep, refresh=moved, holders=holders)
+    base = gate.spec.images[name].base_reference
+    if base is not None and engine.on_this_host:  # the head, which builds FROM it
+        root_base(engine, name, base, holders)
     return Promotion(name, image, record, verified_now, moved=moved)

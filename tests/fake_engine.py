@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from imagebuild.engine import (
     BuildEvent,
+    ContainerInfo,
     Engine,
     EngineInfo,
     ImageInfo,
@@ -62,6 +63,8 @@ class FakeEngine(Engine):
     checks_run: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     loads: int = 0
     broken: str | None = None  # when set, every call fails with this message
+    containers: dict[str, ContainerInfo] = field(default_factory=dict)  # by name
+    clock: int = 0  # creation times of containers, in order
 
     # -- the interface -----------------------------------------------------------------------
 
@@ -82,7 +85,8 @@ class FakeEngine(Engine):
         return EngineInfo(store=self.store, driver="fake", version="0")
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self.info(), tuple(self.images.values()))
+        return Snapshot(self.info(), tuple(self.images.values()),
+                        tuple(self.holders("org.imagebuild.root")))
 
     def inspect(self, ref: str) -> ImageInfo | None:
         self._check()
@@ -118,8 +122,11 @@ class FakeEngine(Engine):
         info = self.inspect(ref)
         if info is None:
             return
-        if ref in info.tags and len(info.tags) > 1:
+        in_use = any(c.image_id == info.id for c in self.containers.values())
+        if ref in info.tags and (len(info.tags) > 1 or in_use):
             self._untag(ref)
+        elif in_use:
+            raise EngineError(f"conflict: image {ref} is being used by a container")
         else:
             del self.images[info.id]
 
@@ -245,6 +252,52 @@ class FakeEngine(Engine):
             raise ImageNotFound(f"image {image} is not present")
         self.checks_run.append((info.id, tuple(command)))
         return self.responder(info, command)
+
+    def holders(self, label: str) -> list[ContainerInfo]:
+        self._check()
+        key, _, value = label.partition("=")
+        return [c for c in self.containers.values()
+                if key in c.labels and (not value or c.labels[key] == value)]
+
+    def hold(self, name: str, ref: str, labels: dict[str, str]) -> ContainerInfo:
+        self._check()
+        info = self.inspect(ref)
+        if info is None:
+            raise ImageNotFound(f"image {ref} is not present")
+        if name in self.containers:
+            raise EngineError(f"the container name {name} is already in use")
+        self.clock += 1
+        c = ContainerInfo(id=hashlib.sha256(name.encode() + bytes([self.clock % 256])
+                                            ).hexdigest(),
+                          name=name, image_id=info.id, image_ref=ref, labels=dict(labels),
+                          running=True, created=f"2026-11-23T00:00:{self.clock:06d}Z")
+        self.containers[name] = c
+        return c
+
+    def remove_container(self, ref: str) -> None:
+        self._check()
+        for name, c in list(self.containers.items()):
+            if ref in (name, c.id):
+                del self.containers[name]
+
+    def disk_usage(self) -> int:
+        return sum(len(self.blobs[d]) for d in {d for i in self.images.values()
+                                                 for d in i.diff_ids})
+
+    def prune_all(self, system: bool = False) -> None:
+        """What ``docker image prune -a`` (``system``: ``docker system prune -a``) does,
+        as measured on Docker 20.10's classic store: stopped containers go first
+        (system), then every image no container uses; an image in use loses every tag
+        but its lexically last one."""
+        if system:
+            for name in [n for n, c in self.containers.items() if not c.running]:
+                del self.containers[name]
+        used = {c.image_id for c in self.containers.values()}
+        for iid, info in list(self.images.items()):
+            if iid not in used:
+                del self.images[iid]
+            elif len(info.tags) > 1:
+                self.images[iid] = _with_tags(info, (sorted(info.tags)[-1],))
 
     # -- for tests -----------------------------------------------------------------------------
 

@@ -23,9 +23,15 @@ def test_try_runs_the_whole_job_then_shows_the_no_op_paths(bed: Bed) -> None:
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout
     for cmd in ("$ imagebuild plan mimo", "$ imagebuild build mimo", "$ imagebuild verify",
-                "$ imagebuild distribute --workers 3", "$ docker rmi vllm-node-mimo:latest",
-                "$ imagebuild restore-from-tar mimo"):
+                "$ imagebuild distribute --workers 3", "$ docker image prune -a -f",
+                "w1 docker image prune -a -f", "$ imagebuild status",
+                "$ docker rmi -f vllm-node-mimo:latest", "$ imagebuild restore-from-tar mimo"):
         assert cmd in out, cmd
+    # after the blind prunes, status shows every image rooted and up to date everywhere
+    status = out[out.index("$ imagebuild status"):out.index("== now lose mimo")]
+    for name in ("vllm-node ", "vllm-node-tf5", "vllm-node-mimo"):
+        row = next(ln for ln in status.splitlines() if ln.startswith(name))
+        assert "yes" in row and row.count("up to date") == 3, row
     assert out.index("$ imagebuild build mimo") < out.index("$ imagebuild distribute")
     assert "all checks passed: vllm-node, vllm-node-tf5, vllm-node-mimo" in out
     assert "vllm-node-mimo: loaded" in out and "vllm-node-mimo: verified" in out
@@ -40,6 +46,6 @@ def test_try_runs_the_whole_job_then_shows_the_no_op_paths(bed: Bed) -> None:
     assert second.returncode == 0, second.stderr[-3000:]
     assert "built 0, restored 0, reused 3" in second.stdout
     dist = second.stdout[second.stdout.index("$ imagebuild distribute"):]
-    dist = dist[:dist.index("$ docker rmi")]
+    dist = dist[:dist.index("== the field's mistake")]
     assert dist.count("up to date (nothing sent)") == 9 and "sent " not in dist.replace(
         "nothing sent", "")

@@ -50,6 +50,13 @@ def torch_prints(text: str):  # type: ignore[no-untyped-def]
     return respond
 
 
+def lose(e: FakeEngine, image_id: str) -> None:
+    """The image is gone, holders and all (as after docker rm -f and docker rmi)."""
+    for c in [c for c in e.containers.values() if c.image_id == image_id]:
+        e.remove_container(c.id)
+    e.remove_image(image_id)
+
+
 def head(**kw: object) -> FakeEngine:
     e = FakeEngine(name="head", responder=torch_prints(GOOD), **kw)  # type: ignore[arg-type]
     e.add_base("example/base:1", [b"debian" * 4000, b"cuda" * 8000])
@@ -129,7 +136,7 @@ def test_decide_restores_a_missing_derivation_from_its_backup(ctx: ops.Context) 
     first = ops.build(ctx, e, ["mimo"], progress=Quiet())
     assert first.report is not None
     mimo = first.report.images["vllm-node-mimo"]
-    e.remove_image(mimo.id)
+    lose(e, mimo.id)
     store = LocalDir(ctx.spec.root / "backups")
     steps = decide(e, ops.plan_images(ctx, ["mimo"]), set(), store)
     assert [s.action for s in steps] == [Action.REUSE, Action.REUSE, Action.RESTORE]
@@ -193,7 +200,7 @@ def test_restore_checks_the_tar_loads_it_and_promotes_it(ctx: ops.Context) -> No
     e = head()
     ops.build(ctx, e, ["tf5"], progress=Quiet())
     tf5 = e.require("vllm-node-tf5:latest")
-    e.remove_image(tf5.id)
+    lose(e, tf5.id)
     request = ops.restore_request(ctx, ["tf5"], None)
     result = ops.restore(ctx, e, request, Quiet())
     assert result.error() is None
@@ -213,7 +220,7 @@ def test_a_damaged_tar_is_refused_and_nothing_is_loaded(ctx: ops.Context) -> Non
     data = bytearray(tar.read_bytes())
     data[len(data) // 2] ^= 1
     tar.write_bytes(bytes(data))
-    e.remove_image(node.id)
+    lose(e, node.id)
     with pytest.raises(BackupError, match="does not match its sidecar; nothing was loaded"):
         ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Quiet())
     assert e.loads == 0 and e.inspect(node.id) is None
@@ -229,7 +236,7 @@ def test_restore_of_a_tar_the_spec_does_not_define_is_refused_before_loading(
     sidecar = json.loads((tar.parent / (tar.name + ".json")).read_text())
     sidecar["image"] = "someone-elses-image"
     (tmp_path / "other.tar.json").write_text(json.dumps(sidecar))
-    e.remove_image(e.require("vllm-node:latest").id)
+    lose(e, e.require("vllm-node:latest").id)
     with pytest.raises(BackupError, match="which this spec does not define; nothing was"):
         ops.restore(ctx, e, ops.restore_request(ctx, [], str(foreign)), Quiet())
     assert e.loads == 0

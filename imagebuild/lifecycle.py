@@ -1,0 +1,510 @@
+"""The workflows that keep what was built: ``status``, ``prune`` and ``rollback``.
+
+Same layer as ops.py (one function per command, typed inputs and results, arguments
+checked before any engine is contacted). The GC roots they read and repair are
+roots.py's; ``latest`` moves only through promote.py.
+
+``prune`` removes only what imagebuild manages and nothing holds: images labelled with
+a spec image's name that are neither a root nor ``latest``, dangling images of ours, and
+holders of images the spec no longer has. Never a root, never another program's image,
+never a backup file. There is no ``-a``: an engine's every unused image is not
+imagebuild's to remove (that is how the field lost vllm-node-mimo).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from .backup import Sidecar, generations, read_sidecar, restore_backup, tar_name
+from .distribute import Worker
+from .engine import ContainerInfo, Engine, ImageInfo, Snapshot
+from .errors import ImagebuildError, ImageNotFound, SpecError, VerifyFailed
+from .fsutil import atomic_write_text
+from .naming import (
+    HASH12,
+    IMAGE_LABEL,
+    LATEST,
+    ROOT_LABEL,
+    ROOT_TAG_LABEL,
+    hash12,
+    hash_tag,
+    input_hash,
+    latest_tag,
+    short_id,
+    split_ref,
+)
+from .ops import Context, backup_store, plan_images, request_for
+from .ops import distribute as distribute_op
+from .progress import Progress
+from .promote import Promotion, promote
+from .roots import plan_roots, root
+from .store import BackupDir
+from .verify import image_checks, passing_record
+
+WorkerImage = Literal["up to date", "stale", "missing", "unrooted", "unreachable",
+                      "no head image"]
+
+
+def _snapshots(workers: list[Worker]) -> dict[str, Snapshot | ImagebuildError]:
+    """Every worker's snapshot (one ssh round trip each, in parallel); a worker that
+    fails gives its error instead."""
+
+    def one(w: Worker) -> Snapshot | ImagebuildError:
+        try:
+            return w.engine.snapshot()
+        except ImagebuildError as exc:
+            return exc
+        except Exception as exc:  # a worker's failure is its own
+            return ImagebuildError(f"{w.name}: {type(exc).__name__}: {exc}")
+
+    if not workers:
+        return {}
+    with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+        return dict(zip([w.name for w in workers], pool.map(one, workers), strict=True))
+
+
+def _held(holders: tuple[ContainerInfo, ...] | list[ContainerInfo], name: str,
+          image_id: str) -> set[str]:
+    """The tags of ``name`` that running holders keep on ``image_id``."""
+    return {h.labels.get(ROOT_TAG_LABEL, "") for h in holders
+            if h.labels.get(ROOT_LABEL) == name and h.running and h.image_id == image_id}
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def worker_image(name: str, head_latest: ImageInfo | None,
+                 snap: Snapshot | ImagebuildError) -> WorkerImage:
+    """What a worker holds of ``name``, judged by content (pure)."""
+    if isinstance(snap, ImagebuildError):
+        return "unreachable"
+    if head_latest is None:
+        return "no head image"
+    theirs = next((i for i in snap.images if latest_tag(name) in i.tags), None)
+    if theirs is None:
+        same = next((i for i in snap.images if i.fingerprint == head_latest.fingerprint),
+                    None)
+        return "unrooted" if same is not None else "missing"
+    if theirs.fingerprint != head_latest.fingerprint:
+        return "stale"
+    return "up to date" if LATEST in _held(snap.holders, name, theirs.id) else "unrooted"
+
+
+@dataclass(frozen=True)
+class BackupStatus:
+    where: str | None  # the current tar, None: no backup
+    size: int = 0
+    generations: int = 0  # older generations kept beside it
+    written: str = ""  # when it was written (and hashed)
+    matches_latest: bool = False  # it holds exactly the head's latest
+    checked: str = ""  # when its bytes were last checked against the sidecar
+    check_ok: bool | None = None  # that check's result (None: never checked)
+
+
+@dataclass(frozen=True)
+class ImageStatus:
+    name: str
+    derivation: str | None  # hash12 of the spec's current derivation; None: unresolved
+    built: bool  # that derivation is on the head
+    latest: str | None  # short ID of NAME:latest on the head
+    latest_hash: str | None  # hash12 it was built from
+    verified_at: str | None  # its passing record against the current checks
+    checks: tuple[str, ...]
+    rooted: bool  # head holders keep latest and its hash tag
+    hash_tag_present: bool  # NAME:<hash12> still tags it (docker prune -a strips it)
+    backup: BackupStatus
+    workers: dict[str, WorkerImage] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    images: list[ImageStatus]
+    unreachable: dict[str, str]  # worker -> why
+    seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        return {"images": [asdict(i) for i in self.images],
+                "unreachable": self.unreachable, "seconds": round(self.seconds, 3)}
+
+
+def _read_checks(ctx: Context) -> dict[str, dict[str, object]]:
+    path = ctx.spec.state_dir / "backup-checks.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _backup_status(store: BackupDir | None, name: str, latest: ImageInfo | None,
+                   checks: dict[str, dict[str, object]]) -> BackupStatus:
+    if store is None:
+        return BackupStatus(where=None)
+    files = store.files()
+    tar = tar_name(name)
+    try:
+        sidecar = read_sidecar(store, tar) if tar in files else None
+    except ImagebuildError:
+        sidecar = None
+    if sidecar is None:
+        return BackupStatus(where=None)
+    where = f"{store}/{tar}"
+    rec = checks.get(where) or {}
+    ok = rec.get("ok") if rec.get("sha256") == sidecar.sha256 else None
+    return BackupStatus(
+        where=where, size=sidecar.size, generations=len(generations(store, name, files)),
+        written=sidecar.created,
+        matches_latest=latest is not None and sidecar.fingerprint == latest.fingerprint,
+        checked=str(rec.get("checked_at") or "") if ok is not None else "",
+        check_ok=bool(ok) if ok is not None else None)
+
+
+def check_backups(ctx: Context, progress: Progress) -> dict[str, bool]:
+    """Hash every current backup tar where it lies and compare it with its sidecar;
+    the results are kept in the state directory for ``status`` to show."""
+    store = backup_store(ctx.spec)
+    results = _read_checks(ctx)
+    out: dict[str, bool] = {}
+    for name in ctx.spec.images:
+        tar = tar_name(name)
+        sidecar: Sidecar | None = read_sidecar(store, tar)
+        if sidecar is None or store.stat(tar) is None:
+            continue
+        where = f"{store}/{tar}"
+        progress.say(f"checking {where} ({sidecar.size / 1e9:.2f} GB)")
+        actual = store.sha256(tar, progress.meter(f"checking {tar}", sidecar.size))
+        out[where] = actual == sidecar.sha256
+        results[where] = {"sha256": sidecar.sha256, "ok": out[where],
+                          "checked_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    atomic_write_text(ctx.spec.state_dir / "backup-checks.json",
+                      json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def status(ctx: Context, engine: Engine, workers: list[Worker], *,
+           check: bool = False, progress: Progress | None = None) -> StatusReport:
+    """One table's worth: each image's derivation, latest, record, roots and backup, and
+    what every worker holds of it (by content; one ssh round trip per worker)."""
+    progress = progress or Progress()
+    started = time.monotonic()
+    spec = ctx.spec
+    store = backup_store(spec) if spec.backups is not None else None
+    if check:
+        check_backups(ctx, progress)
+    checks = _read_checks(ctx)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        remote = pool.submit(_snapshots, workers)
+        derivations = {d.name: d for d in plan_images(ctx, [])}
+        holders = engine.holders(ROOT_LABEL)
+        rows: list[ImageStatus] = []
+        latest: dict[str, ImageInfo | None] = {}
+        for name in spec.images:
+            d = derivations[name]
+            info = engine.inspect(latest_tag(name))
+            latest[name] = info
+            record = passing_record(spec, ctx.lock, name, info) if info else None
+            h = input_hash(info) if info else None
+            held = _held(holders, name, info.id) if info else set()
+            rows.append(ImageStatus(
+                name=name, derivation=d.hash12 if d.input_hash else None,
+                built=bool(d.input_hash) and engine.inspect(d.tag) is not None,
+                latest=short_id(info.id) if info else None,
+                latest_hash=hash12(h) if h else None,
+                verified_at=record.checked_at if record else None,
+                checks=tuple(c.name for c in image_checks(spec, name)),
+                rooted=info is not None and {LATEST, hash12(h) if h else LATEST} <= held,
+                hash_tag_present=info is not None and (
+                    hash_tag(name, info) is None or hash_tag(name, info) in info.tags),
+                backup=_backup_status(store, name, info, checks)))
+        snaps = remote.result()
+    for row in rows:
+        row.workers.update({w: worker_image(row.name, latest[row.name], s)
+                            for w, s in snaps.items()})
+    unreachable = {w: s.message for w, s in snaps.items() if isinstance(s, ImagebuildError)}
+    return StatusReport(rows, unreachable, time.monotonic() - started)
+
+
+# -- prune -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneItem:
+    kind: Literal["tag", "image", "holder"]
+    ref: str  # the tag, image ID or holder name removed
+    size: int  # bytes it frees once shared layers are counted once (0 for a tag/holder)
+    why: str
+
+
+def _unique_sizes(doomed: list[ImageInfo], kept: list[ImageInfo]) -> dict[str, int]:
+    """What removing each doomed image frees: its size less that of the largest image
+    that stays (or is counted before it) whose layers are a prefix of its own. Pure."""
+    out: dict[str, int] = {}
+    counted: list[ImageInfo] = list(kept)
+    for img in sorted(doomed, key=lambda i: len(i.diff_ids)):
+        base = max((k.size for k in counted
+                    if k.diff_ids and img.diff_ids[:len(k.diff_ids)] == k.diff_ids), default=0)
+        out[img.id] = max(img.size - base, 0)
+        counted.append(img)
+    return out
+
+
+def prune_plan(names: set[str], snap: Snapshot, keep: int) -> list[PruneItem]:
+    """What ``imagebuild prune`` removes from one engine: its images of ``names`` that
+    are neither a root nor ``latest``, and holders that are not (or no longer) roots.
+    Pure; the roots are judged as ``root`` would leave them."""
+    items: list[PruneItem] = []
+    holders = list(snap.holders)
+    for h in holders:
+        owner = h.labels.get(ROOT_LABEL, "")
+        if owner not in names:
+            items.append(PruneItem("holder", h.name, 0,
+                                   f"holds an image of {owner or '?'}, which the spec no "
+                                   f"longer has"))
+    keep_ids: set[str] = set()
+    for name in names:
+        latest = next((i for i in snap.images if latest_tag(name) in i.tags), None)
+        if latest is None:
+            continue
+        keep_ids.add(latest.id)
+        tags = {i.id: i.tags for i in snap.images}
+        plan = plan_roots(name, latest, holders, keep, tags, refresh=False)
+        for h in plan.remove:
+            if (h.name, h.image_ref) not in plan.start and h.image_id != latest.id:
+                items.append(PruneItem("holder", h.name, 0,
+                                       f"an older generation of {name} than the {keep} kept"))
+        dropped = {h.id for h in plan.remove}
+        keep_ids |= {h.image_id for h in holders
+                     if h.labels.get(ROOT_LABEL) == name and h.id not in dropped
+                     and h.running}
+    ours = [i for i in snap.images if i.labels.get(IMAGE_LABEL) in names]
+    parents = {i.parent for i in snap.images if i.parent}
+    doomed = [i for i in ours if i.id not in keep_ids and (i.tags or i.id not in parents)]
+    kept = [i for i in snap.images if i.id in keep_ids]
+    sizes = _unique_sizes(doomed, kept)
+    for img in doomed:
+        name = img.labels[IMAGE_LABEL]
+        mine = [t for t in img.tags if split_ref(t)[0] == name]
+        others = [t for t in img.tags if t not in mine]
+        for t in mine:
+            items.append(PruneItem("tag", t, 0 if others or t != mine[-1] else sizes[img.id],
+                                   f"a generation of {name} that is not a root"))
+        if not img.tags:
+            items.append(PruneItem("image", img.id, sizes[img.id],
+                                   f"an untagged (dangling) image of {name}"))
+    return items
+
+
+@dataclass(frozen=True)
+class NodePrune:
+    node: str
+    items: list[PruneItem]
+    reclaimed: int | None  # bytes, measured (None: a dry run)
+    error: str = ""
+    repaired: int = 0  # root holders restarted and tags put back first
+
+
+@dataclass(frozen=True)
+class PruneOutcome:
+    nodes: list[NodePrune]
+    dry_run: bool
+
+    def error(self) -> ImagebuildError | None:
+        from .errors import RemoteError
+
+        failed = [n for n in self.nodes if n.error]
+        if not failed:
+            return None
+        return RemoteError("prune failed on " + ", ".join(n.node for n in failed) + ": "
+                           + "; ".join(n.error for n in failed),
+                           hint="the other nodes were pruned; run the same command again")
+
+
+ALL_SPELLINGS = re.compile(r"^(-[A-Za-z]*a[A-Za-z]*|--all(=.*)?|--all-.*|--everything)$")
+
+
+def refuse_all(args: list[str]) -> None:
+    """``imagebuild prune -a`` (``--all``, ``-af`` ...) is refused: say why, and what to
+    run instead."""
+    spelled = next((a for a in args if ALL_SPELLINGS.match(a)), None)
+    filters = [a for a in args if "dangling=false" in a.replace(" ", "")]
+    if spelled is None and not filters:
+        return
+    raise SpecError(
+        f"imagebuild prune {spelled or filters[0]}: refused. 'prune -a' means 'remove every "
+        f"image no container uses'. On the cluster that is how vllm-node-mimo was lost: "
+        f"'docker image prune -a' deleted the idle image with nothing to restore it from.",
+        hint="run 'imagebuild prune' (add --dry-run to see what goes): it removes only "
+             "imagebuild's images that are neither a GC root nor latest, and never a "
+             "backup. To drop a root, move latest (build or rollback) or lower "
+             "backups.keep.")
+
+
+def _prune_node(node: str, engine: Engine, names: list[str], keep: int,
+                dry_run: bool) -> NodePrune:
+    try:
+        snap = engine.snapshot()
+        repaired = 0
+        if not dry_run:
+            for name in names:  # put roots right first (restart holders, put tags back)
+                latest = next((i for i in snap.images if latest_tag(name) in i.tags), None)
+                if latest is not None:
+                    plan = root(engine, name, latest, keep, refresh=False,
+                                holders=[h for h in snap.holders
+                                         if h.labels.get(ROOT_LABEL) == name])
+                    repaired += len(plan.start) + len(plan.retag)
+            snap = engine.snapshot()
+        items = prune_plan(set(names), snap, keep)
+        if dry_run:
+            return NodePrune(node, items, None, repaired=repaired)
+        before = engine.disk_usage()
+        done: list[PruneItem] = []
+        for item in sorted(items, key=lambda i: i.kind != "holder"):  # holders first
+            try:
+                if item.kind == "holder":
+                    engine.remove_container(item.ref)
+                else:
+                    engine.remove_image(item.ref)
+            except ImagebuildError as exc:
+                if "conflict" not in exc.message:
+                    raise
+                continue  # in use after all (a parent of another image): it stays
+            done.append(item)
+        return NodePrune(node, done, max(before - engine.disk_usage(), 0),
+                         repaired=repaired)
+    except ImagebuildError as exc:
+        return NodePrune(node, [], None, error=exc.message)
+
+
+def prune(ctx: Context, engine: Engine, workers: list[Worker], *, dry_run: bool = False,
+          progress: Progress | None = None) -> PruneOutcome:
+    """Remove what is not a root, on the head and on ``workers`` (in parallel)."""
+    progress = progress or Progress()
+    names = list(ctx.spec.images)
+    keep = ctx.gate.keep
+    nodes = [("head", engine), *((w.name, w.engine) for w in workers)]
+    progress.say(("would prune" if dry_run else "pruning") + " "
+                 + ", ".join(n for n, _ in nodes))
+    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        results = list(pool.map(lambda ne: _prune_node(ne[0], ne[1], names, keep, dry_run),
+                                nodes))
+    return PruneOutcome(results, dry_run)
+
+
+# -- rollback --------------------------------------------------------------------------------
+
+
+_HASH12 = re.compile(rf"^[0-9a-f]{{{HASH12}}}$")
+
+
+@dataclass(frozen=True)
+class Generation:
+    hash12: str
+    where: Literal["engine", "backup"]
+    image_id: str | None  # on the head (where == "engine")
+    tar: str | None  # in the backup store (where == "backup")
+
+
+def generations_of(name: str, current: ImageInfo | None, holders: list[ContainerInfo],
+                   backups: list[tuple[str, Sidecar]]) -> list[Generation]:
+    """Older generations of ``name`` a rollback can go to, newest first: the rooted
+    ones on the head, then those only in backups. Pure."""
+    now = hash12(input_hash(current) or "") if current else ""
+    seen: set[str] = {now}
+    out: list[Generation] = []
+    for h in sorted(holders, key=lambda h: h.created, reverse=True):
+        tag = h.labels.get(ROOT_TAG_LABEL, "")
+        if h.labels.get(ROOT_LABEL) == name and _HASH12.match(tag) and tag not in seen:
+            seen.add(tag)
+            out.append(Generation(tag, "engine", h.image_id, None))
+    for tar, sc in backups:
+        if sc.input_hash and hash12(sc.input_hash) not in seen:
+            seen.add(hash12(sc.input_hash))
+            out.append(Generation(hash12(sc.input_hash), "backup", None, tar))
+    return out
+
+
+@dataclass(frozen=True)
+class RollbackOutcome:
+    name: str
+    previous: str | None  # short ID latest pointed at
+    generation: Generation
+    promotion: Promotion
+    restored: bool  # it came back from a backup
+    distributed: object | None = None  # ops.DistributeOutcome when --workers
+
+    def error(self) -> ImagebuildError | None:
+        if not self.promotion.passed:
+            return VerifyFailed(f"{self.name} {self.generation.hash12} failed its checks: "
+                                f"latest was not moved; do NOT distribute it")
+        err = getattr(self.distributed, "error", None)
+        return err() if callable(err) else None
+
+
+def check_hash12(to: str | None) -> str | None:
+    """``--to`` is the 12 hex digits of a generation's input hash (checked before any
+    engine is contacted)."""
+    if to is not None and not _HASH12.match(to):
+        raise SpecError(f"--to {to!r}: expected the 12 hex digits of a generation's input "
+                        f"hash (NAME:<hash12>)", hint="see 'imagebuild status'")
+    return to
+
+
+def rollback(ctx: Context, engine: Engine, name: str, to: str | None,
+             workers: list[Worker] | None = None,
+             progress: Progress | None = None) -> RollbackOutcome:
+    """Move ``NAME:latest`` back to the previous generation (or ``to``), restoring it
+    from its backup if the engine lost it; the gate applies; with ``workers`` they
+    follow."""
+    progress = progress or Progress()
+    current = engine.inspect(latest_tag(name))
+    store = backup_store(ctx.spec) if ctx.spec.backups is not None else None
+    backups: list[tuple[str, Sidecar]] = []
+    if store is not None:
+        files = store.files()
+        for tar in [tar_name(name), *generations(store, name, files)]:
+            if tar in files:
+                try:
+                    sc = read_sidecar(store, tar)
+                except ImagebuildError:
+                    continue
+                if sc is not None:
+                    backups.append((tar, sc))
+    gens = generations_of(name, current, engine.holders(f"{ROOT_LABEL}={name}"), backups)
+    if to is not None:
+        gens = [g for g in gens if g.hash12 == to]
+    if not gens:
+        known = ", ".join(g.hash12 for g in generations_of(
+            name, current, engine.holders(f"{ROOT_LABEL}={name}"), backups)) or "none"
+        raise ImageNotFound(f"{name}: no {'generation ' + to if to else 'older generation'} "
+                            f"to roll back to (on this head or in its backups: {known})",
+                            hint="imagebuild status shows the generations kept")
+    gen = gens[0]
+    image = engine.inspect(gen.image_id) if gen.image_id else None
+    if image is None and gen.where == "engine":
+        image = engine.inspect(f"{name}:{gen.hash12}")
+    restored = False
+    if image is None:
+        source = gen.tar or next((t for t, sc in backups
+                                  if sc.input_hash and hash12(sc.input_hash) == gen.hash12),
+                                 None)
+        if store is None or source is None:
+            raise ImageNotFound(f"{name}:{gen.hash12} is not on this head and not in a backup")
+        progress.say(f"{name}: {gen.hash12} is not on this head; restoring it from "
+                     f"{store}/{source}")
+        image = restore_backup(engine, store, source, progress, expect_image=name).info
+        restored = True
+    progress.say(f"{name}: rolling back to {gen.hash12} ({short_id(image.id)})")
+    promotion = promote(ctx.gate, engine, name, image, progress)
+    outcome = RollbackOutcome(name, short_id(current.id) if current else None, gen,
+                              promotion, restored)
+    if not promotion.passed or not workers:
+        return outcome
+    req = request_for(ctx, [name], workers)
+    return RollbackOutcome(name, outcome.previous, gen, promotion, restored,
+                           distribute_op(ctx, engine, req, progress))
