@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from .backup import Sidecar, generations, read_sidecar, restore_backup, tar_name
+from .build import find_existing
 from .distribute import Worker
 from .engine import ContainerInfo, Engine, ImageInfo, Snapshot
 from .errors import ImagebuildError, ImageNotFound, SpecError, VerifyFailed
@@ -213,7 +214,7 @@ def status(ctx: Context, engine: Engine, workers: list[Worker], *,
             held = _held(holders, name, info.id) if info else set()
             rows.append(ImageStatus(
                 name=name, derivation=d.hash12 if d.input_hash else None,
-                built=bool(d.input_hash) and engine.inspect(d.tag) is not None,
+                built=bool(d.input_hash) and find_existing(engine, d) is not None,
                 latest=short_id(info.id) if info else None,
                 latest_hash=hash12(h) if h else None,
                 verified_at=record.checked_at if record else None,

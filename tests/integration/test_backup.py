@@ -36,6 +36,12 @@ def _sha(path: Path) -> str:
 
 
 def _rmi(*refs: str) -> None:
+    """Lose an image for real: its GC-root holders first (docker rmi refuses a root)."""
+    for ref in refs:
+        held = subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={ref}"],
+                              capture_output=True, text=True).stdout.split()
+        if held:
+            subprocess.run(["docker", "rm", "-f", *held], capture_output=True)
     subprocess.run(["docker", "rmi", *refs], capture_output=True)
 
 
