@@ -30,6 +30,7 @@ from .errors import (
     ImagebuildError,
     ImageNotFound,
     Interrupted,
+    SpecError,
     UnresolvedHashError,
     WheelHashMismatch,
 )
@@ -173,6 +174,38 @@ def labels_for(d: Derivation, commit: str | None) -> dict[str, str]:
     return out
 
 
+def _dockerfile_string(value: str) -> str:
+    """``value`` as a double-quoted Dockerfile word: backslash, quote and ``$`` escaped
+    (LABEL substitutes variables); a line break or a control character is refused."""
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise SpecError(f"a label would hold a control character: {value!r}",
+                        hint="labels come from the spec and the lock; check their values")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
+def label_instruction(labels: dict[str, str]) -> str:
+    """One ``LABEL`` instruction for all of ``labels``. The classic builder turns each
+    label given through the API into a step of its own, and every step is a commit: on
+    the containerd store about 1.4 s each (8 labels: 11.8 s against 1.5 s for one
+    instruction, measured on Docker 26.1)."""
+    return "LABEL " + " ".join(f"{_dockerfile_string(k)}={_dockerfile_string(v)}"
+                               for k, v in sorted(labels.items())) + "\n"
+
+
+def labelled(files: tuple[ContextFile, ...], labels: dict[str, str]
+             ) -> tuple[ContextFile, ...]:
+    """The build context with the labels appended to its Dockerfile as one instruction
+    (outside the input hash: the labels are derived from the derivation itself)."""
+    out = []
+    for f in files:
+        if f.arcname == "Dockerfile":
+            assert f.data is not None
+            sep = b"" if f.data.endswith(b"\n") else b"\n"
+            f = ContextFile(f.arcname, f.data + sep + label_instruction(labels).encode())
+        out.append(f)
+    return tuple(out)
+
+
 # -- execution -----------------------------------------------------------------------------------
 
 
@@ -273,8 +306,8 @@ def _build_checked(spec: Spec, engine: Engine, d: Derivation, parent: Derivation
         log.write(f"# imagebuild {__version__} build of {d.name} input hash {d.input_hash}\n"
                   f"# started {datetime.now(UTC).isoformat(timespec='seconds')}, "
                   + ", ".join(f"{k}={v}" for k, v in buildargs.items()) + "\n")
-        events = engine.build(context_stream(d.context), buildargs=buildargs,
-                              labels=labels_for(d, commit), nocache=nocache)
+        events = engine.build(context_stream(labelled(d.context, labels_for(d, commit))),
+                              buildargs=buildargs, nocache=nocache)
         try:
             for ev in events:
                 if ev.kind == "line":

@@ -312,9 +312,9 @@ class Engine(Protocol):
         ...
 
     def build(self, context: Iterable[bytes], *, buildargs: dict[str, str],
-              labels: dict[str, str], nocache: bool = False
-              ) -> Generator[BuildEvent, None, None]:
-        """A build from a streamed tar context; tags nothing."""
+              nocache: bool = False) -> Generator[BuildEvent, None, None]:
+        """A build from a streamed tar context (its Dockerfile carries the labels);
+        tags nothing."""
         ...
 
     def run_check(self, image: str, command: list[str], timeout: float) -> RunResult:

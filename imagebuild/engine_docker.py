@@ -146,8 +146,7 @@ class DockerEngine(Engine):
     # -- build -------------------------------------------------------------------------------
 
     def build(self, context: Iterable[bytes], *, buildargs: dict[str, str],
-              labels: dict[str, str], nocache: bool = False
-              ) -> Generator[BuildEvent, None, None]:
+              nocache: bool = False) -> Generator[BuildEvent, None, None]:
         """Classic-builder build from a streamed tar context; yields progress events.
 
         Nothing is tagged here: the caller tags the image ID only after success, so no
@@ -156,7 +155,7 @@ class DockerEngine(Engine):
         """
         try:
             stream = self.api.build(
-                fileobj=context, custom_context=True, buildargs=buildargs, labels=labels,
+                fileobj=context, custom_context=True, buildargs=buildargs,
                 network_mode="host", rm=True, forcerm=True, pull=False, nocache=nocache,
                 decode=True, timeout=None,
             )

@@ -228,8 +228,7 @@ class SshEngine(Engine):
     # -- build and checks --------------------------------------------------------------------
 
     def build(self, context: Iterable[bytes], *, buildargs: dict[str, str],
-              labels: dict[str, str], nocache: bool = False
-              ) -> Generator[BuildEvent, None, None]:
+              nocache: bool = False) -> Generator[BuildEvent, None, None]:
         raise EngineError(f"{self.target}: images are built on the head node's engine, "
                           f"not on a worker",
                           hint="run imagebuild build on the head, then imagebuild distribute")

@@ -50,6 +50,20 @@ def _chains(diff_ids: tuple[str, ...]) -> list[str]:
     return out
 
 
+def dockerfile_labels(dockerfile: str) -> dict[str, str]:
+    """The labels of a Dockerfile's LABEL instructions written as ``"k"="v" ...`` (what
+    imagebuild appends), unescaped as Docker does."""
+    import re
+
+    out: dict[str, str] = {}
+    word = r'"((?:[^"\\]|\\.)*)"'
+    for line in dockerfile.splitlines():
+        if line.startswith("LABEL "):
+            for k, v in re.findall(word + "=" + word, line):
+                out[re.sub(r"\\(.)", r"\1", k)] = re.sub(r"\\(.)", r"\1", v)
+    return out
+
+
 @dataclass
 class FakeEngine(Engine):
     name: str = "fake"
@@ -219,12 +233,12 @@ class FakeEngine(Engine):
         return info
 
     def build(self, context: Iterable[bytes], *, buildargs: dict[str, str],
-              labels: dict[str, str], nocache: bool = False
-              ) -> Generator[BuildEvent, None, None]:
+              nocache: bool = False) -> Generator[BuildEvent, None, None]:
         self._check()
         data = b"".join(context)
         with tarfile.open(fileobj=io.BytesIO(data)) as tf:
             dockerfile = tf.extractfile("Dockerfile").read()  # type: ignore[union-attr]
+        labels = dockerfile_labels(dockerfile.decode())
         name = labels.get("org.imagebuild.image", "?")
         self.builds.append(name)
         yield BuildEvent("line", text="Step 1/2 : FROM ${BASE_IMAGE}\n")

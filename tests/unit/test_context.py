@@ -82,3 +82,25 @@ def test_a_build_that_needs_served_wheels_refuses_an_engine_on_another_host(
         execute(spec, engine, [Step(node, Action.BUILD)], progress=Quiet())
     assert info.value.exit_code == 4 and engine.builds == []
     assert not log_path(spec, node).exists()
+
+
+@pytest.mark.parametrize("value", ["plain", 'a "quoted" $HOME ${X} \\ back', "0.6.12 sha256:ab",
+                                   "ünïcode", ""])
+def test_labels_go_in_one_instruction_that_reads_back_exactly(value: str) -> None:
+    from imagebuild.build import label_instruction
+
+    from ..fake_engine import dockerfile_labels
+
+    labels = {"org.imagebuild.image": "vllm-node", "org.example.v": value}
+    line = label_instruction(labels)
+    assert line.startswith("LABEL ") and line.count("\n") == 1 and line.endswith("\n")
+    assert dockerfile_labels("FROM x\n" + line) == labels
+
+
+@pytest.mark.parametrize("value", ["two\nlines", "cr\r", "nul\0", "tab\t"])
+def test_a_label_cannot_add_a_line_to_the_dockerfile(value: str) -> None:
+    from imagebuild.build import label_instruction
+    from imagebuild.errors import SpecError
+
+    with pytest.raises(SpecError, match="control character"):
+        label_instruction({"k": value})
