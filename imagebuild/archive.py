@@ -14,15 +14,23 @@ Nothing an archive says is trusted before it is checked:
   and holds the tail of the stream back until the whole stream's size and sha256 match
   the sidecar and its config matches the expected fingerprint. A stream that fails any
   check is cut short, so ``docker load`` sees a truncated archive and loads nothing.
+* ``SaveCheck`` follows a ``docker save`` stream while a backup is written and, at the
+  end, proves it complete: every layer the manifest lists is in the archive and its
+  content (decompressed, when the blob is gzip as on the containerd store) has the
+  image's diff ID. ``docker save`` on the containerd store silently leaves out blobs
+  missing from the content store (moby#49473); such a backup could never be restored.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import tarfile
+import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -98,8 +106,19 @@ def config_fingerprint(config: bytes, where: str) -> tuple[str, tuple[str, ...]]
         raise BackupError(f"{where}: the image config is malformed: {exc}") from None
 
 
+def familiar(ref: str) -> str:
+    """A reference as Docker shows it: ``docker.io/library/x:t`` is ``x:t`` (the
+    containerd store writes the long form into an archive's index.json)."""
+    if ref.startswith("docker.io/"):
+        ref = ref[len("docker.io/"):]
+        rest = ref[len("library/"):]
+        if ref.startswith("library/") and "/" not in rest.split(":", 1)[0]:
+            ref = rest
+    return ref
+
+
 def allowed_tags_error(tags: Iterable[str], allowed: set[str], where: str) -> BackupError | None:
-    extra = sorted(set(tags) - allowed)
+    extra = sorted({familiar(t) for t in tags} - {familiar(a) for a in allowed})
     if not extra:
         return None
     return BackupError(
@@ -107,6 +126,16 @@ def allowed_tags_error(tags: Iterable[str], allowed: set[str], where: str) -> Ba
         f"{', '.join(sorted(allowed)) or 'nothing'}: refusing it; nothing was loaded",
         hint="a backup names its image only by NAME:<hash12>; latest moves only after the "
              "gate. Restore a tar imagebuild wrote, or rebuild")
+
+
+def _read_small(file: PinnedFile, members: list[Member], name: str) -> bytes | None:
+    """The bytes of the regular member ``name`` when it is small (an OCI layout's config
+    is ``blobs/sha256/<hex>``, not a ``.json`` name), read from the pinned descriptor."""
+    for m in members:
+        if m.name == name and not m.link and m.size < SMALL:
+            data = os.pread(file.fd, m.size, m.data_offset)
+            return data if len(data) == m.size else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -162,7 +191,7 @@ class ArchiveIndex:
             raise BackupError(f"{where} is not a single-image docker save archive "
                               f"(no manifest.json)")
         manifest = Manifest.parse(small["manifest.json"], where)
-        config = small.get(manifest.config)
+        config = small.get(manifest.config) or _read_small(file, members, manifest.config)
         if config is None:
             raise BackupError(f"{where}: manifest.json names the config {manifest.config}, "
                               f"which the archive does not hold")
@@ -225,6 +254,162 @@ class ArchiveIndex:
         return out
 
 
+# -- proving a saved archive complete -----------------------------------------------------------
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+PIECE = 1 << 20
+
+
+def content_digest(read: Callable[[int], bytes]) -> tuple[str, str]:
+    """(kind, sha256 of the content) of one layer file read in pieces: ``raw`` (an
+    uncompressed tar: the file's own digest), ``gzip`` (decompressed, members in
+    sequence), or ``zstd`` (not checkable here: the digest is the compressed one)."""
+    first = read(PIECE)
+    h = hashlib.sha256()
+    if first[:2] == GZIP_MAGIC:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        piece = first
+        while piece:
+            data = piece
+            while data:  # output in bounded pieces; members one after another
+                h.update(d.decompress(data, PIECE))
+                if d.eof:
+                    data, d = d.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS)
+                else:
+                    data = d.unconsumed_tail
+            piece = read(PIECE)
+        h.update(d.flush())
+        return "gzip", "sha256:" + h.hexdigest()
+    kind = "zstd" if first[:4] == ZSTD_MAGIC else "raw"
+    piece = first
+    while piece:
+        h.update(piece)
+        piece = read(PIECE)
+    return kind, "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Seen:
+    kind: str = ""  # raw, gzip or zstd; "" for a link
+    digest: str = ""
+    link: str = ""
+
+
+class SaveCheck:
+    """Follows a ``docker save`` stream as it is written (``write`` each chunk), reading
+    it as a tar on a thread of its own; ``finish`` then refuses an archive that does not
+    hold every layer of the image with its diff ID. Memory stays flat: a pipe between
+    the two, layer files hashed in pieces."""
+
+    def __init__(self, where: str, diff_ids: tuple[str, ...]) -> None:
+        self.where, self.diff_ids = where, diff_ids
+        self.seen: dict[str, _Seen] = {}
+        self.metas: dict[str, bytes] = {}
+        self.error: BaseException | None = None
+        r, w = os.pipe()
+        self._w: int | None = w
+        self._thread = threading.Thread(target=self._read, args=(r,), daemon=True,
+                                        name="save-check")
+        self._thread.start()
+
+    def write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view and self._w is not None:
+            view = view[os.write(self._w, view):]
+
+    def close(self) -> None:
+        if self._w is not None:
+            os.close(self._w)
+            self._w = None
+        self._thread.join()
+
+    def _read(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                with tarfile.open(fileobj=fh, mode="r|") as tf:
+                    for ti in tf:
+                        self._member(tf, ti)
+            except BaseException as exc:  # reported by finish(), never lost
+                self.error = exc
+            while fh.read(PIECE):  # the writer never blocks on a reader that stopped
+                pass
+
+    def _member(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+        if ti.issym() or ti.islnk():
+            target = (os.path.normpath(os.path.join(os.path.dirname(ti.name), ti.linkname))
+                      if ti.issym() else ti.linkname)
+            self.seen[ti.name] = _Seen(link=target)
+            return
+        if not ti.isfile():
+            return
+        f = tf.extractfile(ti)
+        assert f is not None
+        if _is_meta(ti.name) and ti.size < SMALL:
+            self.metas[ti.name] = f.read()
+            return
+        if ti.size < SMALL:  # an OCI config is blobs/sha256/<hex>: keep small JSON objects
+            data = f.read()
+            if data[:1] == b"{":
+                self.metas[ti.name] = data
+            f = io.BytesIO(data)
+        try:
+            kind, digest = content_digest(f.read)
+        except zlib.error:
+            kind, digest = "gzip", "not valid gzip"
+        self.seen[ti.name] = _Seen(kind, digest)
+
+    def _resolve(self, name: str) -> _Seen | None:
+        s = self.seen.get(name)
+        for _ in range(8):
+            if s is None or not s.link:
+                break
+            s = self.seen.get(s.link)
+        return None if s is None or s.link else s
+
+    def finish(self) -> None:
+        """Raise ``BackupError`` unless the archive holds every layer of the image."""
+        self.close()
+        where = self.where
+        if self.error is not None:
+            raise BackupError(f"the archive written to {where} is not a readable tar: "
+                              f"{self.error}; nothing was replaced") from None
+        if "manifest.json" not in self.metas:
+            raise self._incomplete(["manifest.json is not in it"])
+        manifest = Manifest.parse(self.metas["manifest.json"], where)
+        config = self.metas.get(manifest.config)
+        if config is None:
+            raise self._incomplete([f"its image config ({manifest.config}) is not in it"])
+        _, diff_ids = config_fingerprint(config, where)
+        if diff_ids != self.diff_ids or len(manifest.layers) != len(diff_ids):
+            raise BackupError(f"the archive written to {where} does not describe the image "
+                              f"that was saved (its layers differ); nothing was replaced")
+        missing: list[str] = []
+        for i, (name, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True), 1):
+            got = self._resolve(name)
+            if got is None:
+                missing.append(f"layer {i} of {len(diff_ids)} ({diff_id[:19]}, file {name}) "
+                               f"is not in it")
+            elif got.kind == "zstd":
+                missing.append(f"layer {i} ({name}) is zstd-compressed, which imagebuild "
+                               f"cannot check")
+            elif got.digest != diff_id:
+                missing.append(f"layer {i} ({name}) holds other content than {diff_id[:19]}")
+        if missing:
+            raise self._incomplete(missing)
+
+    def _incomplete(self, missing: list[str]) -> BackupError:
+        return BackupError(
+            f"the archive docker saved for {self.where} is incomplete, so it could not be "
+            f"restored: " + "; ".join(missing[:3])
+            + (f"; and {len(missing) - 3} more" if len(missing) > 3 else "")
+            + ". It was not kept; the previous backup is still in place",
+            hint="on the containerd image store 'docker save' leaves out blobs that are "
+                 "missing from the content store (moby#49473). Rebuild the image "
+                 "(imagebuild build --rebuild NAME) or load it again from a good archive "
+                 "so its blobs are complete, then run imagebuild backup NAME")
+
+
 # -- checking a stream -------------------------------------------------------------------------
 
 
@@ -271,6 +456,7 @@ class TarGuard:
         self.current: tuple[str, bytes, int, int] | None = None
         self.metas: dict[str, bytes] = {}
         self.capture: bytearray | None = None
+        self.maybe_json = False  # the member captured is a small blob, kept if JSON
         self.next_name: str | None = None  # from a pax or GNU long-name header
 
     def feed(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -342,8 +528,13 @@ class TarGuard:
                 name = self.next_name or raw.decode(errors="replace")
                 if flag not in (b"x", b"g", b"L"):
                     self.next_name = None
-                meta = flag in (b"0", b"\0") and _is_meta(name) and size < SMALL
-                self.capture = bytearray() if flag in (b"x", b"L") or meta else None
+                regular = flag in (b"0", b"\0") and size < SMALL
+                meta = regular and _is_meta(name)
+                # an OCI layout names its config blobs/sha256/<hex>: keep any small JSON
+                # object (decided on its first byte) so finish() can find the config
+                self.maybe_json = regular and not meta and size > 0
+                self.capture = (bytearray() if flag in (b"x", b"L") or meta
+                                or self.maybe_json else None)
                 if meta and self.hold_from is None:
                     self.hold_from = start
                 self.current = (name, flag, self.parsed, size)
@@ -354,6 +545,8 @@ class TarGuard:
                 have = min(self.seen, data_start + size) - (data_start + len(self.capture))
                 if have > 0:
                     self.capture += self._bytes(data_start + len(self.capture), have)
+                if self.maybe_json and self.capture and self.capture[:1] != b"{":
+                    self.capture = None  # a layer, not a JSON document
             if self.seen < self.parsed:
                 return
             self.current = None
@@ -375,6 +568,8 @@ class TarGuard:
             self.next_name = data.split(b"\0", 1)[0].decode(errors="replace")
             return
         self.metas[name] = data
+        if self.maybe_json:
+            return
         self.check_meta(name, data)
         self.hold_from = None
 

@@ -4,7 +4,10 @@ A backup is ``NAME.tar`` plus a JSON sidecar ``NAME.tar.json``. It is streamed f
 ``docker save`` into a temporary name in the same directory (never /tmp), hashed while it
 streams, synced, its size checked, then renamed into place; the previous generation stays
 as ``NAME@<hash12>.tar`` (a hard link), and generations beyond ``keep`` are pruned. The
-same code writes a local directory and one on another host (store.py).
+same code writes a local directory and one on another host (store.py). While it streams,
+the archive is read as a tar too (``SaveCheck``): it is kept only if it holds every layer
+of the image with its diff ID (``docker save`` on the containerd store can leave blobs
+out, moby#49473).
 
 A restore checks the tar against its sidecar (size, sha256) before anything is loaded,
 loads it, checks the image ID and restores the hash tag. ``latest`` is not touched here:
@@ -25,7 +28,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__
-from .archive import Manifest, TarGuard, allowed_tags_error, config_fingerprint, manifest_tags
+from .archive import (
+    Manifest,
+    SaveCheck,
+    TarGuard,
+    allowed_tags_error,
+    config_fingerprint,
+    manifest_tags,
+)
 from .engine import Engine, ImageInfo
 from .errors import BackupError
 from .fsutil import PinnedFile
@@ -193,18 +203,23 @@ def write_backup(store: BackupDir, engine: Engine, name: str, info: ImageInfo, k
     started = time.monotonic()
     h = hashlib.sha256()
     meter = progress.meter(f"saving {name} to {store}", info.size)
+    check = SaveCheck(f"{store}/{tar_name(name)}", info.diff_ids)
     try:
         with writing(store, tmp) as w:
             for chunk in engine.save(ref):
                 w.write(chunk)
                 h.update(chunk)
+                check.write(chunk)
                 meter.add(len(chunk))
+            check.finish()  # before commit: an incomplete archive never replaces a backup
             stat = w.commit()
     except OSError as exc:
         raise BackupError(f"writing {store}/{tmp} failed: {exc.strerror or exc}; nothing was "
                           f"replaced",
                           hint="check free space and permissions of the backup directory"
                           ) from None
+    finally:
+        check.close()
     if current is not None:  # keep the previous generation as NAME@<hash12>.tar
         gen = f"{name}@{_generation(existing)}.tar"
         store.remove(gen, sidecar_name(gen))
@@ -306,6 +321,18 @@ def _guard(where: str, sidecar: Sidecar) -> TarGuard:
     return TarGuard(where, sidecar.size, sidecar.sha256, check_meta, finish)
 
 
+def _present(engine: Engine, sidecar: Sidecar) -> ImageInfo | None:
+    """The sidecar's image in ``engine``: by its ID, or, written by a head on the other
+    image store (the IDs differ, the content does not), by its hash tag and content
+    fingerprint."""
+    info = engine.inspect(sidecar.image_id)
+    if info is None and sidecar.hash_tag is not None:
+        info = engine.inspect(sidecar.hash_tag)
+        if info is not None and info.fingerprint != sidecar.fingerprint:
+            info = None
+    return info
+
+
 def restore_backup(engine: Engine, store: BackupDir, tar: str, progress: Progress,
                    expect_image: str | None = None) -> RestoreResult:
     """Load ``tar`` (a no-op when its image is present), checked as it streams: its size,
@@ -319,7 +346,7 @@ def restore_backup(engine: Engine, store: BackupDir, tar: str, progress: Progres
     if expect_image is not None and sidecar.image != expect_image:
         raise BackupError(f"{where} is a backup of {sidecar.image}, not {expect_image}")
     started = time.monotonic()
-    present = engine.inspect(sidecar.image_id)
+    present = _present(engine, sidecar)
     loaded = present is None
     if present is None:
         stat = store.stat(tar)
@@ -336,10 +363,11 @@ def restore_backup(engine: Engine, store: BackupDir, tar: str, progress: Progres
         guard = _guard(where, sidecar)
         engine.load(guard.feed(store.read(tar, progress.meter(f"loading {tar}",
                                                               sidecar.size))))
-        present = engine.inspect(sidecar.image_id)
+        present = _present(engine, sidecar)
         if present is None:
-            raise BackupError(f"loading {where} did not produce image {sidecar.image_id[:19]} "
-                              f"named in its sidecar",
+            raise BackupError(f"loading {where} did not produce the image named in its "
+                              f"sidecar ({sidecar.hash_tag or sidecar.image_id[:19]} with "
+                              f"content {sidecar.fingerprint[:19]})",
                               hint="the tar and its sidecar do not belong together")
     if present.fingerprint != sidecar.fingerprint:
         raise BackupError(f"{where}: the image {short_id(present.id)} does not have the "

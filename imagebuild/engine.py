@@ -118,13 +118,26 @@ CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "Labels", "WorkingDir", "User", "Expo
                "Volumes")
 
 
+_STRING_KEYS = ("WorkingDir", "User")
+
+
+def _plain(key: str, value: object) -> object:
+    """One spelling per empty value. ``docker inspect`` shows an unset WorkingDir or User
+    as "" on both stores, and so does a classic-store config; a containerd-store config
+    (OCI, fields omitted when empty) leaves them out. Empty lists and maps count as unset.
+    (Classic-store fingerprints are unchanged by this: they already read "".)"""
+    if key in _STRING_KEYS:
+        return "" if value is None else value
+    return None if value in ([], {}) else value
+
+
 def fingerprint_of(diff_ids: tuple[str, ...], config: dict[str, Any]) -> str:
     """The content fingerprint of an image: its layers' diff IDs and the parts of its
     config that ``CONFIG_KEYS`` names (from ``docker inspect``'s Config or from the image
     config JSON's "config": the same values)."""
     try:
         material = {"diff_ids": list(diff_ids),
-                    "config": {k: config.get(k) for k in CONFIG_KEYS}}
+                    "config": {k: _plain(k, config.get(k)) for k in CONFIG_KEYS}}
         blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:
         raise BadReply(f"an image config cannot be fingerprinted: {exc}") from None

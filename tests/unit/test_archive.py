@@ -191,3 +191,137 @@ def test_an_oci_index_naming_another_image_is_refused() -> None:
     assert allowed_tags_error(tags, {"vllm-node:abc"}, "x.tar") is not None
     with pytest.raises(BackupError, match=r"index\.json is malformed"):
         manifest_tags("index.json", b"[1, 2]", "x.tar")
+
+
+# -- SaveCheck: a backup is kept only when docker saved every layer ---------------------------
+
+
+def _oci_like(path: Path, layers: list[bytes], *, drop: int | None = None,
+              gzip_members: int = 1) -> tuple[bytes, tuple[str, ...]]:
+    """A containerd-store ``docker save`` archive: an OCI layout plus manifest.json whose
+    layers are gzip blobs named by their compressed digest (not the diff ID). ``drop``:
+    leave that layer's blob out, as docker 26+ does for a blob missing from the content
+    store (moby#49473)."""
+    import gzip
+
+    diff_ids = tuple("sha256:" + hashlib.sha256(b).hexdigest() for b in layers)
+    blobs = []
+    for data in layers:
+        cut = len(data) // gzip_members + 1
+        blobs.append(b"".join(gzip.compress(data[i:i + cut], mtime=0)
+                              for i in range(0, len(data), cut)) or gzip.compress(b"", mtime=0))
+    names = [f"blobs/sha256/{hashlib.sha256(b).hexdigest()}" for b in blobs]
+    config = json.dumps({"config": {"Env": ["A=1"]},
+                         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)}}).encode()
+    cfg_name = f"blobs/sha256/{hashlib.sha256(config).hexdigest()}"
+    manifest = json.dumps([{"Config": cfg_name, "RepoTags": ["img:abc"],
+                            "Layers": names}]).encode()
+    with tarfile.open(path, "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        add("oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+        add(cfg_name, config)
+        for i, (name, blob) in enumerate(zip(names, blobs, strict=True)):
+            if i != drop:
+                add(name, blob)
+        add("manifest.json", manifest)
+    return path.read_bytes(), diff_ids
+
+
+def _save_check(data: bytes, diff_ids: tuple[str, ...], chunk: int = 65536) -> None:
+    check = archive.SaveCheck("backups/img.tar", diff_ids)
+    try:
+        for piece in _chunks(data, chunk):
+            check.write(piece)
+        check.finish()
+    finally:
+        check.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 511, 65536])
+def test_a_complete_save_passes_on_either_store(tmp_path: Path, chunk: int) -> None:
+    layers = [b"a" * 3000, b"b" * 70000, b""]
+    saved = save_like(tmp_path / "classic.tar", layers, repeat="link")
+    _save_check(saved.path.read_bytes(), tuple(saved.diff_ids), chunk)
+    big = [bytes(range(256)) * 20000, b"x" * 10]  # 5 MB: several output pieces
+    data, diff_ids = _oci_like(tmp_path / "oci.tar", big, gzip_members=3)
+    _save_check(data, diff_ids, chunk if chunk > 1 else 4096)
+
+
+def test_a_save_that_left_a_blob_out_is_refused_naming_the_layer(tmp_path: Path) -> None:
+    data, diff_ids = _oci_like(tmp_path / "oci.tar", [b"base" * 100, b"top" * 100], drop=1)
+    with pytest.raises(BackupError, match=r"incomplete.*layer 2 of 2 .*is not in it.*previous "
+                                          r"backup is still in place") as err:
+        _save_check(data, diff_ids)
+    assert err.value.exit_code == 8 and "moby#49473" in (err.value.hint or "")
+
+
+def test_a_layer_with_other_content_or_bad_gzip_is_refused(tmp_path: Path) -> None:
+    data, diff_ids = _oci_like(tmp_path / "oci.tar", [b"one" * 50, b"two" * 50])
+    wrong = (diff_ids[0], "sha256:" + "0" * 64)
+    with pytest.raises(BackupError, match="does not describe the image"):
+        _save_check(data, wrong)
+    saved = save_like(tmp_path / "c.tar", [b"\x1f\x8bnot gzip at all" * 10])
+    with pytest.raises(BackupError, match=r"layer 1 .*holds other content"):
+        _save_check(saved.path.read_bytes(), tuple(saved.diff_ids))
+
+
+@pytest.mark.parametrize("stream", [b"", b"not a tar" * 1000, b"\0" * 1024])
+def test_a_save_that_is_not_an_archive_is_refused(stream: bytes) -> None:
+    with pytest.raises(BackupError, match=r"not a readable tar|manifest.json is not in it"):
+        _save_check(stream, ("sha256:" + "1" * 64,))
+
+
+def test_a_reader_that_gave_up_never_blocks_the_writer(tmp_path: Path) -> None:
+    """After the tar reader fails early, the rest of a long stream still goes through
+    (the pipe is drained), and finish reports the first failure."""
+    check = archive.SaveCheck("x.tar", ("sha256:" + "1" * 64,))
+    for _ in range(64):  # 64 MiB, far past any pipe buffer
+        check.write(b"garbage!" * (1 << 17))
+    with pytest.raises(BackupError, match="not a readable tar"):
+        check.finish()
+
+
+@pytest.mark.parametrize("chunk", [1, 333, 1 << 20])
+def test_a_containerd_store_archive_is_indexed_and_guarded_by_its_blob_config(
+        tmp_path: Path, chunk: int) -> None:
+    """An OCI layout names its config ``blobs/sha256/<hex>`` (no .json): the index and
+    the stream guard still find it, and still check the fingerprint from it."""
+    data, diff_ids = _oci_like(tmp_path / "oci.tar", [b"base" * 999, b"top" * 99])
+    index = _read(tmp_path / "oci.tar")
+    assert index.diff_ids == diff_ids and index.config.startswith(b"{")
+    assert index.manifest.config.startswith("blobs/sha256/")
+    seen: dict[str, bytes] = {}
+    guard = TarGuard("oci.tar", len(data), hashlib.sha256(data).hexdigest(),
+                     lambda name, blob: None, seen.update)
+    assert b"".join(guard.feed(_chunks(data, chunk))) == data
+    assert seen[index.manifest.config] == index.config
+    assert not any(name in seen for name in index.layers)  # gzip layers are not kept
+
+
+def test_the_long_form_of_a_name_is_the_same_tag() -> None:
+    """The containerd store names images docker.io/library/x:t in index.json."""
+    assert archive.familiar("docker.io/library/vllm-node:abc") == "vllm-node:abc"
+    assert archive.familiar("docker.io/nvidia/cuda:13") == "nvidia/cuda:13"
+    assert archive.familiar("registry.example/vllm-node:abc") == "registry.example/vllm-node:abc"
+    assert allowed_tags_error(["docker.io/library/vllm-node:abc"], {"vllm-node:abc"}, "t") is None
+    err = allowed_tags_error(["docker.io/library/vllm-node:latest"], {"vllm-node:abc"}, "t")
+    assert err is not None and "vllm-node:latest" in err.message
+
+
+def test_an_oci_config_and_docker_inspect_give_the_same_fingerprint() -> None:
+    """A containerd-store archive's config omits empty fields; docker inspect shows them
+    as "" (WorkingDir, User) or null: the fingerprint is the same."""
+    from imagebuild.engine import fingerprint_of
+
+    diff_ids = ("sha256:" + "a" * 64,)
+    inspect = {"Env": ["A=1"], "Cmd": ["/bin/bash"], "Entrypoint": None, "Labels": {"x": "y"},
+               "WorkingDir": "", "User": "", "ExposedPorts": None, "Volumes": None}
+    oci = {"Env": ["A=1"], "Cmd": ["/bin/bash"], "Labels": {"x": "y"}}
+    assert fingerprint_of(diff_ids, inspect) == fingerprint_of(diff_ids, oci)
+    assert fingerprint_of(diff_ids, {**oci, "Volumes": {}}) == fingerprint_of(diff_ids, oci)
+    assert fingerprint_of(diff_ids, {**oci, "User": "root"}) != fingerprint_of(diff_ids, oci)
+    assert fingerprint_of(diff_ids, {**oci, "WorkingDir": "/w"}) != fingerprint_of(diff_ids,
+                                                                                   oci)

@@ -503,3 +503,32 @@ def test_an_ssh_engine_turns_a_bad_reply_into_an_error_naming_the_worker(
         worker.inspect("vllm-node:latest")
     with pytest.raises(RemoteError, match="unexpected reply"):
         worker.snapshot()
+
+
+def test_an_incomplete_save_is_refused_and_the_previous_backup_stays(ctx: ops.Context) -> None:
+    """docker save on the containerd store leaves out blobs missing from the content store
+    (moby#49473): such an archive must never replace a backup."""
+    e = head()
+    ops.build(ctx, e, ["node"], progress=Quiet())
+    image = e.require("vllm-node:latest")
+    store = LocalDir(ctx.spec.root / "backups")
+    before = {n: (st.size, st.mtime_ns) for n, st in store.files().items()}
+    assert "vllm-node.tar" in before
+
+    class Dropping(FakeEngine):
+        def save(self, ref: str):  # type: ignore[no-untyped-def, override]
+            blobs = dict(self.blobs)
+            self.blobs[image.diff_ids[-1]] = b"not the layer"
+            try:
+                yield from super().save(ref)
+            finally:
+                self.blobs.clear()
+                self.blobs.update(blobs)
+
+    dropping = Dropping(images=e.images, blobs=e.blobs)
+    changed = ImageInfo(id="sha256:" + "f" * 64, tags=(), labels=image.labels,
+                        diff_ids=image.diff_ids, size=1, created="", config=image.config)
+    dropping.images[changed.id] = changed
+    with pytest.raises(BackupError, match=r"incomplete.*previous backup is still in place"):
+        write_backup(store, dropping, "vllm-node", changed, 2, Quiet())
+    assert {n: (st.size, st.mtime_ns) for n, st in store.files().items()} == before
