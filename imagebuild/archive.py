@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 import zlib
@@ -42,6 +43,9 @@ from .fsutil import PinnedFile
 BLOCK = 512
 SMALL = 4 << 20  # metadata members (manifest, config, index) are read whole below this
 HOLD = 1 << 20  # bytes TarGuard keeps back until the end of the stream is checked
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+PIECE = 1 << 20  # layer files are read and hashed in pieces of this size
 _META = ("manifest.json", "index.json", "repositories", "oci-layout")
 
 
@@ -233,6 +237,27 @@ class ArchiveIndex:
             raise BackupError(f"{self.file.path}: no file for {name}")
         return m
 
+    def layer_blob(self, index: int) -> tuple[str, str]:
+        """(media type, digest) of layer ``index``'s file as the archive holds it: an
+        uncompressed tar is named by its diff ID; a gzip or zstd blob (a containerd-store
+        head's archive) by the digest of its compressed bytes (its ``blobs/sha256/``
+        name, or hashed here when the name does not say)."""
+        m = self.member(self.layers[index])
+        head = os.pread(self.file.fd, 4, m.data_offset) if m.size else b""
+        if head[:2] == GZIP_MAGIC:
+            media = "application/vnd.oci.image.layer.v1.tar+gzip"
+        elif head[:4] == ZSTD_MAGIC:
+            media = "application/vnd.oci.image.layer.v1.tar+zstd"
+        else:
+            return "application/vnd.oci.image.layer.v1.tar", self.diff_ids[index]
+        base = m.name.rpartition("/")[2]
+        if m.name.startswith("blobs/sha256/") and re.fullmatch(r"[0-9a-f]{64}", base):
+            return media, "sha256:" + base
+        h = hashlib.sha256()
+        for off in range(m.data_offset, m.data_offset + m.size, PIECE):
+            h.update(os.pread(self.file.fd, min(PIECE, m.data_offset + m.size - off), off))
+        return media, "sha256:" + h.hexdigest()
+
     def ranges(self, skip_layers: int) -> list[tuple[int, int]]:
         """Byte ranges of the archive without the files of the first ``skip_layers``
         layers. Taken from the manifest's layer list: a file that a later layer still
@@ -256,9 +281,6 @@ class ArchiveIndex:
 
 # -- proving a saved archive complete -----------------------------------------------------------
 
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-PIECE = 1 << 20
 
 
 def content_digest(read: Callable[[int], bytes]) -> tuple[str, str]:

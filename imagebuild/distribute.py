@@ -79,8 +79,9 @@ def containerd_name(ref: str) -> str:
 
 def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: int,
                ref: str) -> list[Piece]:
-    """The image as an OCI image layout that names every layer (uncompressed, by its
-    diff ID) but carries only the blobs of layers ``skip_layers`` and up."""
+    """The image as an OCI image layout that names every layer (as the archive holds
+    it: uncompressed by its diff ID, or a compressed blob by its own digest) but carries
+    only the blobs of layers ``skip_layers`` and up."""
     if len(diff_ids) != len(archive.layers) or not archive.config:
         raise ImagebuildError(f"{archive.file.path}: its manifest and the image's layers "
                               f"differ")
@@ -91,13 +92,13 @@ def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: in
 
     descriptors: list[dict[str, object]] = []
     sent: set[str] = set()
-    for i, (name, diff_id) in enumerate(zip(archive.layers, diff_ids, strict=True)):
+    for i, name in enumerate(archive.layers):
         m = archive.member(name)
-        descriptors.append({"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                            "digest": diff_id, "size": m.size})
-        if i >= skip_layers and diff_id not in sent:
-            sent.add(diff_id)
-            pieces.append(_header("blobs/sha256/" + diff_id.removeprefix("sha256:"), m.size))
+        media, digest = archive.layer_blob(i)
+        descriptors.append({"mediaType": media, "digest": digest, "size": m.size})
+        if i >= skip_layers and digest not in sent:
+            sent.add(digest)
+            pieces.append(_header("blobs/sha256/" + digest.removeprefix("sha256:"), m.size))
             if m.size:
                 pieces.append((m.data_offset, m.size))
             if _padding(m.size):

@@ -325,3 +325,36 @@ def test_an_oci_config_and_docker_inspect_give_the_same_fingerprint() -> None:
     assert fingerprint_of(diff_ids, {**oci, "User": "root"}) != fingerprint_of(diff_ids, oci)
     assert fingerprint_of(diff_ids, {**oci, "WorkingDir": "/w"}) != fingerprint_of(diff_ids,
                                                                                    oci)
+
+
+@pytest.mark.parametrize("skip", [0, 1, 2])
+def test_an_oci_layout_for_a_containerd_worker_names_compressed_blobs_by_their_digest(
+        tmp_path: Path, skip: int) -> None:
+    """From a containerd-store head the layers are gzip blobs: the layout sent to a
+    containerd-store worker must describe them as such (media type, the blob's own
+    digest), or the worker cannot find them in its content store."""
+    from imagebuild.distribute import oci_pieces
+
+    _, diff_ids = _oci_like(tmp_path / "oci.tar", [b"base" * 999, b"mid" * 99, b"top" * 9])
+    index = _read(tmp_path / "oci.tar")
+    raw = index.file.path.read_bytes()
+    data = b"".join(p if isinstance(p, bytes) else raw[p[0]:p[0] + p[1]]
+                    for p in oci_pieces(index, diff_ids, skip, "vllm-node:abc"))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        files = {m.name: tf.extractfile(m).read() for m in tf.getmembers()  # type: ignore[union-attr]
+                 if m.isfile()}
+    idx = json.loads(files["index.json"])
+    manifest = json.loads(files["blobs/sha256/" + idx["manifests"][0]["digest"][7:]])
+    layers = manifest["layers"]
+    assert [d["mediaType"] for d in layers] == ["application/vnd.oci.image.layer.v1.tar+gzip"] * 3
+    assert [d["digest"] for d in layers] == ["sha256:" + n.rsplit("/", 1)[1] for n in index.layers]
+    for i, d in enumerate(layers):
+        name = "blobs/sha256/" + d["digest"][7:]
+        assert (name in files) == (i >= skip)
+        if name in files:
+            assert "sha256:" + hashlib.sha256(files[name]).hexdigest() == d["digest"]
+            assert len(files[name]) == d["size"]
+    saved = save_like(tmp_path / "c.tar", [b"a" * 700, b"b" * 70])  # classic: by diff ID
+    cindex = _read(saved.path)
+    assert [cindex.layer_blob(i) for i in range(2)] == [
+        ("application/vnd.oci.image.layer.v1.tar", d) for d in saved.diff_ids]
