@@ -3,14 +3,21 @@
 
     scripts/testbed up [--workers N]   start everything (idempotent); prints the env to use
     scripts/testbed up --fresh         the same, from empty engines (keeps cache/; for CI)
+    scripts/testbed up --head-store containerd
+                                       DOCKER_HOST in the env is the containerd-store head
+                                       (default: classic, or $IMAGEBUILD_BED_HEAD_STORE)
     scripts/testbed down               stop what 'up' started (by its pid files)
-    scripts/testbed env                print the environment variables
+    scripts/testbed env [--head-store S]  print the environment variables
     scripts/testbed status             what runs, what does not
     scripts/testbed reset-workers      remove every container and image from the worker engines
 
 Everything lives under $IMAGEBUILD_BED (default /var/lib/imagebuild-bed):
 
-    head/                 the head node's dockerd (own data-root, exec-root, socket, pidfile)
+    head/                 the head node's dockerd on the classic store (overlay2; own
+                          data-root, exec-root, socket, pidfile)
+    chead/                logs and pid files of a second head on the containerd image store
+                          (Docker 26, in c1's chroot with its own containerd, data-root and
+                          socket); both heads always run, --head-store picks the env's
     workers/wN/           worker N: a dockerd plus the sshd on 127.0.0.(N+1):2222 that reaches it
     c1/                   a worker on the containerd image store: Docker 26 and containerd
                           from Debian trixie in a debootstrapped chroot (Debian 12's docker.io
@@ -53,6 +60,9 @@ CTRD = "c1"  # the containerd-store worker
 CTRD_ADDR = "127.0.0.9"
 CTRD_SUITE = "trixie"  # Docker 26.1 with the containerd image store
 CTRD_RUN = "/run/imagebuild-bed"  # inside its chroot: sockets and pid files
+CHEAD = "chead"  # the head on the containerd store: a second engine in c1's chroot
+HEADS = {"classic": "head", "containerd": CHEAD}  # head store -> node
+CHROOT_ENGINES = (CTRD, CHEAD)
 MIRROR = os.environ.get("IMAGEBUILD_BED_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = {  # binary -> Debian package
     "dockerd": "docker.io",
@@ -144,15 +154,31 @@ def spawn(cmd: list[str], logfile: Path, pidfile: Path | None = None) -> int:
 
 
 def node_dir(node: str) -> Path:
-    if node in ("head", CTRD):
+    if node in ("head", CTRD, CHEAD):
         return BED / node
     return BED / "workers" / node
 
 
+def chroot_root() -> Path:
+    """The Debian trixie chroot both containerd-store engines (c1, chead) run in."""
+    return node_dir(CTRD) / "root"
+
+
+def run_dir(node: str) -> str:
+    """Where a chroot engine keeps its sockets and pid files, as seen inside the chroot."""
+    return CTRD_RUN if node == CTRD else f"{CTRD_RUN}/{node}"
+
+
 def socket_of(node: str) -> Path:
-    if node == CTRD:
-        return node_dir(node) / "root" / CTRD_RUN.lstrip("/") / "docker.sock"
+    if node in CHROOT_ENGINES:
+        return chroot_root() / run_dir(node).lstrip("/") / "docker.sock"
     return node_dir(node) / "docker.sock"
+
+
+def head_node(store: str) -> str:
+    if store not in HEADS:
+        die(f"unknown head store {store!r}", f"use one of: {', '.join(HEADS)}")
+    return HEADS[store]
 
 
 def docker(node: str, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -229,13 +255,9 @@ def cached_rootfs(suite: str, packages: str, what: str) -> Path:
     return tarball
 
 
-def start_ctrd_engine() -> None:
-    d = node_dir(CTRD)
-    root = d / "root"
-    if pid_alive(d / "docker.pid", CTRD_RUN) and engine_answers(CTRD):
-        return
-    stop_pidfile(d / "docker.pid", CTRD_RUN, f"dockerd {CTRD}")
-    stop_pidfile(d / "containerd.pid", CTRD_RUN, f"containerd {CTRD}")
+def ensure_chroot() -> Path:
+    """c1's chroot, unpacked and mounted (proc, sys, dev), its root a mount point."""
+    root = chroot_root()
     if not (root / "usr" / "sbin" / "dockerd").is_file():
         tarball = cached_rootfs(CTRD_SUITE, "docker.io,containerd,ca-certificates", "docker")
         root.mkdir(parents=True, exist_ok=True)
@@ -252,45 +274,72 @@ def start_ctrd_engine() -> None:
                         ("dev", ["mount", "--rbind", "/dev"])):
         if str(root / target) not in mounted:
             run([*cmd, str(root / target)])
-    (root / CTRD_RUN.lstrip("/")).mkdir(parents=True, exist_ok=True)
     (root / "etc" / "docker").mkdir(parents=True, exist_ok=True)
     (root / "etc" / "docker" / "daemon.json").write_text(
         '{"features": {"containerd-snapshotter": true}}\n')
-    spawn(["chroot", str(root), "containerd", "--address", f"{CTRD_RUN}/containerd.sock"],
+    return root
+
+
+def start_chroot_engine(node: str) -> None:
+    """containerd and dockerd of ``node`` (c1 or chead) in the trixie chroot. c1 uses the
+    default paths; chead its own containerd root and state, data-root and exec-root."""
+    d = node_dir(node)
+    rd = run_dir(node)
+    if pid_alive(d / "docker.pid", rd + "/") and engine_answers(node):
+        return
+    stop_pidfile(d / "docker.pid", rd + "/", f"dockerd {node}")
+    stop_pidfile(d / "containerd.pid", rd + "/", f"containerd {node}")
+    d.mkdir(parents=True, exist_ok=True)
+    root = ensure_chroot()
+    (root / rd.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    own_ctrd: list[str] = []
+    own_docker: list[str] = []
+    if node != CTRD:
+        own_ctrd = ["--root", f"/var/lib/containerd-{node}", "--state", f"/run/containerd-{node}"]
+        own_docker = ["--data-root", f"/var/lib/docker-{node}",
+                      "--exec-root", f"/run/docker-{node}"]
+    spawn(["chroot", str(root), "containerd", "--address", f"{rd}/containerd.sock", *own_ctrd],
           d / "containerd.log", d / "containerd.pid")
-    sock = root / CTRD_RUN.lstrip("/") / "containerd.sock"
+    sock = root / rd.lstrip("/") / "containerd.sock"
     for _ in range(100):
         if sock.exists():
             break
         time.sleep(0.1)
-    socket_of(CTRD).unlink(missing_ok=True)
-    spawn(["chroot", str(root), "dockerd", "--host", f"unix://{CTRD_RUN}/docker.sock",
-           "--containerd", f"{CTRD_RUN}/containerd.sock", "--pidfile", f"{CTRD_RUN}/docker.pid",
+    socket_of(node).unlink(missing_ok=True)
+    spawn(["chroot", str(root), "dockerd", "--host", f"unix://{rd}/docker.sock",
+           "--containerd", f"{rd}/containerd.sock", "--pidfile", f"{rd}/docker.pid", *own_docker,
            "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false"],
           d / "dockerd.log", d / "docker.pid")
-    log(f"starting dockerd {CTRD} (Docker from {CTRD_SUITE}, containerd image store)")
+    log(f"starting dockerd {node} (Docker from {CTRD_SUITE}, containerd image store)")
 
 
-def stop_ctrd_engine() -> None:
-    d = node_dir(CTRD)
+def stop_chroot_engine(node: str) -> None:
+    d = node_dir(node)
     if not d.is_dir():
         return
-    stop_pidfile(d / "sshd.pid", str(d / "sshd_config"), f"sshd {CTRD}")
-    stop_pidfile(d / "docker.pid", CTRD_RUN, f"dockerd {CTRD}")
-    stop_pidfile(d / "containerd.pid", CTRD_RUN, f"containerd {CTRD}")
+    stop_pidfile(d / "sshd.pid", str(d / "sshd_config"), f"sshd {node}")
+    stop_pidfile(d / "docker.pid", run_dir(node) + "/", f"dockerd {node}")
+    stop_pidfile(d / "containerd.pid", run_dir(node) + "/", f"containerd {node}")
+
+
+def ctr(node: str, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    """containerd's own client against a chroot engine's containerd, namespace moby
+    (what dockerd uses): for tests that damage the content store on purpose."""
+    return run(["chroot", str(chroot_root()), "ctr", "--address",
+                f"{run_dir(node)}/containerd.sock", "--namespace", "moby", *args], **kw)
 
 
 # -- base image without a registry ---------------------------------------------------------
 
 
-def ensure_base_image() -> None:
-    r = subprocess.run(["docker", "-H", f"unix://{socket_of('head')}", "image", "inspect",
+def ensure_base_image(node: str) -> None:
+    r = subprocess.run(["docker", "-H", f"unix://{socket_of(node)}", "image", "inspect",
                         BASE_IMAGE], capture_output=True, text=True)
     if r.returncode == 0:
         return
     tarball = cached_rootfs(SUITE, "python3,python3-pip,python3-venv,ca-certificates", "python")
-    log(f"docker import {tarball.name} as {BASE_IMAGE}")
-    docker("head", "import", "--change", 'CMD ["/bin/bash"]',
+    log(f"docker import {tarball.name} as {BASE_IMAGE} on {node}")
+    docker(node, "import", "--change", 'CMD ["/bin/bash"]',
            "--change", "ENV LANG=C.UTF-8", str(tarball), BASE_IMAGE,
            stdout=subprocess.DEVNULL)
 
@@ -606,12 +655,18 @@ def write_inventory(workers: list[str]) -> None:
         f"  - name: {CTRD}\n    address: {CTRD}"]) + "\n")
 
 
-def env_text() -> str:
+def env_text(store: str) -> str:
     return "\n".join([
+        f"# the test bed, its head on the {store} image store",
         f"export IMAGEBUILD_BED={BED}",
-        f"export DOCKER_HOST=unix://{socket_of('head')}",
+        f"export DOCKER_HOST=unix://{socket_of(head_node(store))}",
         f"export IMAGEBUILD_SSH_CONFIG={BED / 'ssh' / 'config'}",
     ]) + "\n"
+
+
+def default_head_store() -> str:
+    """--head-store when not given: $IMAGEBUILD_BED_HEAD_STORE, else classic."""
+    return os.environ.get("IMAGEBUILD_BED_HEAD_STORE") or "classic"
 
 
 def wipe_engines() -> None:
@@ -620,15 +675,17 @@ def wipe_engines() -> None:
     left = bed_mounts()
     if left:  # never remove a tree with a mount under it: c1 binds the host's /dev
         die(f"refusing to wipe {BED}: still mounted there: {', '.join(left[:3])}")
-    for name in ("head", "workers", CTRD, "state", "backups", "remote-backups", "bench"):
+    for name in ("head", "workers", CTRD, CHEAD, "state", "backups", "remote-backups",
+                 "bench"):
         path = BED / name
         if path.exists():
             shutil.rmtree(path)
     log("wiped the engines' data (kept the cache)")
 
 
-def cmd_up(n: int, fresh: bool = False) -> None:
+def cmd_up(n: int, fresh: bool = False, store: str = "classic") -> None:
     t0 = time.monotonic()
+    head_node(store)  # a bad --head-store fails before anything starts
     if os.geteuid() != 0:
         die("the test bed runs dockerd and sshd, which need root", "run it as root (or sudo)")
     if fresh and BED.is_dir():
@@ -643,9 +700,12 @@ def cmd_up(n: int, fresh: bool = False) -> None:
     ensure_ssh([*((w, worker_addr(i)) for i, w in enumerate(workers, 1)), (CTRD, CTRD_ADDR)])
     for w in workers:
         start_dockerd(w)
-    start_ctrd_engine()
+    for node in CHROOT_ENGINES:
+        start_chroot_engine(node)
     wait_engine("head")
-    ensure_base_image()
+    ensure_base_image("head")
+    wait_engine(CHEAD)
+    ensure_base_image(CHEAD)
     for i, w in enumerate(workers, 1):
         wait_engine(w)
         start_sshd(worker_addr(i), w)
@@ -656,30 +716,36 @@ def cmd_up(n: int, fresh: bool = False) -> None:
             die(f"ssh to worker {w} does not reach its engine",
                 f"try: ssh -F {BED / 'ssh' / 'config'} -v {w} docker info; logs in {node_dir(w)}")
     write_inventory(workers)
-    (BED / "env").write_text(env_text())
-    log(f"up in {time.monotonic() - t0:.1f}s: head engine, {n} ssh workers, a containerd-store "
-        f"worker ({CTRD}), wheel index")
-    print(env_text(), end="")
+    (BED / "env").write_text(env_text(store))
+    log(f"up in {time.monotonic() - t0:.1f}s: heads on both image stores (env: {store}), "
+        f"{n} ssh workers, a containerd-store worker ({CTRD}), wheel index")
+    print(env_text(store), end="")
+
+
+def worker_nodes() -> list[str]:
+    wdir = BED / "workers"
+    nodes = sorted(p.name for p in wdir.iterdir()) if wdir.is_dir() else []
+    return [*nodes, CTRD] if node_dir(CTRD).is_dir() else nodes
 
 
 def all_nodes() -> list[str]:
-    wdir = BED / "workers"
-    nodes = ["head", *sorted(p.name for p in wdir.iterdir())] if wdir.is_dir() else ["head"]
-    return [*nodes, CTRD] if node_dir(CTRD).is_dir() else nodes
+    heads = ["head", *([CHEAD] if node_dir(CHEAD).is_dir() else [])]
+    return [*heads, *worker_nodes()]
 
 
 def engine_marker(node: str) -> str:
     """What the command line of ``node``'s dockerd contains (pid files are checked)."""
-    return CTRD_RUN if node == CTRD else str(node_dir(node))
+    return run_dir(node) + "/" if node in CHROOT_ENGINES else str(node_dir(node))
 
 
 def cmd_down() -> None:
     if not BED.is_dir():
         return
-    stop_ctrd_engine()
+    for node in CHROOT_ENGINES:
+        stop_chroot_engine(node)
     for node in reversed(all_nodes()):
         d = node_dir(node)
-        if node != "head":
+        if node not in HEADS.values():
             stop_pidfile(d / "sshd.pid", str(d / "sshd_config"), f"sshd {node}")
         stop_pidfile(d / "docker.pid", engine_marker(node), f"dockerd {node}")
     stop_pidfile(BED / "index.pid", str(BED / "index"), "wheel index")
@@ -722,7 +788,7 @@ def cmd_status() -> int:
         ok = bool(pid_alive(d / "docker.pid", engine_marker(node))) and engine_answers(node)
         line = f"{node:6} dockerd {'up' if ok else 'DOWN'}"
         bad += not ok
-        if node != "head":
+        if node not in HEADS.values():
             sok = bool(pid_alive(d / "sshd.pid", str(d / "sshd_config")))
             line += f", sshd {'up' if sok else 'DOWN'}"
             bad += not sok
@@ -734,7 +800,7 @@ def cmd_status() -> int:
 
 def cmd_reset_workers() -> None:
     """Empty the bed's worker engines (only ours: reached through the bed's own sockets)."""
-    for node in all_nodes()[1:]:
+    for node in worker_nodes():
         if not engine_answers(node):
             continue
         ids = docker(node, "ps", "-aq", capture_output=True).stdout.split()
@@ -754,17 +820,19 @@ def main() -> int:
     up.add_argument("--workers", type=int, default=int(os.environ.get("IMAGEBUILD_BED_WORKERS", 3)))
     up.add_argument("--fresh", action="store_true",
                     help="start from empty engines (the debootstrap and uv cache is kept)")
+    for p_ in (up, sub.add_parser("env")):
+        p_.add_argument("--head-store", choices=sorted(HEADS), default=default_head_store(),
+                        help="the image store of the head DOCKER_HOST names (both run)")
     sub.add_parser("down")
-    sub.add_parser("env")
     sub.add_parser("status")
     sub.add_parser("reset-workers")
     args = p.parse_args()
     if args.cmd == "up":
-        cmd_up(args.workers, fresh=args.fresh)
+        cmd_up(args.workers, fresh=args.fresh, store=args.head_store)
     elif args.cmd == "down":
         cmd_down()
     elif args.cmd == "env":
-        print(env_text(), end="")
+        print(env_text(args.head_store), end="")
     elif args.cmd == "status":
         return cmd_status()
     elif args.cmd == "reset-workers":

@@ -3,17 +3,23 @@
 A test that needs the bed carries ``@pytest.mark.bed``. When the bed is not up, those
 tests are skipped on a developer machine — and fail the run when ``CI=true``: in CI a
 missing engine is a failure, never a silent skip.
+
+The bed runs two heads: ``head`` on the classic store (Docker 20.10, overlay2) and
+``chead`` on the containerd image store (Docker 26.1). A test's head is the
+``head_store`` fixture ("classic" unless the test is parametrized over ``HEAD_STORES``);
+``bed_env``, ``mini`` and ``warm`` follow it.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +30,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import testbed  # noqa: E402
 
 MINI = REPO / "examples" / "mini" / "imagebuild.yaml"
+HEAD_STORES = ("classic", "containerd")
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,16 @@ class Bed:
     head_socket: Path
     ssh_config: Path
     workers: tuple[str, ...]
+    head_store: str = "classic"
+
+    def on(self, store: str) -> Bed:
+        """The same bed with its head on ``store``."""
+        return replace(self, head_store=store,
+                       head_socket=testbed.socket_of(testbed.HEADS[store]))
+
+    @property
+    def head_node(self) -> str:
+        return testbed.HEADS[self.head_store]
 
     @property
     def docker_host(self) -> str:
@@ -73,8 +90,16 @@ def bed() -> Iterator[Bed]:
 
 
 @pytest.fixture
-def bed_env(bed: Bed, monkeypatch: pytest.MonkeyPatch) -> Bed:
-    """The environment `scripts/testbed env` prints, applied to this test."""
+def head_store() -> str:
+    """The head's image store; tests override it with
+    ``@pytest.mark.parametrize("head_store", HEAD_STORES)``."""
+    return "classic"
+
+
+@pytest.fixture
+def bed_env(bed: Bed, head_store: str, monkeypatch: pytest.MonkeyPatch) -> Bed:
+    """The environment `scripts/testbed env --head-store S` prints, applied to this test."""
+    bed = bed.on(head_store)
     monkeypatch.setenv("IMAGEBUILD_BED", str(bed.root))
     monkeypatch.setenv("DOCKER_HOST", bed.docker_host)
     return bed
@@ -104,6 +129,12 @@ class MiniStack:
         self.spec.write_text(text)
         shutil.copy(MINI.parent / "wheels.lock", root / "wheels.lock")
 
+    def on(self, store: str) -> MiniStack:
+        """The same stack (spec, state, backups) driven against the head on ``store``."""
+        other = copy.copy(self)
+        other.bed = self.bed.on(store)
+        return other
+
     def edit_spec(self, old: str, new: str) -> None:
         text = self.spec.read_text()
         assert old in text, old
@@ -125,9 +156,21 @@ WARM_SALT = "warm-" + uuid.uuid4().hex[:8]  # one per test session
 
 
 @pytest.fixture
-def warm(bed_env: Bed, tmp_path: Path) -> MiniStack:
+def warm(bed_env: Bed, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[MiniStack]:
     """A stack of its own (spec, state, backups) whose images are the same derivations
     in every test of the session: the first such test builds them, the others reuse
-    them by input hash (and still gate and back them up in their own state). For tests
-    that need built images, not a cold build."""
-    return MiniStack(tmp_path / "stack", bed_env, WARM_SALT)
+    them by input hash, and start with the verify records earlier tests on this head
+    wrote (a record holds for exactly one image ID, content and check set; the gate
+    still judges it). Backups are each test's own. For tests that need built images,
+    not a cold build."""
+    stack = MiniStack(tmp_path / "stack", bed_env, WARM_SALT)
+    records = tmp_path_factory.getbasetemp() / f"warm-records-{bed_env.head_store}"
+    verified = stack.root / "state" / "verified"
+    if records.is_dir():
+        shutil.copytree(records, verified, dirs_exist_ok=True)
+    yield stack
+    if verified.is_dir():
+        records.mkdir(exist_ok=True)
+        for record in verified.glob("*.json"):
+            shutil.copy2(record, records / record.name)

@@ -9,24 +9,40 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MINI, REPO, Bed, testbed
+from .conftest import HEAD_STORES, MINI, REPO, Bed, testbed
 
 pytestmark = pytest.mark.bed
 
 
-def test_a_container_runs_on_the_head_engine(bed: Bed) -> None:
-    r = bed.docker("run", "--rm", "--network", "none", testbed.BASE_IMAGE,
-                   "python3", "-c", "import sys; print(sys.version_info[:2])")
+@pytest.mark.parametrize("head_store", HEAD_STORES)
+def test_a_container_runs_on_the_head_engine(bed: Bed, head_store: str) -> None:
+    """Both heads run containers (the containerd one only because its chroot's root is a
+    mount point: runc's remount of / fails otherwise)."""
+    r = bed.on(head_store).docker("run", "--rm", "--network", "none", testbed.BASE_IMAGE,
+                                  "python3", "-c", "import sys; print(sys.version_info[:2])")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "(3, 11)"
 
 
-def test_the_head_engine_is_private(bed: Bed) -> None:
-    r = bed.docker("info", "--format", "{{.DockerRootDir}}|{{.Driver}}")
+@pytest.mark.parametrize("head_store, root, driver, version", [
+    ("classic", "head/data", "overlay2", "20.10."),
+    ("containerd", "c1/root/var/lib/docker-chead", "overlayfs", "26.1."),
+])
+def test_the_head_engine_is_private(bed: Bed, head_store: str, root: str, driver: str,
+                                    version: str) -> None:
+    """Each head has an engine of its own; the second is on the containerd image store
+    (docker info's DriverStatus names the snapshotter; its data-root is in c1's chroot)."""
+    r = bed.on(head_store).docker("info", "--format",
+                                  "{{.DockerRootDir}}|{{.Driver}}|{{.ServerVersion}}|"
+                                  "{{json .DriverStatus}}")
     assert r.returncode == 0, r.stderr
-    root, driver = r.stdout.strip().split("|")
-    assert root == str(bed.root / "head" / "data")
-    assert driver == "overlay2"
+    got_root, got_driver, got_version, status = r.stdout.strip().split("|")
+    data_root = bed.root / "head" / "data" if head_store == "classic" else Path(
+        "/var/lib/docker-chead")  # as the engine in the chroot sees it
+    assert got_root == str(data_root)
+    assert got_driver == driver and got_version.startswith(version)
+    assert ("io.containerd.snapshotter" in status) == (head_store == "containerd")
+    assert (bed.root / root).is_dir()
 
 
 def test_each_worker_answers_over_ssh_with_its_own_engine_and_no_images(bed: Bed) -> None:
@@ -142,3 +158,9 @@ def test_up_is_idempotent_and_keeps_the_same_processes(bed: Bed) -> None:
     assert f"DOCKER_HOST={bed.docker_host}" in r.stdout
     assert (bed.root / "head" / "docker.pid").read_text() == pid
     assert "debootstrap" not in r.stderr
+    env = subprocess.run([sys.executable, str(REPO / "scripts" / "testbed.py"), "env",
+                          "--head-store", "containerd"], capture_output=True, text=True)
+    assert env.returncode == 0 and f"DOCKER_HOST={bed.on('containerd').docker_host}" in env.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "testbed.py"), "up",
+                          "--head-store", "zfs"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'zfs'" in bad.stderr

@@ -38,11 +38,17 @@ class CountingEngine(DockerEngine):
         self.builds: list[str] = []
 
     def build(self, context, *, buildargs, nocache=False):  # type: ignore[no-untyped-def]
-        data = b"".join(context)  # a few small files: the Dockerfile carries the labels
-        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-            dockerfile = tf.extractfile("Dockerfile").read().decode()  # type: ignore[union-attr]
-        self.builds.append(dockerfile_labels(dockerfile)[IMAGE_LABEL])
-        return super().build([data], buildargs=buildargs, nocache=nocache)
+        data, labels = _read_context(context)
+        self.builds.append(labels[IMAGE_LABEL])
+        return super().build(iter([data]), buildargs=buildargs, nocache=nocache)
+
+
+def _read_context(context: object) -> tuple[bytes, dict[str, str]]:
+    """A build context (a few small files) and the labels its Dockerfile carries."""
+    data = b"".join(context)  # type: ignore[call-overload]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        dockerfile = tf.extractfile("Dockerfile").read().decode()  # type: ignore[union-attr]
+    return data, dockerfile_labels(dockerfile)
 
 
 def _build(mini: MiniStack, names: list[str]) -> tuple[CountingEngine, dict[str, str]]:
@@ -226,7 +232,8 @@ class SwappingEngine(DockerEngine):
         super().__init__()
         self.wheel, self.how = wheel, how
 
-    def build(self, context, *, buildargs, labels, nocache=False):  # type: ignore[no-untyped-def]
+    def build(self, context, *, buildargs, nocache=False):  # type: ignore[no-untyped-def]
+        context, labels = _read_context(context)
         if labels[IMAGE_LABEL] == "vllm-node":
             if self.how == "rename":
                 new = self.wheel.with_suffix(".swapped")
@@ -238,7 +245,7 @@ class SwappingEngine(DockerEngine):
                     f.seek(st.st_size - 30)
                     f.write(b"X" * 10)
                 os.utime(self.wheel, ns=(st.st_atime_ns, st.st_mtime_ns))
-        return super().build(context, buildargs=buildargs, labels=labels, nocache=nocache)
+        return super().build(iter([context]), buildargs=buildargs, nocache=nocache)
 
 
 def test_a_wheel_changed_after_the_check_is_never_what_is_served(mini: MiniStack) -> None:

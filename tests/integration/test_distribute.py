@@ -15,7 +15,7 @@ import pytest
 from imagebuild.engine import parse_image
 from imagebuild.engine_docker import DockerEngine
 
-from .conftest import REPO, Bed, MiniStack, testbed
+from .conftest import HEAD_STORES, REPO, Bed, MiniStack, testbed
 
 pytestmark = pytest.mark.bed
 
@@ -26,8 +26,30 @@ NODE_WHEELS = ("    wheels: [vllm, flashinfer-python, flashinfer-cubin, flashinf
 
 @pytest.fixture
 def clean(mini: MiniStack) -> MiniStack:
+    """A stack of its own (its first build is cold); workers that hold nothing."""
     testbed.cmd_reset_workers()
     return mini
+
+
+@pytest.fixture
+def built(warm: MiniStack) -> MiniStack:
+    """The session's warm stack (images built once, reused by input hash; this test's own
+    state and backups); workers that hold nothing. For tests about the transfer."""
+    testbed.cmd_reset_workers()
+    return warm
+
+
+def _blob_bytes(tar: Path, skipped: int) -> int:
+    """The bytes of the layer files of ``tar`` above the first ``skipped`` layers, as the
+    archive holds them (gzip blobs on a containerd-store head), read with tarfile."""
+    import tarfile
+
+    with tarfile.open(tar) as tf:
+        f = tf.extractfile("manifest.json")
+        assert f is not None
+        layers = json.load(f)[0]["Layers"]
+        sizes = {m.name: m.size for m in tf.getmembers() if m.isfile()}
+    return sum(sizes[name] for name in dict.fromkeys(layers[skipped:]))
 
 
 def _distribute(mini: MiniStack, *args: str) -> tuple[int, dict[str, object], str]:
@@ -48,8 +70,9 @@ def _by(data: dict[str, object], worker: str, image: str) -> dict[str, object]:
                 if o["worker"] == worker and o["image"] == image)
 
 
-def test_cold_fanout_lands_the_identical_image_on_every_worker(clean: MiniStack) -> None:
-    mini = clean
+@pytest.mark.parametrize("head_store", HEAD_STORES)
+def test_cold_fanout_lands_the_identical_image_on_every_worker(built: MiniStack) -> None:
+    mini = built
     assert mini.cli("build", "mimo").returncode == 0
     code, data, err = _distribute(mini, "--workers", "3")
     assert code == 0, err
@@ -59,12 +82,19 @@ def test_cold_fanout_lands_the_identical_image_on_every_worker(clean: MiniStack)
     for w in mini.bed.workers:
         got = _worker_image(mini.bed, w, "vllm-node-mimo:latest")
         assert got is not None and got.fingerprint == head.fingerprint
+        # the classic workers name the image by its config; a containerd head by manifest
+        assert (got.id == head.id) == (mini.bed.head_store == "classic")
         assert hash_tag in got.tags
         node = _by(data, w, "vllm-node")
         assert node["action"] == "whole archive" and node["ok"]
         mimo = _by(data, w, "vllm-node-mimo")
         assert mimo["action"] == "partial" and mimo["bytes_sent"] < archive / 8
         assert float(node["mb_per_s"]) > 0  # type: ignore[arg-type]
+        # what was sent is the layer files as the archive holds them (gzip blobs from a
+        # containerd head), plus tar headers, config and manifest
+        blobs = _blob_bytes(mini.root / "backups" / "vllm-node-mimo.tar",
+                            int(mimo["layers_skipped"]))  # type: ignore[call-overload]
+        assert blobs <= int(mimo["bytes_sent"]) <= blobs + (1 << 20)  # type: ignore[call-overload]
     # a second run sends nothing
     t0 = time.monotonic()
     code, data, _ = _distribute(mini, "--workers", "3")
@@ -86,17 +116,26 @@ def test_a_one_wheel_rebuild_sends_only_mimos_new_layers(clean: MiniStack) -> No
     assert r.returncode == 0 and "built 1" in r.stdout, r.stdout + r.stderr
     code, data, err = _distribute(mini, "--workers", "w1,w3", "mimo")
     assert code == 0, err
-    archive = (mini.root / "backups" / "vllm-node-mimo.tar").stat().st_size
+    tar = mini.root / "backups" / "vllm-node-mimo.tar"
+    archive = tar.stat().st_size
     for w in ("w1", "w3"):
         o = _by(data, w, "vllm-node-mimo")
         assert o["action"] == "partial"
-        assert 0 < int(o["bytes_sent"]) < archive / 8  # type: ignore[call-overload]
-        assert int(o["layers_skipped"]) >= 8  # type: ignore[call-overload]
+        sent, skipped = int(o["bytes_sent"]), int(o["layers_skipped"])  # type: ignore[call-overload]
+        assert 0 < sent < archive / 8
+        assert skipped >= 8
+        # the layer files as the archive holds them (compressed on a containerd head),
+        # plus tar headers, config and manifest
+        blobs = _blob_bytes(tar, skipped)
+        assert blobs <= sent <= blobs + (1 << 20), (blobs, sent)
+        got = _worker_image(mini.bed, w, "vllm-node-mimo:latest")
+        assert got is not None
+        assert got.fingerprint == DockerEngine().require("vllm-node-mimo:latest").fingerprint
     assert {o["worker"] for o in data["outcomes"]} == {"w1", "w3"}  # type: ignore[union-attr]
 
 
-def test_an_unverified_image_is_refused_unless_forced(clean: MiniStack) -> None:
-    mini = clean
+def test_an_unverified_image_is_refused_unless_forced(built: MiniStack) -> None:
+    mini = built
     assert mini.cli("build", "--no-backup", "tf5").returncode == 0
     for record in (mini.root / "state" / "verified").glob("*.json"):
         record.unlink()
@@ -131,8 +170,8 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_killing_one_workers_sshd_mid_transfer_fails_it_alone(clean: MiniStack) -> None:
-    mini = clean
+def test_killing_one_workers_sshd_mid_transfer_fails_it_alone(built: MiniStack) -> None:
+    mini = built
     assert mini.cli("build", "mimo").returncode == 0
     sshd_pid = int((mini.bed.root / "workers" / "w2" / "sshd.pid").read_text())
     env = dict(os.environ, DOCKER_HOST=mini.bed.docker_host, IMAGEBUILD_BED=str(mini.bed.root))
@@ -177,8 +216,8 @@ def test_killing_one_workers_sshd_mid_transfer_fails_it_alone(clean: MiniStack) 
     assert got is not None and got.fingerprint == head.fingerprint
 
 
-def test_a_wrong_host_key_fails_that_worker_only(clean: MiniStack, tmp_path: Path) -> None:
-    mini = clean
+def test_a_wrong_host_key_fails_that_worker_only(built: MiniStack, tmp_path: Path) -> None:
+    mini = built
     assert mini.cli("build", "node").returncode == 0
     bed = mini.bed
     known = (bed.root / "ssh" / "known_hosts").read_text().splitlines()
@@ -203,8 +242,8 @@ def test_a_wrong_host_key_fails_that_worker_only(clean: MiniStack, tmp_path: Pat
     assert bed.ssh("w2", "docker", "images", "-q").stdout.strip() == ""
 
 
-def test_a_worker_out_of_disk_fails_alone_and_a_rerun_completes_it(clean: MiniStack) -> None:
-    mini = clean
+def test_a_worker_out_of_disk_fails_alone_and_a_rerun_completes_it(built: MiniStack) -> None:
+    mini = built
     assert mini.cli("build", "node").returncode == 0
     # dockerd unpacks a load under <data-root>/tmp: give w3 a 4 MiB one
     tmp = mini.bed.root / "workers" / "w3" / "data" / "tmp"
@@ -229,10 +268,13 @@ def test_a_worker_out_of_disk_fails_alone_and_a_rerun_completes_it(clean: MiniSt
         assert _by(data, w, "vllm-node")["bytes_sent"] == 0
 
 
-def test_a_containerd_store_worker_gets_only_its_missing_layers(clean: MiniStack) -> None:
+@pytest.mark.parametrize("head_store", HEAD_STORES)
+def test_a_containerd_store_worker_gets_only_its_missing_layers(built: MiniStack) -> None:
     """c1 runs Docker 26 on the containerd image store: it refuses a docker-save archive
-    with layer files left out, so it gets an OCI layout without the present layers' blobs."""
-    mini = clean
+    with layer files left out, so it gets an OCI layout without the present layers' blobs
+    (from either head: the classic one's uncompressed layer.tar files, the containerd
+    one's gzip blobs)."""
+    mini = built
     mini.edit_spec("inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster.yaml",
                    "inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster-containerd.yaml")
     assert mini.cli("build", "mimo").returncode == 0
@@ -245,7 +287,8 @@ def test_a_containerd_store_worker_gets_only_its_missing_layers(clean: MiniStack
         want = head.require(f"{name}:latest")
         got = _worker_image(mini.bed, "c1", f"{name}:latest")
         assert got is not None and got.fingerprint == want.fingerprint
-        assert got.id != want.id  # the two stores name the same content differently
+        if mini.bed.head_store == "classic":  # the two stores name the same content
+            assert got.id != want.id  # differently; two containerd stores alike
         hash_tag = next(t for t in want.tags if not t.endswith(":latest"))
         assert hash_tag in got.tags
     assert _by(data, "c1", "vllm-node")["action"] == "whole archive"
@@ -331,7 +374,7 @@ def _built(head: DockerEngine, files: dict[str, bytes]) -> str:
             ti = tarfile.TarInfo(name)
             ti.size, ti.mtime = len(content), 1_700_000_000
             tf.addfile(ti, io.BytesIO(content))
-    events = list(head.build(iter([buf.getvalue()]), buildargs={}, labels={}))
+    events = list(head.build(iter([buf.getvalue()]), buildargs={}))
     done = [e for e in events if e.kind == "done"]
     assert done, events
     return done[0].image_id

@@ -36,7 +36,7 @@ def _labelled_image(head: DockerEngine, label: str) -> str:
         ti = tarfile.TarInfo("Dockerfile")
         ti.size = len(dockerfile)
         tf.addfile(ti, io.BytesIO(dockerfile))
-    events = list(head.build(iter([buf.getvalue()]), buildargs={}, labels={}))
+    events = list(head.build(iter([buf.getvalue()]), buildargs={}))
     [done] = [e for e in events if e.kind == "done"]
     return done.image_id
 
@@ -102,7 +102,7 @@ def test_a_worker_engine_answers_like_the_heads(bed_env: Bed, head: DockerEngine
     with pytest.raises(ImageNotFound):
         list(worker.save("imagebuild-engine-test:never-was"))
     with pytest.raises(EngineError, match="built on the head"):
-        list(worker.build([b""], buildargs={}, labels={}))
+        list(worker.build([b""], buildargs={}))
     head.remove_image(f"imagebuild-engine-test:{label}")
 
 

@@ -13,7 +13,7 @@ from imagebuild.lock import read_lock
 from imagebuild.spec import load_spec
 from imagebuild.verify import passing_record, read_record, require_verified
 
-from .conftest import MiniStack
+from .conftest import HEAD_STORES, MiniStack
 
 pytestmark = pytest.mark.bed
 
@@ -37,6 +37,7 @@ def _tags(mini: MiniStack) -> dict[str, str]:
     return {i["name"]: i["tag"] for i in json.loads(r.stdout)["images"]}
 
 
+@pytest.mark.parametrize("head_store", HEAD_STORES)
 def test_the_good_stack_passes_every_check_and_records_it(mini: MiniStack) -> None:
     r = mini.cli("build", "mimo")
     assert r.returncode == 0, r.stderr
