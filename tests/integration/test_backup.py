@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from imagebuild.engine_docker import DockerEngine
 from imagebuild.lock import sha256_file
 
-from .conftest import HEAD_STORES, MiniStack, testbed
+from .conftest import HEAD_STORES, Bed, MiniStack, testbed
 
 pytestmark = pytest.mark.bed
 
@@ -343,10 +344,13 @@ def test_an_incomplete_save_is_refused_and_the_previous_backup_stays(mini: MiniS
     assert json.loads((tar.parent / (tar.name + ".json")).read_text())["sha256"] == _sha(tar)
 
 
-def test_a_backup_restores_on_a_head_of_the_other_store(mini: MiniStack) -> None:
+def test_a_backup_restores_on_a_head_of_the_other_store(bed_env: Bed, tmp_path: Path) -> None:
     """A tar the classic head wrote (its image ID is the config's digest) restores on the
     containerd head (which names the image by its manifest): found by hash tag and content
-    fingerprint, gated there (records are per image ID), then latest."""
+    fingerprint, gated there (records are per image ID), then latest. A stack of its own:
+    the builds are not reproducible, so the restored mimo is another content than a
+    containerd-head build of the same derivation, and must not replace the warm one."""
+    mini = MiniStack(tmp_path / "stack", bed_env, "xstore-" + uuid.uuid4().hex[:8])
     _, sidecar, tag = _built(mini)
     other = mini.on("containerd")
     env = dict(os.environ, DOCKER_HOST=other.bed.docker_host)
@@ -367,3 +371,12 @@ def test_a_backup_restores_on_a_head_of_the_other_store(mini: MiniStack) -> None
     assert tuple(got["RootFS"]["Layers"]) == DockerEngine().require(tag).diff_ids  # same content
     r = other.cli("restore-from-tar", "mimo")  # present (by tag and content): a no-op
     assert r.returncode == 0 and "nothing loaded" in r.stdout, r.stdout
+    held = subprocess.run(["docker", "ps", "-aq", "--filter", "label=org.imagebuild.root"],
+                          env=env, capture_output=True, text=True).stdout.split()
+    for cid in held:  # leave the containerd head as it was: drop this stack's roots
+        info = subprocess.run(["docker", "inspect", "--format", "{{.Config.Image}}", cid],
+                              env=env, capture_output=True, text=True).stdout
+        if "vllm-node-mimo" in info:
+            subprocess.run(["docker", "rm", "-f", cid], env=env, capture_output=True)
+    subprocess.run(["docker", "rmi", "-f", tag, "vllm-node-mimo:latest"], env=env,
+                   capture_output=True)
