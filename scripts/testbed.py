@@ -47,6 +47,7 @@ import time
 import zipfile
 from base64 import urlsafe_b64encode
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BED = Path(os.environ.get("IMAGEBUILD_BED") or "/var/lib/imagebuild-bed").absolute()
@@ -231,9 +232,51 @@ def _mounted() -> set[str]:
     return {ln.split()[1] for ln in lines if len(ln.split()) > 1}
 
 
-def cached_rootfs(suite: str, packages: str, what: str) -> Path:
-    """A debootstrapped ``suite`` with ``packages``, as a tarball in cache/ (made once)."""
-    tarball = BED / "cache" / f"{suite}-{what}-rootfs.tar"
+# What a base image for tests does not need: documentation (copyright notices stay, as
+# Debian's policy for slim images has it), manuals, translations and apt's package lists.
+# About a third of the base's bytes and files, which every test saves, loads, backs up
+# and sends to workers again and again.
+SLIM_EXCLUDES = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
+                 "var/lib/apt/lists")
+SLIM_DPKG_CFG = """# imagebuild test bed: later package installs stay as slim as the base
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+"""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def slim(root: Path) -> None:
+    """Remove SLIM_EXCLUDES from an unpacked rootfs (copyright files stay) and tell dpkg to
+    leave them out of later installs too."""
+    for rel in SLIM_EXCLUDES:
+        top = root / rel
+        if not top.is_dir():
+            continue
+        for entry in top.iterdir():
+            if rel == "usr/share/doc" and entry.is_dir() and not entry.is_symlink():
+                for sub in entry.iterdir():
+                    if sub.name != "copyright":
+                        _remove(sub)
+            else:
+                _remove(entry)
+    cfg = root / "etc/dpkg/dpkg.cfg.d"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "imagebuild-bed-slim").write_text(SLIM_DPKG_CFG)
+
+
+def cached_rootfs(suite: str, packages: str, what: str, slimmed: bool = False) -> Path:
+    """A debootstrapped ``suite`` with ``packages``, as a tarball in cache/ (made once);
+    ``slimmed``: without documentation, manuals and translations (see slim())."""
+    tarball = BED / "cache" / f"{suite}-{what}{'-slim' if slimmed else ''}-rootfs.tar"
     if tarball.is_file():
         return tarball
     tmp = tarball.with_suffix(".tmp")
@@ -247,6 +290,8 @@ def cached_rootfs(suite: str, packages: str, what: str) -> Path:
     (tmp / "var/lib/apt/lists").mkdir(parents=True, exist_ok=True)
     for deb in (tmp / "var/cache/apt/archives").glob("*.deb"):
         deb.unlink()
+    if slimmed:
+        slim(tmp)
     partial = tarball.with_suffix(".partial")
     run(["tar", "--numeric-owner", "-C", str(tmp), "-cf", str(partial), "."])
     os.replace(partial, tarball)
@@ -337,7 +382,8 @@ def ensure_base_image(node: str) -> None:
                         BASE_IMAGE], capture_output=True, text=True)
     if r.returncode == 0:
         return
-    tarball = cached_rootfs(SUITE, "python3,python3-pip,python3-venv,ca-certificates", "python")
+    tarball = cached_rootfs(SUITE, "python3,python3-pip,python3-venv,ca-certificates", "python",
+                            slimmed=True)
     log(f"docker import {tarball.name} as {BASE_IMAGE} on {node}")
     docker(node, "import", "--change", 'CMD ["/bin/bash"]',
            "--change", "ENV LANG=C.UTF-8", str(tarball), BASE_IMAGE,
@@ -799,10 +845,14 @@ def cmd_status() -> int:
 
 
 def cmd_reset_workers() -> None:
-    """Empty the bed's worker engines (only ours: reached through the bed's own sockets)."""
-    for node in worker_nodes():
-        if not engine_answers(node):
-            continue
+    """Empty the bed's worker engines (only ours: reached through the bed's own sockets),
+    all at once: the engines are independent, and tests call this before each scenario."""
+    with ThreadPoolExecutor(max_workers=len(worker_nodes()) or 1) as pool:
+        list(pool.map(reset_node, worker_nodes()))
+
+
+def reset_node(node: str) -> None:
+    if engine_answers(node):
         ids = docker(node, "ps", "-aq", capture_output=True).stdout.split()
         if ids:
             docker(node, "rm", "-f", *ids, capture_output=True)
