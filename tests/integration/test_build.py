@@ -298,9 +298,13 @@ def test_ctrl_c_leaves_no_tag_and_no_container(mini: MiniStack) -> None:
     tpl.write_text(tpl.read_text() + "\nRUN echo sleeping && sleep 60\n")
     hashes = _hashes(mini)
     env = dict(os.environ, DOCKER_HOST=mini.bed.docker_host, IMAGEBUILD_BED=str(mini.bed.root))
+    # Ctrl-C as a terminal sends it. The child must not inherit an ignored SIGINT: a shell
+    # without job control starts background commands (a CI runner's, `cmd &`) with SIGINT
+    # ignored, and Python then keeps it ignored.
     proc = subprocess.Popen([sys.executable, "-m", "imagebuild", "-f", str(mini.spec), "build",
                              "mimo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = mini.root / "state" / "logs" / f"vllm-node-tf5-{hashes['vllm-node-tf5'][:12]}.log"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
