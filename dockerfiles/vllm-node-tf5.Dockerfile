@@ -5,4 +5,10 @@
 ARG BASE_IMAGE=vllm-node:latest
 FROM ${BASE_IMAGE}
 
-RUN uv pip install 'transformers>=4.57,<5'
+# What this image's locked closure (locks/pylock.vllm-node-tf5.toml) has that vllm-node's does
+# not: install-requirements.txt pins each file by URL and sha256; --no-deps resolves
+# nothing at build time.
+COPY install-requirements.txt /tmp/tf5-install-requirements.txt
+ARG IMAGEBUILD_WHEELS
+RUN uv pip install --no-deps --require-hashes -r /tmp/tf5-install-requirements.txt \
+    && rm /tmp/tf5-install-requirements.txt

@@ -114,12 +114,13 @@ def preflight(spec: Spec, d: Derivation, stack: contextlib.ExitStack) -> dict[st
     """Before the engine is touched: every context file is resolved, and every wheel is
     opened once and its bytes checked against wheels.lock through that descriptor. The
     build is served from the same descriptors (closed with ``stack``)."""
-    unresolved = [w.filename for w in d.served if w.sha256 is None]
-    unresolved += [f.arcname for f in d.context if f.sha256 is None]
+    unresolved = list(d.unresolved) or [w.filename for w in d.served if w.sha256 is None]
+    unresolved += [f.arcname for f in d.context if f.sha256 is None and not unresolved]
     if unresolved:
         raise UnresolvedHashError(
-            f"{d.name}: the sha256 of {unresolved[0]} is unresolved in {spec.lock_path}",
-            hint="run 'imagebuild lock' where the wheels are and commit wheels.lock",
+            f"{d.name}: cannot build: {', '.join(unresolved)} unresolved where it was locked",
+            hint="run 'imagebuild lock' where the wheels are (and every index answers), and "
+                 "commit wheels.lock and locks/",
         )
     pinned: dict[str, PinnedFile] = {}
     for w in d.served:

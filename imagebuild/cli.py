@@ -57,15 +57,27 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
-    result = ops.lock(load_spec(args.file), check=args.check, upgrade=args.upgrade)
+    upgrade: bool | list[str] = False if args.upgrade is None else (args.upgrade or True)
+    result = ops.lock(load_spec(args.file), check=args.check, upgrade=upgrade,
+                      progress=Progress(sys.stderr))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for note in result.notes:
         print(f"  {note}", file=sys.stderr)
-    state = "is up to date" if result.state == "up to date" else result.state
-    where = _rel(result.path)
-    line = f"{where} {state}" if result.state != "written" else f"wrote {where}"
-    print(f"{line} ({result.wheels} wheels, {result.unresolved} unresolved)")
+
+    def line(path: Path, state: str, what: str) -> str:
+        shown = "is up to date" if state == "up to date" else state
+        where = _rel(path)
+        return f"{where} {shown} ({what})" if state != "written" else f"wrote {where} ({what})"
+
+    print(line(result.path, result.state, f"{result.wheels} wheels, {result.unresolved} "
+                                          f"unresolved"))
+    for c in result.closures:
+        what = (f"{c.packages} distributions" if c.unresolved is None
+                else f"unresolved: {c.unresolved}")
+        print(line(c.path, c.state, what))
+        for change in c.changed:
+            print(f"  {change}")
     return 0
 
 
@@ -349,11 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write nothing; exit 1 with a diff if dockerfiles/ is stale")
     s.set_defaults(func=cmd_render)
 
-    s = sub.add_parser("lock", help="write wheels.lock (sha256 of every declared wheel)")
-    s.add_argument("--upgrade", action="store_true",
-                   help="re-read index hashes even for wheels already locked")
+    s = sub.add_parser("lock", help="write wheels.lock (sha256 of every declared wheel) and "
+                                     "locks/pylock.<image>.toml (each image's whole closure)")
+    s.add_argument("--upgrade", nargs="*", metavar="PACKAGE",
+                   help="move the named packages to the newest the indexes offer (every "
+                        "other pin stays); with no names, everything, and re-read index "
+                        "hashes")
     s.add_argument("--check", action="store_true",
-                   help="write nothing; exit 2 if wheels.lock is out of date")
+                   help="write nothing; exit 2 if a lock is out of date (for CI)")
     s.set_defaults(func=cmd_lock)
 
     s = sub.add_parser("plan", help="show build order and input hashes (no engine needed)")

@@ -3,9 +3,12 @@ beyond reading the spec's templates.
 
 An image's input hash is sha256 over a canonical JSON of: the schema version, the image
 name, the rendered Dockerfile, every build-context file (path and sha256), and the
-parent's input hash (or, for the root, the pinned base reference). The image's wheels
-enter through the context's ``wheel-requirements.txt``, which pins each by its locked
-sha256; the wheels themselves are served to the build, not copied into the context.
+parent's input hash (or, for the root, the pinned base reference). The image's locked
+closure enters through the context's ``install-requirements.txt`` (what it installs on
+top of its parent, each file pinned by sha256), its torch and uv through their own
+pinned requirement files; the local wheels themselves are served to the build, not copied
+into the context. So a change to one locked package changes exactly the images that
+install it, and their children.
 Build arguments are not inputs: ``BASE_IMAGE`` is a function of the parent's hash (or
 the base), and ``IMAGEBUILD_WHEELS`` is only where this run's wheel server listens.
 Same inputs, same hash; change any input and exactly the hashes downstream change.
@@ -18,13 +21,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .closure import LockedDist, install_set, requirements_text
 from .errors import UnresolvedHashError
 from .lock import Lock, LockedWheel
 from .naming import hash12
 from .render import (
+    INSTALL_REQUIREMENTS,
     TORCH_REQUIREMENTS,
     UV_REQUIREMENTS,
-    WHEEL_REQUIREMENTS,
     WHEELS_ARG,
     render_image,
 )
@@ -62,6 +66,7 @@ class Derivation:
     context: tuple[ContextFile, ...]
     served: tuple[ServedWheel, ...]
     wheels: tuple[LockedWheel, ...]
+    installs: tuple[LockedDist, ...]  # what its install RUN installs (from its closure lock)
     input_hash: str | None  # None when any input (or an ancestor's) is unresolved
     unresolved: tuple[str, ...]  # filenames whose sha256 is unknown, here or upstream
 
@@ -100,20 +105,10 @@ def pinned_requirement(wheel: LockedWheel) -> bytes | None:
     return f"{wheel.name}=={wheel.version} --hash=sha256:{wheel.sha256}\n".encode()
 
 
-def wheel_requirements(wheels: list[LockedWheel]) -> bytes | None:
-    """The requirement file the wheel install RUN reads: one direct URL per wheel under
-    ``${IMAGEBUILD_WHEELS}`` (uv expands it), pinned by sha256 (None if any is unresolved).
-    """
-    if any(w.sha256 is None for w in wheels):
-        return None
-    return "".join(
-        f"{w.name} @ ${{{WHEELS_ARG}}}/{w.filename} --hash=sha256:{w.sha256}\n"
-        for w in sorted(wheels, key=lambda w: w.name)
-    ).encode()
-
-
 def plan(spec: Spec, lock: Lock, names: list[str] | None = None) -> list[Derivation]:
-    """Derivations of the closure of ``names`` (all images if empty), parents first."""
+    """Derivations of the closure of ``names`` (all images if empty), parents first.
+    ``lock`` carries every image's closure lock (see ``ops.load``)."""
+    closures = lock.closures
     out: dict[str, Derivation] = {}
     for name in spec.closure(names):
         img = spec.images[name]
@@ -121,12 +116,25 @@ def plan(spec: Spec, lock: Lock, names: list[str] | None = None) -> list[Derivat
         df_bytes = dockerfile.encode()
         context: list[ContextFile] = [ContextFile("Dockerfile", df_bytes)]
         unresolved: list[str] = []
+        closure = closures[name]
+        installs: list[LockedDist] = []
+        if closure.unresolved is not None:
+            context.append(ContextFile(INSTALL_REQUIREMENTS, None))
+        else:
+            parent_lock = closures[img.parent] if img.parent is not None else None
+            # torch comes from its own pinned RUNs (a layer of its own, then the field's
+            # force-reinstall), never twice
+            installs = [p for p in install_set(closure, parent_lock, always=img.wheels)
+                        if p.name not in {img.torch, *spec.lineage_torch(name)}]
+            context.append(ContextFile(INSTALL_REQUIREMENTS,
+                                       requirements_text(installs, WHEELS_ARG).encode()))
         wheels: list[LockedWheel] = [lock.get(wname) for wname in img.wheels]
-        served = tuple(ServedWheel(w.filename, w.sha256, spec.wheels_dir / w.filename)
-                       for w in wheels)
+        served_names = {p.filename for p in installs if p.is_local}
+        served = tuple(ServedWheel(f, lock.by_filename()[f].sha256, spec.wheels_dir / f)
+                       for f in sorted(served_names))
         unresolved.extend(w.filename for w in wheels if w.sha256 is None)
-        if wheels:
-            context.append(ContextFile(WHEEL_REQUIREMENTS, wheel_requirements(wheels)))
+        if closure.unresolved is not None:
+            unresolved.append(closure.path.name)
         for pinned, arcname in ((img.params.uv, UV_REQUIREMENTS),
                                 (img.torch, TORCH_REQUIREMENTS)):
             if pinned is None:
@@ -153,7 +161,7 @@ def plan(spec: Spec, lock: Lock, names: list[str] | None = None) -> list[Derivat
         out[name] = Derivation(
             name=name, parent=img.parent, base=img.base_reference, dockerfile=dockerfile,
             context=tuple(sorted(context, key=lambda f: f.arcname)), served=served,
-            wheels=tuple(wheels),
+            wheels=tuple(wheels), installs=tuple(installs),
             input_hash=input_hash, unresolved=tuple(unresolved),
         )
     return list(out.values())

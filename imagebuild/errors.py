@@ -42,6 +42,19 @@ class UnresolvedHashError(LockError):
     exit_code = 2
 
 
+class LockConflict(LockError):
+    """A wheel's metadata requires what the locked closure does not have, and no declared
+    override says why."""
+
+    exit_code = 2
+
+
+class ResolveFailed(LockError):
+    """uv could not resolve an image's closure."""
+
+    exit_code = 2
+
+
 class RenderDrift(ImagebuildError):
     """A committed Dockerfile differs from what the templates produce."""
 

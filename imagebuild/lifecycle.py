@@ -218,7 +218,7 @@ def status(ctx: Context, engine: Engine, workers: list[Worker], *,
                 latest=short_id(info.id) if info else None,
                 latest_hash=hash12(h) if h else None,
                 verified_at=record.checked_at if record else None,
-                checks=tuple(c.name for c in image_checks(spec, name)),
+                checks=tuple(c.name for c in image_checks(spec, name, ctx.lock)),
                 rooted=info is not None and {LATEST, hash12(h) if h else LATEST} <= held,
                 hash_tag_present=info is not None and (
                     hash_tag(name, info) is None or hash_tag(name, info) in info.tags),

@@ -14,7 +14,8 @@ result carries the failure and ``result.error()`` returns the error to raise aft
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,7 @@ from .backup import (
     write_backup,
 )
 from .build import BuildReport, Step, decide, execute
+from .closure import ClosureLock, format_closure, read_closure
 from .derivation import Derivation, plan
 from .distribute import Item, Outcome, Worker
 from .distribute import distribute as fan_out
@@ -47,6 +49,7 @@ from .errors import (
 )
 from .fsutil import PinnedFile, atomic_write_text
 from .lock import Lock, check_matches, compute_lock, format_lock, read_lock
+from .locking import lock_image, read_previous, stale_reason
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
 from .promote import Gate, Promotion, promote
@@ -59,10 +62,15 @@ from .verify import VerifyRecord, image_checks, passing_record, require_verified
 
 @dataclass(frozen=True)
 class Context:
-    """What every workflow but render and lock reads: the spec and its lock."""
+    """What every workflow but render and lock reads: the spec, its wheels' lock and the
+    closure lock of every image."""
 
     spec: Spec
-    lock: Lock
+    lock: Lock  # with the closures
+
+    @property
+    def closures(self) -> Mapping[str, ClosureLock]:
+        return self.lock.closures
 
     @property
     def gate(self) -> Gate:
@@ -79,7 +87,16 @@ def load(spec_path: str | None) -> Context:
     spec = load_spec(spec_path)
     lock = read_lock(spec.lock_path)
     check_matches(lock, [(d.filename, d.index) for d in spec.wheels], spec.path)
-    return Context(spec, lock)
+    wheels = {w.name: w for w in lock.wheels}
+    closures: dict[str, ClosureLock] = {}
+    for name in spec.images:
+        closure = read_closure(spec.closure_lock_path(name), name)
+        why = stale_reason(spec, wheels, closure)
+        if why is not None:
+            raise LockError(f"{closure.path} is out of date: {why}",
+                            hint="run 'imagebuild lock' and commit locks/")
+        closures[name] = closure
+    return Context(spec, replace(lock, closures=closures))
 
 
 def backup_store(spec: Spec) -> BackupDir:
@@ -100,18 +117,36 @@ def render(spec: Spec, *, check: bool) -> RenderResult:
     return write_rendered(spec)
 
 
+LockState = Literal["written", "unchanged", "up to date"]  # "up to date": with --check
+
+
+@dataclass(frozen=True)
+class ClosureOutcome:
+    image: str
+    path: Path
+    packages: int
+    unresolved: str | None
+    state: LockState
+    changed: tuple[str, ...]  # "name old -> new" for every package that moved
+
+
 @dataclass(frozen=True)
 class LockOutcome:
     path: Path
     wheels: int
     unresolved: int
-    state: Literal["written", "unchanged", "up to date"]  # "up to date": with --check
+    state: LockState
     notes: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    closures: tuple[ClosureOutcome, ...] = ()
 
 
-def lock(spec: Spec, *, check: bool, upgrade: bool) -> LockOutcome:
-    """Hash every declared wheel into wheels.lock (or, ``check``, refuse a stale lock)."""
+def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
+         progress: Progress | None = None) -> LockOutcome:
+    """Hash every declared wheel into wheels.lock and resolve every image's closure into
+    locks/pylock.<image>.toml (or, ``check``, refuse a stale lock). ``upgrade``: True
+    moves everything to the newest the indexes offer, a list of names moves only those;
+    otherwise every existing pin stays. Every file is computed before any is written."""
     previous = None
     warnings: list[str] = []
     if spec.lock_path.exists():
@@ -120,7 +155,7 @@ def lock(spec: Spec, *, check: bool, upgrade: bool) -> LockOutcome:
         except LockError as exc:
             warnings.append(f"ignoring the existing lock: {exc.message}")
     decls = [(d.filename, d.index) for d in spec.wheels]
-    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade)
+    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade is True)
     try:
         spec_name = str(spec.path.relative_to(spec.lock_path.parent))
     except ValueError:
@@ -129,23 +164,73 @@ def lock(spec: Spec, *, check: bool, upgrade: bool) -> LockOutcome:
     current = _current_text(spec.lock_path)
     unresolved = sum(1 for w in result.wheels if w.sha256 is None)
 
-    def outcome(state: Literal["written", "unchanged", "up to date"]) -> LockOutcome:
-        return LockOutcome(spec.lock_path, len(result.wheels), unresolved, state,
-                           result.notes, tuple(warnings))
+    wheels = {w.name: w for w in result.wheels}
+    closures: list[tuple[ClosureLock, ClosureLock | None, str]] = []
+    made: dict[str, ClosureLock] = {}
+    for name in spec.closure(None):
+        if progress is not None:
+            progress.say(f"locking the closure of {name}")
+        path = spec.closure_lock_path(name)
+        prev = read_previous(path, name)
+        parent = spec.images[name].parent
+        made[name] = lock_image(spec, wheels, name, made[parent] if parent else None, prev,
+                                upgrade)
+        closures.append((made[name], prev, format_closure(made[name], spec.path.name)))
+    strays = sorted(set(spec.lock_dir.glob("pylock.*.toml"))
+                    - {spec.closure_lock_path(n) for n in spec.images})
+
+    def state_of(path: Path, new_text: str) -> LockState:
+        if check:
+            return "up to date"
+        return "unchanged" if _current_text(path) == new_text else "written"
+
+    def outcome() -> LockOutcome:
+        return LockOutcome(
+            spec.lock_path, len(result.wheels), unresolved, state_of(spec.lock_path, text),
+            result.notes, tuple(warnings),
+            tuple(ClosureOutcome(c.image, c.path, len(c.packages), c.unresolved,
+                                 state_of(c.path, t), _moved(prev, c))
+                  for c, prev, t in closures))
 
     if check:
-        if current != text:
-            raise LockError(f"{spec.lock_path} is out of date with the spec or the wheels",
-                            hint="run 'imagebuild lock' and commit wheels.lock")
-        return outcome("up to date")
-    if current == text:
-        return outcome("unchanged")
+        stale = [str(spec.lock_path)] if current != text else []
+        stale += [str(c.path) for c, _p, t in closures if _current_text(c.path) != t]
+        stale += [f"{p} (no such image)" for p in strays]
+        if stale:
+            raise LockError(f"out of date with the spec, the wheels or the indexes: "
+                            f"{', '.join(stale)}",
+                            hint="run 'imagebuild lock' and commit wheels.lock and locks/")
+        return outcome()
+    result_outcome = outcome()
     try:
-        atomic_write_text(spec.lock_path, text)
+        for c, _prev, t in closures:
+            if _current_text(c.path) != t:
+                c.path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(c.path, t)
+        if current != text:
+            atomic_write_text(spec.lock_path, text)
+        for p in strays:
+            p.unlink()
     except OSError as exc:
-        raise LockError(f"cannot write {spec.lock_path}: {exc.strerror or exc}; nothing was "
-                        f"written", hint="the spec's 'lock:' must name a file") from None
-    return outcome("written")
+        raise LockError(f"cannot write the locks: {exc.strerror or exc}",
+                        hint="the spec's 'lock:' and 'locks:' must be writable") from None
+    return result_outcome
+
+
+def _moved(prev: ClosureLock | None, new: ClosureLock) -> tuple[str, ...]:
+    old = prev.by_name() if prev is not None else {}
+    now = new.by_name()
+    out = []
+    for name in sorted(set(old) | set(now)):
+        a, b = old.get(name), now.get(name)
+        if a is not None and b is not None and a != b:
+            out.append(f"{name} {a.version} -> {b.version}" if a.version != b.version
+                       else f"{name} {a.version} (other file)")
+        elif a is None and b is not None and prev is not None:
+            out.append(f"{name} + {b.version}")
+        elif b is None and a is not None:
+            out.append(f"{name} {a.version} removed")
+    return tuple(out)
 
 
 def _current_text(path: Path) -> str | None:
@@ -301,7 +386,7 @@ def verify(ctx: Context, engine: Engine, images: list[str],
     for name, ref, info in _present(ctx, engine, images, "verify"):
         stale = ref == latest_tag(name)
         progress.say(f"verifying {ref} ({short_id(info.id)}): "
-                     f"{len(image_checks(ctx.spec, name))} checks"
+                     f"{len(image_checks(ctx.spec, name, ctx.lock))} checks"
                      + (" (its current derivation is not built)" if stale else ""))
         checked.append(Verified(name, ref, stale,
                                 verify_image(ctx.spec, ctx.lock, engine, name, info)))

@@ -68,7 +68,7 @@ def promote(gate: Gate, engine: Engine, name: str, image: ImageInfo, progress: P
     if record is not None:
         progress.say(f"  {name}: verified {record.checked_at} (record reused)")
     elif run_checks:
-        progress.say(f"  {name}: verifying ({len(image_checks(spec, name))} checks)")
+        progress.say(f"  {name}: verifying ({len(image_checks(spec, name, lock))} checks)")
         record = verify_image(spec, lock, engine, name, image)
         verified_now = True
     if record is None or not record.passed:

@@ -1,4 +1,4 @@
-"""The one process boundary: OpenSSH to the workers and backup hosts, and git.
+"""The one process boundary: OpenSSH to the workers and backup hosts, git, and uv.
 
 Commands are argument lists (never ``shell=True``); the remote command is a single
 string built with ``shlex.join`` so the remote shell sees exactly the words we mean.
@@ -159,3 +159,17 @@ def git_commit(root: Path) -> str | None:
     if dirty is None:
         return None
     return commit + ("-dirty" if dirty else "")
+
+
+def local(argv: list[str], timeout: float, cwd: Path | None = None) -> Completed:
+    """Run a local tool (uv) with an argument list, never a shell; what happened, whatever
+    its exit status. A missing program is a RemoteError naming it."""
+    try:
+        r = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, cwd=cwd,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        return Completed(None, _text(exc.stdout), _text(exc.stderr))
+    except FileNotFoundError:
+        raise RemoteError(f"{argv[0]} is not installed",
+                          hint="reinstall imagebuild (pip install -e .), which brings uv") from None
+    return Completed(r.returncode, _text(r.stdout), _text(r.stderr))

@@ -23,10 +23,11 @@ from .spec import ImageSpec, Spec
 
 TORCH_REQUIREMENTS = "torch-requirements.txt"
 UV_REQUIREMENTS = "uv-requirements.txt"
-# The image's local wheels are not COPYed: imagebuild serves them to the install RUN
-# (see wheelserve.py). The context carries this hash-pinned requirements file instead,
-# whose URLs start with ${IMAGEBUILD_WHEELS}, the build arg naming the server.
-WHEEL_REQUIREMENTS = "wheel-requirements.txt"
+# What an image's install RUN installs: the part of its closure lock its parent does not
+# have, one direct URL per file, pinned by sha256, installed with --no-deps. Local wheels
+# are not COPYed: imagebuild serves them to the RUN (see wheelserve.py), and their URLs
+# start with ${IMAGEBUILD_WHEELS}, the build arg naming the server.
+INSTALL_REQUIREMENTS = "install-requirements.txt"
 WHEELS_ARG = "IMAGEBUILD_WHEELS"
 
 
@@ -107,10 +108,8 @@ def render_image(spec: Spec, name: str) -> str:
         "apt_packages": list(p.apt_packages),
         "env": list(p.env),
         "uv": _index_wheel(spec, img, p.uv, UV_REQUIREMENTS, "params.uv"),
-        "pip_index": p.pip_index,
-        "transformers": p.transformers,
-        "wheels": ({"requirements": WHEEL_REQUIREMENTS, "arg": WHEELS_ARG}
-                   if img.wheels else None),
+        "install": {"requirements": INSTALL_REQUIREMENTS, "arg": WHEELS_ARG,
+                    "lock": f"pylock.{img.name}.toml"},
         "torch": _index_wheel(spec, img, img.torch, TORCH_REQUIREMENTS, "torch"),
     }
     try:

@@ -100,10 +100,32 @@ class Params:
     env: tuple[tuple[str, str], ...] = ()
     uv: str | None = None  # canonical name of the locked index wheel pip installs uv from
     pip_index: str | None = None  # index for dependency resolution; None: installer default
-    transformers: str | None = None  # requirement, e.g. "transformers>=5.0.0"
 
 
-CheckKind = Literal["output", "specifier", "locked", "succeeds"]
+@dataclass(frozen=True)
+class Override:
+    """A requirement that replaces every requirement on its package while locking (uv's
+    ``--override``), with the reason it exists: the lock step refuses a metadata
+    conflict that no declared override covers."""
+
+    requirement: str
+    reason: str
+
+    @property
+    def package(self) -> str:
+        return canonicalize_name(Requirement(self.requirement).name)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the images' Python closure is locked for: the interpreter inside the images
+    and their platform (uv's ``--python-version`` and ``--python-platform``)."""
+
+    python: str  # "3.12"
+    platform: str  # "aarch64-manylinux_2_28"
+
+
+CheckKind = Literal["output", "specifier", "locked", "succeeds", "closure"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +150,8 @@ class ImageSpec:
     wheels: tuple[str, ...]  # canonical names of locked local wheels installed
     torch: str | None  # canonical name of the locked index wheel force-reinstalled
     checks: tuple[str, ...]
+    requires: tuple[str, ...] = ()  # requirements this image adds, resolved from pip_index
+    overrides: tuple[Override, ...] = ()  # for this image and its children
 
     @property
     def base_reference(self) -> str | None:
@@ -190,6 +214,8 @@ class Spec:
     cluster: Cluster
     backups: Backups | None
     state_dir: Path
+    target: Target
+    locks_dir: Path | None = None  # the closure locks (pylock.<image>.toml); None: <root>/locks
     schema: int = SCHEMA_VERSION
     _aliases: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -208,6 +234,36 @@ class Spec:
             f"{self.path}: unknown image {name!r}{did_you_mean(name, known)}",
             hint=f"images in this spec: {', '.join(self.images)}",
         )
+
+    def lineage(self, name: str) -> list[str]:
+        """``name`` and its ancestors, root first."""
+        chain: list[str] = []
+        current: str | None = self.resolve(name)
+        while current is not None:
+            chain.append(current)
+            current = self.images[current].parent
+        return chain[::-1]
+
+    def lineage_torch(self, name: str) -> set[str]:
+        """The torch wheels ``name`` and its ancestors force-reinstall."""
+        return {t for n in self.lineage(name) if (t := self.images[n].torch) is not None}
+
+    def overrides_for(self, name: str) -> dict[str, Override]:
+        """The overrides in force for ``name``: its ancestors' and its own, by package (an
+        image's own override of a package replaces an ancestor's)."""
+        out: dict[str, Override] = {}
+        for n in self.lineage(name):
+            for o in self.images[n].overrides:
+                out[o.package] = o
+        return out
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.locks_dir if self.locks_dir is not None else self.root / "locks"
+
+    def closure_lock_path(self, name: str) -> Path:
+        """PEP 751 names a lock for one purpose ``pylock.<name>.toml``."""
+        return self.lock_dir / f"pylock.{name}.toml"
 
     def closure(self, names: list[str] | None) -> list[str]:
         """The named images and all their ancestors, parents first (all images if None)."""
@@ -341,11 +397,13 @@ def expand_vars(text: str) -> str:
     return _VAR.sub(sub, text)
 
 
-_TOP_KEYS = {"schema", "templates", "dockerfiles", "lock", "wheels", "images", "checks",
-             "cluster", "backups", "state"}
+_TOP_KEYS = {"schema", "templates", "dockerfiles", "lock", "locks", "target", "wheels", "images",
+             "checks", "cluster", "backups", "state"}
 _IMAGE_KEYS = {"aliases", "template", "parent", "base", "base_digest", "params", "wheels",
-               "torch", "checks"}
-_PARAM_KEYS = {"apt_packages", "env", "uv", "pip_index", "transformers"}
+               "torch", "checks", "requires", "overrides"}
+_PARAM_KEYS = {"apt_packages", "env", "uv", "pip_index"}
+_PYTHON = re.compile(r"^3\.[0-9]{1,2}$")
+_PLATFORM = re.compile(r"^[a-z0-9_]+-[a-z0-9_.-]+$")
 _CHECK_KEYS = {"run", "expect", "specifier", "locked", "succeeds", "hint", "timeout"}
 _CHECK_KINDS: dict[str, CheckKind] = {"expect": "output", "specifier": "specifier",
                                       "locked": "locked", "succeeds": "succeeds"}
@@ -442,7 +500,7 @@ def _check_expansion(root: yaml.Node, path: Path) -> None:
 def _build_spec(data: Any, path: Path) -> Spec:
     r = _Reader(path)
     top = r.mapping(data, "top level", 1)
-    r.keys(top, "top level", _TOP_KEYS, {"schema", "images"})
+    r.keys(top, "top level", _TOP_KEYS, {"schema", "images", "target"})
     schema = top["schema"]
     if schema != SCHEMA_VERSION:
         raise r.fail("schema", top.key_lines.get("schema"),
@@ -455,6 +513,8 @@ def _build_spec(data: Any, path: Path) -> Spec:
     templates_dir = top_path("templates", "templates")
     dockerfiles_dir = top_path("dockerfiles", "dockerfiles")
     lock_path = top_path("lock", "wheels.lock")
+    locks_dir = top_path("locks", "locks")
+    target = _read_target(r, top.get("target"), top.key_lines.get("target"))
     state_dir = top_path("state", "${IMAGEBUILD_STATE:-~/.local/state/imagebuild}")
 
     wheels_dir, wheels = _read_wheels(r, top.get("wheels"), top.key_lines.get("wheels"))
@@ -474,8 +534,50 @@ def _build_spec(data: Any, path: Path) -> Spec:
         cluster=cluster,
         backups=backups,
         state_dir=state_dir,
+        target=target,
+        locks_dir=locks_dir,
         _aliases=aliases,
     )
+
+
+def _read_target(r: _Reader, raw: Any, line: int | None) -> Target:
+    m = r.mapping(raw, "target", line)
+    r.keys(m, "target", {"python", "platform"}, {"python", "platform"})
+    python = m["python"]
+    if isinstance(python, float):
+        raise r.fail("target.python", m.key_lines.get("python"),
+                     f"{python!r} is a number: YAML reads an unquoted 3.10 as 3.1",
+                     hint=f'quote it: python: "{python}"')
+    return Target(
+        python=r.string(python, "target.python", m.key_lines.get("python"), _PYTHON,
+                        'Python version such as "3.12"'),
+        platform=r.string(m["platform"], "target.platform", m.key_lines.get("platform"),
+                          _PLATFORM, "uv platform such as aarch64-manylinux_2_28"))
+
+
+def _read_overrides(r: _Reader, raw: Any, where: str, line: int | None) -> tuple[Override, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise r.fail(where, line, "expected a list of {requirement, reason}")
+    out: dict[str, Override] = {}
+    for i, item in enumerate(raw):
+        w = f"{where}[{i}]"
+        iline = raw.item_lines[i] if isinstance(raw, _LineList) else line
+        entry = r.mapping(item, w, iline)
+        r.keys(entry, w, {"requirement", "reason"}, {"requirement", "reason"})
+        req = r.requirement(entry["requirement"], f"{w}.requirement",
+                            entry.key_lines.get("requirement"))
+        reason = entry["reason"]
+        if not isinstance(reason, str) or not reason.strip() or _CONTROL.search(reason.strip()):
+            raise r.fail(f"{w}.reason", entry.key_lines.get("reason"),
+                         "say why the override exists, in one line of text",
+                         hint="an override without a reason is a pin nobody dares to remove")
+        o = Override(requirement=req, reason=" ".join(reason.split()))
+        if o.package in out:
+            raise r.fail(w, iline, f"{o.package} is overridden twice in {where}")
+        out[o.package] = o
+    return tuple(out.values())
 
 
 def _empty() -> _LineDict:
@@ -617,10 +719,7 @@ def _read_params(r: _Reader, raw: Any, where: str, line: int | None) -> Params:
     pip_index = (r.string(m["pip_index"], f"{where}.pip_index", kl("pip_index"), _URL,
                           "http(s) index URL").rstrip("/")
                  if m.get("pip_index") is not None else None)
-    transformers = (r.requirement(m["transformers"], f"{where}.transformers", kl("transformers"))
-                    if m.get("transformers") is not None else None)
-    return Params(apt_packages=apt, env=tuple(env_items), uv=uv, pip_index=pip_index,
-                  transformers=transformers)
+    return Params(apt_packages=apt, env=tuple(env_items), uv=uv, pip_index=pip_index)
 
 
 def _wheel_names(wheels: tuple[WheelDecl, ...]) -> dict[str, WheelDecl]:
@@ -712,10 +811,16 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
                                   "under wheels.index (e.g. uv-0.9.7-py3-none-manylinux_2_17_"
                                   "aarch64.manylinux2014_aarch64.whl from "
                                   "https://pypi.org/simple) and run 'imagebuild lock'")
+        requires = tuple(
+            r.requirement(v, f"{where}.requires[{i}]", kl("requires"))
+            for i, v in enumerate(r.string_list(b.get("requires", []), f"{where}.requires",
+                                                kl("requires"), None, "requirement")))
+        overrides = _read_overrides(r, b.get("overrides"), f"{where}.overrides",
+                                    kl("overrides"))
         images[name] = ImageSpec(
             name=name, aliases=img_aliases, template=template, parent=parent, base=base,
             base_digest=digest, params=params, wheels=tuple(wheel_names), torch=torch,
-            checks=check_names,
+            checks=check_names, requires=requires, overrides=overrides,
         )
         for a in img_aliases:
             if a in aliases or a in m:

@@ -18,6 +18,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from . import __version__
+from .closure import ClosureLock
 from .engine import Engine, ImageInfo, RunResult
 from .errors import NotVerified
 from .fsutil import atomic_write_text
@@ -62,8 +63,55 @@ class VerifyRecord:
         return cls(**data)
 
 
+CLOSURE_CHECK = "closure-locked"
+# Prints every installed distribution as name==version (canonical names; the first on
+# sys.path wins, as at import): what the closure check compares with the image's lock.
+_LIST_INSTALLED = (
+    "import importlib.metadata as m, re\n"
+    "seen = {}\n"
+    "for d in m.distributions():\n"
+    "    name = d.metadata['Name']\n"
+    "    if name:\n"
+    "        seen.setdefault(re.sub(r'[-_.]+', '-', name).lower(), d.version)\n"
+    "print(' '.join(f'{n}=={v}' for n, v in sorted(seen.items())))\n"
+)
+
+
+def closure_check(closure: ClosureLock) -> Check:
+    """The automatic check of an image whose closure is locked: every locked distribution
+    is installed, at its locked version."""
+    listing = "".join(f"{p.name}=={p.version}\n" for p in closure.packages)
+    digest = hashlib.sha256(listing.encode()).hexdigest()[:12]
+    return Check(name=CLOSURE_CHECK, run=("python3", "-c", _LIST_INSTALLED), kind="closure",
+                 expected=f"the {len(closure.packages)} distributions of "
+                          f"{closure.path.name} ({digest})",
+                 hint=f"the image does not hold its lock: a RUN installed or removed "
+                      f"something outside {closure.path.name}. Build from the lock "
+                      f"(install steps with --no-deps and the install-requirements.txt "
+                      f"imagebuild writes), or run 'imagebuild lock' if the spec changed",
+                 timeout=120.0)
+
+
+def _closure_verdict(closure: ClosureLock, out: str) -> tuple[str, bool]:
+    installed: dict[str, str] = {}
+    for word in out.split():
+        name, sep, version = word.partition("==")
+        if sep:
+            installed[name] = version
+    missing = [p.name for p in closure.packages if p.name not in installed]
+    differ = [f"{p.name} {installed[p.name]} (locked {p.version})" for p in closure.packages
+              if p.name in installed and installed[p.name] != p.version]
+    if not missing and not differ:
+        return f"all {len(closure.packages)} installed as locked", True
+    parts = ([f"differ: {', '.join(differ)}"] if differ else []) + (
+        [f"missing: {', '.join(missing)}"] if missing else [])
+    return "; ".join(parts), False
+
+
 def expected_text(check: Check, lock: Lock) -> str:
     """What the check expects, as shown to the user (locked checks resolve the version)."""
+    if check.kind == "closure":
+        return check.expected
     if check.kind == "locked":
         return f"=={lock.get(check.expected).version}"
     if check.kind == "succeeds":
@@ -97,6 +145,10 @@ def evaluate(check: Check, lock: Lock, result: RunResult) -> CheckResult:
         return res("exit 0", True)
     if check.kind == "output":
         return res(out, out == check.expected)
+    if check.kind == "closure":
+        closure = next(c for c in lock.closures.values()
+                       if closure_check(c).expected == check.expected)
+        return res(*_closure_verdict(closure, out))
     try:
         version = Version(out)
     except InvalidVersion:
@@ -125,15 +177,21 @@ def read_record(spec: Spec, info: ImageInfo) -> VerifyRecord | None:
     return record
 
 
-def image_checks(spec: Spec, name: str) -> list[Check]:
-    return [spec.checks[c] for c in spec.images[name].checks]
+def image_checks(spec: Spec, name: str, lock: Lock | None = None) -> list[Check]:
+    """The spec's checks of ``name``, then (with a ``lock`` holding its resolved closure)
+    the automatic closure check."""
+    checks = [spec.checks[c] for c in spec.images[name].checks]
+    closure = lock.closures.get(name) if lock is not None else None
+    if closure is not None and closure.unresolved is None:
+        checks.append(closure_check(closure))
+    return checks
 
 
 def is_passing(record: VerifyRecord | None, spec: Spec, lock: Lock, name: str,
                info: ImageInfo) -> bool:
     """Whether ``record`` passed for exactly this content against the current checks."""
     return (record is not None and record.passed and record.fingerprint == info.fingerprint
-            and record.checks_digest == checks_digest(image_checks(spec, name), lock))
+            and record.checks_digest == checks_digest(image_checks(spec, name, lock), lock))
 
 
 def passing_record(spec: Spec, lock: Lock, name: str, info: ImageInfo) -> VerifyRecord | None:
@@ -160,7 +218,7 @@ def require_verified(spec: Spec, lock: Lock, name: str, info: ImageInfo) -> Veri
 def verify_image(spec: Spec, lock: Lock, engine: Engine, name: str,
                  info: ImageInfo) -> VerifyRecord:
     """Run every check of ``name`` against image ``info`` and record the result."""
-    checks = image_checks(spec, name)
+    checks = image_checks(spec, name, lock)
     results = tuple(
         evaluate(check, lock, engine.run_check(info.id, list(check.run), check.timeout))
         for check in checks

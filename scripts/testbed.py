@@ -500,26 +500,68 @@ def fixture_wheels(pad_mb: int = 0) -> tuple[list[Path], list[Path]]:
         make_wheel(local_dir, "vllm", VLLM_VERSION,
                    {"vllm/__init__.py": VLLM_INIT.format(version=VLLM_VERSION)},
                    requires=["torch==2.10.0", "transformers<5,>=4.56.0"], pad_bytes=pad),
+        # like the real one (May 2026): an unpinned torch, which a resolver fills with
+        # whatever the index offers unless the lock says otherwise
         make_wheel(local_dir, "flashinfer-python", "0.6.12",
-                   {"flashinfer/__init__.py": '__version__ = "0.6.12"\n'}),
+                   {"flashinfer/__init__.py": '__version__ = "0.6.12"\n'},
+                   requires=["torch"]),
         make_wheel(local_dir, "flashinfer-cubin", "0.6.12",
                    {"flashinfer_cubin/__init__.py": '__version__ = "0.6.12"\n'}),
         make_wheel(local_dir, "flashinfer-jit-cache", "0.6.12",
                    {"flashinfer_jit_cache/__init__.py": '__version__ = "0.6.12"\n'}),
     ]
+    # A small but real dependency graph: torch's CUDA build needs nvidia-* libraries,
+    # both transformers lines need tokenizers (two versions on the index: a resolver
+    # takes the newer, a lock keeps what it took).
     served = [
         make_wheel(index_dir, "torch", "2.11.0+cu130",
                    {"torch/__init__.py": TORCH_INIT.format(version="2.11.0+cu130"),
-                    "torch/version.py": 'cuda = "13.0"\n'}, pad_bytes=pad),
+                    "torch/version.py": 'cuda = "13.0"\n'}, pad_bytes=pad,
+                   requires=[f"{n}=={v}; platform_system == 'Linux'" for n, v in NVIDIA]),
         make_wheel(index_dir, "torch", "2.10.0+cpu",
                    {"torch/__init__.py": TORCH_INIT.format(version="2.10.0+cpu"),
                     "torch/version.py": "cuda = None\n"}, pad_bytes=pad),
         make_wheel(index_dir, "transformers", "4.57.1",
-                   {"transformers/__init__.py": '__version__ = "4.57.1"\n'}),
+                   {"transformers/__init__.py": '__version__ = "4.57.1"\n'},
+                   requires=["tokenizers<=0.23.0,>=0.22.0"]),
         make_wheel(index_dir, "transformers", "5.0.0",
-                   {"transformers/__init__.py": '__version__ = "5.0.0"\n'}),
+                   {"transformers/__init__.py": '__version__ = "5.0.0"\n'},
+                   requires=["tokenizers<=0.23.0,>=0.22.0"]),
+        *(fixture_package(index_dir, n, v) for n, v in NVIDIA),
+        *(fixture_package(index_dir, "tokenizers", v) for v in TOKENIZERS),
     ]
     return local, served
+
+
+NVIDIA = (("nvidia-cublas", "13.0.0.19"), ("nvidia-cuda-runtime", "13.0.48"))
+TOKENIZERS = ("0.22.0", "0.22.1")
+
+
+def fixture_package(index_dir: Path, dist: str, version: str) -> Path:
+    """A dependency-only fixture: one module reporting its version."""
+    module = dist.replace("-", "_")
+    return make_wheel(index_dir, dist, version,
+                      {f"{module}/__init__.py": f'__version__ = "{version}"\n'})
+
+
+def index_files() -> list[Path]:
+    """What the index serves: the fixtures, what tests published since 'up', and uv."""
+    _local, served = fixture_wheels(int(os.environ.get("IMAGEBUILD_BED_PAD_MB", "0")))
+    return [*served, *sorted((BED / "index-extra").glob("*.whl")), ensure_uv_wheel()]
+
+
+def publish(wheel: Path) -> None:
+    """Add ``wheel`` to the running index (tests: a new upload after a lock)."""
+    extra = BED / "index-extra"
+    extra.mkdir(exist_ok=True)
+    shutil.copy2(wheel, extra / wheel.name)
+    build_index(index_files())
+
+
+def unpublish(filename: str) -> None:
+    """Take a file that publish() added off the running index again."""
+    (BED / "index-extra" / filename).unlink(missing_ok=True)
+    build_index(index_files())
 
 
 def ensure_uv_wheel() -> Path:
@@ -558,8 +600,13 @@ def build_index(files: list[Path]) -> None:
         links = []
         for w in sorted(wheels):
             os.link(w, pdir / w.name) if _same_fs(w, pdir) else shutil.copy2(w, pdir / w.name)
-            digest = hashlib.sha256(w.read_bytes()).hexdigest()
-            links.append(f'<a href="{w.name}#sha256={digest}">{w.name}</a><br/>')
+            digest = _file_sha(w)
+            # PEP 658: the wheel's METADATA beside it, so resolvers need not download it
+            meta = _wheel_metadata(w)
+            (pdir / f"{w.name}.metadata").write_bytes(meta)
+            msha = hashlib.sha256(meta).hexdigest()
+            links.append(f'<a href="{w.name}#sha256={digest}" data-core-metadata="sha256={msha}"'
+                         f' data-dist-info-metadata="sha256={msha}">{w.name}</a><br/>')
         (pdir / "index.html").write_text(
             f"<!DOCTYPE html><html><body><h1>Links for {project}</h1>\n"
             + "\n".join(links) + "\n</body></html>\n")
@@ -576,6 +623,13 @@ def build_index(files: list[Path]) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, root)
+
+
+def _wheel_metadata(wheel: Path) -> bytes:
+    with zipfile.ZipFile(wheel) as zf:
+        name = next(n for n in zf.namelist()
+                    if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+        return zf.read(name)
 
 
 def _same_fs(a: Path, b: Path) -> bool:
@@ -745,8 +799,8 @@ def cmd_up(n: int, fresh: bool = False, store: str = "classic") -> None:
     BED.mkdir(parents=True, exist_ok=True)
     ensure_packages()
     workers = workers_list(n)
-    _local, served = fixture_wheels(int(os.environ.get("IMAGEBUILD_BED_PAD_MB", "0")))
-    build_index([*served, ensure_uv_wheel()])
+    shutil.rmtree(BED / "index-extra", ignore_errors=True)  # 'up' serves the fixtures only
+    build_index(index_files())
     start_index()
     start_dockerd("head")
     ensure_ssh([*((w, worker_addr(i)) for i, w in enumerate(workers, 1)), (CTRD, CTRD_ADDR)])

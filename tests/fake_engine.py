@@ -30,7 +30,9 @@ from imagebuild.engine import (
     StoreKind,
 )
 from imagebuild.errors import EngineError, ImageNotFound
+from imagebuild.lock import parse_wheel
 from imagebuild.naming import split_ref
+from imagebuild.verify import _LIST_INSTALLED as LIST_INSTALLED
 
 Responder = Callable[[ImageInfo, list[str]], RunResult]
 
@@ -61,6 +63,29 @@ def dockerfile_labels(dockerfile: str) -> dict[str, str]:
         if line.startswith("LABEL "):
             for k, v in re.findall(word + "=" + word, line):
                 out[re.sub(r"\\(.)", r"\1", k)] = re.sub(r"\\(.)", r"\1", v)
+    return out
+
+
+INSTALLED = b"\ninstalled:"
+
+
+def _installs(tf: tarfile.TarFile) -> dict[str, str]:
+    """name -> version of what the context's requirement files install."""
+    out: dict[str, str] = {}
+    for member in ("torch-requirements.txt", "install-requirements.txt"):
+        try:
+            f = tf.extractfile(member)
+        except KeyError:
+            continue
+        assert f is not None
+        for line in f.read().decode().splitlines():
+            word = line.split()[0] if line.strip() else ""
+            if " @ " in line:
+                parsed = parse_wheel(line.split(" @ ", 1)[1].split()[0].rsplit("/", 1)[-1])
+                out[parsed.name] = parsed.version
+            elif "==" in word:
+                name, _, version = word.partition("==")
+                out[name] = version
     return out
 
 
@@ -238,6 +263,7 @@ class FakeEngine(Engine):
         data = b"".join(context)
         with tarfile.open(fileobj=io.BytesIO(data)) as tf:
             dockerfile = tf.extractfile("Dockerfile").read()  # type: ignore[union-attr]
+            installs = _installs(tf)
         labels = dockerfile_labels(dockerfile.decode())
         name = labels.get("org.imagebuild.image", "?")
         self.builds.append(name)
@@ -250,7 +276,8 @@ class FakeEngine(Engine):
         if parent is None:
             yield BuildEvent("error", text=f"pull access denied for {buildargs['BASE_IMAGE']}")
             return
-        layer = b"layer of " + dockerfile + json.dumps(sorted(labels.items())).encode()
+        layer = (b"layer of " + dockerfile + json.dumps(sorted(labels.items())).encode()
+                 + INSTALLED + json.dumps(installs).encode())
         diff = _sha(layer)
         self.blobs[diff] = layer
         cfg = dict(parent.config)
@@ -265,7 +292,19 @@ class FakeEngine(Engine):
         if info is None:
             raise ImageNotFound(f"image {image} is not present")
         self.checks_run.append((info.id, tuple(command)))
+        if command[-1] == LIST_INSTALLED:  # the closure check: what the layers installed
+            return ok(" ".join(f"{n}=={v}" for n, v in sorted(self.installed(info).items())))
         return self.responder(info, command)
+
+    def installed(self, info: ImageInfo) -> dict[str, str]:
+        """The distributions the image's layers installed (a simulated build records the
+        install steps' requirement files in its layer)."""
+        out: dict[str, str] = {}
+        for diff in info.diff_ids:
+            _, sep, listing = self.blobs.get(diff, b"").partition(INSTALLED)
+            if sep:
+                out.update(json.loads(listing))
+        return out
 
     def holders(self, label: str) -> list[ContainerInfo]:
         self._check()

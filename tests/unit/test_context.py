@@ -9,7 +9,8 @@ import pytest
 from imagebuild.build import Action, Step, context_stream, execute, log_path, preflight
 from imagebuild.derivation import plan
 from imagebuild.errors import EngineError, UnresolvedHashError, WheelHashMismatch
-from imagebuild.lock import read_lock, sha256_file
+from imagebuild.lock import sha256_file
+from imagebuild.ops import load
 from imagebuild.progress import Quiet
 
 from ..fake_engine import FakeEngine
@@ -21,52 +22,56 @@ VLLM = "vllm-0.22.1rc1.dev124+gace95c9cf.d20260603.cu132-py3-none-any.whl"
 def test_context_holds_only_the_dockerfile_and_the_pinned_requirement_files(
         stack: Stack) -> None:
     spec = stack.load()
-    mimo = plan(spec, read_lock(spec.lock_path), ["mimo"])[-1]
+    mimo = plan(spec, load(str(spec.path)).lock, ["mimo"])[-1]
     with contextlib.ExitStack() as pins:
         pinned = preflight(spec, mimo, pins)
         assert sorted(pinned) == sorted(w.filename for w in mimo.served)
     data = b"".join(context_stream(mimo.context))
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         assert sorted(tf.getnames()) == [
-            "Dockerfile", "torch-requirements.txt", "wheel-requirements.txt"]
+            "Dockerfile", "install-requirements.txt", "torch-requirements.txt"]
         df = tf.extractfile("Dockerfile")
         assert df is not None and df.read().decode() == mimo.dockerfile
         req = tf.extractfile("torch-requirements.txt")
         assert req is not None
         assert req.read() == b"torch==2.11.0+cu130 --hash=sha256:" + b"a" * 64 + b"\n"
-        wreq = tf.extractfile("wheel-requirements.txt")
+        wreq = tf.extractfile("install-requirements.txt")
         assert wreq is not None
         lines = wreq.read().decode().splitlines()
-    # every wheel by a URL under the server's address, pinned by the sha256 in wheels.lock
+    # what mimo's lock has that tf5's does not, and its own wheels again (as the field's
+    # file reinstalls them); torch is left to its own RUN. Local wheels by a URL under the
+    # server's address, index files by their URL, each pinned by its locked sha256.
     wheels = spec.wheels_dir
     assert lines == [
         f"extra-mimo @ ${{IMAGEBUILD_WHEELS}}/extra_mimo-1.0-py3-none-any.whl "
         f"--hash=sha256:{sha256_file(wheels / 'extra_mimo-1.0-py3-none-any.whl')}",
         f"flashinfer-python @ ${{IMAGEBUILD_WHEELS}}/flashinfer_python-0.6.12-py3-none-any.whl "
         f"--hash=sha256:{sha256_file(wheels / 'flashinfer_python-0.6.12-py3-none-any.whl')}",
+        "transformers @ http://127.0.0.1:9/simple/transformers-5.0.0-py3-none-any.whl "
+        f"--hash=sha256:{'e' * 64}",
         f"vllm @ ${{IMAGEBUILD_WHEELS}}/{VLLM} --hash=sha256:{sha256_file(wheels / VLLM)}",
     ]
     assert sorted(w.filename for w in mimo.served) == sorted(
         ["extra_mimo-1.0-py3-none-any.whl", "flashinfer_python-0.6.12-py3-none-any.whl", VLLM])
-    # tf5 installs no local wheel: nothing to serve, no requirement file
-    tf5 = plan(spec, read_lock(spec.lock_path), ["tf5"])[-1]
-    assert tf5.served == () and [f.arcname for f in tf5.context] == ["Dockerfile"]
+    # tf5's closure adds nothing to vllm-node's here: nothing to serve, nothing to install
+    tf5 = plan(spec, load(str(spec.path)).lock, ["tf5"])[-1]
+    assert tf5.served == () and tf5.installs == ()
+    assert [(f.arcname, f.data) for f in tf5.context][1] == ("install-requirements.txt", b"")
 
 
 def test_preflight_refuses_a_mismatching_wheel(stack: Stack) -> None:
     spec = stack.load()
-    node = plan(spec, read_lock(spec.lock_path), ["node"])[0]
+    node = plan(spec, load(str(spec.path)).lock, ["node"])[0]
     stack.wheel("flashinfer_python-0.6.12-py3-none-any.whl", b"not what was locked")
     with pytest.raises(WheelHashMismatch, match=r"does not match wheels\.lock"):
         preflight(spec, node, contextlib.ExitStack())
 
 
 def test_preflight_names_an_unresolved_wheel(stack: Stack) -> None:
+    (stack.root / "wheels" / "extra_mimo-1.0-py3-none-any.whl").unlink()
+    stack.lock()  # the wheel is not on this machine: recorded as unresolved
     spec = stack.load()
-    text = spec.lock_path.read_text()
-    digest = sha256_file(spec.wheels_dir / "extra_mimo-1.0-py3-none-any.whl")
-    spec.lock_path.write_text(text.replace(f'sha256 = "{digest}"', 'sha256 = "unresolved"'))
-    mimo = plan(spec, read_lock(spec.lock_path), ["mimo"])[-1]
+    mimo = plan(spec, load(str(spec.path)).lock, ["mimo"])[-1]
     assert mimo.input_hash is None
     with pytest.raises(UnresolvedHashError, match=r"extra_mimo-1\.0-py3-none-any\.whl"):
         preflight(spec, mimo, contextlib.ExitStack())
@@ -75,7 +80,7 @@ def test_preflight_names_an_unresolved_wheel(stack: Stack) -> None:
 def test_a_build_that_needs_served_wheels_refuses_an_engine_on_another_host(
         stack: Stack) -> None:
     spec = stack.load()
-    node = plan(spec, read_lock(spec.lock_path), ["node"])[0]
+    node = plan(spec, load(str(spec.path)).lock, ["node"])[0]
     engine = FakeEngine(name="head-node", local=False)  # e.g. DOCKER_HOST=ssh://head-node
     engine.add_base("example/base:1", [b"base"])
     with pytest.raises(EngineError, match="is not on this machine") as info:

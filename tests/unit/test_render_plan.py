@@ -9,11 +9,11 @@ import pytest
 from imagebuild import cli
 from imagebuild.derivation import plan
 from imagebuild.errors import RenderDrift, SpecError, UnresolvedHashError
-from imagebuild.lock import read_lock
+from imagebuild.ops import load
 from imagebuild.render import check_rendered, render_image, write_rendered
 from imagebuild.spec import load_spec
 
-from .conftest import REPO, SPEC, Stack
+from .conftest import CLOSURE, REPO, SPEC, TOKENIZERS, Stack, _dist
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -43,11 +43,13 @@ def test_mimo_does_what_the_field_dockerfile_does_in_order() -> None:
     # the one deliberate change: the wheels are served to the install RUN, not COPYed,
     # so no layer of the image holds the wheel files themselves
     assert not any(i.startswith("COPY wheels") or ".whl" in i for i in ins)
-    assert ins[6] == "COPY wheel-requirements.txt /tmp/mimo-wheel-requirements.txt"
+    assert ins[6] == "COPY install-requirements.txt /tmp/mimo-install-requirements.txt"
     assert ins[7] == "ARG IMAGEBUILD_WHEELS"
     assert ins[8].startswith("RUN ")
-    assert "transformers>=5.0.0" in ins[8] and "--override /tmp/tf-override.txt" in ins[8]
-    assert "uv pip install -r /tmp/mimo-wheel-requirements.txt" in ins[8]
+    # transformers 5 comes with the locked closure (an override in the spec), and
+    # nothing is resolved at build time
+    assert "uv pip install --no-deps --require-hashes -r /tmp/mimo-install-requirements.txt" \
+        in ins[8] and "--override" not in ins[8]
     torch_run = ins[-1]
     assert torch_run.startswith("RUN uv pip install --no-deps --force-reinstall")
     assert "--index-url https://download.pytorch.org/whl/cu130" in torch_run
@@ -66,12 +68,13 @@ def test_node_follows_the_lineage_and_ends_with_the_force_reinstall() -> None:
         assert pkg in apt
     uv = next(i for i in ins if "pip install" in i and "uv-requirements.txt" in i)
     assert "--require-hashes" in uv and "--no-deps" in uv  # uv itself is hash-pinned
-    wheels = ins.index("COPY wheel-requirements.txt /tmp/wheel-requirements.txt")
+    wheels = ins.index("COPY install-requirements.txt /tmp/install-requirements.txt")
     assert ins[wheels + 1] == "ARG IMAGEBUILD_WHEELS"
-    assert "uv pip install -r /tmp/wheel-requirements.txt" in ins[wheels + 2]
+    assert "uv pip install --no-deps --require-hashes -r /tmp/install-requirements.txt" \
+        in ins[wheels + 2]
     assert not any(".whl" in i for i in ins)
     first_torch = next(i for i, x in enumerate(ins) if "torch-requirements.txt" in x and "RUN" in x)
-    assert first_torch < wheels
+    assert first_torch < wheels and "--no-deps" in ins[first_torch]  # deps: from the lock
     assert ins[-1].startswith("RUN uv pip install --no-deps --force-reinstall")
     assert "--mount" not in text
 
@@ -86,13 +89,13 @@ def test_render_check_fails_with_a_diff_on_drift(stack: Stack,
     spec = stack.load()
     write_rendered(spec)
     target = spec.dockerfiles_dir / "vllm-node-tf5.Dockerfile"
-    target.write_text(target.read_text().replace("transformers", "transfromers"))
+    target.write_text(target.read_text().replace("--no-deps", "--no-dpes"))
     with pytest.raises(RenderDrift):
         check_rendered(spec)
     code, _, err = _run(["-f", str(stack.spec_path), "render", "--check"], capsys)
     assert code == 1
-    assert "-RUN uv pip install 'transfromers" in err and "+RUN uv pip install 'transformers" in err
-    assert "transfromers" in target.read_text()  # --check writes nothing
+    assert "-RUN uv pip install --no-dpes" in err and "+RUN uv pip install --no-deps" in err
+    assert "--no-dpes" in target.read_text()  # --check writes nothing
     code, out, _ = _run(["-f", str(stack.spec_path), "render"], capsys)
     assert code == 0 and "wrote" in out
     check_rendered(spec)
@@ -134,7 +137,7 @@ def test_bad_spec_writes_nothing_and_exits_2(stack: Stack,
 
 def _hashes(stack: Stack) -> dict[str, str]:
     spec = stack.load()
-    return {d.name: d.input_hash for d in plan(spec, read_lock(spec.lock_path))}  # type: ignore
+    return {d.name: d.input_hash for d in plan(spec, load(str(spec.path)).lock)}  # type: ignore
 
 
 def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
@@ -143,11 +146,11 @@ def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 def test_plan_is_ordered_and_deterministic(stack: Stack) -> None:
     spec = stack.load()
-    ds = plan(spec, read_lock(spec.lock_path), ["mimo"])
+    ds = plan(spec, load(str(spec.path)).lock, ["mimo"])
     assert [d.name for d in ds] == ["vllm-node", "vllm-node-tf5", "vllm-node-mimo"]
     assert all(d.input_hash and len(d.input_hash) == 64 for d in ds)
     assert _hashes(stack) == _hashes(stack)
-    tf5 = plan(spec, read_lock(spec.lock_path), ["tf5"])
+    tf5 = plan(spec, load(str(spec.path)).lock, ["tf5"])
     assert [d.name for d in tf5] == ["vllm-node", "vllm-node-tf5"]
     assert ds[2].base_image_arg(ds[1]) == f"vllm-node-tf5:{ds[1].input_hash[:12]}"  # type: ignore
     assert ds[0].base_image_arg(None) == "example/base:1"
@@ -184,23 +187,40 @@ def test_base_reference_and_params_change_downstream(stack: Stack) -> None:
     before = _hashes(stack)
     stack.write_spec(SPEC.replace("base: example/base:1", "base: example/base:2"))
     assert _changed(before, _hashes(stack)) == set(before)
-    stack.write_spec(SPEC.replace("transformers>=4.57,<5", "transformers>=4.58,<5"))
+    stack.write_spec(SPEC)
+
+
+def test_one_locked_package_changes_exactly_the_images_that_install_it(stack: Stack) -> None:
+    before = _hashes(stack)
+    # a new tokenizers in mimo's closure only: mimo installs it, nothing else changes
+    newer = _dist("tokenizers", "0.22.2", "f" * 64)
+    stack.lock({**CLOSURE, "vllm-node-mimo": [*CLOSURE["vllm-node-mimo"], newer]})
+    assert _changed(before, _hashes(stack)) == {"vllm-node-mimo"}
+    # a new transformers 4.x for tf5 (mimo overrides it to 5): tf5 and its child
+    stack.lock({**CLOSURE, "vllm-node-tf5": [_dist("transformers", "4.58.0", "9" * 64),
+                                             TOKENIZERS]})
     assert _changed(before, _hashes(stack)) == {"vllm-node-tf5", "vllm-node-mimo"}
+    # in every closure: vllm-node installs it, so all three
+    stack.lock({n: [*ps, newer] for n, ps in CLOSURE.items()})
+    assert _changed(before, _hashes(stack)) == set(before)
+    # the requirements that produced a lock are not inputs; the locked files are
+    stack.lock()
+    assert _hashes(stack) == before
 
 
 def test_locked_torch_hash_changes_images_that_force_reinstall(stack: Stack) -> None:
     before = _hashes(stack)
-    lock = stack.root / "wheels.lock"
-    lock.write_text(lock.read_text().replace("a" * 64, "b" * 64))
+    stack.index_sha["torch"] = "b" * 64
+    stack.lock()
     assert _changed(before, _hashes(stack)) == set(before)
 
 
 def test_unresolved_hash_propagates_and_refuses(stack: Stack,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    lock = stack.root / "wheels.lock"
-    lock.write_text(lock.read_text().replace("a" * 64, "unresolved"))
+    stack.index_sha["torch"] = None  # the index publishes no sha256 for it
+    stack.lock()
     spec = stack.load()
-    ds = plan(spec, read_lock(spec.lock_path))
+    ds = plan(spec, load(str(spec.path)).lock)
     assert all(d.input_hash is None for d in ds)
     assert "torch-2.11.0+cu130-py3-none-any.whl" in ds[2].unresolved
     with pytest.raises(UnresolvedHashError, match="imagebuild lock"):
@@ -226,7 +246,7 @@ def test_plan_touches_nothing(stack: Stack, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_lock_check_cli(stack: Stack, capsys: pytest.CaptureFixture[str],
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+                        monkeypatch: pytest.MonkeyPatch, offline_lock: object) -> None:
     monkeypatch.setattr("imagebuild.lock._http_get", lambda url: (_ for _ in ()).throw(
         AssertionError("no network expected: torch is already locked")))
     code, out, _ = _run(["-f", str(stack.spec_path), "lock", "--check"], capsys)

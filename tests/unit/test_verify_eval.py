@@ -75,3 +75,28 @@ def test_table_shows_expected_got_and_hint(lock) -> None:  # type: ignore[no-unt
                        results=(r,))
     text = table([rec])
     assert "FAIL" in text and "2.10.0+cpu None" in text and "hint: force-reinstall torch" in text
+
+
+def test_the_closure_check_compares_every_installed_distribution_with_the_lock(
+        stack: Stack) -> None:
+    from imagebuild.ops import load
+    from imagebuild.verify import CLOSURE_CHECK, image_checks
+
+    ctx = load(str(stack.spec_path))
+    check = image_checks(ctx.spec, "vllm-node-mimo", ctx.lock)[-1]
+    assert check.name == CLOSURE_CHECK and check.kind == "closure"
+    locked = {p.name: p.version for p in ctx.lock.closures["vllm-node-mimo"].packages}
+    installed = " ".join(f"{n}=={v}" for n, v in sorted(locked.items()))
+    # what the base image brings besides (pip, ...) is not the lock's business
+    good = evaluate(check, ctx.lock, _ok(f"pip==23.0.1 {installed}\n"))
+    assert good.passed and good.got == f"all {len(locked)} installed as locked"
+    # a RUN that resolved at build time: the CPU torch, and transformers never installed
+    drift = installed.replace("torch==2.11.0+cu130", "torch==2.10.0+cpu").replace(
+        "transformers==5.0.0", "")
+    bad = evaluate(check, ctx.lock, _ok(drift))
+    assert not bad.passed
+    assert bad.got == "differ: torch 2.10.0+cpu (locked 2.11.0+cu130); missing: transformers"
+    assert bad.hint is not None and "pylock.vllm-node-mimo.toml" in bad.hint
+    # the lock is part of what a record was checked against
+    assert checks_digest([check], ctx.lock) != checks_digest(
+        image_checks(ctx.spec, "vllm-node-tf5", ctx.lock)[-1:], ctx.lock)

@@ -25,7 +25,7 @@ from imagebuild.naming import hash_tag, latest_tag
 from imagebuild.progress import Quiet
 from imagebuild.promote import promote
 from imagebuild.store import LocalDir
-from imagebuild.verify import passing_record
+from imagebuild.verify import image_checks, passing_record
 
 from ..fake_engine import FakeEngine, ok
 from .conftest import SPEC, Stack
@@ -91,13 +91,20 @@ def test_build_realizes_the_closure_gates_it_and_then_reuses_it(ctx: ops.Context
         info = report.images[name]
         assert e.require(latest_tag(name)).id == info.id
         assert hash_tag(name, info) in e.require(info.id).tags
-    assert e.checks_run == [(node.id, tuple(ctx.spec.checks["torch-gate"].run))]
+    # the spec's checks, then the automatic closure check of each image: what every
+    # image installed is exactly its lock
+    listing = image_checks(ctx.spec, "vllm-node", ctx.lock)[-1].run
+    assert e.checks_run == [(node.id, tuple(ctx.spec.checks["torch-gate"].run)),
+                            (node.id, listing), (tf5.id, listing), (mimo.id, listing)]
+    records = {r.image: r for r in (p.record for p in result.promotions.values()) if r}
+    assert [r.got for r in records["vllm-node-mimo"].results] == [
+        "all 6 installed as locked"]
     assert sorted(result.backups) == sorted(NAMES)
     assert all((ctx.spec.root / "backups" / tar_name(n)).is_file() for n in NAMES)
     again = ops.build(ctx, e, ["mimo"], progress=Quiet())
     assert e.builds == NAMES  # no build call the second time
     assert again.report is not None and again.report.reused == NAMES
-    assert again.latest_moved == [] and len(e.checks_run) == 1  # the record was reused
+    assert again.latest_moved == [] and len(e.checks_run) == 4  # the record was reused
     assert all(not b.written for b in again.backups.values())
 
 

@@ -24,25 +24,30 @@ RUN python3 -m pip install --no-cache-dir --no-deps --require-hashes \
     --index-url http://127.0.0.1:18080/simple -r /tmp/uv-requirements.txt \
     && rm /tmp/uv-requirements.txt
 
-# torch 2.11.0+cu130 from its index; torch-requirements.txt pins the wheel by sha256
-# (written by imagebuild from wheels.lock), and uv verifies it.
+# torch 2.11.0+cu130 from its index, in a layer of its own (a rebuild of the wheels
+# above it does not ship torch again); torch-requirements.txt pins the wheel by sha256
+# (written by imagebuild from wheels.lock), and uv verifies it. Its dependencies come
+# with the locked closure below.
 COPY torch-requirements.txt /tmp/torch-requirements.txt
-RUN uv pip install --index-url http://127.0.0.1:18080/simple -r /tmp/torch-requirements.txt
+RUN uv pip install --no-deps --require-hashes --index-url http://127.0.0.1:18080/simple \
+    -r /tmp/torch-requirements.txt
 
-# The vllm and flashinfer wheels. imagebuild checks them against wheels.lock and serves
-# them to this RUN over the build's host network: a COPY layer would keep every wheel in
-# the image for good and ship it to each worker twice. wheel-requirements.txt pins
-# each URL by sha256, and uv checks it. By hand: serve wheels/ on 127.0.0.1 and pass
-# --build-arg IMAGEBUILD_WHEELS=http://127.0.0.1:PORT with --network host.
-COPY wheel-requirements.txt /tmp/wheel-requirements.txt
+# The rest of the image's locked closure (locks/pylock.vllm-node.toml): the vllm and
+# flashinfer wheels and every dependency, exactly these files: install-requirements.txt
+# pins each by URL and sha256, --no-deps resolves nothing at build time. imagebuild checks
+# the local wheels against wheels.lock and serves them to this RUN over the build's host
+# network (a COPY layer would keep every wheel in the image for good). By hand: serve
+# wheels/ on 127.0.0.1 and pass --build-arg IMAGEBUILD_WHEELS=http://127.0.0.1:PORT with
+# --network host.
+COPY install-requirements.txt /tmp/install-requirements.txt
 ARG IMAGEBUILD_WHEELS
 RUN : "${IMAGEBUILD_WHEELS:?pass --build-arg IMAGEBUILD_WHEELS=URL serving wheels/}" \
-    && uv pip install --index-url http://127.0.0.1:18080/simple -r /tmp/wheel-requirements.txt \
-    && rm /tmp/wheel-requirements.txt
+    && uv pip install --no-deps --require-hashes -r /tmp/install-requirements.txt \
+    && rm /tmp/install-requirements.txt
 
-# Fix torch CPU regression: the vllm wheel's metadata pins torch==2.10.0, so the install
-# above lands torch 2.10.0+cpu, which dies at import (libtorch_cuda.so). The C++ ABI needs
-# 2.11.0+cu130: force-reinstall it, no deps, as its own last RUN.
+# Fix torch CPU regression: the vllm wheel's metadata pins torch==2.10.0; a resolver lands
+# torch 2.10.0+cpu, which dies at import (libtorch_cuda.so). The lock overrides that pin,
+# and the field's rule stays: force-reinstall 2.11.0+cu130, no deps, as its own last RUN.
 RUN uv pip install --no-deps --force-reinstall --require-hashes \
     --index-url http://127.0.0.1:18080/simple \
     -r /tmp/torch-requirements.txt \

@@ -1,0 +1,376 @@
+"""The closure locks: every Python distribution each image installs, pinned by version and
+sha256 for the images' target platform, one PEP 751 file per image
+(``locks/pylock.<image>.toml``).
+
+Pure: reading, checking, writing and comparing locks, the metadata conflict check, and
+the hash-pinned requirement files the install steps read. Resolving is uv's job (see
+``resolve.py``); nothing here talks to an index or spawns a process.
+
+An image's lock is its whole Python closure: what its parent has plus what it adds, as
+one resolution under the overrides in force for it (its ancestors' and its own). Its
+install steps install the difference to its parent's lock, exactly, with ``--no-deps``
+and every file hash-checked: nothing is resolved at build time.
+
+A local wheel (served to the build from the spec's wheels directory) is recorded with
+``path = "wheels/<file>"``: relative to that directory, not to the lock file, so a lock
+reads the same wherever the stack is checked out. An index wheel keeps the URL the
+resolver found it at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.markers import InvalidMarker
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from .errors import LockConflict, LockError, UnresolvedHashError
+from .lock import INDEX_URL, LOCAL_PREFIX, SHA256, WHEEL_FILE, parse_wheel
+
+PYLOCK_VERSION = "1.0"
+CREATED_BY = "imagebuild"
+_KEYS = {"lock-version", "created-by", "requires-python", "environments", "packages", "tool"}
+_PACKAGE_KEYS = {"name", "version", "wheels"}
+_WHEEL_KEYS = {"name", "url", "path", "hashes"}
+_TOOL_KEYS = {"image", "parent", "python", "platform", "requirements", "overrides", "unresolved",
+              "content-hash"}
+_SEAL = re.compile(r'^content-hash = "sha256:([0-9a-f]{64})"\n\Z', re.M)
+_UNRESOLVED_TEXT = re.compile(r"^[^\x00-\x1f\x7f]{1,500}$")
+_REGENERATE = "regenerate it with 'imagebuild lock' (never edit a lock by hand)"
+
+
+@dataclass(frozen=True)
+class LockedDist:
+    """One distribution of a closure: one wheel, pinned by sha256."""
+
+    name: str  # canonical
+    version: str
+    filename: str
+    sha256: str
+    url: str | None  # where the resolver found it on an index; None: a local wheel
+
+    @property
+    def is_local(self) -> bool:
+        return self.url is None
+
+
+@dataclass(frozen=True)
+class ClosureLock:
+    path: Path
+    image: str
+    parent: str | None
+    python: str
+    platform: str
+    requirements: tuple[str, ...]  # what the resolution started from (root first)
+    overrides: tuple[str, ...]  # the overrides in force, as requirements
+    packages: tuple[LockedDist, ...]  # sorted by name
+    unresolved: str | None = None  # why this closure could not be resolved where locked
+
+    def by_name(self) -> dict[str, LockedDist]:
+        return {p.name: p for p in self.packages}
+
+    def require_resolved(self) -> None:
+        if self.unresolved is not None:
+            raise UnresolvedHashError(
+                f"{self.path}: the closure of {self.image} is unresolved: {self.unresolved}",
+                hint="run 'imagebuild lock' on a machine that has the local wheels and reaches "
+                     "every index of the spec, commit locks/, and try again")
+
+
+def markers_env(python: str, platform: str) -> dict[str, str]:
+    """The PEP 508 marker environment of a Linux target (``platform`` as uv names it,
+    e.g. ``aarch64-manylinux_2_28``)."""
+    machine = platform.split("-", 1)[0]
+    return {"python_version": python, "python_full_version": f"{python}.0",
+            "implementation_name": "cpython", "platform_python_implementation": "CPython",
+            "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+            "platform_machine": machine, "platform_release": "", "platform_version": "",
+            "implementation_version": f"{python}.0", "extra": ""}
+
+
+def environment_marker(python: str, platform: str) -> str:
+    machine = platform.split("-", 1)[0]
+    return (f"sys_platform == 'linux' and platform_machine == '{machine}' "
+            f"and python_version == '{python}'")
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def read_closure(path: Path, image: str) -> ClosureLock:
+    """Read and check one image's lock: every key, every value; nothing unchecked reaches a
+    requirement file, a Dockerfile or an input hash."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise LockError(f"{path}: the closure lock of {image} is missing",
+                        hint="run 'imagebuild lock' and commit locks/") from None
+    except OSError as exc:
+        raise LockError(f"{path}: cannot read the lock: {exc.strerror or exc}",
+                        hint="the spec's 'locks:' must name a directory") from None
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LockError(f"{path}: malformed lock: {exc}", hint=_REGENERATE) from None
+    seal = _SEAL.search(text)
+    if seal is None or _seal(text[:seal.start()]) != seal.group(1):
+        raise LockError(f"{path}: the lock was changed by hand (its content-hash does not "
+                        f"match its content)",
+                        hint="a lock is what 'imagebuild lock' resolved, nothing else: "
+                             "regenerate it (git checkout the file, or run 'imagebuild lock')")
+    _keys(path, "the lock", data, _KEYS, {"lock-version", "packages", "tool"})
+    if data["lock-version"] != PYLOCK_VERSION:
+        raise LockError(f"{path}: lock-version {data['lock-version']!r} is not "
+                        f"{PYLOCK_VERSION!r}", hint=_REGENERATE)
+    tool = data["tool"].get("imagebuild") if isinstance(data["tool"], dict) else None
+    if not isinstance(tool, dict):
+        raise LockError(f"{path}: no [tool.imagebuild] table", hint=_REGENERATE)
+    _keys(path, "[tool.imagebuild]", tool, _TOOL_KEYS,
+          {"image", "python", "platform", "requirements", "overrides"})
+    if tool["image"] != image:
+        raise LockError(f"{path}: locks image {tool['image']!r}, not {image!r}",
+                        hint=_REGENERATE)
+    parent = tool.get("parent")
+    strings = [tool["python"], tool["platform"], *_str_list(path, "requirements", tool),
+               *_str_list(path, "overrides", tool)]
+    if (parent is not None and not isinstance(parent, str)) or not all(
+            isinstance(s, str) for s in strings):
+        raise LockError(f"{path}: [tool.imagebuild] values must be strings", hint=_REGENERATE)
+    for req in (*tool["requirements"], *tool["overrides"]):
+        try:
+            Requirement(req)
+        except InvalidRequirement:
+            raise LockError(f"{path}: {req!r} is not a requirement", hint=_REGENERATE) from None
+    unresolved = tool.get("unresolved")
+    if unresolved is not None and (not isinstance(unresolved, str)
+                                   or not _UNRESOLVED_TEXT.match(unresolved)):
+        raise LockError(f"{path}: 'unresolved' must be one line of text", hint=_REGENERATE)
+    entries = data["packages"]
+    if not isinstance(entries, list):
+        raise LockError(f"{path}: 'packages' must be an array of tables", hint=_REGENERATE)
+    packages = [_package(path, i, e) for i, e in enumerate(entries, 1)]
+    names = [p.name for p in packages]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise LockError(f"{path}: {', '.join(dup)} locked more than once", hint=_REGENERATE)
+    if unresolved is not None and packages:
+        raise LockError(f"{path}: an unresolved lock lists packages", hint=_REGENERATE)
+    return ClosureLock(path=path, image=image, parent=parent, python=tool["python"],
+                       platform=tool["platform"], requirements=tuple(tool["requirements"]),
+                       overrides=tuple(tool["overrides"]),
+                       packages=tuple(sorted(packages, key=lambda p: p.name)),
+                       unresolved=unresolved)
+
+
+def _keys(path: Path, where: str, table: object, allowed: set[str], required: set[str]
+          ) -> None:
+    if not isinstance(table, dict):
+        raise LockError(f"{path}: {where} is not a table", hint=_REGENERATE)
+    missing = sorted(required - set(table))
+    extra = sorted(set(table) - allowed)
+    if missing or extra:
+        raise LockError(f"{path}: {where}: " + "; ".join(
+            ([f"lacks {', '.join(missing)}"] if missing else [])
+            + ([f"has unknown keys {', '.join(extra)}"] if extra else [])), hint=_REGENERATE)
+
+
+def _str_list(path: Path, key: str, table: dict[str, object]) -> list[object]:
+    value = table[key]
+    if not isinstance(value, list):
+        raise LockError(f"{path}: [tool.imagebuild] {key} must be a list", hint=_REGENERATE)
+    return value
+
+
+def _package(path: Path, i: int, entry: object) -> LockedDist:
+    where = f"package {i}"
+    _keys(path, where, entry, _PACKAGE_KEYS, _PACKAGE_KEYS)
+    assert isinstance(entry, dict)
+    name, version, wheels = entry["name"], entry["version"], entry["wheels"]
+    if not isinstance(name, str) or not isinstance(version, str):
+        raise LockError(f"{path}: {where}: name and version must be strings", hint=_REGENERATE)
+    if not isinstance(wheels, list) or len(wheels) != 1:
+        raise LockError(f"{path}: {where} ({name}): exactly one wheel per package (the "
+                        f"target's)", hint=_REGENERATE)
+    w = wheels[0]
+    _keys(path, f"{where} ({name}) wheel", w, _WHEEL_KEYS, {"name", "hashes"})
+    filename = w["name"]
+    if not isinstance(filename, str) or not WHEEL_FILE.match(filename):
+        raise LockError(f"{path}: {where} ({name}): {filename!r} is not a wheel filename",
+                        hint=_REGENERATE)
+    parsed = parse_wheel(filename)
+    if canonicalize_name(name) != name or parsed.name != name or parsed.version != version:
+        raise LockError(f"{path}: {where} ({name} {version}): does not match its wheel "
+                        f"{filename}", hint=_REGENERATE)
+    hashes = w["hashes"]
+    if not isinstance(hashes, dict) or set(hashes) != {"sha256"} or not isinstance(
+            hashes["sha256"], str) or not SHA256.match(hashes["sha256"]):
+        raise LockError(f"{path}: {where} ({filename}): hashes must be {{ sha256 = <64 hex> }}",
+                        hint=_REGENERATE)
+    url = w.get("url")
+    local = w.get("path")
+    if (url is None) == (local is None):
+        raise LockError(f"{path}: {where} ({filename}): give exactly one of url or path",
+                        hint=_REGENERATE)
+    if local is not None and local != LOCAL_PREFIX + filename:
+        raise LockError(f"{path}: {where} ({filename}): path must be {LOCAL_PREFIX}{filename}",
+                        hint=_REGENERATE)
+    if url is not None and (not isinstance(url, str) or not INDEX_URL.match(url)
+                            or not url.endswith("/" + filename)):
+        raise LockError(f"{path}: {where} ({filename}): url must be an http(s) URL of "
+                        f"{filename}", hint=_REGENERATE)
+    return LockedDist(name=name, version=version, filename=filename,
+                      sha256=hashes["sha256"], url=url)
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def _q(value: str) -> str:
+    out = ['"']
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _array(values: Iterable[str]) -> str:
+    return "[" + ", ".join(_q(v) for v in values) + "]"
+
+
+def format_closure(lock: ClosureLock, spec_name: str) -> str:
+    """The lock's text: deterministic (packages by name, fixed layout), PEP 751."""
+    lines = [
+        f"# pylock.{lock.image}.toml: every Python distribution {lock.image} installs, for "
+        f"Linux {lock.platform.split('-', 1)[0]}, CPython {lock.python}.",
+        f"# Written by 'imagebuild lock' from {spec_name} (resolved by uv); do not edit by "
+        f"hand.",
+        "# A local wheel's path is relative to the spec's wheels directory.",
+        f"lock-version = {_q(PYLOCK_VERSION)}",
+        f"created-by = {_q(CREATED_BY)}",
+        f"requires-python = {_q(f'=={lock.python}.*')}",
+        f"environments = {_array([environment_marker(lock.python, lock.platform)])}",
+    ]
+    if not lock.packages:
+        lines.append("packages = []")
+    for p in sorted(lock.packages, key=lambda p: p.name):
+        where = f"url = {_q(p.url)}" if p.url else f"path = {_q(LOCAL_PREFIX + p.filename)}"
+        lines += ["", "[[packages]]", f"name = {_q(p.name)}", f"version = {_q(p.version)}",
+                  f"wheels = [{{ name = {_q(p.filename)}, {where}, "
+                  f"hashes = {{ sha256 = {_q(p.sha256)} }} }}]"]
+    lines += ["", "[tool.imagebuild]", f"image = {_q(lock.image)}"]
+    if lock.parent is not None:
+        lines.append(f"parent = {_q(lock.parent)}")
+    lines += [f"python = {_q(lock.python)}", f"platform = {_q(lock.platform)}",
+              f"requirements = {_array(lock.requirements)}",
+              f"overrides = {_array(lock.overrides)}"]
+    if lock.unresolved is not None:
+        lines.append(f"unresolved = {_q(lock.unresolved)}")
+    body = "\n".join(lines) + "\n"
+    # a seal over everything above it: a hand edit (a changed hash, a version) is refused
+    return body + f'content-hash = "sha256:{_seal(body)}"\n'
+
+
+def _seal(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+# -- what a build installs -------------------------------------------------------------------
+
+
+def install_set(lock: ClosureLock, parent: ClosureLock | None,
+                always: Iterable[str] = ()) -> list[LockedDist]:
+    """What an image's install step installs: the distributions of its lock that its
+    parent's lock does not have at the same version and file, plus ``always`` (canonical
+    names the template installs again on purpose, e.g. mimo's wheels)."""
+    lock.require_resolved()
+    had = parent.by_name() if parent is not None else {}
+    keep = set(always)
+    return [p for p in lock.packages if p.name in keep or had.get(p.name) != p]
+
+
+def requirements_text(dists: Iterable[LockedDist], wheels_arg: str) -> str:
+    """The hash-pinned requirement file of an install step: one direct URL per
+    distribution (a local wheel under ``${wheels_arg}``, which uv expands to where
+    imagebuild serves the wheels), each with its sha256. Installed with ``--no-deps``: the
+    resolution happened at lock time."""
+    lines = []
+    for p in sorted(dists, key=lambda p: p.name):
+        url = p.url if p.url is not None else f"${{{wheels_arg}}}/{p.filename}"
+        lines.append(f"{p.name} @ {url} --hash=sha256:{p.sha256}")
+    return "".join(line + "\n" for line in lines)
+
+
+# -- the metadata conflict check ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conflict:
+    package: str  # the package required
+    requirement: str  # as the wheel states it
+    stated_by: str  # the wheel that states it
+    locked: str  # the version the closure has (or "not in the closure")
+
+
+def conflicts(requires: Mapping[str, Iterable[str]], versions: Mapping[str, str],
+              overridden: Iterable[str], python: str, platform: str) -> list[Conflict]:
+    """Every ``Requires-Dist`` (``requires``: filename -> its requirement strings) that the
+    pinned ``versions`` (canonical name -> version) do not satisfy on the target, unless an
+    override covers the required package. Requirements of packages outside ``versions``
+    only count when the package is in it (a missing dependency is the resolver's to add).
+    """
+    env = markers_env(python, platform)
+    covered = {canonicalize_name(n) for n in overridden}
+    out: list[Conflict] = []
+    for filename, reqs in sorted(requires.items()):
+        for text in reqs:
+            try:
+                req = Requirement(text)
+            except InvalidRequirement:
+                raise LockError(f"{filename}: its metadata states {text!r}, which is not a "
+                                f"requirement", hint="rebuild the wheel with valid metadata"
+                                ) from None
+            try:
+                if req.marker is not None and not req.marker.evaluate(env):
+                    continue
+            except InvalidMarker:
+                continue
+            name = canonicalize_name(req.name)
+            if name in covered or name not in versions:
+                continue
+            try:
+                ok = req.specifier.contains(Version(versions[name]), prereleases=True)
+            except InvalidVersion:
+                ok = False
+            if not ok:
+                out.append(Conflict(package=name, requirement=text, stated_by=filename,
+                                    locked=versions[name]))
+    return out
+
+
+def conflict_error(image: str, found: list[Conflict], spec_name: str) -> LockConflict:
+    lines = [f"{image}: the closure conflicts with what its wheels require, and no override "
+             f"in {spec_name} covers it:"]
+    for c in found:
+        lines.append(f"  {c.stated_by} requires {c.requirement!r}; the closure has "
+                     f"{c.package} {c.locked}")
+    first = found[0]
+    return LockConflict(
+        "\n".join(lines),
+        hint=f"if {first.package} {first.locked} is what the image needs, declare it under "
+             f"images.{image}.overrides (or an ancestor's): "
+             f"{{requirement: \"{first.package}=={first.locked}\", reason: \"why the "
+             f"wheel's pin is wrong\"}}, then run 'imagebuild lock' again")
+

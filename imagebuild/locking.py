@@ -1,0 +1,162 @@
+"""``imagebuild lock``, the closure part: resolve every image's Python closure with uv,
+check it against its wheels' metadata, and produce its PEP 751 lock.
+
+For each image, parents first: the requirements are what its lineage declares (the
+local wheels and torch at their locked versions, each image's ``requires``), the
+overrides those in force for it (``Spec.overrides_for``). Before uv runs, the declared
+wheels' ``Requires-Dist`` are compared with the declared pins, so a conflict the spec does
+not settle with an override is refused with its cause, not with a resolver's puzzle;
+after uv runs, every locked distribution's ``Requires-Dist`` is compared with the closure.
+Nothing is written here: the caller writes every file or none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .closure import ClosureLock, LockedDist, conflict_error, conflicts
+from .errors import LockError
+from .lock import LockedWheel
+from .resolve import Getter, dist_requires, requires_dist, resolve, wheel_metadata
+from .spec import Spec
+
+PYPI = "https://pypi.org/simple"
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """What one image's closure is resolved from."""
+
+    requirements: tuple[str, ...]
+    overrides: tuple[str, ...]
+    overridden: frozenset[str]  # canonical package names the overrides cover
+    indexes: tuple[str, ...]  # the first is the primary
+    local: tuple[LockedWheel, ...]  # the declared local wheels of the lineage
+    pinned: tuple[LockedWheel, ...]  # every declared wheel of the lineage (local and index)
+
+
+def image_inputs(spec: Spec, wheels: Mapping[str, LockedWheel], name: str) -> ImageInputs:
+    """The resolution inputs of ``name``: pure, from the spec and the wheels' lock."""
+    requirements: list[str] = []
+    pinned: dict[str, LockedWheel] = {}
+    pip_index: str | None = None
+    for n in spec.lineage(name):
+        img = spec.images[n]
+        for wname in (*img.wheels, *((img.torch,) if img.torch else ())):
+            w = wheels[wname]
+            pinned[w.name] = w
+            req = f"{w.name}=={w.version}"
+            if req not in requirements:
+                requirements.append(req)
+        for req in img.requires:
+            if req not in requirements:
+                requirements.append(req)
+        pip_index = img.params.pip_index or pip_index
+    indexes = [pip_index or PYPI]
+    for w in pinned.values():
+        if w.index is not None and w.index not in indexes:
+            indexes.append(w.index)
+    overrides = spec.overrides_for(name)
+    return ImageInputs(
+        requirements=tuple(requirements),
+        overrides=tuple(o.requirement for _, o in sorted(overrides.items())),
+        overridden=frozenset(overrides),
+        indexes=tuple(indexes),
+        local=tuple(w for w in pinned.values() if w.is_local),
+        pinned=tuple(pinned.values()),
+    )
+
+
+def unresolved_reason(spec: Spec, inputs: ImageInputs) -> str | None:
+    """Why this machine cannot lock the closure (a local wheel absent, a declared wheel's
+    hash unknown), or None."""
+    for w in inputs.pinned:
+        if w.sha256 is None:
+            return f"the sha256 of {w.filename} is unresolved in {spec.lock_path.name}"
+        if w.is_local and not (spec.wheels_dir / w.filename).is_file():
+            return f"{w.filename} is not in the wheels directory"
+    return None
+
+
+def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
+               parent: ClosureLock | None, previous: ClosureLock | None,
+               upgrade: bool | list[str], get: Getter | None = None) -> ClosureLock:
+    """One image's closure lock (unresolved, with the reason, where it cannot be made)."""
+    inputs = image_inputs(spec, wheels, name)
+    img = spec.images[name]
+    spec_name = spec.path.name
+
+    def made(packages: tuple[LockedDist, ...], unresolved: str | None = None) -> ClosureLock:
+            return ClosureLock(path=spec.closure_lock_path(name), image=name, parent=img.parent,
+                           python=spec.target.python, platform=spec.target.platform,
+                           requirements=inputs.requirements, overrides=inputs.overrides,
+                           packages=packages, unresolved=unresolved)
+
+    if parent is not None and parent.unresolved is not None:
+        return made((), f"its parent {parent.image} is unresolved")
+    why = unresolved_reason(spec, inputs)
+    if why is not None:
+        return made((), why)
+    # the declared pins against what the declared local wheels require
+    stated = {w.filename: requires_dist(wheel_metadata(spec.wheels_dir / w.filename))[2]
+              for w in inputs.local}
+    found = conflicts(stated, {w.name: w.version for w in inputs.pinned}, inputs.overridden,
+                      spec.target.python, spec.target.platform)
+    if found:
+        raise conflict_error(name, found, spec_name)
+    resolution = resolve(image=name, requirements=list(inputs.requirements),
+                         overrides=list(inputs.overrides), python=spec.target.python,
+                         platform=spec.target.platform, wheels_dir=spec.wheels_dir,
+                         indexes=list(inputs.indexes), previous=previous, upgrade=upgrade)
+    by_name = {p.name: p for p in resolution.packages}
+    for w in inputs.pinned:
+        got = by_name.get(w.name)
+        if got is None or got.filename != w.filename or got.sha256 != w.sha256:
+            have = f"{got.filename} ({got.sha256[:12]})" if got else "nothing"
+            raise LockError(
+                f"{name}: the spec declares {w.filename} ({(w.sha256 or '')[:12]}), but the "
+                f"resolution took {have}",
+                hint="an override or an index moved a declared wheel: declare the file the "
+                     "image should install under wheels, or fix the override")
+    # every locked distribution's requirements against the closure
+    stated = dist_requires(resolution.packages, spec.wheels_dir, get)
+    found = conflicts(stated, {p.name: p.version for p in resolution.packages},
+                      inputs.overridden, spec.target.python, spec.target.platform)
+    if found:
+        raise conflict_error(name, found, spec_name)
+    return made(resolution.packages)
+
+
+def stale_reason(spec: Spec, wheels: Mapping[str, LockedWheel], lock: ClosureLock
+                 ) -> str | None:
+    """Why a committed closure lock no longer matches the spec and the wheels' lock."""
+    inputs = image_inputs(spec, wheels, lock.image)
+    if (lock.python, lock.platform) != (spec.target.python, spec.target.platform):
+        return (f"it is for CPython {lock.python} on {lock.platform}, the spec's target is "
+                f"CPython {spec.target.python} on {spec.target.platform}")
+    if lock.parent != spec.images[lock.image].parent:
+        return f"its parent is {lock.parent}, the spec's is {spec.images[lock.image].parent}"
+    if lock.requirements != inputs.requirements:
+        return "the image's requirements changed in the spec or in the wheels' lock"
+    if lock.overrides != inputs.overrides:
+        return "the overrides in force for the image changed in the spec"
+    if lock.unresolved is None:
+        have = lock.by_name()
+        for w in inputs.pinned:
+            got = have.get(w.name)
+            if got is None or got.filename != w.filename or got.sha256 != w.sha256:
+                return f"it does not lock {w.filename} as the wheels' lock does"
+    return None
+
+
+def read_previous(path: Path, name: str) -> ClosureLock | None:
+    from .closure import read_closure
+
+    if not path.exists():
+        return None
+    try:
+        return read_closure(path, name)
+    except LockError:
+        return None

@@ -1,0 +1,133 @@
+"""The closure lock step without uv: inputs, the metadata conflict check, --check and
+--upgrade plumbing, the lock file reader. uv itself runs in tests/integration/test_lock.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from imagebuild import ops
+from imagebuild.closure import _seal, format_closure, read_closure
+from imagebuild.errors import LockConflict, LockError
+from imagebuild.lock import read_lock
+from imagebuild.locking import image_inputs
+
+from .conftest import SPEC, Stack, _dist
+
+
+def _wheels(stack: Stack):  # type: ignore[no-untyped-def]
+    return {w.name: w for w in read_lock(stack.root / "wheels.lock").wheels}
+
+
+def test_inputs_follow_the_lineage_with_the_overrides_in_force(stack: Stack) -> None:
+    spec = stack.load()
+    mimo = image_inputs(spec, _wheels(stack), "mimo")
+    assert mimo.requirements == (
+        "vllm==0.22.1rc1.dev124+gace95c9cf.d20260603.cu132", "flashinfer-python==0.6.12",
+        "torch==2.11.0+cu130", "transformers>=4.57,<5", "extra-mimo==1.0")
+    assert mimo.overrides == ("torch==2.11.0+cu130", "transformers>=5.0.0")
+    assert image_inputs(spec, _wheels(stack), "tf5").overrides == ("torch==2.11.0+cu130",)
+    assert mimo.indexes == ("https://pypi.org/simple", "http://127.0.0.1:9/simple")
+
+
+def test_lock_writes_every_closure_and_a_second_run_changes_nothing(
+        stack: Stack, offline_lock: object) -> None:
+    first = ops.lock(stack.load(), check=False, upgrade=False)
+    assert [(c.image, c.packages) for c in first.closures] == [
+        ("vllm-node", 5), ("vllm-node-tf5", 5), ("vllm-node-mimo", 6)]
+    again = ops.lock(stack.load(), check=False, upgrade=False)
+    assert {c.state for c in again.closures} == {"unchanged"}
+    assert ops.lock(stack.load(), check=True, upgrade=False).closures[0].state == "up to date"
+    lock = read_closure(stack.load().closure_lock_path("vllm-node-mimo"), "vllm-node-mimo")
+    assert lock.by_name()["transformers"].version == "5.0.0"
+
+
+def test_a_conflict_no_override_covers_is_refused_naming_its_cause(
+        stack: Stack, offline_lock: object) -> None:
+    before = sorted(p.name for p in (stack.root / "locks").iterdir())
+    texts = {p: p.read_text() for p in (stack.root / "locks").iterdir()}
+    override = ("    overrides:\n"
+                "      - {requirement: torch==2.11.0+cu130, reason: vllm pins torch==2.10.0}\n")
+    assert override in SPEC
+    stack.write_spec(SPEC.replace(override, ""))
+    with pytest.raises(LockConflict) as info:
+        ops.lock(stack.load(), check=False, upgrade=False)
+    err = info.value
+    assert err.exit_code == 2
+    assert ("vllm-0.22.1rc1.dev124+gace95c9cf.d20260603.cu132-py3-none-any.whl requires "
+            "'torch==2.10.0'; the closure has torch 2.11.0+cu130") in err.message
+    assert err.hint is not None and "images.vllm-node.overrides" in err.hint
+    assert 'requirement: "torch==2.11.0+cu130"' in err.hint
+    # nothing written
+    assert sorted(p.name for p in (stack.root / "locks").iterdir()) == before
+    assert all(p.read_text() == t for p, t in texts.items())
+
+
+def test_a_conflict_found_after_resolution_is_refused_too(
+        stack: Stack, offline_lock: dict[str, list[object]]) -> None:
+    # the resolver took a tokenizers that transformers' metadata excludes
+    stack.wheel("extra_mimo-1.0-py3-none-any.whl", b"extra bytes",
+                requires=("tokenizers<0.22",))
+    with pytest.raises(LockConflict, match=r"extra_mimo-1\.0-py3-none-any\.whl requires "
+                                           r"'tokenizers<0\.22'; the closure has tokenizers"):
+        ops.lock(stack.load(), check=False, upgrade=False)
+
+
+def test_a_lock_edited_by_hand_is_refused_before_anything_runs(stack: Stack) -> None:
+    spec = stack.load()
+    path = spec.closure_lock_path("vllm-node-mimo")
+    text = path.read_text()
+    sha = read_closure(path, "vllm-node-mimo").by_name()["transformers"].sha256
+    path.write_text(text.replace(sha, "0" * 64))
+    with pytest.raises(LockError, match=r"pylock\.vllm-node-mimo\.toml: the lock was "
+                                        r"changed by hand") as info:
+        ops.load(str(stack.spec_path))
+    assert info.value.exit_code == 2
+    # the reader checks every field even under a valid seal (a lock written by another tool)
+    for bad, why in ((text.replace('version = "5.0.0"', 'version = "5.0.1"'), "does not match"),
+                     (text.replace("sha256 = ", "md5 = "), "hashes"),
+                     (text.replace('"vllm-node-mimo"', '"vllm-node"'), "locks image"),
+                     (text.replace("[tool.imagebuild]", "evil = 1\n[tool.imagebuild]"),
+                      "unknown keys"),
+                     (text.replace("http://127.0.0.1:9/simple/", "file:///etc/"), "url must"),
+                     (text.replace('path = "wheels/', 'path = "../../'), "path must")):
+        body = bad[:bad.index("content-hash")]
+        path.write_text(body + f'content-hash = "sha256:{_seal(body)}"\n')
+        with pytest.raises(LockError, match=why):
+            ops.load(str(stack.spec_path))
+
+
+def test_a_stale_closure_is_refused_with_the_reason(stack: Stack) -> None:
+    stack.write_spec(SPEC.replace('requires: ["transformers>=4.57,<5"]',
+                                  'requires: ["transformers>=4.58,<5"]'))
+    with pytest.raises(LockError, match=r"pylock\.vllm-node-tf5\.toml is out of date: the "
+                                        r"image's requirements changed"):
+        ops.load(str(stack.spec_path))
+
+
+def test_formatting_is_deterministic_and_reads_back(stack: Stack) -> None:
+    spec = stack.load()
+    for name in spec.images:
+        path = spec.closure_lock_path(name)
+        lock = read_closure(path, name)
+        assert format_closure(lock, "imagebuild.yaml") == path.read_text()
+
+
+def test_upgrade_names_reach_the_resolver(stack: Stack, monkeypatch: pytest.MonkeyPatch,
+                                          offline_lock: object) -> None:
+    import imagebuild.locking as locking
+
+    seen: list[object] = []
+    real = locking.resolve
+
+    def spy(**kw: object):  # type: ignore[no-untyped-def]
+        seen.append((kw["image"], kw["upgrade"], kw["previous"] is not None))
+        return real(**kw)
+
+    monkeypatch.setattr(locking, "resolve", spy)
+    ops.lock(stack.load(), check=False, upgrade=["tokenizers"])
+    assert seen == [(n, ["tokenizers"], True)
+                    for n in ("vllm-node", "vllm-node-tf5", "vllm-node-mimo")]
+
+
+def test_the_unit_closure_has_what_the_tests_assume() -> None:
+    assert _dist("tokenizers", "0.22.1", "c" * 64).filename == "tokenizers-0.22.1-py3-none-any.whl"
