@@ -145,6 +145,8 @@ def stale_reason(spec: Spec, wheels: Mapping[str, LockedWheel], lock: ClosureLoc
     if lock.unresolved is None:
         have = lock.by_name()
         for w in inputs.pinned:
+            if w.sha256 is None:
+                continue  # refused as unresolved when anything needs it
             got = have.get(w.name)
             if got is None or got.filename != w.filename or got.sha256 != w.sha256:
                 return f"it does not lock {w.filename} as the wheels' lock does"

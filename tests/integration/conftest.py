@@ -128,6 +128,7 @@ class MiniStack:
         self.spec = root / "imagebuild.yaml"
         self.spec.write_text(text)
         shutil.copy(MINI.parent / "wheels.lock", root / "wheels.lock")
+        shutil.copytree(MINI.parent / "locks", root / "locks")
 
     def on(self, store: str) -> MiniStack:
         """The same stack (spec, state, backups) driven against the head on ``store``."""

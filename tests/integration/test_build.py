@@ -19,10 +19,8 @@ from imagebuild import ops
 from imagebuild.build import decide, execute
 from imagebuild.derivation import plan
 from imagebuild.engine_docker import DockerEngine
-from imagebuild.lock import read_lock
 from imagebuild.naming import HASH_LABEL, IMAGE_LABEL
 from imagebuild.progress import Progress
-from imagebuild.spec import load_spec
 
 from ..fake_engine import dockerfile_labels
 from .conftest import HEAD_STORES, MiniStack, testbed
@@ -66,6 +64,17 @@ def _hashes(mini: MiniStack) -> dict[str, str]:
     return {i["name"]: i["input_hash"] for i in json.loads(r.stdout)["images"]}
 
 
+FREEZES: dict[str, set[str]] = {}  # head store -> pip freeze of a cold-built mimo
+
+
+def _freeze(image: str) -> set[str]:
+    """What is installed in an image, as canonical name==version."""
+    out = _run(image, "import importlib.metadata as m, re; print('\\n'.join("
+                      "re.sub(r'[-_.]+', '-', d.metadata['Name']).lower() + '==' + d.version "
+                      "for d in m.distributions()))")
+    return set(out.split())
+
+
 def _containers_but_roots() -> list[str]:
     """Containers on the head other than imagebuild's GC-root holders."""
     out = subprocess.run(["docker", "ps", "-a", "--format",
@@ -96,7 +105,7 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
     # (>=: the containerd store records no layer for a RUN that changed no file)
     assert len(mimo.diff_ids) > len(tf5.diff_ids) >= len(node.diff_ids)
     assert len({node.fingerprint, tf5.fingerprint, mimo.fingerprint}) == 3
-    lock = {w.name: w for w in read_lock(mini.root / "wheels.lock").wheels}
+    lock = {w.name: w for w in ops.load(str(mini.spec)).lock.wheels}
     for n in NAMES:
         labels = infos[n].labels
         assert labels[HASH_LABEL] == hashes[n]
@@ -112,6 +121,18 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
         "2.11.0+cu130 13.0")
     assert _run(mimo.id, "import transformers; print(transformers.__version__)") == "5.0.0"
     assert _run(tf5.id, "import transformers; print(transformers.__version__)") == "4.57.1"
+    # each image holds exactly its lock (the base's own distributions aside), so two cold
+    # builds from the same lock install the same sets
+    closures = ops.load(str(mini.spec)).lock.closures
+    for n in NAMES:
+        locked = {f"{p.name}=={p.version}" for p in closures[n].packages}
+        freeze = _freeze(infos[n].id)
+        assert locked <= freeze, (n, locked - freeze)
+        assert {f for f in freeze if f.split("==")[0] in {p.name for p in
+                                                          closures[n].packages}} == locked
+    FREEZES[mini.bed.head_store] = _freeze(mimo.id)
+    if len(FREEZES) == 2:  # both heads built mimo cold from the same lock: the same set
+        assert FREEZES["classic"] == FREEZES["containerd"]
     # a log per image and hash, whose path was printed
     for n in NAMES:
         log = mini.root / "state" / "logs" / f"{n}-{hashes[n][:12]}.log"
@@ -128,7 +149,9 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
                               "{{.Size}}\t{{.CreatedBy}}", mimo.id],
                              capture_output=True, text=True, check=True).stdout.splitlines()
     copies = [h for h in history if "COPY" in h]
-    assert len(copies) == 5, history  # torch + wheel requirement files (node and mimo), uv
+    # uv, torch and the closure's install list (node), the install list (tf5), the install
+    # list and torch (mimo)
+    assert len(copies) == 6, history
     # bytes, not wheels (the containerd store counts the layer tar: a few 4 KiB blocks)
     assert all(int(h.split("\t")[0]) < 16384 for h in copies), copies
     # built once, then found by input hash: nothing is built again
@@ -153,10 +176,8 @@ def test_second_build_makes_no_build_call_and_changes_nothing(mini: MiniStack) -
     engine, second = _build(mini, ["mimo"])
     assert engine.builds == []
     assert second == first
-    t0 = time.monotonic()
     r = mini.cli("build", "mimo")
     assert r.returncode == 0 and "built 0, restored 0, reused 3" in r.stdout
-    assert time.monotonic() - t0 < 30  # generous: the benchmark measures the real figure
     r = mini.cli("build", "--dry-run", "mimo")
     assert r.returncode == 0
     assert r.stdout.count("reuse") == 3
@@ -179,6 +200,7 @@ def test_touching_one_wheel_rebuilds_only_the_images_that_install_it(mini: MiniS
                    "    wheels: [vllm, flashinfer-python, flashinfer-cubin]\n"
                    "    torch: torch\n    checks: [torch-gate, vllm-locked, flashinfer-locked, "
                    "vllm-imports]")
+    assert mini.cli("lock").returncode == 0
     _, first = _build(mini, ["mimo"])
     before = _hashes(mini)
     testbed.make_wheel(mini.root / "wheels", "flashinfer-jit-cache", "0.6.12",
@@ -212,12 +234,12 @@ def test_a_corrupted_wheel_is_refused_before_the_engine_is_touched(mini: MiniSta
     assert str(wheel) in r.stderr
     assert "expected sha256" in r.stderr and "actual   sha256" in r.stderr
     engine = CountingEngine()
-    spec = load_spec(mini.spec)
+    ctx = ops.load(str(mini.spec))
     from imagebuild.errors import WheelHashMismatch
 
     with pytest.raises(WheelHashMismatch):
-        execute(spec, engine, decide(engine, plan(spec, read_lock(spec.lock_path), ["mimo"]),
-                                     set()), progress=Progress())
+        execute(ctx.spec, engine, decide(engine, plan(ctx.spec, ctx.lock, ["mimo"]), set()),
+                progress=Progress())
     assert engine.builds == []
     assert set(subprocess.run(["docker", "images", "-aq"], capture_output=True,
                               text=True).stdout.split()) == images_before
@@ -253,8 +275,9 @@ def test_a_wheel_changed_after_the_check_is_never_what_is_served(mini: MiniStack
 
     wheel = next((mini.root / "wheels").glob("flashinfer_cubin-*.whl"))
     checked = wheel.read_bytes()
-    spec = load_spec(mini.spec)
-    derivations = plan(spec, read_lock(spec.lock_path), ["node"])
+    ctx = ops.load(str(mini.spec))
+    spec = ctx.spec
+    derivations = plan(spec, ctx.lock, ["node"])
     # rewritten in place, mtime put back: refused, the build fails, nothing is tagged
     engine = SwappingEngine(wheel, "in place")
     with pytest.raises(BuildFailed) as info:
@@ -344,7 +367,7 @@ def test_missing_base_image_is_a_clear_error(mini: MiniStack) -> None:
 def test_unresolved_hash_refuses_to_build(mini: MiniStack) -> None:
     lock = mini.root / "wheels.lock"
     text = lock.read_text()
-    sha = read_lock(lock).get("flashinfer-cubin").sha256
+    sha = ops.load(str(mini.spec)).lock.get("flashinfer-cubin").sha256
     lock.write_text(text.replace(f'sha256 = "{sha}"', 'sha256 = "unresolved"'))
     r = mini.cli("build", "mimo")
     assert r.returncode == 2

@@ -96,17 +96,16 @@ def test_cold_fanout_lands_the_identical_image_on_every_worker(built: MiniStack)
                             int(mimo["layers_skipped"]))  # type: ignore[call-overload]
         assert blobs <= int(mimo["bytes_sent"]) <= blobs + (1 << 20)  # type: ignore[call-overload]
     # a second run sends nothing
-    t0 = time.monotonic()
     code, data, _ = _distribute(mini, "--workers", "3")
     assert code == 0
     assert all(o["action"] == "up to date" and o["bytes_sent"] == 0
                for o in data["outcomes"])  # type: ignore[union-attr]
-    assert time.monotonic() - t0 < 30
 
 
 def test_a_one_wheel_rebuild_sends_only_mimos_new_layers(clean: MiniStack) -> None:
     mini = clean
     mini.edit_spec(NODE_WHEELS, NODE_WHEELS.replace(", flashinfer-jit-cache]", "]"))
+    assert mini.cli("lock").returncode == 0
     assert mini.cli("build", "mimo").returncode == 0
     assert _distribute(mini, "--workers", "3")[0] == 0
     testbed.make_wheel(mini.root / "wheels", "flashinfer-jit-cache", "0.6.12",

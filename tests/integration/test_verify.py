@@ -9,8 +9,7 @@ import pytest
 
 from imagebuild.engine_docker import DockerEngine
 from imagebuild.errors import NotVerified
-from imagebuild.lock import read_lock
-from imagebuild.spec import load_spec
+from imagebuild.ops import load
 from imagebuild.verify import passing_record, read_record, require_verified
 
 from .conftest import HEAD_STORES, MiniStack
@@ -45,8 +44,8 @@ def test_the_good_stack_passes_every_check_and_records_it(mini: MiniStack) -> No
     assert r.returncode == 0, r.stderr
     assert "all checks passed: vllm-node, vllm-node-tf5, vllm-node-mimo" in r.stdout
     assert r.stdout.count("pass") >= 13 and "FAIL" not in r.stdout
-    spec = load_spec(mini.spec)
-    lock = read_lock(spec.lock_path)
+    ctx = load(str(mini.spec))
+    spec, lock = ctx.spec, ctx.lock
     engine = DockerEngine()
     tags = _tags(mini)
     for name, tag in tags.items():
@@ -55,20 +54,30 @@ def test_the_good_stack_passes_every_check_and_records_it(mini: MiniStack) -> No
         record = require_verified(spec, lock, name, info)
         assert record.passed and record.image_id == info.id
         assert record.fingerprint == info.fingerprint
-        assert {res.check for res in record.results} == set(spec.images[name].checks)
+        assert {res.check for res in record.results} == {*spec.images[name].checks,
+                                                         "closure-locked"}
         assert record.checked_at.startswith("20")
     assert _no_check_containers()
 
 
-def test_missing_force_reinstall_lands_the_cpu_torch_and_the_gate_stops_it(
+def test_a_resolving_install_lands_the_cpu_torch_and_the_gate_stops_it(
         mini: MiniStack) -> None:
+    """The field's May 2026 mistake, made on purpose: mimo's install step resolves at
+    build time (no --no-deps, no lock) and the force-reinstall is gone, so the vllm
+    wheel's torch==2.10.0 lands the CPU torch. The torch gate and the closure check
+    both stop it."""
     assert mini.cli("build", "mimo").returncode == 0
     engine = DockerEngine()
     good_latest = engine.require("vllm-node-mimo:latest").id
     tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
     text = tpl.read_text()
-    cut = text.index("# Fix torch CPU regression")
-    tpl.write_text(text[:cut])
+    locked_install = "uv pip install --no-deps --require-hashes -r /tmp/mimo-"
+    resolving = text.replace(  # (transformers 5 left out: the field had it as an override)
+        locked_install + "{{ install.requirements }}",
+        "grep -v ^transformers /tmp/mimo-{{ install.requirements }} > /tmp/resolve.txt && "
+        "uv pip install --index-url http://127.0.0.1:18080/simple -r /tmp/resolve.txt")
+    assert resolving != text
+    tpl.write_text(resolving[:resolving.index("# Fix torch CPU regression")])
     bad_tag = _tags(mini)["vllm-node-mimo"]
     r = mini.cli("build", "mimo")
     assert r.returncode == 1, r.stdout + r.stderr
@@ -77,17 +86,20 @@ def test_missing_force_reinstall_lands_the_cpu_torch_and_the_gate_stops_it(
     assert "expected 2.11.0+cu130 13.0, got 2.10.0+cpu None" in r.stderr
     assert "force-reinstall" in r.stderr and "torch==2.10.0" in r.stderr  # the hint
     assert "libtorch_cuda.so" in r.stderr  # import vllm fails like in the field
+    # the closure check names the drift from the lock
+    assert "closure-locked" in r.stderr
+    assert "torch 2.10.0+cpu (locked 2.11.0+cu130)" in r.stderr
+    assert "transformers 4.57.1 (locked 5.0.0)" in r.stderr
     bad = engine.require(bad_tag)  # kept for inspection
     out = subprocess.run(["docker", "run", "--rm", "--entrypoint", "python3", bad.id, "-c",
                           "import torch; print(torch.__version__)"], capture_output=True,
                          text=True)
     assert out.stdout.strip() == "2.10.0+cpu"
     assert engine.require("vllm-node-mimo:latest").id == good_latest  # latest did not move
-    spec = load_spec(mini.spec)
-    lock = read_lock(spec.lock_path)
+    ctx = load(str(mini.spec))
     with pytest.raises(NotVerified, match="imagebuild verify"):
-        require_verified(spec, lock, "vllm-node-mimo", bad)
-    record = read_record(spec, bad)
+        require_verified(ctx.spec, ctx.lock, "vllm-node-mimo", bad)
+    record = read_record(ctx.spec, bad)
     assert record is not None and not record.passed
     # verify on its own says the same, with its own exit code
     r = mini.cli("verify", "mimo")
@@ -97,7 +109,12 @@ def test_missing_force_reinstall_lands_the_cpu_torch_and_the_gate_stops_it(
 
 def test_tf5_with_transformers_5_fails_its_specifier_and_stops_the_chain(
         mini: MiniStack) -> None:
-    mini.edit_spec("transformers: transformers>=4.57,<5", "transformers: transformers>=5.0.0")
+    # only an override gets transformers 5 past the vllm wheel's <5 into tf5's lock
+    mini.edit_spec('    requires: ["transformers>=4.57,<5"]\n',
+                   '    requires: ["transformers>=4.57,<5"]\n    overrides:\n'
+                   '      - {requirement: transformers>=5.0.0, reason: a mistake}\n')
+    lock = mini.cli("lock")
+    assert lock.returncode == 0, lock.stderr
     tags = _tags(mini)
     r = mini.cli("build", "mimo")
     assert r.returncode == 1
@@ -128,13 +145,13 @@ def test_a_hanging_check_is_killed_at_its_timeout(mini: MiniStack) -> None:
 
 def test_changed_checks_invalidate_the_record(mini: MiniStack) -> None:
     assert mini.cli("build", "node").returncode == 0
-    spec = load_spec(mini.spec)
+    ctx = load(str(mini.spec))
     info = DockerEngine().require(_tags(mini)["vllm-node"])
-    assert passing_record(spec, read_lock(spec.lock_path), "vllm-node", info) is not None
+    assert passing_record(ctx.spec, ctx.lock, "vllm-node", info) is not None
     mini.edit_spec("    checks: [torch-gate, vllm-locked, flashinfer-locked, vllm-imports]\n\n"
                    "  vllm-node-tf5:", "    checks: [torch-gate]\n\n  vllm-node-tf5:")
-    spec = load_spec(mini.spec)
-    assert passing_record(spec, read_lock(spec.lock_path), "vllm-node", info) is None
+    ctx = load(str(mini.spec))
+    assert passing_record(ctx.spec, ctx.lock, "vllm-node", info) is None
 
 
 def test_verify_of_a_missing_image_and_a_down_engine(mini: MiniStack, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,112 @@
+"""imagebuild lock with uv against the bed's index: the closure, pins that stay, the
+conflict check, hand edits, and what a lock change rebuilds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagebuild.closure import read_closure
+
+from .conftest import MINI, MiniStack, testbed
+
+pytestmark = pytest.mark.bed
+
+NAMES = ["vllm-node", "vllm-node-tf5", "vllm-node-mimo"]
+
+
+def _hashes(mini: MiniStack) -> dict[str, str]:
+    r = mini.cli("plan", "--json")
+    assert r.returncode == 0, r.stderr
+    return {i["name"]: i["input_hash"] for i in json.loads(r.stdout)["images"]}
+
+
+def _locked(mini: MiniStack, image: str) -> dict[str, str]:
+    lock = read_closure(mini.root / "locks" / f"pylock.{image}.toml", image)
+    return {p.name: p.version for p in lock.packages}
+
+
+@pytest.fixture
+def newer_tokenizers(tmp_path: Path) -> Iterator[str]:
+    """tokenizers 0.22.2 uploaded to the index after the lock was written."""
+    wheel = testbed.fixture_package(tmp_path, "tokenizers", "0.22.2")
+    testbed.publish(wheel)
+    yield wheel.name
+    testbed.unpublish(wheel.name)
+
+
+def test_the_committed_test_stack_lock_is_current(bed_env: object) -> None:
+    r = subprocess.run([str(Path(__file__).parents[2] / ".venv" / "bin" / "imagebuild"),
+                        "-f", str(MINI), "lock", "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("is up to date") == 4
+
+
+def test_the_closure_is_the_whole_graph_with_the_overrides(mini: MiniStack) -> None:
+    node = _locked(mini, "vllm-node")
+    # torch's CUDA libraries, transformers' tokenizers (the newer of two), the wheels
+    assert node == {
+        "flashinfer-cubin": "0.6.12", "flashinfer-jit-cache": "0.6.12",
+        "flashinfer-python": "0.6.12", "nvidia-cublas": "13.0.0.19",
+        "nvidia-cuda-runtime": "13.0.48", "tokenizers": "0.22.1", "torch": "2.11.0+cu130",
+        "transformers": "4.57.1", "vllm": "0.22.1rc1.dev124+gace95c9cf.d20260603.cu132"}
+    assert _locked(mini, "vllm-node-tf5") == node
+    assert _locked(mini, "vllm-node-mimo") == {**node, "transformers": "5.0.0"}
+
+
+def test_a_new_upload_changes_nothing_until_asked_for(mini: MiniStack,
+                                                      newer_tokenizers: str) -> None:
+    before = _hashes(mini)
+    texts = {p.name: p.read_text() for p in (mini.root / "locks").iterdir()}
+    r = mini.cli("lock")
+    assert r.returncode == 0, r.stderr
+    # the pins stay: same locks, same input hashes, so a build installs what it did
+    assert {p.name: p.read_text() for p in (mini.root / "locks").iterdir()} == texts
+    assert mini.cli("lock", "--check").returncode == 0
+    assert _hashes(mini) == before
+    # asked for: only tokenizers moves, and every image installing it is rebuilt
+    r = mini.cli("lock", "--upgrade", "tokenizers")
+    assert r.returncode == 0, r.stderr
+    assert "tokenizers 0.22.1 -> 0.22.2" in r.stdout
+    for image in NAMES:
+        assert _locked(mini, image)["tokenizers"] == "0.22.2"
+        assert _locked(mini, image)["transformers"] in ("4.57.1", "5.0.0")
+    after = _hashes(mini)
+    assert all(after[n] != before[n] for n in NAMES)
+    r = mini.cli("plan")
+    assert r.returncode == 0 and r.stdout.count("FROM") == 3
+
+
+def test_without_the_torch_override_lock_refuses_with_the_conflict(mini: MiniStack) -> None:
+    spec = mini.spec.read_text()
+    start = spec.index("    overrides:\n      - requirement: torch==2.11.0+cu130")
+    end = spec.index("    checks:", start)
+    mini.spec.write_text(spec[:start] + spec[end:])
+    texts = {p.name: p.read_text() for p in (mini.root / "locks").iterdir()}
+    r = mini.cli("lock")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "vllm-node: the closure conflicts with what its wheels require" in r.stderr
+    assert ("vllm-0.22.1rc1.dev124+gace95c9cf.d20260603.cu132-py3-none-any.whl requires "
+            "'torch==2.10.0'; the closure has torch 2.11.0+cu130") in r.stderr
+    assert "images.vllm-node.overrides" in r.stderr
+    assert 'requirement: "torch==2.11.0+cu130"' in r.stderr
+    assert {p.name: p.read_text() for p in (mini.root / "locks").iterdir()} == texts
+
+
+def test_a_lock_edited_by_hand_is_refused_before_the_engine_is_touched(
+        mini: MiniStack) -> None:
+    path = mini.root / "locks" / "pylock.vllm-node-mimo.toml"
+    text = path.read_text()
+    sha = read_closure(path, "vllm-node-mimo").packages[-1].sha256
+    path.write_text(text.replace(sha, "0" * 64))
+    images = subprocess.run(["docker", "images", "-aq"], capture_output=True, text=True,
+                            env={"DOCKER_HOST": mini.bed.docker_host}).stdout
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "pylock.vllm-node-mimo.toml: the lock was changed by hand" in r.stderr
+    assert subprocess.run(["docker", "images", "-aq"], capture_output=True, text=True,
+                          env={"DOCKER_HOST": mini.bed.docker_host}).stdout == images
