@@ -96,8 +96,11 @@ def _plan_row(d: Derivation) -> dict[str, object]:
 def cmd_plan(args: argparse.Namespace) -> int:
     ctx = ops.load(args.file)
     derivations = ops.plan_images(ctx, args.images)
+    changes = ops.lock_changes(ctx, derivations)
     if args.json:
-        _json({"spec": str(ctx.spec.path), "images": [_plan_row(d) for d in derivations]})
+        _json({"spec": str(ctx.spec.path),
+               "images": [{**_plan_row(d), "lock_changes": changes.get(d.name, [])}
+                          for d in derivations]})
         return 0
     width = max(len(d.name) for d in derivations)
     print(f"plan ({len(derivations)} images, in build order):")
@@ -105,6 +108,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         h = hash12(d.input_hash) if d.input_hash else "unresolved  "
         origin = f"FROM {d.parent}" if d.parent else f"FROM {d.base}"
         print(f"  {i}. {d.name:<{width}}  {h}  {origin}")
+        if d.name in changes:
+            print(f"     {'':<{width}}  rebuilds (lock changed since the last commit): "
+                  f"{', '.join(changes[d.name])}")
     missing = sorted({f for d in derivations for f in d.unresolved})
     if missing:
         print(f"\n{len(missing)} wheel hash(es) are unresolved in {_rel(ctx.spec.lock_path)}: "

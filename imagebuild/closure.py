@@ -115,6 +115,11 @@ def read_closure(path: Path, image: str) -> ClosureLock:
     except OSError as exc:
         raise LockError(f"{path}: cannot read the lock: {exc.strerror or exc}",
                         hint="the spec's 'locks:' must name a directory") from None
+    return parse_closure(raw, path, image)
+
+
+def parse_closure(raw: bytes, path: Path, image: str) -> ClosureLock:
+    """A lock's bytes (from ``path``, or as committed there), every field checked."""
     try:
         text = raw.decode("utf-8")
         data = tomllib.loads(text)

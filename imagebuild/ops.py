@@ -32,7 +32,7 @@ from .backup import (
     write_backup,
 )
 from .build import BuildReport, Step, decide, execute
-from .closure import ClosureLock, format_closure, read_closure
+from .closure import ClosureLock, format_closure, install_set, parse_closure, read_closure
 from .derivation import Derivation, plan
 from .distribute import Item, Outcome, Worker
 from .distribute import distribute as fan_out
@@ -53,7 +53,7 @@ from .locking import lock_image, read_previous, stale_reason
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
 from .promote import Gate, Promotion, promote
-from .remote import Target
+from .remote import Target, git_show_head
 from .render import RenderResult, check_rendered, write_rendered
 from .spec import Spec, did_you_mean, load_spec
 from .store import BackupDir, LocalDir, open_store
@@ -250,6 +250,42 @@ def _current_text(path: Path) -> str | None:
 def plan_images(ctx: Context, images: list[str]) -> list[Derivation]:
     """The closure of ``images`` in build order, with input hashes. No engine."""
     return plan(ctx.spec, ctx.lock, images)
+
+
+def lock_changes(ctx: Context, derivations: list[Derivation]) -> dict[str, list[str]]:
+    """What changed in each image's install set since its closure lock was last
+    committed (git HEAD): the images a lock change rebuilds, and why. Images whose lock
+    is not committed (or is unresolved either side) are left out; a child of a changed
+    image rebuilds because its parent does."""
+    committed: dict[str, ClosureLock | None] = {}
+    for d in derivations:
+        path = ctx.spec.closure_lock_path(d.name)
+        text = git_show_head(path)
+        try:
+            committed[d.name] = (parse_closure(text.encode(), path, d.name)
+                                 if text is not None else None)
+        except LockError:
+            committed[d.name] = None
+    out: dict[str, list[str]] = {}
+    for d in derivations:
+        now, then = ctx.closures[d.name], committed[d.name]
+        if then is None or then.unresolved is not None or now.unresolved is not None:
+            continue
+        img = ctx.spec.images[d.name]
+        parent_now = ctx.closures[img.parent] if img.parent else None
+        parent_then = committed.get(img.parent) if img.parent else None
+        if img.parent is not None and (parent_then is None or parent_then.unresolved):
+            continue
+        a = {p.name: p for p in install_set(then, parent_then, img.wheels)}
+        b = {p.name: p for p in install_set(now, parent_now, img.wheels)}
+        changes = [f"{n} {a[n].version} -> {b[n].version}" if n in a and n in b
+                   else (f"+ {n} {b[n].version}" if n in b else f"- {n} {a[n].version}")
+                   for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+        if not changes and img.parent in out:
+            changes = [f"its parent {img.parent} changes"]
+        if changes:
+            out[d.name] = changes
+    return out
 
 
 # -- build -----------------------------------------------------------------------------------

@@ -161,6 +161,20 @@ def git_commit(root: Path) -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def git_show_head(path: Path) -> str | None:
+    """The text of ``path`` as committed in HEAD of its repository, or None (not in git,
+    not committed, git missing or slow)."""
+    git = shutil.which("git")
+    if git is None:
+        return None
+    try:
+        r = subprocess.run([git, "-C", str(path.parent), "show", f"HEAD:./{path.name}"],
+                           capture_output=True, timeout=GIT_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return _text(r.stdout) if r.returncode == 0 else None
+
+
 def local(argv: list[str], timeout: float, cwd: Path | None = None) -> Completed:
     """Run a local tool (uv) with an argument list, never a shell; what happened, whatever
     its exit status. A missing program is a RemoteError naming it."""

@@ -11,7 +11,7 @@ from imagebuild.errors import LockConflict, LockError
 from imagebuild.lock import read_lock
 from imagebuild.locking import image_inputs
 
-from .conftest import SPEC, Stack, _dist
+from .conftest import CLOSURE, SPEC, Stack, _dist
 
 
 def _wheels(stack: Stack):  # type: ignore[no-untyped-def]
@@ -131,3 +131,34 @@ def test_upgrade_names_reach_the_resolver(stack: Stack, monkeypatch: pytest.Monk
 
 def test_the_unit_closure_has_what_the_tests_assume() -> None:
     assert _dist("tokenizers", "0.22.1", "c" * 64).filename == "tokenizers-0.22.1-py3-none-any.whl"
+
+
+def test_plan_says_which_images_a_lock_change_rebuilds(stack: Stack,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    import subprocess
+
+    from .test_render_plan import _run
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(stack.root), *args], check=True, capture_output=True,
+                       env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+                            "PATH": "/usr/bin:/bin"})
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "locked")
+    code, out, _ = _run(["-f", str(stack.spec_path), "plan"], capsys)
+    assert code == 0 and "rebuilds" not in out  # nothing changed since the commit
+    newer = _dist("tokenizers", "0.22.2", "f" * 64)
+    stack.lock({**CLOSURE, "vllm-node-tf5": [*CLOSURE["vllm-node-tf5"], newer],
+                "vllm-node-mimo": [*CLOSURE["vllm-node-mimo"], newer]})
+    code, out, _ = _run(["-f", str(stack.spec_path), "plan"], capsys)
+    lines = out.splitlines()
+    rebuilds = [ln.strip() for ln in lines if "rebuilds" in ln]
+    assert rebuilds == [
+        "rebuilds (lock changed since the last commit): + tokenizers 0.22.2",
+        "rebuilds (lock changed since the last commit): its parent vllm-node-tf5 changes"]
+    assert lines.index(next(ln for ln in lines if ln.strip().startswith("2. vllm-node-tf5"))) \
+        == lines.index(next(ln for ln in lines if "rebuilds" in ln)) - 1
