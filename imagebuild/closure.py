@@ -32,7 +32,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from .errors import LockConflict, LockError, UnresolvedHashError
-from .lock import INDEX_URL, LOCAL_PREFIX, SHA256, WHEEL_FILE, parse_wheel
+from .lock import INDEX_URL, LOCAL_PREFIX, SHA256, WHEEL_FILE, lock_bytes, parse_wheel
+from .lock import toml_string as _q
 
 PYLOCK_VERSION = "1.0"
 CREATED_BY = "imagebuild"
@@ -107,14 +108,9 @@ def environment_marker(python: str, platform: str) -> str:
 def read_closure(path: Path, image: str) -> ClosureLock:
     """Read and check one image's lock: every key, every value; nothing unchecked reaches a
     requirement file, a Dockerfile or an input hash."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise LockError(f"{path}: the closure lock of {image} is missing",
-                        hint="run 'imagebuild lock' and commit locks/") from None
-    except OSError as exc:
-        raise LockError(f"{path}: cannot read the lock: {exc.strerror or exc}",
-                        hint="the spec's 'locks:' must name a directory") from None
+    raw = lock_bytes(path, f"the closure lock of {image} is missing",
+                     "run 'imagebuild lock' and commit locks/",
+                     "the spec's 'locks:' must name a directory")
     return parse_closure(raw, path, image)
 
 
@@ -236,19 +232,6 @@ def _package(path: Path, i: int, entry: object) -> LockedDist:
 
 
 # -- writing -------------------------------------------------------------------------------
-
-
-def _q(value: str) -> str:
-    out = ['"']
-    for ch in value:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
 
 
 def _array(values: Iterable[str]) -> str:

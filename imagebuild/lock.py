@@ -135,17 +135,22 @@ def check_wheel_digest(path: Path, actual: str, expected: str) -> None:
 # -- reading and writing -------------------------------------------------------------------
 
 
+def lock_bytes(path: Path, missing: str, missing_hint: str, unreadable_hint: str) -> bytes:
+    """A lock file's bytes; a missing or unreadable file is a LockError saying so."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise LockError(f"{path}: {missing}", hint=missing_hint) from None
+    except OSError as exc:
+        raise LockError(f"{path}: cannot read the lock file: {exc.strerror or exc}",
+                        hint=unreadable_hint) from None
+
+
 def read_lock(path: Path) -> Lock:
     """Read and check ``wheels.lock``: every field of every entry, one entry per project."""
     regenerate = "regenerate it with 'imagebuild lock'"
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise LockError(f"{path}: lock file not found",
-                        hint="run 'imagebuild lock' to write it") from None
-    except OSError as exc:
-        raise LockError(f"{path}: cannot read the lock file: {exc.strerror or exc}",
-                        hint="the spec's 'lock:' must name a file") from None
+    raw = lock_bytes(path, "lock file not found", "run 'imagebuild lock' to write it",
+                     "the spec's 'lock:' must name a file")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -244,7 +249,7 @@ def _sorted(wheels: Iterable[LockedWheel]) -> list[LockedWheel]:
     return sorted(wheels, key=lambda w: (w.name, w.version, w.filename))
 
 
-def _q(value: str) -> str:
+def toml_string(value: str) -> str:
     """A TOML basic string (JSON-compatible escaping)."""
     out = ['"']
     for ch in value:
@@ -272,11 +277,11 @@ def format_lock(wheels: Iterable[LockedWheel], spec_name: str) -> str:
         lines += [
             "",
             "[[wheel]]",
-            f"name = {_q(w.name)}",
-            f"version = {_q(w.version)}",
-            f"filename = {_q(w.filename)}",
-            f"sha256 = {_q(w.sha256 or UNRESOLVED)}",
-            f"source = {_q(w.source)}",
+            f"name = {toml_string(w.name)}",
+            f"version = {toml_string(w.version)}",
+            f"filename = {toml_string(w.filename)}",
+            f"sha256 = {toml_string(w.sha256 or UNRESOLVED)}",
+            f"source = {toml_string(w.source)}",
         ]
     return "\n".join(lines) + "\n"
 
