@@ -32,7 +32,15 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from .errors import LockConflict, LockError, UnresolvedHashError
-from .lock import INDEX_URL, LOCAL_PREFIX, SHA256, WHEEL_FILE, lock_bytes, parse_wheel
+from .lock import (
+    INDEX_URL,
+    LOCAL_PREFIX,
+    SHA256,
+    WHEEL_FILE,
+    check_keys,
+    lock_bytes,
+    parse_wheel,
+)
 from .lock import toml_string as _q
 
 PYLOCK_VERSION = "1.0"
@@ -173,14 +181,7 @@ def parse_closure(raw: bytes, path: Path, image: str) -> ClosureLock:
 
 def _keys(path: Path, where: str, table: object, allowed: set[str], required: set[str]
           ) -> None:
-    if not isinstance(table, dict):
-        raise LockError(f"{path}: {where} is not a table", hint=_REGENERATE)
-    missing = sorted(required - set(table))
-    extra = sorted(set(table) - allowed)
-    if missing or extra:
-        raise LockError(f"{path}: {where}: " + "; ".join(
-            ([f"lacks {', '.join(missing)}"] if missing else [])
-            + ([f"has unknown keys {', '.join(extra)}"] if extra else [])), hint=_REGENERATE)
+    check_keys(f"{path}: {where}", table, allowed, required, _REGENERATE)
 
 
 def _str_list(path: Path, key: str, table: dict[str, object]) -> list[object]:

@@ -181,14 +181,8 @@ def _entry(path: Path, i: int, entry: object) -> LockedWheel:
     requirements file or a Dockerfile."""
     where = f"{path}: wheel entry {i}"
     hint = "regenerate it with 'imagebuild lock'"
-    if not isinstance(entry, dict):
-        raise LockError(f"{where} is not a table", hint=hint)
-    missing = sorted(_ENTRY_KEYS - set(entry))
-    extra = sorted(set(entry) - _ENTRY_KEYS)
-    if missing or extra:
-        raise LockError(f"{where}: " + "; ".join(
-            ([f"lacks {', '.join(missing)}"] if missing else [])
-            + ([f"has unknown keys {', '.join(extra)}"] if extra else [])), hint=hint)
+    check_keys(where, entry, _ENTRY_KEYS, _ENTRY_KEYS, hint)
+    assert isinstance(entry, dict)
     bad = sorted(k for k in _ENTRY_KEYS if not isinstance(entry[k], str))
     if bad:
         raise LockError(f"{where}: {', '.join(bad)} must be strings", hint=hint)
@@ -197,6 +191,19 @@ def _entry(path: Path, i: int, entry: object) -> LockedWheel:
         raise LockError(f"{where} ({w.filename}): name/version do not match the filename",
                         hint=hint)
     return w
+
+
+def check_keys(where: str, table: object, allowed: set[str], required: set[str], hint: str
+               ) -> None:
+    """Refuse a lock table that is not a table, lacks a required key or has another."""
+    if not isinstance(table, dict):
+        raise LockError(f"{where} is not a table", hint=hint)
+    missing = sorted(required - set(table))
+    extra = sorted(set(table) - allowed)
+    if missing or extra:
+        raise LockError(f"{where}: " + "; ".join(
+            ([f"lacks {', '.join(missing)}"] if missing else [])
+            + ([f"has unknown keys {', '.join(extra)}"] if extra else [])), hint=hint)
 
 
 def _locked(filename: str, sha: str, source: str, where: str) -> LockedWheel:
