@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from packaging.utils import canonicalize_name
+
 from .archive import ArchiveIndex
 from .backup import (
     BackupResult,
@@ -176,6 +178,13 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
         made[name] = lock_image(spec, wheels, name, made[parent] if parent else None, prev,
                                 upgrade)
         closures.append((made[name], prev, format_closure(made[name], spec.path.name)))
+    if isinstance(upgrade, list):
+        locked = {p.name for c, _p, _t in closures for p in c.packages}
+        unknown = [n for n in upgrade if canonicalize_name(n) not in locked]
+        if unknown and all(c.unresolved is None for c, _p, _t in closures):
+            raise LockError(f"--upgrade {' '.join(unknown)}: no image's closure has "
+                            f"{'it' if len(unknown) == 1 else 'them'}; nothing was written",
+                            hint="name packages as the locks do (see locks/pylock.*.toml)")
     strays = sorted(set(spec.lock_dir.glob("pylock.*.toml"))
                     - {spec.closure_lock_path(n) for n in spec.images})
 

@@ -29,7 +29,7 @@ from packaging.utils import canonicalize_name
 from .errors import LockError, SpecError
 from .lock import INDEX_URL, WHEEL_FILE, parse_wheel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: target, locks, images' requires and overrides (the closure lock)
 DEFAULT_SPEC = "imagebuild.yaml"
 MAX_CHECK_TIMEOUT = 24 * 3600
 
@@ -502,6 +502,14 @@ def _build_spec(data: Any, path: Path) -> Spec:
     top = r.mapping(data, "top level", 1)
     r.keys(top, "top level", _TOP_KEYS, {"schema", "images", "target"})
     schema = top["schema"]
+    if schema == 1:
+        raise r.fail("schema", top.key_lines.get("schema"),
+                     "schema 1 predates the closure locks; this imagebuild reads schema 2",
+                     hint="set schema: 2, add target: {python: \"3.12\", platform: "
+                          "aarch64-manylinux_2_28}, move params.transformers to the image's "
+                          "requires: (or overrides: with a reason, as mimo's transformers>=5), "
+                          "declare the torch override under vllm-node's overrides:, then run "
+                          "'imagebuild lock' and commit locks/")
     if schema != SCHEMA_VERSION:
         raise r.fail("schema", top.key_lines.get("schema"),
                      f"unsupported schema {schema!r}; this imagebuild reads schema "

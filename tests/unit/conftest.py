@@ -19,7 +19,7 @@ TORCH_SHA = "a" * 64
 UV_SHA = "b" * 64
 
 SPEC = """\
-schema: 1
+schema: 2
 templates: templates
 state: state
 target: {python: "3.12", platform: aarch64-manylinux_2_28}

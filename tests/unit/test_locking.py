@@ -162,3 +162,10 @@ def test_plan_says_which_images_a_lock_change_rebuilds(stack: Stack,
         "rebuilds (lock changed since the last commit): its parent vllm-node-tf5 changes"]
     assert lines.index(next(ln for ln in lines if ln.strip().startswith("2. vllm-node-tf5"))) \
         == lines.index(next(ln for ln in lines if "rebuilds" in ln)) - 1
+
+
+def test_upgrading_a_package_no_image_has_is_refused(stack: Stack, offline_lock: object) -> None:
+    texts = {p: p.read_text() for p in (stack.root / "locks").iterdir()}
+    with pytest.raises(LockError, match=r"--upgrade tokenisers: no image's closure has it"):
+        ops.lock(stack.load(), check=False, upgrade=["tokenisers"])
+    assert all(p.read_text() == t for p, t in texts.items())

@@ -103,8 +103,8 @@ def test_the_spec_loader_and_planning(stack: Stack) -> None:
     for key in ("surprise", "images"):
         cases.append(yaml.safe_dump({**doc, key: {"x": 1}}).encode())
     cases += list(_byte_damage(SPEC.encode(), random.Random(1), 150))
-    cases += [b"", b"\xff\xfe", b"- a\n- b\n", b"schema: 1\nimages: &a [*a]\n",
-              b"schema: 1\n" + b"x: " + b"[" * 2000 + b"]" * 2000 + b"\n"]
+    cases += [b"", b"\xff\xfe", b"- a\n- b\n", b"schema: 2\nimages: &a [*a]\n",
+              b"schema: 2\n" + b"x: " + b"[" * 2000 + b"]" * 2000 + b"\n"]
     before = _tree(stack.root)
     outcomes = {"accepted": 0, "refused": 0}
     for data in cases:

@@ -152,3 +152,16 @@ def test_an_ssh_backup_url_is_parsed_into_its_parts(stack: Stack) -> None:
     assert backups.location == SshLocation(host="control", path="/srv/images", user="spark",
                                            port=2201)
     assert str(backups.location) == "ssh://spark@control:2201/srv/images"
+
+
+def test_a_schema_1_spec_is_told_what_changed(stack: Stack) -> None:
+    err = _fails(stack, SPEC.replace("schema: 2\n", "schema: 1\n"))
+    assert "schema 1 predates the closure locks" in str(err)
+    assert err.hint is not None and "target:" in err.hint and "imagebuild lock" in err.hint
+    err = _fails(stack, SPEC.replace("target: {python: \"3.12\", platform: "
+                                     "aarch64-manylinux_2_28}\n", ""))
+    assert "target" in str(err)
+    err = _fails(stack, SPEC.replace("reason: mimo needs transformers 5", "reason: ''"))
+    assert "say why the override exists" in str(err)
+    err = _fails(stack, SPEC.replace("python: \"3.12\"", "python: 3.10"))
+    assert "YAML reads an unquoted 3.10 as 3.1" in str(err)
