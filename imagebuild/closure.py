@@ -23,7 +23,7 @@ import hashlib
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.markers import InvalidMarker
@@ -37,6 +37,7 @@ from .lock import (
     LOCAL_PREFIX,
     SHA256,
     WHEEL_FILE,
+    Lock,
     check_keys,
     lock_bytes,
     parse_wheel,
@@ -91,6 +92,19 @@ class ClosureLock:
                 f"{self.path}: the closure of {self.image} is unresolved: {self.unresolved}",
                 hint="run 'imagebuild lock' on a machine that has the local wheels and reaches "
                      "every index of the spec, commit locks/, and try again")
+
+
+@dataclass(frozen=True)
+class Locks(Lock):
+    """wheels.lock and the closure lock of every image, by image name: what plans, builds
+    and checks read (see ``ops.load``)."""
+
+    closures: Mapping[str, ClosureLock] = field(default_factory=dict)
+
+
+def closures_of(lock: Lock) -> Mapping[str, ClosureLock]:
+    """The closure locks a lock carries (none for wheels.lock alone)."""
+    return lock.closures if isinstance(lock, Locks) else {}
 
 
 def markers_env(python: str, platform: str) -> dict[str, str]:

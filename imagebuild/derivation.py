@@ -21,9 +21,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .closure import LockedDist, install_set, requirements_text
+from .closure import LockedDist, Locks, install_set, requirements_text
 from .errors import UnresolvedHashError
-from .lock import Lock, LockedWheel
+from .lock import LockedWheel
 from .naming import hash12
 from .render import (
     INSTALL_REQUIREMENTS,
@@ -105,7 +105,7 @@ def pinned_requirement(wheel: LockedWheel) -> bytes | None:
     return f"{wheel.name}=={wheel.version} --hash=sha256:{wheel.sha256}\n".encode()
 
 
-def plan(spec: Spec, lock: Lock, names: list[str] | None = None) -> list[Derivation]:
+def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Derivation]:
     """Derivations of the closure of ``names`` (all images if empty), parents first.
     ``lock`` carries every image's closure lock (see ``ops.load``)."""
     closures = lock.closures

@@ -13,10 +13,9 @@ import hashlib
 import html.parser
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urldefrag, urljoin
 
 from packaging.utils import (
@@ -26,9 +25,6 @@ from packaging.utils import (
 )
 
 from .errors import LockError, UnresolvedHashError, WheelHashMismatch
-
-if TYPE_CHECKING:
-    from .closure import ClosureLock
 
 LOCK_VERSION = 1
 UNRESOLVED = "unresolved"
@@ -88,12 +84,10 @@ class LockedWheel:
 
 @dataclass(frozen=True)
 class Lock:
-    """wheels.lock, and (once loaded with them, see ``ops.load``) the closure lock of every
-    image, by image name."""
+    """wheels.lock (``closure.Locks`` adds every image's closure lock)."""
 
     path: Path
     wheels: tuple[LockedWheel, ...]
-    closures: Mapping[str, ClosureLock] = field(default_factory=dict)
 
     def by_filename(self) -> dict[str, LockedWheel]:
         return {w.filename: w for w in self.wheels}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +34,7 @@ from .backup import (
     write_backup,
 )
 from .build import BuildReport, Step, decide, execute
-from .closure import ClosureLock, format_closure, install_set, parse_closure, read_closure
+from .closure import ClosureLock, Locks, format_closure, install_set, parse_closure, read_closure
 from .derivation import Derivation, plan
 from .distribute import Item, Outcome, Worker
 from .distribute import distribute as fan_out
@@ -50,7 +50,7 @@ from .errors import (
     VerifyFailed,
 )
 from .fsutil import PinnedFile, atomic_write_text
-from .lock import Lock, check_matches, compute_lock, format_lock, read_lock
+from .lock import check_matches, compute_lock, format_lock, read_lock
 from .locking import lock_image, read_previous, stale_reason
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
@@ -68,7 +68,7 @@ class Context:
     closure lock of every image."""
 
     spec: Spec
-    lock: Lock  # with the closures
+    lock: Locks
 
     @property
     def closures(self) -> Mapping[str, ClosureLock]:
@@ -98,7 +98,7 @@ def load(spec_path: str | None) -> Context:
             raise LockError(f"{closure.path} is out of date: {why}",
                             hint="run 'imagebuild lock' and commit locks/")
         closures[name] = closure
-    return Context(spec, replace(lock, closures=closures))
+    return Context(spec, Locks(lock.path, lock.wheels, closures))
 
 
 def backup_store(spec: Spec) -> BackupDir:

@@ -18,7 +18,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from . import __version__
-from .closure import ClosureLock
+from .closure import ClosureLock, closures_of
 from .engine import Engine, ImageInfo, RunResult
 from .errors import NotVerified
 from .fsutil import atomic_write_text
@@ -146,7 +146,7 @@ def evaluate(check: Check, lock: Lock, result: RunResult) -> CheckResult:
     if check.kind == "output":
         return res(out, out == check.expected)
     if check.kind == "closure":
-        closure = next(c for c in lock.closures.values()
+        closure = next(c for c in closures_of(lock).values()
                        if closure_check(c).expected == check.expected)
         return res(*_closure_verdict(closure, out))
     try:
@@ -181,7 +181,7 @@ def image_checks(spec: Spec, name: str, lock: Lock | None = None) -> list[Check]
     """The spec's checks of ``name``, then (with a ``lock`` holding its resolved closure)
     the automatic closure check."""
     checks = [spec.checks[c] for c in spec.images[name].checks]
-    closure = lock.closures.get(name) if lock is not None else None
+    closure = closures_of(lock).get(name) if lock is not None else None
     if closure is not None and closure.unresolved is None:
         checks.append(closure_check(closure))
     return checks
