@@ -120,6 +120,15 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
                 f"resolution took {have}",
                 hint="an override or an index moved a declared wheel: declare the file the "
                      "image should install under wheels, or fix the override")
+    declared = {w.filename for w in inputs.pinned}
+    stray = sorted(p.filename for p in resolution.packages
+                   if p.is_local and p.filename not in declared)
+    if stray:
+        raise LockError(
+            f"{name}: the resolution took {', '.join(stray)} from the wheels directory, "
+            f"which the spec does not declare for this image",
+            hint="declare the wheel under wheels.local and in the image's wheels (so it is "
+                 "hash-locked), or remove the file from the wheels directory")
     # every locked distribution's requirements against the closure
     stated = dist_requires(resolution.packages, spec.wheels_dir, get)
     found = conflicts(stated, {p.name: p.version for p in resolution.packages},
@@ -143,6 +152,10 @@ def stale_reason(spec: Spec, wheels: Mapping[str, LockedWheel], lock: ClosureLoc
     if lock.overrides != inputs.overrides:
         return "the overrides in force for the image changed in the spec"
     if lock.unresolved is None:
+        declared = {w.filename for w in inputs.pinned}
+        stray = [p.filename for p in lock.packages if p.is_local and p.filename not in declared]
+        if stray:
+            return f"it has local wheels the spec does not declare: {', '.join(stray)}"
         have = lock.by_name()
         for w in inputs.pinned:
             if w.sha256 is None:

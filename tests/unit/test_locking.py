@@ -169,3 +169,14 @@ def test_upgrading_a_package_no_image_has_is_refused(stack: Stack, offline_lock:
     with pytest.raises(LockError, match=r"--upgrade tokenisers: no image's closure has it"):
         ops.lock(stack.load(), check=False, upgrade=["tokenisers"])
     assert all(p.read_text() == t for p, t in texts.items())
+
+
+def test_an_undeclared_wheel_in_the_wheels_directory_is_never_locked(
+        stack: Stack, offline_lock: dict[str, list[object]]) -> None:
+    from imagebuild.closure import LockedDist
+
+    stray = stack.wheel("helper-1.0-py3-none-any.whl", b"helper")
+    offline_lock["vllm-node"].append(LockedDist("helper", "1.0", stray.name, "1" * 64, None))
+    with pytest.raises(LockError, match=r"took helper-1\.0-py3-none-any\.whl from the wheels "
+                                        r"directory, which the spec does not declare"):
+        ops.lock(stack.load(), check=False, upgrade=False)
