@@ -352,15 +352,16 @@ class LockResult:
 
 
 def compute_lock(wheels_dir: Path, decls: Iterable[tuple[str, str | None]],
-                 previous: Lock | None, upgrade: bool = False,
+                 previous: Lock | None, upgrade: bool | Iterable[str] = False,
                  fetch: Fetcher | None = None) -> LockResult:
     """Lock every declared wheel: ``decls`` is (filename, index URL or None for local).
 
     Local files are hashed from disk. A file not present keeps the hash of a previous lock
     with the same filename (it was computed where the file was), else is unresolved.
-    Index wheels keep their previous hash unless ``upgrade``; otherwise the index's
-    published sha256 is used.
+    Index wheels keep their previous hash unless ``upgrade`` is True or names them;
+    otherwise the index's published sha256 is used.
     """
+    again = {canonicalize_name(n) for n in upgrade} if not isinstance(upgrade, bool) else set()
     old = previous.by_filename() if previous else {}
     out: list[LockedWheel] = []
     notes: list[str] = []
@@ -382,7 +383,8 @@ def compute_lock(wheels_dir: Path, decls: Iterable[tuple[str, str | None]],
                 notes.append(f"{filename}: not in {wheels_dir}; recorded as unresolved")
         else:
             source = index
-            if prev and prev.sha256 and prev.source == index and not upgrade:
+            if (prev and prev.sha256 and prev.source == index and upgrade is not True
+                    and parsed.name not in again):
                 sha = prev.sha256
             else:
                 try:

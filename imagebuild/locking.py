@@ -118,8 +118,11 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
             raise LockError(
                 f"{name}: the spec declares {w.filename} ({(w.sha256 or '')[:12]}), but the "
                 f"resolution took {have}",
-                hint="an override or an index moved a declared wheel: declare the file the "
-                     "image should install under wheels, or fix the override")
+                hint=(f"the index serves other bytes under that name now: if that is "
+                      f"intended, run 'imagebuild lock --upgrade {w.name}'"
+                      if got is not None and got.filename == w.filename else
+                      "an override or an index moved a declared wheel: declare the file the "
+                      "image should install under wheels, or fix the override"))
     declared = {w.filename for w in inputs.pinned}
     stray = sorted(p.filename for p in resolution.packages
                    if p.is_local and p.filename not in declared)

@@ -157,7 +157,7 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
         except LockError as exc:
             warnings.append(f"ignoring the existing lock: {exc.message}")
     decls = [(d.filename, d.index) for d in spec.wheels]
-    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade is True)
+    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade)
     try:
         spec_name = str(spec.path.relative_to(spec.lock_path.parent))
     except ValueError:
@@ -234,7 +234,9 @@ def _moved(prev: ClosureLock | None, new: ClosureLock) -> tuple[str, ...]:
         a, b = old.get(name), now.get(name)
         if a is not None and b is not None and a != b:
             out.append(f"{name} {a.version} -> {b.version}" if a.version != b.version
-                       else f"{name} {a.version} (other file)")
+                       else f"{name} {a.version} (other file: {b.filename})"
+                       if a.filename != b.filename
+                       else f"{name} {a.version} (sha256 {a.sha256[:12]} -> {b.sha256[:12]})")
         elif a is None and b is not None and prev is not None:
             out.append(f"{name} + {b.version}")
         elif b is None and a is not None:
