@@ -31,6 +31,9 @@ import testbed  # noqa: E402
 
 MINI = REPO / "examples" / "mini" / "imagebuild.yaml"
 HEAD_STORES = ("classic", "containerd")
+# vllm-node's wheels in the test stack (mimo's line is followed by its own overrides)
+NODE_WHEELS = ("    wheels: [vllm, flashinfer-python, flashinfer-cubin, flashinfer-jit-cache]\n"
+               "    torch: torch\n    overrides:\n      - requirement: torch==2.11.0+cu130\n")
 
 
 @dataclass(frozen=True)

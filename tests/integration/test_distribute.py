@@ -15,13 +15,10 @@ import pytest
 from imagebuild.engine import parse_image
 from imagebuild.engine_docker import DockerEngine
 
-from .conftest import HEAD_STORES, REPO, Bed, MiniStack, testbed
+from .conftest import HEAD_STORES, NODE_WHEELS, REPO, Bed, MiniStack, testbed
 
 pytestmark = pytest.mark.bed
 
-NODE_WHEELS = ("    wheels: [vllm, flashinfer-python, flashinfer-cubin, flashinfer-jit-cache]\n"
-               "    torch: torch\n    checks: [torch-gate, vllm-locked, flashinfer-locked, "
-               "vllm-imports]")
 
 
 @pytest.fixture
