@@ -316,6 +316,28 @@ def requirements_text(dists: Iterable[LockedDist], wheels_arg: str) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def changes(before: Mapping[str, LockedDist], after: Mapping[str, LockedDist]) -> list[str]:
+    """What moved between two sets of locked distributions (by name), one line each:
+    ``name 1.0 -> 1.1``, ``name 1.0 (sha256 abc -> def)``, ``+ name 1.0``, ``- name 1.0``."""
+    out = []
+    for name in sorted(set(before) | set(after)):
+        a, b = before.get(name), after.get(name)
+        if a == b:
+            continue
+        if a is None:
+            assert b is not None
+            out.append(f"+ {name} {b.version}")
+        elif b is None:
+            out.append(f"- {name} {a.version}")
+        elif a.version != b.version:
+            out.append(f"{name} {a.version} -> {b.version}")
+        elif a.filename != b.filename:
+            out.append(f"{name} {a.version} (other file: {b.filename})")
+        else:
+            out.append(f"{name} {a.version} (sha256 {a.sha256[:12]} -> {b.sha256[:12]})")
+    return out
+
+
 # -- the metadata conflict check ---------------------------------------------------------
 
 

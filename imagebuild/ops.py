@@ -34,7 +34,15 @@ from .backup import (
     write_backup,
 )
 from .build import BuildReport, Step, decide, execute
-from .closure import ClosureLock, Locks, format_closure, install_set, parse_closure, read_closure
+from .closure import (
+    ClosureLock,
+    Locks,
+    changes,
+    format_closure,
+    install_set,
+    parse_closure,
+    read_closure,
+)
 from .derivation import Derivation, plan
 from .distribute import Item, Outcome, Worker
 from .distribute import distribute as fan_out
@@ -227,21 +235,10 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
 
 
 def _moved(prev: ClosureLock | None, new: ClosureLock) -> tuple[str, ...]:
-    old = prev.by_name() if prev is not None else {}
-    now = new.by_name()
-    out = []
-    for name in sorted(set(old) | set(now)):
-        a, b = old.get(name), now.get(name)
-        if a is not None and b is not None and a != b:
-            out.append(f"{name} {a.version} -> {b.version}" if a.version != b.version
-                       else f"{name} {a.version} (other file: {b.filename})"
-                       if a.filename != b.filename
-                       else f"{name} {a.version} (sha256 {a.sha256[:12]} -> {b.sha256[:12]})")
-        elif a is None and b is not None and prev is not None:
-            out.append(f"{name} + {b.version}")
-        elif b is None and a is not None:
-            out.append(f"{name} {a.version} removed")
-    return tuple(out)
+    """What moved in one image's closure lock (nothing for a first lock)."""
+    if prev is None or prev.unresolved is not None:
+        return ()
+    return tuple(changes(prev.by_name(), new.by_name()))
 
 
 def _current_text(path: Path) -> str | None:
@@ -287,15 +284,12 @@ def lock_changes(ctx: Context, derivations: list[Derivation]) -> dict[str, list[
         parent_then = committed.get(img.parent) if img.parent else None
         if img.parent is not None and (parent_then is None or parent_then.unresolved):
             continue
-        a = {p.name: p for p in install_set(then, parent_then, img.wheels)}
-        b = {p.name: p for p in install_set(now, parent_now, img.wheels)}
-        changes = [f"{n} {a[n].version} -> {b[n].version}" if n in a and n in b
-                   else (f"+ {n} {b[n].version}" if n in b else f"- {n} {a[n].version}")
-                   for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
-        if not changes and img.parent in out:
-            changes = [f"its parent {img.parent} changes"]
-        if changes:
-            out[d.name] = changes
+        moved = changes({p.name: p for p in install_set(then, parent_then, img.wheels)},
+                        {p.name: p for p in install_set(now, parent_now, img.wheels)})
+        if not moved and img.parent in out:
+            moved = [f"its parent {img.parent} changes"]
+        if moved:
+            out[d.name] = moved
     return out
 
 
