@@ -103,10 +103,11 @@ def test_a_lock_edited_by_hand_is_refused_before_the_engine_is_touched(
     text = path.read_text()
     sha = read_closure(path, "vllm-node-mimo").packages[-1].sha256
     path.write_text(text.replace(sha, "0" * 64))
-    images = subprocess.run(["docker", "images", "-aq"], capture_output=True, text=True,
-                            env={"DOCKER_HOST": mini.bed.docker_host}).stdout
+    def images() -> set[str]:
+        return set(mini.bed.docker("images", "-aq").stdout.split())
+
+    before = images()
     r = mini.cli("build", "mimo")
     assert r.returncode == 2, r.stdout + r.stderr
     assert "pylock.vllm-node-mimo.toml: the lock was changed by hand" in r.stderr
-    assert subprocess.run(["docker", "images", "-aq"], capture_output=True, text=True,
-                          env={"DOCKER_HOST": mini.bed.docker_host}).stdout == images
+    assert images() == before

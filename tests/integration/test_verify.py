@@ -156,8 +156,10 @@ def test_changed_checks_invalidate_the_record(mini: MiniStack) -> None:
 
 def test_verify_of_a_missing_image_and_a_down_engine(mini: MiniStack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     mini.edit_spec("\nchecks:\n", "\n  never-built:\n    template: vllm-node-tf5.Dockerfile.j2\n"
-                   "    parent: vllm-node\n    params:\n      transformers: transformers<5\n"
+                   "    parent: vllm-node\n    requires: [transformers<5]\n"
                    "\nchecks:\n")
+    lock = mini.cli("lock")  # the new image's closure
+    assert lock.returncode == 0, lock.stderr
     r = mini.cli("verify", "never-built")
     assert r.returncode == 6 and "imagebuild build never-built" in r.stderr
     import os
