@@ -95,8 +95,8 @@ def _plan_row(d: Derivation) -> dict[str, object]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     ctx = ops.load(args.file)
-    derivations = ops.plan_images(ctx, args.images)
-    changes = ops.lock_changes(ctx, derivations)
+    outcome = ops.plan_with_changes(ctx, args.images)
+    derivations, changes = outcome.derivations, outcome.lock_changes
     if args.json:
         _json({"spec": str(ctx.spec.path),
                "images": [{**_plan_row(d), "lock_changes": changes.get(d.name, [])}

@@ -125,7 +125,7 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
             # torch comes from its own pinned RUNs (a layer of its own, then the field's
             # force-reinstall), never twice
             installs = [p for p in install_set(closure, parent_lock, always=img.wheels)
-                        if p.name not in {img.torch, *spec.lineage_torch(name)}]
+                        if p.name not in spec.lineage_torch(name)]
             context.append(ContextFile(INSTALL_REQUIREMENTS,
                                        requirements_text(installs, WHEELS_ARG).encode()))
         wheels: list[LockedWheel] = [lock.get(wname) for wname in img.wheels]

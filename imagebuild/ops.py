@@ -260,6 +260,19 @@ def plan_images(ctx: Context, images: list[str]) -> list[Derivation]:
     return plan(ctx.spec, ctx.lock, images)
 
 
+@dataclass(frozen=True)
+class PlanOutcome:
+    derivations: list[Derivation]
+    lock_changes: dict[str, list[str]]  # image -> why a lock change rebuilds it
+
+
+def plan_with_changes(ctx: Context, images: list[str]) -> PlanOutcome:
+    """``imagebuild plan``: the derivations, and what a lock change since the last commit
+    rebuilds. No engine."""
+    derivations = plan_images(ctx, images)
+    return PlanOutcome(derivations, lock_changes(ctx, derivations))
+
+
 def lock_changes(ctx: Context, derivations: list[Derivation]) -> dict[str, list[str]]:
     """What changed in each image's install set since its closure lock was last
     committed (git HEAD): the images a lock change rebuilds, and why. Images whose lock
