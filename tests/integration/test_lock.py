@@ -111,3 +111,13 @@ def test_a_lock_edited_by_hand_is_refused_before_the_engine_is_touched(
     assert r.returncode == 2, r.stdout + r.stderr
     assert "pylock.vllm-node-mimo.toml: the lock was changed by hand" in r.stderr
     assert images() == before
+
+
+def test_a_requirement_no_index_satisfies_is_uvs_clear_refusal(mini: MiniStack) -> None:
+    mini.edit_spec('requires: ["transformers>=4.57,<5"]', 'requires: ["transformers>=9"]')
+    texts = {p.name: p.read_text() for p in (mini.root / "locks").iterdir()}
+    r = mini.cli("lock")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "vllm-node-tf5: uv failed to resolve the closure" in r.stderr
+    assert "transformers" in r.stderr and "hint:" in r.stderr
+    assert {p.name: p.read_text() for p in (mini.root / "locks").iterdir()} == texts
