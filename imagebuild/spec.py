@@ -92,6 +92,36 @@ class WheelDecl:
     index: str | None = None  # None: a local file in the wheels directory
 
 
+# Where a wheel build finds its source and leaves its wheel, inside the builder container
+BUILD_SRC = "/imagebuild/src"
+BUILD_OUT = "/imagebuild/out"
+BUILD_CCACHE = "/imagebuild/ccache"
+DEFAULT_WHEEL_COMMAND = ("python3", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                         "--wheel-dir", BUILD_OUT, ".")
+# set by imagebuild in every wheel build; the spec cannot override them
+RESERVED_BUILD_ENV = frozenset({"SOURCE_DATE_EPOCH", "CCACHE_DIR", "IMAGEBUILD_OUT",
+                                "IMAGEBUILD_SRC"})
+
+
+@dataclass(frozen=True)
+class WheelBuild:
+    """A wheel built from source: a git commit, patches applied in order, built by
+    ``command`` in a throwaway container of ``builder`` with ``env``."""
+
+    name: str  # canonical project name of the wheel it makes
+    git: str  # where the source is fetched from (not an input: the commit is)
+    commit: str  # full hex commit id
+    patches: tuple[Path, ...]  # absolute paths of patch files, applied in this order
+    builder: str  # image reference of the build environment
+    builder_digest: str | None
+    env: tuple[tuple[str, str], ...]
+    command: tuple[str, ...] = DEFAULT_WHEEL_COMMAND
+
+    @property
+    def builder_reference(self) -> str:
+        return f"{self.builder}@{self.builder_digest}" if self.builder_digest else self.builder
+
+
 @dataclass(frozen=True)
 class Params:
     """Template parameters. Every field is validated for the Dockerfile it lands in."""
@@ -216,6 +246,7 @@ class Spec:
     state_dir: Path
     target: Target
     locks_dir: Path | None = None  # the closure locks (pylock.<image>.toml); None: <root>/locks
+    built: Mapping[str, WheelBuild] = field(default_factory=dict)  # wheels built from source
     schema: int = SCHEMA_VERSION
     _aliases: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -256,6 +287,11 @@ class Spec:
             for o in self.images[n].overrides:
                 out[o.package] = o
         return out
+
+    @property
+    def wheel_store(self) -> Path:
+        """The content-addressed store of built wheels."""
+        return self.state_dir / "wheel-store"
 
     @property
     def lock_dir(self) -> Path:
@@ -525,9 +561,10 @@ def _build_spec(data: Any, path: Path) -> Spec:
     target = _read_target(r, top.get("target"), top.key_lines.get("target"))
     state_dir = top_path("state", "${IMAGEBUILD_STATE:-~/.local/state/imagebuild}")
 
-    wheels_dir, wheels = _read_wheels(r, top.get("wheels"), top.key_lines.get("wheels"))
+    wheels_dir, wheels, built = _read_wheels(r, top.get("wheels"), top.key_lines.get("wheels"))
     checks = _read_checks(r, top.get("checks", _empty()), top.key_lines.get("checks"))
-    images, aliases = _read_images(r, top["images"], top.key_lines.get("images"), wheels, checks)
+    images, aliases = _read_images(r, top["images"], top.key_lines.get("images"), wheels,
+                                   set(built), checks)
     cluster = _read_cluster(r, top.get("cluster"), top.key_lines.get("cluster"))
     backups = _read_backups(r, top.get("backups"), top.key_lines.get("backups"))
     return Spec(
@@ -544,6 +581,7 @@ def _build_spec(data: Any, path: Path) -> Spec:
         state_dir=state_dir,
         target=target,
         locks_dir=locks_dir,
+        built=built,
         _aliases=aliases,
     )
 
@@ -594,11 +632,12 @@ def _empty() -> _LineDict:
     return d
 
 
-def _read_wheels(r: _Reader, raw: Any, line: int | None) -> tuple[Path, tuple[WheelDecl, ...]]:
+def _read_wheels(r: _Reader, raw: Any, line: int | None
+                 ) -> tuple[Path, tuple[WheelDecl, ...], dict[str, WheelBuild]]:
     if raw is None:
-        return r.to_path("wheels", "wheels", line), ()
+        return r.to_path("wheels", "wheels", line), (), {}
     m = r.mapping(raw, "wheels", line)
-    r.keys(m, "wheels", {"directory", "local", "index"}, set())
+    r.keys(m, "wheels", {"directory", "local", "index", "build"}, set())
     directory = r.to_path(m.get("directory", "wheels"), "wheels.directory",
                        m.key_lines.get("directory"))
     decls: list[WheelDecl] = []
@@ -632,7 +671,92 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None) -> tuple[Path, tuple[Wh
                          hint="a stack pins exactly one file per project; keep the one the "
                               "images should install")
         seen[project] = d.filename
-    return directory, tuple(decls)
+    built = _read_builds(r, m.get("build"), m.key_lines.get("build"))
+    for name in built:
+        if name in seen:
+            raise r.fail("wheels.build", m.key_lines.get("build"),
+                         f"{name} is built from source and also declared as {seen[name]}",
+                         hint="a stack pins exactly one file per project: remove one of them")
+    return directory, tuple(decls), built
+
+
+_BUILD_KEYS = {"name", "git", "commit", "patches", "builder", "builder_digest", "env",
+               "command"}
+_GIT_URL = re.compile(r"^(?:(?:https?|ssh|git|file)://[A-Za-z0-9._~:/@%+=-]+|/[A-Za-z0-9._/+@-]+)$")
+_COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+_BUILD_ENV_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+
+
+def _read_builds(r: _Reader, raw: Any, line: int | None) -> dict[str, WheelBuild]:
+    """``wheels.build``: the wheels built from a pinned source. Nothing here reaches a
+    shell or a Dockerfile: the git URL goes to git after ``--``, the command and env to
+    the engine's container API as lists."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise r.fail("wheels.build", line, "expected a list of wheels built from source")
+    out: dict[str, WheelBuild] = {}
+    for i, item in enumerate(raw):
+        where = f"wheels.build[{i}]"
+        iline = raw.item_lines[i] if isinstance(raw, _LineList) else line
+        b = r.mapping(item, where, iline)
+        r.keys(b, where, _BUILD_KEYS, {"name", "git", "commit", "builder"})
+
+        def kl(k: str, b: _LineDict = b) -> int | None:
+            return b.key_lines.get(k)
+
+        name = canonicalize_name(r.string(b["name"], f"{where}.name", kl("name"), _ALIAS,
+                                          "project name"))
+        if name in out:
+            raise r.fail(f"{where}.name", kl("name"), f"{name} is built twice")
+        git = r.string(b["git"], f"{where}.git", kl("git"), _GIT_URL,
+                       "git URL (https://, ssh://, git://, file:// or an absolute path)")
+        commit = b["commit"]
+        if not isinstance(commit, str) or not _COMMIT.match(commit):
+            raise r.fail(f"{where}.commit", kl("commit"),
+                         f"{commit!r} is not a full commit id (40 lowercase hex digits)",
+                         hint="a branch, a tag or a short id can move or be ambiguous: pin "
+                              "the full commit, e.g. git rev-parse v0.22.1^{commit}")
+        patches: list[Path] = []
+        for j, text in enumerate(r.string_list(b.get("patches", []), f"{where}.patches",
+                                               kl("patches"), None, "patch file")):
+            path = r.to_path(text, f"{where}.patches[{j}]", kl("patches"))
+            if not path.is_file():
+                raise r.fail(f"{where}.patches[{j}]", kl("patches"),
+                             f"patch file {path} does not exist",
+                             hint="patches are kept in the repository, next to the spec")
+            patches.append(path)
+        builder = r.string(b["builder"], f"{where}.builder", kl("builder"), _REFERENCE,
+                           "image reference such as nvidia/cuda:13.2.0-devel-ubuntu24.04")
+        digest = None
+        if b.get("builder_digest") is not None:
+            digest = r.string(b["builder_digest"], f"{where}.builder_digest",
+                              kl("builder_digest"), _DIGEST, "digest (sha256:<64 hex>)")
+        env: list[tuple[str, str]] = []
+        if b.get("env") is not None:
+            em = r.mapping(b["env"], f"{where}.env", kl("env"))
+            for k, v in em.items():
+                eline = em.key_lines.get(k)
+                r.string(k, f"{where}.env", eline, _ENV_KEY, "environment variable name")
+                if k in RESERVED_BUILD_ENV:
+                    raise r.fail(f"{where}.env", eline, f"{k} is set by imagebuild",
+                                 hint=f"imagebuild sets {', '.join(sorted(RESERVED_BUILD_ENV))}"
+                                      " in every wheel build")
+                env.append((k, r.string(v, f"{where}.env.{k}", eline, _BUILD_ENV_VALUE,
+                                        "environment value")))
+        command: tuple[str, ...] = DEFAULT_WHEEL_COMMAND
+        if b.get("command") is not None:
+            cmd = r.string_list(b["command"], f"{where}.command", kl("command"), None,
+                                "command word")
+            if not cmd:
+                raise r.fail(f"{where}.command", kl("command"),
+                             "expected the command in exec form, e.g. [uv, build, --wheel, "
+                             f"--no-build-isolation, --out-dir, {BUILD_OUT}]")
+            command = cmd
+        out[name] = WheelBuild(name=name, git=git, commit=commit, patches=tuple(patches),
+                               builder=builder, builder_digest=digest,
+                               env=tuple(sorted(env)), command=command)
+    return out
 
 
 def _read_checks(r: _Reader, raw: Any, line: int | None) -> dict[str, Check]:
@@ -738,7 +862,8 @@ def _wheel_names(wheels: tuple[WheelDecl, ...]) -> dict[str, WheelDecl]:
 
 
 def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl, ...],
-                 checks: Mapping[str, Check]) -> tuple[dict[str, ImageSpec], dict[str, str]]:
+                 built: set[str], checks: Mapping[str, Check]
+                 ) -> tuple[dict[str, ImageSpec], dict[str, str]]:
     m = r.mapping(raw, "images", line)
     if not m:
         raise r.fail("images", line, "the spec defines no images")
@@ -780,11 +905,11 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
                                 "wheel name"):
             cn = canonicalize_name(wn)
             decl = by_name.get(cn)
-            if decl is None or decl.index is not None:
-                local = sorted(n for n, d in by_name.items() if d.index is None)
+            if cn not in built and (decl is None or decl.index is not None):
+                local = sorted({*(n for n, d in by_name.items() if d.index is None), *built})
                 raise r.fail(f"{where}.wheels", kl("wheels"),
-                             f"wheel {wn!r} is not declared under wheels.local"
-                             f"{did_you_mean(cn, local)}",
+                             f"wheel {wn!r} is not declared under wheels.local or "
+                             f"wheels.build{did_you_mean(cn, local)}",
                              hint="every wheel an image installs must be declared, and locked "
                                   "in wheels.lock")
             wheel_names.append(cn)
@@ -806,7 +931,7 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
                 raise r.fail(f"{where}.checks", kl("checks"),
                              f"unknown check {cname!r}{did_you_mean(cname, set(checks))}")
             check = checks[cname]
-            if check.kind == "locked" and check.expected not in by_name:
+            if check.kind == "locked" and check.expected not in {*by_name, *built}:
                 raise r.fail(f"checks.{cname}.locked", None,
                              f"wheel {check.expected!r} is not declared under wheels")
         params = _read_params(r, b.get("params"), f"{where}.params", kl("params"))
