@@ -11,6 +11,7 @@ the host is put after ``--`` so it can never be read as an option.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -187,3 +188,71 @@ def local(argv: list[str], timeout: float, cwd: Path | None = None) -> Completed
         raise RemoteError(f"{argv[0]} is not installed",
                           hint="reinstall imagebuild (pip install -e .), which brings uv") from None
     return Completed(r.returncode, _text(r.stdout), _text(r.stderr))
+
+
+# -- git: fetching the source of a wheel build ------------------------------------------------
+
+GIT_FETCH_TIMEOUT = 3600  # a first clone of a large repository over a slow link
+
+
+def _git(args: list[str], timeout: float, cwd: Path | None = None) -> Completed:
+    """git with an argument list; never prompts (a fetch that needs credentials fails)."""
+    git = shutil.which("git")
+    if git is None:
+        raise RemoteError("git is not installed", hint="install git (apt-get install git)")
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true",
+           "LC_ALL": "C"}
+    try:
+        r = subprocess.run([git, *args], capture_output=True, timeout=timeout, check=False,
+                           cwd=cwd, stdin=subprocess.DEVNULL, env=env)
+    except subprocess.TimeoutExpired as exc:
+        return Completed(None, _text(exc.stdout), _text(exc.stderr))
+    return Completed(r.returncode, _text(r.stdout), _text(r.stderr))
+
+
+def git_mirror(url: str, mirror: Path) -> Completed:
+    """Bring the bare mirror ``mirror`` of ``url`` up to date: a ``git clone --mirror``
+    the first time (into a temporary name, renamed when complete), a ``git fetch``
+    afterwards. The URL comes after ``--``: it can never be read as an option."""
+    if (mirror / "HEAD").is_file():
+        return _git(["-C", str(mirror), "fetch", "--quiet", "--prune", "--tags", "origin"],
+                    GIT_FETCH_TIMEOUT)
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    partial = mirror.with_name(mirror.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    done = _git(["clone", "--quiet", "--mirror", "--", url, str(partial)], GIT_FETCH_TIMEOUT)
+    if done.code == 0:
+        os.replace(partial, mirror)
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+    return done
+
+
+def git_has_commit(repo: Path, commit: str) -> bool:
+    return _git(["-C", str(repo), "cat-file", "-e", f"{commit}^{{commit}}"], GIT_TIMEOUT
+                ).code == 0
+
+
+def git_checkout(mirror: Path, commit: str, dest: Path) -> Completed:
+    """A working tree of ``commit`` at ``dest``, cloned from the local mirror (its objects
+    hard-linked, not copied, and no alternates pointing back at the mirror)."""
+    done = _git(["clone", "--quiet", "--no-checkout", "--", str(mirror), str(dest)],
+                GIT_FETCH_TIMEOUT)
+    if done.code != 0:
+        return done
+    return _git(["-C", str(dest), "-c", "advice.detachedHead=false", "checkout", "--quiet",
+                 "--detach", commit], GIT_FETCH_TIMEOUT)
+
+
+def git_apply(tree: Path, patch: Path) -> Completed:
+    """Apply one patch file to a working tree (all of it or nothing)."""
+    return _git(["-C", str(tree), "apply", "--whitespace=nowarn", "--", str(patch)],
+                GIT_TIMEOUT * 6)
+
+
+def git_commit_time(repo: Path, commit: str) -> int | None:
+    """The committer time of ``commit`` (seconds since the epoch), or None."""
+    done = _git(["-C", str(repo), "show", "-s", "--format=%ct", commit], GIT_TIMEOUT)
+    text = done.stdout.strip()
+    return int(text) if done.code == 0 and text.isdigit() else None
