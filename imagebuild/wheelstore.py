@@ -1,0 +1,153 @@
+"""The wheel store: built wheels kept by content, and which derivation made which.
+
+    <store>/sha256/<sha256>/<filename>     a wheel (the filename is kept: installers read
+                                           its name, version and tags from it)
+    <store>/derivations/<input hash>.json  what the derivation with that hash made
+    <store>/incoming/                      builds in progress (renamed into place)
+
+A wheel is renamed to its final name only when it is complete, checked and hashed; the
+derivation's record is written (atomically) after it. So a crash leaves either nothing
+or a wheel without a record (built again next time, same bytes, same place), never a
+record of a partial wheel. Records are parsed and checked when read: one that does not
+parse, or whose wheel is gone, is not a hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .fsutil import atomic_write_text, fsync_dir
+from .lock import SHA256, WHEEL_FILE, LockedWheel, parse_wheel
+from .spec import Spec
+
+RECORD_SCHEMA = 1
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class WheelRecord:
+    """What one wheel derivation made."""
+
+    name: str
+    version: str
+    filename: str
+    sha256: str
+    input_hash: str
+    built: str  # UTC, ISO 8601
+    seconds: float  # how long the build took
+    log: str  # the build's log file
+
+
+class WheelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def blob(self, sha256: str, filename: str) -> Path:
+        return self.root / "sha256" / sha256 / filename
+
+    def _record_path(self, input_hash: str) -> Path:
+        return self.root / "derivations" / f"{input_hash}.json"
+
+    def lookup(self, input_hash: str) -> WheelRecord | None:
+        """The record of a derivation whose wheel is in the store, or None."""
+        try:
+            raw = self._record_path(input_hash).read_text(encoding="utf-8")
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        record = _parse(raw, input_hash)
+        if record is None or not self.blob(record.sha256, record.filename).is_file():
+            return None
+        return record
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[Path]:
+        """A private directory on the store's filesystem for one build's output, removed
+        afterwards whatever happened."""
+        base = self.root / "incoming"
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="build-", dir=base))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def put(self, wheel: Path, record: WheelRecord) -> WheelRecord:
+        """Move a complete, hashed wheel into the store, then record its derivation."""
+        final = self.blob(record.sha256, record.filename)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not final.is_file():
+            os.chmod(wheel, 0o644)
+            os.replace(wheel, final)
+            fsync_dir(final.parent)
+        atomic_write_text(self._record_path(record.input_hash),
+                          json.dumps({"schema": RECORD_SCHEMA, **asdict(record)}, indent=2)
+                          + "\n")
+        return record
+
+
+def _parse(raw: str, input_hash: str) -> WheelRecord | None:
+    """A record, checked field by field (None: not a usable record)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("schema") != RECORD_SCHEMA:
+        return None
+    try:
+        record = WheelRecord(**{k: data[k] for k in WheelRecord.__dataclass_fields__})
+    except (KeyError, TypeError):
+        return None
+    strings = (record.name, record.version, record.filename, record.sha256,
+               record.input_hash, record.built, record.log)
+    if not all(isinstance(x, str) for x in strings) or not isinstance(record.seconds,
+                                                                       int | float):
+        return None
+    if (record.input_hash != input_hash or not SHA256.match(record.sha256)
+            or not _HASH.match(record.input_hash) or not WHEEL_FILE.match(record.filename)):
+        return None
+    try:
+        parsed = parse_wheel(record.filename)
+    except Exception:
+        return None
+    if (parsed.name, parsed.version) != (record.name, record.version):
+        return None
+    return record
+
+
+def wheel_path(spec: Spec, wheel: LockedWheel) -> Path:
+    """Where a locked local wheel's file is: the wheel store for a built one, else the
+    spec's wheels directory."""
+    if wheel.is_built and wheel.sha256 is not None:
+        return WheelStore(spec.wheel_store).blob(wheel.sha256, wheel.filename)
+    return spec.wheels_dir / wheel.filename
+
+
+@contextlib.contextmanager
+def wheel_view(spec: Spec, wheels: Iterable[LockedWheel]) -> Iterator[Path]:
+    """One directory that holds the wheels directory's files and the built wheels among
+    ``wheels`` (as symbolic links, nothing copied): what the resolver's ``--find-links``
+    and the metadata reads see. With no built wheels, the wheels directory itself."""
+    built = [w for w in wheels if w.is_built]
+    if not built:
+        yield spec.wheels_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="imagebuild-wheels-") as tmp:
+        view = Path(tmp)
+        if spec.wheels_dir.is_dir():
+            for f in sorted(spec.wheels_dir.iterdir()):
+                if f.name.endswith(".whl") and f.is_file():
+                    (view / f.name).symlink_to(f.absolute())
+        for w in built:
+            target = wheel_path(spec, w)
+            if target.is_file():
+                (view / w.filename).unlink(missing_ok=True)
+                (view / w.filename).symlink_to(target.absolute())
+        yield view
