@@ -22,7 +22,7 @@ from ipaddress import ip_address
 from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from .errors import ImageNotFound
+from .errors import EngineError, ImageNotFound
 from .fsutil import PinnedFile
 
 T = TypeVar("T")
@@ -102,6 +102,24 @@ class BuildEvent:
     kind: Literal["line", "error", "done"]
     text: str = ""
     image_id: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A throwaway container that is given files, runs one command and hands one
+    directory back: how a wheel is built from source."""
+
+    image: str  # the builder image (a reference the engine resolves; never pulled)
+    command: tuple[str, ...]  # exec form; the image's entrypoint is not used
+    env: tuple[tuple[str, str], ...]
+    workdir: str
+    output: str  # the directory copied out when the command succeeds
+    labels: tuple[tuple[str, str], ...] = ()
+    volumes: tuple[tuple[str, str], ...] = ()  # (named volume, mount point): caches
+
+
+OnLine = Callable[[str], None]
+Receive = Callable[[Iterator[bytes]], None]
 
 
 @dataclass(frozen=True)
@@ -351,6 +369,17 @@ class Engine(Protocol):
     def disk_usage(self) -> int:
         """Bytes the engine's image layers take on disk."""
         ...
+
+    def run_job(self, job: Job, upload: Iterable[bytes], on_line: OnLine,
+                receive: Receive) -> int:
+        """Create a container for ``job``, extract the tar stream ``upload`` at its root,
+        run the command (host network) with its output lines passed to ``on_line``, and
+        when it exits 0 pass a tar stream of ``job.output`` to ``receive``. Returns the
+        exit code; the container is removed whatever happens."""
+        raise EngineError(
+            f"the engine at {self.where} does not run build jobs",
+            hint="wheels are built on the head node's engine (unset DOCKER_HOST or point it "
+                 "at the head's socket)")
 
     # -- shared by every implementation ----------------------------------------------------
 

@@ -22,6 +22,9 @@ from .engine import (
     Engine,
     EngineInfo,
     ImageInfo,
+    Job,
+    OnLine,
+    Receive,
     RunResult,
     Snapshot,
     is_local_engine_url,
@@ -205,6 +208,50 @@ class DockerEngine(Engine):
             return RunResult(exit_code=code, stdout=out, stderr=err, timed_out=timed_out)
         except _FAILURES as exc:
             raise self._error(f"run a check in {image}", exc) from None
+        finally:
+            try:
+                self.api.remove_container(cid, force=True)
+            except (docker.errors.APIError, requests.exceptions.RequestException):
+                pass
+
+    def run_job(self, job: Job, upload: Iterable[bytes], on_line: OnLine,
+                receive: Receive) -> int:
+        api = self._streaming_client()  # a wheel build may run for hours
+        try:
+            cid = api.create_container(
+                job.image, command=list(job.command[1:]), entrypoint=[job.command[0]],
+                environment=dict(job.env), working_dir=job.workdir, labels=dict(job.labels),
+                host_config=api.create_host_config(
+                    network_mode="host",
+                    binds={vol: {"bind": mount, "mode": "rw"} for vol, mount in job.volumes}),
+            )["Id"]
+        except docker.errors.ImageNotFound:
+            raise ImageNotFound(
+                f"the builder image {job.image} is not present in the engine at "
+                f"{self.base_url}",
+                hint=f"docker pull {job.image} (or build it), then run again: "
+                     "builds never pull implicitly") from None
+        except _FAILURES as exc:
+            raise self._error(f"create a build container from {job.image}", exc) from None
+        try:
+            if not api.put_archive(cid, "/", upload):
+                raise EngineError(f"the engine refused the source for the job in {job.image}")
+            api.start(cid)
+            pending = b""
+            for chunk in api.logs(cid, stream=True, follow=True, stdout=True, stderr=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    on_line(line.decode(errors="replace"))
+            if pending:
+                on_line(pending.decode(errors="replace"))
+            code = int(api.wait(cid).get("StatusCode", -1))
+            if code == 0:
+                stream, _stat = api.get_archive(cid, job.output, chunk_size=1 << 20)
+                receive(stream)
+            return code
+        except _FAILURES as exc:
+            raise self._error(f"run a job in {job.image}", exc) from None
         finally:
             try:
                 self.api.remove_container(cid, force=True)

@@ -83,6 +83,13 @@ class BuildFailed(EngineError):
     exit_code = 5
 
 
+class WheelBuildFailed(BuildFailed):
+    """A wheel could not be built from its source (fetch, patch, compile or the wheel
+    it made): nothing was recorded."""
+
+    exit_code = 5
+
+
 class ImageNotFound(ImagebuildError):
     """An image the command needs is not present in the engine."""
 
@@ -111,6 +118,12 @@ class RemoteError(ImagebuildError):
     """An ssh command to a worker failed."""
 
     exit_code = 9
+
+
+class NotReproducible(ImagebuildError):
+    """A wheel built again from the same inputs has other bytes than the stored one."""
+
+    exit_code = 10
 
 
 class Interrupted(ImagebuildError):
