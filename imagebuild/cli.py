@@ -60,6 +60,11 @@ def cmd_lock(args: argparse.Namespace) -> int:
     upgrade: bool | list[str] = False if args.upgrade is None else (args.upgrade or True)
     result = ops.lock(load_spec(args.file), check=args.check, upgrade=upgrade,
                       progress=Progress(sys.stderr))
+    _print_lock(result)
+    return 0
+
+
+def _print_lock(result: ops.LockOutcome) -> None:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for note in result.notes:
@@ -78,7 +83,6 @@ def cmd_lock(args: argparse.Namespace) -> int:
         print(line(c.path, c.state, what))
         for change in c.changed:
             print(f"  {change}")
-    return 0
 
 
 def _plan_row(d: Derivation) -> dict[str, object]:
@@ -93,15 +97,55 @@ def _plan_row(d: Derivation) -> dict[str, object]:
     }
 
 
+def _wheel_row(s: ops.WheelStep) -> dict[str, object]:
+    d = s.derivation
+    return {"name": d.name, "input_hash": d.input_hash, "action": s.action,
+            "commit": d.build.commit, "patches": [name for name, _sha in d.patches],
+            "builder": d.build.builder_reference, "locked": s.locked,
+            "filename": s.record.filename if s.record else None,
+            "sha256": s.record.sha256 if s.record else None}
+
+
+def _wheel_table(steps: list[ops.WheelStep]) -> list[str]:
+    width = max(len(s.derivation.name) for s in steps)
+    rows = []
+    for i, s in enumerate(steps, 1):
+        d = s.derivation
+        what = f"reuse {s.record.filename}" if s.record else \
+            f"build from {d.build.commit[:12]}" + (f" + {len(d.patches)} patch(es)"
+                                                    if d.patches else "")
+        lock = "" if s.locked else "  (not in wheels.lock yet)"
+        rows.append(f"  {i}. {d.name:<{width}}  {d.hash12}  {what}{lock}")
+    return rows
+
+
+PENDING = ("the image plan follows once the wheels above are built and locked: "
+           "'imagebuild build' builds them, re-locks, then builds the images")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_spec(args.file)
+    wheels = ops.image_wheel_steps(spec, args.images)
+    if any(not w.locked for w in wheels):
+        if args.json:
+            _json({"spec": str(spec.path), "wheels": [_wheel_row(w) for w in wheels],
+                   "images": None, "pending": PENDING})
+            return 0
+        print(f"wheels built from source ({len(wheels)}):")
+        print("\n".join(_wheel_table(wheels)))
+        print(PENDING)
+        return 0
     ctx = ops.load(args.file)
     outcome = ops.plan_with_changes(ctx, args.images)
     derivations, changes = outcome.derivations, outcome.lock_changes
     if args.json:
-        _json({"spec": str(ctx.spec.path),
+        _json({"spec": str(ctx.spec.path), "wheels": [_wheel_row(w) for w in wheels],
                "images": [{**_plan_row(d), "lock_changes": changes.get(d.name, [])}
                           for d in derivations]})
         return 0
+    if wheels:
+        print(f"wheels built from source ({len(wheels)}):")
+        print("\n".join(_wheel_table(wheels)))
     width = max(len(d.name) for d in derivations)
     print(f"plan ({len(derivations)} images, in build order):")
     for i, d in enumerate(derivations, 1):
@@ -137,10 +181,50 @@ def _steps_table(steps: list[Step]) -> list[str]:
     return rows
 
 
+def cmd_build_wheels(args: argparse.Namespace) -> int:
+    spec = load_spec(args.file)
+    names = ops.wheel_names(spec, args.wheels)
+    if args.check:
+        checked = ops.check_wheels(spec, DockerEngine(), names, progress=Progress())
+        for a, b in checked.pairs:
+            same = "reproducible" if a.sha256 == b.sha256 else "DIFFERS"
+            print(f"{a.name}: {same}: stored {a.sha256[:16]}, rebuilt {b.sha256[:16]} "
+                  f"({b.filename})")
+        if (err := checked.error()) is not None:
+            raise err
+        return 0
+    result = ops.build_wheels(spec, DockerEngine(), names, progress=Progress())
+    for o in result.wheels:
+        what = "built" if o.built else "reused"
+        print(f"{o.record.name}: {what} {o.record.filename} (derivation "
+              f"{o.derivation.hash12}, sha256 {o.record.sha256[:16]})")
+    behind = [s.derivation.name for s in ops.wheel_steps(spec, names) if not s.locked]
+    if behind:
+        print(f"wheels.lock does not record {', '.join(behind)} yet: run 'imagebuild lock' "
+              f"and commit the locks")
+    return 0
+
+
 def cmd_build(args: argparse.Namespace) -> int:
+    spec = load_spec(args.file)
+    for n in args.images:
+        spec.resolve(n)  # unknown names are refused before the engine is contacted
+    wheels = ops.image_wheel_steps(spec, args.images)
+    if args.dry_run and wheels:
+        print(f"wheels built from source ({len(wheels)}; nothing will be done):")
+        print("\n".join(_wheel_table(wheels)))
+        if any(not w.locked for w in wheels):
+            print(PENDING)
+            return 0
+    engine = DockerEngine()
+    if wheels and not args.dry_run:
+        done = ops.build_wheels(spec, engine, [w.derivation.name for w in wheels],
+                                relock=True, progress=Progress())
+        if done.relocked is not None:
+            _print_lock(done.relocked)
+            print("the locks now record the wheels built from source: commit them")
     ctx = ops.load(args.file)
-    ctx.names(args.images)  # unknown names are refused before the engine is contacted
-    result = ops.build(ctx, DockerEngine(), args.images, rebuild=args.rebuild,
+    result = ops.build(ctx, engine, args.images, rebuild=args.rebuild,
                        backup=not args.no_backup, dry_run=args.dry_run, progress=Progress())
     if result.report is None:
         print(f"build plan ({len(result.steps)} images, in order; nothing will be done):")
@@ -381,6 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     images(s, "images (short names work)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("build-wheels", help="build the wheels declared under wheels.build "
+                                            "(reused when their input hash is stored)")
+    s.add_argument("wheels", nargs="*", metavar="WHEEL", help="wheels to build (default: all)")
+    s.add_argument("--check", action="store_true",
+                   help="build stored wheels again from the same inputs and compare sha256 "
+                        "(exit 10 if any differs); the store is not changed")
+    s.set_defaults(func=cmd_build_wheels)
 
     s = sub.add_parser("build", help="build the images (and their parents) that are not built")
     images(s, "images to build with their parents (default: all)")

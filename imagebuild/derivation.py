@@ -33,6 +33,7 @@ from .render import (
     render_image,
 )
 from .spec import SCHEMA_VERSION, Spec
+from .wheelstore import wheel_path
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
                                        requirements_text(installs, WHEELS_ARG).encode()))
         wheels: list[LockedWheel] = [lock.get(wname) for wname in img.wheels]
         served_names = {p.filename for p in installs if p.is_local}
-        served = tuple(ServedWheel(f, lock.by_filename()[f].sha256, spec.wheels_dir / f)
+        by_file = lock.by_filename()
+        served = tuple(ServedWheel(f, by_file[f].sha256, wheel_path(spec, by_file[f]))
                        for f in sorted(served_names))
         unresolved.extend(w.filename for w in wheels if w.sha256 is None)
         if closure.unresolved is not None:

@@ -13,7 +13,7 @@ import hashlib
 import html.parser
 import re
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urldefrag, urljoin
@@ -29,6 +29,7 @@ from .errors import LockError, UnresolvedHashError, WheelHashMismatch
 LOCK_VERSION = 1
 UNRESOLVED = "unresolved"
 LOCAL_PREFIX = "wheels/"
+BUILT_PREFIX = "built/"  # + the input hash of the wheel derivation that made it
 _CHUNK = 1 << 20
 # shared with spec.py: what a wheel filename and an index URL may look like
 WHEEL_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+!-]*\.whl$")
@@ -61,11 +62,22 @@ class LockedWheel:
     version: str
     filename: str
     sha256: str | None  # None: unresolved
-    source: str  # "wheels/<filename>" for a local file, else the index URL
+    source: str  # "wheels/<filename>": a local file; "built/<input hash>": built from
+    # source by that wheel derivation (kept in the wheel store); else the index URL
+
+    @property
+    def is_built(self) -> bool:
+        return self.source.startswith(BUILT_PREFIX)
+
+    @property
+    def derivation(self) -> str | None:
+        """The input hash of the derivation that built it (None: not built)."""
+        return self.source[len(BUILT_PREFIX):] if self.is_built else None
 
     @property
     def is_local(self) -> bool:
-        return self.source.startswith(LOCAL_PREFIX)
+        """A file on this machine that imagebuild serves to builds (not from an index)."""
+        return self.source.startswith(LOCAL_PREFIX) or self.is_built
 
     @property
     def index(self) -> str | None:
@@ -209,20 +221,40 @@ def _locked(filename: str, sha: str, source: str, where: str) -> LockedWheel:
     if sha != UNRESOLVED and not SHA256.match(sha):
         raise LockError(f"{where} ({filename}): {sha!r} is not a sha256 hex digest",
                         hint="regenerate it with 'imagebuild lock'")
-    if source != LOCAL_PREFIX + filename and not INDEX_URL.match(source):
+    built = source.startswith(BUILT_PREFIX) and SHA256.match(source[len(BUILT_PREFIX):])
+    if source != LOCAL_PREFIX + filename and not built and not INDEX_URL.match(source):
         raise LockError(f"{where} ({filename}): source {source!r} is neither "
-                        f"{LOCAL_PREFIX}{filename} nor an http(s) index URL",
+                        f"{LOCAL_PREFIX}{filename}, {BUILT_PREFIX}<input hash> nor an "
+                        f"http(s) index URL",
+                        hint="regenerate it with 'imagebuild lock'")
+    if built and sha == UNRESOLVED:
+        raise LockError(f"{where} ({filename}): a wheel built from source has no sha256",
                         hint="regenerate it with 'imagebuild lock'")
     return LockedWheel(name=parsed.name, version=parsed.version, filename=filename,
                        sha256=None if sha == UNRESOLVED else sha, source=source)
 
 
-def check_matches(lock: Lock, decls: Iterable[tuple[str, str | None]], spec_path: Path
-                  ) -> None:
+def check_matches(lock: Lock, decls: Iterable[tuple[str, str | None]], spec_path: Path,
+                  built: Mapping[str, str] | None = None) -> None:
     """Refuse a lock that does not pin exactly the wheels the spec declares: a stale lock
-    would be hash-checked, served and installed as if it were the spec's."""
+    would be hash-checked, served and installed as if it were the spec's. ``built`` maps
+    each wheel built from source to its derivation's current input hash."""
     by_file = lock.by_filename()
     wanted: set[str] = set()
+    for name, input_hash in (built or {}).items():
+        entry = next((w for w in lock.wheels if w.name == name), None)
+        if entry is None or entry.derivation != input_hash:
+            has = ("it has no entry for it" if entry is None else
+                   f"it locks {entry.filename} from "
+                   + (f"derivation {entry.derivation[:12]}" if entry.derivation
+                      else entry.source))
+            raise LockError(
+                f"{lock.path} is out of date: {spec_path.name} builds {name} from source "
+                f"(derivation {input_hash[:12]}), but {has}",
+                hint=f"run 'imagebuild build' (it builds the wheel and re-locks), or "
+                     f"'imagebuild build-wheels {name}' then 'imagebuild lock'; commit the "
+                     f"locks")
+        wanted.add(entry.filename)
     for filename, index in decls:
         wanted.add(filename)
         source = LOCAL_PREFIX + filename if index is None else index
@@ -353,13 +385,15 @@ class LockResult:
 
 def compute_lock(wheels_dir: Path, decls: Iterable[tuple[str, str | None]],
                  previous: Lock | None, upgrade: bool | Iterable[str] = False,
-                 fetch: Fetcher | None = None) -> LockResult:
+                 fetch: Fetcher | None = None, built: Iterable[LockedWheel] = ()
+                 ) -> LockResult:
     """Lock every declared wheel: ``decls`` is (filename, index URL or None for local).
 
     Local files are hashed from disk. A file not present keeps the hash of a previous lock
     with the same filename (it was computed where the file was), else is unresolved.
     Index wheels keep their previous hash unless ``upgrade`` is True or names them;
-    otherwise the index's published sha256 is used.
+    otherwise the index's published sha256 is used. ``built``: the wheels built from
+    source, already locked (``built/<input hash>``) by the caller.
     """
     again = {canonicalize_name(n) for n in upgrade} if not isinstance(upgrade, bool) else set()
     old = previous.by_filename() if previous else {}
@@ -401,6 +435,7 @@ def compute_lock(wheels_dir: Path, decls: Iterable[tuple[str, str | None]],
                                      f"recorded as unresolved")
         out.append(LockedWheel(name=parsed.name, version=parsed.version, filename=filename,
                                sha256=sha, source=source))
+    out.extend(built)  # their hashes were taken when they were stored
     names = [w.name for w in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

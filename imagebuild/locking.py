@@ -21,6 +21,7 @@ from .errors import LockError
 from .lock import LockedWheel
 from .resolve import Getter, dist_requires, requires_dist, resolve, wheel_metadata
 from .spec import Spec
+from .wheelstore import wheel_path
 
 PYPI = "https://pypi.org/simple"
 
@@ -75,15 +76,21 @@ def unresolved_reason(spec: Spec, inputs: ImageInputs) -> str | None:
     for w in inputs.pinned:
         if w.sha256 is None:
             return f"the sha256 of {w.filename} is unresolved in {spec.lock_path.name}"
-        if w.is_local and not (spec.wheels_dir / w.filename).is_file():
-            return f"{w.filename} is not in the wheels directory"
+        if w.is_local and not wheel_path(spec, w).is_file():
+            return (f"{w.filename} is not in the wheel store (build it: imagebuild "
+                    f"build-wheels {w.name})" if w.is_built
+                    else f"{w.filename} is not in the wheels directory")
     return None
 
 
 def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
                parent: ClosureLock | None, previous: ClosureLock | None,
-               upgrade: bool | list[str], get: Getter | None = None) -> ClosureLock:
-    """One image's closure lock (unresolved, with the reason, where it cannot be made)."""
+               upgrade: bool | list[str], get: Getter | None = None,
+               wheel_dir: Path | None = None) -> ClosureLock:
+    """One image's closure lock (unresolved, with the reason, where it cannot be made).
+    ``wheel_dir``: where the local and built wheels are seen together (``wheel_view``);
+    the spec's wheels directory by default."""
+    links = wheel_dir or spec.wheels_dir
     inputs = image_inputs(spec, wheels, name)
     img = spec.images[name]
     spec_name = spec.path.name
@@ -100,7 +107,7 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
     if why is not None:
         return made((), why)
     # the declared pins against what the declared local wheels require
-    stated = {w.filename: requires_dist(wheel_metadata(spec.wheels_dir / w.filename))[2]
+    stated = {w.filename: requires_dist(wheel_metadata(wheel_path(spec, w)))[2]
               for w in inputs.local}
     found = conflicts(stated, {w.name: w.version for w in inputs.pinned}, inputs.overridden,
                       spec.target.python, spec.target.platform)
@@ -108,7 +115,7 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
         raise conflict_error(name, found, spec_name)
     resolution = resolve(image=name, requirements=list(inputs.requirements),
                          overrides=list(inputs.overrides), python=spec.target.python,
-                         platform=spec.target.platform, wheels_dir=spec.wheels_dir,
+                         platform=spec.target.platform, wheels_dir=links,
                          indexes=list(inputs.indexes), previous=previous, upgrade=upgrade)
     by_name = {p.name: p for p in resolution.packages}
     for w in inputs.pinned:
@@ -133,7 +140,7 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
             hint="declare the wheel under wheels.local and in the image's wheels (so it is "
                  "hash-locked), or remove the file from the wheels directory")
     # every locked distribution's requirements against the closure
-    stated = dist_requires(resolution.packages, spec.wheels_dir, get)
+    stated = dist_requires(resolution.packages, links, get)
     found = conflicts(stated, {p.name: p.version for p in resolution.packages},
                       inputs.overridden, spec.target.python, spec.target.platform)
     if found:
