@@ -10,6 +10,9 @@
     scripts/testbed env [--head-store S]  print the environment variables
     scripts/testbed status             what runs, what does not
     scripts/testbed reset-workers      remove every container and image from the worker engines
+    scripts/testbed builder [--head-store S]
+                                       import the wheel builder's image into both heads (or
+                                       the one on store S); tests do it when they need it
 
 Everything lives under $IMAGEBUILD_BED (default /var/lib/imagebuild-bed):
 
@@ -25,10 +28,18 @@ Everything lives under $IMAGEBUILD_BED (default /var/lib/imagebuild-bed):
                           inventory in cluster-containerd.yaml
     ssh/                  client key, known_hosts (host keys of the workers), ssh_config
     wheels/               the test stack's local fixture wheels (vllm, flashinfer)
+    git/vllm, git/flashinfer
+                          fixture source repositories for the wheel builder to clone (no
+                          network), with the same commit hashes everywhere: vllm has a C
+                          extension (ccache-aware setup.py), two commits and tag v0.22.1rc1
     index/simple/         a PEP 503 index on 127.0.0.1:18080 (torch, transformers, uv, ...)
-    cache/                the debootstrap rootfs tarball and the uv wheel, kept across 'down'
+    cache/                the debootstrap rootfs tarballs and the uv wheel, kept across 'down'
     cluster.yaml          the cluster inventory for the test stack's spec
     env                   shell exports (DOCKER_HOST of the head engine, IMAGEBUILD_BED, ...)
+
+Images, imported from debootstrapped rootfs tarballs: imagebuild-bed/bookworm-python:1 on
+both heads ('up'), and imagebuild-bed/bookworm-builder:1 (python3-dev, gcc, ccache: what the
+wheel builder compiles with) once 'builder' or a test asked for it.
 
 Standard library only: it runs before the project's virtualenv exists.
 """
@@ -36,7 +47,9 @@ Standard library only: it runs before the project's virtualenv exists.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -48,6 +61,7 @@ import zipfile
 from base64 import urlsafe_b64encode
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 BED = Path(os.environ.get("IMAGEBUILD_BED") or "/var/lib/imagebuild-bed").absolute()
@@ -55,6 +69,7 @@ INDEX_HOST = "127.0.0.1"
 INDEX_PORT = 18080
 SSH_PORT = 2222
 BASE_IMAGE = "imagebuild-bed/bookworm-python:1"
+BUILDER_IMAGE = "imagebuild-bed/bookworm-builder:1"  # see ensure_builder_image()
 UV_VERSION = "0.9.7"
 SUITE = "bookworm"
 CTRD = "c1"  # the containerd-store worker
@@ -71,6 +86,7 @@ PACKAGES = {  # binary -> Debian package
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
     "debootstrap": "debootstrap",
+    "git": "git",  # the fixture repos (ensure_fixture_repos)
 }
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -379,21 +395,60 @@ def ctr(node: str, *args: str, **kw: object) -> subprocess.CompletedProcess[str]
                 f"{run_dir(node)}/containerd.sock", "--namespace", "moby", *args], **kw)
 
 
-# -- base image without a registry ---------------------------------------------------------
+# -- base and builder images without a registry --------------------------------------------
+
+
+IMPORT_CHANGES = ("--change", 'CMD ["/bin/bash"]', "--change", "ENV LANG=C.UTF-8",
+                  "--change", "ENV PYTHONDONTWRITEBYTECODE=1")
+# what the wheel builder compiles with: the headers for C extensions, gcc, and ccache (vllm's
+# build uses a compiler cache when one is on PATH, and so does the vllm fixture's setup.py)
+BUILDER_PACKAGES = ("python3,python3-pip,python3-setuptools,python3-wheel,python3-dev,gcc,"
+                    "libc6-dev,ccache,ca-certificates")
+
+
+def has_image(node: str, image: str) -> bool:
+    r = subprocess.run(["docker", "-H", f"unix://{socket_of(node)}", "image", "inspect",
+                        image], capture_output=True, text=True)
+    return r.returncode == 0
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path``: tests in parallel processes may ask for the builder
+    image or the fixture repos at once, and two makers would trip over each other's
+    temporary directories (cached_rootfs() removes a leftover .tmp it finds)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_base_image(node: str) -> None:
-    r = subprocess.run(["docker", "-H", f"unix://{socket_of(node)}", "image", "inspect",
-                        BASE_IMAGE], capture_output=True, text=True)
-    if r.returncode == 0:
+    if has_image(node, BASE_IMAGE):
         return
     tarball = cached_rootfs(SUITE, "python3,python3-pip,python3-venv,ca-certificates", "python",
                             slimmed=True)
     log(f"docker import {tarball.name} as {BASE_IMAGE} on {node}")
-    docker(node, "import", "--change", 'CMD ["/bin/bash"]',
-           "--change", "ENV LANG=C.UTF-8", "--change", "ENV PYTHONDONTWRITEBYTECODE=1",
-           str(tarball), BASE_IMAGE,
+    docker(node, "import", *IMPORT_CHANGES, str(tarball), BASE_IMAGE,
            stdout=subprocess.DEVNULL)
+
+
+def ensure_builder_image(node: str) -> None:
+    """BUILDER_IMAGE on ``node``'s engine, imported from a debootstrapped rootfs like the
+    base image. Not part of 'up' (a second debootstrap, 350 MB per head): the wheel-builder
+    tests call it when they need it, or 'scripts/testbed builder' does."""
+    if has_image(node, BUILDER_IMAGE):
+        return
+    with locked(BED / "cache" / "builder.lock"):
+        if has_image(node, BUILDER_IMAGE):  # another test imported it while we waited
+            return
+        tarball = cached_rootfs(SUITE, BUILDER_PACKAGES, "builder", slimmed=True)
+        log(f"docker import {tarball.name} as {BUILDER_IMAGE} on {node}")
+        docker(node, "import", *IMPORT_CHANGES, str(tarball), BUILDER_IMAGE,
+               stdout=subprocess.DEVNULL)
 
 
 # -- fixture wheels and the index --------------------------------------------------------
@@ -664,6 +719,270 @@ def start_index() -> None:
         f"is the port taken? see {BED / 'index.log'}")
 
 
+# -- fixture git repositories (sources for the wheel builder) ------------------------------
+
+VLLM_SRC_VERSION = "0.22.1rc1.dev124+gace95c9cf"
+FIXTURE_GIT_ID = ("imagebuild test bed", "testbed@imagebuild.invalid")
+FIXTURE_KERNEL_FILES = 6
+FIXTURE_KERNELS_PER_FILE = 100  # 1.4-1.9 s of gcc -O2 per file on one core of a 2-core VM
+
+# The import of the compiled extension that the fixture appends to VLLM_INIT: 'import vllm'
+# succeeds only where the wheel's _C was built for that interpreter and loads.
+VLLM_EXT_INIT = '''
+# the compiled kernels (csrc/)
+from . import _C
+
+KERNELS = _C.kernel_count()
+FIXTURE_REVISION = {revision}
+'''
+
+VLLM_SETUP = '''import os
+import shutil
+
+from setuptools import Extension, setup
+
+# Like vllm's own build, which makes ccache CMake's compiler launcher when it is on PATH:
+# distutils splits CC into words and derives LDSHARED from it.
+if shutil.which("ccache") and "CC" not in os.environ:
+    os.environ["CC"] = "ccache gcc"
+
+setup(
+    name="vllm",
+    version="{version}",
+    packages=["vllm"],
+    python_requires=">=3.9",
+    install_requires=["torch==2.10.0", "transformers<5,>=4.56.0"],
+    ext_modules=[
+        Extension(
+            "vllm._C",
+            sources=["csrc/module.c"] + [f"csrc/kernels_{{i}}.c" for i in range({files})],
+            extra_compile_args=["-O2"],
+        )
+    ],
+)
+'''
+
+SETUPTOOLS_BUILD = '''[build-system]
+requires = ["setuptools", "wheel"]
+build-backend = "setuptools.build_meta"
+'''
+
+# a [project] table: setuptools 61 and later (Debian bookworm has 66.1) read it
+FLASHINFER_PYPROJECT = SETUPTOOLS_BUILD + '''
+[project]
+name = "flashinfer-python"
+version = "0.6.12"
+requires-python = ">=3.9"
+dependencies = ["torch"]
+
+[tool.setuptools]
+packages = ["flashinfer"]
+'''
+
+FIXTURE_GITIGNORE = "build/\n*.egg-info/\n__pycache__/\n*.so\n"
+
+VLLM_MODULE_C = '''/* vllm._C of the imagebuild test bed: the generated kernels, two functions. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+{decls}
+
+static PyObject *kernel_count(PyObject *self, PyObject *unused)
+{{
+    return PyLong_FromLong({count});
+}}
+
+static PyObject *checksum(PyObject *self, PyObject *unused)
+{{
+    uint32_t x[64], s = 0;
+    for (int i = 0; i < 64; i++)
+        x[i] = (uint32_t)i * 2654435761u;
+{calls}
+    return PyLong_FromUnsignedLong(s);
+}}
+
+static PyMethodDef methods[] = {{
+    {{"kernel_count", kernel_count, METH_NOARGS, "How many kernels the extension holds."}},
+    {{"checksum", checksum, METH_NOARGS, "Every kernel run once on fixed input."}},
+    {{NULL, NULL, 0, NULL}},
+}};
+
+static struct PyModuleDef module = {{PyModuleDef_HEAD_INIT, "_C", NULL, -1, methods}};
+
+PyMODINIT_FUNC PyInit__C(void)
+{{
+    return PyModule_Create(&module);
+}}
+'''
+
+KERNEL_C = '''uint32_t k{f}_{i}(const uint32_t *x, int n)
+{{
+    uint32_t acc = {c0}u, aux = {c1}u;
+    for (int j = 0; j < n; j++) {{
+        uint32_t v = x[j] * {c2}u + acc;
+        switch ((v >> {shift}) & 7) {{
+        case 0: acc += v ^ {c3}u; break;
+        case 1: acc = (acc << {rot}) | (acc >> {rrot}); break;
+        case 2: aux ^= acc * {c4}u; acc -= aux; break;
+        case 3: acc ^= (v >> 3) + (aux << 5); break;
+        case 4: for (int k = 0; k < (int)(v & 3); k++) aux += acc ^ x[(j + k) % n]; break;
+        case 5: acc = acc * {c5}u + (v % {mod}u); break;
+        case 6: aux = (aux >> 1) ^ (-(aux & 1) & {c6}u); acc += aux; break;
+        default: acc ^= v * {c1}u;
+        }}
+        if (acc & {bit}u) acc -= aux;
+    }}
+    return acc ^ aux;
+}}
+'''
+
+
+def _det_ints(seed: str) -> Iterator[int]:
+    """Deterministic 32-bit numbers from sha256 (not random: its algorithms may change
+    between Python versions, and the fixture commits must be the same everywhere)."""
+    n = 0
+    while True:
+        digest = hashlib.sha256(f"{seed}:{n}".encode()).digest()
+        n += 1
+        for i in range(0, 32, 4):
+            yield int.from_bytes(digest[i:i + 4], "little")
+
+
+def kernels_c(f: int) -> str:
+    """csrc/kernels_<f>.c: FIXTURE_KERNELS_PER_FILE functions with loops and switches, all
+    external and all called from one checksum function, so gcc optimises each of them (the
+    compile time a compiler cache saves)."""
+    r = _det_ints(f"vllm-kernels-{f}")
+    out = [f"/* generated by the imagebuild test bed: kernels of file {f} */",
+           "#include <stdint.h>", ""]
+    for i in range(FIXTURE_KERNELS_PER_FILE):
+        c = [next(r) | 1 for _ in range(7)]
+        rot = 1 + next(r) % 30
+        out.append(KERNEL_C.format(
+            f=f, i=i, c0=c[0], c1=c[1], c2=c[2], c3=c[3], c4=c[4], c5=c[5], c6=c[6],
+            shift=next(r) % 24, rot=rot, rrot=32 - rot, mod=3 + next(r) % 997,
+            bit=1 << (next(r) % 32)))
+    out.append(f"uint32_t kernels_{f}_checksum(const uint32_t *x, int n)\n{{\n"
+               "    uint32_t s = 0;")
+    out += [f"    s = s * 31u + k{f}_{i}(x, n);" for i in range(FIXTURE_KERNELS_PER_FILE)]
+    out.append("    return s;\n}\n")
+    return "\n".join(out)
+
+
+# A fixture repo: its commits oldest first, as (message, author and committer date, the
+# files the commit writes), and its annotated tags as name -> index of the commit.
+FixtureCommit = tuple[str, str, dict[str, str]]
+
+
+def vllm_init(revision: int) -> str:
+    return (VLLM_INIT.format(version=VLLM_SRC_VERSION)
+            + VLLM_EXT_INIT.format(revision=revision))
+
+
+def fixture_specs() -> dict[str, tuple[list[FixtureCommit], dict[str, int]]]:
+    files = range(FIXTURE_KERNEL_FILES)
+    module_c = VLLM_MODULE_C.format(
+        decls="\n".join(f"uint32_t kernels_{f}_checksum(const uint32_t *x, int n);"
+                        for f in files),
+        count=FIXTURE_KERNEL_FILES * FIXTURE_KERNELS_PER_FILE,
+        calls="\n".join(f"    s ^= kernels_{f}_checksum(x, 64);" for f in files))
+    vllm_tree = {
+        ".gitignore": FIXTURE_GITIGNORE,
+        "pyproject.toml": SETUPTOOLS_BUILD,
+        "setup.py": VLLM_SETUP.format(version=VLLM_SRC_VERSION, files=FIXTURE_KERNEL_FILES),
+        "vllm/__init__.py": vllm_init(1),
+        "csrc/module.c": module_c,
+        **{f"csrc/kernels_{f}.c": kernels_c(f) for f in files},
+    }
+    flashinfer_tree = {
+        ".gitignore": FIXTURE_GITIGNORE,
+        "pyproject.toml": FLASHINFER_PYPROJECT,
+        "flashinfer/__init__.py": '__version__ = "0.6.12"\n',
+    }
+    return {
+        # the second commit changes one line of Python: a rebuild compiles the same C
+        "vllm": ([("vllm fixture", "2026-06-03T12:00:00+00:00", vllm_tree),
+                  ("vllm fixture: revision 2", "2026-06-04T12:00:00+00:00",
+                   {"vllm/__init__.py": vllm_init(2)})],
+                 {"v0.22.1rc1": 0}),
+        "flashinfer": ([("flashinfer fixture", "2026-06-03T12:00:00+00:00", flashinfer_tree)],
+                       {}),
+    }
+
+
+def fixture_git(repo: Path, *args: str, date: str = "2026-06-03T12:00:00+00:00",
+                **kw: object) -> subprocess.CompletedProcess[str]:
+    """git in ``repo`` with nothing from the host that could change a commit hash: no GIT_*
+    variables, no system or global config (HOME), a fixed identity, dates and branch."""
+    name, email = FIXTURE_GIT_ID
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, LC_ALL="C", TZ="UTC",
+               GIT_AUTHOR_NAME=name, GIT_AUTHOR_EMAIL=email, GIT_AUTHOR_DATE=date,
+               GIT_COMMITTER_NAME=name, GIT_COMMITTER_EMAIL=email, GIT_COMMITTER_DATE=date)
+    return run(["git", "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false",
+                "-c", "tag.gpgsign=false", "-c", f"user.name={name}", "-c", f"user.email={email}",
+                "-c", "core.autocrlf=false", "-c", "core.fileMode=true",
+                "-C", str(repo), *args], env=env, **kw)
+
+
+def _fixture_digest(spec: tuple[list[FixtureCommit], dict[str, int]]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _fixture_marker(repo: Path) -> Path:
+    return repo / ".git" / "imagebuild-fixture"
+
+
+def _make_fixture_repo(repo: Path, spec: tuple[list[FixtureCommit], dict[str, int]]) -> None:
+    commits, tags = spec
+    repo.mkdir(parents=True)
+    fixture_git(repo, "init", "-q")
+    for n, (message, date, files) in enumerate(commits):
+        for rel, text in sorted(files.items()):
+            path = repo / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(text.encode())
+            path.chmod(0o644)  # the tree records the mode: no executable bit, whatever umask
+        fixture_git(repo, "add", "-A", date=date)
+        fixture_git(repo, "commit", "-q", "-m", message, date=date)
+        for tag in sorted(t for t, i in tags.items() if i == n):
+            fixture_git(repo, "tag", "-a", tag, "-m", tag, date=date)
+    _fixture_marker(repo).write_text(_fixture_digest(spec) + "\n")  # last: the repo is whole
+
+
+def ensure_fixture_repos() -> dict[str, Path]:
+    """Plain git repositories under git/ for the wheel builder to clone (no network), with
+    the same commit hashes on every machine; made again when missing or when their content
+    here changed (the marker holds a digest of it)."""
+    paths: dict[str, Path] = {}
+    with locked(BED / "git" / "fixtures.lock"):
+        for name, spec in fixture_specs().items():
+            repo = BED / "git" / name
+            paths[name] = repo
+            marker = _fixture_marker(repo)
+            if marker.is_file() and marker.read_text().strip() == _fixture_digest(spec):
+                continue
+            tmp = BED / "git" / f".{name}.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            _make_fixture_repo(tmp, spec)
+            if repo.exists():
+                shutil.rmtree(repo)
+            os.replace(tmp, repo)
+            log(f"fixture repo {repo} at {fixture_commits(name)[-1][:12]}")
+    return paths
+
+
+def fixture_commits(name: str) -> list[str]:
+    """The full commit hashes of fixture repo ``name`` (vllm, flashinfer), oldest first."""
+    repo = BED / "git" / name
+    if not _fixture_marker(repo).is_file():
+        die(f"no fixture repo {repo}", "scripts/testbed up makes it (ensure_fixture_repos())")
+    out = fixture_git(repo, "rev-list", "--reverse", "HEAD", capture_output=True).stdout
+    return out.split()
+
+
 # -- ssh workers ---------------------------------------------------------------------------
 
 
@@ -798,6 +1117,7 @@ def cmd_up(n: int, fresh: bool = False, store: str = "classic") -> None:
         wipe_engines()
     BED.mkdir(parents=True, exist_ok=True)
     ensure_packages()
+    ensure_fixture_repos()
     workers = workers_list(n)
     shutil.rmtree(BED / "index-extra", ignore_errors=True)  # 'up' serves the fixtures only
     build_index(index_files())
@@ -904,6 +1224,14 @@ def cmd_status() -> int:
     return 1 if bad or not iok else 0
 
 
+def cmd_builder(nodes: list[str]) -> None:
+    for node in nodes:
+        if not engine_answers(node):
+            die(f"the {node} engine does not answer", "start the bed first: scripts/testbed up")
+        ensure_builder_image(node)
+    log(f"{BUILDER_IMAGE} is on {', '.join(nodes)}")
+
+
 def cmd_reset_workers() -> None:
     """Empty the bed's worker engines (only ours: reached through the bed's own sockets),
     all at once: the engines are independent, and tests call this before each scenario."""
@@ -936,6 +1264,9 @@ def main() -> int:
     sub.add_parser("down")
     sub.add_parser("status")
     sub.add_parser("reset-workers")
+    builder = sub.add_parser("builder", help=f"import {BUILDER_IMAGE} into the heads")
+    builder.add_argument("--head-store", choices=sorted(HEADS), default=None,
+                         help="only into the head on this image store (default: both)")
     args = p.parse_args()
     if args.cmd == "up":
         cmd_up(args.workers, fresh=args.fresh, store=args.head_store)
@@ -947,6 +1278,8 @@ def main() -> int:
         return cmd_status()
     elif args.cmd == "reset-workers":
         cmd_reset_workers()
+    elif args.cmd == "builder":
+        cmd_builder([head_node(args.head_store)] if args.head_store else list(HEADS.values()))
     return 0
 
 
