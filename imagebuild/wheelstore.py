@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import LockError
 from .fsutil import atomic_write_text, fsync_dir
 from .lock import SHA256, WHEEL_FILE, LockedWheel, parse_wheel
 from .spec import Spec
@@ -134,20 +135,30 @@ def wheel_path(spec: Spec, wheel: LockedWheel) -> Path:
 def wheel_view(spec: Spec, wheels: Iterable[LockedWheel]) -> Iterator[Path]:
     """One directory that holds the wheels directory's files and the built wheels among
     ``wheels`` (as symbolic links, nothing copied): what the resolver's ``--find-links``
-    and the metadata reads see. With no built wheels, the wheels directory itself."""
+    and the metadata reads see. A file in the wheels directory of a project that is
+    built from source is left out (an older download of it must not compete with the
+    build: ``vllm==0.22.1rc1`` also matches ``0.22.1rc1+cu132``). With no built wheels,
+    the wheels directory itself."""
     built = [w for w in wheels if w.is_built]
     if not built:
         yield spec.wheels_dir
         return
+    names = {w.name for w in built}
     with tempfile.TemporaryDirectory(prefix="imagebuild-wheels-") as tmp:
         view = Path(tmp)
         if spec.wheels_dir.is_dir():
             for f in sorted(spec.wheels_dir.iterdir()):
-                if f.name.endswith(".whl") and f.is_file():
+                if WHEEL_FILE.match(f.name) and f.is_file() and _project(f.name) not in names:
                     (view / f.name).symlink_to(f.absolute())
         for w in built:
             target = wheel_path(spec, w)
             if target.is_file():
-                (view / w.filename).unlink(missing_ok=True)
                 (view / w.filename).symlink_to(target.absolute())
         yield view
+
+
+def _project(filename: str) -> str | None:
+    try:
+        return parse_wheel(filename).name
+    except LockError:
+        return None
