@@ -682,7 +682,9 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
 
 _BUILD_KEYS = {"name", "git", "commit", "patches", "builder", "builder_digest", "env",
                "command"}
-_GIT_URL = re.compile(r"^(?:(?:https?|ssh|git|file)://[A-Za-z0-9._~:/@%+=-]+|/[A-Za-z0-9._/+@-]+)$")
+# no host or path that starts with "-" (git would read it as an option of ssh)
+_GIT_URL = re.compile(r"^(?:(?:https?|ssh|git|file)://(?![^/]*@-)(?!-)[A-Za-z0-9._~:/@%+=-]+"
+                      r"|/[A-Za-z0-9._/+@-]+)$")
 _COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 _BUILD_ENV_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*$")
 

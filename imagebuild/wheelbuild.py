@@ -216,7 +216,7 @@ def write_source_tar(tree: Path, dest: Path, epoch: int) -> int:
 
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tf:
         parts = Path(src).parts
-        for i in range(1, len(parts)):
+        for i in range(1, len(parts) + 1):
             tf.addfile(info("/".join(parts[:i]), tarfile.DIRTYPE, 0o755))
         tf.addfile(info(out, tarfile.DIRTYPE, 0o777))  # any builder user may write here
         for root, dirs, files in os.walk(tree):

@@ -75,23 +75,32 @@ def needed_by(spec: Spec, images: list[str]) -> list[str]:
 # -- what a built wheel must be --------------------------------------------------------------
 
 
+_GLIBC_OF = {  # uv's other spellings of a Linux target, as the glibc they mean
+    "manylinux2014": (2, 17), "manylinux2010": (2, 12), "manylinux1": (2, 5),
+    "unknown-linux-gnu": (2, 28), "linux": (2, 28),  # uv: x86_64-unknown-linux-gnu = 2_28
+}
+
+
 def target_tags(python: str, platform: str) -> set[Tag]:
     """The wheel tags an interpreter of ``python`` on ``platform`` (uv's spelling, e.g.
-    ``aarch64-manylinux_2_28``) installs: CPython and pure-Python tags for every
+    ``aarch64-manylinux_2_28``, ``aarch64-manylinux2014`` or
+    ``aarch64-unknown-linux-gnu``) installs: CPython and pure-Python tags for every
     manylinux level up to the target's, and the plain ``linux_<arch>`` a wheel built on
-    the target itself carries."""
+    the target itself carries. A platform that is not Linux gets the pure-Python tags."""
     major, minor = (int(x) for x in python.split("."))
     arch, _, system = platform.partition("-")
+    glibc = _GLIBC_OF.get(system)
+    level = system[len("manylinux_"):].split("_") if system.startswith("manylinux_") else []
+    if glibc is None and len(level) == 2 and all(x.isdigit() for x in level):
+        glibc = (int(level[0]), int(level[1]))
     platforms = ["any"]
-    if system.startswith("manylinux_"):
-        glibc_major, glibc_minor = (int(x) for x in system[len("manylinux_"):].split("_"))
+    if glibc is not None:
+        glibc_major, glibc_minor = glibc
         platforms = [f"manylinux_{glibc_major}_{m}_{arch}" for m in range(glibc_minor, 4, -1)]
         legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
         platforms += [f"{tag}_{arch}" for m, tag in legacy.items()
                       if glibc_major == 2 and glibc_minor >= m]
         platforms.append(f"linux_{arch}")
-    elif system == "linux":
-        platforms = [f"linux_{arch}"]
     tags = set(cpython_tags((major, minor), platforms=platforms))
     tags |= set(compatible_tags((major, minor), platforms=platforms))
     return tags
