@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import __version__
 from .engine import Engine, Job
-from .errors import ImagebuildError, Interrupted, LockError, WheelBuildFailed
+from .errors import ImagebuildError, ImageNotFound, Interrupted, LockError, WheelBuildFailed
 from .lock import WHEEL_FILE, parse_wheel
 from .progress import Progress
 from .remote import (
@@ -76,11 +76,27 @@ def realize_wheels(spec: Spec, engine: Engine, derivations: list[WheelDerivation
         record = store.lookup(d.input_hash)
         if record is not None:
             progress.say(f"{prefix} {d.hash12} reused: {record.filename}")
+            _builder_moved(engine, d, record, progress, prefix)
             out.append(WheelOutcome(d, record, built=False))
             continue
         record = build_wheel(spec, engine, store, d, progress, prefix)
         out.append(WheelOutcome(d, record, built=True))
     return out
+
+
+def _builder_moved(engine: Engine, d: WheelDerivation, record: WheelRecord,
+                   progress: Progress, prefix: str) -> None:
+    """Say so when a builder named by tag alone now names another image than the one
+    that built the stored wheel (the tag is its identity in the hash, not its content)."""
+    b = d.build
+    if b.builder_digest is not None:
+        return
+    now = engine.inspect(b.builder)
+    if now is not None and now.id != record.builder_id:
+        progress.say(f"{prefix} warning: {b.builder} is now image {now.id[7:19]}, the wheel "
+                     f"was built by {record.builder_id[7:19]}; it is reused because the "
+                     f"builder's tag is its identity. Pin builder_digest, or change the tag "
+                     f"when the builder changes")
 
 
 class _Log:
@@ -262,6 +278,14 @@ def _run(spec: Spec, engine: Engine, store: WheelStore, d: WheelDerivation, sour
     job = Job(image=b.builder_reference, command=b.command, env=tuple(sorted(env)),
               workdir=BUILD_SRC, output=BUILD_OUT, labels=((JOB_LABEL, d.name),),
               volumes=((CCACHE_VOLUME, BUILD_CCACHE),))
+    builder = engine.inspect(b.builder_reference)
+    if builder is None:
+        raise ImageNotFound(
+            f"{d.name}: the builder image {b.builder_reference} is not present in the engine "
+            f"at {engine.where}",
+            hint=f"docker pull {b.builder_reference} (or build it), then run again: builds "
+                 "never pull implicitly; nothing was recorded")
+    log.line(f"# builder {b.builder_reference} is image {builder.id}")
     last = [time.monotonic()]
 
     def on_line(line: str) -> None:
@@ -301,7 +325,7 @@ def _run(spec: Spec, engine: Engine, store: WheelStore, d: WheelDerivation, sour
                              filename=wheel.name, sha256=sha, input_hash=d.input_hash,
                              built=datetime.now(UTC).isoformat(timespec="seconds"),
                              seconds=round(time.monotonic() - started, 1),
-                             log=str(log.path))
+                             log=str(log.path), builder_id=builder.id)
         log.line(f"# wheel {wheel.name} sha256 {sha}")
         return store.put(wheel, record)
 

@@ -31,6 +31,7 @@ from .spec import Spec
 
 RECORD_SCHEMA = 1
 _HASH = re.compile(r"^[0-9a-f]{64}$")
+_IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class WheelRecord:
     built: str  # UTC, ISO 8601
     seconds: float  # how long the build took
     log: str  # the build's log file
+    builder_id: str  # the image ID of the builder that made it
 
 
 class WheelStore:
@@ -107,12 +109,13 @@ def _parse(raw: str, input_hash: str) -> WheelRecord | None:
     except (KeyError, TypeError):
         return None
     strings = (record.name, record.version, record.filename, record.sha256,
-               record.input_hash, record.built, record.log)
+               record.input_hash, record.built, record.log, record.builder_id)
     if not all(isinstance(x, str) for x in strings) or not isinstance(record.seconds,
                                                                        int | float):
         return None
     if (record.input_hash != input_hash or not SHA256.match(record.sha256)
-            or not _HASH.match(record.input_hash) or not WHEEL_FILE.match(record.filename)):
+            or not _HASH.match(record.input_hash) or not WHEEL_FILE.match(record.filename)
+            or not _IMAGE_ID.match(record.builder_id)):
         return None
     try:
         parsed = parse_wheel(record.filename)
