@@ -16,8 +16,10 @@ import hashlib
 import io
 import json
 import tarfile
+import tempfile
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from imagebuild.engine import (
     BuildEvent,
@@ -25,6 +27,9 @@ from imagebuild.engine import (
     Engine,
     EngineInfo,
     ImageInfo,
+    Job,
+    OnLine,
+    Receive,
     RunResult,
     Snapshot,
     StoreKind,
@@ -35,6 +40,9 @@ from imagebuild.naming import split_ref
 from imagebuild.verify import _LIST_INSTALLED as LIST_INSTALLED
 
 Responder = Callable[[ImageInfo, list[str]], RunResult]
+# a build job: given the job, the root the upload was extracted into, and a line sink,
+# writes what it makes under root + job.output and returns the exit code
+JobRunner = Callable[[Job, Path, Callable[[str], None]], int]
 
 
 def _sha(data: bytes) -> str:
@@ -104,6 +112,8 @@ class FakeEngine(Engine):
     broken: str | None = None  # when set, every call fails with this message
     containers: dict[str, ContainerInfo] = field(default_factory=dict)  # by name
     clock: int = 0  # creation times of containers, in order
+    job_runner: JobRunner | None = None  # what a build job does (None: jobs are refused)
+    jobs: list[Job] = field(default_factory=list)
 
     # -- the interface -----------------------------------------------------------------------
 
@@ -295,6 +305,29 @@ class FakeEngine(Engine):
         if command[-1] == LIST_INSTALLED:  # the closure check: what the layers installed
             return ok(" ".join(f"{n}=={v}" for n, v in sorted(self.installed(info).items())))
         return self.responder(info, command)
+
+    def run_job(self, job: Job, upload: Iterable[bytes], on_line: OnLine,
+                receive: Receive) -> int:
+        """The upload extracted into a scratch root, ``job_runner`` run on it, and the
+        output directory handed back as a tar named like docker's (``out/...``)."""
+        self._check()
+        if self.inspect(job.image) is None:
+            raise ImageNotFound(f"image {job.image} is not present")
+        if self.job_runner is None:
+            raise EngineError(f"{self.name}: this fake engine runs no jobs")
+        self.jobs.append(job)
+        with tempfile.TemporaryDirectory(prefix="fake-job-") as tmp:
+            root = Path(tmp)
+            with tarfile.open(fileobj=io.BytesIO(b"".join(upload)), mode="r:") as tf:
+                tf.extractall(root, filter="tar")
+            code = self.job_runner(job, root, on_line)
+            if code == 0:
+                out = root / job.output.lstrip("/")
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as tf:
+                    tf.add(out, arcname=out.name)
+                receive(iter([buf.getvalue()]))
+            return code
 
     def installed(self, info: ImageInfo) -> dict[str, str]:
         """The distributions the image's layers installed (a simulated build records the

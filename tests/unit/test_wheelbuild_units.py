@@ -435,7 +435,8 @@ FILENAME = "vllm-0.1-cp311-cp311-linux_x86_64.whl"
 def _record(wheel_bytes: bytes = b"wheel bytes", input_hash: str = H1) -> WheelRecord:
     return WheelRecord(name="vllm", version="0.1", filename=FILENAME,
                        sha256=hashlib.sha256(wheel_bytes).hexdigest(), input_hash=input_hash,
-                       built="2026-01-01T00:00:00+00:00", seconds=1.5, log="/tmp/x.log")
+                       built="2026-01-01T00:00:00+00:00", seconds=1.5, log="/tmp/x.log",
+                       builder_id="sha256:" + "b" * 64)
 
 
 def _put(store: WheelStore, data: bytes = b"wheel bytes", input_hash: str = H1) -> WheelRecord:
@@ -531,10 +532,13 @@ _DROP = object()
     _bad(name="other"),
     _bad(seconds="1.5"),
     _bad(log=None),
+    _bad(builder_id="b" * 64),  # not an image ID
+    _bad(builder_id=None),
     _bad(built=_DROP),
 ], ids=["not-json", "not-object", "schema-2", "no-schema", "other-input-hash",
         "short-input-hash", "bad-sha", "upper-sha", "other-name-file", "other-version-file",
-        "unparsable-file", "other-name", "seconds-text", "log-null", "no-built"])
+        "unparsable-file", "other-name", "seconds-text", "log-null", "builder-not-an-id",
+        "builder-null", "no-built"])
 def test_store_lookup_refuses_bad_records(tmp_path: Path, data: dict[str, Any] | str) -> None:
     store = WheelStore(tmp_path / "store")
     _write_record(store, copy.deepcopy(data))

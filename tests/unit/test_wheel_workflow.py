@@ -1,0 +1,262 @@
+"""The wheel-build workflow against the in-memory engine: a real git repository in
+tmp (git is a local tool, no network), a fake builder that makes a wheel from the tree
+it is given. Reuse without a job, what the job receives, failures that record nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imagebuild import ops
+from imagebuild.engine import Job
+from imagebuild.errors import ImageNotFound, WheelBuildFailed
+from imagebuild.progress import Quiet
+from imagebuild.spec import BUILD_CCACHE, BUILD_OUT, BUILD_SRC, Spec, load_spec
+from imagebuild.wheelbuild import CCACHE_VOLUME, mirror_path
+from imagebuild.wheelplan import wheel_plan
+from imagebuild.wheelstore import WheelStore
+
+from ..fake_engine import FakeEngine
+
+BUILDER = "example/builder:1"
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+           "GIT_AUTHOR_DATE": "2026-06-03T12:00:00Z",
+           "GIT_COMMITTER_DATE": "2026-06-03T12:00:00Z", "PATH": "/usr/bin:/bin"}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True, env=env).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, str]:
+    """A source repository with one commit: its version in a file."""
+    r = tmp_path / "src-repo"
+    r.mkdir()
+    git(r, "init", "-q", "-b", "main")
+    (r / "VERSION").write_text("0.1\n")
+    (r / "pkg.py").write_text("REVISION = 1\n")
+    git(r, "add", ".")
+    git(r, "commit", "-q", "-m", "one")
+    return r, git(r, "rev-parse", "HEAD")
+
+
+def make_spec(root: Path, repo: Path, commit: str, patches: list[str] | None = None,
+              command: list[str] | None = None) -> Spec:
+    entry: dict[str, object] = {"name": "vllm", "git": str(repo), "commit": commit,
+                                "builder": BUILDER, "env": {"MAX_JOBS": "2"}}
+    if patches:
+        entry["patches"] = patches
+    if command:
+        entry["command"] = command
+    doc = {"schema": 2, "state": "state",
+           "target": {"python": "3.11", "platform": "x86_64-manylinux_2_28"},
+           "wheels": {"build": [entry]},
+           "images": {"node": {"template": "node.Dockerfile.j2", "base": "example/base:1",
+                               "wheels": ["vllm"]}}}
+    (root / "imagebuild.yaml").write_text(yaml.safe_dump(doc))
+    return load_spec(root / "imagebuild.yaml")
+
+
+def wheel_maker(name: str = "vllm", tag: str = "py3-none-any", copies: int = 1
+                ) -> Callable[[Job, Path, Callable[[str], None]], int]:
+    """A builder that writes ``copies`` wheels of ``name`` whose version and content
+    come from the source tree it was given."""
+
+    def run(job: Job, root: Path, on_line: Callable[[str], None]) -> int:
+        src = root / BUILD_SRC.lstrip("/")
+        version = (src / "VERSION").read_text().strip()
+        on_line(f"building {name} {version}")
+        for i in range(copies):
+            out = root / BUILD_OUT.lstrip("/") / f"{name}-{version}{'.' + str(i) if i else ''}" \
+                f"-{tag}.whl"
+            with zipfile.ZipFile(out, "w") as zf:
+                zf.writestr(f"{name}-{version}.dist-info/METADATA",
+                            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+                zf.writestr(f"{name}/pkg.py", (src / "pkg.py").read_text())
+        return 0
+
+    return run
+
+
+def engine_with(runner: Callable[[Job, Path, Callable[[str], None]], int] | None
+                ) -> FakeEngine:
+    engine = FakeEngine(job_runner=runner)
+    engine.add_base(BUILDER, [b"builder layer"])
+    return engine
+
+
+def test_built_once_then_reused_with_no_fetch_and_no_job(tmp_path: Path,
+                                                         repo: tuple[Path, str]) -> None:
+    path, commit = repo
+    spec = make_spec(tmp_path, path, commit)
+    engine = engine_with(wheel_maker())
+    first = ops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
+    assert [o.built for o in first.wheels] == [True]
+    record = first.wheels[0].record
+    assert record.filename == "vllm-0.1-py3-none-any.whl"
+    assert record.builder_id == engine.require(BUILDER).id
+    assert (WheelStore(spec.wheel_store).blob(record.sha256, record.filename)).is_file()
+    job = engine.jobs[0]
+    env = dict(job.env)
+    assert env["SOURCE_DATE_EPOCH"] == git(path, "show", "-s", "--format=%ct", commit)
+    assert env["CCACHE_DIR"] == BUILD_CCACHE and env["MAX_JOBS"] == "2"
+    assert "CCACHE_DISABLE" not in env
+    assert job.volumes == ((CCACHE_VOLUME, BUILD_CCACHE),)
+    assert job.workdir == BUILD_SRC and job.image == BUILDER
+    # again: the store answers; no job, no fetch
+    progress = Quiet()
+    mirror = mirror_path(spec, str(path))
+    before = sorted(p.name for p in (mirror / "refs").rglob("*"))
+    again = ops.build_wheels(spec, engine, ["vllm"], progress=progress)
+    assert [o.built for o in again.wheels] == [False]
+    assert again.wheels[0].record == record
+    assert len(engine.jobs) == 1
+    assert not any("fetching" in line for line in progress.lines)
+    assert sorted(p.name for p in (mirror / "refs").rglob("*")) == before
+
+
+def test_patches_are_applied_in_order_and_change_the_wheel(tmp_path: Path,
+                                                           repo: tuple[Path, str]) -> None:
+    path, commit = repo
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "1.patch").write_text(
+        "--- a/pkg.py\n+++ b/pkg.py\n@@ -1 +1 @@\n-REVISION = 1\n+REVISION = 2\n")
+    (tmp_path / "p" / "2.patch").write_text(
+        "--- a/pkg.py\n+++ b/pkg.py\n@@ -1 +1 @@\n-REVISION = 2\n+REVISION = 3\n")
+    plain = make_spec(tmp_path, path, commit)
+    engine = engine_with(wheel_maker())
+    unpatched = ops.build_wheels(plain, engine, ["vllm"], progress=Quiet()).wheels[0].record
+    spec = make_spec(tmp_path, path, commit, patches=["p/1.patch", "p/2.patch"])
+    assert wheel_plan(spec)[0].input_hash != wheel_plan(plain)[0].input_hash
+    patched = ops.build_wheels(spec, engine, ["vllm"], progress=Quiet()).wheels[0].record
+    assert patched.sha256 != unpatched.sha256
+    blob = WheelStore(spec.wheel_store).blob(patched.sha256, patched.filename)
+    with zipfile.ZipFile(blob) as zf:
+        assert zf.read("vllm/pkg.py") == b"REVISION = 3\n"
+    # the mirror was fetched once: the second derivation found the commit in it
+    assert len(engine.jobs) == 2
+
+
+def _nothing_recorded(spec: Spec) -> None:
+    store = spec.wheel_store
+    assert not list(store.glob("derivations/*.json"))
+    assert not list(store.glob("sha256/*/*"))
+    assert not list(store.glob("incoming/*"))
+    assert ops.wheel_steps(spec, ["vllm"])[0].record is None
+
+
+def test_a_failing_build_command_records_nothing(tmp_path: Path,
+                                                 repo: tuple[Path, str]) -> None:
+    path, commit = repo
+    spec = make_spec(tmp_path, path, commit)
+
+    def fails(job: Job, root: Path, on_line: Callable[[str], None]) -> int:
+        for i in range(40):
+            on_line(f"compiling unit {i}")
+        on_line("kernels_0.c:3:9: error: unknown type name 'not'")
+        return 1
+
+    with pytest.raises(WheelBuildFailed) as info:
+        ops.build_wheels(spec, engine_with(fails), ["vllm"], progress=Quiet())
+    err = info.value
+    assert err.exit_code == 5
+    assert "the build command exited with 1" in err.message
+    assert "kernels_0.c:3:9: error" in err.message
+    assert "compiling unit 5\n" not in err.message  # only the last lines
+    log = Path(err.message.split("full log: ")[1].split()[0])
+    assert "compiling unit 0" in log.read_text() and "FAILED" in log.read_text()
+    _nothing_recorded(spec)
+
+
+@pytest.mark.parametrize("runner,says", [
+    (wheel_maker(copies=2), "not exactly one wheel"),
+    (wheel_maker(copies=0), "the build left no .whl file"),
+    (wheel_maker(name="other"), "a wheel of other, not of vllm"),
+    (wheel_maker(tag="cp311-cp311-linux_aarch64"), "none of them installs on CPython 3.11"),
+])
+def test_a_build_that_makes_the_wrong_output_records_nothing(
+        tmp_path: Path, repo: tuple[Path, str],
+        runner: Callable[[Job, Path, Callable[[str], None]], int], says: str) -> None:
+    path, commit = repo
+    spec = make_spec(tmp_path, path, commit)
+    with pytest.raises(WheelBuildFailed) as info:
+        ops.build_wheels(spec, engine_with(runner), ["vllm"], progress=Quiet())
+    assert says in info.value.message
+    _nothing_recorded(spec)
+
+
+def test_an_unknown_commit_and_a_bad_patch_fail_before_any_job(
+        tmp_path: Path, repo: tuple[Path, str]) -> None:
+    path, commit = repo
+    engine = engine_with(wheel_maker())
+    spec = make_spec(tmp_path, path, "0" * 40)
+    with pytest.raises(WheelBuildFailed) as info:
+        ops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
+    assert f"commit {'0' * 40} is not in {path}" in info.value.message
+    (tmp_path / "bad.patch").write_text(
+        "--- a/pkg.py\n+++ b/pkg.py\n@@ -1 +1 @@\n-REVISION = 9\n+REVISION = 2\n")
+    spec = make_spec(tmp_path, path, commit, patches=["bad.patch"])
+    with pytest.raises(WheelBuildFailed) as info:
+        ops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
+    assert f"patch {tmp_path / 'bad.patch'} does not apply to {commit[:12]}" in \
+        info.value.message
+    assert engine.jobs == []
+    _nothing_recorded(spec)
+
+
+def test_a_missing_builder_is_exit_6_and_records_nothing(tmp_path: Path,
+                                                         repo: tuple[Path, str]) -> None:
+    path, commit = repo
+    spec = make_spec(tmp_path, path, commit)
+    with pytest.raises(ImageNotFound) as info:
+        ops.build_wheels(spec, FakeEngine(job_runner=wheel_maker()), ["vllm"], progress=Quiet())
+    assert info.value.exit_code == 6
+    assert f"the builder image {BUILDER} is not present" in info.value.message
+    _nothing_recorded(spec)
+
+
+def test_a_retagged_builder_is_reported_when_the_wheel_is_reused(
+        tmp_path: Path, repo: tuple[Path, str]) -> None:
+    path, commit = repo
+    spec = make_spec(tmp_path, path, commit)
+    engine = engine_with(wheel_maker())
+    ops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
+    engine.add_base(BUILDER, [b"another builder layer"])  # the tag now names another image
+    progress = Quiet()
+    again = ops.build_wheels(spec, engine, ["vllm"], progress=progress)
+    assert [o.built for o in again.wheels] == [False]
+    assert any("warning: example/builder:1 is now image" in line for line in progress.lines)
+
+
+def test_check_rebuilds_without_the_cache_and_keeps_the_store(
+        tmp_path: Path, repo: tuple[Path, str]) -> None:
+    path, commit = repo
+    spec = make_spec(tmp_path, path, commit)
+    engine = engine_with(wheel_maker())
+    stored = ops.build_wheels(spec, engine, ["vllm"], progress=Quiet()).wheels[0].record
+    checked = ops.check_wheels(spec, engine, ["vllm"], progress=Quiet())
+    assert checked.error() is None
+    assert checked.pairs[0][0] == stored and checked.pairs[0][1].sha256 == stored.sha256
+    assert dict(engine.jobs[-1].env)["CCACHE_DISABLE"] == "1"
+    assert len(list(spec.wheel_store.glob("derivations/*.json"))) == 1
+    # a builder that stamps the time: the check says so, exit 10, the store is kept
+    stamps = iter(range(100))
+
+    def stamped(job: Job, root: Path, on_line: Callable[[str], None]) -> int:
+        src = root / BUILD_SRC.lstrip("/")
+        (src / "pkg.py").write_text(f"STAMP = {next(stamps)}\n")
+        return wheel_maker()(job, root, on_line)
+
+    engine.job_runner = stamped
+    checked = ops.check_wheels(spec, engine, ["vllm"], progress=Quiet())
+    err = checked.error()
+    assert err is not None and err.exit_code == 10 and checked.differ == ["vllm"]
+    assert WheelStore(spec.wheel_store).lookup(stored.input_hash) == stored
