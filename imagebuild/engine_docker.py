@@ -36,6 +36,7 @@ from .errors import EngineError, ImageNotFound
 from .naming import CHECK_LABEL, ROOT_LABEL
 
 API_TIMEOUT = 120  # seconds, for short calls; streaming calls use no timeout
+LINE_MAX = 1 << 16  # a job's output line longer than this is passed on in pieces
 _FAILURES = (docker.errors.APIError, requests.exceptions.RequestException, BadReply)
 
 
@@ -209,10 +210,7 @@ class DockerEngine(Engine):
         except _FAILURES as exc:
             raise self._error(f"run a check in {image}", exc) from None
         finally:
-            try:
-                self.api.remove_container(cid, force=True)
-            except (docker.errors.APIError, requests.exceptions.RequestException):
-                pass
+            self._discard(cid)
 
     def run_job(self, job: Job, upload: Iterable[bytes], on_line: OnLine,
                 receive: Receive) -> int:
@@ -241,6 +239,9 @@ class DockerEngine(Engine):
             for chunk in api.logs(cid, stream=True, follow=True, stdout=True, stderr=True):
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
+                if len(pending) > LINE_MAX:  # progress bars without newlines: flush
+                    lines.append(pending)
+                    pending = b""
                 for line in lines:
                     on_line(line.decode(errors="replace"))
             if pending:
@@ -253,10 +254,15 @@ class DockerEngine(Engine):
         except _FAILURES as exc:
             raise self._error(f"run a job in {job.image}", exc) from None
         finally:
-            try:
-                self.api.remove_container(cid, force=True)
-            except (docker.errors.APIError, requests.exceptions.RequestException):
-                pass
+            self._discard(cid)
+
+    def _discard(self, cid: str) -> None:
+        """Remove a throwaway container, whatever state it is in (best effort: the
+        failure that brought us here is the one to report)."""
+        try:
+            self.api.remove_container(cid, force=True)
+        except (docker.errors.APIError, requests.exceptions.RequestException):
+            pass
 
     # -- root holders ------------------------------------------------------------------------
 
