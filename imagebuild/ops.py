@@ -179,8 +179,8 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
         except LockError as exc:
             warnings.append(f"ignoring the existing lock: {exc.message}")
     decls = [(d.filename, d.index) for d in spec.wheels]
-    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade,
-                          built=built_wheels(spec, previous))
+    built, built_notes = built_wheels(spec, previous)
+    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade, built=built)
     try:
         spec_name = str(spec.path.relative_to(spec.lock_path.parent))
     except ValueError:
@@ -220,7 +220,7 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
     def outcome() -> LockOutcome:
         return LockOutcome(
             spec.lock_path, len(result.wheels), unresolved, state_of(spec.lock_path, text),
-            result.notes, tuple(warnings),
+            (*built_notes, *result.notes), tuple(warnings),
             tuple(ClosureOutcome(c.image, c.path, len(c.packages), c.unresolved,
                                  state_of(c.path, t), _moved(prev, c))
                   for c, prev, t in closures))
@@ -250,13 +250,16 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
     return result_outcome
 
 
-def built_wheels(spec: Spec, previous: Lock | None) -> list[LockedWheel]:
+def built_wheels(spec: Spec, previous: Lock | None
+                 ) -> tuple[list[LockedWheel], list[str]]:
     """The lock entries of the wheels built from source: each from the wheel store, by
     its derivation's input hash (or kept from the previous lock when it already records
-    that derivation). A wheel that is not built yet is refused, by name."""
+    that derivation), and notes on what changed. A wheel that is not built yet is
+    refused, by name."""
     store = WheelStore(spec.wheel_store)
     old = {w.name: w for w in previous.wheels} if previous is not None else {}
     out: list[LockedWheel] = []
+    notes: list[str] = []
     missing: list[WheelDerivation] = []
     for d in wheel_plan(spec):
         record = store.lookup(d.input_hash)
@@ -264,6 +267,11 @@ def built_wheels(spec: Spec, previous: Lock | None) -> list[LockedWheel]:
         if record is not None:
             out.append(LockedWheel(record.name, record.version, record.filename,
                                    record.sha256, BUILT_PREFIX + d.input_hash))
+            if prev is not None and prev.derivation == d.input_hash and \
+                    prev.sha256 != record.sha256:
+                notes.append(f"{record.filename}: built again from the same inputs with other "
+                             f"bytes (sha256 {(prev.sha256 or '?')[:12]} -> "
+                             f"{record.sha256[:12]}): its build is not reproducible")
         elif prev is not None and prev.derivation == d.input_hash:
             out.append(prev)
         else:
@@ -275,7 +283,7 @@ def built_wheels(spec: Spec, previous: Lock | None) -> list[LockedWheel]:
                 f"{d.name} (derivation {d.hash12})" for d in missing) + "; nothing was written",
             hint=f"run 'imagebuild build-wheels {names}' (or 'imagebuild build IMAGE', which "
                  f"builds the wheels it needs and locks them), then lock again")
-    return out
+    return out, notes
 
 
 def _moved(prev: ClosureLock | None, new: ClosureLock) -> tuple[str, ...]:
@@ -384,11 +392,19 @@ def wheel_steps(spec: Spec, names: list[str]) -> list[WheelStep]:
     records it. No engine."""
     store = WheelStore(spec.wheel_store)
     try:
-        locked = {w.name: w.derivation for w in read_lock(spec.lock_path).wheels}
+        locked = {w.name: w for w in read_lock(spec.lock_path).wheels}
     except LockError:
         locked = {}
-    return [WheelStep(d, store.lookup(d.input_hash), locked.get(d.name) == d.input_hash)
-            for d in wheel_plan(spec, names)]
+    out = []
+    for d in wheel_plan(spec, names):
+        record = store.lookup(d.input_hash)
+        entry = locked.get(d.name)
+        # locked: the lock records this derivation, with the stored wheel's bytes (a
+        # wheel built again here may have others, if its build is not reproducible)
+        ok = entry is not None and entry.derivation == d.input_hash and (
+            record is None or entry.sha256 == record.sha256)
+        out.append(WheelStep(d, record, ok))
+    return out
 
 
 def image_wheel_steps(spec: Spec, images: list[str]) -> list[WheelStep]:

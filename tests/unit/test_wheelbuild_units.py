@@ -744,9 +744,24 @@ def test_built_wheels_takes_the_record_from_the_store(tmp_path: Path) -> None:
     (d,) = wheel_plan(spec)
     stale = LockedWheel("vllm", "0.0", "vllm-0.0-py3-none-any.whl", "7" * 64, "built/" + H2)
     for previous in (None, _lock(tmp_path, stale)):
-        (w,) = ops.built_wheels(spec, previous)
+        (w,), notes = ops.built_wheels(spec, previous)
         assert w == LockedWheel("vllm", "0.1", record.filename, record.sha256,
                                 "built/" + d.input_hash)
+        assert notes == []
+
+
+def test_built_wheels_notes_a_rebuild_with_other_bytes(tmp_path: Path) -> None:
+    spec = _ops_spec(tmp_path)
+    record = _store_for(spec)
+    (d,) = wheel_plan(spec)
+    before = LockedWheel("vllm", "0.1", record.filename, "7" * 64, "built/" + d.input_hash)
+    (w,), notes = ops.built_wheels(spec, _lock(tmp_path, before))
+    assert w.sha256 == record.sha256
+    assert len(notes) == 1 and "not reproducible" in notes[0] and "777777777777" in notes[0]
+    # and the step is not locked until the lock step records the new bytes
+    spec.lock_path.write_text(format_lock([before], "imagebuild.yaml"))
+    (step,) = ops.wheel_steps(spec, ["vllm"])
+    assert step.action == "reuse" and not step.locked
 
 
 def test_built_wheels_keeps_the_previous_entry_of_the_same_derivation(tmp_path: Path) -> None:
@@ -754,7 +769,7 @@ def test_built_wheels_keeps_the_previous_entry_of_the_same_derivation(tmp_path: 
     (d,) = wheel_plan(spec)
     prev = LockedWheel("vllm", "0.1", FILENAME, SHA, "built/" + d.input_hash)
     assert WheelStore(spec.wheel_store).lookup(d.input_hash) is None
-    assert ops.built_wheels(spec, _lock(tmp_path, prev, LOCAL_W)) == [prev]
+    assert ops.built_wheels(spec, _lock(tmp_path, prev, LOCAL_W)) == ([prev], [])
 
 
 def test_built_wheels_refuses_every_unbuilt_wheel(tmp_path: Path) -> None:
@@ -790,8 +805,10 @@ def test_wheel_steps_say_reuse_or_build_and_locked(tmp_path: Path) -> None:
     steps = {s.derivation.name: s for s in ops.wheel_steps(spec, list(spec.built))}
     assert steps["vllm"].action == "reuse" and steps["flashinfer"].action == "build"
     assert not steps["vllm"].locked  # no wheels.lock yet
-    locked = LockedWheel("vllm", "0.1", "vllm-0.1-cp311-cp311-linux_x86_64.whl", SHA,
-                         "built/" + plan["vllm"].input_hash)
+    stored = steps["vllm"].record
+    assert stored is not None
+    locked = LockedWheel("vllm", "0.1", "vllm-0.1-cp311-cp311-linux_x86_64.whl",
+                         stored.sha256, "built/" + plan["vllm"].input_hash)
     spec.lock_path.write_text(format_lock([locked], "imagebuild.yaml"))
     steps = {s.derivation.name: s for s in ops.wheel_steps(spec, list(spec.built))}
     assert steps["vllm"].locked and not steps["flashinfer"].locked
