@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__, lifecycle, ops
+from . import __version__, lifecycle, ops, wheelops
 from .build import Action, Step
 from .derivation import Derivation
 from .distribute import Outcome, Worker
@@ -97,7 +97,7 @@ def _plan_row(d: Derivation) -> dict[str, object]:
     }
 
 
-def _wheel_row(s: ops.WheelStep) -> dict[str, object]:
+def _wheel_row(s: wheelops.WheelStep) -> dict[str, object]:
     d = s.derivation
     return {"name": d.name, "input_hash": d.input_hash, "action": s.action,
             "commit": d.build.commit, "patches": [name for name, _sha in d.patches],
@@ -106,7 +106,7 @@ def _wheel_row(s: ops.WheelStep) -> dict[str, object]:
             "sha256": s.record.sha256 if s.record else None}
 
 
-def _wheel_table(steps: list[ops.WheelStep]) -> list[str]:
+def _wheel_table(steps: list[wheelops.WheelStep]) -> list[str]:
     width = max(len(s.derivation.name) for s in steps)
     rows = []
     for i, s in enumerate(steps, 1):
@@ -125,7 +125,7 @@ PENDING = ("the image plan follows once the wheels above are built and locked: "
 
 def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_spec(args.file)
-    wheels = ops.image_wheel_steps(spec, args.images)
+    wheels = wheelops.image_wheel_steps(spec, args.images)
     if any(not w.locked for w in wheels):
         if args.json:
             _json({"spec": str(spec.path), "wheels": [_wheel_row(w) for w in wheels],
@@ -183,9 +183,9 @@ def _steps_table(steps: list[Step]) -> list[str]:
 
 def cmd_build_wheels(args: argparse.Namespace) -> int:
     spec = load_spec(args.file)
-    names = ops.wheel_names(spec, args.wheels)
+    names = wheelops.wheel_names(spec, args.wheels)
     if args.check:
-        checked = ops.check_wheels(spec, DockerEngine(), names, progress=Progress())
+        checked = wheelops.check_wheels(spec, DockerEngine(), names, progress=Progress())
         for a, b in checked.pairs:
             same = "reproducible" if a.sha256 == b.sha256 else "DIFFERS"
             print(f"{a.name}: {same}: stored {a.sha256[:16]}, rebuilt {b.sha256[:16]} "
@@ -193,12 +193,12 @@ def cmd_build_wheels(args: argparse.Namespace) -> int:
         if (err := checked.error()) is not None:
             raise err
         return 0
-    result = ops.build_wheels(spec, DockerEngine(), names, progress=Progress())
+    result = wheelops.build_wheels(spec, DockerEngine(), names, progress=Progress())
     for o in result.wheels:
         what = "built" if o.built else "reused"
         print(f"{o.record.name}: {what} {o.record.filename} (derivation "
               f"{o.derivation.hash12}, sha256 {o.record.sha256[:16]})")
-    behind = [s.derivation.name for s in ops.wheel_steps(spec, names) if not s.locked]
+    behind = [s.derivation.name for s in wheelops.wheel_steps(spec, names) if not s.locked]
     if behind:
         print(f"wheels.lock does not record {', '.join(behind)} yet: run 'imagebuild lock' "
               f"and commit the locks")
@@ -209,7 +209,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     spec = load_spec(args.file)
     for n in args.images:
         spec.resolve(n)  # unknown names are refused before the engine is contacted
-    wheels = ops.image_wheel_steps(spec, args.images)
+    wheels = wheelops.image_wheel_steps(spec, args.images)
     if args.dry_run and wheels:
         print(f"wheels built from source ({len(wheels)}; nothing will be done):")
         print("\n".join(_wheel_table(wheels)))
@@ -218,7 +218,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             return 0
     engine = DockerEngine()
     if wheels and not args.dry_run:
-        done = ops.build_wheels(spec, engine, [w.derivation.name for w in wheels],
+        done = wheelops.build_wheels(spec, engine, [w.derivation.name for w in wheels],
                                 relock=True, progress=Progress())
         if done.relocked is not None:
             _print_lock(done.relocked)

@@ -14,7 +14,6 @@ result carries the failure and ``result.error()`` returns the error to raise aft
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,21 +53,12 @@ from .errors import (
     ImagebuildError,
     ImageNotFound,
     LockError,
-    NotReproducible,
     RemoteError,
     SpecError,
     VerifyFailed,
 )
 from .fsutil import PinnedFile, atomic_write_text
-from .lock import (
-    BUILT_PREFIX,
-    Lock,
-    LockedWheel,
-    check_matches,
-    compute_lock,
-    format_lock,
-    read_lock,
-)
+from .lock import check_matches, compute_lock, format_lock, read_lock
 from .locking import lock_image, read_previous, stale_reason
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
@@ -78,9 +68,8 @@ from .render import RenderResult, check_rendered, write_rendered
 from .spec import Spec, did_you_mean, load_spec
 from .store import BackupDir, LocalDir, open_store
 from .verify import VerifyRecord, image_checks, passing_record, require_verified, verify_image
-from .wheelbuild import WheelOutcome, build_wheel, realize_wheels
-from .wheelplan import WheelDerivation, needed_by, wheel_plan
-from .wheelstore import WheelRecord, WheelStore, wheel_view
+from .wheelplan import wheel_plan
+from .wheelstore import locked_built_wheels, wheel_view
 
 
 @dataclass(frozen=True)
@@ -179,7 +168,7 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
         except LockError as exc:
             warnings.append(f"ignoring the existing lock: {exc.message}")
     decls = [(d.filename, d.index) for d in spec.wheels]
-    built, built_notes = built_wheels(spec, previous)
+    built, built_notes = locked_built_wheels(spec, previous)
     result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade, built=built)
     try:
         spec_name = str(spec.path.relative_to(spec.lock_path.parent))
@@ -248,42 +237,6 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
         raise LockError(f"cannot write the locks: {exc.strerror or exc}",
                         hint="the spec's 'lock:' and 'locks:' must be writable") from None
     return result_outcome
-
-
-def built_wheels(spec: Spec, previous: Lock | None
-                 ) -> tuple[list[LockedWheel], list[str]]:
-    """The lock entries of the wheels built from source: each from the wheel store, by
-    its derivation's input hash (or kept from the previous lock when it already records
-    that derivation), and notes on what changed. A wheel that is not built yet is
-    refused, by name."""
-    store = WheelStore(spec.wheel_store)
-    old = {w.name: w for w in previous.wheels} if previous is not None else {}
-    out: list[LockedWheel] = []
-    notes: list[str] = []
-    missing: list[WheelDerivation] = []
-    for d in wheel_plan(spec):
-        record = store.lookup(d.input_hash)
-        prev = old.get(d.name)
-        if record is not None:
-            out.append(LockedWheel(record.name, record.version, record.filename,
-                                   record.sha256, BUILT_PREFIX + d.input_hash))
-            if prev is not None and prev.derivation == d.input_hash and \
-                    prev.sha256 != record.sha256:
-                notes.append(f"{record.filename}: built again from the same inputs with other "
-                             f"bytes (sha256 {(prev.sha256 or '?')[:12]} -> "
-                             f"{record.sha256[:12]}): its build is not reproducible")
-        elif prev is not None and prev.derivation == d.input_hash:
-            out.append(prev)
-        else:
-            missing.append(d)
-    if missing:
-        names = " ".join(d.name for d in missing)
-        raise LockError(
-            "not built yet, so there is no wheel to lock: " + ", ".join(
-                f"{d.name} (derivation {d.hash12})" for d in missing) + "; nothing was written",
-            hint=f"run 'imagebuild build-wheels {names}' (or 'imagebuild build IMAGE', which "
-                 f"builds the wheels it needs and locks them), then lock again")
-    return out, notes
 
 
 def _moved(prev: ClosureLock | None, new: ClosureLock) -> tuple[str, ...]:
@@ -356,123 +309,6 @@ def lock_changes(ctx: Context, derivations: list[Derivation]) -> dict[str, list[
         if moved:
             out[d.name] = moved
     return out
-
-
-# -- wheels built from source ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WheelStep:
-    """What a build does about one wheel built from source."""
-
-    derivation: WheelDerivation
-    record: WheelRecord | None  # the wheel store has it: reused, nothing fetched or run
-    locked: bool  # wheels.lock records this derivation's wheel
-
-    @property
-    def action(self) -> Literal["reuse", "build"]:
-        return "reuse" if self.record is not None else "build"
-
-
-def wheel_names(spec: Spec, names: list[str]) -> list[str]:
-    """The wheels built from source that ``names`` asks for (all when empty), checked."""
-    out: list[str] = []
-    for n in names:
-        cn = str(canonicalize_name(n))
-        if cn not in spec.built:
-            raise SpecError(f"{n!r} is not a wheel built from source in {spec.path.name}"
-                            f"{did_you_mean(cn, set(spec.built))}",
-                            hint="the wheels under wheels.build can be built")
-        out.append(cn)
-    return out or list(spec.built)
-
-
-def wheel_steps(spec: Spec, names: list[str]) -> list[WheelStep]:
-    """What building the wheels ``names`` does: reuse or build each, and whether the lock
-    records it. No engine."""
-    store = WheelStore(spec.wheel_store)
-    try:
-        locked = {w.name: w for w in read_lock(spec.lock_path).wheels}
-    except LockError:
-        locked = {}
-    out = []
-    for d in wheel_plan(spec, names):
-        record = store.lookup(d.input_hash)
-        entry = locked.get(d.name)
-        # locked: the lock records this derivation, with the stored wheel's bytes (a
-        # wheel built again here may have others, if its build is not reproducible)
-        ok = entry is not None and entry.derivation == d.input_hash and (
-            record is None or entry.sha256 == record.sha256)
-        out.append(WheelStep(d, record, ok))
-    return out
-
-
-def image_wheel_steps(spec: Spec, images: list[str]) -> list[WheelStep]:
-    """The wheel steps of the closure of ``images`` (all when empty)."""
-    return wheel_steps(spec, needed_by(spec, [spec.resolve(n) for n in images])) \
-        if spec.built else []
-
-
-@dataclass(frozen=True)
-class WheelsOutcome:
-    wheels: list[WheelOutcome]
-    relocked: LockOutcome | None = None  # the lock step that recorded newly built wheels
-
-
-def build_wheels(spec: Spec, engine: Engine, names: list[str], *, relock: bool = False,
-                 progress: Progress | None = None) -> WheelsOutcome:
-    """Realize the wheels ``names`` (reuse or build each); with ``relock``, run the lock
-    step when wheels.lock does not record the derivations now built."""
-    progress = progress or Progress()
-    done = realize_wheels(spec, engine, wheel_plan(spec, names), progress)
-    if relock and any(not s.locked for s in wheel_steps(spec, list(spec.built))):
-        progress.say("locking the newly built wheels")
-        return WheelsOutcome(done, lock(spec, check=False, upgrade=False, progress=progress))
-    return WheelsOutcome(done)
-
-
-@dataclass(frozen=True)
-class CheckOutcome:
-    pairs: list[tuple[WheelRecord, WheelRecord]]  # (stored, built again)
-
-    @property
-    def differ(self) -> list[str]:
-        return [a.name for a, b in self.pairs if a.sha256 != b.sha256]
-
-    def error(self) -> ImagebuildError | None:
-        if not self.differ:
-            return None
-        return NotReproducible(
-            f"building {', '.join(self.differ)} again from the same inputs gave other bytes",
-            hint="compare the two wheels (e.g. with diffoscope; the rebuild's log ends "
-                 "in .check.log); the stored wheel is kept")
-
-
-def check_wheels(spec: Spec, engine: Engine, names: list[str],
-                 progress: Progress | None = None) -> CheckOutcome:
-    """Build the wheels ``names`` again from the same inputs, into a scratch store and
-    without the compiler cache, and pair each stored record with the rebuild's: equal
-    sha256 means the build is reproducible. The stored wheels are not touched; a wheel
-    not built yet is refused."""
-    progress = progress or Progress()
-    store = WheelStore(spec.wheel_store)
-    out = []
-    for d in wheel_plan(spec, names):
-        stored = store.lookup(d.input_hash)
-        if stored is None:
-            raise LockError(f"{d.name} (derivation {d.hash12}) is not built yet: nothing to "
-                            f"check against", hint=f"imagebuild build-wheels {d.name}")
-        scratch = spec.state_dir / "tmp" / f"check-{d.hash12}"
-        shutil.rmtree(scratch, ignore_errors=True)
-        try:
-            again = build_wheel(spec, engine, WheelStore(scratch), d, progress,
-                                prefix=f"[check] {d.name}",
-                                logfile=spec.state_dir / "logs" /
-                                f"wheel-{d.name}-{d.hash12}.check.log", use_ccache=False)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        out.append((stored, again))
-    return CheckOutcome(out)
 
 
 # -- build -----------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from pathlib import Path
 
 from .errors import LockError
 from .fsutil import atomic_write_text, fsync_dir
-from .lock import SHA256, WHEEL_FILE, LockedWheel, parse_wheel
+from .lock import BUILT_PREFIX, SHA256, WHEEL_FILE, Lock, LockedWheel, parse_wheel
 from .spec import Spec
+from .wheelplan import WheelDerivation, wheel_plan
 
 RECORD_SCHEMA = 1
 _HASH = re.compile(r"^[0-9a-f]{64}$")
@@ -165,3 +166,39 @@ def _project(filename: str) -> str | None:
         return parse_wheel(filename).name
     except LockError:
         return None
+
+
+def locked_built_wheels(spec: Spec, previous: Lock | None
+                        ) -> tuple[list[LockedWheel], list[str]]:
+    """The lock entries of the wheels built from source: each from the wheel store, by
+    its derivation's input hash (or kept from the previous lock when it already records
+    that derivation), and notes on what changed. A wheel that is not built yet is
+    refused, by name."""
+    store = WheelStore(spec.wheel_store)
+    old = {w.name: w for w in previous.wheels} if previous is not None else {}
+    out: list[LockedWheel] = []
+    notes: list[str] = []
+    missing: list[WheelDerivation] = []
+    for d in wheel_plan(spec):
+        record = store.lookup(d.input_hash)
+        prev = old.get(d.name)
+        if record is not None:
+            out.append(LockedWheel(record.name, record.version, record.filename,
+                                   record.sha256, BUILT_PREFIX + d.input_hash))
+            if prev is not None and prev.derivation == d.input_hash and \
+                    prev.sha256 != record.sha256:
+                notes.append(f"{record.filename}: built again from the same inputs with other "
+                             f"bytes (sha256 {(prev.sha256 or '?')[:12]} -> "
+                             f"{record.sha256[:12]}): its build is not reproducible")
+        elif prev is not None and prev.derivation == d.input_hash:
+            out.append(prev)
+        else:
+            missing.append(d)
+    if missing:
+        names = " ".join(d.name for d in missing)
+        raise LockError(
+            "not built yet, so there is no wheel to lock: " + ", ".join(
+                f"{d.name} (derivation {d.hash12})" for d in missing) + "; nothing was written",
+            hint=f"run 'imagebuild build-wheels {names}' (or 'imagebuild build IMAGE', which "
+                 f"builds the wheels it needs and locks them), then lock again")
+    return out, notes

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagebuild import ops
+from imagebuild import wheelops
 from imagebuild.engine import Job
 from imagebuild.errors import ImageNotFound, WheelBuildFailed
 from imagebuild.progress import Quiet
@@ -98,7 +98,7 @@ def test_built_once_then_reused_with_no_fetch_and_no_job(tmp_path: Path,
     path, commit = repo
     spec = make_spec(tmp_path, path, commit)
     engine = engine_with(wheel_maker())
-    first = ops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
+    first = wheelops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
     assert [o.built for o in first.wheels] == [True]
     record = first.wheels[0].record
     assert record.filename == "vllm-0.1-py3-none-any.whl"
@@ -115,7 +115,7 @@ def test_built_once_then_reused_with_no_fetch_and_no_job(tmp_path: Path,
     progress = Quiet()
     mirror = mirror_path(spec, str(path))
     before = sorted(p.name for p in (mirror / "refs").rglob("*"))
-    again = ops.build_wheels(spec, engine, ["vllm"], progress=progress)
+    again = wheelops.build_wheels(spec, engine, ["vllm"], progress=progress)
     assert [o.built for o in again.wheels] == [False]
     assert again.wheels[0].record == record
     assert len(engine.jobs) == 1
@@ -133,10 +133,10 @@ def test_patches_are_applied_in_order_and_change_the_wheel(tmp_path: Path,
         "--- a/pkg.py\n+++ b/pkg.py\n@@ -1 +1 @@\n-REVISION = 2\n+REVISION = 3\n")
     plain = make_spec(tmp_path, path, commit)
     engine = engine_with(wheel_maker())
-    unpatched = ops.build_wheels(plain, engine, ["vllm"], progress=Quiet()).wheels[0].record
+    unpatched = wheelops.build_wheels(plain, engine, ["vllm"], progress=Quiet()).wheels[0].record
     spec = make_spec(tmp_path, path, commit, patches=["p/1.patch", "p/2.patch"])
     assert wheel_plan(spec)[0].input_hash != wheel_plan(plain)[0].input_hash
-    patched = ops.build_wheels(spec, engine, ["vllm"], progress=Quiet()).wheels[0].record
+    patched = wheelops.build_wheels(spec, engine, ["vllm"], progress=Quiet()).wheels[0].record
     assert patched.sha256 != unpatched.sha256
     blob = WheelStore(spec.wheel_store).blob(patched.sha256, patched.filename)
     with zipfile.ZipFile(blob) as zf:
@@ -150,7 +150,7 @@ def _nothing_recorded(spec: Spec) -> None:
     assert not list(store.glob("derivations/*.json"))
     assert not list(store.glob("sha256/*/*"))
     assert not list(store.glob("incoming/*"))
-    assert ops.wheel_steps(spec, ["vllm"])[0].record is None
+    assert wheelops.wheel_steps(spec, ["vllm"])[0].record is None
 
 
 def test_a_failing_build_command_records_nothing(tmp_path: Path,
@@ -165,7 +165,7 @@ def test_a_failing_build_command_records_nothing(tmp_path: Path,
         return 1
 
     with pytest.raises(WheelBuildFailed) as info:
-        ops.build_wheels(spec, engine_with(fails), ["vllm"], progress=Quiet())
+        wheelops.build_wheels(spec, engine_with(fails), ["vllm"], progress=Quiet())
     err = info.value
     assert err.exit_code == 5
     assert "the build command exited with 1" in err.message
@@ -188,7 +188,7 @@ def test_a_build_that_makes_the_wrong_output_records_nothing(
     path, commit = repo
     spec = make_spec(tmp_path, path, commit)
     with pytest.raises(WheelBuildFailed) as info:
-        ops.build_wheels(spec, engine_with(runner), ["vllm"], progress=Quiet())
+        wheelops.build_wheels(spec, engine_with(runner), ["vllm"], progress=Quiet())
     assert says in info.value.message
     _nothing_recorded(spec)
 
@@ -199,13 +199,13 @@ def test_an_unknown_commit_and_a_bad_patch_fail_before_any_job(
     engine = engine_with(wheel_maker())
     spec = make_spec(tmp_path, path, "0" * 40)
     with pytest.raises(WheelBuildFailed) as info:
-        ops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
+        wheelops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
     assert f"commit {'0' * 40} is not in {path}" in info.value.message
     (tmp_path / "bad.patch").write_text(
         "--- a/pkg.py\n+++ b/pkg.py\n@@ -1 +1 @@\n-REVISION = 9\n+REVISION = 2\n")
     spec = make_spec(tmp_path, path, commit, patches=["bad.patch"])
     with pytest.raises(WheelBuildFailed) as info:
-        ops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
+        wheelops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
     assert f"patch {tmp_path / 'bad.patch'} does not apply to {commit[:12]}" in \
         info.value.message
     assert engine.jobs == []
@@ -217,7 +217,8 @@ def test_a_missing_builder_is_exit_6_and_records_nothing(tmp_path: Path,
     path, commit = repo
     spec = make_spec(tmp_path, path, commit)
     with pytest.raises(ImageNotFound) as info:
-        ops.build_wheels(spec, FakeEngine(job_runner=wheel_maker()), ["vllm"], progress=Quiet())
+        wheelops.build_wheels(spec, FakeEngine(job_runner=wheel_maker()), ["vllm"],
+                              progress=Quiet())
     assert info.value.exit_code == 6
     assert f"the builder image {BUILDER} is not present" in info.value.message
     _nothing_recorded(spec)
@@ -228,10 +229,10 @@ def test_a_retagged_builder_is_reported_when_the_wheel_is_reused(
     path, commit = repo
     spec = make_spec(tmp_path, path, commit)
     engine = engine_with(wheel_maker())
-    ops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
+    wheelops.build_wheels(spec, engine, ["vllm"], progress=Quiet())
     engine.add_base(BUILDER, [b"another builder layer"])  # the tag now names another image
     progress = Quiet()
-    again = ops.build_wheels(spec, engine, ["vllm"], progress=progress)
+    again = wheelops.build_wheels(spec, engine, ["vllm"], progress=progress)
     assert [o.built for o in again.wheels] == [False]
     assert any("warning: example/builder:1 is now image" in line for line in progress.lines)
 
@@ -241,8 +242,8 @@ def test_check_rebuilds_without_the_cache_and_keeps_the_store(
     path, commit = repo
     spec = make_spec(tmp_path, path, commit)
     engine = engine_with(wheel_maker())
-    stored = ops.build_wheels(spec, engine, ["vllm"], progress=Quiet()).wheels[0].record
-    checked = ops.check_wheels(spec, engine, ["vllm"], progress=Quiet())
+    stored = wheelops.build_wheels(spec, engine, ["vllm"], progress=Quiet()).wheels[0].record
+    checked = wheelops.check_wheels(spec, engine, ["vllm"], progress=Quiet())
     assert checked.error() is None
     assert checked.pairs[0][0] == stored and checked.pairs[0][1].sha256 == stored.sha256
     assert dict(engine.jobs[-1].env)["CCACHE_DISABLE"] == "1"
@@ -256,7 +257,7 @@ def test_check_rebuilds_without_the_cache_and_keeps_the_store(
         return wheel_maker()(job, root, on_line)
 
     engine.job_runner = stamped
-    checked = ops.check_wheels(spec, engine, ["vllm"], progress=Quiet())
+    checked = wheelops.check_wheels(spec, engine, ["vllm"], progress=Quiet())
     err = checked.error()
     assert err is not None and err.exit_code == 10 and checked.differ == ["vllm"]
     assert WheelStore(spec.wheel_store).lookup(stored.input_hash) == stored

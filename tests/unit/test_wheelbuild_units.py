@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from imagebuild import ops, wheelbuild
+from imagebuild import ops, wheelbuild, wheelops
 from imagebuild.errors import LockError, SpecError, WheelBuildFailed
 from imagebuild.lock import (
     Lock,
@@ -44,7 +44,13 @@ from imagebuild.wheelplan import (
     wheel_plan,
     wheel_problem,
 )
-from imagebuild.wheelstore import WheelRecord, WheelStore, wheel_path, wheel_view
+from imagebuild.wheelstore import (
+    WheelRecord,
+    WheelStore,
+    locked_built_wheels,
+    wheel_path,
+    wheel_view,
+)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -744,7 +750,7 @@ def test_built_wheels_takes_the_record_from_the_store(tmp_path: Path) -> None:
     (d,) = wheel_plan(spec)
     stale = LockedWheel("vllm", "0.0", "vllm-0.0-py3-none-any.whl", "7" * 64, "built/" + H2)
     for previous in (None, _lock(tmp_path, stale)):
-        (w,), notes = ops.built_wheels(spec, previous)
+        (w,), notes = locked_built_wheels(spec, previous)
         assert w == LockedWheel("vllm", "0.1", record.filename, record.sha256,
                                 "built/" + d.input_hash)
         assert notes == []
@@ -755,12 +761,12 @@ def test_built_wheels_notes_a_rebuild_with_other_bytes(tmp_path: Path) -> None:
     record = _store_for(spec)
     (d,) = wheel_plan(spec)
     before = LockedWheel("vllm", "0.1", record.filename, "7" * 64, "built/" + d.input_hash)
-    (w,), notes = ops.built_wheels(spec, _lock(tmp_path, before))
+    (w,), notes = locked_built_wheels(spec, _lock(tmp_path, before))
     assert w.sha256 == record.sha256
     assert len(notes) == 1 and "not reproducible" in notes[0] and "777777777777" in notes[0]
     # and the step is not locked until the lock step records the new bytes
     spec.lock_path.write_text(format_lock([before], "imagebuild.yaml"))
-    (step,) = ops.wheel_steps(spec, ["vllm"])
+    (step,) = wheelops.wheel_steps(spec, ["vllm"])
     assert step.action == "reuse" and not step.locked
 
 
@@ -769,7 +775,7 @@ def test_built_wheels_keeps_the_previous_entry_of_the_same_derivation(tmp_path: 
     (d,) = wheel_plan(spec)
     prev = LockedWheel("vllm", "0.1", FILENAME, SHA, "built/" + d.input_hash)
     assert WheelStore(spec.wheel_store).lookup(d.input_hash) is None
-    assert ops.built_wheels(spec, _lock(tmp_path, prev, LOCAL_W)) == ([prev], [])
+    assert locked_built_wheels(spec, _lock(tmp_path, prev, LOCAL_W)) == ([prev], [])
 
 
 def test_built_wheels_refuses_every_unbuilt_wheel(tmp_path: Path) -> None:
@@ -778,7 +784,7 @@ def test_built_wheels_refuses_every_unbuilt_wheel(tmp_path: Path) -> None:
     plan = {d.name: d for d in wheel_plan(spec)}
     other = LockedWheel("vllm", "0.1", FILENAME, SHA, "built/" + H2)  # another derivation
     with pytest.raises(LockError) as info:
-        ops.built_wheels(spec, _lock(tmp_path, other))
+        locked_built_wheels(spec, _lock(tmp_path, other))
     msg = str(info.value)
     assert info.value.exit_code == 2
     assert f"vllm (derivation {plan['vllm'].hash12})" in msg
@@ -789,10 +795,10 @@ def test_built_wheels_refuses_every_unbuilt_wheel(tmp_path: Path) -> None:
 
 def test_wheel_names_checks_and_canonicalizes(tmp_path: Path) -> None:
     spec = _ops_spec(tmp_path, ("vllm", "flashinfer"))
-    assert ops.wheel_names(spec, []) == ["vllm", "flashinfer"]
-    assert ops.wheel_names(spec, ["FlashInfer"]) == ["flashinfer"]
+    assert wheelops.wheel_names(spec, []) == ["vllm", "flashinfer"]
+    assert wheelops.wheel_names(spec, ["FlashInfer"]) == ["flashinfer"]
     with pytest.raises(SpecError) as info:
-        ops.wheel_names(spec, ["flashinfr"])
+        wheelops.wheel_names(spec, ["flashinfr"])
     assert "'flashinfr' is not a wheel built from source" in str(info.value)
     assert "did you mean 'flashinfer'" in str(info.value)
     assert info.value.exit_code == 2
@@ -802,7 +808,7 @@ def test_wheel_steps_say_reuse_or_build_and_locked(tmp_path: Path) -> None:
     spec = _ops_spec(tmp_path, ("vllm", "flashinfer"))
     _store_for(spec, "vllm")
     plan = {d.name: d for d in wheel_plan(spec)}
-    steps = {s.derivation.name: s for s in ops.wheel_steps(spec, list(spec.built))}
+    steps = {s.derivation.name: s for s in wheelops.wheel_steps(spec, list(spec.built))}
     assert steps["vllm"].action == "reuse" and steps["flashinfer"].action == "build"
     assert not steps["vllm"].locked  # no wheels.lock yet
     stored = steps["vllm"].record
@@ -810,7 +816,7 @@ def test_wheel_steps_say_reuse_or_build_and_locked(tmp_path: Path) -> None:
     locked = LockedWheel("vllm", "0.1", "vllm-0.1-cp311-cp311-linux_x86_64.whl",
                          stored.sha256, "built/" + plan["vllm"].input_hash)
     spec.lock_path.write_text(format_lock([locked], "imagebuild.yaml"))
-    steps = {s.derivation.name: s for s in ops.wheel_steps(spec, list(spec.built))}
+    steps = {s.derivation.name: s for s in wheelops.wheel_steps(spec, list(spec.built))}
     assert steps["vllm"].locked and not steps["flashinfer"].locked
 
 

@@ -1,0 +1,136 @@
+"""The workflows of wheels built from source: what a build does about each wheel
+(``wheel_steps``), realizing them (``build_wheels``, which can run the lock step after),
+and checking that a build is reproducible (``check_wheels``). Below ``cli.py``, beside
+``ops.py``, whose lock step it calls."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from typing import Literal
+
+from packaging.utils import canonicalize_name
+
+from . import ops
+from .engine import Engine
+from .errors import ImagebuildError, LockError, NotReproducible, SpecError
+from .lock import read_lock
+from .progress import Progress
+from .spec import Spec, did_you_mean
+from .wheelbuild import WheelOutcome, build_wheel, realize_wheels
+from .wheelplan import WheelDerivation, needed_by, wheel_plan
+from .wheelstore import WheelRecord, WheelStore
+
+
+@dataclass(frozen=True)
+class WheelStep:
+    """What a build does about one wheel built from source."""
+
+    derivation: WheelDerivation
+    record: WheelRecord | None  # the wheel store has it: reused, nothing fetched or run
+    locked: bool  # wheels.lock records this derivation's wheel
+
+    @property
+    def action(self) -> Literal["reuse", "build"]:
+        return "reuse" if self.record is not None else "build"
+
+
+def wheel_names(spec: Spec, names: list[str]) -> list[str]:
+    """The wheels built from source that ``names`` asks for (all when empty), checked."""
+    out: list[str] = []
+    for n in names:
+        cn = str(canonicalize_name(n))
+        if cn not in spec.built:
+            raise SpecError(f"{n!r} is not a wheel built from source in {spec.path.name}"
+                            f"{did_you_mean(cn, set(spec.built))}",
+                            hint="the wheels under wheels.build can be built")
+        out.append(cn)
+    return out or list(spec.built)
+
+
+def wheel_steps(spec: Spec, names: list[str]) -> list[WheelStep]:
+    """What building the wheels ``names`` does: reuse or build each, and whether the lock
+    records it. No engine."""
+    store = WheelStore(spec.wheel_store)
+    try:
+        locked = {w.name: w for w in read_lock(spec.lock_path).wheels}
+    except LockError:
+        locked = {}
+    out = []
+    for d in wheel_plan(spec, names):
+        record = store.lookup(d.input_hash)
+        entry = locked.get(d.name)
+        # locked: the lock records this derivation, with the stored wheel's bytes (a
+        # wheel built again here may have others, if its build is not reproducible)
+        ok = entry is not None and entry.derivation == d.input_hash and (
+            record is None or entry.sha256 == record.sha256)
+        out.append(WheelStep(d, record, ok))
+    return out
+
+
+def image_wheel_steps(spec: Spec, images: list[str]) -> list[WheelStep]:
+    """The wheel steps of the closure of ``images`` (all when empty)."""
+    return wheel_steps(spec, needed_by(spec, [spec.resolve(n) for n in images])) \
+        if spec.built else []
+
+
+@dataclass(frozen=True)
+class WheelsOutcome:
+    wheels: list[WheelOutcome]
+    relocked: ops.LockOutcome | None = None  # the lock step that recorded newly built wheels
+
+
+def build_wheels(spec: Spec, engine: Engine, names: list[str], *, relock: bool = False,
+                 progress: Progress | None = None) -> WheelsOutcome:
+    """Realize the wheels ``names`` (reuse or build each); with ``relock``, run the lock
+    step when wheels.lock does not record the derivations now built."""
+    progress = progress or Progress()
+    done = realize_wheels(spec, engine, wheel_plan(spec, names), progress)
+    if relock and any(not s.locked for s in wheel_steps(spec, list(spec.built))):
+        progress.say("locking the newly built wheels")
+        return WheelsOutcome(done, ops.lock(spec, check=False, upgrade=False, progress=progress))
+    return WheelsOutcome(done)
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    pairs: list[tuple[WheelRecord, WheelRecord]]  # (stored, built again)
+
+    @property
+    def differ(self) -> list[str]:
+        return [a.name for a, b in self.pairs if a.sha256 != b.sha256]
+
+    def error(self) -> ImagebuildError | None:
+        if not self.differ:
+            return None
+        return NotReproducible(
+            f"building {', '.join(self.differ)} again from the same inputs gave other bytes",
+            hint="compare the two wheels (e.g. with diffoscope; the rebuild's log ends "
+                 "in .check.log); the stored wheel is kept")
+
+
+def check_wheels(spec: Spec, engine: Engine, names: list[str],
+                 progress: Progress | None = None) -> CheckOutcome:
+    """Build the wheels ``names`` again from the same inputs, into a scratch store and
+    without the compiler cache, and pair each stored record with the rebuild's: equal
+    sha256 means the build is reproducible. The stored wheels are not touched; a wheel
+    not built yet is refused."""
+    progress = progress or Progress()
+    store = WheelStore(spec.wheel_store)
+    out = []
+    for d in wheel_plan(spec, names):
+        stored = store.lookup(d.input_hash)
+        if stored is None:
+            raise LockError(f"{d.name} (derivation {d.hash12}) is not built yet: nothing to "
+                            f"check against", hint=f"imagebuild build-wheels {d.name}")
+        scratch = spec.state_dir / "tmp" / f"check-{d.hash12}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            again = build_wheel(spec, engine, WheelStore(scratch), d, progress,
+                                prefix=f"[check] {d.name}",
+                                logfile=spec.state_dir / "logs" /
+                                f"wheel-{d.name}-{d.hash12}.check.log", use_ccache=False)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        out.append((stored, again))
+    return CheckOutcome(out)
