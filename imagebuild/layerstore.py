@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import os
 import re
 import shutil
+import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import BackupError
 from .fsutil import fsync_dir
@@ -199,3 +202,172 @@ def _drain(read: Read, size: int, sink: Callable[[bytes], None]) -> None:
                               hint="the save stream was cut short; run the backup again")
         sink(chunk)
         left -= len(chunk)
+
+
+# -- generations: one image's docker-save directory, its large files linked into blobs/ ------
+
+SMALL = 1 << 16  # files up to this size that are not blobs are kept as they come
+_BLOB_NAME = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
+
+
+@dataclass(frozen=True)
+class Generation:
+    image: str
+    hash12: str
+    path: Path  # the generation directory
+    config: str  # its config file's path in the directory
+    layers: tuple[tuple[str, str, int], ...]  # (path in the directory, blob digest, size)
+
+
+@dataclass(frozen=True)
+class SaveIngest:
+    generations: tuple[Generation, ...]
+    written: int  # bytes written into blobs/
+    read: int  # bytes of the save stream
+
+
+class _Chunks(io.RawIOBase):
+    """A read-only file over an iterator of chunks (for tarfile's stream mode)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._it = iter(chunks)
+        self._buf = b""
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        self.total += n
+        return n
+
+
+def ingest_save(store: BlobStore, chunks: Iterable[bytes], wanted: dict[str, tuple[str, str]]
+                ) -> SaveIngest:
+    """Read a ``docker save`` stream into the store: every large file into blobs/ (only
+    what is new), then one generation directory per image whose ``RepoTags`` has a key
+    of ``wanted`` (tag -> (image name, hash12)). A generation appears, renamed from a
+    temporary name, only when everything it links is in blobs/."""
+    store.clean_incoming()
+    sizes = store.by_size()
+    stream = _Chunks(chunks)
+    blobs: dict[str, tuple[str, int]] = {}  # path in the archive -> (digest, size)
+    small: dict[str, bytes] = {}
+    links: dict[str, str] = {}
+    written = 0
+    with tarfile.open(fileobj=io.BufferedReader(stream, CHUNK), mode="r|") as tf:
+        for m in tf:
+            name = m.name.removeprefix("./")
+            if m.isdir():
+                continue
+            if m.issym():
+                links[name] = m.linkname
+                continue
+            if not m.isfile():
+                raise BackupError(f"the save stream holds {name!r}, which is neither a file, "
+                                  "a directory nor a symbolic link")
+            f = tf.extractfile(m)
+            assert f is not None
+            named = _BLOB_NAME.match(name)
+            if named or m.size > SMALL or name.endswith("/layer.tar"):
+                got = store.ingest(f.read, m.size, named=named.group(1) if named else None,
+                                   sizes=sizes)
+                blobs[name] = (got.digest, m.size)
+                written += got.written
+            else:
+                small[name] = f.read()
+    manifest = _json(small, blobs, store, "manifest.json")
+    if not isinstance(manifest, list):
+        raise BackupError("the save stream's manifest.json is not a list")
+    gens = []
+    for entry in manifest:
+        tags = entry.get("RepoTags") or []
+        hit = next((wanted[t] for t in tags if t in wanted), None)
+        if hit is None:
+            continue
+        gens.append(_generation(store, hit, entry, blobs, small, links))
+    return SaveIngest(tuple(gens), written, stream.total)
+
+
+def _json(small: dict[str, bytes], blobs: dict[str, tuple[str, int]], store: BlobStore,
+          name: str) -> Any:
+    if name in small:
+        raw = small[name]
+    elif name in blobs:
+        raw = store.path(blobs[name][0]).read_bytes()
+    else:
+        raise BackupError(f"the save stream has no {name}")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise BackupError(f"the save stream's {name} is not JSON: {exc}") from None
+
+
+def _generation(store: BlobStore, hit: tuple[str, str], entry: dict[str, Any],
+                blobs: dict[str, tuple[str, int]], small: dict[str, bytes],
+                links: dict[str, str]) -> Generation:
+    image, h12 = hit
+    config, layers = entry["Config"], list(entry["Layers"])
+    paths = {config, "oci-layout"} if "index.json" in small else {config}
+    for layer in layers:
+        paths.add(layer)
+        if layer in links:  # a repeated layer: the symlink and the file it points to
+            paths.add(os.path.normpath(os.path.join(os.path.dirname(layer), links[layer])))
+        base = os.path.dirname(layer)
+        paths |= {p for p in (f"{base}/json", f"{base}/VERSION") if p in small}
+    extra: dict[str, bytes] = {"manifest.json": json.dumps([entry]).encode()}
+    if "index.json" in small:  # OCI layout: this image's manifest alone, and its blob
+        index = _json(small, blobs, store, "index.json")
+        config_digest = "sha256:" + config.rsplit("/", 1)[-1]
+        mine = []
+        for desc in index.get("manifests", []):
+            path = "blobs/sha256/" + str(desc.get("digest", "")).removeprefix("sha256:")
+            if path in blobs and _json(small, blobs, store, path).get("config", {}).get(
+                    "digest") == config_digest:
+                mine.append(desc)
+                paths.add(path)
+        extra["index.json"] = json.dumps({**index, "manifests": mine}).encode()
+    parent = store.root / "images" / image
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / h12
+    tmp = parent / f".{h12}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for path in sorted(paths):
+            dest = tmp / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if path in links:
+                os.symlink(links[path], dest)
+            elif path in blobs:
+                os.link(store.path(blobs[path][0]), dest)
+            elif path in small:
+                dest.write_bytes(small[path])
+            else:
+                raise BackupError(f"{image}: the save stream lacks {path}, which its "
+                                  "manifest names")
+        for path, data in extra.items():
+            (tmp / path).write_bytes(data)
+        if final.exists():  # the same generation again: keep the one in place
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+            fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Generation(image, h12, final, config, tuple(
+        (p, *blobs[_resolve(p, links)]) for p in layers))
+
+
+def _resolve(path: str, links: dict[str, str]) -> str:
+    if path in links:
+        return os.path.normpath(os.path.join(os.path.dirname(path), links[path]))
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 
 from imagebuild import layerstore
 from imagebuild.errors import BackupError
-from imagebuild.layerstore import BlobStore
+from imagebuild.layerstore import BlobStore, ingest_save
+
+from ..archives import save_like
 
 
 def sha(data: bytes) -> str:
@@ -131,3 +134,32 @@ def test_empty_files_and_leftovers(store: BlobStore) -> None:
     assert not store.incoming_dir.exists()
     with pytest.raises(BackupError):
         store.path("../../etc/passwd")
+
+
+def _chunks(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    return [data[i:i + 7000] for i in range(0, len(data), 7000)]
+
+
+def test_a_classic_save_becomes_a_generation_and_its_shared_layers_are_kept_once(
+        tmp_path: Path) -> None:
+    base, mid = os.urandom(200_000), os.urandom(90_000)
+    one = save_like(tmp_path / "one.tar", [base, mid, base], tags=["img:aaa"], repeat="link")
+    two = save_like(tmp_path / "two.tar", [base, os.urandom(80_000)], tags=["img:bbb"],
+                    env="A=2")
+    store = BlobStore(tmp_path / "backups")
+    first = ingest_save(store, _chunks(one.path), {"img:aaa": ("img", "aaa")})
+    assert first.written == len(base) + len(mid)  # the repeated layer is a link, once
+    (gen,) = first.generations
+    assert gen.path == store.root / "images" / "img" / "aaa"
+    assert [(d, s) for _p, d, s in gen.layers] == [
+        (sha(base), len(base)), (sha(mid), len(mid)), (sha(base), len(base))]
+    assert (gen.path / gen.layers[2][0]).is_symlink()  # kept as saved
+    assert (gen.path / gen.layers[0][0]).samefile(store.path(sha(base)))
+    assert json.loads((gen.path / "manifest.json").read_text())[0]["RepoTags"] == ["img:aaa"]
+    second = ingest_save(store, _chunks(two.path), {"img:bbb": ("img", "bbb")})
+    assert second.written == 80_000  # the base is there: compared, not written
+    assert ingest_save(store, _chunks(one.path), {"img:aaa": ("img", "aaa")}).written == 0
+    # an image the caller did not ask for gets no generation
+    assert ingest_save(store, _chunks(two.path), {}).generations == ()
+    assert not list((store.root / "images" / "img").glob(".*partial*"))
