@@ -106,6 +106,16 @@ def _wheel_row(s: wheelops.WheelStep) -> dict[str, object]:
             "sha256": s.record.sha256 if s.record else None}
 
 
+def _print_wheels(plan: wheelops.WheelPlan, what: str) -> None:
+    """The wheel steps (nothing when no wheel is built from source), and what a pending
+    lock means for the image plan."""
+    if plan.steps:
+        print(f"wheels built from source ({len(plan.steps)}{what}):")
+        print("\n".join(_wheel_table(plan.steps)))
+    if plan.pending:
+        print(PENDING)
+
+
 def _wheel_table(steps: list[wheelops.WheelStep]) -> list[str]:
     width = max(len(s.derivation.name) for s in steps)
     rows = []
@@ -125,27 +135,23 @@ PENDING = ("the image plan follows once the wheels above are built and locked: "
 
 def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_spec(args.file)
-    wheels = wheelops.image_wheel_steps(spec, args.images)
-    if any(not w.locked for w in wheels):
+    wheels = wheelops.plan_wheels(spec, args.images)
+    if wheels.pending:
         if args.json:
-            _json({"spec": str(spec.path), "wheels": [_wheel_row(w) for w in wheels],
+            _json({"spec": str(spec.path), "wheels": [_wheel_row(w) for w in wheels.steps],
                    "images": None, "pending": PENDING})
-            return 0
-        print(f"wheels built from source ({len(wheels)}):")
-        print("\n".join(_wheel_table(wheels)))
-        print(PENDING)
+        else:
+            _print_wheels(wheels, "")
         return 0
     ctx = ops.load(args.file)
     outcome = ops.plan_with_changes(ctx, args.images)
     derivations, changes = outcome.derivations, outcome.lock_changes
     if args.json:
-        _json({"spec": str(ctx.spec.path), "wheels": [_wheel_row(w) for w in wheels],
+        _json({"spec": str(ctx.spec.path), "wheels": [_wheel_row(w) for w in wheels.steps],
                "images": [{**_plan_row(d), "lock_changes": changes.get(d.name, [])}
                           for d in derivations]})
         return 0
-    if wheels:
-        print(f"wheels built from source ({len(wheels)}):")
-        print("\n".join(_wheel_table(wheels)))
+    _print_wheels(wheels, "")
     width = max(len(d.name) for d in derivations)
     print(f"plan ({len(derivations)} images, in build order):")
     for i, d in enumerate(derivations, 1):
@@ -198,30 +204,24 @@ def cmd_build_wheels(args: argparse.Namespace) -> int:
         what = "built" if o.built else "reused"
         print(f"{o.record.name}: {what} {o.record.filename} (derivation "
               f"{o.derivation.hash12}, sha256 {o.record.sha256[:16]})")
-    behind = [s.derivation.name for s in wheelops.wheel_steps(spec, names) if not s.locked]
-    if behind:
-        print(f"wheels.lock does not record {', '.join(behind)} yet: run 'imagebuild lock' "
-              f"and commit the locks")
+    if result.unlocked:
+        print(f"wheels.lock does not record {', '.join(result.unlocked)} yet: run "
+              f"'imagebuild lock' and commit the locks")
     return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     spec = load_spec(args.file)
-    for n in args.images:
-        spec.resolve(n)  # unknown names are refused before the engine is contacted
-    wheels = wheelops.image_wheel_steps(spec, args.images)
-    if args.dry_run and wheels:
-        print(f"wheels built from source ({len(wheels)}; nothing will be done):")
-        print("\n".join(_wheel_table(wheels)))
-        if any(not w.locked for w in wheels):
-            print(PENDING)
+    wheels = wheelops.plan_wheels(spec, args.images)
+    if args.dry_run:
+        _print_wheels(wheels, "; nothing will be done")
+        if wheels.pending:
             return 0
     engine = DockerEngine()
-    if wheels and not args.dry_run:
-        done = wheelops.build_wheels(spec, engine, [w.derivation.name for w in wheels],
-                                relock=True, progress=Progress())
-        if done.relocked is not None:
-            _print_lock(done.relocked)
+    if not args.dry_run:
+        relocked = wheelops.realize_planned(spec, engine, wheels, progress=Progress())
+        if relocked is not None:
+            _print_lock(relocked)
             print("the locks now record the wheels built from source: commit them")
     ctx = ops.load(args.file)
     result = ops.build(ctx, engine, args.images, rebuild=args.rebuild,

@@ -68,6 +68,37 @@ def wheel_steps(spec: Spec, names: list[str]) -> list[WheelStep]:
     return out
 
 
+@dataclass(frozen=True)
+class WheelPlan:
+    """The wheel steps of a build of some images."""
+
+    steps: list[WheelStep]
+
+    @property
+    def pending(self) -> bool:
+        """Some wheel is not in the lock yet: the image plan follows from a new lock."""
+        return any(not s.locked for s in self.steps)
+
+
+def plan_wheels(spec: Spec, images: list[str]) -> WheelPlan:
+    """``plan`` and ``build``'s first phase: the wheels the closure of ``images`` (all
+    when empty) builds from source, each reused or built. Unknown image names are
+    refused here, before any engine is contacted."""
+    for n in images:
+        spec.resolve(n)
+    return WheelPlan(image_wheel_steps(spec, images))
+
+
+def realize_planned(spec: Spec, engine: Engine, plan: WheelPlan,
+                    progress: Progress | None = None) -> ops.LockOutcome | None:
+    """``build``'s first phase: realize the planned wheels and re-lock when the lock
+    does not record them; returns that lock step's outcome (None: no lock written)."""
+    if not plan.steps:
+        return None
+    return build_wheels(spec, engine, [s.derivation.name for s in plan.steps], relock=True,
+                        progress=progress).relocked
+
+
 def image_wheel_steps(spec: Spec, images: list[str]) -> list[WheelStep]:
     """The wheel steps of the closure of ``images`` (all when empty)."""
     return wheel_steps(spec, needed_by(spec, [spec.resolve(n) for n in images])) \
@@ -78,6 +109,7 @@ def image_wheel_steps(spec: Spec, images: list[str]) -> list[WheelStep]:
 class WheelsOutcome:
     wheels: list[WheelOutcome]
     relocked: ops.LockOutcome | None = None  # the lock step that recorded newly built wheels
+    unlocked: tuple[str, ...] = ()  # wheels the lock does not record yet (no re-lock asked)
 
 
 def build_wheels(spec: Spec, engine: Engine, names: list[str], *, relock: bool = False,
@@ -89,7 +121,8 @@ def build_wheels(spec: Spec, engine: Engine, names: list[str], *, relock: bool =
     if relock and any(not s.locked for s in wheel_steps(spec, list(spec.built))):
         progress.say("locking the newly built wheels")
         return WheelsOutcome(done, ops.lock(spec, check=False, upgrade=False, progress=progress))
-    return WheelsOutcome(done)
+    return WheelsOutcome(done, unlocked=tuple(
+        s.derivation.name for s in wheel_steps(spec, names) if not s.locked))
 
 
 @dataclass(frozen=True)
