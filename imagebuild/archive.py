@@ -6,6 +6,13 @@ Nothing an archive says is trusted before it is checked:
 * ``ArchiveIndex.read`` indexes a backup tar through an open descriptor (a ``PinnedFile``;
   the same descriptor is later sent from) and validates its ``manifest.json``: one image,
   a config member, one layer file per layer of the config's ``rootfs``.
+  ``ArchiveIndex.from_directory`` does the same for a generation directory of the backup
+  layer store (docs/layer-store.md): a ``docker save`` layout on disk whose files must
+  be exactly the ones its record lists, each with the sha256 it lists. Each file is
+  opened once and becomes a member with a generated tar header; its bytes are checked
+  against that sha256 whenever they are read (the small JSON files at once, the layers
+  as they stream: ``engine.range_chunks``). ``ArchiveIndex.pieces`` composes either kind
+  into the pieces of a tar stream (``engine.Piece``), with or without the first layers.
   ``ArchiveIndex.check`` then compares the archive's content fingerprint with the image's
   and refuses tags other than the ones allowed (``docker load`` applies ``RepoTags``:
   an archive must never move ``NAME:latest`` or name another image).
@@ -28,15 +35,18 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import re
+import stat
 import tarfile
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .engine import BadReply, fingerprint_of
+from .engine import DAMAGED_HINT, BadReply, FileRange, Piece, fingerprint_of
 from .errors import BackupError
 from .fsutil import PinnedFile
 
@@ -47,20 +57,53 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PIECE = 1 << 20  # layer files are read and hashed in pieces of this size
 _META = ("manifest.json", "index.json", "repositories", "oci-layout")
+_LAST = ("index.json", "manifest.json")  # a directory's members end with these, in this order
+_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _is_meta(name: str) -> bool:
     return name in _META or name.endswith(".json")
 
 
+def tar_header(name: str, size: int = 0, linkname: str = "") -> bytes:
+    """The USTAR header of a regular file (or, with ``linkname``, a symbolic link) as
+    imagebuild composes them: mode 0644, owner 0:0, mtime 0."""
+    ti = tarfile.TarInfo(name)
+    ti.mode, ti.mtime, ti.uid, ti.gid = 0o644, 0, 0, 0
+    if linkname:
+        ti.type, ti.linkname = tarfile.SYMTYPE, linkname
+    else:
+        ti.size = size
+    return ti.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def padding(size: int) -> bytes:
+    """The zeros that fill a member's data up to the tar block size."""
+    return b"\0" * ((-size) % BLOCK)
+
+
 @dataclass(frozen=True)
 class Member:
+    """One member of an archive: of a tar (its header and data lie in ``file``, the tar,
+    between ``offset`` and ``end``), or of a generation directory (its ``header`` made
+    here, its data the whole of ``file``, which must hash to ``sha256``)."""
+
     name: str
-    offset: int  # start of its header block(s)
-    end: int  # end of its data, padded to the block size
+    offset: int  # a tar member: start of its header block(s) in the tar (else 0)
+    end: int  # a tar member: end of its data, padded to the block size (else 0)
     data_offset: int = 0
     size: int = 0
     link: str = ""  # a symlink's or hard link's target, as a member name
+    file: PinnedFile | None = None  # where its bytes are (None: a directory's symlink)
+    header: bytes | None = None  # a directory member's tar header (None: a tar member)
+    sha256: str | None = None  # hex; a directory member's bytes must hash to it
+
+    def data(self) -> FileRange:
+        """The member's bytes as a range of its file (checked against its sha256 as they
+        stream, when it has one)."""
+        if self.file is None or self.link:
+            raise BackupError(f"{self.name} is a link, not a file")
+        return FileRange(self.file, self.data_offset, self.size, self.sha256, self.name)
 
 
 @dataclass(frozen=True)
@@ -132,30 +175,45 @@ def allowed_tags_error(tags: Iterable[str], allowed: set[str], where: str) -> Ba
              "gate. Restore a tar imagebuild wrote, or rebuild")
 
 
-def _read_small(file: PinnedFile, members: list[Member], name: str) -> bytes | None:
+def _damaged(where: str, m: Member, actual: str) -> BackupError:
+    path = m.file.path if m.file is not None else where
+    return BackupError(
+        f"{m.name} ({path}) is damaged: its bytes do not have the sha256 it is stored "
+        f"under; nothing was loaded\n  expected sha256 {m.sha256}\n  actual   sha256 "
+        f"{actual}", hint=DAMAGED_HINT)
+
+
+def _read_small(members: Iterable[Member], name: str, where: str) -> bytes | None:
     """The bytes of the regular member ``name`` when it is small (an OCI layout's config
-    is ``blobs/sha256/<hex>``, not a ``.json`` name), read from the pinned descriptor."""
+    is ``blobs/sha256/<hex>``, not a ``.json`` name), read from its pinned descriptor and
+    checked against its sha256 when it has one."""
     for m in members:
-        if m.name == name and not m.link and m.size < SMALL:
-            data = os.pread(file.fd, m.size, m.data_offset)
-            return data if len(data) == m.size else None
+        if m.name == name and not m.link and m.file is not None and m.size < SMALL:
+            data = os.pread(m.file.fd, m.size, m.data_offset)
+            if len(data) != m.size:
+                return None
+            if m.sha256 is not None and hashlib.sha256(data).hexdigest() != m.sha256:
+                raise _damaged(where, m, hashlib.sha256(data).hexdigest())
+            return data
     return None
+
+
+def _unique(files: Iterable[PinnedFile]) -> tuple[PinnedFile, ...]:
+    return tuple({id(f): f for f in files}.values())
 
 
 @dataclass(frozen=True)
 class ArchiveIndex:
-    """Where each member of a ``docker save`` tar lies, and which file is which layer."""
+    """Where each member of a ``docker save`` archive lies (in a tar, or as the files of
+    a generation directory), and which file is which layer."""
 
-    file: PinnedFile
+    where: str  # the tar's or the directory's path, for messages
     members: tuple[Member, ...]
     manifest: Manifest
     config: bytes  # the image config JSON (a few KB)
     fingerprint: str  # of the config: diff IDs and config
     diff_ids: tuple[str, ...]
-
-    @property
-    def size(self) -> int:
-        return self.file.size
+    owned: tuple[PinnedFile, ...] = ()  # files this index opened: close() closes them
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -165,8 +223,33 @@ class ArchiveIndex:
     def repo_tags(self) -> tuple[str, ...]:
         return self.manifest.repo_tags
 
+    @property
+    def files(self) -> tuple[PinnedFile, ...]:
+        """Every file the members' bytes are in: the tar, or the directory's files."""
+        return _unique(m.file for m in self.members if m.file is not None)
+
+    def changed(self) -> bool:
+        """Whether any file of the archive was written to since it was opened. A file
+        checked against its sha256 as it streams counts as changed only when its size or
+        mtime moved (its ctime moves with every hard link made to it or removed)."""
+        hashed = {id(m.file) for m in self.members if m.sha256 is not None}
+        return any(f.changed(ctime=id(f) not in hashed) for f in self.files)
+
+    def close(self) -> None:
+        """Close the files this index opened (``from_directory``). The tar given to
+        ``read`` belongs to the caller and stays open."""
+        for f in self.owned:
+            f.close()
+
+    def __enter__(self) -> ArchiveIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @classmethod
     def read(cls, file: PinnedFile) -> ArchiveIndex:
+        """Index the tar open as ``file`` (which stays the caller's to close)."""
         where = str(file.path)
         members: list[Member] = []
         small: dict[str, bytes] = {}
@@ -181,21 +264,62 @@ class ArchiveIndex:
                                                           ti.linkname))
                             if ti.issym() else ti.linkname if ti.islnk() else "")
                     members.append(Member(ti.name, ti.offset, data_end, ti.offset_data,
-                                          ti.size, link))
+                                          ti.size, link, file))
                     if ti.isfile() and _is_meta(ti.name) and ti.size < SMALL:
                         f = tf.extractfile(ti)
                         assert f is not None
                         small[ti.name] = f.read()
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise BackupError(f"{where} is not a readable tar: {exc}") from None
+        return cls._validated(where, members, small.get("manifest.json"), ())
+
+    @classmethod
+    def from_directory(cls, path: Path, files: dict[str, str], links: dict[str, str]
+                       ) -> ArchiveIndex:
+        """Index a generation directory: ``files`` maps the path (relative to ``path``)
+        of every regular file it must hold to the sha256 (hex) its bytes must have,
+        ``links`` every symbolic link to its target as stored (relative, as ``docker
+        save`` writes it: ``../<v1 id>/layer.tar``). Anything else on disk, anything
+        missing, and a link that leads out of the directory are refused. Each file is
+        opened once (``close`` closes them); its bytes are checked against its sha256
+        whenever they are read: the manifest and config here, the rest as they stream.
+        Members are in name order, with ``index.json`` and ``manifest.json`` last, so a
+        stream cut short never gives ``docker load`` a manifest."""
+        where = str(path)
+        on_disk, disk_links = _walk(path)
+        _check_listing(where, files, links, on_disk, disk_links)
+        members: list[Member] = []
+        opened: list[PinnedFile] = []
+        try:
+            for name, digest in files.items():
+                f = _open_regular(path, name, where)
+                opened.append(f)
+                members.append(Member(name, 0, 0, 0, f.size, file=f, sha256=digest,
+                                      header=_header(where, name, f.size)))
+            for name, target in links.items():
+                members.append(Member(name, 0, 0, link=_link_target(name, target),
+                                      header=_header(where, name, 0, target)))
+            members.sort(key=lambda m: (m.name in _LAST, _LAST.index(m.name)
+                                        if m.name in _LAST else 0, m.name))
+            return cls._validated(where, members, None, tuple(opened))
+        except BaseException:
+            for f in opened:
+                f.close()
+            raise
+
+    @classmethod
+    def _validated(cls, where: str, members: list[Member], manifest_json: bytes | None,
+                   owned: tuple[PinnedFile, ...]) -> ArchiveIndex:
         names = [m.name for m in members]
         if len(set(names)) != len(names):
             raise BackupError(f"{where} holds a member name twice")
-        if "manifest.json" not in small:
+        if manifest_json is None:
+            manifest_json = _read_small(members, "manifest.json", where)
+        if manifest_json is None:
             raise BackupError(f"{where} is not a single-image docker save archive "
                               f"(no manifest.json)")
-        manifest = Manifest.parse(small["manifest.json"], where)
-        config = small.get(manifest.config) or _read_small(file, members, manifest.config)
+        manifest = Manifest.parse(manifest_json, where)
+        config = _read_small(members, manifest.config, where)
         if config is None:
             raise BackupError(f"{where}: manifest.json names the config {manifest.config}, "
                               f"which the archive does not hold")
@@ -203,8 +327,8 @@ class ArchiveIndex:
         if len(diff_ids) != len(manifest.layers):
             raise BackupError(f"{where}: manifest.json lists {len(manifest.layers)} layers, "
                               f"the config {len(diff_ids)}")
-        index = cls(file=file, members=tuple(members), manifest=manifest, config=config,
-                    fingerprint=fingerprint, diff_ids=diff_ids)
+        index = cls(where=where, members=tuple(members), manifest=manifest, config=config,
+                    fingerprint=fingerprint, diff_ids=diff_ids, owned=owned)
         for name in manifest.layers:
             index.member(name)  # every layer has a file, links resolved
         return index
@@ -212,7 +336,7 @@ class ArchiveIndex:
     def check(self, fingerprint: str, allowed_tags: set[str]) -> None:
         """Refuse an archive that does not hold exactly the image with ``fingerprint``, or
         that would apply tags outside ``allowed_tags`` when loaded."""
-        where = str(self.file.path)
+        where = self.where
         if self.fingerprint != fingerprint:
             raise BackupError(f"{where} does not hold the image it is the backup of (its "
                               f"content fingerprint differs); nothing was sent",
@@ -233,50 +357,179 @@ class ArchiveIndex:
             if m is None or not m.link:
                 break
             m = by_name.get(m.link)
-        if m is None or m.link:
-            raise BackupError(f"{self.file.path}: no file for {name}")
+        if m is None or m.link or m.file is None:
+            raise BackupError(f"{self.where}: no file for {name}")
         return m
 
     def layer_blob(self, index: int) -> tuple[str, str]:
         """(media type, digest) of layer ``index``'s file as the archive holds it: an
         uncompressed tar is named by its diff ID; a gzip or zstd blob (a containerd-store
-        head's archive) by the digest of its compressed bytes (its ``blobs/sha256/``
-        name, or hashed here when the name does not say)."""
+        head's archive) by the digest of its compressed bytes (the sha256 a generation
+        directory lists for it, its ``blobs/sha256/`` name, or hashed here when neither
+        says)."""
         m = self.member(self.layers[index])
-        head = os.pread(self.file.fd, 4, m.data_offset) if m.size else b""
+        f = m.data().file
+        head = os.pread(f.fd, 4, m.data_offset) if m.size else b""
         if head[:2] == GZIP_MAGIC:
             media = "application/vnd.oci.image.layer.v1.tar+gzip"
         elif head[:4] == ZSTD_MAGIC:
             media = "application/vnd.oci.image.layer.v1.tar+zstd"
         else:
             return "application/vnd.oci.image.layer.v1.tar", self.diff_ids[index]
+        if m.sha256 is not None:
+            return media, "sha256:" + m.sha256
         base = m.name.rpartition("/")[2]
-        if m.name.startswith("blobs/sha256/") and re.fullmatch(r"[0-9a-f]{64}", base):
+        if m.name.startswith("blobs/sha256/") and _HEX.match(base):
             return media, "sha256:" + base
         h = hashlib.sha256()
         for off in range(m.data_offset, m.data_offset + m.size, PIECE):
-            h.update(os.pread(self.file.fd, min(PIECE, m.data_offset + m.size - off), off))
+            h.update(os.pread(f.fd, min(PIECE, m.data_offset + m.size - off), off))
         return media, "sha256:" + h.hexdigest()
 
-    def ranges(self, skip_layers: int) -> list[tuple[int, int]]:
-        """Byte ranges of the archive without the files of the first ``skip_layers``
-        layers. Taken from the manifest's layer list: a file that a later layer still
-        needs (the same layer twice in one image: a link, or one blob named twice) stays."""
+    def pieces(self, skip_layers: int) -> list[Piece]:
+        """The archive (without its end-of-archive blocks) without the files of the
+        first ``skip_layers`` layers. Taken from the manifest's layer list: a file that a
+        later layer still needs (the same layer twice in one image: a link, or one blob
+        named twice) stays. A tar's members are ranges of the tar (neighbours merged);
+        a directory's are their header, the whole file (checked against its sha256 as it
+        streams) and the padding."""
         needed = set()
         for name in self.layers[skip_layers:]:
             needed.add(name)
             needed.add(self.member(name).name)
         skip = {n for name in self.layers[:skip_layers]
                 for n in (name, self.member(name).name)} - needed
-        out: list[tuple[int, int]] = []
+        out: list[Piece] = []
+
+        def literal(data: bytes) -> None:
+            if not data:
+                return
+            last = out[-1] if out else None
+            if isinstance(last, bytes):
+                out[-1] = last + data
+            else:
+                out.append(data)
+
         for m in self.members:
             if m.name in skip:
                 continue
-            if out and out[-1][0] + out[-1][1] == m.offset:
-                out[-1] = (out[-1][0], m.end - out[-1][0])
+            if m.header is not None:
+                literal(m.header)
+                if m.file is not None:
+                    out.append(m.data())
+                    literal(padding(m.size))
+                continue
+            assert m.file is not None  # a tar member lies in the tar
+            last = out[-1] if out else None
+            if (isinstance(last, FileRange) and last.file is m.file and last.sha256 is None
+                    and last.offset + last.length == m.offset):
+                out[-1] = FileRange(m.file, last.offset, m.end - last.offset)
             else:
-                out.append((m.offset, m.end - m.offset))
+                out.append(FileRange(m.file, m.offset, m.end - m.offset))
         return out
+
+
+# -- a generation directory ---------------------------------------------------------------------
+
+
+def _walk(root: Path) -> tuple[set[str], dict[str, str]]:
+    """The regular files (relative paths) and the symbolic links (-> target) under
+    ``root``; anything else is refused."""
+    regular: set[str] = set()
+    links: dict[str, str] = {}
+
+    def visit(directory: str, prefix: str) -> None:
+        with os.scandir(directory) as entries:
+            for e in entries:
+                name = prefix + e.name
+                if e.is_symlink():
+                    links[name] = os.readlink(e.path)
+                elif e.is_dir(follow_symlinks=False):
+                    visit(e.path, name + "/")
+                elif e.is_file(follow_symlinks=False):
+                    regular.add(name)
+                else:
+                    raise BackupError(f"{root} holds {name}, which is neither a file, a "
+                                      f"directory nor a symbolic link: refusing it",
+                                      hint=DAMAGED_HINT)
+
+    try:
+        visit(str(root), "")
+    except OSError as exc:
+        raise BackupError(f"{root} cannot be read as a backup generation: {exc}") from None
+    return regular, links
+
+
+def _is_relative_name(name: str) -> bool:
+    return (bool(name) and not name.startswith("/") and posixpath.normpath(name) == name
+            and name != "." and ".." not in name.split("/"))
+
+
+def _link_target(name: str, target: str) -> str:
+    """The member a symbolic link at ``name`` points to, or "" when it leads out of the
+    directory (an absolute target, or one that climbs above it)."""
+    if not target or target.startswith("/"):
+        return ""
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+    return resolved if _is_relative_name(resolved) else ""
+
+
+def _check_listing(where: str, files: dict[str, str], links: dict[str, str],
+                   on_disk: set[str], disk_links: dict[str, str]) -> None:
+    """Refuse a directory that is not exactly what its record lists."""
+    def refuse(what: str) -> BackupError:
+        return BackupError(f"{where}: {what}; refusing this backup generation",
+                           hint=DAMAGED_HINT)
+
+    for name, digest in files.items():
+        if not _is_relative_name(name):
+            raise refuse(f"its record lists {name!r}, which is not a path inside it")
+        if not isinstance(digest, str) or not _HEX.match(digest):
+            raise refuse(f"its record lists {digest!r} as the sha256 of {name}")
+    for name, target in links.items():
+        if not _is_relative_name(name):
+            raise refuse(f"its record lists {name!r}, which is not a path inside it")
+        if name in files:
+            raise refuse(f"its record lists {name} both as a file and as a link")
+        resolved = _link_target(name, target)
+        if not resolved:
+            raise refuse(f"the link {name} points to {target}, outside the directory")
+        if resolved not in files and resolved not in links:
+            raise refuse(f"the link {name} points to {target}, which is not in it")
+    extra = sorted((on_disk | set(disk_links)) - set(files) - set(links))
+    if extra:
+        raise refuse(f"it holds {', '.join(extra[:3])}"
+                     + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+                     + ", which its record does not list")
+    missing = sorted((set(files) - on_disk) | (set(links) - set(disk_links)))
+    if missing:
+        raise refuse(f"{', '.join(missing[:3])}"
+                     + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                     + " is missing (or not of the kind its record says)")
+    for name, target in links.items():
+        if disk_links[name] != target:
+            raise refuse(f"the link {name} points to {disk_links[name]}, but its record "
+                         f"says {target}")
+
+
+def _open_regular(root: Path, name: str, where: str) -> PinnedFile:
+    try:
+        f = PinnedFile.open(root / name, follow_symlinks=False)
+    except OSError as exc:
+        raise BackupError(f"{where}: {name} cannot be opened: {exc}; refusing this backup "
+                          f"generation", hint=DAMAGED_HINT) from None
+    if not stat.S_ISREG(os.fstat(f.fd).st_mode):
+        f.close()
+        raise BackupError(f"{where}: {name} is not a regular file; refusing this backup "
+                          f"generation", hint=DAMAGED_HINT)
+    return f
+
+
+def _header(where: str, name: str, size: int, linkname: str = "") -> bytes:
+    try:
+        return tar_header(name, size, linkname)
+    except ValueError as exc:
+        raise BackupError(f"{where}: {name} cannot be put in a tar header: {exc}") from None
 
 
 # -- proving a saved archive complete -----------------------------------------------------------

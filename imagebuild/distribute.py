@@ -1,35 +1,39 @@
 """Verified images to the workers, only the layers each lacks.
 
 For every worker, in parallel: ask its engine which layer chains it holds (one ssh
-round trip),
-then send an archive composed on the fly from the image's backup tar that omits the
-``layer.tar`` of every layer whose whole chain the worker already has. The classic
-(overlay2) store's ``docker load`` registers the layers it needs and skips those whose
-chain exists. The containerd image store does not accept a ``docker save`` archive with
-layer files missing ("failed to resolve layers"), but it does import an OCI image layout
-whose manifest names every layer while the blobs of the present ones are left out; for
-such a worker the same backup tar is recomposed as that layout. Either way the archive
-is a list of pieces: byte ranges of the backup tar, pushed into ``ssh worker docker
-load`` with ``os.sendfile``, and a few small generated headers and JSON files. No Python
-copies layer bytes, nothing is staged in a temp file, memory stays flat. After the load
-the worker's image is checked by content fingerprint, tagged ``NAME:<hash12>``, and
-promoted (promote.py: its ``latest`` moves only on the head's passing record of the same
-content). Workers are reached only through the engine interface (engine_ssh.py).
+round trip), then send an archive composed on the fly from the image's backup that
+omits the layer file of every layer whose whole chain the worker already has. The
+classic (overlay2) store's ``docker load`` registers the layers it needs and skips those
+whose chain exists. The containerd image store does not accept a ``docker save`` archive
+with layer files missing ("failed to resolve layers"), but it does import an OCI image
+layout whose manifest names every layer while the blobs of the present ones are left
+out; for such a worker the same backup is recomposed as that layout.
+
+Either way the archive is a list of pieces (``engine.Piece``): ranges of files and a few
+small generated tar headers and JSON files. The files are those of a backup generation
+of the layer store (a ``docker save`` directory whose layer files are hard links into
+its blobs: each sent whole, with a generated header, and checked against its sha256 as
+it streams, so a damaged layer cuts the archive short and the worker loads nothing), or
+byte ranges of one backup tar. Ranges go into ``ssh worker docker load`` with
+``os.sendfile`` where nothing needs hashing: nothing is staged in a temp file, memory
+stays flat. After the load the worker's image is checked by content fingerprint, tagged
+``NAME:<hash12>``, and promoted (promote.py: its ``latest`` moves only on the head's
+passing record of the same content). Workers are reached only through the engine
+interface (engine_ssh.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .archive import BLOCK, ArchiveIndex
-from .engine import ContainerInfo, Engine, ImageInfo, Piece, StoreKind
+from .archive import BLOCK, ArchiveIndex, padding, tar_header
+from .engine import ContainerInfo, Engine, ImageInfo, Piece, StoreKind, piece_size
 from .errors import ImagebuildError, RemoteError
 from .naming import LATEST, ROOT_LABEL, ROOT_TAG_LABEL, latest_tag, split_ref
 from .progress import Progress, Quiet
@@ -53,18 +57,7 @@ def chain_ids(diff_ids: tuple[str, ...] | list[str]) -> list[str]:
 
 def docker_pieces(archive: ArchiveIndex, skip_layers: int) -> list[Piece]:
     """The ``docker save`` archive without the first ``skip_layers`` layer files."""
-    return [*archive.ranges(skip_layers), TRAILER]
-
-
-def _header(name: str, size: int) -> bytes:
-    ti = tarfile.TarInfo(name)
-    ti.size = size
-    ti.mode = 0o644
-    return ti.tobuf(format=tarfile.USTAR_FORMAT)
-
-
-def _padding(size: int) -> bytes:
-    return b"\0" * ((-size) % BLOCK)
+    return [*archive.pieces(skip_layers), TRAILER]
 
 
 def containerd_name(ref: str) -> str:
@@ -83,12 +76,12 @@ def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: in
     it: uncompressed by its diff ID, or a compressed blob by its own digest) but carries
     only the blobs of layers ``skip_layers`` and up."""
     if len(diff_ids) != len(archive.layers) or not archive.config:
-        raise ImagebuildError(f"{archive.file.path}: its manifest and the image's layers "
+        raise ImagebuildError(f"{archive.where}: its manifest and the image's layers "
                               f"differ")
     pieces: list[Piece] = []
 
     def literal(name: str, data: bytes) -> None:
-        pieces.append(_header(name, len(data)) + data + _padding(len(data)))
+        pieces.append(tar_header(name, len(data)) + data + padding(len(data)))
 
     descriptors: list[dict[str, object]] = []
     sent: set[str] = set()
@@ -98,11 +91,12 @@ def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: in
         descriptors.append({"mediaType": media, "digest": digest, "size": m.size})
         if i >= skip_layers and digest not in sent:
             sent.add(digest)
-            pieces.append(_header("blobs/sha256/" + digest.removeprefix("sha256:"), m.size))
-            if m.size:
-                pieces.append((m.data_offset, m.size))
-            if _padding(m.size):
-                pieces.append(_padding(m.size))
+            pieces.append(tar_header("blobs/sha256/" + digest.removeprefix("sha256:"),
+                                     m.size))
+            if m.size or m.sha256 is not None:  # a checked file is checked even when empty
+                pieces.append(m.data())
+            if padding(m.size):
+                pieces.append(padding(m.size))
     config_digest = "sha256:" + hashlib.sha256(archive.config).hexdigest()
     literal("blobs/sha256/" + config_digest.removeprefix("sha256:"), archive.config)
     manifest = json.dumps({
@@ -129,7 +123,7 @@ def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: in
 
 
 def archive_bytes(pieces: list[Piece]) -> int:
-    return sum(p[1] if isinstance(p, tuple) else len(p) for p in pieces)
+    return sum(piece_size(p) for p in pieces)
 
 
 # -- what a worker has --------------------------------------------------------------------------
@@ -278,11 +272,11 @@ def ship(worker: Worker, items: list[Item], gate: Gate, meter: FanoutMeter | Non
             started = time.monotonic()
             if plan.pieces:
                 out.bytes_sent = worker.engine.load_archive(
-                    item.archive.file, plan.pieces,
+                    plan.pieces,
                     (lambda n: meter.on_bytes(worker.name, n)) if meter else None)
-                if item.archive.file.changed():
+                if item.archive.changed():
                     worker.engine.remove_image(item.hash_tag)
-                    raise RemoteError(f"{item.archive.file.path} changed while it was sent to "
+                    raise RemoteError(f"{item.archive.where} changed while it was sent to "
                                       f"{worker.name}; its tag there was removed")
             loaded, out.latest_moved = _settle(worker, item, state, gate)
             if item.record is None:

@@ -3,8 +3,10 @@
 Every reply is parsed by the same functions as the head's (``engine.parse_*``); a reply
 of an unexpected shape (a login banner on stdout, an inspect entry without ``Id``) is a
 ``RemoteError`` naming the worker, so one bad worker fails alone. Bulk bytes go through
-OpenSSH with no Python in the data path: ``load_archive`` pushes byte ranges of a local
-file into ``ssh worker docker load`` with ``os.sendfile``.
+OpenSSH: ``load_archive`` pushes ranges of local files into ``ssh worker docker load``
+with ``os.sendfile`` (no Python in the data path), except the files of a backup
+generation that must match their sha256: those are read, hashed and written, their last
+chunk held back until the digest matched.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from .engine import (
     parse_container,
     parse_images,
     parse_info,
+    range_chunks,
 )
 from .errors import EngineError, ImageNotFound, RemoteError
-from .fsutil import PinnedFile
 from .naming import CHECK_LABEL, ROOT_LABEL
 from .remote import Process, Target, call, explain, finish, last_line, run, start
 
@@ -169,10 +171,12 @@ class SshEngine(Engine):
 
         return self._loading(feed)[0]
 
-    def load_archive(self, file: PinnedFile, pieces: list[Piece],
-                     on_bytes: OnBytes | None = None) -> int:
-        """Pieces into ``docker load``: ranges of the file's open descriptor with
-        ``sendfile``, literals with ``write``."""
+    def load_archive(self, pieces: list[Piece], on_bytes: OnBytes | None = None) -> int:
+        """Pieces into ``docker load``: ranges of each file's open descriptor with
+        ``sendfile``, or, for a range that must match its sha256, read, hashed and
+        written (``range_chunks``: a mismatch raises before the file's last chunk, and
+        the load is killed, so ``docker load`` sees a truncated archive); literals with
+        ``write``."""
 
         def feed(fd: int, count: OnBytes) -> None:
             for piece in pieces:
@@ -180,11 +184,16 @@ class SshEngine(Engine):
                     _write_all(fd, piece)
                     count(len(piece))
                     continue
-                offset, length = piece
+                if piece.sha256 is not None:
+                    for chunk in range_chunks(piece):
+                        _write_all(fd, chunk)
+                        count(len(chunk))
+                    continue
+                offset, length = piece.offset, piece.length
                 while length > 0:
-                    n = os.sendfile(fd, file.fd, offset, min(length, 1 << 30))
+                    n = os.sendfile(fd, piece.file.fd, offset, min(length, 1 << 30))
                     if n == 0:
-                        raise RemoteError(f"{file.path} ended early while sending to "
+                        raise RemoteError(f"{piece.file.path} ended early while sending to "
                                           f"{self.target.name}")
                     offset += n
                     length -= n

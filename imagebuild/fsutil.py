@@ -74,24 +74,32 @@ class PinnedFile:
     identity: Identity
 
     @classmethod
-    def open(cls, path: Path) -> PinnedFile:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def open(cls, path: Path, *, follow_symlinks: bool = True) -> PinnedFile:
+        """Open ``path`` for reading; with ``follow_symlinks=False`` a symbolic link in
+        its last component is refused (``OSError``, ELOOP)."""
+        flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+        fd = os.open(path, flags)
         return cls(path, fd, _identity(os.fstat(fd)))
 
     @property
     def size(self) -> int:
         return self.identity[2]
 
-    def changed(self) -> bool:
+    def changed(self, *, ctime: bool = True) -> bool:
         """Whether the file was written to since it was opened: its size or mtime moved,
         or its ctime did while it still has a name (a write with the mtime put back).
         A file only unlinked or renamed over (ctime moves, no link left) has not changed:
-        the descriptor still holds the bytes that were checked."""
+        the descriptor still holds the bytes that were checked.
+
+        ``ctime=False`` counts only a size or mtime that moved: for a file whose bytes are
+        checked against their sha256 as they are read anyway, and whose ctime also moves
+        whenever a hard link to it is made or removed (a blob of the backup layer store,
+        linked by every generation that holds it)."""
         st = os.fstat(self.fd)
         now = _identity(st)
         if now[:4] != self.identity[:4]:
             return True
-        return now[4] != self.identity[4] and st.st_nlink > 0
+        return ctime and now[4] != self.identity[4] and st.st_nlink > 0
 
     def sha256(self, meter: Meter | None = None) -> str:
         h = hashlib.sha256()

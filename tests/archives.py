@@ -69,3 +69,53 @@ def save_like(path: Path, layers: list[bytes], *, tags: list[str] | None = None,
                      labels={"x": "y"}, diff_ids=tuple(diff_ids), size=sum(map(len, layers)),
                      created="", config=cfg)
     return Saved(path, diff_ids, config, info)
+
+
+def oci_like(path: Path, layers: list[bytes], *, drop: int | None = None,
+             gzip_members: int = 1, index: bool = False) -> tuple[bytes, tuple[str, ...]]:
+    """A containerd-store ``docker save`` archive: an OCI layout plus manifest.json whose
+    layers are gzip blobs named by their compressed digest (not the diff ID). ``drop``:
+    leave that layer's blob out, as docker 26+ does for a blob missing from the content
+    store (moby#49473). ``index``: also the image's manifest blob and an ``index.json``
+    naming it, as a containerd-store save writes them."""
+    import gzip
+
+    diff_ids = tuple("sha256:" + hashlib.sha256(b).hexdigest() for b in layers)
+    blobs = []
+    for data in layers:
+        cut = len(data) // gzip_members + 1
+        blobs.append(b"".join(gzip.compress(data[i:i + cut], mtime=0)
+                              for i in range(0, len(data), cut)) or gzip.compress(b"", mtime=0))
+    names = [f"blobs/sha256/{hashlib.sha256(b).hexdigest()}" for b in blobs]
+    config = json.dumps({"config": {"Env": ["A=1"]},
+                         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)}}).encode()
+    cfg_name = f"blobs/sha256/{hashlib.sha256(config).hexdigest()}"
+    manifest = json.dumps([{"Config": cfg_name, "RepoTags": ["img:abc"],
+                            "Layers": names}]).encode()
+    oci_manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": "sha256:" + cfg_name.rsplit("/", 1)[1], "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": "sha256:" + n.rsplit("/", 1)[1], "size": len(b)}
+                   for n, b in zip(names, blobs, strict=True)]}).encode()
+    oci_digest = hashlib.sha256(oci_manifest).hexdigest()
+    oci_index = json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": "sha256:" + oci_digest, "size": len(oci_manifest),
+        "annotations": {"io.containerd.image.name": "docker.io/library/img:abc"}}]}).encode()
+    with tarfile.open(path, "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        add("oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+        add(cfg_name, config)
+        for i, (name, blob) in enumerate(zip(names, blobs, strict=True)):
+            if i != drop:
+                add(name, blob)
+        if index:
+            add(f"blobs/sha256/{oci_digest}", oci_manifest)
+            add("index.json", oci_index)
+        add("manifest.json", manifest)
+    return path.read_bytes(), diff_ids

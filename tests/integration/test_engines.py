@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.engine import Engine
+from imagebuild.engine import Engine, FileRange
 from imagebuild.engine_docker import DockerEngine
 from imagebuild.engine_ssh import SshEngine
 from imagebuild.errors import EngineError, ImageNotFound, RemoteError
@@ -65,7 +65,8 @@ def test_a_worker_engine_answers_like_the_heads(bed_env: Bed, head: DockerEngine
     size = tar.stat().st_size
     seen: list[int] = []
     with PinnedFile.open(tar) as pinned:
-        sent = worker.load_archive(pinned, [(0, size // 2), (size // 2, size - size // 2)],
+        sent = worker.load_archive([FileRange(pinned, 0, size // 2),
+                                    FileRange(pinned, size // 2, size - size // 2)],
                                    seen.append)
     assert sent == size and seen[-1] == size
     theirs = worker.require(f"imagebuild-engine-test:{label}")

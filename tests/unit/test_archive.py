@@ -14,9 +14,11 @@ import pytest
 from imagebuild import archive
 from imagebuild.archive import ArchiveIndex, TarGuard, allowed_tags_error, manifest_tags
 from imagebuild.distribute import docker_pieces
+from imagebuild.engine import archive_chunks
 from imagebuild.errors import BackupError
 from imagebuild.fsutil import PinnedFile
 
+from ..archives import oci_like as _oci_like
 from ..archives import save_like
 
 LAYERS = [b"base" * 3000, b"middle" * 500, b"top" * 100]
@@ -27,9 +29,7 @@ def _read(path: Path) -> ArchiveIndex:
 
 
 def _compose(index: ArchiveIndex, skip: int) -> tarfile.TarFile:
-    raw = index.file.path.read_bytes()
-    data = b"".join(p if isinstance(p, bytes) else raw[p[0]:p[0] + p[1]]
-                    for p in docker_pieces(index, skip))
+    data = b"".join(archive_chunks(docker_pieces(index, skip)))
     return tarfile.open(fileobj=io.BytesIO(data))
 
 
@@ -196,40 +196,6 @@ def test_an_oci_index_naming_another_image_is_refused() -> None:
 # -- SaveCheck: a backup is kept only when docker saved every layer ---------------------------
 
 
-def _oci_like(path: Path, layers: list[bytes], *, drop: int | None = None,
-              gzip_members: int = 1) -> tuple[bytes, tuple[str, ...]]:
-    """A containerd-store ``docker save`` archive: an OCI layout plus manifest.json whose
-    layers are gzip blobs named by their compressed digest (not the diff ID). ``drop``:
-    leave that layer's blob out, as docker 26+ does for a blob missing from the content
-    store (moby#49473)."""
-    import gzip
-
-    diff_ids = tuple("sha256:" + hashlib.sha256(b).hexdigest() for b in layers)
-    blobs = []
-    for data in layers:
-        cut = len(data) // gzip_members + 1
-        blobs.append(b"".join(gzip.compress(data[i:i + cut], mtime=0)
-                              for i in range(0, len(data), cut)) or gzip.compress(b"", mtime=0))
-    names = [f"blobs/sha256/{hashlib.sha256(b).hexdigest()}" for b in blobs]
-    config = json.dumps({"config": {"Env": ["A=1"]},
-                         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)}}).encode()
-    cfg_name = f"blobs/sha256/{hashlib.sha256(config).hexdigest()}"
-    manifest = json.dumps([{"Config": cfg_name, "RepoTags": ["img:abc"],
-                            "Layers": names}]).encode()
-    with tarfile.open(path, "w") as tf:
-        def add(name: str, data: bytes) -> None:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-        add("oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
-        add(cfg_name, config)
-        for i, (name, blob) in enumerate(zip(names, blobs, strict=True)):
-            if i != drop:
-                add(name, blob)
-        add("manifest.json", manifest)
-    return path.read_bytes(), diff_ids
-
-
 def _save_check(data: bytes, diff_ids: tuple[str, ...], chunk: int = 65536) -> None:
     check = archive.SaveCheck("backups/img.tar", diff_ids)
     try:
@@ -337,9 +303,7 @@ def test_an_oci_layout_for_a_containerd_worker_names_compressed_blobs_by_their_d
 
     _, diff_ids = _oci_like(tmp_path / "oci.tar", [b"base" * 999, b"mid" * 99, b"top" * 9])
     index = _read(tmp_path / "oci.tar")
-    raw = index.file.path.read_bytes()
-    data = b"".join(p if isinstance(p, bytes) else raw[p[0]:p[0] + p[1]]
-                    for p in oci_pieces(index, diff_ids, skip, "vllm-node:abc"))
+    data = b"".join(archive_chunks(oci_pieces(index, diff_ids, skip, "vllm-node:abc")))
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         files = {m.name: tf.extractfile(m).read() for m in tf.getmembers()  # type: ignore[union-attr]
                  if m.isfile()}

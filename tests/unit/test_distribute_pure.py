@@ -19,7 +19,15 @@ from imagebuild.distribute import (
     oci_pieces,
     plan_item,
 )
-from imagebuild.engine import BadReply, ImageInfo, Piece, parse_images, parse_info
+from imagebuild.engine import (
+    BadReply,
+    FileRange,
+    ImageInfo,
+    Piece,
+    archive_chunks,
+    parse_images,
+    parse_info,
+)
 from imagebuild.errors import ImagebuildError
 from imagebuild.fsutil import PinnedFile
 from imagebuild.remote import Target, explain
@@ -35,13 +43,12 @@ def _read(path: Path) -> ArchiveIndex:
     return ArchiveIndex.read(PinnedFile.open(path))
 
 
-def _join(index: ArchiveIndex, pieces: list[Piece]) -> bytes:
-    raw = index.file.path.read_bytes()
-    return b"".join(p if isinstance(p, bytes) else raw[p[0]:p[0] + p[1]] for p in pieces)
+def _join(pieces: list[Piece]) -> bytes:
+    return b"".join(archive_chunks(pieces))
 
 
 def _compose(index: ArchiveIndex, skip: int) -> bytes:
-    return _join(index, docker_pieces(index, skip))
+    return _join(docker_pieces(index, skip))
 
 
 def test_chain_ids() -> None:
@@ -113,10 +120,11 @@ def test_the_oci_layout_names_every_layer_and_carries_only_the_missing_blobs(
     index = _read(tmp_path / "a.tar")
     assert json.loads(index.config)["rootfs"]["diff_ids"] == diff
     pieces = oci_pieces(index, tuple(diff), 2, "vllm-node-mimo:0123456789ab")
-    data = _join(index, pieces)
+    data = _join(pieces)
     assert archive_bytes(pieces) == len(data) and len(data) % 512 == 0
     # the layer bytes travel as ranges of the backup tar, not through Python
-    assert sum(n for p in pieces if isinstance(p, tuple) for n in p[1:]) == len(b"top")
+    ranges = [p for p in pieces if isinstance(p, FileRange)]
+    assert [(r.file, r.length, r.sha256) for r in ranges] == [(index.files[0], 3, None)]
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         files = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}  # type: ignore[union-attr]
     assert json.loads(files["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
