@@ -1,12 +1,13 @@
-"""Backup stores: a directory of backup files on this host or on another one (ssh://).
+"""Backup stores: a directory tree of backup files on this host or on another one (ssh://).
 
-``BackupDir`` is the interface: named files in one directory, each written under a
-temporary name and renamed into place, hard links for generations, streaming reads and
-writes. ``LocalDir`` and ``SshDir`` implement it; what to write, when to keep a
-generation and what to prune is decided once, in ``backup.py``, for both.
+``BackupDir`` is the interface: files under one root directory, each written under a
+temporary name and renamed into place, hard links, streaming reads and writes, listings
+with link counts. ``LocalDir`` and ``SshDir`` implement it; what to write, what to link
+and what to prune is decided once, in ``layerstore.py`` and ``backup.py``, for both.
 
-File names are single path components chosen by imagebuild (``NAME.tar``,
-``NAME@<hash12>.tar``, ``.NAME.tar.<host>-<pid>.partial``); the remote side never parses
+Paths are relative, ``/``-separated, made of components imagebuild chose or checked
+(digests, image names, ``<hash12>``, the members of a ``docker save`` archive), each
+matching ``[A-Za-z0-9._@+-]+`` and never ``.`` or ``..``. The remote side never parses
 ``ls`` output: listings come NUL-separated from ``find -printf`` and every remote path is
 one shell word (``shlex`` quoting by remote.py).
 """
@@ -31,7 +32,7 @@ from .progress import Meter
 from .remote import Process, Target, call, explain, finish, last_line, run, start
 from .spec import Backups, SshLocation
 
-_BAD_NAME = re.compile(r"[/\x00-\x1f\x7f]")
+_COMPONENT = re.compile(r"[A-Za-z0-9._@+-]+")
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,11 @@ class FileStat:
     mtime_ns: int
     ino: int = 0
     ctime_ns: int = 0
+    nlink: int = 1
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileStat:
-        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_nlink)
 
 
 class Writer(Protocol):
@@ -70,8 +72,28 @@ class BackupDir(Protocol):
         """Create the directory if it is missing."""
         ...
 
-    def files(self) -> dict[str, FileStat]:
-        """Every regular file in the directory, by name."""
+    def files(self, sub: str = "") -> dict[str, FileStat]:
+        """Every regular file directly in the directory ``sub`` (the root: ""), by name."""
+        ...
+
+    def dirs(self, sub: str = "") -> list[str]:
+        """The names of the directories directly in ``sub``."""
+        ...
+
+    def mkdirs(self, *paths: str) -> None:
+        """Create directories (and their parents); existing ones are not an error."""
+        ...
+
+    def link_all(self, pairs: list[tuple[str, str]]) -> None:
+        """Hard-link each ``src`` as ``dst`` (replacing it), in one round trip."""
+        ...
+
+    def symlink(self, target: str, path: str) -> None:
+        """A symbolic link ``path`` -> ``target`` (relative, as an archive holds it)."""
+        ...
+
+    def remove_tree(self, *paths: str) -> None:
+        """Remove directories and everything in them; absent ones are not an error."""
         ...
 
     def stat(self, name: str) -> FileStat | None: ...
@@ -100,7 +122,9 @@ class BackupDir(Protocol):
         """Hard-link ``src`` as ``dst``, replacing ``dst``."""
         ...
 
-    def rename(self, src: str, dst: str) -> None: ...
+    def rename(self, src: str, dst: str) -> None:
+        """Rename a file (replacing ``dst``) or a directory (``dst`` must not exist)."""
+        ...
 
     def remove(self, *names: str) -> None:
         """Remove files; absent ones are not an error."""
@@ -108,9 +132,10 @@ class BackupDir(Protocol):
 
 
 def check_name(name: str) -> str:
-    """A file name in the directory: one path component, no control characters."""
-    if not name or _BAD_NAME.search(name) or name in (".", ".."):
-        raise BackupError(f"{name!r} is not a file name in a backup directory")
+    """A relative path in the store: components of ``[A-Za-z0-9._@+-]``, no ``.``/``..``."""
+    parts = name.split("/")
+    if not name or any(not _COMPONENT.fullmatch(p) or p in (".", "..") for p in parts):
+        raise BackupError(f"{name!r} is not a path in a backup directory")
     return name
 
 
@@ -168,17 +193,37 @@ class LocalDir:
             raise BackupError(f"cannot create the backup directory {self.directory}: "
                               f"{exc.strerror or exc}") from None
 
-    def files(self) -> dict[str, FileStat]:
-        out: dict[str, FileStat] = {}
+    def _entries(self, sub: str) -> list[os.DirEntry[str]]:
         try:
-            entries = list(os.scandir(self.directory))
-        except FileNotFoundError:
-            return out
-        for e in entries:
+            return list(os.scandir(self._p(sub) if sub else self.directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def files(self, sub: str = "") -> dict[str, FileStat]:
+        out: dict[str, FileStat] = {}
+        for e in self._entries(sub):
             if e.is_file(follow_symlinks=False):
-                st = e.stat(follow_symlinks=False)
-                out[e.name] = FileStat.of(st)
+                out[e.name] = FileStat.of(e.stat(follow_symlinks=False))
         return out
+
+    def dirs(self, sub: str = "") -> list[str]:
+        return sorted(e.name for e in self._entries(sub) if e.is_dir(follow_symlinks=False))
+
+    def mkdirs(self, *paths: str) -> None:
+        for path in paths:
+            self._p(path).mkdir(parents=True, exist_ok=True)
+
+    def link_all(self, pairs: list[tuple[str, str]]) -> None:
+        for src, dst in pairs:
+            self.link(src, dst)
+
+    def symlink(self, target: str, path: str) -> None:
+        self._p(path).unlink(missing_ok=True)
+        os.symlink(target, self._p(path))
+
+    def remove_tree(self, *paths: str) -> None:
+        for path in paths:
+            shutil.rmtree(self._p(path), ignore_errors=True)
 
     def stat(self, name: str) -> FileStat | None:
         try:
@@ -197,7 +242,7 @@ class LocalDir:
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write_text(self._p(name), text)
-        fsync_dir(self.directory)
+        fsync_dir(self._p(name).parent)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.directory).free
@@ -224,7 +269,7 @@ class LocalDir:
 
     def rename(self, src: str, dst: str) -> None:
         os.replace(self._p(src), self._p(dst))
-        fsync_dir(self.directory)
+        fsync_dir(self._p(dst).parent)
 
     def remove(self, *names: str) -> None:
         for name in names:
@@ -291,26 +336,57 @@ class SshDir:
     def prepare(self) -> None:
         run(self.target, ["mkdir", "-p", "--", self.location.path])
 
-    def files(self) -> dict[str, FileStat]:
-        r = call(self.target, ["find", self.location.path, "-maxdepth", "1", "-type", "f",
-                               "-printf", r"%f\0%s\0%T@\0%i\0%C@\0"])
+    def _dir(self, sub: str) -> str:
+        return self.path_of(sub) if sub else self.location.path
+
+    def _find(self, sub: str, kind: str, fmt: str) -> list[str]:
+        r = call(self.target, ["find", self._dir(sub), "-mindepth", "1", "-maxdepth", "1",
+                               "-type", kind, "-printf", fmt])
         if r.code != 0:
             if r.code == 1 and "No such file" in r.stderr:
-                return {}
+                return []
             raise RemoteError(explain(self.target, r.code or 255, r.stderr))
-        fields = r.stdout.split("\0")
+        return r.stdout.split("\0")[:-1]
+
+    def files(self, sub: str = "") -> dict[str, FileStat]:
+        fields = self._find(sub, "f", r"%f\0%s\0%T@\0%i\0%C@\0%n\0")
         out: dict[str, FileStat] = {}
         try:
-            for i in range(0, len(fields) - 4, 5):
+            for i in range(0, len(fields) - 5, 6):
                 out[fields[i]] = FileStat(int(fields[i + 1]), _ns(fields[i + 2]),
-                                          int(fields[i + 3]), _ns(fields[i + 4]))
+                                          int(fields[i + 3]), _ns(fields[i + 4]),
+                                          int(fields[i + 5]))
         except (ValueError, InvalidOperation):
             raise RemoteError(f"{self.target}: unexpected reply listing "
-                              f"{self.location.path}") from None
+                              f"{self._dir(sub)}") from None
         return out
 
+    def dirs(self, sub: str = "") -> list[str]:
+        return sorted(self._find(sub, "d", r"%f\0"))
+
+    def mkdirs(self, *paths: str) -> None:
+        if paths:
+            run(self.target, ["mkdir", "-p", "--", *(self.path_of(p) for p in paths)])
+
+    def link_all(self, pairs: list[tuple[str, str]]) -> None:
+        for start_at in range(0, len(pairs), 200):  # bounded command lines
+            args = [p for src, dst in pairs[start_at:start_at + 200]
+                    for p in (self.path_of(src), self.path_of(dst))]
+            run(self.target, ["sh", "-c", 'while [ "$#" -gt 1 ]; do ln -f -- "$1" "$2" || '
+                              'exit 1; shift 2; done', "sh", *args])
+
+    def symlink(self, target: str, path: str) -> None:
+        if target.startswith("-"):
+            raise BackupError(f"{target!r} is not a link target imagebuild writes")
+        run(self.target, ["ln", "-sfn", "--", target, self.path_of(path)])
+
+    def remove_tree(self, *paths: str) -> None:
+        if paths:
+            run(self.target, ["rm", "-rf", "--", *(self.path_of(p) for p in paths)])
+
     def stat(self, name: str) -> FileStat | None:
-        return self.files().get(check_name(name))
+        parent, _, base = check_name(name).rpartition("/")
+        return self.files(parent).get(base)
 
     def read_text(self, name: str) -> str | None:
         r = call(self.target, ["cat", "--", self.path_of(name)])
@@ -363,7 +439,7 @@ class SshDir:
         run(self.target, ["ln", "-f", "--", self.path_of(src), self.path_of(dst)])
 
     def rename(self, src: str, dst: str) -> None:
-        run(self.target, ["mv", "-f", "--", self.path_of(src), self.path_of(dst)])
+        run(self.target, ["mv", "-f", "-T", "--", self.path_of(src), self.path_of(dst)])
 
     def remove(self, *names: str) -> None:
         if names:
