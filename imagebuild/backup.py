@@ -1,36 +1,33 @@
-"""Tar backups of verified images, and restoring them, in any ``BackupDir``.
+"""Backups of verified images in the layer store (layerstore.py), and restoring them.
 
-A backup is ``NAME.tar`` plus a JSON sidecar ``NAME.tar.json``. It is streamed from
-``docker save`` into a temporary name in the same directory (never /tmp), hashed while it
-streams, synced, its size checked, then renamed into place; the previous generation stays
-as ``NAME@<hash12>.tar`` (a hard link), and generations beyond ``keep`` are pruned. The
-same code writes a local directory and one on another host (store.py). While it streams,
-the archive is read as a tar too (``SaveCheck``): it is kept only if it holds every layer
-of the image with its diff ID (``docker save`` on the containerd store can leave blobs
-out, moby#49473).
+``write_backup`` saves an image into the store of a ``BackupDir`` (local or ssh://) as a
+generation: only the layers the store lacks are written, the generation appears only when
+complete, generations beyond ``keep`` are pruned and blobs no generation links are
+removed. Tar backups from before the store (``NAME.tar`` + ``NAME.tar.json``) are
+imported into it on the next backup of their image; until then, and for any tar given
+with ``restore-from-tar --file``, they restore as before: checked against their sidecar
+(size, sha256, tags, content) as they stream into ``docker load``.
 
-A restore checks the tar against its sidecar (size, sha256) before anything is loaded,
-loads it, checks the image ID and restores the hash tag. ``latest`` is not touched here:
-that is promote's, after the gate.
+Readers see both kinds as ``Backup`` (by ``key``: a generation's directory, or a tar's
+file name): ``backups_of`` lists them newest first, ``find_substitute`` finds one by
+input hash, ``restore_backup`` loads one, ``generation_archive`` opens one for sending.
+``latest`` is never touched here: that is promote's, after the gate.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import os
 import re
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .archive import (
+    ArchiveIndex,
     Manifest,
-    SaveCheck,
     TarGuard,
     allowed_tags_error,
     config_fingerprint,
@@ -38,18 +35,36 @@ from .archive import (
 )
 from .engine import Engine, ImageInfo
 from .errors import BackupError
-from .fsutil import PinnedFile
-from .naming import hash12, hash_tag, input_hash, latest_tag, short_id, split_ref
+from .layerstore import (
+    CURRENT,
+    GenSidecar,
+    Meta,
+    archive_stream,
+    check_archive,
+    current_generation,
+    damaged,
+    gen_path,
+    image_dir,
+    ingest,
+    is_complete,
+    json_fields,
+    list_generations,
+    prune,
+    read_gen_sidecar,
+    sidecar_json,
+    space_needed,
+)
+from .naming import hash12, hash_tag, input_hash, short_id, split_ref
 from .progress import Progress
-from .store import BackupDir, FileStat, LocalDir, writing
+from .store import BackupDir, FileStat, LocalDir
 
-SPACE_MARGIN = 64 << 20  # tar headers and the sidecar, on top of the image size
-PARTIAL = ".partial"
-FOREIGN_PARTIAL_AGE = 24 * 3600  # a partial file written from another host, spared a day
+SPACE_MARGIN = 64 << 20  # headers, small files and sidecars, on top of the new layers
 
 
 @dataclass(frozen=True)
 class Sidecar:
+    """The sidecar of a tar backup (``NAME.tar.json``), as written before the layer store."""
+
     image: str
     image_id: str
     fingerprint: str
@@ -64,18 +79,11 @@ class Sidecar:
     ctime_ns: int = 0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        return sidecar_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> Sidecar:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        known = {f.name for f in fields(cls)}
-        extra = sorted(set(data) - known)
-        if extra:
-            raise ValueError(f"unknown keys {extra}")
-        sc = cls(**data)
+        sc = cls(**json_fields(cls, text))
         ints = (sc.size, sc.mtime_ns, sc.ino, sc.ctime_ns)
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
             raise ValueError("size, mtime_ns, ino and ctime_ns must be whole numbers")
@@ -104,13 +112,6 @@ class Sidecar:
         """The one tag a backup may carry: ``NAME:<hash12>``."""
         return f"{self.image}:{hash12(self.input_hash)}" if self.input_hash else None
 
-    def written_as(self, stat: FileStat | None) -> bool:
-        """Whether the file is still the one that was written and hashed (its size,
-        mtime, inode and ctime unchanged; sidecars of old versions: size and mtime)."""
-        if stat is None or (stat.size, stat.mtime_ns) != (self.size, self.mtime_ns):
-            return False
-        return self.ino == 0 or (stat.ino, stat.ctime_ns) == (self.ino, self.ctime_ns)
-
 
 def tar_name(name: str) -> str:
     return f"{name}.tar"
@@ -131,16 +132,6 @@ def read_sidecar(store: BackupDir, tar: str) -> Sidecar | None:
                           hint="remove it and run 'imagebuild backup' again") from None
 
 
-@dataclass(frozen=True)
-class BackupResult:
-    where: str  # the tar, as a path or an ssh:// URL
-    tar: str  # its name in the store
-    sidecar: Sidecar
-    written: bool
-    seconds: float = 0.0
-    local_tar: Path | None = None  # the tar on this host, when it is here
-
-
 def check_space(store: object, free: int, need: int, what: str) -> None:
     """Refuse before writing anything when ``store`` has less than ``need`` free."""
     if free < need:
@@ -151,136 +142,193 @@ def check_space(store: object, free: int, need: int, what: str) -> None:
         )
 
 
-def _new_sidecar(name: str, info: ImageInfo, stat: FileStat, sha256: str) -> Sidecar:
-    tags = {latest_tag(name)} | ({t} if (t := hash_tag(name, info)) else set())
-    return Sidecar(
-        image=name, image_id=info.id, fingerprint=info.fingerprint, input_hash=input_hash(info),
-        tags=sorted(tags), size=stat.size, sha256=sha256,
-        created=datetime.now(UTC).isoformat(timespec="seconds"), mtime_ns=stat.mtime_ns,
-        ino=stat.ino, ctime_ns=stat.ctime_ns,
-    )
+def legacy_tars(store: BackupDir, name: str, files: dict[str, FileStat] | None = None
+                ) -> list[str]:
+    """Tar backups of ``name`` from before the layer store (``NAME.tar``, then
+    ``NAME@<hash12>.tar`` newest first) that have a sidecar."""
+    files = store.files() if files is None else files
+    old = sorted((f for f in files if f.startswith(f"{name}@") and f.endswith(".tar")),
+                 key=lambda f: files[f].mtime_ns, reverse=True)
+    return [t for t in [tar_name(name), *old] if t in files and sidecar_name(t) in files]
+
+
+# -- one view of both kinds ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backup:
+    """A backup of one image: a generation of the layer store (``key`` is its directory,
+    ``images/<name>/<hash12>``), or a tar from before the store (``key``: its file)."""
+
+    key: str
+    image: str
+    image_id: str
+    fingerprint: str
+    input_hash: str | None
+    size: int
+    created: str
+    gen: GenSidecar | None = None
+    tar: Sidecar | None = None
+
+    @property
+    def hash_tag(self) -> str | None:
+        return f"{self.image}:{hash12(self.input_hash)}" if self.input_hash else None
+
+    @classmethod
+    def of_gen(cls, sc: GenSidecar) -> Backup:
+        return cls(sc.key, sc.image, sc.image_id, sc.fingerprint, sc.input_hash, sc.size,
+                   sc.created, gen=sc)
+
+    @classmethod
+    def of_tar(cls, tar: str, sc: Sidecar) -> Backup:
+        return cls(tar, sc.image, sc.image_id, sc.fingerprint, sc.input_hash, sc.size,
+                   sc.created, tar=sc)
+
+
+def backups_of(store: BackupDir, name: str) -> list[Backup]:
+    """Every backup of ``name``: the current generation, the older ones newest first,
+    then tars from before the layer store. An unreadable sidecar is passed over
+    (``backup --check`` reports it)."""
+    gens = list_generations(store, name)
+    current = current_generation(store, name)
+    if current is not None:
+        gens = [current, *(g for g in gens if g.hash12 != current.hash12)]
+    out = [Backup.of_gen(g) for g in gens]
+    for tar in legacy_tars(store, name):
+        try:
+            sc = read_sidecar(store, tar)
+        except BackupError:
+            continue
+        if sc is not None:
+            out.append(Backup.of_tar(tar, sc))
+    return out
+
+
+def find_backup(store: BackupDir, name: str, match: Callable[[Backup], bool]) -> Backup | None:
+    return next((b for b in backups_of(store, name) if match(b)), None)
+
+
+def find_substitute(store: BackupDir, name: str, input_hash: str) -> str | None:
+    """The key of a backup of exactly this derivation."""
+    hit = find_backup(store, name, lambda b: b.input_hash == input_hash)
+    return hit.key if hit is not None else None
+
+
+def lookup(store: BackupDir, key: str) -> Backup:
+    """The backup ``key`` names; a missing or unreadable one is an error."""
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "images":
+        sc = read_gen_sidecar(store, parts[1], parts[2])
+        if sc is None or parts[2] not in store.dirs(f"images/{parts[1]}"):
+            raise BackupError(f"{store}/{key} is not a complete backup generation",
+                              hint="see 'imagebuild status'; run 'imagebuild backup'")
+        return Backup.of_gen(sc)
+    tsc = read_sidecar(store, key)
+    if tsc is None:
+        raise BackupError(f"{store}/{key} has no readable sidecar ({key}.json); refusing to "
+                          f"load a tar whose content cannot be checked")
+    return Backup.of_tar(key, tsc)
 
 
 # -- writing ---------------------------------------------------------------------------------
 
 
-def _partial_name(name: str) -> str:
-    return f".{tar_name(name)}.{socket.gethostname()}-{os.getpid()}{PARTIAL}"
+@dataclass(frozen=True)
+class BackupResult:
+    where: str  # the generation directory, as a path or an ssh:// URL
+    backup: Backup
+    written: bool  # False: this generation was in the store already
+    bytes_written: int = 0  # new blob bytes (0: every layer was there)
+    bytes_read: int = 0  # bytes of the save stream
+    seconds: float = 0.0
+    imported: tuple[str, ...] = ()  # tar backups moved into the store by this run
+    dropped: tuple[str, ...] = ()  # generations pruned beyond backups.keep
+
+    @property
+    def key(self) -> str:
+        return self.backup.key
 
 
-def _writer_alive(token: str, mtime_ns: int) -> bool:
-    """Whether the backup that writes a partial file named with ``token`` may still run."""
-    host, _, pid = token.rpartition("-")
-    if host != socket.gethostname() or not pid.isdigit():
-        return time.time() - mtime_ns / 1e9 < FOREIGN_PARTIAL_AGE
-    return int(pid) != os.getpid() and Path(f"/proc/{pid}").exists()
-
-
-def _clean_partials(store: BackupDir, name: str, files: dict[str, FileStat]) -> None:
-    """Remove temp files of earlier backups of ``name`` that were killed half-way."""
-    prefix = f".{tar_name(name)}."
-    stale = [f for f, st in files.items()
-             if f.startswith(prefix) and f.endswith(PARTIAL)
-             and not _writer_alive(f[len(prefix):-len(PARTIAL)], st.mtime_ns)]
-    store.remove(*stale)
+def generation_of(info: ImageInfo) -> str:
+    h = input_hash(info)
+    return hash12(h) if h else short_id(info.id)
 
 
 def write_backup(store: BackupDir, engine: Engine, name: str, info: ImageInfo, keep: int,
                  progress: Progress) -> BackupResult:
-    """Write ``NAME.tar`` of ``info`` (verified: the caller checked) into ``store``."""
+    """Save ``info`` (verified: the caller checked) into the layer store as a generation of
+    ``name``; only layers the store lacks are written. Then tar backups of ``name`` from
+    before the store are imported, and generations beyond ``keep`` pruned."""
     store.prepare()
-    tar = tar_name(name)
-    existing = read_sidecar(store, tar)
-    files = store.files()
-    current = files.get(tar)
-    if existing and existing.image_id == info.id and existing.written_as(current):
-        return BackupResult(f"{store}/{tar}", tar, existing, written=False,
-                            local_tar=store.local_path(tar))
-    _clean_partials(store, name, files)
-    check_space(store, store.free_bytes(), info.size + SPACE_MARGIN, f"a backup of {name}")
-    ref = hash_tag(name, info) or info.id  # the hash tag, so the tar restores it
-    tmp = _partial_name(name)
-    started = time.monotonic()
-    h = hashlib.sha256()
-    meter = progress.meter(f"saving {name} to {store}", info.size)
-    check = SaveCheck(f"{store}/{tar_name(name)}", info.diff_ids)
+    h12 = generation_of(info)
     try:
-        with writing(store, tmp) as w:
-            for chunk in engine.save(ref):
-                w.write(chunk)
-                h.update(chunk)
-                check.write(chunk)
-                meter.add(len(chunk))
-            check.finish()  # before commit: an incomplete archive never replaces a backup
-            stat = w.commit()
-    except OSError as exc:
-        raise BackupError(f"writing {store}/{tmp} failed: {exc.strerror or exc}; nothing was "
-                          f"replaced",
-                          hint="check free space and permissions of the backup directory"
-                          ) from None
-    finally:
-        check.close()
-    if current is not None:  # keep the previous generation as NAME@<hash12>.tar
-        gen = f"{name}@{_generation(existing)}.tar"
-        store.remove(gen, sidecar_name(gen))
-        store.link(tar, gen)
-        if existing is not None:
-            store.link(sidecar_name(tar), sidecar_name(gen))
-    store.rename(tmp, tar)
-    final = store.stat(tar)  # the rename moved its ctime
-    if final is None or final.size != stat.size:
-        raise BackupError(f"{store}/{tar} is not there after it was written")
-    sidecar = _new_sidecar(name, info, final, h.hexdigest())
-    store.write_text(sidecar_name(tar), sidecar.to_json())
-    _prune_generations(store, name, keep)
-    return BackupResult(f"{store}/{tar}", tar, sidecar, written=True,
-                        seconds=time.monotonic() - started, local_tar=store.local_path(tar))
+        existing = read_gen_sidecar(store, name, h12)
+    except BackupError:
+        existing = None
+    started = time.monotonic()
+    where = f"{store}/{gen_path(name, h12)}"
+    written = False
+    if (existing is not None and existing.image_id == info.id
+            and h12 in store.dirs(image_dir(name)) and is_complete(store, existing)):
+        sc = existing
+        if (current := current_generation(store, name)) is None or current.hash12 != h12:
+            store.write_text(f"{image_dir(name)}/{CURRENT}", h12 + "\n")
+        got = None
+    else:
+        need = space_needed(store, name, info) + SPACE_MARGIN
+        check_space(store, store.free_bytes(), need, f"a backup of {name}")
+        ref = hash_tag(name, info) or info.id  # the hash tag, so the archive restores it
+        progress.say(f"  {name}: saving {ref} into {store} (only layers it lacks are written)")
+        try:
+            got = ingest(store, lambda: engine.save(ref), name, h12, Meta.of(name, info), where,
+                         lambda size: progress.meter(f"saving {name}", size))
+        except OSError as exc:
+            raise BackupError(f"writing {where} failed: {exc.strerror or exc}; the previous "
+                              f"generations are intact",
+                              hint="check free space and permissions of the backup directory"
+                              ) from None
+        sc, written = got.sidecar, True
+    imported = _import_tars(store, name, progress)
+    dropped = prune(store, name, keep)
+    return BackupResult(where, Backup.of_gen(sc), written,
+                        bytes_written=got.written if got else 0,
+                        bytes_read=got.read if got else 0,
+                        seconds=time.monotonic() - started, imported=tuple(imported),
+                        dropped=tuple(d.hash12 for d in dropped))
 
 
-def _generation(old: Sidecar | None) -> str:
-    if old is not None and old.input_hash:
-        return hash12(old.input_hash)
-    if old is not None:
-        return short_id(old.image_id)
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-
-
-def generations(store: BackupDir, name: str, files: dict[str, FileStat] | None = None
-                ) -> list[str]:
-    """Older generations of ``name`` (``NAME@*.tar``), newest first."""
-    files = store.files() if files is None else files
-    gens = [f for f in files if f.startswith(f"{name}@") and f.endswith(".tar")]
-    return sorted(gens, key=lambda f: files[f].mtime_ns, reverse=True)
-
-
-def _prune_generations(store: BackupDir, name: str, keep: int) -> None:
-    """Keep ``keep`` generations in all: NAME.tar and the ``keep - 1`` newest older ones."""
-    old = generations(store, name)[max(keep - 1, 0):]
-    store.remove(*old, *(sidecar_name(g) for g in old))
-
-
-# -- finding ---------------------------------------------------------------------------------
-
-
-def find_backup(store: BackupDir, name: str, match: Callable[[Sidecar], bool]) -> str | None:
-    """The newest backup tar of ``name`` (current, then older generations) whose sidecar
-    matches; a generation with an unreadable sidecar is passed over, not fatal."""
-    files = store.files()
-    for tar in [tar_name(name), *generations(store, name, files)]:
-        if tar not in files:
-            continue
+def _import_tars(store: BackupDir, name: str, progress: Progress) -> list[str]:
+    """Move ``NAME.tar`` and its older generations into the layer store: each becomes a
+    generation (checked against its sidecar as it is read), then the tar is removed. A
+    tar that fails is kept and named; it stays restorable with ``--file``."""
+    done = []
+    for tar in legacy_tars(store, name):
         try:
             sc = read_sidecar(store, tar)
-        except BackupError:
+        except BackupError as exc:
+            progress.say(f"  {name}: {tar} not imported: {exc.message}")
             continue
-        if sc is not None and match(sc):
-            return tar
-    return None
-
-
-def find_substitute(store: BackupDir, name: str, input_hash: str) -> str | None:
-    """A backup tar (current or older generation) of exactly this derivation."""
-    return find_backup(store, name, lambda sc: sc.input_hash == input_hash)
+        if sc is None or sc.image != name:
+            continue
+        h12 = hash12(sc.input_hash) if sc.input_hash else short_id(sc.image_id)
+        try:
+            have = read_gen_sidecar(store, name, h12)
+        except BackupError:
+            have = None
+        if have is None or have.image_id != sc.image_id:
+            progress.say(f"  {name}: importing {tar} into the layer store")
+            meta = Meta(sc.image_id, sc.fingerprint, sc.input_hash, sc.tags, sc.size, (),
+                        sc.sha256, created=sc.created)
+            try:
+                ingest(store, functools.partial(store.read, tar), name, h12, meta,
+                       f"{store}/{tar}", current=False)
+            except (BackupError, OSError) as exc:
+                why = exc.message if isinstance(exc, BackupError) else str(exc)
+                progress.say(f"  {name}: {tar} not imported, kept as it is: {why}")
+                continue
+        store.remove(tar, sidecar_name(tar))
+        done.append(tar)
+    return done
 
 
 # -- restoring -------------------------------------------------------------------------------
@@ -321,91 +369,86 @@ def _guard(where: str, sidecar: Sidecar) -> TarGuard:
     return TarGuard(where, sidecar.size, sidecar.sha256, check_meta, finish)
 
 
-def _present(engine: Engine, sidecar: Sidecar) -> ImageInfo | None:
-    """The sidecar's image in ``engine``: by its ID, or, written by a head on the other
+def _present(engine: Engine, b: Backup) -> ImageInfo | None:
+    """The backup's image in ``engine``: by its ID, or, written by a head on the other
     image store (the IDs differ, the content does not), by its hash tag and content
     fingerprint."""
-    info = engine.inspect(sidecar.image_id)
-    if info is None and sidecar.hash_tag is not None:
-        info = engine.inspect(sidecar.hash_tag)
-        if info is not None and info.fingerprint != sidecar.fingerprint:
+    info = engine.inspect(b.image_id)
+    if info is None and b.hash_tag is not None:
+        info = engine.inspect(b.hash_tag)
+        if info is not None and info.fingerprint != b.fingerprint:
             info = None
     return info
 
 
-def restore_backup(engine: Engine, store: BackupDir, tar: str, progress: Progress,
+def restore_backup(engine: Engine, store: BackupDir, key: str, progress: Progress,
                    expect_image: str | None = None) -> RestoreResult:
-    """Load ``tar`` (a no-op when its image is present), checked as it streams: its size,
-    sha256, tags and config against its sidecar, the tail held back until all pass. Then
-    restore its hash tag. ``latest`` is promote's, after the gate."""
-    where = f"{store}/{tar}"
-    sidecar = read_sidecar(store, tar)
-    if sidecar is None:
-        raise BackupError(f"{where} has no readable sidecar ({where}.json); refusing to load "
-                          f"a tar whose content cannot be checked")
-    if expect_image is not None and sidecar.image != expect_image:
-        raise BackupError(f"{where} is a backup of {sidecar.image}, not {expect_image}")
+    """Load the backup ``key`` (a no-op when its image is present), checked as it
+    streams: a generation's every file against its digest, a tar's size and sha256
+    against its sidecar; tags and config before anything is released, the end held back
+    until all pass. Then restore its hash tag. ``latest`` is promote's, after the gate."""
+    where = f"{store}/{key}"
+    b = lookup(store, key)
+    if expect_image is not None and b.image != expect_image:
+        raise BackupError(f"{where} is a backup of {b.image}, not {expect_image}")
     started = time.monotonic()
-    present = _present(engine, sidecar)
+    present = _present(engine, b)
     loaded = present is None
     if present is None:
-        stat = store.stat(tar)
-        if stat is None:
-            raise BackupError(f"{where} is missing (its sidecar is there)")
-        if stat.size != sidecar.size:
-            raise BackupError(
-                f"{where} is {stat.size} bytes but its sidecar says {sidecar.size}: "
-                f"truncated or altered; nothing was loaded",
-                hint="restore from an older generation (NAME@<hash12>.tar) with --file, or "
-                     "rebuild")
-        progress.say(f"  loading {where} ({sidecar.size / 1e9:.2f} GB), checked as it "
-                     f"streams")
-        guard = _guard(where, sidecar)
-        engine.load(guard.feed(store.read(tar, progress.meter(f"loading {tar}",
-                                                              sidecar.size))))
-        present = _present(engine, sidecar)
+        progress.say(f"  loading {where} ({b.size / 1e9:.2f} GB), checked as it streams")
+        meter = progress.meter(f"loading {b.image}", b.size)
+        if b.gen is not None:
+            check_archive(store, b.gen)  # tags and content, before a byte is loaded
+            engine.load(archive_stream(store, b.gen, meter))
+        else:
+            assert b.tar is not None
+            stat = store.stat(key)
+            if stat is None:
+                raise BackupError(f"{where} is missing (its sidecar is there)")
+            if stat.size != b.tar.size:
+                raise BackupError(
+                    f"{where} is {stat.size} bytes but its sidecar says {b.tar.size}: "
+                    f"truncated or altered; nothing was loaded",
+                    hint="restore from an older generation with --file, or rebuild")
+            engine.load(_guard(where, b.tar).feed(store.read(key, meter)))
+        present = _present(engine, b)
         if present is None:
-            raise BackupError(f"loading {where} did not produce the image named in its "
-                              f"sidecar ({sidecar.hash_tag or sidecar.image_id[:19]} with "
-                              f"content {sidecar.fingerprint[:19]})",
-                              hint="the tar and its sidecar do not belong together")
-    if present.fingerprint != sidecar.fingerprint:
+            raise BackupError(f"loading {where} did not produce the image its sidecar names "
+                              f"({b.hash_tag or b.image_id[:19]} with content "
+                              f"{b.fingerprint[:19]})",
+                              hint="the archive and its sidecar do not belong together")
+    if present.fingerprint != b.fingerprint:
         raise BackupError(f"{where}: the image {short_id(present.id)} does not have the "
                           f"content its sidecar names")
-    if sidecar.hash_tag is not None:
-        engine.tag(present.id, *split_ref(sidecar.hash_tag))
+    if b.hash_tag is not None:
+        engine.tag(present.id, *split_ref(b.hash_tag))
     info = engine.require(present.id)
-    return RestoreResult(sidecar.image, info, loaded=loaded, seconds=time.monotonic() - started)
+    return RestoreResult(b.image, info, loaded=loaded, seconds=time.monotonic() - started)
 
 
-def checked_tar(store: BackupDir, tar: str, sidecar: Sidecar, progress: Progress
-                ) -> PinnedFile:
-    """A local backup tar opened for sending: the same descriptor that is checked is
-    sent from. Still the file that was hashed when it was written (size, mtime, inode,
-    ctime), or hashed again now against its sidecar."""
-    path = store.local_path(tar)
+def generation_archive(store: BackupDir, b: Backup) -> ArchiveIndex:
+    """A generation of a store on this host, indexed for sending: every file opened once
+    (what is checked is what is sent) and checked against its digest as it streams."""
+    if b.gen is None:
+        raise BackupError(f"{store}/{b.key} is a tar from before the layer store",
+                          hint="run 'imagebuild backup' to import it")
+    path = store.local_path(b.key)
     if path is None:
-        raise BackupError(f"{store}/{tar} is not on this host")
-    try:
-        f = PinnedFile.open(path)
-    except OSError as exc:
-        raise BackupError(f"cannot open {path}: {exc.strerror or exc}") from None
-    st = os.fstat(f.fd)
-    if not sidecar.written_as(FileStat.of(st)):
-        if st.st_size != sidecar.size:
-            f.close()
-            raise BackupError(f"{path} is {st.st_size} bytes but its sidecar says "
-                              f"{sidecar.size}: truncated or altered; nothing was sent",
-                              hint="write the backup again: imagebuild backup NAME")
-        actual = f.sha256(progress.meter(f"checking {tar}", sidecar.size))
-        if actual != sidecar.sha256:
-            f.close()
-            raise BackupError(f"{path} does not match its sidecar; nothing was sent\n"
-                              f"  expected sha256 {sidecar.sha256}\n  actual   sha256 {actual}",
-                              hint="write the backup again: imagebuild backup NAME")
-    return f
+        raise BackupError(f"{store}/{b.key} is not on this host")
+    for rel, (_, size) in b.gen.files.items():  # a truncated file: refused before sending
+        try:
+            got = os.stat(path / rel).st_size
+        except OSError:
+            got = -1
+        if got != size:
+            raise damaged(store, b.gen, rel, f"{got} bytes" if got >= 0 else "no file")
+    return ArchiveIndex.from_directory(path, {p: str(v[0]) for p, v in b.gen.files.items()},
+                                       dict(b.gen.links))
 
 
 def local_tar(path: Path) -> tuple[LocalDir, str]:
     """A tar given by path (``restore-from-tar --file``) as a store and a name."""
+    if not re.fullmatch(r"[A-Za-z0-9._@+-]+", path.name):
+        raise BackupError(f"{path}: imagebuild reads tars named with letters, digits and "
+                          f"._@+- only", hint="rename it (and its .json sidecar)")
     return LocalDir(path.parent), path.name

@@ -21,7 +21,7 @@ from .build import Action, Step
 from .derivation import Derivation
 from .distribute import Outcome, Worker
 from .engine_docker import DockerEngine
-from .errors import ImagebuildError, Interrupted
+from .errors import ImagebuildError, Interrupted, SpecError
 from .naming import hash12, input_hash, short_id
 from .ops import DistributeOutcome
 from .progress import Progress
@@ -266,11 +266,31 @@ def cmd_backup(args: argparse.Namespace) -> int:
     ctx = ops.load(args.file)
     ctx.names(args.images)
     ops.backup_store(ctx.spec)
+    if args.check:
+        if args.images:
+            raise SpecError("backup --check checks the whole store; name no image",
+                            hint="imagebuild backup --check")  # before any engine
+        check = lifecycle.check_backups(ctx, Progress())
+        print(f"{check.blobs} blobs checked ({check.bytes / 1e9:.2f} GB)")
+        for what, found in (("DAMAGED", check.damaged), ("MISSING", check.missing)):
+            for digest, gens in found.items():
+                print(f"{what} blob sha256:{digest[:12]}, used by {', '.join(gens)}")
+        for path in check.unreadable:
+            print(f"UNREADABLE sidecar {path}")
+        if (err := check.error()) is not None:
+            raise err
+        print("every blob matches its digest")
+        return 0
     result = ops.backup(ctx, DockerEngine(), args.images, Progress())
     for name, r in result.results:
-        state = "written" if r.written else "up to date"
-        print(f"{name}: {r.where} {state} ({r.sidecar.size / 1e9:.2f} GB, "
-              f"sha256 {r.sidecar.sha256[:16]}...)")
+        state = (f"written ({r.bytes_written / 1e9:.2f} GB new of {r.backup.size / 1e9:.2f} "
+                 f"GB, {r.seconds:.1f}s)" if r.written
+                 else f"up to date ({r.backup.size / 1e9:.2f} GB)")
+        print(f"{name}: {r.where} {state}")
+        for tar in r.imported:
+            print(f"{name}: imported {tar} into the layer store")
+        if r.dropped:
+            print(f"{name}: dropped older generations {', '.join(r.dropped)}")
     print(f"backups in {result.store}")
     return 0
 
@@ -481,18 +501,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rebuild", action="store_true",
                    help="build the named images even if their input hash exists (no cache)")
     s.add_argument("--no-backup", action="store_true",
-                   help="do not write tar backups of the verified images")
+                   help="do not back up the verified images")
     s.set_defaults(func=cmd_build)
 
-    s = sub.add_parser("backup", help="write tar backups of verified images (NAME.tar + .json)")
+    s = sub.add_parser("backup", help="save verified images into the layer store (each layer "
+                                      "kept once)")
     images(s, "images to back up (default: every image of the spec present)")
+    s.add_argument("--check", action="store_true",
+                   help="hash every blob of the store against its name; name the damaged "
+                        "ones and the generations that use them")
     s.set_defaults(func=cmd_backup)
 
     s = sub.add_parser("restore-from-tar",
-                       help="load images from their backup tars, checked, tagged and verified")
+                       help="load images from their backups, checked, tagged and verified")
     images(s, "images to restore (default: every image with a backup)")
     s.add_argument("--file", dest="tar", metavar="PATH",
-                   help="restore this tar (its sidecar is PATH.json)")
+                   help="restore this tar instead of the store (its sidecar is PATH.json)")
     s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("distribute",
@@ -516,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "backup, and what every worker holds")
     s.add_argument("--workers", metavar="N|w1,w3", help="the workers to ask (default: all)")
     s.add_argument("--check-backups", action="store_true",
-                   help="hash every current backup against its sidecar (minutes for 40 GB)")
+                   help="hash every blob of the backup store (as backup --check) first")
     s.add_argument("--json", action="store_true", help="the same, as JSON")
     s.set_defaults(func=cmd_status)
 

@@ -1,198 +1,341 @@
-"""The blobs of the layer store (docs/layer-store.md): every layer once, by digest.
+"""The layer store (docs/layer-store.md): every file of every backup kept once, by digest.
 
-    <root>/blobs/sha256/<hex>     a layer or config file, named by the sha256 of its bytes
-    <root>/blobs/.incoming/       files being written (removed by ``clean_incoming``)
+    blobs/sha256/<hex>                 a file of some generation, named by its sha256
+    blobs/.incoming/<host>-<pid>-<n>   a blob being written (cleaned by the next run)
+    images/<name>/<hash12>/            one generation: a ``docker save`` directory whose
+                                       regular files are hard links into blobs/
+    images/<name>/<hash12>.json        its sidecar, written once the directory is complete
+    images/<name>/current              the hash12 of the generation written last
 
-``ingest`` takes one file of a ``docker save`` stream and writes only what the store
-lacks. A file named by its digest (``blobs/sha256/<hex>`` in an OCI layout) is hashed in
-passing and compared with its name; it is written only when absent. A file whose name
-says nothing (``<v1 id>/layer.tar`` of a classic-store save) is compared, chunk by
-chunk, with the stored blobs of exactly its size: when one matches to the last byte the
-layer is already there and nothing is written; when the last candidate diverges, the
-prefix that matched is copied from it and the rest of the stream follows. Memory stays
-flat: one chunk per open file.
+The same code writes a local directory and one on another host (``BackupDir``,
+store.py). ``ingest`` reads one ``docker save`` stream and writes only what the store
+lacks: a file named by its digest (``blobs/sha256/<hex>``, the OCI layout of a
+containerd-store engine) is hashed in passing and skipped when present; a
+``<v1 id>/layer.tar`` (classic store) is uncompressed, so its sha256 is one of the
+image's diff IDs: when the store holds a blob of that size among those digests it is
+hashed in passing and not written, and in the rare case that the bytes turn out to be
+another layer of the same size, the save is read again with that size written. Every
+other file (configs, ``json``, ``VERSION``, manifests) is small and stored the same way.
 
-Not yet wired into ``backup.py``: the generation directories, the readers and the ssh
-store come next (issue 18).
+A generation directory is assembled under a temporary name and renamed into place only
+when every blob it links is in; its sidecar comes after it, so no sidecar ever names an
+incomplete directory. Dropping a generation removes its sidecar, then its directory,
+then every blob no other generation links (link count 1): a shared layer is never
+removed. Nothing here holds a layer in memory: one chunk per file at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import re
-import shutil
+import socket
 import tarfile
-import tempfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
 
-from .errors import BackupError
-from .fsutil import fsync_dir
+from . import __version__
+from .archive import BLOCK, Manifest, SaveCheck, allowed_tags_error, config_fingerprint
+from .engine import ImageInfo
+from .errors import BackupError, RemoteError
+from .naming import hash12, hash_tag, input_hash, latest_tag
+from .progress import Meter
+from .store import BackupDir, FileStat, writing
 
 CHUNK = 1 << 20
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+SMALL = 1 << 16  # files up to this size are read whole (manifests, configs, json)
+BLOBS = "blobs/sha256"
+INCOMING = "blobs/.incoming"
+IMAGES = "images"
+CURRENT = "current"
+PARTIAL = ".partial"
+FOREIGN_PARTIAL_AGE = 24 * 3600  # a write from another host is spared a day
 
-Read = Callable[[int], bytes]  # read(n): up to n bytes, b"" at the end
+_HEX = re.compile(r"[0-9a-f]{64}")
+_H12 = re.compile(r"[0-9a-f]{12}")
+_NAME = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
+# the members a docker save archive may hold, on either image store
+_MEMBER = re.compile(r"manifest\.json|index\.json|oci-layout|repositories|[0-9a-f]{64}\.json"
+                     r"|[0-9a-f]{64}/(?:layer\.tar|json|VERSION)|blobs/sha256/[0-9a-f]{64}")
+_DIR = re.compile(r"[0-9a-f]{64}|blobs|blobs/sha256")
+_LINK = re.compile(r"\.\./[0-9a-f]{64}/layer\.tar")  # a layer repeated within one image
+_LAST = ("index.json", "manifest.json")  # composed last: a cut stream never has them
+
+
+def blob_path(digest: str) -> str:
+    if not _HEX.fullmatch(digest):
+        raise BackupError(f"{digest!r} is not a sha256 hex digest")
+    return f"{BLOBS}/{digest}"
+
+
+def image_dir(name: str) -> str:
+    return f"{IMAGES}/{name}"
+
+
+def gen_path(name: str, h12: str) -> str:
+    return f"{IMAGES}/{name}/{h12}"
+
+
+def sidecar_path(name: str, h12: str) -> str:
+    return f"{IMAGES}/{name}/{h12}.json"
+
+
+# -- the sidecar -------------------------------------------------------------------------------
+
+
+def sidecar_json(sidecar: Any) -> str:
+    return json.dumps(asdict(sidecar), indent=2, sort_keys=True) + "\n"
+
+
+def json_fields(cls: Any, text: str) -> dict[str, Any]:
+    """A sidecar's JSON object, refused when it has keys the dataclass ``cls`` lacks
+    (the caller constructs it and checks every value)."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    extra = sorted(set(data) - {f.name for f in fields(cls)})
+    if extra:
+        raise ValueError(f"unknown keys {extra}")
+    return data
 
 
 @dataclass(frozen=True)
-class Ingested:
-    digest: str  # hex sha256 of the file's bytes
-    size: int
-    written: int  # bytes written to the store (0: it was there already)
+class GenSidecar:
+    """What a generation holds, checked when read: the image, and every file of its
+    directory with the sha256 and size of its bytes."""
+
+    image: str
+    hash12: str
+    image_id: str
+    fingerprint: str
+    input_hash: str | None
+    tags: list[str]
+    created: str
+    files: dict[str, list[Any]]  # path in the directory -> [sha256 hex, size]
+    links: dict[str, str] = field(default_factory=dict)  # symlink path -> target
+    layers: list[str] = field(default_factory=list)  # diff IDs, base first
+    layer_files: list[str] = field(default_factory=list)  # their files, in that order
+    tool_version: str = __version__
+
+    def to_json(self) -> str:
+        return sidecar_json(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> GenSidecar:
+        sc = cls(**json_fields(cls, text))
+        if not isinstance(sc.image, str) or not _NAME.fullmatch(sc.image):
+            raise ValueError("image is not an image name")
+        if not isinstance(sc.hash12, str) or not _H12.fullmatch(sc.hash12):
+            raise ValueError("hash12 is not 12 hex digits")
+        for what, ref in (("image_id", sc.image_id), ("fingerprint", sc.fingerprint)):
+            if not isinstance(ref, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", ref):
+                raise ValueError(f"{what} is not a sha256 digest")
+        if sc.input_hash is not None and not (isinstance(sc.input_hash, str)
+                                              and _HEX.fullmatch(sc.input_hash)):
+            raise ValueError("input_hash is not a sha256 hex digest")
+        if not isinstance(sc.tags, list) or not all(isinstance(t, str) for t in sc.tags):
+            raise ValueError("tags must be a list of strings")
+        if not isinstance(sc.created, str) or not isinstance(sc.tool_version, str):
+            raise ValueError("created and tool_version must be strings")
+        if not isinstance(sc.files, dict) or "manifest.json" not in sc.files:
+            raise ValueError("files must map the generation's files (manifest.json first "
+                             "among them)")
+        for path, entry in sc.files.items():
+            v: Any = entry
+            if (not isinstance(path, str) or not _MEMBER.fullmatch(path)
+                    or not isinstance(v, list) or len(v) != 2
+                    or not isinstance(v[0], str) or not _HEX.fullmatch(v[0])
+                    or isinstance(v[1], bool) or not isinstance(v[1], int) or v[1] < 0):
+                raise ValueError(f"files: bad entry {path!r}")
+        if not isinstance(sc.links, dict) or not all(
+                isinstance(p, str) and _MEMBER.fullmatch(p) and isinstance(t, str)
+                and _LINK.fullmatch(t) for p, t in sc.links.items()):
+            raise ValueError("links must map archive members to ../<v1 id>/layer.tar")
+        for what, items in (("layers", sc.layers), ("layer_files", sc.layer_files)):
+            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                raise ValueError(f"{what} must be a list of strings")
+        if not all(re.fullmatch(r"sha256:[0-9a-f]{64}", d) for d in sc.layers):
+            raise ValueError("layers must be diff IDs")
+        if len(sc.layers) != len(sc.layer_files) or not all(
+                p in sc.files or p in sc.links for p in sc.layer_files):
+            raise ValueError("layer_files must name one file of the generation per layer")
+        return sc
+
+    @property
+    def key(self) -> str:
+        """How readers name this generation: its directory in the store."""
+        return gen_path(self.image, self.hash12)
+
+    @property
+    def hash_tag(self) -> str | None:
+        return f"{self.image}:{hash12(self.input_hash)}" if self.input_hash else None
+
+    @property
+    def size(self) -> int:
+        """The bytes of the generation's archive (each file once)."""
+        return sum(int(v[1]) for v in self.files.values())
+
+    def blobs(self) -> set[str]:
+        return {str(v[0]) for v in self.files.values()}
 
 
-class BlobStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.blobs = root / "blobs" / "sha256"
-        self.incoming_dir = root / "blobs" / ".incoming"
+def read_gen_sidecar(store: BackupDir, name: str, h12: str) -> GenSidecar | None:
+    path = sidecar_path(name, h12)
+    text = store.read_text(path)
+    if text is None:
+        return None
+    try:
+        sc = GenSidecar.from_json(text)
+    except (ValueError, TypeError) as exc:
+        raise BackupError(f"{store}/{path} is not a valid generation sidecar: {exc}",
+                          hint="remove it and its directory and run 'imagebuild backup' "
+                               "again") from None
+    if (sc.image, sc.hash12) != (name, h12):
+        raise BackupError(f"{store}/{path} describes {sc.image} {sc.hash12}, not its own "
+                          f"place in the store")
+    return sc
 
-    def path(self, digest: str) -> Path:
-        if not _HEX.match(digest):
-            raise BackupError(f"{digest!r} is not a sha256 hex digest")
-        return self.blobs / digest
 
-    def has(self, digest: str) -> bool:
-        return self.path(digest).is_file()
-
-    def by_size(self) -> dict[int, list[str]]:
-        """The stored blobs by size (the candidates of an unnamed layer)."""
-        out: dict[int, list[str]] = {}
-        if self.blobs.is_dir():
-            for entry in os.scandir(self.blobs):
-                if _HEX.match(entry.name) and entry.is_file(follow_symlinks=False):
-                    out.setdefault(entry.stat().st_size, []).append(entry.name)
-        return out
-
-    def clean_incoming(self) -> None:
-        """Remove what an interrupted write left behind."""
-        shutil.rmtree(self.incoming_dir, ignore_errors=True)
-
-    def ingest(self, read: Read, size: int, named: str | None = None,
-               sizes: dict[int, list[str]] | None = None) -> Ingested:
-        """Store the ``size`` bytes ``read`` yields, unless the store has them.
-
-        ``named``: the digest the archive names the file by (checked against its bytes).
-        ``sizes``: ``by_size()``, passed in when many files are ingested in a row (it is
-        updated with what this call adds)."""
-        if named is not None:
-            got = (self._verify(read, size) if self.has(named)
-                   else self._write(read, size, hashlib.sha256(), expect=named))
-            if got.digest != named:
-                raise BackupError(
-                    f"a file the archive names sha256:{named[:12]} has the digest "
-                    f"sha256:{got.digest[:12]}: the engine sent a corrupt blob",
-                    hint="nothing of it was kept; run the backup again, and if it repeats, "
-                         "check the engine's storage")
-        else:
-            table = sizes if sizes is not None else self.by_size()
-            got = self._match(read, size, table.get(size, []))
-        if got.written and sizes is not None:
-            sizes.setdefault(size, []).append(got.digest)
-        return got
-
-    # -- the three ways a file goes ---------------------------------------------------------
-
-    def _verify(self, read: Read, size: int) -> Ingested:
-        h = hashlib.sha256()
-        _drain(read, size, h.update)
-        return Ingested(h.hexdigest(), size, 0)
-
-    def _match(self, read: Read, size: int, candidates: list[str]) -> Ingested:
-        """Compare the stream with every stored blob of its size; write it only when
-        none of them is the same bytes."""
-        h = hashlib.sha256()
-        with contextlib.ExitStack() as stack:
-            alive: dict[str, BinaryIO] = {
-                c: stack.enter_context(self.path(c).open("rb")) for c in candidates}
-            done = 0
-            while done < size:
-                chunk = read(min(CHUNK, size - done))
-                if not chunk:
-                    raise BackupError(f"the archive ended {size - done} bytes before the end "
-                                      f"of a {size}-byte layer",
-                                      hint="the save stream was cut short; run the backup "
-                                           "again")
-                survivor = next(iter(alive), None)
-                for c, f in list(alive.items()):
-                    if f.read(len(chunk)) != chunk:
-                        del alive[c]
-                if not alive:
-                    # the bytes before this chunk are those of ``survivor`` (and hashed):
-                    # copy them from it, then write this chunk and the rest of the stream
-                    return self._write(read, size, h, survivor, done, chunk)
-                h.update(chunk)
-                done += len(chunk)
-            digest = h.hexdigest()
-            if digest in alive:
-                return Ingested(digest, size, 0)
-            if not alive:  # an empty file, and no empty blob stored yet
-                return self._write(read, size, h)
-        # a candidate matched every byte but is not named by their hash: a damaged blob
-        raise BackupError(f"the stored blob {next(iter(alive))[:12]} holds the bytes of "
-                          f"sha256:{digest[:12]}: the layer store is damaged",
-                          hint="run 'imagebuild backup --check' to find every damaged blob")
-
-    def _write(self, read: Read, size: int, h: hashlib._Hash, copy_from: str | None = None,
-               copied: int = 0, first: bytes = b"", expect: str | None = None) -> Ingested:
-        """Write the file into incoming/ and rename it to its digest: ``copied`` bytes
-        from the stored blob ``copy_from`` (equal to the stream's first bytes, and
-        already hashed into ``h``), then ``first``, then the rest of the stream."""
-        self.incoming_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.incoming_dir)
-        written = 0
+def list_generations(store: BackupDir, name: str) -> list[GenSidecar]:
+    """Every complete generation of ``name``, newest first (an unreadable sidecar is
+    passed over: ``check`` reports it)."""
+    files = store.files(image_dir(name))
+    dirs = set(store.dirs(image_dir(name)))
+    out: list[tuple[str, int, GenSidecar]] = []
+    for f, st in files.items():
+        h12 = f.removesuffix(".json")
+        if not f.endswith(".json") or not _H12.fullmatch(h12) or h12 not in dirs:
+            continue
         try:
-            with os.fdopen(fd, "wb") as out:
-                if copy_from is not None and copied:
-                    with self.path(copy_from).open("rb") as src:
-                        left = copied
-                        while left:
-                            part = src.read(min(CHUNK, left))
-                            if not part:
-                                raise BackupError(f"the stored blob {copy_from[:12]} changed "
-                                                  "while it was read")
-                            out.write(part)
-                            left -= len(part)
-                            written += len(part)
+            sc = read_gen_sidecar(store, name, h12)
+        except BackupError:
+            continue
+        if sc is not None:
+            out.append((sc.created, st.mtime_ns, sc))
+    out.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    return [sc for _, _, sc in out]
 
-                def sink(chunk: bytes) -> None:
-                    nonlocal written
-                    h.update(chunk)
-                    out.write(chunk)
-                    written += len(chunk)
 
-                if first:
-                    sink(first)
-                _drain(read, size - copied - len(first), sink)
-                out.flush()
-                os.fsync(out.fileno())
+def current_generation(store: BackupDir, name: str) -> GenSidecar | None:
+    """The generation written last for ``name`` (``images/<name>/current``)."""
+    text = store.read_text(f"{image_dir(name)}/{CURRENT}")
+    h12 = (text or "").strip()
+    if not _H12.fullmatch(h12) or h12 not in store.dirs(image_dir(name)):
+        return None
+    try:
+        return read_gen_sidecar(store, name, h12)
+    except BackupError:
+        return None
+
+
+def image_names(store: BackupDir) -> list[str]:
+    return [n for n in store.dirs(IMAGES) if _NAME.fullmatch(n)]
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def _token() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(token: str, mtime_ns: int) -> bool:
+    """Whether the run that wrote a temporary file named with ``token`` may still run."""
+    host, _, pid = token.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return time.time() - mtime_ns / 1e9 < FOREIGN_PARTIAL_AGE
+    return int(pid) != os.getpid() and os.path.exists(f"/proc/{pid}")
+
+
+def clean_leftovers(store: BackupDir, name: str | None = None) -> None:
+    """Remove what a killed or failed write left: incoming blobs and partial generation
+    directories of runs that are no longer alive."""
+    stale = [f"{INCOMING}/{f}" for f, st in store.files(INCOMING).items()
+             if not _alive(f.rpartition("-")[0], st.mtime_ns)]
+    store.remove(*stale)
+    for n in [name] if name else image_names(store):
+        for d in store.dirs(image_dir(n)):
+            if d.startswith(".") and d.endswith(PARTIAL):
+                token = d[1:-len(PARTIAL)].partition(".")[2]
+                if not _alive(token, 0):  # another host's: a run older than a day
+                    store.remove_tree(f"{image_dir(n)}/{d}")
+
+
+class _Again(Exception):
+    """A layer.tar taken for a stored blob of its size turned out to be other bytes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+@dataclass
+class _Ingest:
+    store: BackupDir
+    blobs: dict[str, FileStat]  # what the store holds: hex -> stat
+    expected: set[str]  # hex diff IDs of the image (layer.tar files hash to these)
+    force_sizes: set[int]
+    written: int = 0
+    seq: int = 0
+    new: list[str] = field(default_factory=list)  # blobs this run added
+
+    def undo(self) -> None:
+        """After a failure: remove the blobs this run added that no generation links."""
+        if self.new:
+            now = self.store.files(BLOBS)
+            self.store.remove(*(blob_path(d) for d in self.new
+                                if d in now and now[d].nlink == 1))
+
+    def put(self, read: Callable[[int], bytes], size: int, named: str | None,
+            candidates: list[str]) -> str:
+        """One file of the archive into blobs/ (only when absent); returns its digest."""
+        h = hashlib.sha256()
+        if (named is not None and named in self.blobs) or candidates:
+            _drain(read, size, h.update)
             digest = h.hexdigest()
-            if expect is not None and digest != expect:
-                os.unlink(tmp)
-                return Ingested(digest, size, 0)  # refused by the caller, nothing kept
-            final = self.path(digest)
-            if final.is_file():  # written meanwhile by another run: the same bytes
-                os.unlink(tmp)
-                return Ingested(digest, size, 0)
-            self.blobs.mkdir(parents=True, exist_ok=True)
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, final)
-            fsync_dir(self.blobs)
-            return Ingested(digest, size, written)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            if named is not None and digest != named:
+                raise _corrupt(named, digest)
+            if named is None and digest not in candidates:
+                raise _Again(size)
+            return digest
+        self.seq += 1
+        tmp = f"{INCOMING}/{_token()}-{self.seq}"
+        with writing(self.store, tmp) as w:
+            def sink(chunk: bytes) -> None:
+                h.update(chunk)
+                w.write(chunk)
+
+            _drain(read, size, sink)
+            digest = h.hexdigest()
+            if named is not None and digest != named:
+                raise _corrupt(named, digest)
+            stat = w.commit()
+        if stat.size != size:
+            self.store.remove(tmp)
+            raise BackupError(f"{self.store}/{tmp}: {stat.size} bytes arrived of {size}")
+        if digest in self.blobs:  # the same bytes under another name in the archive
+            self.store.remove(tmp)
+        else:
+            self.store.rename(tmp, blob_path(digest))
+            self.blobs[digest] = stat
+            self.new.append(digest)
+            self.written += size
+        return digest
 
 
-def _drain(read: Read, size: int, sink: Callable[[bytes], None]) -> None:
+def _corrupt(named: str, got: str) -> BackupError:
+    return BackupError(f"a file the archive names sha256:{named[:12]} has the digest "
+                       f"sha256:{got[:12]}: the engine sent a corrupt blob; nothing of it "
+                       f"was kept",
+                       hint="run the backup again; if it repeats, check the engine's storage")
+
+
+def _drain(read: Callable[[int], bytes], size: int, sink: Callable[[bytes], None]) -> None:
     left = size
     while left:
         chunk = read(min(CHUNK, left))
@@ -202,28 +345,6 @@ def _drain(read: Read, size: int, sink: Callable[[bytes], None]) -> None:
                               hint="the save stream was cut short; run the backup again")
         sink(chunk)
         left -= len(chunk)
-
-
-# -- generations: one image's docker-save directory, its large files linked into blobs/ ------
-
-SMALL = 1 << 16  # files up to this size that are not blobs are kept as they come
-_BLOB_NAME = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
-
-
-@dataclass(frozen=True)
-class Generation:
-    image: str
-    hash12: str
-    path: Path  # the generation directory
-    config: str  # its config file's path in the directory
-    layers: tuple[tuple[str, str, int], ...]  # (path in the directory, blob digest, size)
-
-
-@dataclass(frozen=True)
-class SaveIngest:
-    generations: tuple[Generation, ...]
-    written: int  # bytes written into blobs/
-    read: int  # bytes of the save stream
 
 
 class _Chunks(io.RawIOBase):
@@ -250,124 +371,376 @@ class _Chunks(io.RawIOBase):
         return n
 
 
-def ingest_save(store: BlobStore, chunks: Iterable[bytes], wanted: dict[str, tuple[str, str]]
-                ) -> SaveIngest:
-    """Read a ``docker save`` stream into the store: every large file into blobs/ (only
-    what is new), then one generation directory per image whose ``RepoTags`` has a key
-    of ``wanted`` (tag -> (image name, hash12)). A generation appears, renamed from a
-    temporary name, only when everything it links is in blobs/."""
-    store.clean_incoming()
-    sizes = store.by_size()
-    stream = _Chunks(chunks)
-    blobs: dict[str, tuple[str, int]] = {}  # path in the archive -> (digest, size)
-    small: dict[str, bytes] = {}
-    links: dict[str, str] = {}
-    written = 0
-    with tarfile.open(fileobj=io.BufferedReader(stream, CHUNK), mode="r|") as tf:
-        for m in tf:
-            name = m.name.removeprefix("./")
-            if m.isdir():
-                continue
-            if m.issym():
-                links[name] = m.linkname
-                continue
-            if not m.isfile():
-                raise BackupError(f"the save stream holds {name!r}, which is neither a file, "
-                                  "a directory nor a symbolic link")
-            f = tf.extractfile(m)
-            assert f is not None
-            named = _BLOB_NAME.match(name)
-            if named or m.size > SMALL or name.endswith("/layer.tar"):
-                got = store.ingest(f.read, m.size, named=named.group(1) if named else None,
-                                   sizes=sizes)
-                blobs[name] = (got.digest, m.size)
-                written += got.written
-            else:
-                small[name] = f.read()
-    manifest = _json(small, blobs, store, "manifest.json")
-    if not isinstance(manifest, list):
-        raise BackupError("the save stream's manifest.json is not a list")
-    gens = []
-    for entry in manifest:
-        tags = entry.get("RepoTags") or []
-        hit = next((wanted[t] for t in tags if t in wanted), None)
-        if hit is None:
-            continue
-        gens.append(_generation(store, hit, entry, blobs, small, links))
-    return SaveIngest(tuple(gens), written, stream.total)
+@dataclass(frozen=True)
+class Written:
+    sidecar: GenSidecar
+    written: int  # bytes written into blobs/
+    read: int  # bytes of the save stream (the last pass)
+    passes: int = 1
 
 
-def _json(small: dict[str, bytes], blobs: dict[str, tuple[str, int]], store: BlobStore,
-          name: str) -> Any:
-    if name in small:
-        raw = small[name]
-    elif name in blobs:
-        raw = store.path(blobs[name][0]).read_bytes()
-    else:
-        raise BackupError(f"the save stream has no {name}")
+def space_needed(store: BackupDir, name: str, info: ImageInfo) -> int:
+    """An upper bound of the bytes a backup of ``info`` adds: its size, less the layers
+    some generation of the store already holds (as their sidecars record them)."""
+    stored: dict[str, int] = {}
+    for n in image_names(store):
+        for sc in list_generations(store, n):
+            for diff_id, path in zip(sc.layers, sc.layer_files, strict=True):
+                if path in sc.files:
+                    stored[diff_id] = int(sc.files[path][1])
+    known = sum(stored.get(d, 0) for d in dict.fromkeys(info.diff_ids))
+    return max(info.size - known, 0)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What a generation records about its image, known before its archive is read."""
+
+    image_id: str
+    fingerprint: str
+    input_hash: str | None
+    tags: list[str]
+    size: int  # an estimate of the archive's bytes, for progress
+    diff_ids: tuple[str, ...]  # empty: not known (an imported tar), taken from its config
+    stream_sha256: str | None = None  # the archive's own digest, when it is a kept file
+    created: str | None = None  # when it was first written (an imported tar's); None: now
+
+    @classmethod
+    def of(cls, name: str, info: ImageInfo) -> Meta:
+        tags = {latest_tag(name)} | ({t} if (t := hash_tag(name, info)) else set())
+        return cls(info.id, info.fingerprint, input_hash(info), sorted(tags), info.size,
+                   info.diff_ids)
+
+
+def ingest(store: BackupDir, save: Callable[[], Iterable[bytes]], name: str, h12: str,
+           meta: Meta, where: str, meter: Callable[[int], Meter] | None = None,
+           current: bool = True) -> Written:
+    """Read ``save()`` (one image's ``docker save``) into the store as generation
+    ``h12`` of ``name``; only files the store lacks are written. ``save`` is called again
+    in the rare case described in the module docstring. ``current``: the generation
+    becomes ``current`` (not for an imported tar)."""
+    store.mkdirs(BLOBS, INCOMING, image_dir(name))
+    clean_leftovers(store, name)
+    state = _Ingest(store, store.files(BLOBS), {d.removeprefix("sha256:")
+                                                for d in meta.diff_ids}, set())
     try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise BackupError(f"the save stream's {name} is not JSON: {exc}") from None
-
-
-def _generation(store: BlobStore, hit: tuple[str, str], entry: dict[str, Any],
-                blobs: dict[str, tuple[str, int]], small: dict[str, bytes],
-                links: dict[str, str]) -> Generation:
-    image, h12 = hit
-    config, layers = entry["Config"], list(entry["Layers"])
-    paths = {config, "oci-layout"} if "index.json" in small else {config}
-    for layer in layers:
-        paths.add(layer)
-        if layer in links:  # a repeated layer: the symlink and the file it points to
-            paths.add(os.path.normpath(os.path.join(os.path.dirname(layer), links[layer])))
-        base = os.path.dirname(layer)
-        paths |= {p for p in (f"{base}/json", f"{base}/VERSION") if p in small}
-    extra: dict[str, bytes] = {"manifest.json": json.dumps([entry]).encode()}
-    if "index.json" in small:  # OCI layout: this image's manifest alone, and its blob
-        index = _json(small, blobs, store, "index.json")
-        config_digest = "sha256:" + config.rsplit("/", 1)[-1]
-        mine = []
-        for desc in index.get("manifests", []):
-            path = "blobs/sha256/" + str(desc.get("digest", "")).removeprefix("sha256:")
-            if path in blobs and _json(small, blobs, store, path).get("config", {}).get(
-                    "digest") == config_digest:
-                mine.append(desc)
-                paths.add(path)
-        extra["index.json"] = json.dumps({**index, "manifests": mine}).encode()
-    parent = store.root / "images" / image
-    parent.mkdir(parents=True, exist_ok=True)
-    final = parent / h12
-    tmp = parent / f".{h12}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for path in sorted(paths):
-            dest = tmp / path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if path in links:
-                os.symlink(links[path], dest)
-            elif path in blobs:
-                os.link(store.path(blobs[path][0]), dest)
-            elif path in small:
-                dest.write_bytes(small[path])
-            else:
-                raise BackupError(f"{image}: the save stream lacks {path}, which its "
-                                  "manifest names")
-        for path, data in extra.items():
-            (tmp / path).write_bytes(data)
-        if final.exists():  # the same generation again: keep the one in place
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-            fsync_dir(parent)
+        return _ingest(state, save, name, h12, meta, where, meter, current)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        state.undo()
         raise
-    return Generation(image, h12, final, config, tuple(
-        (p, *blobs[_resolve(p, links)]) for p in layers))
 
 
-def _resolve(path: str, links: dict[str, str]) -> str:
-    if path in links:
-        return os.path.normpath(os.path.join(os.path.dirname(path), links[path]))
-    return path
+def _ingest(state: _Ingest, save: Callable[[], Iterable[bytes]], name: str, h12: str,
+            meta: Meta, where: str, meter: Callable[[int], Meter] | None,
+            current: bool) -> Written:
+    passes = 0
+    while True:
+        passes += 1
+        try:
+            files, links, small, read = _read_save(state, save(), meta, where, meter)
+            break
+        except _Again as again:
+            if passes == 3:
+                raise BackupError(f"{where}: the save stream changed between reads",
+                                  hint="run the backup again") from None
+            state.force_sizes.add(again.size)
+    manifest = Manifest.parse(small["manifest.json"], where)
+    config = small.get(manifest.config)
+    if config is None:
+        raise BackupError(f"{where}: the archive's config {manifest.config} was not read")
+    fingerprint, diff_ids = config_fingerprint(config, where)
+    if fingerprint != meta.fingerprint or len(diff_ids) != len(manifest.layers):
+        raise BackupError(f"{where} does not hold the image it was saved as (the content "
+                          f"fingerprint differs); the generation was not kept")
+    err = allowed_tags_error(manifest.repo_tags, set(meta.tags), where)
+    if err is not None:
+        raise err
+    sc = GenSidecar(
+        image=name, hash12=h12, image_id=meta.image_id, fingerprint=meta.fingerprint,
+        input_hash=meta.input_hash, tags=meta.tags,
+        created=meta.created or datetime.now(UTC).isoformat(timespec="microseconds"),
+        files={p: [d, s] for p, (d, s) in sorted(files.items())}, links=dict(sorted(
+            links.items())), layers=list(diff_ids), layer_files=list(manifest.layers))
+    _assemble(state.store, sc, current)
+    return Written(sc, state.written, read, passes)
+
+
+def _read_save(state: _Ingest, chunks: Iterable[bytes], meta: Meta, where: str,
+               meter: Callable[[int], Meter] | None
+               ) -> tuple[dict[str, tuple[str, int]], dict[str, str], dict[str, bytes], int]:
+    # the archive is complete (moby#49473), when the image's layers are known
+    check = SaveCheck(where, meta.diff_ids) if meta.diff_ids else None
+    progress = meter(meta.size) if meter is not None else None
+    whole = hashlib.sha256()
+
+    def teed() -> Iterator[bytes]:
+        for chunk in chunks:
+            if check is not None:
+                check.write(chunk)
+            if meta.stream_sha256 is not None:
+                whole.update(chunk)
+            if progress is not None:
+                progress.add(len(chunk))
+            yield chunk
+
+    stream = _Chunks(teed())
+    files: dict[str, tuple[str, int]] = {}
+    links: dict[str, str] = {}
+    small: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(stream, CHUNK), mode="r|") as tf:
+            for m in tf:
+                path = m.name.removeprefix("./").rstrip("/")
+                if m.isdir() and (_DIR.fullmatch(path) or path in ("", ".")):
+                    continue
+                if not _MEMBER.fullmatch(path):
+                    raise BackupError(f"{where}: the archive holds {m.name!r}, which a "
+                                      f"docker save archive does not")
+                if m.issym() and _LINK.fullmatch(m.linkname):
+                    links[path] = m.linkname
+                    continue
+                if not m.isfile():
+                    raise BackupError(f"{where}: {m.name!r} in the archive is not a "
+                                      f"regular file")
+                f = tf.extractfile(m)
+                assert f is not None
+                if m.size <= SMALL:
+                    small[path] = f.read()
+                    f = io.BytesIO(small[path])
+                named = path.removeprefix("blobs/sha256/") if path.startswith("blobs/") else None
+                candidates = ([d for d, st in state.blobs.items()
+                               if st.size == m.size and d in state.expected]
+                              if path.endswith("/layer.tar") and m.size not in state.force_sizes
+                              else [])
+                files[path] = (state.put(f.read, m.size, named, candidates), m.size)
+            while stream.read(CHUNK):  # to the end: the whole stream is hashed and checked
+                pass
+        if check is not None:
+            check.finish()
+    except tarfile.TarError as exc:
+        raise BackupError(f"{where} is not a readable tar: {exc}") from None
+    finally:
+        if check is not None:
+            check.close()
+    if meta.stream_sha256 is not None and whole.hexdigest() != meta.stream_sha256:
+        raise BackupError(f"{where} does not match its sidecar (sha256 "
+                          f"{whole.hexdigest()[:12]}, expected {meta.stream_sha256[:12]}); "
+                          f"it was not imported", hint="restore it with --file to see the "
+                          "damage, or delete it: it is not a usable backup")
+    if "manifest.json" not in small:
+        raise BackupError(f"{where}: the archive has no manifest.json")
+    return files, links, small, stream.total
+
+
+def _assemble(store: BackupDir, sc: GenSidecar, current: bool) -> None:
+    """The generation directory under a temporary name, renamed into place, then its
+    sidecar, then ``current``."""
+    parent = image_dir(sc.image)
+    tmp = f"{parent}/.{sc.hash12}.{_token()}{PARTIAL}"
+    final = gen_path(sc.image, sc.hash12)
+    store.remove_tree(tmp)
+    subdirs = sorted({p.rpartition("/")[0] for p in [*sc.files, *sc.links] if "/" in p})
+    store.mkdirs(tmp, *(f"{tmp}/{d}" for d in subdirs))
+    try:
+        store.link_all([(blob_path(str(d)), f"{tmp}/{p}") for p, (d, _) in sc.files.items()])
+        for path, target in sc.links.items():
+            store.symlink(target, f"{tmp}/{path}")
+        store.remove(sidecar_path(sc.image, sc.hash12))  # a sidecar never names a partial dir
+        store.remove_tree(final)
+        store.rename(tmp, final)
+    except (OSError, RemoteError) as exc:
+        store.remove_tree(tmp)
+        raise BackupError(f"assembling {store}/{final} failed: {exc}; the generation was "
+                          f"not kept", hint="check free space and permissions, and run the "
+                          "backup again") from None
+    store.write_text(sidecar_path(sc.image, sc.hash12), sc.to_json())
+    if current:
+        store.write_text(f"{parent}/{CURRENT}", sc.hash12 + "\n")
+
+
+def is_complete(store: BackupDir, sc: GenSidecar, blobs: dict[str, FileStat] | None = None
+                ) -> bool:
+    """Every blob the generation links is in the store with its size."""
+    blobs = store.files(BLOBS) if blobs is None else blobs
+    return all(d in blobs and blobs[d].size == s for d, s in sc.files.values())
+
+
+# -- keep and prune ------------------------------------------------------------------------------
+
+
+def drop(store: BackupDir, sc: GenSidecar) -> None:
+    store.remove(sidecar_path(sc.image, sc.hash12))
+    store.remove_tree(gen_path(sc.image, sc.hash12))
+
+
+def prune(store: BackupDir, name: str, keep: int) -> list[GenSidecar]:
+    """Keep ``keep`` generations of ``name`` (the current one and the newest others),
+    drop the rest, then remove every blob no generation links any more."""
+    current = current_generation(store, name)
+    others = [g for g in list_generations(store, name)
+              if current is None or g.hash12 != current.hash12]
+    kept = max(keep - (1 if current is not None else 0), 0)
+    dropped = others[kept:]
+    for sc in dropped:
+        drop(store, sc)
+    collect_garbage(store)
+    return dropped
+
+
+def collect_garbage(store: BackupDir) -> int:
+    """Remove blobs that no generation links (link count 1); returns the bytes freed."""
+    orphans = {d: st for d, st in store.files(BLOBS).items()
+               if _HEX.fullmatch(d) and st.nlink == 1}
+    store.remove(*(blob_path(d) for d in orphans))
+    return sum(st.size for st in orphans.values())
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def _order(sc: GenSidecar) -> list[str]:
+    paths = sorted([*sc.files, *sc.links])
+    return [p for p in paths if p not in _LAST] + [p for p in _LAST if p in paths]
+
+
+def _header(path: str, size: int, link: str = "") -> bytes:
+    ti = tarfile.TarInfo(path)
+    ti.size, ti.mode, ti.mtime = size, 0o644, 0
+    if link:
+        ti.type, ti.linkname, ti.size = tarfile.SYMTYPE, link, 0
+    return ti.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def read_checked(store: BackupDir, sc: GenSidecar, path: str,
+                 meter: Meter | None = None) -> Iterator[bytes]:
+    """A file of a generation, its bytes hashed as they pass; the last chunk is held
+    back until the digest matches the sidecar's, so a damaged file never ends."""
+    digest, size = sc.files[path]
+    h = hashlib.sha256()
+    held = b""
+    got = 0
+    for chunk in store.read(f"{sc.key}/{path}", meter):
+        h.update(chunk)
+        got += len(chunk)
+        if held:
+            yield held
+        held = chunk
+    if got != size or h.hexdigest() != digest:
+        raise damaged(store, sc, path, f"{got} bytes, sha256 {h.hexdigest()[:12]}")
+    if held:
+        yield held
+
+
+def damaged(store: BackupDir, sc: GenSidecar, path: str, got: str) -> BackupError:
+    digest, size = sc.files[path]
+    users = [f"{g.image} {g.hash12}" for n in image_names(store)
+             for g in list_generations(store, n) if digest in g.blobs()]
+    return BackupError(
+        f"{store}/{sc.key}/{path} is damaged (expected {size} bytes, sha256 "
+        f"{str(digest)[:12]}; got {got}); nothing was loaded. Every generation that uses "
+        f"this blob is affected: {', '.join(users) or sc.image + ' ' + sc.hash12}",
+        hint="rebuild the image (imagebuild build --rebuild NAME) or restore it from another "
+             "copy; 'imagebuild backup --check' lists every damaged blob")
+
+
+def small_file(store: BackupDir, sc: GenSidecar, path: str) -> bytes:
+    return b"".join(read_checked(store, sc, path))
+
+
+def check_archive(store: BackupDir, sc: GenSidecar) -> None:
+    """Before anything is loaded: the generation's manifest names its config and one
+    file per layer, would apply no tag but its hash tag, and its config is the content
+    the sidecar names."""
+    where = f"{store}/{sc.key}"
+    manifest = Manifest.parse(small_file(store, sc, "manifest.json"), where)
+    allowed = {sc.hash_tag} if sc.hash_tag else set()
+    err = allowed_tags_error(manifest.repo_tags, allowed, where)
+    if err is not None:
+        raise err
+    if manifest.config not in sc.files or list(manifest.layers) != sc.layer_files:
+        raise BackupError(f"{where}: its manifest.json and its sidecar differ")
+    fingerprint, diff_ids = config_fingerprint(small_file(store, sc, manifest.config), where)
+    if fingerprint != sc.fingerprint or list(diff_ids) != sc.layers:
+        raise BackupError(f"{where} does not hold the image its sidecar names (the content "
+                          f"fingerprint differs); nothing was loaded")
+
+
+def archive_stream(store: BackupDir, sc: GenSidecar, meter: Meter | None = None
+                   ) -> Iterator[bytes]:
+    """The generation as one ``docker save`` tar stream, every file checked against its
+    digest as it passes, manifest.json last."""
+    for path in _order(sc):
+        if path in sc.links:
+            yield _header(path, 0, sc.links[path])
+            continue
+        size = int(sc.files[path][1])
+        yield _header(path, size)
+        yield from read_checked(store, sc, path, meter)
+        if size % BLOCK:
+            yield b"\0" * (BLOCK - size % BLOCK)
+    yield b"\0" * (2 * BLOCK)
+
+
+# -- checking the whole store --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreCheck:
+    blobs: int  # blobs checked
+    bytes: int
+    damaged: dict[str, list[str]]  # blob hex -> the generations that use it ("name hash12")
+    missing: dict[str, list[str]]  # blob hex -> the generations that need it
+    unreadable: list[str]  # sidecars that could not be read
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged or self.missing or self.unreadable)
+
+    def error(self) -> BackupError | None:
+        if self.ok:
+            return None
+        gens = sorted({g for found in (self.damaged, self.missing) for gs in found.values()
+                       for g in gs})
+        return BackupError(
+            f"the backup store is damaged: {len(self.damaged)} blob(s) do not match their "
+            f"digest, {len(self.missing)} are missing, {len(self.unreadable)} sidecar(s) "
+            f"are unreadable; these generations cannot be restored or sent: "
+            f"{', '.join(gens) or 'none'}",
+            hint="delete each damaged blob (blobs/sha256/<digest>) and run 'imagebuild "
+                 "backup': every image present whose generation used it is written again "
+                 "(rebuild a lost one with 'imagebuild build --rebuild NAME'); an older "
+                 "generation that used it cannot be restored")
+
+
+def check_store(store: BackupDir, sha256: Callable[[str], str],
+                on_blob: Callable[[int], None] | None = None) -> StoreCheck:
+    """Hash every blob a generation uses (``sha256(path)``, where the blob lies) and
+    compare it with its name."""
+    users: dict[str, list[str]] = {}
+    unreadable: list[str] = []
+    for name in image_names(store):
+        for f in store.files(image_dir(name)):
+            h12 = f.removesuffix(".json")
+            if f.endswith(".json") and _H12.fullmatch(h12):
+                try:
+                    sc = read_gen_sidecar(store, name, h12)
+                except BackupError:
+                    unreadable.append(sidecar_path(name, h12))
+                    continue
+                if sc is not None:
+                    for d in sc.blobs():
+                        users.setdefault(d, []).append(f"{name} {h12}")
+    blobs = store.files(BLOBS)
+    bad: dict[str, list[str]] = {}
+    missing: dict[str, list[str]] = {}
+    total = 0
+    for d, gens in sorted(users.items()):
+        if d not in blobs:
+            missing[d] = gens
+            continue
+        total += blobs[d].size
+        if sha256(blob_path(d)) != d:
+            bad[d] = gens
+        if on_blob is not None:
+            on_blob(blobs[d].size)
+    return StoreCheck(len(users) - len(missing), total, bad, missing, unreadable)

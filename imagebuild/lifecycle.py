@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from .backup import Sidecar, generations, read_sidecar, restore_backup, tar_name
+from .backup import Backup, backups_of, restore_backup
 from .build import find_existing
 from .distribute import Worker
 from .engine import ContainerInfo, Engine, ImageInfo, Snapshot
 from .errors import ImagebuildError, ImageNotFound, SpecError, VerifyFailed
 from .fsutil import atomic_write_text
+from .layerstore import BLOBS, StoreCheck, check_store
 from .naming import (
     HASH12,
     IMAGE_LABEL,
@@ -147,45 +148,43 @@ def _backup_status(store: BackupDir | None, name: str, latest: ImageInfo | None,
                    checks: dict[str, dict[str, object]]) -> BackupStatus:
     if store is None:
         return BackupStatus(where=None)
-    files = store.files()
-    tar = tar_name(name)
-    try:
-        sidecar = read_sidecar(store, tar) if tar in files else None
-    except ImagebuildError:
-        sidecar = None
-    if sidecar is None:
+    found = backups_of(store, name)
+    if not found:
         return BackupStatus(where=None)
-    where = f"{store}/{tar}"
+    current = found[0]
+    where = f"{store}/{current.key}"
     rec = checks.get(where) or {}
-    ok = rec.get("ok") if rec.get("sha256") == sidecar.sha256 else None
+    ok = rec.get("ok") if rec.get("image_id") == current.image_id else None
     return BackupStatus(
-        where=where, size=sidecar.size, generations=len(generations(store, name, files)),
-        written=sidecar.created,
-        matches_latest=latest is not None and sidecar.fingerprint == latest.fingerprint,
+        where=where, size=current.size, generations=len(found) - 1, written=current.created,
+        matches_latest=latest is not None and current.fingerprint == latest.fingerprint,
         checked=str(rec.get("checked_at") or "") if ok is not None else "",
         check_ok=bool(ok) if ok is not None else None)
 
 
-def check_backups(ctx: Context, progress: Progress) -> dict[str, bool]:
-    """Hash every current backup tar where it lies and compare it with its sidecar;
-    the results are kept in the state directory for ``status`` to show."""
+def check_backups(ctx: Context, progress: Progress) -> StoreCheck:
+    """Hash every blob of the backup store where it lies and compare it with its name;
+    each image's current backup is marked ok or damaged in the state directory, for
+    ``status`` to show."""
     store = backup_store(ctx.spec)
-    results = _read_checks(ctx)
-    out: dict[str, bool] = {}
+    blobs = store.files(BLOBS)
+    total = sum(st.size for st in blobs.values())
+    progress.say(f"checking {len(blobs)} blobs in {store} ({total / 1e9:.2f} GB)")
+    meter = progress.meter("checking blobs", total)
+    result = check_store(store, lambda path: store.sha256(path), meter.add)
+    bad = {*result.damaged, *result.missing}
+    results: dict[str, dict[str, object]] = {}
     for name in ctx.spec.images:
-        tar = tar_name(name)
-        sidecar: Sidecar | None = read_sidecar(store, tar)
-        if sidecar is None or store.stat(tar) is None:
-            continue
-        where = f"{store}/{tar}"
-        progress.say(f"checking {where} ({sidecar.size / 1e9:.2f} GB)")
-        actual = store.sha256(tar, progress.meter(f"checking {tar}", sidecar.size))
-        out[where] = actual == sidecar.sha256
-        results[where] = {"sha256": sidecar.sha256, "ok": out[where],
-                          "checked_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        for b in backups_of(store, name):
+            ok = b.gen is not None and not (b.gen.blobs() & bad)
+            if b.tar is not None:  # a tar from before the store: hashed whole
+                ok = store.sha256(b.key) == b.tar.sha256
+            results[f"{store}/{b.key}"] = {
+                "image_id": b.image_id, "ok": ok,
+                "checked_at": datetime.now(UTC).isoformat(timespec="seconds")}
     atomic_write_text(ctx.spec.state_dir / "backup-checks.json",
                       json.dumps(results, indent=2, sort_keys=True) + "\n")
-    return out
+    return result
 
 
 def status(ctx: Context, engine: Engine, workers: list[Worker], *,
@@ -408,11 +407,11 @@ class Generation:
     hash12: str
     where: Literal["engine", "backup"]
     image_id: str | None  # on the head (where == "engine")
-    tar: str | None  # in the backup store (where == "backup")
+    tar: str | None  # its backup's key in the store (where == "backup")
 
 
 def generations_of(name: str, current: ImageInfo | None, holders: list[ContainerInfo],
-                   backups: list[tuple[str, Sidecar]]) -> list[Generation]:
+                   backups: list[Backup]) -> list[Generation]:
     """Older generations of ``name`` a rollback can go to, newest first: the rooted
     ones on the head, then those only in backups. Pure."""
     now = hash12(input_hash(current) or "") if current else ""
@@ -423,10 +422,10 @@ def generations_of(name: str, current: ImageInfo | None, holders: list[Container
         if h.labels.get(ROOT_LABEL) == name and _HASH12.match(tag) and tag not in seen:
             seen.add(tag)
             out.append(Generation(tag, "engine", h.image_id, None))
-    for tar, sc in backups:
-        if sc.input_hash and hash12(sc.input_hash) not in seen:
-            seen.add(hash12(sc.input_hash))
-            out.append(Generation(hash12(sc.input_hash), "backup", None, tar))
+    for b in backups:
+        if b.input_hash and hash12(b.input_hash) not in seen:
+            seen.add(hash12(b.input_hash))
+            out.append(Generation(hash12(b.input_hash), "backup", None, b.key))
     return out
 
 
@@ -465,17 +464,7 @@ def rollback(ctx: Context, engine: Engine, name: str, to: str | None,
     progress = progress or Progress()
     current = engine.inspect(latest_tag(name))
     store = backup_store(ctx.spec) if ctx.spec.backups is not None else None
-    backups: list[tuple[str, Sidecar]] = []
-    if store is not None:
-        files = store.files()
-        for tar in [tar_name(name), *generations(store, name, files)]:
-            if tar in files:
-                try:
-                    sc = read_sidecar(store, tar)
-                except ImagebuildError:
-                    continue
-                if sc is not None:
-                    backups.append((tar, sc))
+    backups = backups_of(store, name) if store is not None else []
     gens = generations_of(name, current, engine.holders(f"{ROOT_LABEL}={name}"), backups)
     if to is not None:
         gens = [g for g in gens if g.hash12 == to]
@@ -491,8 +480,8 @@ def rollback(ctx: Context, engine: Engine, name: str, to: str | None,
         image = engine.inspect(f"{name}:{gen.hash12}")
     restored = False
     if image is None:
-        source = gen.tar or next((t for t, sc in backups
-                                  if sc.input_hash and hash12(sc.input_hash) == gen.hash12),
+        source = gen.tar or next((b.key for b in backups
+                                  if b.input_hash and hash12(b.input_hash) == gen.hash12),
                                  None)
         if store is None or source is None:
             raise ImageNotFound(f"{name}:{gen.hash12} is not on this head and not in a backup")

@@ -25,12 +25,12 @@ from .archive import ArchiveIndex
 from .backup import (
     BackupResult,
     RestoreResult,
-    checked_tar,
+    backups_of,
     find_backup,
+    generation_archive,
     local_tar,
     read_sidecar,
     restore_backup,
-    tar_name,
     write_backup,
 )
 from .build import BuildReport, Step, decide, execute
@@ -57,7 +57,7 @@ from .errors import (
     SpecError,
     VerifyFailed,
 )
-from .fsutil import PinnedFile, atomic_write_text
+from .fsutil import atomic_write_text
 from .lock import check_matches, compute_lock, format_lock, read_lock
 from .locking import lock_image, read_previous, stale_reason
 from .naming import hash_tag, latest_tag, short_id
@@ -372,7 +372,11 @@ def build(ctx: Context, engine: Engine, images: list[str], *, rebuild: bool = Fa
             outcome.backups[name] = result
             if result.written:
                 progress.say(f"  {name}: backup written to {result.where} "
-                             f"({result.sidecar.size / 1e9:.2f} GB, {result.seconds:.1f}s)")
+                             f"({result.bytes_written / 1e9:.2f} GB new of "
+                             f"{result.backup.size / 1e9:.2f} GB, {result.seconds:.1f}s)")
+            for h12 in result.dropped:
+                progress.say(f"  {name}: dropped older generation {h12} (backups.keep: "
+                             f"{spec.backups.keep})")
         return True
 
     outcome.report = execute(spec, engine, steps, progress=progress, rebuild=forced,
@@ -531,12 +535,13 @@ def restore(ctx: Context, engine: Engine, req: RestoreRequest,
         jobs.append((directory, tar, expect))
     else:
         store = backup_store(ctx.spec)
-        files = store.files()
-        missing = [tar_name(n) for n in req.names if tar_name(n) not in files]
-        if req.named and missing:
-            raise BackupError(f"{store}/{missing[0]} does not exist",
-                              hint="list the backups directory; use --file for another tar")
-        jobs = [(store, tar_name(n), n) for n in req.names if tar_name(n) not in missing]
+        for n in req.names:
+            found = backups_of(store, n)
+            if found:
+                jobs.append((store, found[0].key, n))
+            elif req.named:
+                raise BackupError(f"{store} holds no backup of {n}",
+                                  hint="see 'imagebuild status'; use --file for a tar")
         if not jobs:
             raise BackupError(f"no backups in {store}",
                               hint="run 'imagebuild backup' (or build) first")
@@ -606,8 +611,8 @@ def request_for(ctx: Context, images: list[str], workers: list[Worker], *,
     wanted = ctx.names(images)
     store = backup_store(ctx.spec)
     if not isinstance(store, LocalDir):
-        raise SpecError(f"{ctx.spec.path}: distribute reads each image's backup tar on this "
-                        f"host, but backups.directory is remote",
+        raise SpecError(f"{ctx.spec.path}: distribute reads each image's layers from the "
+                        f"backup store on this host, but backups.directory is remote",
                         hint="use a local backups.directory on the head node (it can be "
                              "copied to the control node separately)")
     order = [n for n in ctx.spec.closure(wanted) if n in wanted]
@@ -661,9 +666,8 @@ def distribute(ctx: Context, engine: Engine, req: DistributeRequest,
                 raise ImageNotFound(f"{latest_tag(name)} ({short_id(info.id)}) was not built "
                                     f"by imagebuild (it has no input-hash label)",
                                     hint=f"run 'imagebuild build {name}'")
-            tar = opened.enter_context(_backup_tar(store, engine, name, info,
-                                                   spec.backups.keep, progress))
-            archive = ArchiveIndex.read(tar)
+            archive = _backup_archive(store, engine, name, info, spec.backups.keep, progress)
+            opened.callback(archive.close)
             archive.check(info.fingerprint, {tag})
             items.append(Item(name=name, info=info, hash_tag=tag, record=record,
                               archive=archive))
@@ -674,14 +678,13 @@ def distribute(ctx: Context, engine: Engine, req: DistributeRequest,
     return DistributeOutcome(items, outcomes, req.dry_run)
 
 
-def _backup_tar(store: BackupDir, engine: Engine, name: str, info: ImageInfo, keep: int,
-                progress: Progress) -> PinnedFile:
-    """The local backup tar of exactly this image (written first if missing), opened and
-    checked against its sidecar: what is sent is read through this descriptor."""
-    tar = find_backup(store, name, lambda sc: sc.image_id == info.id)
-    if tar is None:
+def _backup_archive(store: BackupDir, engine: Engine, name: str, info: ImageInfo, keep: int,
+                    progress: Progress) -> ArchiveIndex:
+    """The local backup generation of exactly this image (written first if missing),
+    its files opened once: what is sent is read through these descriptors, each checked
+    against its digest as it streams."""
+    found = find_backup(store, name, lambda b: b.image_id == info.id and b.gen is not None)
+    if found is None:
         progress.say(f"{name}: no backup of {short_id(info.id)} yet; writing it first")
-        tar = write_backup(store, engine, name, info, keep, progress).tar
-    sidecar = read_sidecar(store, tar)
-    assert sidecar is not None  # find_backup and write_backup saw it
-    return checked_tar(store, tar, sidecar, progress)
+        found = write_backup(store, engine, name, info, keep, progress).backup
+    return generation_archive(store, found)

@@ -187,8 +187,8 @@ class FakeEngine(Engine):
         buf = io.BytesIO()
         config = _config_bytes(info)
         cfg_name = _sha(config).removeprefix("sha256:") + ".json"
-        names = [f"{d.removeprefix('sha256:')[:40]}{i}/layer.tar"
-                 for i, d in enumerate(info.diff_ids)]
+        names = [_sha(f"{d}{i}".encode()).removeprefix("sha256:") + "/layer.tar"
+                 for i, d in enumerate(info.diff_ids)]  # a v1 id per layer, as Docker's
         tags = [ref] if ":" in ref and not ref.startswith("sha256:") else []
         manifest = [{"Config": cfg_name, "RepoTags": tags, "Layers": names}]
         with tarfile.open(fileobj=buf, mode="w") as tf:

@@ -1,13 +1,14 @@
-"""Tar backups, restore-from-tar, and the backup substituter, on the real head engine."""
+"""Backups as a layer store, restore-from-tar and the backup substituter, on the real
+head engines (both image stores) and an ssh:// store on a worker."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -15,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from imagebuild.engine_docker import DockerEngine
-from imagebuild.lock import sha256_file
 
 from .conftest import HEAD_STORES, Bed, MiniStack, testbed
 
 pytestmark = pytest.mark.bed
+
+NAMES = ("vllm-node", "vllm-node-tf5", "vllm-node-mimo")
 
 
 @pytest.fixture
@@ -33,18 +35,32 @@ def _tags(mini: MiniStack) -> dict[str, str]:
     return {i["name"]: i["tag"] for i in json.loads(r.stdout)["images"]}
 
 
-def _sha(path: Path) -> str:
-    return sha256_file(path)
-
-
-def _rmi(*refs: str) -> None:
+def _rmi(*refs: str, env: dict[str, str] | None = None) -> None:
     """Lose an image for real: its GC-root holders first (docker rmi refuses a root)."""
     for ref in refs:
-        held = subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={ref}"],
+        held = subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={ref}"], env=env,
                               capture_output=True, text=True).stdout.split()
         if held:
-            subprocess.run(["docker", "rm", "-f", *held], capture_output=True)
-    subprocess.run(["docker", "rmi", *refs], capture_output=True)
+            subprocess.run(["docker", "rm", "-f", *held], env=env, capture_output=True)
+    subprocess.run(["docker", "rmi", "-f", *refs], env=env, capture_output=True)
+
+
+def _gen(root: Path, name: str = "vllm-node-mimo") -> tuple[Path, dict[str, object]]:
+    """The current generation of ``name`` in the store at ``root``, and its sidecar."""
+    parent = root / "images" / name
+    h12 = (parent / "current").read_text().strip()
+    return parent / h12, json.loads((parent / f"{h12}.json").read_text())
+
+
+def _blob(root: Path, sidecar: dict[str, object], path: str) -> Path:
+    files = sidecar["files"]
+    assert isinstance(files, dict)
+    return root / "blobs" / "sha256" / files[path][0]
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in root.rglob("*") if not p.is_dir()}
 
 
 def _built(mini: MiniStack, every: bool = False) -> tuple[Path, dict[str, object], str]:
@@ -54,101 +70,151 @@ def _built(mini: MiniStack, every: bool = False) -> tuple[Path, dict[str, object
     if not every:
         r = mini.cli("backup", "mimo")
         assert r.returncode == 0, r.stderr
-    tar = mini.root / "backups" / "vllm-node-mimo.tar"
-    sidecar = json.loads((tar.parent / (tar.name + ".json")).read_text())
-    return tar, sidecar, _tags(mini)["vllm-node-mimo"]
+    gen, sidecar = _gen(mini.root / "backups")
+    return gen, sidecar, _tags(mini)["vllm-node-mimo"]
+
+
+def _flip(path: Path, at: int) -> None:
+    os.chmod(path, 0o644)
+    with path.open("r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x01]))
 
 
 @pytest.mark.parametrize("head_store", HEAD_STORES)
-def test_build_writes_backups_and_restore_gives_the_same_image(mini: MiniStack) -> None:
-    tar, sidecar, tag = _built(mini, every=True)
+def test_build_backs_up_each_layer_once_and_restore_gives_the_same_image(
+        mini: MiniStack, head_store: str) -> None:
+    gen, sidecar, tag = _built(mini, every=True)
+    root = mini.root / "backups"
     engine = DockerEngine()
-    image_id = engine.require(tag).id
-    for name in ("vllm-node", "vllm-node-tf5", "vllm-node-mimo"):
-        assert (mini.root / "backups" / f"{name}.tar").is_file()
-    assert sidecar["image_id"] == image_id
-    assert sidecar["sha256"] == _sha(tar) and sidecar["size"] == tar.stat().st_size
-    assert sidecar["input_hash"].startswith(tag.split(":")[1])
-    assert sorted(sidecar["tags"]) == sorted([tag, "vllm-node-mimo:latest"])
-    assert sidecar["fingerprint"].startswith("sha256:") and sidecar["created"]
-    assert not list(tar.parent.glob(".*partial*"))
+    image = engine.require(tag)
+    assert sidecar["image_id"] == image.id and sidecar["layers"] == list(image.diff_ids)
+    assert str(sidecar["input_hash"]).startswith(tag.split(":")[1])
+    assert sorted(sidecar["tags"]) == sorted([tag, "vllm-node-mimo:latest"])  # type: ignore
+    # every regular file of the generation is a hard link into the blobs, named by its
+    # digest; node's first layer is shared by the three images: one blob, three links
+    for path, (digest, size) in sidecar["files"].items():  # type: ignore[attr-defined]
+        f = gen / path
+        assert f.stat().st_size == size and f.samefile(root / "blobs" / "sha256" / digest)
+    base = _blob(root, sidecar, sidecar["layer_files"][0])  # type: ignore[index]
+    assert base.stat().st_nlink == 1 + len(NAMES)
+    unique = {p.name: p.stat().st_size for p in (root / "blobs" / "sha256").iterdir()}
+    per_image = sum(sum(s for _d, s in _gen(root, n)[1]["files"].values())  # type: ignore
+                    for n in NAMES)
+    assert sum(unique.values()) < 0.6 * per_image  # tars would hold the base three times
+    assert not list((root / "blobs" / ".incoming").iterdir())
+    # restored from the store: the same image, verified, latest moved
     _rmi(tag, "vllm-node-mimo:latest")
-    assert engine.inspect(image_id) is None
+    assert engine.inspect(image.id) is None
     r = mini.cli("restore-from-tar", "mimo")
     assert r.returncode == 0, r.stderr
     assert "loaded" in r.stdout and "verified" in r.stdout
-    assert engine.require(tag).id == image_id
-    assert engine.require("vllm-node-mimo:latest").id == image_id
+    assert engine.require(tag).id == image.id
+    assert engine.require("vllm-node-mimo:latest").id == image.id
     r = mini.cli("restore-from-tar", "mimo")  # already present: a no-op
     assert r.returncode == 0 and "nothing loaded" in r.stdout
-    # an unchanged backup is not rewritten
-    mtime = tar.stat().st_mtime_ns
-    r = mini.cli("backup", "mimo")
-    assert r.returncode == 0 and "up to date" in r.stdout
-    assert tar.stat().st_mtime_ns == mtime
+    before = _tree(root)
+    r = mini.cli("backup")  # unchanged: nothing written
+    assert r.returncode == 0 and r.stdout.count("up to date") == len(NAMES), r.stdout
+    assert _tree(root) == before
+    # the documented one-liner, into the other head (which has never seen this image)
+    other = mini.on(next(s for s in HEAD_STORES if s != head_store)).bed
+    env = dict(os.environ, DOCKER_HOST=other.docker_host)
+    _rmi(tag, env=env)
+    tar = subprocess.Popen(["tar", "-C", str(gen), "-cf", "-", "."], stdout=subprocess.PIPE)
+    load = subprocess.run(["docker", "load"], stdin=tar.stdout, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert tar.stdout is not None
+    tar.stdout.close()
+    assert tar.wait() == 0 and load.returncode == 0, load.stderr
+    assert f"Loaded image: {tag}" in load.stdout
+    try:
+        loaded = DockerEngine(other.docker_host).require(tag)
+        assert loaded.fingerprint == image.fingerprint and loaded.labels == image.labels
+    finally:
+        _rmi(tag, env=env)
 
 
 @pytest.mark.parametrize("damage, head_store", [("flip", "classic"),
                                                 ("truncate", "containerd")])
-def test_a_damaged_tar_is_refused_and_nothing_is_loaded(mini: MiniStack, damage: str) -> None:
-    tar, sidecar, tag = _built(mini)
-    with tar.open("r+b") as f:
-        if damage == "flip":
-            f.seek(tar.stat().st_size // 2)
-            b = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([b[0] ^ 0x01]))
-        else:
-            f.truncate(tar.stat().st_size - 4096)
+def test_a_damaged_layer_is_refused_named_and_nothing_is_loaded(
+        mini: MiniStack, damage: str) -> None:
+    gen, sidecar, tag = _built(mini)
+    root = mini.root / "backups"
+    layer = str(sidecar["layer_files"][-1])  # type: ignore[index]
+    blob = _blob(root, sidecar, layer)
+    if damage == "flip":
+        _flip(blob, blob.stat().st_size // 2)
+    else:
+        os.chmod(blob, 0o644)
+        os.truncate(blob, blob.stat().st_size // 2)
     _rmi(tag, "vllm-node-mimo:latest")
     r = mini.cli("restore-from-tar", "mimo")
     assert r.returncode == 8, r.stderr
-    assert str(tar) in r.stderr and "nothing was loaded" in r.stderr
+    assert f"{gen}/{layer} is damaged" in r.stderr and "nothing was loaded" in r.stderr
+    assert f"vllm-node-mimo {sidecar['hash12']}" in r.stderr and "rebuild" in r.stderr
     assert DockerEngine().inspect(str(sidecar["image_id"])) is None
+    # the whole store checked: the blob and every generation that uses it, exit 8
+    r = mini.cli("backup", "--check")
+    assert r.returncode == 8, r.stdout + r.stderr
+    assert f"DAMAGED blob sha256:{blob.name[:12]}, used by vllm-node-mimo" in r.stdout
+    assert "cannot be restored or sent" in r.stderr
 
 
-def test_a_killed_backup_leaves_the_previous_one_intact(mini: MiniStack) -> None:
-    tar, first, _ = _built(mini)
-    first_sha = _sha(tar)
+def test_a_killed_backup_leaves_the_previous_generation_intact(mini: MiniStack) -> None:
+    gen, first, _ = _built(mini)
+    root = mini.root / "backups"
     tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
     tpl.write_text(tpl.read_text() + "# a new derivation\n")
     assert mini.cli("build", "--no-backup", "mimo").returncode == 0
-    assert _sha(tar) == first_sha  # --no-backup wrote nothing
+    before = _tree(root)
     env = dict(os.environ, DOCKER_HOST=mini.bed.docker_host)
     proc = subprocess.Popen([sys.executable, "-m", "imagebuild", "-f", str(mini.spec), "backup",
                              "mimo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    incoming = root / "blobs" / ".incoming"
     deadline = time.monotonic() + 60
     killed_at = 0
     while time.monotonic() < deadline and proc.poll() is None:
-        partial = list(tar.parent.glob(".vllm-node-mimo.tar.*partial"))
-        if partial and partial[0].stat().st_size > 0:
+        partial = [p for p in incoming.iterdir() if p.stat().st_size > 0]
+        if partial:
             proc.send_signal(signal.SIGKILL)
             killed_at = partial[0].stat().st_size
             break
-        time.sleep(0.01)
+        time.sleep(0.005)
     proc.wait()
     assert killed_at > 0, "the backup finished before it could be killed"
     assert proc.returncode == -signal.SIGKILL
-    assert _sha(tar) == first_sha  # the previous backup is intact
-    assert json.loads((tar.parent / (tar.name + ".json")).read_text()) == first
-    # a rerun cleans up and writes the new generation, keeping the previous one
-    r = mini.cli("backup", "mimo")
+    after = _tree(root)
+    # the previous generation, its sidecar and current are as they were; only the
+    # incoming file (and maybe whole new blobs no generation links) were added
+    assert {k: v for k, v in after.items() if k.startswith("images/")} == {
+        k: v for k, v in before.items() if k.startswith("images/")}
+    assert _gen(root) == (gen, first)
+    r = mini.cli("backup", "mimo")  # a rerun cleans up and writes the new generation
     assert r.returncode == 0, r.stderr
-    assert not list(tar.parent.glob(".*partial*"))
-    prev = tar.parent / f"vllm-node-mimo@{str(first['input_hash'])[:12]}.tar"
-    assert prev.is_file() and _sha(prev) == first_sha
-    assert _sha(tar) != first_sha
+    assert not list(incoming.iterdir())
+    new, sidecar = _gen(root)
+    assert new != gen and gen.is_dir() and sidecar["hash12"] != first["hash12"]
 
 
-def test_generations_are_pruned_to_keep(mini: MiniStack) -> None:
-    _built(mini)
+def test_generations_are_pruned_to_keep_and_shared_layers_stay(mini: MiniStack) -> None:
+    gen, first, _ = _built(mini)
+    root = mini.root / "backups"
+    first_top = _blob(root, first, str(first["layer_files"][-1]))  # type: ignore[index]
+    base = _blob(root, first, str(first["layer_files"][0]))  # type: ignore[index]
     tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
     for i in range(2):
         tpl.write_text(tpl.read_text() + f"# generation {i}\n")
-        assert mini.cli("build", "mimo").returncode == 0
-    olds = sorted(p.name for p in (mini.root / "backups").glob("vllm-node-mimo@*.tar"))
-    assert len(olds) == 1  # keep: 2 -> the current tar and one older generation
-    assert (mini.root / "backups" / (olds[0] + ".json")).is_file()
+        r = mini.cli("build", "mimo")
+        assert r.returncode == 0, r.stderr
+    kept = sorted(p.name for p in (root / "images" / "vllm-node-mimo").iterdir() if p.is_dir())
+    assert len(kept) == 2 and gen.name not in kept  # keep: 2
+    assert not (gen.parent / f"{gen.name}.json").exists() and not gen.exists()
+    assert not first_top.exists()  # the dropped generation's own layer is gone
+    assert base.is_file()  # the base the other generations and images share stays
+    assert f"dropped older generation {gen.name}" in r.stderr, r.stderr
 
 
 def test_a_backup_directory_too_small_is_refused_before_writing(mini: MiniStack) -> None:
@@ -161,14 +227,14 @@ def test_a_backup_directory_too_small_is_refused_before_writing(mini: MiniStack)
         r = mini.cli("backup", "mimo")
         assert r.returncode == 8
         assert "GB free" in r.stderr and "nothing was written" in r.stderr
-        assert list(small.iterdir()) == []
+        assert _tree(small) == {}
     finally:
         subprocess.run(["umount", str(small)], check=True)
 
 
 def test_a_disk_that_fills_up_mid_write_leaves_nothing_half_written(mini: MiniStack) -> None:
     """The free-space check passed (the engine's size claim was low), then the disk filled:
-    the partial file goes, the previous tar is untouched, and the error says why."""
+    the incoming file and the blobs of this run go, and the error says why."""
     import dataclasses
 
     from imagebuild.backup import write_backup
@@ -182,27 +248,25 @@ def test_a_disk_that_fills_up_mid_write_leaves_nothing_half_written(mini: MiniSt
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(small)], check=True)
     try:
-        previous = small / "vllm-node.tar"
-        previous.write_bytes(b"the previous generation")
+        (small / "keep-me").write_bytes(b"someone else's file")
         with pytest.raises(BackupError) as exc:
             write_backup(LocalDir(small), DockerEngine(), "vllm-node",
                          dataclasses.replace(info, size=1), 2, Quiet())
         assert "No space left on device" in exc.value.message
-        assert "nothing was replaced" in exc.value.message
+        assert "previous generations are intact" in exc.value.message
         assert exc.value.exit_code == 8
-        assert sorted(p.name for p in small.iterdir()) == ["vllm-node.tar"]
-        assert previous.read_bytes() == b"the previous generation"
+        assert list(_tree(small)) == ["keep-me"]
     finally:
         subprocess.run(["umount", str(small)], check=True)
 
 
-def test_restore_without_the_tar_is_a_clear_error(mini: MiniStack, tmp_path: Path) -> None:
+def test_restore_without_a_backup_is_a_clear_error(mini: MiniStack, tmp_path: Path) -> None:
     (mini.root / "backups").mkdir(exist_ok=True)
     r = mini.cli("restore-from-tar")
     assert r.returncode == 8 and "no backups in" in r.stderr, r.stderr
     r = mini.cli("restore-from-tar", "mimo")
     assert r.returncode == 8, r.stderr
-    assert f"{mini.root / 'backups' / 'vllm-node-mimo.tar'} does not exist" in r.stderr
+    assert f"{mini.root / 'backups'} holds no backup of vllm-node-mimo" in r.stderr
     r = mini.cli("restore-from-tar", "--file", str(tmp_path / "absent.tar"))
     assert r.returncode == 8 and "absent.tar does not exist" in r.stderr, r.stderr
 
@@ -215,36 +279,38 @@ def test_an_unverified_image_is_not_backed_up(mini: MiniStack) -> None:
     r = mini.cli("backup", "tf5")
     assert r.returncode == 7
     assert "not verified" in r.stderr and "imagebuild verify" in r.stderr
-    assert not (mini.root / "backups" / "vllm-node-tf5.tar").exists()
+    assert not (mini.root / "backups" / "images" / "vllm-node-tf5").exists()
 
 
 @pytest.mark.parametrize("head_store", HEAD_STORES)
 def test_build_restores_a_missing_derivation_from_its_backup(mini: MiniStack) -> None:
-    tar, sidecar, tag = _built(mini)
+    gen, sidecar, tag = _built(mini)
     _rmi(tag, "vllm-node-mimo:latest")
     r = mini.cli("build", "--dry-run", "mimo")
-    assert f"restore from {tar}" in r.stdout
+    assert f"restore from {gen}" in r.stdout, r.stdout
     r = mini.cli("build", "mimo")
     assert r.returncode == 0, r.stderr
     assert "built 0, restored 1, reused 2" in r.stdout
     assert DockerEngine().require(tag).id == sidecar["image_id"]
 
 
-def test_a_remote_ssh_backup_directory_works_against_a_worker(mini: MiniStack) -> None:
+def test_a_remote_ssh_store_works_against_a_worker(mini: MiniStack) -> None:
     # a directory whose name has a space, beside a file that pruning must not touch
     remote = mini.bed.root / "remote-backups" / f"{mini.root.parent.name} copy"
     remote.mkdir(parents=True)
-    decoy = remote.parent / f"{mini.root.parent.name} vllm-node-mimo@keep-me.tar"
+    decoy = remote.parent / f"{mini.root.parent.name} blobs"
     decoy.write_text("not ours")
     mini.edit_spec("directory: backups", f"directory: ssh://w1{remote}")
     try:
         r = mini.cli("build", "mimo")
         assert r.returncode == 0, r.stderr
-        assert f"backup written to ssh://w1{remote}/vllm-node-mimo.tar" in r.stderr
-        tar = remote / "vllm-node-mimo.tar"
-        sidecar = json.loads((remote / "vllm-node-mimo.tar.json").read_text())
-        assert sidecar["sha256"] == _sha(tar) and sidecar["size"] == tar.stat().st_size
-        assert not list(remote.glob(".*partial*"))
+        gen, sidecar = _gen(remote)
+        assert f"backup written to ssh://w1{gen}" in r.stderr
+        for path, (digest, _size) in sidecar["files"].items():  # type: ignore[attr-defined]
+            assert (gen / path).samefile(remote / "blobs" / "sha256" / digest)
+        base = _blob(remote, sidecar, str(sidecar["layer_files"][0]))  # type: ignore[index]
+        assert base.stat().st_nlink == 1 + len(NAMES)  # one blob for the three images
+        assert not list((remote / "blobs" / ".incoming").iterdir())
         r = mini.cli("backup", "mimo")
         assert r.returncode == 0 and "up to date" in r.stdout
         tag = _tags(mini)["vllm-node-mimo"]
@@ -252,56 +318,84 @@ def test_a_remote_ssh_backup_directory_works_against_a_worker(mini: MiniStack) -
         r = mini.cli("restore-from-tar", "mimo")
         assert r.returncode == 0, r.stderr
         assert DockerEngine().require(tag).id == sidecar["image_id"]
-        # the substituter restores from the remote directory too
+        # the substituter restores from the remote store too
         _rmi(tag, "vllm-node-mimo:latest")
         r = mini.cli("build", "mimo")
         assert r.returncode == 0 and "built 0, restored 1, reused 2" in r.stdout, r.stderr
-        # generations are kept and pruned there like here, by name, never by parsing ls
+        # a one-line change writes only mimo's new layer there; generations are pruned
         tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
         for i in range(2):
             tpl.write_text(tpl.read_text() + f"# generation {i}\n")
-            assert mini.cli("build", "mimo").returncode == 0
-        olds = sorted(p.name for p in remote.glob("vllm-node-mimo@*.tar"))
-        assert len(olds) == 1 and (remote / (olds[0] + ".json")).is_file()
+            r = mini.cli("build", "mimo")
+            assert r.returncode == 0, r.stderr
+        kept = [p for p in (remote / "images" / "vllm-node-mimo").iterdir() if p.is_dir()]
+        # the base: one blob, linked by node, tf5 and the two mimo generations kept
+        assert len(kept) == 2 and not gen.exists() and base.stat().st_nlink == 1 + 4
         assert decoy.read_text() == "not ours"
-        # a damaged remote tar is refused, nothing loaded
-        sidecar = json.loads((remote / "vllm-node-mimo.tar.json").read_text())
-        with tar.open("r+b") as f:
-            f.seek(1000)
-            f.write(b"X")
-        _rmi(*[t for t in DockerEngine().require(sidecar["image_id"]).tags])
+        # a damaged remote blob is refused, nothing loaded; the check names it there too
+        gen, sidecar = _gen(remote)
+        top = str(sidecar["layer_files"][-1])  # type: ignore[index]
+        _flip(_blob(remote, sidecar, top), 1000)
+        _rmi(*DockerEngine().require(str(sidecar["image_id"])).tags)
         r = mini.cli("restore-from-tar", "mimo")
-        assert r.returncode == 8 and "does not match its sidecar" in r.stderr
-        assert DockerEngine().inspect(sidecar["image_id"]) is None
+        assert r.returncode == 8 and f"{top} is damaged" in r.stderr, r.stderr
+        assert DockerEngine().inspect(str(sidecar["image_id"])) is None
+        r = mini.cli("backup", "--check")
+        assert r.returncode == 8 and "DAMAGED blob" in r.stdout, r.stdout + r.stderr
     finally:
         subprocess.run(["rm", "-rf", str(remote), str(decoy)])
+
+
+def _as_tar(gen: Path, sidecar: dict[str, object], dest: Path) -> Path:
+    """The generation as a tar backup from before the layer store, with its sidecar."""
+    # member names as docker save writes them (no "./"), manifest.json last
+    names = sorted(os.listdir(gen), key=lambda n: (n == "manifest.json", n))
+    subprocess.run(["tar", "-C", str(gen), "-cf", str(dest), *names], check=True)
+    data = dest.read_bytes()
+    st = dest.stat()
+    dest.with_name(dest.name + ".json").write_text(json.dumps({
+        "image": "vllm-node-mimo", "image_id": sidecar["image_id"],
+        "fingerprint": sidecar["fingerprint"], "input_hash": sidecar["input_hash"],
+        "tags": sidecar["tags"], "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(), "created": sidecar["created"],
+        "mtime_ns": st.st_mtime_ns}))
+    return dest
+
+
+def test_tar_backups_from_before_the_store_restore_and_are_imported(mini: MiniStack) -> None:
+    gen, sidecar, tag = _built(mini)
+    root = mini.root / "backups"
+    tar = _as_tar(gen, sidecar, root / "vllm-node-mimo.tar")
+    subprocess.run(["rm", "-rf", str(root / "images" / "vllm-node-mimo")], check=True)
+    _rmi(tag, "vllm-node-mimo:latest")
+    r = mini.cli("restore-from-tar", "mimo")
+    assert r.returncode == 0, r.stderr
+    assert DockerEngine().require(tag).id == sidecar["image_id"]
+    r = mini.cli("backup", "mimo")
+    assert r.returncode == 0, r.stderr
+    assert f"imported {tar.name} into the layer store" in r.stdout
+    assert not tar.exists() and not tar.with_name(tar.name + ".json").exists()
+    new, again = _gen(root)
+    assert new == gen and again["image_id"] == sidecar["image_id"]
 
 
 def test_a_tar_whose_manifest_would_move_a_tag_is_refused_before_loading(
         mini: MiniStack, tmp_path: Path) -> None:
     """A tar and a sidecar that agree (size, sha256), but whose manifest.json would make
     docker load move latest or another image's tag before the gate: nothing is loaded."""
-    import hashlib
-    import io
-    import tarfile
-
-    tar, sidecar, hash_tag = _built(mini)
+    gen, sidecar, hash_tag = _built(mini)
     base_before = DockerEngine().require("imagebuild-bed/bookworm-python:1").id
     _rmi(hash_tag, "vllm-node-mimo:latest")
     for tag in ("vllm-node-mimo:latest", "imagebuild-bed/bookworm-python:1"):
-        crafted = tmp_path / "crafted.tar"
-        with tarfile.open(tar) as src, tarfile.open(crafted, "w") as out:
-            for m in src.getmembers():
-                data = src.extractfile(m).read() if m.isfile() else None  # type: ignore[union-attr]
-                if m.name == "manifest.json":
-                    manifest = json.loads(data or b"")
-                    manifest[0]["RepoTags"] = [tag]
-                    data = json.dumps(manifest).encode()
-                    m.size = len(data)
-                out.addfile(m, io.BytesIO(data) if data is not None else None)
-        forged = dict(sidecar, size=crafted.stat().st_size,
-                      sha256=hashlib.sha256(crafted.read_bytes()).hexdigest())
-        (tmp_path / "crafted.tar.json").write_text(json.dumps(forged))
+        copy = tmp_path / "gen"
+        subprocess.run(["cp", "-r", str(gen), str(copy)], check=True)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest[0]["RepoTags"] = [tag]
+        os.chmod(copy / "manifest.json", 0o644)
+        (copy / "manifest.json").unlink()
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        crafted = _as_tar(copy, sidecar, tmp_path / "crafted.tar")
+        subprocess.run(["rm", "-rf", str(copy)], check=True)
         r = mini.cli("restore-from-tar", "--file", str(crafted))
         assert r.returncode == 8, r.stderr
         assert f"would tag {tag}" in r.stderr and "nothing was loaded" in r.stderr
@@ -312,55 +406,49 @@ def test_a_tar_whose_manifest_would_move_a_tag_is_refused_before_loading(
 
 
 @pytest.mark.parametrize("head_store", ["containerd"])
-def test_an_incomplete_save_is_refused_and_the_previous_backup_stays(mini: MiniStack) -> None:
+def test_an_incomplete_save_is_refused_and_nothing_is_kept(mini: MiniStack,
+                                                           tmp_path: Path) -> None:
     """On the containerd store, docker save leaves out a blob missing from the content
     store (moby#49473). Remove one for real (ctr content rm) and back up again: the
-    archive is refused (exit 8) and the previous backup stays, byte for byte."""
-    tar, sidecar, _ = _built(mini)
-    first_sha = _sha(tar)
-    with tarfile.open(tar) as tf:
-        f = tf.extractfile("manifest.json")
-        assert f is not None
-        layers = json.load(f)[0]["Layers"]
-    blob = "sha256:" + layers[-1].rsplit("/", 1)[1]  # mimo's top layer, gzip-compressed
-    top = DockerEngine().require("vllm-node-mimo:latest").diff_ids[-1]
-    assert blob != top  # the blob's digest is not the diff ID: it has to be decompressed
+    archive is refused (exit 8), no generation appears and no new blob stays."""
+    gen, sidecar, _ = _built(mini)
+    root = mini.root / "backups"
+    good = _as_tar(gen, sidecar, tmp_path / "good.tar")  # to give the blob back after
+    top = str(sidecar["layer_files"][-1])  # type: ignore[index]
+    blob = "sha256:" + top.rsplit("/", 1)[1]  # mimo's top layer, gzip-compressed
+    assert blob != DockerEngine().require("vllm-node-mimo:latest").diff_ids[-1]
+    subprocess.run(["rm", "-rf", str(gen), f"{gen}.json"], check=True)
+    before = _tree(root)
     testbed.ctr(mini.bed.head_node, "content", "rm", blob, capture_output=True)
     try:
-        os.utime(tar)  # no longer the file that was written: backup writes it again
         r = mini.cli("backup", "mimo")
         assert r.returncode == 8, r.stdout + r.stderr
         # (docker 26.1 stops at the missing blob: what would follow it is left out too)
         assert "incomplete" in r.stderr and "is not in it" in r.stderr
-        assert "previous backup is still in place" in r.stderr and "moby#49473" in r.stderr
-        assert _sha(tar) == first_sha
-        assert json.loads((tar.parent / (tar.name + ".json")).read_text()) == sidecar
-        assert not list(tar.parent.glob(".*partial*"))
-    finally:  # give the content store its blob back: load the good backup
-        subprocess.run(["docker", "load", "-q", "-i", str(tar)], check=True,
+        assert "moby#49473" in r.stderr
+        assert not gen.exists() and not Path(f"{gen}.json").exists()
+        assert {k: v for k, v in _tree(root).items() if ".incoming" not in k} == before
+        assert not list((root / "blobs" / ".incoming").iterdir())
+    finally:  # give the content store its blob back: load the good archive
+        subprocess.run(["docker", "load", "-q", "-i", str(good)], check=True,
                        capture_output=True)
     r = mini.cli("backup", "mimo")
     assert r.returncode == 0, r.stderr
-    assert json.loads((tar.parent / (tar.name + ".json")).read_text())["sha256"] == _sha(tar)
+    assert _gen(root)[0] == gen
 
 
 def test_a_backup_restores_on_a_head_of_the_other_store(bed_env: Bed, tmp_path: Path) -> None:
-    """A tar the classic head wrote (its image ID is the config's digest) restores on the
-    containerd head (which names the image by its manifest): found by hash tag and content
-    fingerprint, gated there (records are per image ID), then latest. A stack of its own:
-    the builds are not reproducible, so the restored mimo is another content than a
-    containerd-head build of the same derivation, and must not replace the warm one."""
+    """A generation the classic head wrote (its image ID is the config's digest) restores
+    on the containerd head (which names the image by its manifest): found by hash tag and
+    content fingerprint, gated there (records are per image ID), then latest. A stack of
+    its own: the builds are not reproducible, so the restored mimo is another content
+    than a containerd-head build of the same derivation, and must not replace the warm
+    one."""
     mini = MiniStack(tmp_path / "stack", bed_env, "xstore-" + uuid.uuid4().hex[:8])
     _, sidecar, tag = _built(mini)
     other = mini.on("containerd")
     env = dict(os.environ, DOCKER_HOST=other.bed.docker_host)
-    for ref in (tag, "vllm-node-mimo:latest"):  # the containerd head loses mimo, if it had it
-        held = subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={ref}"], env=env,
-                              capture_output=True, text=True).stdout.split()
-        if held:
-            subprocess.run(["docker", "rm", "-f", *held], env=env, capture_output=True)
-    subprocess.run(["docker", "rmi", "-f", tag, "vllm-node-mimo:latest"], env=env,
-                   capture_output=True)
+    _rmi(tag, "vllm-node-mimo:latest", env=env)  # the containerd head loses mimo, if it had it
     r = other.cli("restore-from-tar", "mimo")
     assert r.returncode == 0, r.stderr
     assert "loaded" in r.stdout and "verified" in r.stdout
@@ -378,5 +466,3 @@ def test_a_backup_restores_on_a_head_of_the_other_store(bed_env: Bed, tmp_path: 
                               env=env, capture_output=True, text=True).stdout
         if "vllm-node-mimo" in info:
             subprocess.run(["docker", "rm", "-f", cid], env=env, capture_output=True)
-    subprocess.run(["docker", "rmi", "-f", tag, "vllm-node-mimo:latest"], env=env,
-                   capture_output=True)

@@ -36,17 +36,22 @@ def built(warm: MiniStack) -> MiniStack:
     return warm
 
 
-def _blob_bytes(tar: Path, skipped: int) -> int:
-    """The bytes of the layer files of ``tar`` above the first ``skipped`` layers, as the
-    archive holds them (gzip blobs on a containerd-store head), read with tarfile."""
-    import tarfile
+def _gen(mini: MiniStack, name: str = "vllm-node-mimo") -> Path:
+    """The current backup generation of ``name``: a docker-save directory."""
+    parent = mini.root / "backups" / "images" / name
+    return parent / (parent / "current").read_text().strip()
 
-    with tarfile.open(tar) as tf:
-        f = tf.extractfile("manifest.json")
-        assert f is not None
-        layers = json.load(f)[0]["Layers"]
-        sizes = {m.name: m.size for m in tf.getmembers() if m.isfile()}
-    return sum(sizes[name] for name in dict.fromkeys(layers[skipped:]))
+
+def _gen_size(gen: Path) -> int:
+    return sum(p.stat().st_size for p in gen.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _blob_bytes(gen: Path, skipped: int) -> int:
+    """The bytes of the layer files of the generation ``gen`` above the first ``skipped``
+    layers, as the archive holds them (gzip blobs on a containerd-store head)."""
+    layers = json.loads((gen / "manifest.json").read_text())[0]["Layers"]
+    return sum((gen / name).stat().st_size for name in dict.fromkeys(layers[skipped:])
+               if not (gen / name).is_symlink())
 
 
 def _distribute(mini: MiniStack, *args: str) -> tuple[int, dict[str, object], str]:
@@ -75,7 +80,7 @@ def test_cold_fanout_lands_the_identical_image_on_every_worker(built: MiniStack)
     assert code == 0, err
     head = DockerEngine().require("vllm-node-mimo:latest")
     hash_tag = next(t for t in head.tags if not t.endswith(":latest"))
-    archive = (mini.root / "backups" / "vllm-node-mimo.tar").stat().st_size
+    archive = _gen_size(_gen(mini))
     for w in mini.bed.workers:
         got = _worker_image(mini.bed, w, "vllm-node-mimo:latest")
         assert got is not None and got.fingerprint == head.fingerprint
@@ -89,8 +94,7 @@ def test_cold_fanout_lands_the_identical_image_on_every_worker(built: MiniStack)
         assert float(node["mb_per_s"]) > 0  # type: ignore[arg-type]
         # what was sent is the layer files as the archive holds them (gzip blobs from a
         # containerd head), plus tar headers, config and manifest
-        blobs = _blob_bytes(mini.root / "backups" / "vllm-node-mimo.tar",
-                            int(mimo["layers_skipped"]))  # type: ignore[call-overload]
+        blobs = _blob_bytes(_gen(mini), int(mimo["layers_skipped"]))  # type: ignore[call-overload]
         assert blobs <= int(mimo["bytes_sent"]) <= blobs + (1 << 20)  # type: ignore[call-overload]
     # a second run sends nothing
     code, data, _ = _distribute(mini, "--workers", "3")
@@ -112,8 +116,8 @@ def test_a_one_wheel_rebuild_sends_only_mimos_new_layers(clean: MiniStack) -> No
     assert r.returncode == 0 and "built 1" in r.stdout, r.stdout + r.stderr
     code, data, err = _distribute(mini, "--workers", "w1,w3", "mimo")
     assert code == 0, err
-    tar = mini.root / "backups" / "vllm-node-mimo.tar"
-    archive = tar.stat().st_size
+    tar = _gen(mini)
+    archive = _gen_size(tar)
     for w in ("w1", "w3"):
         o = _by(data, w, "vllm-node-mimo")
         assert o["action"] == "partial"
@@ -288,7 +292,7 @@ def test_a_containerd_store_worker_gets_only_its_missing_layers(built: MiniStack
         hash_tag = next(t for t in want.tags if not t.endswith(":latest"))
         assert hash_tag in got.tags
     assert _by(data, "c1", "vllm-node")["action"] == "whole archive"
-    archive = (mini.root / "backups" / "vllm-node-mimo.tar").stat().st_size
+    archive = _gen_size(_gen(mini))
     for name in ("vllm-node-tf5", "vllm-node-mimo"):
         o = _by(data, "c1", name)
         assert o["action"] == "partial" and "OCI layout" in str(o["note"])
@@ -310,51 +314,56 @@ def test_bad_worker_selection_is_a_clear_error(mini: MiniStack) -> None:
 def test_dry_run_sends_nothing(clean: MiniStack) -> None:
     mini = clean
     assert mini.cli("build", "tf5").returncode == 0
-    # no current backup, and an older generation whose sidecar is damaged: that one is
-    # passed over, not fatal, and the backup is written first
-    current = mini.root / "backups" / "vllm-node-tf5.tar"
-    current.unlink()
-    (current.parent / (current.name + ".json")).unlink()
-    old = current.parent / "vllm-node-tf5@000000000000.tar"
-    old.write_bytes(b"an old generation")
-    (old.parent / (old.name + ".json")).write_text("{ not json")
+    # no backup of the current image, and an older generation whose sidecar is damaged:
+    # that one is passed over, not fatal, and the backup is written first
+    current = _gen(mini, "vllm-node-tf5")
+    subprocess.run(["rm", "-rf", str(current), f"{current}.json"], check=True)
+    old = current.parent / "000000000000"
+    old.mkdir()
+    (old.parent / "000000000000.json").write_text("{ not json")
     r = mini.cli("distribute", "--dry-run", "--workers", "2", "tf5")
     assert r.returncode == 0, r.stderr
-    assert "no backup of" in r.stderr and current.is_file()
+    assert "no backup of" in r.stderr and _gen(mini, "vllm-node-tf5") == current
+    assert current.is_dir()
     assert "would send" in r.stdout and "w1" in r.stdout and "w3" not in r.stdout
     assert mini.bed.ssh("w1", "docker", "images", "-q").stdout.strip() == ""
-    # distribute reads the backup tar on this host: a remote backups directory is refused
+    # distribute reads the backup store on this host: a remote backups directory is refused
     mini.edit_spec("directory: backups", "directory: ssh://w1/var/tmp/imagebuild-backups")
     r = mini.cli("distribute", "--dry-run", "--workers", "1", "tf5")
     assert r.returncode == 2 and "backups.directory is remote" in r.stderr, r.stderr
 
 
-def test_a_backup_tar_that_does_not_match_its_sidecar_is_never_sent(
-        clean: MiniStack) -> None:
-    """distribute sends byte ranges of the backup tar: it checks the tar against its
-    sidecar and its manifest against the image before any byte goes to a worker."""
-    import tarfile
-
+def test_a_damaged_backup_generation_is_never_loaded_by_a_worker(clean: MiniStack) -> None:
+    """distribute sends the files of the backup generation: its manifest is checked
+    against its digest and the image before any byte goes to a worker, a truncated file
+    is refused before sending, and a file damaged in place is caught as it streams, before
+    its last chunk: the worker's docker load sees a cut archive and loads nothing."""
     mini = clean
     assert mini.cli("build", "node").returncode == 0
-    tar = mini.root / "backups" / "vllm-node.tar"
-    good = tar.read_bytes()
-    for damage in ("same-size manifest", "truncated at a member"):
+    gen = _gen(mini, "vllm-node")
+    sidecar = json.loads((gen.parent / f"{gen.name}.json").read_text())
+    top = gen / sidecar["layer_files"][-1]
+    for what in ("manifest.json", "truncated", "flipped"):
+        target = gen / "manifest.json" if what == "manifest.json" else top
+        good = target.read_bytes()
+        os.chmod(target, 0o644)
         data = bytearray(good)
-        if damage == "same-size manifest":
+        if what == "manifest.json":
             at = data.index(b'"RepoTags":["vllm-node:') + len(b'"RepoTags":["')
             data[at:at + 9] = b"vllm-nodX"  # another image's tag, same length
-            tar.write_bytes(bytes(data))
+        elif what == "truncated":
+            data = data[:len(data) // 2]
         else:
-            with tarfile.open(tar) as tf:
-                last = [m for m in tf.getmembers() if m.name.endswith("layer.tar")][-1]
-            tar.write_bytes(bytes(data[:last.offset]) + b"\0" * 1024)
+            data[len(data) // 2] ^= 1
+        target.write_bytes(bytes(data))
         code, _, err = _distribute(mini, "--workers", "2", "node")
-        assert code == 8, (damage, err)
-        assert str(tar) in err and "nothing was sent" in err
+        assert code != 0, (what, err)
+        assert "is damaged" in err, (what, err)
+        if what != "flipped":  # found before a byte was sent
+            assert code == 8 and "nothing was" in err, (what, err)
         for w in ("w1", "w2"):
-            assert mini.bed.ssh(w, "docker", "images", "-q").stdout.strip() == ""
-    tar.write_bytes(good)  # the very bytes again (a new mtime): checked, and sent
+            assert mini.bed.ssh(w, "docker", "images", "-q").stdout.strip() == "", what
+        target.write_bytes(good)  # the very bytes again: checked, and sent
     code, _, err = _distribute(mini, "--workers", "1", "node")
     assert code == 0, err
 
@@ -421,13 +430,13 @@ def test_a_repeated_layer_reaches_a_worker_that_has_its_first_occurrence(
             for chunk in head.save(f"imagebuild-repeat:{tag}"):
                 f.write(chunk)
     with PinnedFile.open(tars["parent"]) as p:
-        worker.load_archive(p, docker_pieces(ArchiveIndex.read(p), 0))
+        worker.load_archive(docker_pieces(ArchiveIndex.read(p), 0))
     with PinnedFile.open(tars["image"]) as pinned:
         index = ArchiveIndex.read(pinned)
         links = [m for m in index.members if m.link]
         assert links, "docker save wrote no link for the repeated layer"
         pieces = docker_pieces(index, n)  # the worker holds the parent's layers
-        worker.load_archive(pinned, pieces)
+        worker.load_archive(pieces)
     got = worker.require("imagebuild-repeat:image")
     assert got.fingerprint == image.fingerprint
     for tag in ("parent", "image"):

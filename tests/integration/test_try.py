@@ -53,7 +53,8 @@ def test_try_runs_the_whole_job(bed: Bed, head_store: str) -> None:
     summary = out[out.index("== summary"):]
     for w in bed.workers:
         assert f"{w}: up to date" in summary
-    assert re.search(r"vllm-node-mimo\.tar\s+\d", summary)
+    assert re.search(r"vllm-node-mimo\s+current [0-9a-f]{12}, [12] generation", summary)
+    assert re.search(r"blobs\s+\d.* in \d+ blobs", summary)
     assert str(bed.root / "backups") in summary
     assert "scripts/testbed down" in summary
 

@@ -1,5 +1,6 @@
-"""The layer store's blobs: a file of a save stream is written only when the store lacks
-its bytes (named by digest, or matched against the stored blobs of its size)."""
+"""The layer store without a daemon: a save stream becomes a generation whose files are
+hard links into blobs written only when the store lacks them; generations are pruned
+without touching a shared blob; a generation streams back as a checked archive."""
 
 from __future__ import annotations
 
@@ -7,159 +8,249 @@ import hashlib
 import io
 import json
 import os
+import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from imagebuild import layerstore
+from imagebuild.engine import ImageInfo
 from imagebuild.errors import BackupError
-from imagebuild.layerstore import BlobStore, ingest_save
+from imagebuild.layerstore import (
+    BLOBS,
+    GenSidecar,
+    Meta,
+    archive_stream,
+    check_archive,
+    check_store,
+    clean_leftovers,
+    ingest,
+    list_generations,
+    prune,
+)
+from imagebuild.store import LocalDir
 
-from ..archives import save_like
+from ..archives import Saved, save_like
+
+HASH = "ab" * 32  # an input hash; the generation is named by its first 12 digits
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def put(store: BlobStore, data: bytes, named: str | None = None,
-        sizes: dict[int, list[str]] | None = None) -> layerstore.Ingested:
-    return store.ingest(io.BytesIO(data).read, len(data), named=named, sizes=sizes)
+def chunks(path: Path, size: int = 7000) -> Iterator[bytes]:
+    data = path.read_bytes()
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+def labelled(saved: Saved, input_hash: str = HASH) -> ImageInfo:
+    info = saved.info
+    return ImageInfo(info.id, info.tags, {**info.labels, "imagebuild.input-hash": input_hash},
+                     info.diff_ids, info.size, info.created, info.config)
+
+
+def put(store: LocalDir, saved: Saved, h12: str, *, tags: list[str] | None = None
+        ) -> layerstore.Written:
+    info = saved.info
+    meta = Meta(info.id, info.fingerprint, h12 + "0" * 52, tags or ["img:latest", f"img:{h12}"],
+                info.size, info.diff_ids)
+    return ingest(store, lambda: chunks(saved.path), "img", h12, meta, f"test/{h12}")
 
 
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BlobStore:
-    monkeypatch.setattr(layerstore, "CHUNK", 16)  # many chunks from small test files
-    return BlobStore(tmp_path / "backups")
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LocalDir:
+    monkeypatch.setattr(layerstore, "CHUNK", 4096)  # many chunks from small test files
+    return LocalDir(tmp_path / "backups")
 
 
-def test_a_new_unnamed_layer_is_written_once_and_named_by_its_digest(store: BlobStore
-                                                                     ) -> None:
-    data = os.urandom(100)
-    got = put(store, data)
-    assert (got.digest, got.size, got.written) == (sha(data), 100, 100)
-    assert store.path(sha(data)).read_bytes() == data
-    again = put(store, data)
-    assert (again.digest, again.written) == (sha(data), 0)
-    assert not list(store.incoming_dir.glob("*"))
-
-
-def test_a_layer_that_diverges_from_a_same_size_blob_late_is_written_whole(
-        store: BlobStore) -> None:
-    old = os.urandom(100)
-    put(store, old)
-    new = old[:70] + bytes(b ^ 1 for b in old[70:])  # diverges in the 5th chunk
-    got = put(store, new)
-    assert got.digest == sha(new) and got.written == 100
-    assert store.path(sha(new)).read_bytes() == new  # the prefix copied, the rest streamed
-    assert store.path(sha(old)).read_bytes() == old
-
-
-@pytest.mark.parametrize("where", [0, 15, 16, 99])
-def test_divergence_at_any_offset_gives_the_right_bytes(store: BlobStore, where: int) -> None:
-    old = os.urandom(100)
-    put(store, old)
-    new = bytearray(old)
-    new[where] ^= 0xFF
-    got = put(store, bytes(new))
-    assert store.path(got.digest).read_bytes() == bytes(new)
-    assert got.digest == sha(bytes(new))
-
-
-def test_of_two_same_size_candidates_the_matching_one_is_found(store: BlobStore) -> None:
-    a, b = os.urandom(64), os.urandom(64)
-    put(store, a)
-    put(store, b)
-    sizes = store.by_size()
-    assert sorted(sizes[64]) == sorted([sha(a), sha(b)])
-    assert put(store, b, sizes=sizes).written == 0
-    c = a[:40] + b[40:]  # follows a, then b: neither
-    got = put(store, c, sizes=sizes)
-    assert got.written == 64 and store.path(sha(c)).read_bytes() == c
-    assert sha(c) in sizes[64]  # the table learns what was added
-
-
-def test_a_named_blob_present_is_verified_and_not_written(store: BlobStore) -> None:
-    data = os.urandom(50)
-    put(store, data)
-    before = store.path(sha(data)).stat().st_mtime_ns
-    assert put(store, data, named=sha(data)).written == 0
-    assert store.path(sha(data)).stat().st_mtime_ns == before
-    with pytest.raises(BackupError) as info:  # the engine sends other bytes under the name
-        put(store, os.urandom(50), named=sha(data))
-    assert "corrupt blob" in info.value.message
-
-
-def test_a_named_blob_absent_is_written_and_checked_against_its_name(store: BlobStore
-                                                                     ) -> None:
-    data = os.urandom(50)
-    assert put(store, data, named=sha(data)).written == 50
-    other = os.urandom(50)
-    with pytest.raises(BackupError):
-        put(store, other, named="0" * 64)
-    assert not store.path("0" * 64).exists()
-    assert not (store.blobs / sha(other)).exists()  # nothing kept of a corrupt blob
-    assert not list(store.incoming_dir.glob("*"))
-
-
-def test_a_stream_cut_short_leaves_no_blob_and_no_incoming_file(store: BlobStore) -> None:
-    data = os.urandom(100)
-    with pytest.raises(BackupError) as info:
-        store.ingest(io.BytesIO(data[:60]).read, 100)
-    assert "ended 40 bytes before the end" in info.value.message
-    assert not list(store.blobs.glob("*"))
-    assert not list(store.incoming_dir.glob("*"))
-    put(store, data)
-    with pytest.raises(BackupError):  # cut short while matching a candidate
-        store.ingest(io.BytesIO(data[:60]).read, 100)
-    assert sorted(p.name for p in store.blobs.iterdir()) == [sha(data)]
-
-
-def test_a_damaged_stored_blob_is_not_taken_for_the_layer(store: BlobStore) -> None:
-    data = os.urandom(32)
-    path = store.path(sha(b"x" * 32))  # a blob whose bytes are not its name
-    path.parent.mkdir(parents=True)
-    path.write_bytes(data)
-    with pytest.raises(BackupError) as info:
-        put(store, data)
-    assert "damaged" in info.value.message
-
-
-def test_empty_files_and_leftovers(store: BlobStore) -> None:
-    assert put(store, b"").digest == sha(b"")
-    assert put(store, b"").written == 0
-    store.incoming_dir.mkdir(parents=True, exist_ok=True)
-    (store.incoming_dir / "tmpabc").write_bytes(b"half a layer")
-    store.clean_incoming()
-    assert not store.incoming_dir.exists()
-    with pytest.raises(BackupError):
-        store.path("../../etc/passwd")
-
-
-def _chunks(path: Path) -> list[bytes]:
-    data = path.read_bytes()
-    return [data[i:i + 7000] for i in range(0, len(data), 7000)]
-
-
-def test_a_classic_save_becomes_a_generation_and_its_shared_layers_are_kept_once(
-        tmp_path: Path) -> None:
+def test_shared_layers_are_written_once_and_a_generation_links_them(
+        store: LocalDir, tmp_path: Path) -> None:
     base, mid = os.urandom(200_000), os.urandom(90_000)
-    one = save_like(tmp_path / "one.tar", [base, mid, base], tags=["img:aaa"], repeat="link")
-    two = save_like(tmp_path / "two.tar", [base, os.urandom(80_000)], tags=["img:bbb"],
-                    env="A=2")
-    store = BlobStore(tmp_path / "backups")
-    first = ingest_save(store, _chunks(one.path), {"img:aaa": ("img", "aaa")})
-    assert first.written == len(base) + len(mid)  # the repeated layer is a link, once
-    (gen,) = first.generations
-    assert gen.path == store.root / "images" / "img" / "aaa"
-    assert [(d, s) for _p, d, s in gen.layers] == [
-        (sha(base), len(base)), (sha(mid), len(mid)), (sha(base), len(base))]
-    assert (gen.path / gen.layers[2][0]).is_symlink()  # kept as saved
-    assert (gen.path / gen.layers[0][0]).samefile(store.path(sha(base)))
-    assert json.loads((gen.path / "manifest.json").read_text())[0]["RepoTags"] == ["img:aaa"]
-    second = ingest_save(store, _chunks(two.path), {"img:bbb": ("img", "bbb")})
-    assert second.written == 80_000  # the base is there: compared, not written
-    assert ingest_save(store, _chunks(one.path), {"img:aaa": ("img", "aaa")}).written == 0
-    # an image the caller did not ask for gets no generation
-    assert ingest_save(store, _chunks(two.path), {}).generations == ()
-    assert not list((store.root / "images" / "img").glob(".*partial*"))
+    one = save_like(tmp_path / "one.tar", [base, mid, base], tags=["img:aaaaaaaaaaaa"],
+                    repeat="link")
+    two = save_like(tmp_path / "two.tar", [base, os.urandom(80_000)],
+                    tags=["img:bbbbbbbbbbbb"], env="A=2")
+    first = put(store, one, "aaaaaaaaaaaa")
+    assert first.written >= len(base) + len(mid)  # new: the layers (the repeat is a link)
+    assert first.written < len(base) + len(mid) + 4096  # and a few small files
+    gen = store.directory / "images" / "img" / "aaaaaaaaaaaa"
+    sc = first.sidecar
+    assert sc.layers == one.diff_ids and len(sc.layer_files) == 3
+    assert (gen / sc.layer_files[2]).is_symlink()  # a repeated layer stays a link, as saved
+    layer0 = gen / sc.layer_files[0]
+    assert layer0.samefile(store.directory / BLOBS / sha(base))
+    assert layer0.stat().st_nlink == 2  # the blob and this generation
+    assert GenSidecar.from_json((gen.parent / "aaaaaaaaaaaa.json").read_text()) == sc
+    assert (gen.parent / "current").read_text().strip() == "aaaaaaaaaaaa"
+    second = put(store, two, "bbbbbbbbbbbb")
+    assert 80_000 <= second.written < 80_000 + 4096  # the base is hashed, not written
+    assert layer0.stat().st_nlink == 3
+    assert put(store, one, "aaaaaaaaaaaa").written == 0  # the same generation again
+    assert [g.hash12 for g in list_generations(store, "img")] == ["aaaaaaaaaaaa",
+                                                                  "bbbbbbbbbbbb"]
+    assert not os.listdir(store.directory / "blobs" / ".incoming")
+    assert not [p for p in os.listdir(gen.parent) if p.endswith(".partial")]
+
+
+def test_a_layer_of_the_same_size_as_a_stored_one_is_read_again_and_written(
+        store: LocalDir, tmp_path: Path) -> None:
+    a, b = os.urandom(50_000), os.urandom(50_000)
+    put(store, save_like(tmp_path / "a.tar", [a], tags=["img:aaaaaaaaaaaa"]), "aaaaaaaaaaaa")
+    # b has a's size; the new image holds both, so a's blob is a candidate for b's file
+    both = save_like(tmp_path / "ab.tar", [b, a], tags=["img:bbbbbbbbbbbb"])
+    got = put(store, both, "bbbbbbbbbbbb")
+    assert got.passes == 2
+    assert (store.directory / BLOBS / sha(b)).read_bytes() == b
+    assert 50_000 <= got.written < 50_000 + 4096
+
+
+def test_a_stream_cut_short_leaves_no_generation_and_no_blob_half_written(
+        store: LocalDir, tmp_path: Path) -> None:
+    saved = save_like(tmp_path / "a.tar", [os.urandom(100_000)], tags=["img:aaaaaaaaaaaa"])
+    data = saved.path.read_bytes()
+    meta = Meta(saved.info.id, saved.info.fingerprint, None, ["img:aaaaaaaaaaaa"], 0,
+                saved.info.diff_ids)
+    with pytest.raises(BackupError, match=r"ended|incomplete|not a readable tar"):
+        ingest(store, lambda: iter([data[:60_000]]), "img", "aaaaaaaaaaaa", meta, "cut")
+    assert not (store.directory / "images" / "img" / "aaaaaaaaaaaa").exists()
+    assert not (store.directory / "images" / "img" / "aaaaaaaaaaaa.json").exists()
+    assert not os.listdir(store.directory / "blobs" / ".incoming")
+    assert all(p.stat().st_size != 100_000 for p in (store.directory / BLOBS).iterdir())
+
+
+def test_an_archive_of_another_image_or_with_extra_tags_is_not_kept(
+        store: LocalDir, tmp_path: Path) -> None:
+    saved = save_like(tmp_path / "a.tar", [os.urandom(1000)], tags=["img:latest"])
+    other = save_like(tmp_path / "b.tar", [os.urandom(1000)])
+    with pytest.raises(BackupError, match="would tag img:latest"):
+        put(store, saved, "aaaaaaaaaaaa", tags=["img:aaaaaaaaaaaa"])
+    meta = Meta(saved.info.id, other.info.fingerprint, None, ["img:latest"], 0,
+                saved.info.diff_ids)
+    with pytest.raises(BackupError, match="content fingerprint differs"):
+        ingest(store, lambda: chunks(saved.path), "img", "aaaaaaaaaaaa", meta, "x")
+    assert list_generations(store, "img") == []
+
+
+def _oci_save(path: Path, layer: bytes, *, lie: bool = False) -> tuple[Saved, str]:
+    """A containerd-store save: blobs named by their digest (``lie``: a wrong name)."""
+    diff = "sha256:" + sha(layer)
+    cfg = {"Env": ["A=1"], "Cmd": ["/bin/sh"], "Labels": {"x": "y"}}
+    config = json.dumps({"config": cfg, "rootfs": {"type": "layers",
+                                                   "diff_ids": [diff]}}).encode()
+    layer_name = "0" * 64 if lie else sha(layer)
+    manifest = json.dumps([{"Config": f"blobs/sha256/{sha(config)}",
+                            "RepoTags": ["img:aaaaaaaaaaaa"],
+                            "Layers": [f"blobs/sha256/{layer_name}"]}]).encode()
+    with tarfile.open(path, "w") as tf:
+        for name, data in ((f"blobs/sha256/{layer_name}", layer),
+                           (f"blobs/sha256/{sha(config)}", config),
+                           ("index.json", b'{"manifests": []}'),
+                           ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+                           ("manifest.json", manifest)):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    info = ImageInfo("sha256:" + sha(config), (), {"x": "y"}, (diff,), len(layer), "", cfg)
+    return Saved(path, [diff], config, info), layer_name
+
+
+def test_a_blob_named_by_its_digest_is_checked_against_its_name(
+        store: LocalDir, tmp_path: Path) -> None:
+    layer = os.urandom(70_000)
+    good, name = _oci_save(tmp_path / "good.tar", layer)
+    first = put(store, good, "aaaaaaaaaaaa", tags=["img:aaaaaaaaaaaa"])
+    assert (store.directory / BLOBS / name).read_bytes() == layer
+    assert put(store, good, "aaaaaaaaaaaa", tags=["img:aaaaaaaaaaaa"]).written == 0
+    assert first.sidecar.files["index.json"][1] == len(b'{"manifests": []}')
+    bad, _ = _oci_save(tmp_path / "bad.tar", os.urandom(70_000), lie=True)
+    with pytest.raises(BackupError, match="corrupt blob"):
+        put(store, bad, "bbbbbbbbbbbb", tags=["img:aaaaaaaaaaaa"])
+    assert not (store.directory / BLOBS / ("0" * 64)).exists()
+
+
+def test_prune_keeps_shared_blobs_and_removes_the_rest(store: LocalDir, tmp_path: Path
+                                                       ) -> None:
+    base = os.urandom(100_000)
+    only_old, only_new = os.urandom(30_000), os.urandom(40_000)
+    put(store, save_like(tmp_path / "1.tar", [base, only_old], tags=["img:aaaaaaaaaaaa"]),
+        "aaaaaaaaaaaa")
+    put(store, save_like(tmp_path / "2.tar", [base, only_new], tags=["img:bbbbbbbbbbbb"],
+                         env="A=2"), "bbbbbbbbbbbb")
+    dropped = prune(store, "img", keep=1)
+    assert [d.hash12 for d in dropped] == ["aaaaaaaaaaaa"]
+    blobs = store.directory / BLOBS
+    assert (blobs / sha(base)).is_file() and (blobs / sha(only_new)).is_file()
+    assert not (blobs / sha(only_old)).exists()
+    assert [g.hash12 for g in list_generations(store, "img")] == ["bbbbbbbbbbbb"]
+    assert not (store.directory / "images" / "img" / "aaaaaaaaaaaa").exists()
+    # every blob left is linked by the generation kept
+    assert all(p.stat().st_nlink >= 2 for p in blobs.iterdir())
+
+
+def test_a_generation_streams_back_as_the_archive_and_a_damaged_file_stops_it(
+        store: LocalDir, tmp_path: Path) -> None:
+    base, top = os.urandom(100_000), os.urandom(20_000)
+    saved = save_like(tmp_path / "1.tar", [base, top, base], tags=["img:aaaaaaaaaaaa"],
+                      repeat="link")
+    sc = put(store, saved, "aaaaaaaaaaaa", tags=["img:aaaaaaaaaaaa"]).sidecar
+    check_archive(store, sc)
+    data = b"".join(archive_stream(store, sc))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        names = tf.getnames()
+        assert names[-1] == "manifest.json"
+        layer0 = tf.extractfile(sc.layer_files[0])
+        assert layer0 is not None and layer0.read() == base
+        assert tf.getmember(sc.layer_files[2]).issym()
+    # one byte of the base flipped in the store: both the stream and the check name it
+    blob = store.directory / BLOBS / sha(base)
+    os.chmod(blob, 0o644)
+    raw = bytearray(blob.read_bytes())
+    raw[5000] ^= 1
+    blob.write_bytes(bytes(raw))
+    got = b""
+    with pytest.raises(BackupError, match=r"damaged.*img aaaaaaaaaaaa"):
+        for chunk in archive_stream(store, sc):
+            got += chunk
+    assert b"manifest.json" not in got  # cut before its end: docker load loads nothing
+    result = check_store(store, lambda p: sha((store.directory / p).read_bytes()))
+    assert list(result.damaged) == [sha(base)] and result.damaged[sha(base)] == [
+        "img aaaaaaaaaaaa"]
+    assert not result.ok and result.error() is not None
+    # the way out the error gives: delete the blob, back the image up again
+    blob.unlink()
+    again = put(store, saved, "aaaaaaaaaaaa", tags=["img:aaaaaaaaaaaa"])
+    assert again.written >= len(base) and blob.read_bytes() == base
+    assert b"".join(archive_stream(store, again.sidecar)) == data
+    assert check_store(store, lambda p: sha((store.directory / p).read_bytes())).ok
+
+
+def test_a_sidecar_that_names_paths_outside_a_save_archive_is_refused(
+        store: LocalDir, tmp_path: Path) -> None:
+    saved = save_like(tmp_path / "1.tar", [os.urandom(1000)], tags=["img:aaaaaaaaaaaa"],
+                      repeat="link")
+    sc = put(store, saved, "aaaaaaaaaaaa", tags=["img:aaaaaaaaaaaa"]).sidecar
+    data = json.loads(sc.to_json())
+    for bad in ({"files": {**data["files"], "../../etc/passwd": ["a" * 64, 1]}},
+                {"links": {f"{'1' * 64}/layer.tar": "/etc/passwd"}},
+                {"hash12": "../x"}, {"image": "Bad Name"}, {"layers": ["sha256:x"]},
+                {"surprise": 1}):
+        with pytest.raises((ValueError, TypeError)):
+            GenSidecar.from_json(json.dumps({**data, **bad}))
+
+
+def test_leftovers_of_a_dead_run_are_removed_and_a_live_ones_spared(
+        store: LocalDir, tmp_path: Path) -> None:
+    incoming = store.directory / "blobs" / ".incoming"
+    incoming.mkdir(parents=True)
+    host = os.uname().nodename
+    dead = incoming / f"{host}-999999999-1"
+    live = incoming / f"{host}-{os.getppid()}-1"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"y")
+    partial = store.directory / "images" / "img" / f".aaaaaaaaaaaa.{host}-999999999.partial"
+    partial.mkdir(parents=True)
+    clean_leftovers(store)
+    assert not dead.exists() and live.exists() and not partial.exists()

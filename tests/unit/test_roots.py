@@ -11,9 +11,11 @@ import pytest
 from imagebuild import cli, lifecycle, ops
 from imagebuild.distribute import Worker
 from imagebuild.errors import ImageNotFound, SpecError
+from imagebuild.layerstore import is_complete, list_generations
 from imagebuild.naming import ROOT_LABEL, hash_tag
 from imagebuild.progress import Quiet
 from imagebuild.roots import holder_name, plan_roots
+from imagebuild.store import LocalDir
 
 from ..fake_engine import FakeEngine
 from .conftest import Stack
@@ -133,7 +135,10 @@ def test_prune_removes_only_what_is_not_a_root(stack: Stack, ctx: ops.Context) -
         (i.kind, i.ref) for i in node.items]  # exactly what the dry run listed
     assert e.inspect(g0) is None and e.inspect(g1) and e.inspect(g2)
     assert e.inspect(stray.id) is not None and real.nodes[0].reclaimed
-    assert (ctx.spec.root / "backups" / "vllm-node.tar").is_file()  # never a backup
+    # never a backup: the generations kept stay (keep: 2), with every blob they link
+    store = LocalDir(ctx.spec.root / "backups")
+    kept = list_generations(store, NODE)
+    assert [g.image_id for g in kept] == [g2, g1] and all(is_complete(store, g) for g in kept)
 
 
 @pytest.mark.parametrize("spelling", ["-a", "--all", "-af", "-fa", "--all=true",

@@ -3,13 +3,16 @@ engine: no daemon. The integration tier runs the same paths on real engines."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from imagebuild import ops
-from imagebuild.backup import generations, restore_backup, tar_name, write_backup
+from imagebuild.backup import Sidecar, backups_of, restore_backup, write_backup
 from imagebuild.build import Action, decide, execute
 from imagebuild.distribute import Worker
 from imagebuild.engine import ImageInfo, RunResult
@@ -21,6 +24,7 @@ from imagebuild.errors import (
     RemoteError,
     VerifyFailed,
 )
+from imagebuild.layerstore import BLOBS, archive_stream, list_generations
 from imagebuild.naming import hash_tag, latest_tag
 from imagebuild.progress import Quiet
 from imagebuild.promote import promote
@@ -100,7 +104,8 @@ def test_build_realizes_the_closure_gates_it_and_then_reuses_it(ctx: ops.Context
     assert [r.got for r in records["vllm-node-mimo"].results] == [
         "all 6 installed as locked"]
     assert sorted(result.backups) == sorted(NAMES)
-    assert all((ctx.spec.root / "backups" / tar_name(n)).is_file() for n in NAMES)
+    store = LocalDir(ctx.spec.root / "backups")
+    assert all(backups_of(store, n)[0].gen is not None for n in NAMES)
     again = ops.build(ctx, e, ["mimo"], progress=Quiet())
     assert e.builds == NAMES  # no build call the second time
     assert again.report is not None and again.report.reused == NAMES
@@ -147,7 +152,8 @@ def test_decide_restores_a_missing_derivation_from_its_backup(ctx: ops.Context) 
     store = LocalDir(ctx.spec.root / "backups")
     steps = decide(e, ops.plan_images(ctx, ["mimo"]), set(), store)
     assert [s.action for s in steps] == [Action.REUSE, Action.REUSE, Action.RESTORE]
-    assert steps[2].substitute == "vllm-node-mimo.tar"
+    h12 = hash_tag("vllm-node-mimo", mimo).split(":")[1]  # type: ignore[union-attr]
+    assert steps[2].substitute == f"images/vllm-node-mimo/{h12}"
     again = ops.build(ctx, e, ["mimo"], progress=Quiet())
     assert again.report is not None and again.report.restored == ["vllm-node-mimo"]
     assert e.require("vllm-node-mimo:latest").id == mimo.id and e.builds == NAMES
@@ -219,25 +225,74 @@ def test_restore_checks_the_tar_loads_it_and_promotes_it(ctx: ops.Context) -> No
     assert not again.restored[0].result.loaded and e.loads == 1  # present: a no-op
 
 
-def test_a_damaged_tar_is_refused_and_nothing_is_loaded(ctx: ops.Context) -> None:
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root``: (size, mtime)."""
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in root.rglob("*") if not p.is_dir()}
+
+
+def _as_tar(ctx: ops.Context, name: str, dest: Path) -> Path:
+    """The current generation of ``name`` written out as a tar backup from before the
+    layer store (``NAME.tar`` + its sidecar), as an older imagebuild wrote them."""
+    store = LocalDir(ctx.spec.root / "backups")
+    b = backups_of(store, name)[0]
+    assert b.gen is not None
+    data = b"".join(archive_stream(store, b.gen))
+    dest.write_bytes(data)
+    st = dest.stat()
+    sc = Sidecar(image=name, image_id=b.image_id, fingerprint=b.fingerprint,
+                 input_hash=b.input_hash, tags=b.gen.tags, size=len(data),
+                 sha256=hashlib.sha256(data).hexdigest(), created=b.created,
+                 mtime_ns=st.st_mtime_ns)
+    (dest.parent / (dest.name + ".json")).write_text(sc.to_json())
+    return dest
+
+
+def test_a_damaged_layer_is_refused_and_nothing_is_loaded(ctx: ops.Context) -> None:
     e = head()
     ops.build(ctx, e, ["node"], progress=Quiet())
     node = e.require("vllm-node:latest")
-    tar = ctx.spec.root / "backups" / "vllm-node.tar"
-    data = bytearray(tar.read_bytes())
+    store = LocalDir(ctx.spec.root / "backups")
+    gen = backups_of(store, "vllm-node")[0].gen
+    assert gen is not None
+    blob = store.directory / BLOBS / str(gen.files[gen.layer_files[0]][0])
+    data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 1
-    tar.write_bytes(bytes(data))
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
     lose(e, node.id)
-    with pytest.raises(BackupError, match="does not match its sidecar; nothing was loaded"):
+    with pytest.raises(BackupError, match=r"damaged.*nothing was loaded.*vllm-node "):
         ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Quiet())
-    assert e.loads == 0 and e.inspect(node.id) is None
+    assert e.inspect(node.id) is None
+
+
+def test_tar_backups_from_before_the_store_restore_and_are_imported(ctx: ops.Context) -> None:
+    e = head()
+    ops.build(ctx, e, ["node"], progress=Quiet())
+    node = e.require("vllm-node:latest")
+    root = ctx.spec.root / "backups"
+    _as_tar(ctx, "vllm-node", root / "vllm-node.tar")
+    for p in [root / "images", root / "blobs"]:
+        shutil.rmtree(p)
+    store = LocalDir(root)
+    [old] = backups_of(store, "vllm-node")
+    assert old.tar is not None and old.gen is None
+    lose(e, node.id)
+    result = ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Quiet())
+    assert result.error() is None and e.require("vllm-node:latest").id == node.id
+    [(_, r)] = ops.backup(ctx, e, ["node"], Quiet()).results
+    assert r.written and r.imported == ("vllm-node.tar",)
+    assert not (root / "vllm-node.tar").exists()
+    assert not (root / "vllm-node.tar.json").exists()
+    [now] = backups_of(store, "vllm-node")
+    assert now.gen is not None and now.image_id == node.id
 
 
 def test_restore_of_a_tar_the_spec_does_not_define_is_refused_before_loading(
         ctx: ops.Context, tmp_path: Path) -> None:
     e = head()
     ops.build(ctx, e, ["node"], progress=Quiet())
-    tar = ctx.spec.root / "backups" / "vllm-node.tar"
+    tar = _as_tar(ctx, "vllm-node", tmp_path / "vllm-node.tar")
     foreign = tmp_path / "other.tar"
     foreign.write_bytes(tar.read_bytes())
     sidecar = json.loads((tar.parent / (tar.name + ".json")).read_text())
@@ -260,15 +315,17 @@ def test_backup_refuses_an_unverified_image_and_keeps_generations(ctx: ops.Conte
     with pytest.raises(NotVerified):
         ops.backup(ctx, e, ["node"], Quiet())
     store = LocalDir(ctx.spec.root / "backups")
-    assert store.files() == {}
+    assert not store.directory.exists() or _tree(store.directory) == {}
+    built = []
     for i in range(3):
         _touch_template(stack, "vllm-node", f"generation {i}")
         ctx = ops.load(str(stack.spec_path))
         ops.build(ctx, e, ["node"], progress=Quiet())
-    assert len(generations(store, "vllm-node")) == 1  # keep: 2 = the current and one more
-    assert sorted(store.files()) == sorted([
-        "vllm-node.tar", "vllm-node.tar.json", generations(store, "vllm-node")[0],
-        generations(store, "vllm-node")[0] + ".json"])
+        built.append(e.require("vllm-node:latest").id)
+    kept = list_generations(store, "vllm-node")  # keep: 2 = the current and one more
+    assert [g.image_id for g in kept] == built[:0:-1]
+    linked = {str(d) for g in kept for d, _ in g.files.values()}
+    assert set(os.listdir(store.directory / BLOBS)) == linked  # the first one's are gone
 
 
 def test_a_backup_killed_half_way_is_cleaned_up_but_a_live_one_is_spared(
@@ -279,15 +336,17 @@ def test_a_backup_killed_half_way_is_cleaned_up_but_a_live_one_is_spared(
     ops.build(ctx, e, ["node"], backup=False, progress=Quiet())
     image = e.require("vllm-node:latest")
     directory = ctx.spec.root / "backups"
-    directory.mkdir()
     host = socket.gethostname()
-    dead = directory / f".vllm-node.tar.{host}-999999999.partial"
-    alive = directory / f".vllm-node.tar.{host}-1.partial"  # pid 1 is always running
+    incoming = directory / "blobs" / ".incoming"
+    incoming.mkdir(parents=True)
+    dead = incoming / f"{host}-999999999-3"
+    alive = incoming / f"{host}-1-3"  # pid 1 is always running
+    partial = directory / "images" / "vllm-node" / f".aaaaaaaaaaaa.{host}-999999999.partial"
+    partial.mkdir(parents=True)
     for p in (dead, alive):
         p.write_bytes(b"half")
     write_backup(LocalDir(directory), e, "vllm-node", image, 2, Quiet())
-    assert not dead.exists() and alive.exists()
-    assert not [p for p in directory.iterdir() if p.name.endswith(".partial") and p != alive]
+    assert not dead.exists() and alive.exists() and not partial.exists()
 
 
 def test_a_failing_save_leaves_the_previous_backup_and_no_partial(ctx: ops.Context) -> None:
@@ -295,7 +354,7 @@ def test_a_failing_save_leaves_the_previous_backup_and_no_partial(ctx: ops.Conte
     ops.build(ctx, e, ["node"], progress=Quiet())
     image = e.require("vllm-node:latest")
     store = LocalDir(ctx.spec.root / "backups")
-    before = store.files()
+    before = _tree(store.directory)
 
     class Failing(FakeEngine):
         def save(self, ref: str):  # type: ignore[no-untyped-def, override]
@@ -305,9 +364,9 @@ def test_a_failing_save_leaves_the_previous_backup_and_no_partial(ctx: ops.Conte
     failing = Failing(images=e.images, blobs=e.blobs)
     changed = ImageInfo(id="sha256:" + "f" * 64, tags=(), labels=image.labels,
                         diff_ids=image.diff_ids, size=1, created="", config=image.config)
-    with pytest.raises(BackupError, match="No space left on device; nothing was replaced"):
+    with pytest.raises(BackupError, match="No space left on device; the previous"):
         write_backup(store, failing, "vllm-node", changed, 2, Quiet())
-    assert store.files() == before
+    assert _tree(store.directory) == before
 
 
 def test_restore_backup_refuses_a_tar_without_a_sidecar(tmp_path: Path) -> None:
@@ -519,8 +578,7 @@ def test_an_incomplete_save_is_refused_and_the_previous_backup_stays(ctx: ops.Co
     ops.build(ctx, e, ["node"], progress=Quiet())
     image = e.require("vllm-node:latest")
     store = LocalDir(ctx.spec.root / "backups")
-    before = {n: (st.size, st.mtime_ns) for n, st in store.files().items()}
-    assert "vllm-node.tar" in before
+    before = _tree(store.directory)
 
     class Dropping(FakeEngine):
         def save(self, ref: str):  # type: ignore[no-untyped-def, override]
@@ -538,4 +596,4 @@ def test_an_incomplete_save_is_refused_and_the_previous_backup_stays(ctx: ops.Co
     dropping.images[changed.id] = changed
     with pytest.raises(BackupError, match=r"incomplete.*previous backup is still in place"):
         write_backup(store, dropping, "vllm-node", changed, 2, Quiet())
-    assert {n: (st.size, st.mtime_ns) for n, st in store.files().items()} == before
+    assert _tree(store.directory) == before
