@@ -116,14 +116,25 @@ class Manifest:
 
     @classmethod
     def parse(cls, data: bytes, where: str) -> Manifest:
+        entries = cls.parse_all(data, where)
+        if len(entries) != 1:
+            raise BackupError(f"{where} is not a single-image docker save archive")
+        return entries[0]
+
+    @classmethod
+    def parse_all(cls, data: bytes, where: str) -> list[Manifest]:
+        """Every entry of a manifest.json (an archive of one image or several)."""
         try:
             entries = json.loads(data)
         except ValueError:
             raise BackupError(f"{where}: manifest.json is not JSON") from None
-        if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0],
-                                                                                 dict):
-            raise BackupError(f"{where} is not a single-image docker save archive")
-        e = entries[0]
+        if not isinstance(entries, list) or not entries or not all(
+                isinstance(e, dict) for e in entries):
+            raise BackupError(f"{where}: manifest.json is not a list of images")
+        return [cls._entry(e, where) for e in entries]
+
+    @classmethod
+    def _entry(cls, e: dict[str, Any], where: str) -> Manifest:
         config, layers, tags = e.get("Config"), e.get("Layers"), e.get("RepoTags") or []
         if not isinstance(config, str) or not config:
             raise BackupError(f"{where}: manifest.json names no config")
@@ -575,9 +586,11 @@ class SaveCheck:
     """Follows a ``docker save`` stream as it is written (``write`` each chunk), reading
     it as a tar on a thread of its own; ``finish`` then refuses an archive that does not
     hold every layer of the image with its diff ID. Memory stays flat: a pipe between
-    the two, layer files hashed in pieces."""
+    the two, layer files hashed in pieces. ``diff_ids``: the one image's layers, or for
+    an archive of several images their layers by the tag each was saved as."""
 
-    def __init__(self, where: str, diff_ids: tuple[str, ...]) -> None:
+    def __init__(self, where: str, diff_ids: tuple[str, ...] | dict[str, tuple[str, ...]]
+                 ) -> None:
         self.where, self.diff_ids = where, diff_ids
         self.seen: dict[str, _Seen] = {}
         self.metas: dict[str, bytes] = {}
@@ -651,12 +664,24 @@ class SaveCheck:
                               f"{self.error}; nothing was replaced") from None
         if "manifest.json" not in self.metas:
             raise self._incomplete(["manifest.json is not in it"])
-        manifest = Manifest.parse(self.metas["manifest.json"], where)
+        if not isinstance(self.diff_ids, dict):
+            self._check_image(Manifest.parse(self.metas["manifest.json"], where),
+                              self.diff_ids)
+            return
+        entries = Manifest.parse_all(self.metas["manifest.json"], where)
+        for tag, diff_ids in self.diff_ids.items():
+            entry = next((e for e in entries if tag in map(familiar, e.repo_tags)), None)
+            if entry is None:
+                raise self._incomplete([f"{tag} is not in it"])
+            self._check_image(entry, diff_ids)
+
+    def _check_image(self, manifest: Manifest, expected: tuple[str, ...]) -> None:
+        where = self.where
         config = self.metas.get(manifest.config)
         if config is None:
             raise self._incomplete([f"its image config ({manifest.config}) is not in it"])
         _, diff_ids = config_fingerprint(config, where)
-        if diff_ids != self.diff_ids or len(manifest.layers) != len(diff_ids):
+        if diff_ids != expected or len(manifest.layers) != len(diff_ids):
             raise BackupError(f"the archive written to {where} does not describe the image "
                               f"that was saved (its layers differ); nothing was replaced")
         missing: list[str] = []

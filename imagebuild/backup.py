@@ -37,15 +37,17 @@ from .engine import Engine, ImageInfo
 from .errors import BackupError
 from .layerstore import (
     CURRENT,
+    IMAGES,
     GenSidecar,
     Meta,
+    Wanted,
     archive_stream,
     check_archive,
     current_generation,
     damaged,
-    gen_path,
     image_dir,
     ingest,
+    ingest_many,
     is_complete,
     json_fields,
     list_generations,
@@ -257,44 +259,68 @@ def generation_of(info: ImageInfo) -> str:
 def write_backup(store: BackupDir, engine: Engine, name: str, info: ImageInfo, keep: int,
                  progress: Progress) -> BackupResult:
     """Save ``info`` (verified: the caller checked) into the layer store as a generation of
-    ``name``; only layers the store lacks are written. Then tar backups of ``name`` from
-    before the store are imported, and generations beyond ``keep`` pruned."""
+    ``name``: ``write_backups`` of one image."""
+    return write_backups(store, engine, [(name, info)], keep, progress)[0]
+
+
+def write_backups(store: BackupDir, engine: Engine, images: list[tuple[str, ImageInfo]],
+                  keep: int, progress: Progress) -> list[BackupResult]:
+    """Save the images (verified: the caller checked; parents first) into the layer store,
+    one generation each, in one ``docker save`` (the layers they share come once); only
+    layers the store lacks are written, and an image whose generation is complete there
+    is not saved again. Then tar backups of these images from before the store are
+    imported, and generations beyond ``keep`` pruned."""
     store.prepare()
-    h12 = generation_of(info)
-    try:
-        existing = read_gen_sidecar(store, name, h12)
-    except BackupError:
-        existing = None
     started = time.monotonic()
-    where = f"{store}/{gen_path(name, h12)}"
-    written = False
-    if (existing is not None and existing.image_id == info.id
-            and h12 in store.dirs(image_dir(name)) and is_complete(store, existing)):
-        sc = existing
-        if (current := current_generation(store, name)) is None or current.hash12 != h12:
-            store.write_text(f"{image_dir(name)}/{CURRENT}", h12 + "\n")
-        got = None
-    else:
-        need = space_needed(store, name, info) + SPACE_MARGIN
-        check_space(store, store.free_bytes(), need, f"a backup of {name}")
-        ref = hash_tag(name, info) or info.id  # the hash tag, so the archive restores it
-        progress.say(f"  {name}: saving {ref} into {store} (only layers it lacks are written)")
+    done: dict[str, tuple[GenSidecar, int, int]] = {}
+    todo: list[tuple[str, ImageInfo, str]] = []
+    for name, info in images:
+        h12 = generation_of(info)
         try:
-            got = ingest(store, lambda: engine.save(ref), name, h12, Meta.of(name, info), where,
-                         lambda size: progress.meter(f"saving {name}", size))
+            existing = read_gen_sidecar(store, name, h12)
+        except BackupError:
+            existing = None
+        if (existing is not None and existing.image_id == info.id
+                and h12 in store.dirs(image_dir(name)) and is_complete(store, existing)):
+            if (current := current_generation(store, name)) is None or current.hash12 != h12:
+                store.write_text(f"{image_dir(name)}/{CURRENT}", h12 + "\n")
+            done[name] = (existing, -1, 0)
+        else:
+            todo.append((name, info, h12))
+    # one save for all, when each is saved by its hash tag (how an archive of several
+    # names its images); else one save each
+    batches = [todo] if all(hash_tag(n, i) for n, i, _ in todo) else [[t] for t in todo]
+    for batch in batches if todo else []:
+        what = ", ".join(n for n, _, _ in batch)
+        need = space_needed(store, [info for _, info, _ in batch]) + SPACE_MARGIN
+        check_space(store, store.free_bytes(), need, f"a backup of {what}")
+        refs = [hash_tag(n, info) or info.id for n, info, _ in batch]  # restores the tag
+        wanted = [Wanted(n, h12, Meta.of(n, info), ref if len(batch) > 1 else None)
+                  for (n, info, h12), ref in zip(batch, refs, strict=True)]
+        progress.say(f"  saving {' '.join(refs)} into {store} (only layers it lacks are "
+                     f"written)")
+        try:
+            got = ingest_many(store, functools.partial(engine.save, *refs), wanted,
+                              f"{store}/{IMAGES}",
+                              functools.partial(progress.meter, f"saving {what}"))
         except OSError as exc:
-            raise BackupError(f"writing {where} failed: {exc.strerror or exc}; the previous "
-                              f"generations are intact",
+            raise BackupError(f"writing into {store} failed: {exc.strerror or exc}; the "
+                              f"previous generations are intact",
                               hint="check free space and permissions of the backup directory"
                               ) from None
-        sc, written = got.sidecar, True
-    imported = _import_tars(store, name, progress)
-    dropped = prune(store, name, keep)
-    return BackupResult(where, Backup.of_gen(sc), written,
-                        bytes_written=got.written if got else 0,
-                        bytes_read=got.read if got else 0,
-                        seconds=time.monotonic() - started, imported=tuple(imported),
-                        dropped=tuple(d.hash12 for d in dropped))
+        for w in got:
+            done[w.sidecar.image] = (w.sidecar, w.written, w.read)
+    seconds = time.monotonic() - started
+    results = []
+    for name, _info in images:
+        sc, written, read = done[name]
+        imported = _import_tars(store, name, progress)
+        dropped = prune(store, name, keep)
+        results.append(BackupResult(
+            f"{store}/{sc.key}", Backup.of_gen(sc), written >= 0,
+            bytes_written=max(written, 0), bytes_read=read, seconds=seconds,
+            imported=tuple(imported), dropped=tuple(d.hash12 for d in dropped)))
+    return results
 
 
 def _import_tars(store: BackupDir, name: str, progress: Progress) -> list[str]:

@@ -396,8 +396,9 @@ class Engine(Protocol):
         """Remove a tag (or an image by ID); absent is not an error."""
         ...
 
-    def save(self, ref: str) -> Iterator[bytes]:
-        """``docker save`` as a stream of chunks."""
+    def save(self, *refs: str) -> Iterator[bytes]:
+        """``docker save`` of one image or several (shared layers come once) as a
+        stream of chunks."""
         ...
 
     def load(self, chunks: Iterable[bytes]) -> list[str]:

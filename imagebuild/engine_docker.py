@@ -124,13 +124,22 @@ class DockerEngine(Engine):
 
     # -- save / load -------------------------------------------------------------------------
 
-    def save(self, ref: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    def save(self, *refs: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        what = " ".join(refs)
         try:
-            yield from self._streaming_client().get_image(ref, chunk_size=chunk_size)
+            api = self._streaming_client()
+            if len(refs) == 1:
+                yield from api.get_image(refs[0], chunk_size=chunk_size)
+                return
+            # several images in one archive (GET /images/get?names=...), which docker-py
+            # has no public call for
+            res = api._get(api._url("/images/get"), params={"names": list(refs)}, stream=True)
+            api._raise_for_status(res)
+            yield from api._stream_raw_result(res, chunk_size, False)
         except docker.errors.NotFound:
-            raise ImageNotFound(f"image {ref} is not present in the engine") from None
+            raise ImageNotFound(f"image {what} is not present in the engine") from None
         except _FAILURES as exc:
-            raise self._error(f"save {ref}", exc) from None
+            raise self._error(f"save {what}", exc) from None
 
     def load(self, chunks: Iterable[bytes]) -> list[str]:
         loaded: list[str] = []

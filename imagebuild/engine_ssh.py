@@ -147,8 +147,9 @@ class SshEngine(Engine):
 
     # -- save / load -------------------------------------------------------------------------
 
-    def save(self, ref: str) -> Iterator[bytes]:
-        proc = start(self.target, ["docker", "save", "--", ref], read=True)
+    def save(self, *refs: str) -> Iterator[bytes]:
+        ref = " ".join(refs)
+        proc = start(self.target, ["docker", "save", "--", *refs], read=True)
         assert proc.stdout is not None
         try:
             while chunk := proc.stdout.read(CHUNK):

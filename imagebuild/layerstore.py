@@ -40,7 +40,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import __version__
-from .archive import BLOCK, Manifest, SaveCheck, allowed_tags_error, config_fingerprint
+from .archive import (
+    BLOCK,
+    Manifest,
+    SaveCheck,
+    allowed_tags_error,
+    config_fingerprint,
+    familiar,
+)
 from .engine import ImageInfo
 from .errors import BackupError, RemoteError
 from .naming import hash12, hash_tag, input_hash, latest_tag
@@ -379,17 +386,24 @@ class Written:
     passes: int = 1
 
 
-def space_needed(store: BackupDir, name: str, info: ImageInfo) -> int:
-    """An upper bound of the bytes a backup of ``info`` adds: its size, less the layers
-    some generation of the store already holds (as their sidecars record them)."""
+def space_needed(store: BackupDir, infos: list[ImageInfo]) -> int:
+    """An upper bound of the bytes a backup of ``infos`` (in one save) adds: each image's
+    size, less the layers some generation of the store already holds (as their sidecars
+    record them) or, for an image built on another of the batch, less that image's size
+    (its layers come once)."""
     stored: dict[str, int] = {}
     for n in image_names(store):
         for sc in list_generations(store, n):
             for diff_id, path in zip(sc.layers, sc.layer_files, strict=True):
                 if path in sc.files:
                     stored[diff_id] = int(sc.files[path][1])
-    known = sum(stored.get(d, 0) for d in dict.fromkeys(info.diff_ids))
-    return max(info.size - known, 0)
+    need = 0
+    for info in infos:
+        known = sum(stored.get(d, 0) for d in dict.fromkeys(info.diff_ids))
+        below = [o.size for o in infos if o is not info and len(o.diff_ids) < len(
+            info.diff_ids) and info.diff_ids[:len(o.diff_ids)] == o.diff_ids]
+        need += max(info.size - max([known, *below]), 0)
+    return need
 
 
 @dataclass(frozen=True)
@@ -412,65 +426,164 @@ class Meta:
                    info.diff_ids)
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """One image of a save stream, to become a generation."""
+
+    name: str
+    h12: str
+    meta: Meta
+    tag: str | None = None  # the reference it was saved as (None: the archive's only image)
+
+
 def ingest(store: BackupDir, save: Callable[[], Iterable[bytes]], name: str, h12: str,
            meta: Meta, where: str, meter: Callable[[int], Meter] | None = None,
            current: bool = True) -> Written:
     """Read ``save()`` (one image's ``docker save``) into the store as generation
-    ``h12`` of ``name``; only files the store lacks are written. ``save`` is called again
-    in the rare case described in the module docstring. ``current``: the generation
-    becomes ``current`` (not for an imported tar)."""
-    store.mkdirs(BLOBS, INCOMING, image_dir(name))
-    clean_leftovers(store, name)
+    ``h12`` of ``name``; only files the store lacks are written. ``current``: the
+    generation becomes ``current`` (not for an imported tar)."""
+    return ingest_many(store, save, [Wanted(name, h12, meta)], where, meter, current)[0]
+
+
+def ingest_many(store: BackupDir, save: Callable[[], Iterable[bytes]], wanted: list[Wanted],
+                where: str, meter: Callable[[int], Meter] | None = None,
+                current: bool = True) -> list[Written]:
+    """Read ``save()`` (a ``docker save`` of the images ``wanted``, one call: the layers
+    they share come once) into the store, one generation per image; only files the
+    store lacks are written. ``save`` is called again in the rare case described in the
+    module docstring."""
+    if len(wanted) > 1 and any(w.tag is None for w in wanted):
+        raise ValueError("an archive of several images needs each one's tag")
+    store.mkdirs(BLOBS, INCOMING, *(image_dir(w.name) for w in wanted))
+    for w in wanted:
+        clean_leftovers(store, w.name)
     state = _Ingest(store, store.files(BLOBS), {d.removeprefix("sha256:")
-                                                for d in meta.diff_ids}, set())
+                                                for w in wanted for d in w.meta.diff_ids},
+                    set())
     try:
-        return _ingest(state, save, name, h12, meta, where, meter, current)
+        return _ingest(state, save, wanted, where, meter, current)
     except BaseException:
         state.undo()
         raise
 
 
-def _ingest(state: _Ingest, save: Callable[[], Iterable[bytes]], name: str, h12: str,
-            meta: Meta, where: str, meter: Callable[[int], Meter] | None,
-            current: bool) -> Written:
+def _ingest(state: _Ingest, save: Callable[[], Iterable[bytes]], wanted: list[Wanted],
+            where: str, meter: Callable[[int], Meter] | None, current: bool
+            ) -> list[Written]:
     passes = 0
     while True:
         passes += 1
         try:
-            files, links, small, read = _read_save(state, save(), meta, where, meter)
+            files, links, small, read = _read_save(state, save(), wanted, where, meter)
             break
         except _Again as again:
             if passes == 3:
                 raise BackupError(f"{where}: the save stream changed between reads",
                                   hint="run the backup again") from None
             state.force_sizes.add(again.size)
-    manifest = Manifest.parse(small["manifest.json"], where)
-    config = small.get(manifest.config)
-    if config is None:
-        raise BackupError(f"{where}: the archive's config {manifest.config} was not read")
-    fingerprint, diff_ids = config_fingerprint(config, where)
-    if fingerprint != meta.fingerprint or len(diff_ids) != len(manifest.layers):
-        raise BackupError(f"{where} does not hold the image it was saved as (the content "
-                          f"fingerprint differs); the generation was not kept")
-    err = allowed_tags_error(manifest.repo_tags, set(meta.tags), where)
-    if err is not None:
-        raise err
-    sc = GenSidecar(
-        image=name, hash12=h12, image_id=meta.image_id, fingerprint=meta.fingerprint,
-        input_hash=meta.input_hash, tags=meta.tags,
-        created=meta.created or datetime.now(UTC).isoformat(timespec="microseconds"),
-        files={p: [d, s] for p, (d, s) in sorted(files.items())}, links=dict(sorted(
-            links.items())), layers=list(diff_ids), layer_files=list(manifest.layers))
-    _assemble(state.store, sc, current)
-    return Written(sc, state.written, read, passes)
+    try:
+        raw = json.loads(small["manifest.json"])
+    except ValueError:
+        raise BackupError(f"{where}: manifest.json is not JSON") from None
+    entries = Manifest.parse_all(small["manifest.json"], where)
+    sidecars = []
+    for w in wanted:
+        if w.tag is None:
+            if len(entries) != 1:
+                raise BackupError(f"{where} is not a single-image docker save archive")
+            manifest, w_files, w_links = entries[0], files, links
+        else:
+            i = next((i for i, e in enumerate(entries)
+                      if w.tag in map(familiar, e.repo_tags)), None)
+            if i is None:
+                raise BackupError(f"{where}: {w.tag} is not in the archive")
+            manifest = entries[i]
+            w_files, w_links = _one_image(state, raw[i], manifest, files, links, small, where)
+        config = small.get(manifest.config)
+        if config is None:
+            raise BackupError(f"{where}: the archive's config {manifest.config} was not read")
+        fingerprint, diff_ids = config_fingerprint(config, where)
+        meta = w.meta
+        if fingerprint != meta.fingerprint or len(diff_ids) != len(manifest.layers):
+            raise BackupError(f"{where} does not hold the image {w.name} was saved as (the "
+                              f"content fingerprint differs); the generation was not kept")
+        err = allowed_tags_error(manifest.repo_tags, set(meta.tags), where)
+        if err is not None:
+            raise err
+        sidecars.append(GenSidecar(
+            image=w.name, hash12=w.h12, image_id=meta.image_id, fingerprint=meta.fingerprint,
+            input_hash=meta.input_hash, tags=meta.tags,
+            created=meta.created or datetime.now(UTC).isoformat(timespec="microseconds"),
+            files={p: [d, n] for p, (d, n) in sorted(w_files.items())},
+            links=dict(sorted(w_links.items())), layers=list(diff_ids),
+            layer_files=list(manifest.layers)))
+    for sc in sidecars:  # every blob is in: the generations appear
+        _assemble(state.store, sc, current)
+    new = {d: state.blobs[d].size for d in state.new}  # each new blob counted once, for
+    out = []  # the first image (in the order given: parents first) that holds it
+    for i, sc in enumerate(sidecars):
+        mine = sc.blobs() & new.keys()
+        out.append(Written(sc, sum(new.pop(d) for d in mine), read if i == 0 else 0, passes))
+    return out
 
 
-def _read_save(state: _Ingest, chunks: Iterable[bytes], meta: Meta, where: str,
+def _one_image(state: _Ingest, entry: dict[str, Any], manifest: Manifest,
+               files: dict[str, tuple[str, int]], links: dict[str, str],
+               small: dict[str, bytes], where: str
+               ) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
+    """The files of one image of an archive of several: its config, its layer files
+    (with the file a repeated layer links to, and the legacy ``json``/``VERSION`` beside
+    each), and a ``manifest.json`` (and for the OCI layout an ``index.json``, the
+    ``oci-layout`` and its manifest blob) that name this image alone."""
+    paths = {manifest.config}
+    own_links = {}
+    for layer in manifest.layers:
+        path = layer
+        if layer in links:
+            own_links[layer] = links[layer]
+            path = os.path.normpath(os.path.join(os.path.dirname(layer), links[layer]))
+        paths.add(path)
+        base = os.path.dirname(path)
+        paths |= {p for p in (f"{base}/json", f"{base}/VERSION") if p in files}
+    extra = {"manifest.json": json.dumps([entry]).encode()}
+    if "index.json" in small:
+        try:
+            index = json.loads(small["index.json"])
+        except ValueError:
+            raise BackupError(f"{where}: index.json is not JSON") from None
+        config_digest = "sha256:" + manifest.config.rsplit("/", 1)[-1]
+        mine = []
+        for desc in index.get("manifests", []) if isinstance(index, dict) else []:
+            path = "blobs/sha256/" + str(desc.get("digest", "")).removeprefix("sha256:")
+            try:
+                names = json.loads(small[path]).get("config", {}).get("digest")
+            except (KeyError, ValueError, AttributeError):
+                continue
+            if names == config_digest:
+                mine.append(desc)
+                paths.add(path)
+        paths.add("oci-layout")
+        extra["index.json"] = json.dumps({**index, "manifests": mine}).encode()
+    missing = sorted(p for p in paths if p not in files)
+    if missing:
+        raise BackupError(f"{where}: the archive lacks {missing[0]}, which its manifest names")
+    own = {p: files[p] for p in paths}
+    for name, data in extra.items():
+        own[name] = (state.put(io.BytesIO(data).read, len(data), None, []), len(data))
+    return own, own_links
+
+
+def _read_save(state: _Ingest, chunks: Iterable[bytes], wanted: list[Wanted], where: str,
                meter: Callable[[int], Meter] | None
                ) -> tuple[dict[str, tuple[str, int]], dict[str, str], dict[str, bytes], int]:
-    # the archive is complete (moby#49473), when the image's layers are known
-    check = SaveCheck(where, meta.diff_ids) if meta.diff_ids else None
-    progress = meter(meta.size) if meter is not None else None
+    # the archive is complete (moby#49473), when the images' layers are known
+    check = None
+    if len(wanted) == 1 and wanted[0].meta.diff_ids:
+        check = SaveCheck(where, wanted[0].meta.diff_ids)
+    elif len(wanted) > 1:
+        check = SaveCheck(where, {str(w.tag): w.meta.diff_ids for w in wanted})
+    meta = wanted[0].meta  # the archive's own digest: a kept tar, one image
+    progress = meter(max(w.meta.size for w in wanted)) if meter is not None else None
     whole = hashlib.sha256()
 
     def teed() -> Iterator[bytes]:

@@ -32,6 +32,7 @@ from .backup import (
     read_sidecar,
     restore_backup,
     write_backup,
+    write_backups,
 )
 from .build import BuildReport, Step, decide, execute
 from .closure import (
@@ -359,6 +360,8 @@ def build(ctx: Context, engine: Engine, images: list[str], *, rebuild: bool = Fa
     if dry_run:
         return outcome
 
+    verified: list[tuple[str, ImageInfo]] = []
+
     def after_each(step: Step, image: ImageInfo) -> bool:
         name = step.derivation.name
         promotion = promote(ctx.gate, engine, name, image, progress)
@@ -366,22 +369,35 @@ def build(ctx: Context, engine: Engine, images: list[str], *, rebuild: bool = Fa
         if not promotion.passed:
             progress.say(f"  {name}: gate failed; {latest_tag(name)} stays where it was")
             return False
-        if store is not None and backup:
-            assert spec.backups is not None
-            result = write_backup(store, engine, name, image, spec.backups.keep, progress)
-            outcome.backups[name] = result
-            if result.written:
-                progress.say(f"  {name}: backup written to {result.where} "
-                             f"({result.bytes_written / 1e9:.2f} GB new of "
-                             f"{result.backup.size / 1e9:.2f} GB, {result.seconds:.1f}s)")
-            for h12 in result.dropped:
-                progress.say(f"  {name}: dropped older generation {h12} (backups.keep: "
-                             f"{spec.backups.keep})")
+        verified.append((name, image))
         return True
 
-    outcome.report = execute(spec, engine, steps, progress=progress, rebuild=forced,
-                             store=store, after_each=after_each)
+    def back_up() -> None:  # what passed its gate, in one save
+        if store is not None and backup and verified:
+            assert spec.backups is not None
+            for name, result in zip([n for n, _ in verified], write_backups(
+                    store, engine, verified, spec.backups.keep, progress), strict=True):
+                outcome.backups[name] = result
+                _say_backup(progress, name, result, spec.backups.keep)
+
+    try:
+        outcome.report = execute(spec, engine, steps, progress=progress, rebuild=forced,
+                                 store=store, after_each=after_each)
+    except ImagebuildError:  # a later step failed: still back up what passed its gate
+        with contextlib.suppress(ImagebuildError):
+            back_up()
+        raise
+    back_up()
     return outcome
+
+
+def _say_backup(progress: Progress, name: str, result: BackupResult, keep: int) -> None:
+    if result.written:
+        progress.say(f"  {name}: backup written to {result.where} "
+                     f"({result.bytes_written / 1e9:.2f} GB new of "
+                     f"{result.backup.size / 1e9:.2f} GB, {result.seconds:.1f}s)")
+    for h12 in result.dropped:
+        progress.say(f"  {name}: dropped older generation {h12} (backups.keep: {keep})")
 
 
 # -- verify ----------------------------------------------------------------------------------
@@ -471,11 +487,11 @@ def backup(ctx: Context, engine: Engine, images: list[str],
     progress = progress or Progress()
     store = backup_store(ctx.spec)
     assert ctx.spec.backups is not None
-    results: list[tuple[str, BackupResult]] = []
-    for name, _ref, info in _present(ctx, engine, images, "back up"):
+    present = [(name, info) for name, _ref, info in _present(ctx, engine, images, "back up")]
+    for name, info in present:
         require_verified(ctx.spec, ctx.lock, name, info)
-        results.append((name, write_backup(store, engine, name, info, ctx.spec.backups.keep,
-                                           progress)))
+    written = write_backups(store, engine, present, ctx.spec.backups.keep, progress)
+    results = [(name, r) for (name, _), r in zip(present, written, strict=True)]
     return BackupOutcome(str(store), results)
 
 

@@ -109,6 +109,7 @@ class FakeEngine(Engine):
     fail_builds: set[str] = field(default_factory=set)
     checks_run: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     loads: int = 0
+    saves: list[tuple[str, ...]] = field(default_factory=list)  # the refs of each save
     broken: str | None = None  # when set, every call fails with this message
     containers: dict[str, ContainerInfo] = field(default_factory=dict)  # by name
     clock: int = 0  # creation times of containers, in order
@@ -179,22 +180,28 @@ class FakeEngine(Engine):
         else:
             del self.images[info.id]
 
-    def save(self, ref: str) -> Iterator[bytes]:
+    def save(self, *refs: str) -> Iterator[bytes]:
         self._check()
-        info = self.inspect(ref)
-        if info is None:
-            raise ImageNotFound(f"image {ref} is not present")
+        self.saves.append(refs)
         buf = io.BytesIO()
-        config = _config_bytes(info)
-        cfg_name = _sha(config).removeprefix("sha256:") + ".json"
-        names = [_sha(f"{d}{i}".encode()).removeprefix("sha256:") + "/layer.tar"
-                 for i, d in enumerate(info.diff_ids)]  # a v1 id per layer, as Docker's
-        tags = [ref] if ":" in ref and not ref.startswith("sha256:") else []
-        manifest = [{"Config": cfg_name, "RepoTags": tags, "Layers": names}]
-        with tarfile.open(fileobj=buf, mode="w") as tf:
-            _add(tf, cfg_name, config)
+        manifest = []
+        files: dict[str, bytes] = {}
+        for ref in refs:
+            info = self.inspect(ref)
+            if info is None:
+                raise ImageNotFound(f"image {ref} is not present")
+            config = _config_bytes(info)
+            cfg_name = _sha(config).removeprefix("sha256:") + ".json"
+            names = [_sha(f"{d}{i}".encode()).removeprefix("sha256:") + "/layer.tar"
+                     for i, d in enumerate(info.diff_ids)]  # a v1 id per layer, as Docker's
+            tags = [ref] if ":" in ref and not ref.startswith("sha256:") else []
+            manifest.append({"Config": cfg_name, "RepoTags": tags, "Layers": names})
+            files[cfg_name] = config
             for name, diff in zip(names, info.diff_ids, strict=True):
-                _add(tf, name, self.blobs[diff])
+                files[name] = self.blobs[diff]  # a layer two images share comes once
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for name, data in files.items():
+                _add(tf, name, data)
             _add(tf, "manifest.json", json.dumps(manifest).encode())
         data = buf.getvalue()
         for i in range(0, len(data), 4096):

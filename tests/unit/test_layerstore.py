@@ -21,17 +21,20 @@ from imagebuild.layerstore import (
     BLOBS,
     GenSidecar,
     Meta,
+    Wanted,
     archive_stream,
     check_archive,
     check_store,
     clean_leftovers,
     ingest,
+    ingest_many,
     list_generations,
     prune,
 )
 from imagebuild.store import LocalDir
 
 from ..archives import Saved, save_like
+from ..fake_engine import FakeEngine
 
 HASH = "ab" * 32  # an input hash; the generation is named by its first 12 digits
 
@@ -254,3 +257,36 @@ def test_leftovers_of_a_dead_run_are_removed_and_a_live_ones_spared(
     partial.mkdir(parents=True)
     clean_leftovers(store)
     assert not dead.exists() and live.exists() and not partial.exists()
+
+
+def test_several_images_saved_in_one_call_become_one_generation_each(store: LocalDir) -> None:
+    shared, a_top, b_top = os.urandom(60_000), os.urandom(20_000), os.urandom(30_000)
+    e = FakeEngine(name="head")
+    a = e.add_base("img-a:aaaaaaaaaaaa", [shared, a_top])
+    b = e.add_base("img-b:bbbbbbbbbbbb", [shared, b_top])
+    wanted = [Wanted(n, h12, Meta(i.id, i.fingerprint, None, [f"{n}:{h12}"], i.size,
+                                  i.diff_ids), f"{n}:{h12}")
+              for n, h12, i in (("img-a", "aaaaaaaaaaaa", a), ("img-b", "bbbbbbbbbbbb", b))]
+    got = ingest_many(store, lambda: e.save("img-a:aaaaaaaaaaaa", "img-b:bbbbbbbbbbbb"),
+                      wanted, "test")
+    assert [w.sidecar.image for w in got] == ["img-a", "img-b"]
+    # the shared layer came once, was written once, and both generations link it
+    blob = store.directory / BLOBS / sha(shared)
+    assert blob.stat().st_nlink == 3
+    assert got[0].written >= len(shared) + len(a_top) and got[1].written < 2 * len(b_top)
+    for w, info, tag in ((got[0], a, "img-a:aaaaaaaaaaaa"), (got[1], b, "img-b:bbbbbbbbbbbb")):
+        gen = store.directory / "images" / w.sidecar.image / w.sidecar.hash12
+        manifest = json.loads((gen / "manifest.json").read_text())
+        assert [m["RepoTags"] for m in manifest] == [[tag]]  # this image alone
+        assert w.sidecar.layers == list(info.diff_ids)
+        target = FakeEngine(name="other")  # each generation loads on its own
+        target.load(archive_stream(store, w.sidecar))
+        assert target.require(tag).fingerprint == info.fingerprint
+    # an archive without an image asked for is refused, and nothing of it kept
+    before = sorted(os.listdir(store.directory / BLOBS))
+    missing = [*wanted, Wanted("img-c", "cccccccccccc", wanted[0].meta, "img-c:cccccccccccc")]
+    with pytest.raises(BackupError, match="img-c:cccccccccccc is not in it"):
+        ingest_many(store, lambda: e.save("img-a:aaaaaaaaaaaa", "img-b:bbbbbbbbbbbb"),
+                    missing, "test")
+    assert sorted(os.listdir(store.directory / BLOBS)) == before
+    assert not (store.directory / "images" / "img-c" / "cccccccccccc").exists()

@@ -106,6 +106,10 @@ def test_build_realizes_the_closure_gates_it_and_then_reuses_it(ctx: ops.Context
     assert sorted(result.backups) == sorted(NAMES)
     store = LocalDir(ctx.spec.root / "backups")
     assert all(backups_of(store, n)[0].gen is not None for n in NAMES)
+    # the three were saved in one call (node's layers come once), parents first
+    assert e.saves == [tuple(hash_tag(n, e.require(f"{n}:latest")) for n in NAMES)]
+    written = [result.backups[n].bytes_written for n in NAMES]
+    assert written[0] > written[1] > 0 and written[2] > 0  # each new blob counted once
     again = ops.build(ctx, e, ["mimo"], progress=Quiet())
     assert e.builds == NAMES  # no build call the second time
     assert again.report is not None and again.report.reused == NAMES
@@ -357,7 +361,7 @@ def test_a_failing_save_leaves_the_previous_backup_and_no_partial(ctx: ops.Conte
     before = _tree(store.directory)
 
     class Failing(FakeEngine):
-        def save(self, ref: str):  # type: ignore[no-untyped-def, override]
+        def save(self, *refs: str):  # type: ignore[no-untyped-def, override]
             yield b"x" * 1000
             raise OSError(28, "No space left on device")
 
@@ -581,11 +585,11 @@ def test_an_incomplete_save_is_refused_and_the_previous_backup_stays(ctx: ops.Co
     before = _tree(store.directory)
 
     class Dropping(FakeEngine):
-        def save(self, ref: str):  # type: ignore[no-untyped-def, override]
+        def save(self, *refs: str):  # type: ignore[no-untyped-def, override]
             blobs = dict(self.blobs)
             self.blobs[image.diff_ids[-1]] = b"not the layer"
             try:
-                yield from super().save(ref)
+                yield from super().save(*refs)
             finally:
                 self.blobs.clear()
                 self.blobs.update(blobs)
