@@ -168,6 +168,8 @@ class GenSidecar:
                 raise ValueError(f"{what} must be a list of strings")
         if not all(re.fullmatch(r"sha256:[0-9a-f]{64}", d) for d in sc.layers):
             raise ValueError("layers must be diff IDs")
+        if not all(link_target(p, t) in sc.files for p, t in sc.links.items()):
+            raise ValueError("links must lead to files of the generation")
         if len(sc.layers) != len(sc.layer_files) or not all(
                 p in sc.files or p in sc.links for p in sc.layer_files):
             raise ValueError("layer_files must name one file of the generation per layer")
@@ -541,10 +543,10 @@ def _one_image(state: _Ingest, entry: dict[str, Any], manifest: Manifest,
         path = layer
         if layer in links:
             own_links[layer] = links[layer]
-            path = os.path.normpath(os.path.join(os.path.dirname(layer), links[layer]))
+            path = link_target(layer, links[layer])
         paths.add(path)
-        base = os.path.dirname(path)
-        paths |= {p for p in (f"{base}/json", f"{base}/VERSION") if p in files}
+        for base in {os.path.dirname(layer), os.path.dirname(path)}:
+            paths |= {p for p in (f"{base}/json", f"{base}/VERSION") if p in files}
     extra = {"manifest.json": json.dumps([entry]).encode()}
     if "index.json" in small:
         try:
@@ -716,11 +718,9 @@ def _order(sc: GenSidecar) -> list[str]:
     return [p for p in paths if p not in _LAST] + [p for p in _LAST if p in paths]
 
 
-def _header(path: str, size: int, link: str = "") -> bytes:
+def _header(path: str, size: int) -> bytes:
     ti = tarfile.TarInfo(path)
     ti.size, ti.mode, ti.mtime = size, 0o644, 0
-    if link:
-        ti.type, ti.linkname, ti.size = tarfile.SYMTYPE, link, 0
     return ti.tobuf(format=tarfile.USTAR_FORMAT)
 
 
@@ -778,17 +778,22 @@ def check_archive(store: BackupDir, sc: GenSidecar) -> None:
                           f"fingerprint differs); nothing was loaded")
 
 
+def link_target(path: str, target: str) -> str:
+    """The archive path a symbolic link at ``path`` (``../<v1 id>/layer.tar``) leads to."""
+    return os.path.normpath(os.path.join(os.path.dirname(path), target))
+
+
 def archive_stream(store: BackupDir, sc: GenSidecar, meter: Meter | None = None
                    ) -> Iterator[bytes]:
-    """The generation as one ``docker save`` tar stream, every file checked against its
-    digest as it passes, manifest.json last."""
+    """The generation as one ``docker save`` tar stream of regular files, every file
+    checked against its digest as it passes, manifest.json last."""
     for path in _order(sc):
-        if path in sc.links:
-            yield _header(path, 0, sc.links[path])
-            continue
-        size = int(sc.files[path][1])
+        # a layer saved as a link to another's file goes as a copy of that file: the
+        # containerd store's docker load does not follow links between layer files
+        source = link_target(path, sc.links[path]) if path in sc.links else path
+        size = int(sc.files[source][1])
         yield _header(path, size)
-        yield from read_checked(store, sc, path, meter)
+        yield from read_checked(store, sc, source, meter)
         if size % BLOCK:
             yield b"\0" * (BLOCK - size % BLOCK)
     yield b"\0" * (2 * BLOCK)
