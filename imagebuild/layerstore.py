@@ -14,7 +14,8 @@ containerd-store engine) is hashed in passing and skipped when present; a
 ``<v1 id>/layer.tar`` (classic store) is uncompressed, so its sha256 is one of the
 image's diff IDs: when the store holds a blob of that size among those digests it is
 hashed in passing and not written, and in the rare case that the bytes turn out to be
-another layer of the same size, the save is read again with that size written. Every
+another layer of the same size, the save is read again with that size written. A file
+of at most 64 KiB is read whole and hashed before anything is decided. Every
 other file (configs, ``json``, ``VERSION``, manifests) is small and stored the same way.
 
 A generation directory is assembled under a temporary name and renamed into place only
@@ -300,6 +301,15 @@ class _Ingest:
             self.store.remove(*(blob_path(d) for d in self.new
                                 if d in now and now[d].nlink == 1))
 
+    def put_small(self, data: bytes, named: str | None) -> str:
+        """A file read whole: its digest is known before anything is written."""
+        digest = hashlib.sha256(data).hexdigest()
+        if named is not None and digest != named:
+            raise _corrupt(named, digest)
+        if digest in self.blobs:
+            return digest
+        return self.put(io.BytesIO(data).read, len(data), named, [])
+
     def put(self, read: Callable[[int], bytes], size: int, named: str | None,
             candidates: list[str]) -> str:
         """One file of the archive into blobs/ (only when absent); returns its digest."""
@@ -571,32 +581,48 @@ def _one_image(state: _Ingest, entry: dict[str, Any], manifest: Manifest,
         raise BackupError(f"{where}: the archive lacks {missing[0]}, which its manifest names")
     own = {p: files[p] for p in paths}
     for name, data in extra.items():
-        own[name] = (state.put(io.BytesIO(data).read, len(data), None, []), len(data))
+        own[name] = (state.put_small(data, None), len(data))
     return own, own_links
 
 
 def _read_save(state: _Ingest, chunks: Iterable[bytes], wanted: list[Wanted], where: str,
                meter: Callable[[int], Meter] | None
                ) -> tuple[dict[str, tuple[str, int]], dict[str, str], dict[str, bytes], int]:
-    # the archive is complete (moby#49473), when the images' layers are known
-    check = None
+    # the archive must be complete (moby#49473), when the images' layers are known: the
+    # compressed blobs of a containerd-store save are decompressed and hashed by
+    # SaveCheck beside the write; the layer.tar files of a classic save are hashed here
+    # anyway (their sha256 is the diff ID), so they are checked after the read
+    expected: tuple[str, ...] | dict[str, tuple[str, ...]] | None = None
     if len(wanted) == 1 and wanted[0].meta.diff_ids:
-        check = SaveCheck(where, wanted[0].meta.diff_ids)
+        expected = wanted[0].meta.diff_ids
     elif len(wanted) > 1:
-        check = SaveCheck(where, {str(w.tag): w.meta.diff_ids for w in wanted})
+        expected = {str(w.tag): w.meta.diff_ids for w in wanted}
+    checks: list[SaveCheck] = []
     meta = wanted[0].meta  # the archive's own digest: a kept tar, one image
     progress = meter(max(w.meta.size for w in wanted)) if meter is not None else None
     whole = hashlib.sha256()
 
     def teed() -> Iterator[bytes]:
         for chunk in chunks:
-            if check is not None:
+            if expected is not None and needs_save_check(chunk):
+                checks.append(SaveCheck(where, expected))
+            for check in checks:
                 check.write(chunk)
             if meta.stream_sha256 is not None:
                 whole.update(chunk)
             if progress is not None:
                 progress.add(len(chunk))
             yield chunk
+
+    seen_first: list[bool] = []
+
+    def needs_save_check(chunk: bytes) -> bool:
+        """At the first chunk: whether the archive is not a classic save (its first
+        member is not a ``<v1 id>/`` directory), so its layers need SaveCheck."""
+        if seen_first:
+            return False
+        seen_first.append(True)
+        return not re.match(rb"(\./)?[0-9a-f]{64}/", chunk[:100])
 
     stream = _Chunks(teed())
     files: dict[str, tuple[str, int]] = {}
@@ -619,10 +645,11 @@ def _read_save(state: _Ingest, chunks: Iterable[bytes], wanted: list[Wanted], wh
                                       f"regular file")
                 f = tf.extractfile(m)
                 assert f is not None
-                if m.size <= SMALL:
-                    small[path] = f.read()
-                    f = io.BytesIO(small[path])
                 named = path.removeprefix("blobs/sha256/") if path.startswith("blobs/") else None
+                if m.size <= SMALL:  # read whole: no need to guess which blob it is
+                    small[path] = f.read()
+                    files[path] = (state.put_small(small[path], named), m.size)
+                    continue
                 candidates = ([d for d, st in state.blobs.items()
                                if st.size == m.size and d in state.expected]
                               if path.endswith("/layer.tar") and m.size not in state.force_sizes
@@ -630,13 +657,15 @@ def _read_save(state: _Ingest, chunks: Iterable[bytes], wanted: list[Wanted], wh
                 files[path] = (state.put(f.read, m.size, named, candidates), m.size)
             while stream.read(CHUNK):  # to the end: the whole stream is hashed and checked
                 pass
-        if check is not None:
+        for check in checks:
             check.finish()
     except tarfile.TarError as exc:
         raise BackupError(f"{where} is not a readable tar: {exc}") from None
     finally:
-        if check is not None:
+        for check in checks:
             check.close()
+    if expected is not None and not checks and "manifest.json" in small:
+        _check_raw_layers(files, links, small, expected, where)
     if meta.stream_sha256 is not None and whole.hexdigest() != meta.stream_sha256:
         raise BackupError(f"{where} does not match its sidecar (sha256 "
                           f"{whole.hexdigest()[:12]}, expected {meta.stream_sha256[:12]}); "
@@ -645,6 +674,42 @@ def _read_save(state: _Ingest, chunks: Iterable[bytes], wanted: list[Wanted], wh
     if "manifest.json" not in small:
         raise BackupError(f"{where}: the archive has no manifest.json")
     return files, links, small, stream.total
+
+
+def _check_raw_layers(files: dict[str, tuple[str, int]], links: dict[str, str],
+                      small: dict[str, bytes],
+                      expected: tuple[str, ...] | dict[str, tuple[str, ...]], where: str
+                      ) -> None:
+    """A classic save is complete: each image it should hold is in its manifest with the
+    layers expected, and each layer's file (links followed) has its diff ID as sha256."""
+    entries = Manifest.parse_all(small["manifest.json"], where)
+    wanted = expected if isinstance(expected, dict) else {"": expected}
+    missing: list[str] = []
+    for tag, diff_ids in wanted.items():
+        entry = (entries[0] if not tag and len(entries) == 1 else next(
+            (e for e in entries if tag and tag in map(familiar, e.repo_tags)), None))
+        if entry is None:
+            missing.append(f"{tag or 'its image'} is not in it")
+            continue
+        config = small.get(entry.config)
+        got_ids = config_fingerprint(config, where)[1] if config is not None else None
+        if got_ids != diff_ids or len(entry.layers) != len(diff_ids):
+            raise BackupError(f"the archive written to {where} does not describe the image "
+                              f"that was saved (its layers differ); nothing was kept")
+        for i, (name, diff_id) in enumerate(zip(entry.layers, diff_ids, strict=True), 1):
+            got = files.get(link_target(name, links[name]) if name in links else name)
+            if got is None or "sha256:" + got[0] != diff_id:
+                missing.append(f"layer {i} of {len(diff_ids)} ({diff_id[:19]}, file {name}) "
+                               f"is not in it" if got is None else
+                               f"layer {i} ({name}) holds other content than {diff_id[:19]}")
+    if missing:
+        raise BackupError(
+            f"the archive docker saved for {where} is incomplete, so it could not be "
+            f"restored: " + "; ".join(missing[:3])
+            + (f"; and {len(missing) - 3} more" if len(missing) > 3 else "")
+            + ". It was not kept; the previous backup is still in place",
+            hint="rebuild the image (imagebuild build --rebuild NAME), then run imagebuild "
+                 "backup NAME")
 
 
 def _assemble(store: BackupDir, sc: GenSidecar, current: bool) -> None:

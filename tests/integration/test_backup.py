@@ -449,7 +449,7 @@ def test_a_backup_restores_on_a_head_of_the_other_store(bed_env: Bed, tmp_path: 
     # built and backed up in one save: on the classic head, a layer tf5 and mimo share
     # is saved once and linked from the other's directory, which the containerd store's
     # docker load does not follow: the restore stream sends it as a copy
-    gen, sidecar, tag = _built(mini, every=True)
+    _, sidecar, tag = _built(mini, every=True)
     assert sidecar["links"], "expected a linked layer in a multi-image classic save"
     other = mini.on("containerd")
     env = dict(os.environ, DOCKER_HOST=other.bed.docker_host)

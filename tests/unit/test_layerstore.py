@@ -100,14 +100,15 @@ def test_shared_layers_are_written_once_and_a_generation_links_them(
 
 def test_a_layer_of_the_same_size_as_a_stored_one_is_read_again_and_written(
         store: LocalDir, tmp_path: Path) -> None:
-    a, b = os.urandom(50_000), os.urandom(50_000)
+    a, b = os.urandom(100_000), os.urandom(100_000)  # larger than a file read whole
     put(store, save_like(tmp_path / "a.tar", [a], tags=["img:aaaaaaaaaaaa"]), "aaaaaaaaaaaa")
     # b has a's size; the new image holds both, so a's blob is a candidate for b's file
+    # (small files are read whole and never guessed: only layers above 64 KiB are)
     both = save_like(tmp_path / "ab.tar", [b, a], tags=["img:bbbbbbbbbbbb"])
     got = put(store, both, "bbbbbbbbbbbb")
     assert got.passes == 2
     assert (store.directory / BLOBS / sha(b)).read_bytes() == b
-    assert 50_000 <= got.written < 50_000 + 4096
+    assert 100_000 <= got.written < 100_000 + 4096
 
 
 def test_a_stream_cut_short_leaves_no_generation_and_no_blob_half_written(
@@ -293,3 +294,21 @@ def test_several_images_saved_in_one_call_become_one_generation_each(store: Loca
                     missing, "test")
     assert sorted(os.listdir(store.directory / BLOBS)) == before
     assert not (store.directory / "images" / "img-c" / "cccccccccccc").exists()
+
+
+def test_a_classic_save_missing_a_layer_file_is_refused_and_nothing_kept(
+        store: LocalDir, tmp_path: Path) -> None:
+    saved = save_like(tmp_path / "a.tar", [os.urandom(30_000), os.urandom(20_000)],
+                      tags=["img:aaaaaaaaaaaa"])
+    cut = tmp_path / "cut.tar"
+    with tarfile.open(saved.path) as src, tarfile.open(cut, "w") as out:
+        layers = [m for m in src.getmembers() if m.name.endswith("/layer.tar")]
+        for m in src.getmembers():
+            if m is not layers[-1]:
+                out.addfile(m, src.extractfile(m) if m.isfile() else None)
+    meta = Meta(saved.info.id, saved.info.fingerprint, None, ["img:aaaaaaaaaaaa"], 0,
+                saved.info.diff_ids)
+    with pytest.raises(BackupError, match=r"incomplete.*layer 2 of 2.*is not in it"):
+        ingest(store, lambda: chunks(cut), "img", "aaaaaaaaaaaa", meta, "cut")
+    assert list_generations(store, "img") == []
+    assert not os.listdir(store.directory / BLOBS)  # the blobs of the failed run went
