@@ -699,15 +699,21 @@ class SaveCheck:
             raise self._incomplete(missing)
 
     def _incomplete(self, missing: list[str]) -> BackupError:
-        return BackupError(
-            f"the archive docker saved for {self.where} is incomplete, so it could not be "
-            f"restored: " + "; ".join(missing[:3])
-            + (f"; and {len(missing) - 3} more" if len(missing) > 3 else "")
-            + ". It was not kept; the previous backup is still in place",
+        return incomplete_save(
+            self.where, missing,
             hint="on the containerd image store 'docker save' leaves out blobs that are "
                  "missing from the content store (moby#49473). Rebuild the image "
                  "(imagebuild build --rebuild NAME) or load it again from a good archive "
                  "so its blobs are complete, then run imagebuild backup NAME")
+
+
+def incomplete_save(where: str, missing: list[str], hint: str) -> BackupError:
+    """A saved archive that lacks what ``missing`` lists: never kept."""
+    return BackupError(
+        f"the archive docker saved for {where} is incomplete, so it could not be "
+        f"restored: " + "; ".join(missing[:3])
+        + (f"; and {len(missing) - 3} more" if len(missing) > 3 else "")
+        + ". It was not kept; the previous backup is still in place", hint=hint)
 
 
 # -- checking a stream -------------------------------------------------------------------------

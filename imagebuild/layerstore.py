@@ -48,6 +48,7 @@ from .archive import (
     allowed_tags_error,
     config_fingerprint,
     familiar,
+    incomplete_save,
 )
 from .engine import ImageInfo
 from .errors import BackupError, RemoteError
@@ -703,13 +704,8 @@ def _check_raw_layers(files: dict[str, tuple[str, int]], links: dict[str, str],
                                f"is not in it" if got is None else
                                f"layer {i} ({name}) holds other content than {diff_id[:19]}")
     if missing:
-        raise BackupError(
-            f"the archive docker saved for {where} is incomplete, so it could not be "
-            f"restored: " + "; ".join(missing[:3])
-            + (f"; and {len(missing) - 3} more" if len(missing) > 3 else "")
-            + ". It was not kept; the previous backup is still in place",
-            hint="rebuild the image (imagebuild build --rebuild NAME), then run imagebuild "
-                 "backup NAME")
+        raise incomplete_save(where, missing, hint="rebuild the image (imagebuild build "
+                              "--rebuild NAME), then run imagebuild backup NAME")
 
 
 def _assemble(store: BackupDir, sc: GenSidecar, current: bool) -> None:
