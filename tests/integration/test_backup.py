@@ -168,7 +168,9 @@ def test_a_killed_backup_leaves_the_previous_generation_intact(mini: MiniStack) 
     gen, first, _ = _built(mini)
     root = mini.root / "backups"
     tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
-    tpl.write_text(tpl.read_text() + "# a new derivation\n")
+    # a new derivation with a new 64 MB layer: its blob is being written when the kill
+    # lands (a comment alone changes only a few small files, written in a blink)
+    tpl.write_text(tpl.read_text() + "RUN head -c 64000000 /dev/urandom > /var/tmp/filler\n")
     assert mini.cli("build", "--no-backup", "mimo").returncode == 0
     before = _tree(root)
     env = dict(os.environ, DOCKER_HOST=mini.bed.docker_host)
