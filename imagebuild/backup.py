@@ -36,6 +36,7 @@ from .archive import (
 from .engine import Engine, ImageInfo
 from .errors import BackupError
 from .layerstore import (
+    BLOBS,
     CURRENT,
     IMAGES,
     GenSidecar,
@@ -58,7 +59,7 @@ from .layerstore import (
 )
 from .naming import hash12, hash_tag, input_hash, short_id, split_ref
 from .progress import Progress
-from .store import BackupDir, FileStat, LocalDir
+from .store import BackupDir, LocalDir
 
 SPACE_MARGIN = 64 << 20  # headers, small files and sidecars, on top of the new layers
 
@@ -144,11 +145,10 @@ def check_space(store: object, free: int, need: int, what: str) -> None:
         )
 
 
-def legacy_tars(store: BackupDir, name: str, files: dict[str, FileStat] | None = None
-                ) -> list[str]:
+def legacy_tars(store: BackupDir, name: str) -> list[str]:
     """Tar backups of ``name`` from before the layer store (``NAME.tar``, then
     ``NAME@<hash12>.tar`` newest first) that have a sidecar."""
-    files = store.files() if files is None else files
+    files = store.files()
     old = sorted((f for f in files if f.startswith(f"{name}@") and f.endswith(".tar")),
                  key=lambda f: files[f].mtime_ns, reverse=True)
     return [t for t in [tar_name(name), *old] if t in files and sidecar_name(t) in files]
@@ -274,6 +274,7 @@ def write_backups(store: BackupDir, engine: Engine, images: list[tuple[str, Imag
     started = time.monotonic()
     done: dict[str, tuple[GenSidecar, int, int]] = {}
     todo: list[tuple[str, ImageInfo, str]] = []
+    blobs = store.files(BLOBS)  # one listing for every image's completeness
     for name, info in images:
         h12 = generation_of(info)
         try:
@@ -281,7 +282,7 @@ def write_backups(store: BackupDir, engine: Engine, images: list[tuple[str, Imag
         except BackupError:
             existing = None
         if (existing is not None and existing.image_id == info.id
-                and h12 in store.dirs(image_dir(name)) and is_complete(store, existing)):
+                and h12 in store.dirs(image_dir(name)) and is_complete(store, existing, blobs)):
             if (current := current_generation(store, name)) is None or current.hash12 != h12:
                 store.write_text(f"{image_dir(name)}/{CURRENT}", h12 + "\n")
             done[name] = (existing, -1, 0)

@@ -21,7 +21,7 @@ from .build import Action, Step
 from .derivation import Derivation
 from .distribute import Outcome, Worker
 from .engine_docker import DockerEngine
-from .errors import ImagebuildError, Interrupted, SpecError
+from .errors import ImagebuildError, Interrupted
 from .naming import hash12, input_hash, short_id
 from .ops import DistributeOutcome
 from .progress import Progress
@@ -267,19 +267,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
     ctx.names(args.images)
     ops.backup_store(ctx.spec)
     if args.check:
-        if args.images:
-            raise SpecError("backup --check checks the whole store; name no image",
-                            hint="imagebuild backup --check")  # before any engine
-        check = lifecycle.check_backups(ctx, Progress())
-        print(f"{check.blobs} blobs checked ({check.bytes / 1e9:.2f} GB)")
-        for what, found in (("DAMAGED", check.damaged), ("MISSING", check.missing)):
-            for digest, gens in found.items():
-                print(f"{what} blob sha256:{digest[:12]}, used by {', '.join(gens)}")
-        for path in check.unreadable:
-            print(f"UNREADABLE sidecar {path}")
+        check = lifecycle.check_backups(ctx, Progress(), images=args.images)
+        print("\n".join(check.lines()))
         if (err := check.error()) is not None:
             raise err
-        print("every blob matches its digest")
         return 0
     result = ops.backup(ctx, DockerEngine(), args.images, Progress())
     for name, r in result.results:

@@ -875,6 +875,15 @@ class StoreCheck:
     def ok(self) -> bool:
         return not (self.damaged or self.missing or self.unreadable)
 
+    def lines(self) -> list[str]:
+        """The report, a line per finding."""
+        out = [f"{self.blobs} blobs checked ({self.bytes / 1e9:.2f} GB)"]
+        for what, found in (("DAMAGED", self.damaged), ("MISSING", self.missing)):
+            out += [f"{what} blob sha256:{d[:12]}, used by {', '.join(gens)}"
+                    for d, gens in found.items()]
+        out += [f"UNREADABLE sidecar {path}" for path in self.unreadable]
+        return out if not self.ok else [*out, "every blob matches its digest"]
+
     def error(self) -> BackupError | None:
         if self.ok:
             return None
@@ -892,9 +901,10 @@ class StoreCheck:
 
 
 def check_store(store: BackupDir, sha256: Callable[[str], str],
-                on_blob: Callable[[int], None] | None = None) -> StoreCheck:
+                on_blob: Callable[[int], None] | None = None,
+                blobs: dict[str, FileStat] | None = None) -> StoreCheck:
     """Hash every blob a generation uses (``sha256(path)``, where the blob lies) and
-    compare it with its name."""
+    compare it with its name. ``blobs``: the listing of blobs/, when the caller has it."""
     users: dict[str, list[str]] = {}
     unreadable: list[str] = []
     for name in image_names(store):
@@ -909,7 +919,7 @@ def check_store(store: BackupDir, sha256: Callable[[str], str],
                 if sc is not None:
                     for d in sc.blobs():
                         users.setdefault(d, []).append(f"{name} {h12}")
-    blobs = store.files(BLOBS)
+    blobs = store.files(BLOBS) if blobs is None else blobs
     bad: dict[str, list[str]] = {}
     missing: dict[str, list[str]] = {}
     total = 0

@@ -162,16 +162,21 @@ def _backup_status(store: BackupDir | None, name: str, latest: ImageInfo | None,
         check_ok=bool(ok) if ok is not None else None)
 
 
-def check_backups(ctx: Context, progress: Progress) -> StoreCheck:
-    """Hash every blob of the backup store where it lies and compare it with its name;
-    each image's current backup is marked ok or damaged in the state directory, for
-    ``status`` to show."""
+def check_backups(ctx: Context, progress: Progress, images: list[str] | None = None
+                  ) -> StoreCheck:
+    """``backup --check``: hash every blob of the backup store where it lies and compare
+    it with its name; each image's backups are marked ok or damaged in the state
+    directory, for ``status`` to show. The whole store is checked: naming images is
+    refused (before anything is read)."""
+    if images:
+        raise SpecError("backup --check checks the whole store; name no image",
+                        hint="imagebuild backup --check")
     store = backup_store(ctx.spec)
     blobs = store.files(BLOBS)
     total = sum(st.size for st in blobs.values())
     progress.say(f"checking {len(blobs)} blobs in {store} ({total / 1e9:.2f} GB)")
     meter = progress.meter("checking blobs", total)
-    result = check_store(store, lambda path: store.sha256(path), meter.add)
+    result = check_store(store, store.sha256, meter.add, blobs)
     bad = {*result.damaged, *result.missing}
     results: dict[str, dict[str, object]] = {}
     for name in ctx.spec.images:

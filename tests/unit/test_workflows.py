@@ -22,6 +22,7 @@ from imagebuild.errors import (
     LockError,
     NotVerified,
     RemoteError,
+    SpecError,
     VerifyFailed,
 )
 from imagebuild.layerstore import BLOBS, archive_stream, list_generations
@@ -250,6 +251,31 @@ def _as_tar(ctx: ops.Context, name: str, dest: Path) -> Path:
                  mtime_ns=st.st_mtime_ns)
     (dest.parent / (dest.name + ".json")).write_text(sc.to_json())
     return dest
+
+
+def test_backup_check_names_the_damaged_blob_and_refuses_named_images(
+        ctx: ops.Context) -> None:
+    from imagebuild import lifecycle
+
+    e = head()
+    ops.build(ctx, e, ["tf5"], progress=Quiet())
+    with pytest.raises(SpecError, match="checks the whole store; name no image"):
+        lifecycle.check_backups(ctx, Quiet(), images=["node"])
+    check = lifecycle.check_backups(ctx, Quiet())
+    assert check.ok and check.lines()[-1] == "every blob matches its digest"
+    store = LocalDir(ctx.spec.root / "backups")
+    gen = backups_of(store, "vllm-node")[0].gen
+    assert gen is not None
+    blob = store.directory / BLOBS / str(gen.files[gen.layer_files[0]][0])
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes() + b"x")
+    check = lifecycle.check_backups(ctx, Quiet())
+    err = check.error()
+    assert err is not None and err.exit_code == 8
+    [line] = [ln for ln in check.lines() if ln.startswith("DAMAGED")]
+    assert blob.name[:12] in line and "vllm-node " in line and "vllm-node-tf5 " in line
+    status = json.loads((ctx.spec.state_dir / "backup-checks.json").read_text())
+    assert not any(r["ok"] for r in status.values())  # both generations use that blob
 
 
 def test_a_damaged_layer_is_refused_and_nothing_is_loaded(ctx: ops.Context) -> None:
