@@ -311,12 +311,23 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_distribute(args: argparse.Namespace) -> int:
     ctx = ops.load(args.file)
     request = ops.distribute_request(ctx, args.images, args.workers, force=args.force,
-                                     dry_run=args.dry_run)
+                                     dry_run=args.dry_run, via=args.via)
     result = ops.distribute(ctx, DockerEngine(), request, Progress())
+    up = result.upload
     if args.json:
-        _json({"ok": result.ok, "dry_run": result.dry_run,
+        _json({"ok": result.ok, "dry_run": result.dry_run, "via": result.via,
+               "why": result.why,
+               "upload": None if up is None else {
+                   "registry": up.registry, "started": up.started,
+                   "bytes_uploaded": up.bytes_uploaded, "seconds": round(up.seconds, 3),
+                   "images": [asdict(p) for p in up.images]},
                "outcomes": [_outcome_json(o) for o in result.outcomes]})
     else:
+        print(f"via {result.via} ({result.why})")
+        if up is not None:
+            verb = "would upload" if up.dry_run else "uploaded"
+            print(f"registry {up.registry}: {verb} {up.bytes_uploaded / 1e6:,.1f} MB"
+                  + ("" if up.dry_run else f" in {up.seconds:.1f}s"))
         for o in result.outcomes:
             print(_outcome_line(o, result.dry_run))
     if (err := result.error()) is not None:
@@ -338,6 +349,9 @@ def _outcome_line(o: Outcome, dry_run: bool) -> str:
     if dry_run:
         return f"{head} would send {o.bytes_planned / 1e6:,.1f} MB ({o.action}, {skipped})"
     note = f" [{o.note}]" if o.note else ""
+    if o.action == "pulled":
+        return (f"{head} pulled {o.bytes_sent / 1e6:,.1f} MB in {o.seconds:.1f}s "
+                f"({o.mb_per_s:,.0f} MB/s), {skipped}{note}")
     return (f"{head} sent {o.bytes_sent / 1e6:,.1f} MB in {o.seconds:.1f}s "
             f"({o.mb_per_s:,.0f} MB/s), {skipped}{note}")
 
@@ -520,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "not move on the workers)")
     s.add_argument("--dry-run", action="store_true",
                    help="print what each worker would receive; send nothing")
+    s.add_argument("--via", choices=("auto", "ssh", "registry"), default="auto",
+                   help="ssh: a stream per worker from this host; registry: put the images "
+                        "into the spec's registry, every worker pulls; auto (default): the "
+                        "registry from registry.min_workers workers on")
     s.add_argument("--json", action="store_true", help="a JSON summary on stdout")
     s.set_defaults(func=cmd_distribute)
 

@@ -32,12 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .archive import BLOCK, ArchiveIndex, padding, tar_header
+from .archive import BLOCK, ArchiveIndex, Member, padding, tar_header
 from .engine import ContainerInfo, Engine, ImageInfo, Piece, StoreKind, piece_size
 from .errors import ImagebuildError, RemoteError
 from .naming import LATEST, ROOT_LABEL, ROOT_TAG_LABEL, latest_tag, split_ref
 from .progress import Progress, Quiet
 from .promote import Gate, promote
+from .registry import CONFIG_MEDIA, MANIFEST_MEDIA
 from .verify import VerifyRecord
 
 TRAILER = b"\0" * (2 * BLOCK)
@@ -70,48 +71,69 @@ def containerd_name(ref: str) -> str:
     return f"docker.io/{ref}"
 
 
-def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: int,
-               ref: str) -> list[Piece]:
-    """The image as an OCI image layout that names every layer (as the archive holds
-    it: uncompressed by its diff ID, or a compressed blob by its own digest) but carries
-    only the blobs of layers ``skip_layers`` and up."""
+@dataclass(frozen=True)
+class OciImage:
+    """An image as an OCI manifest names it: its config, and its layers as the archive
+    holds them (uncompressed by diff ID, or a compressed blob by its own digest)."""
+
+    config: bytes
+    config_digest: str
+    layers: tuple[tuple[str, str, Member], ...]  # (media type, digest, archive member)
+    manifest: bytes
+    digest: str  # of the manifest
+
+    def blobs_from(self, first: int) -> list[tuple[str, Member]]:
+        """(digest, member) of layers ``first`` and up, each blob once."""
+        out: dict[str, Member] = {}
+        for _media, digest, member in self.layers[first:]:
+            out.setdefault(digest, member)
+        return list(out.items())
+
+
+def oci_image(archive: ArchiveIndex, diff_ids: tuple[str, ...]) -> OciImage:
+    """The OCI image manifest of the image ``archive`` holds."""
     if len(diff_ids) != len(archive.layers) or not archive.config:
         raise ImagebuildError(f"{archive.where}: its manifest and the image's layers "
                               f"differ")
+    layers = []
+    for i, name in enumerate(archive.layers):
+        media, digest = archive.layer_blob(i)
+        layers.append((media, digest, archive.member(name)))
+    config_digest = "sha256:" + hashlib.sha256(archive.config).hexdigest()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": MANIFEST_MEDIA,
+        "config": {"mediaType": CONFIG_MEDIA, "digest": config_digest,
+                   "size": len(archive.config)},
+        "layers": [{"mediaType": media, "digest": digest, "size": m.size}
+                   for media, digest, m in layers],
+    }, separators=(",", ":")).encode()
+    return OciImage(archive.config, config_digest, tuple(layers), manifest,
+                    "sha256:" + hashlib.sha256(manifest).hexdigest())
+
+
+def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: int,
+               ref: str) -> list[Piece]:
+    """The image as an OCI image layout that names every layer but carries only the
+    blobs of layers ``skip_layers`` and up."""
+    image = oci_image(archive, diff_ids)
     pieces: list[Piece] = []
 
     def literal(name: str, data: bytes) -> None:
         pieces.append(tar_header(name, len(data)) + data + padding(len(data)))
 
-    descriptors: list[dict[str, object]] = []
-    sent: set[str] = set()
-    for i, name in enumerate(archive.layers):
-        m = archive.member(name)
-        media, digest = archive.layer_blob(i)
-        descriptors.append({"mediaType": media, "digest": digest, "size": m.size})
-        if i >= skip_layers and digest not in sent:
-            sent.add(digest)
-            pieces.append(tar_header("blobs/sha256/" + digest.removeprefix("sha256:"),
-                                     m.size))
-            if m.size or m.sha256 is not None:  # a checked file is checked even when empty
-                pieces.append(m.data())
-            if padding(m.size):
-                pieces.append(padding(m.size))
-    config_digest = "sha256:" + hashlib.sha256(archive.config).hexdigest()
-    literal("blobs/sha256/" + config_digest.removeprefix("sha256:"), archive.config)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": config_digest, "size": len(archive.config)},
-        "layers": descriptors,
-    }, separators=(",", ":")).encode()
-    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
-    literal("blobs/sha256/" + manifest_digest.removeprefix("sha256:"), manifest)
+    for digest, m in image.blobs_from(skip_layers):
+        pieces.append(tar_header("blobs/sha256/" + digest.removeprefix("sha256:"), m.size))
+        if m.size or m.sha256 is not None:  # a checked file is checked even when empty
+            pieces.append(m.data())
+        if padding(m.size):
+            pieces.append(padding(m.size))
+    literal("blobs/sha256/" + image.config_digest.removeprefix("sha256:"), image.config)
+    literal("blobs/sha256/" + image.digest.removeprefix("sha256:"), image.manifest)
     index = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest, "size": len(manifest),
+            "mediaType": MANIFEST_MEDIA,
+            "digest": image.digest, "size": len(image.manifest),
             "annotations": {"io.containerd.image.name": containerd_name(ref),
                             "org.opencontainers.image.ref.name": ref.rpartition(":")[2]},
         }],
@@ -172,9 +194,12 @@ class Item:
     hash_tag: str  # NAME:<hash12>
     archive: ArchiveIndex
     record: VerifyRecord | None = None
+    pull: str = ""  # via a registry: REGISTRY/REPO@sha256:... (the image was put there)
+    oci: OciImage | None = None  # its manifest, when it was put into a registry
 
 
-Action = Literal["up to date", "partial", "whole archive", "failed", "skipped"]
+Action = Literal["up to date", "partial", "whole archive", "pulled", "failed", "skipped"]
+# "pulled": fetched from the registry (the layers the worker lacked);
 # "skipped": not attempted, because an earlier image (its parent) failed on this worker
 
 
@@ -186,6 +211,8 @@ class Delivery:
     layers_skipped: int
     pieces: list[Piece]
     note: str = ""
+    pull: str = ""  # pull this reference instead of loading pieces
+    pull_bytes: int = 0  # the blobs of the layers the worker lacks, as the registry has them
 
 
 @dataclass
@@ -219,6 +246,10 @@ def plan_item(state: WorkerState, item: Item) -> Delivery:
         if chain not in state.chains:
             break
         present = i + 1
+    if item.pull and item.oci is not None:
+        missing = sum(m.size for _d, m in item.oci.blobs_from(present))
+        return Delivery("pulled", present, [], "from the registry", pull=item.pull,
+                        pull_bytes=missing + len(item.oci.config) + len(item.oci.manifest))
     if present == 0:
         return Delivery("whole archive", 0, docker_pieces(item.archive, 0))
     if state.store == "containerd":
@@ -234,6 +265,7 @@ class FanoutMeter:
     def __init__(self, progress: Progress, workers: list[str]) -> None:
         self.progress = progress
         self.sent = dict.fromkeys(workers, 0)
+        self.pulled: dict[str, int] = {}  # worker -> layers it has finished pulling
         self.last = 0.0
         self.lock = threading.Lock()
 
@@ -244,8 +276,16 @@ class FanoutMeter:
             if now - self.last < self.progress.interval:
                 return
             self.last = now
-            line = "  ".join(f"{w} {b / 1e6:,.0f} MB" for w, b in self.sent.items())
+            line = "  ".join(f"{w} {self.pulled[w]} layers" if w in self.pulled
+                             else f"{w} {b / 1e6:,.0f} MB" for w, b in self.sent.items())
         self.progress.live(line)
+
+    def on_line(self, worker: str, line: str) -> None:
+        """A progress line of a worker's ``docker pull``."""
+        if line.endswith(("Pull complete", "Already exists")):
+            with self.lock:
+                self.pulled[worker] = self.pulled.get(worker, 0) + 1
+            self.on_bytes(worker, self.sent[worker])
 
 
 def ship(worker: Worker, items: list[Item], gate: Gate, meter: FanoutMeter | None = None,
@@ -265,12 +305,17 @@ def ship(worker: Worker, items: list[Item], gate: Gate, meter: FanoutMeter | Non
             plan = plan_item(state, item)
             out.action, out.layers_skipped, out.note = (plan.action, plan.layers_skipped,
                                                         plan.note)
-            out.bytes_planned = archive_bytes(plan.pieces)
+            out.bytes_planned = archive_bytes(plan.pieces) or plan.pull_bytes
             if dry_run:
                 out.ok = True
                 continue
             started = time.monotonic()
-            if plan.pieces:
+            if plan.pull:
+                worker.engine.pull(plan.pull,
+                                   (lambda ln: meter.on_line(worker.name, ln)) if meter else None)
+                _adopt(worker, item, plan.pull)
+                out.bytes_sent = plan.pull_bytes
+            elif plan.pieces:
                 out.bytes_sent = worker.engine.load_archive(
                     plan.pieces,
                     (lambda n: meter.on_bytes(worker.name, n)) if meter else None)
@@ -299,6 +344,22 @@ def _why(worker: Worker, exc: Exception) -> str:
     if isinstance(exc, ImagebuildError):
         return exc.message
     return f"{worker.name}: unexpected failure: {type(exc).__name__}: {exc}"
+
+
+def _adopt(worker: Worker, item: Item, ref: str) -> None:
+    """The image just pulled as ``ref``: checked by content fingerprint, tagged
+    ``NAME:<hash12>``, its registry reference removed (the worker's images carry the
+    names the ssh path gives them). A copy that differs is untagged and refused."""
+    engine = worker.engine
+    pulled = engine.inspect(ref)
+    if pulled is None:
+        raise RemoteError(f"{worker.name}: {ref} is not present after the pull")
+    if pulled.fingerprint != item.info.fingerprint:
+        engine.remove_image(ref)
+        raise RemoteError(f"{worker.name}: the pulled image's content fingerprint differs "
+                          f"from the head's; its registry reference was removed")
+    engine.tag(pulled.id, *split_ref(item.hash_tag))
+    engine.remove_image(ref)
 
 
 def _settle(worker: Worker, item: Item, state: WorkerState, gate: Gate

@@ -433,6 +433,11 @@ class Engine(Protocol):
         """Bytes the engine's image layers take on disk."""
         ...
 
+    def pull(self, ref: str, on_line: OnLine | None = None) -> None:
+        """``docker pull`` of ``ref`` (REGISTRY/REPO@sha256:...): the engine fetches the
+        layers it lacks. Progress lines go to ``on_line``. Tags nothing else."""
+        raise EngineError(f"the engine at {self.where} does not pull from registries")
+
     def run_job(self, job: Job, upload: Iterable[bytes], on_line: OnLine,
                 receive: Receive) -> int:
         """Create a container for ``job``, extract the tar stream ``upload`` at its root,

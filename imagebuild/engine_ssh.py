@@ -26,6 +26,7 @@ from .engine import (
     EngineInfo,
     ImageInfo,
     OnBytes,
+    OnLine,
     Piece,
     RunResult,
     Snapshot,
@@ -234,6 +235,27 @@ class SshEngine(Engine):
                    else f"{self.target.name}: the connection closed during the transfer")
             raise RemoteError(f"transfer failed after {sent / 1e6:.1f} MB: {why}")
         return [ln.strip() for ln in r.stdout.splitlines() if ln.strip().startswith("Loaded")]
+
+    def pull(self, ref: str, on_line: OnLine | None = None) -> None:
+        """``ssh worker docker pull -- REF``; its progress lines go to ``on_line`` as they
+        come. A pull that fails leaves no tag: docker tags only a complete image."""
+        proc = start(self.target, ["docker", "pull", "--", ref], read=True)
+        assert proc.stdout is not None
+        try:
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").strip()
+                if line and on_line is not None:
+                    on_line(line)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        r = finish(proc)
+        if r.code != 0:
+            if r.code == 1 and any(s in r.stderr for s in ("manifest unknown", "not found")):
+                raise ImageNotFound(f"{self.target}: {ref} is not in its registry: "
+                                    f"{last_line(r.stderr)}")
+            raise self._failed(f"docker pull {ref}", r.code, r.stderr)
 
     # -- build and checks --------------------------------------------------------------------
 

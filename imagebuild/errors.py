@@ -126,6 +126,13 @@ class NotReproducible(ImagebuildError):
     exit_code = 10
 
 
+class RegistryError(ImagebuildError):
+    """The registry of ``distribute --via registry`` did not answer, refused, or replied
+    with something other than what was sent."""
+
+    exit_code = 11
+
+
 class Interrupted(ImagebuildError):
     """The user pressed Ctrl-C."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -64,6 +64,7 @@ from .locking import lock_image, read_previous, stale_reason
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
 from .promote import Gate, Promotion, promote
+from .publish import PublishResult, client_for, ensure_registry, publish
 from .remote import Target, git_show_head
 from .render import RenderResult, check_rendered, write_rendered
 from .spec import Spec, did_you_mean, load_spec
@@ -605,6 +606,9 @@ def select_workers(spec: Spec, arg: str | None) -> list[Worker]:
         identity=c.ssh_identity, config=c.ssh_config))) for w in chosen]
 
 
+Via = Literal["ssh", "registry"]
+
+
 @dataclass(frozen=True)
 class DistributeRequest:
     names: list[str]  # in build order
@@ -612,13 +616,40 @@ class DistributeRequest:
     workers: list[Worker]
     force: bool = False
     dry_run: bool = False
+    via: Via = "ssh"
+    why: str = ""  # how the path was chosen, for the output
 
 
 def distribute_request(ctx: Context, images: list[str], workers: str | None, *,
-                       force: bool = False, dry_run: bool = False) -> DistributeRequest:
+                       force: bool = False, dry_run: bool = False,
+                       via: str = "auto") -> DistributeRequest:
     """Check distribute's arguments (no engine needed)."""
-    return request_for(ctx, images, select_workers(ctx.spec, workers), force=force,
-                       dry_run=dry_run)
+    chosen = select_workers(ctx.spec, workers)
+    path, why = choose_path(ctx.spec, via, len(chosen))
+    return replace(request_for(ctx, images, chosen, force=force, dry_run=dry_run),
+                   via=path, why=why)
+
+
+def choose_path(spec: Spec, via: str, workers: int) -> tuple[Via, str]:
+    """ssh or the registry: as asked, or (``auto``) the registry from the spec's
+    ``registry.min_workers`` workers on. Pure."""
+    reg = spec.registry
+    if via == "ssh":
+        return "ssh", "--via ssh"
+    if via == "registry":
+        if reg is None:
+            raise SpecError(f"{spec.path}: --via registry, but the spec has no registry "
+                            f"section",
+                            hint="add registry: {address: HOST:PORT} (see the README, "
+                                 "'Distributing through a registry')")
+        return "registry", "--via registry"
+    if via != "auto":
+        raise SpecError(f"--via {via}: expected ssh, registry or auto")
+    if reg is None:
+        return "ssh", "no registry in the spec"
+    if workers >= reg.min_workers:
+        return "registry", f"{workers} workers >= registry.min_workers {reg.min_workers}"
+    return "ssh", f"{workers} workers < registry.min_workers {reg.min_workers}"
 
 
 def request_for(ctx: Context, images: list[str], workers: list[Worker], *,
@@ -640,6 +671,9 @@ class DistributeOutcome:
     items: list[Item]
     outcomes: list[Outcome]
     dry_run: bool
+    via: Via = "ssh"
+    why: str = ""
+    upload: PublishResult | None = None  # via the registry: what was put there
 
     @property
     def ok(self) -> bool:
@@ -687,11 +721,31 @@ def distribute(ctx: Context, engine: Engine, req: DistributeRequest,
             archive.check(info.fingerprint, {tag})
             items.append(Item(name=name, info=info, hash_tag=tag, record=record,
                               archive=archive))
+        upload = None
+        if req.via == "registry":
+            items, upload = _put_into_registry(ctx, items, progress, req.dry_run)
         verb = "would send" if req.dry_run else "sending"
         progress.say(f"{verb} {', '.join(i.name for i in items)} to "
-                     f"{', '.join(w.name for w in req.workers)}")
+                     f"{', '.join(w.name for w in req.workers)} via {req.via} ({req.why})")
         outcomes = fan_out(req.workers, items, ctx.gate, progress, dry_run=req.dry_run)
-    return DistributeOutcome(items, outcomes, req.dry_run)
+    return DistributeOutcome(items, outcomes, req.dry_run, req.via, req.why, upload)
+
+
+def _put_into_registry(ctx: Context, items: list[Item], progress: Progress, dry_run: bool
+                       ) -> tuple[list[Item], PublishResult]:
+    """The items' layers, configs and manifests into the spec's registry (started first
+    when the spec says so); the items come back with the reference the workers pull."""
+    reg = ctx.spec.registry
+    assert reg is not None
+    client = client_for(reg)
+    try:
+        started = ensure_registry(reg, client, progress)
+        parents = {i.name: ctx.spec.images[i.name].parent for i in items}
+        items, result = publish(client, reg, items, progress, parents, dry_run=dry_run)
+        result.started = started
+        return items, result
+    finally:
+        client.close()
 
 
 def _backup_archive(store: BackupDir, engine: Engine, name: str, info: ImageInfo, keep: int,

@@ -256,3 +256,50 @@ def git_commit_time(repo: Path, commit: str) -> int | None:
     done = _git(["-C", str(repo), "show", "-s", "--format=%ct", commit], GIT_TIMEOUT)
     text = done.stdout.strip()
     return int(text) if done.code == 0 and text.isdigit() else None
+
+
+# -- the registry of distribute --via registry ---------------------------------------------
+
+
+def credential_helper(helper: str, server: str) -> str | None:
+    """``docker-credential-<helper> get`` for ``server`` (the name given on stdin, as the
+    docker CLI does): its JSON reply, or None when it holds nothing for that server."""
+    program = f"docker-credential-{helper}"
+    try:
+        r = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
+                           timeout=30, check=False)
+    except FileNotFoundError:
+        raise RemoteError(f"the docker config names the credential helper {program}, which "
+                          f"is not installed", hint=f"install {program}, or docker login "
+                          f"again without it") from None
+    except subprocess.TimeoutExpired:
+        raise RemoteError(f"{program} get did not answer within 30s") from None
+    if r.returncode != 0:
+        if b"credentials not found" in r.stdout + r.stderr:
+            return None
+        raise RemoteError(f"{program} get failed (exit {r.returncode}): "
+                          f"{last_line(_text(r.stderr or r.stdout)) or 'no output'}")
+    return _text(r.stdout)
+
+
+def start_daemon(argv: list[str], log: Path) -> int:
+    """Start a long-running program (a registry) detached from this process: its own
+    session, stdin closed, stdout and stderr appended to ``log``. Returns its pid."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    start_new_session=True)
+    except FileNotFoundError:
+        raise RemoteError(f"{argv[0]} is not installed") from None
+    return proc.pid
+
+
+def process_alive(pid: int, marker: str) -> bool:
+    """Whether ``pid`` runs and its command line contains ``marker`` (a pid file's
+    process, not another that reused the number)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return marker.encode() in cmdline

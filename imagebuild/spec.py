@@ -232,6 +232,22 @@ class Backups:
 
 
 @dataclass(frozen=True)
+class Registry:
+    """Where ``distribute --via registry`` puts images for the workers to pull."""
+
+    address: str  # host[:port], as the workers' engines and this host reach it
+    tls: bool = True  # False: plain HTTP (the workers' engines must list it as insecure)
+    repository: str = ""  # a path prefix: ADDRESS/PREFIX/NAME
+    start: bool = False  # start CNCF distribution (docker-registry) here if it does not answer
+    storage: Path | None = None  # where a started registry keeps its blobs
+    min_workers: int = 4  # --via auto: the registry from this many workers on
+
+    def repo(self, name: str) -> str:
+        """The repository of image ``name`` in the registry (without the address)."""
+        return f"{self.repository}/{name}" if self.repository else name
+
+
+@dataclass(frozen=True)
 class Spec:
     path: Path
     templates_dir: Path
@@ -245,6 +261,7 @@ class Spec:
     backups: Backups | None
     state_dir: Path
     target: Target
+    registry: Registry | None = None
     locks_dir: Path | None = None  # the closure locks (pylock.<image>.toml); None: <root>/locks
     built: Mapping[str, WheelBuild] = field(default_factory=dict)  # wheels built from source
     schema: int = SCHEMA_VERSION
@@ -434,7 +451,7 @@ def expand_vars(text: str) -> str:
 
 
 _TOP_KEYS = {"schema", "templates", "dockerfiles", "lock", "locks", "target", "wheels", "images",
-             "checks", "cluster", "backups", "state"}
+             "checks", "cluster", "backups", "state", "registry"}
 _IMAGE_KEYS = {"aliases", "template", "parent", "base", "base_digest", "params", "wheels",
                "torch", "checks", "requires", "overrides"}
 _PARAM_KEYS = {"apt_packages", "env", "uv", "pip_index"}
@@ -567,6 +584,8 @@ def _build_spec(data: Any, path: Path) -> Spec:
                                    set(built), checks)
     cluster = _read_cluster(r, top.get("cluster"), top.key_lines.get("cluster"))
     backups = _read_backups(r, top.get("backups"), top.key_lines.get("backups"))
+    registry = _read_registry(r, top.get("registry"), top.key_lines.get("registry"),
+                              state_dir)
     return Spec(
         path=path,
         templates_dir=templates_dir,
@@ -580,6 +599,7 @@ def _build_spec(data: Any, path: Path) -> Spec:
         backups=backups,
         state_dir=state_dir,
         target=target,
+        registry=registry,
         locks_dir=locks_dir,
         built=built,
         _aliases=aliases,
@@ -1058,6 +1078,52 @@ def _read_backups(r: _Reader, raw: Any, line: int | None) -> Backups | None:
         raise r.fail("backups.keep", m.key_lines.get("keep"),
                      "expected a whole number >= 1 (generations kept beside the newest)")
     return Backups(location=location, keep=keep)
+
+
+_REGISTRY_ADDRESS = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+_REPO_PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
+
+
+def _read_registry(r: _Reader, raw: Any, line: int | None, state_dir: Path) -> Registry | None:
+    if raw is None:
+        return None
+    m = r.mapping(raw, "registry", line)
+    r.keys(m, "registry", {"address", "tls", "repository", "start", "storage", "min_workers"},
+           {"address"})
+
+    def kl(k: str) -> int | None:
+        return m.key_lines.get(k)
+
+    address = r.string(m["address"], "registry.address", kl("address"), _REGISTRY_ADDRESS,
+                       "registry address (host or host:port, no scheme)")
+    port = address.rpartition(":")[2] if not address.endswith("]") and ":" in address else ""
+    if port and not 0 < int(port) < 65536:
+        raise r.fail("registry.address", kl("address"), f"port {port} is not a TCP port")
+    flags = {}
+    for key, default in (("tls", True), ("start", False)):
+        value = m.get(key, default)
+        if not isinstance(value, bool):
+            raise r.fail(f"registry.{key}", kl(key), f"expected true or false, got {value!r}")
+        flags[key] = value
+    prefix = (r.string(m["repository"], "registry.repository", kl("repository"), _REPO_PREFIX,
+                       "repository prefix (lower-case path components, e.g. cluster/vllm)")
+              if m.get("repository") is not None else "")
+    if flags["start"] and flags["tls"]:
+        raise r.fail("registry.start", kl("start"),
+                     "imagebuild starts a plain-HTTP registry only (tls: false)",
+                     hint="set tls: false for a registry on the cluster's own fabric, or run a "
+                          "TLS registry yourself and set start: false")
+    storage = (r.to_path(m["storage"], "registry.storage", kl("storage"))
+               if m.get("storage") is not None else state_dir / "registry")
+    least = m.get("min_workers", 4)
+    if isinstance(least, bool) or not isinstance(least, int) or least < 1:
+        raise r.fail("registry.min_workers", kl("min_workers"),
+                     "expected a whole number >= 1 (distribute uses the registry from this "
+                     "many workers on)")
+    return Registry(address=address, tls=flags["tls"], repository=prefix,
+                    start=flags["start"], storage=storage, min_workers=least)
 
 
 def _ssh_location(r: _Reader, url: str, where: str, line: int | None) -> SshLocation:

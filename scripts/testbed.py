@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""The imagebuild test bed: a cluster on one machine, from Debian packages, no registry.
+"""The imagebuild test bed: a cluster on one machine, from Debian packages.
 
-    scripts/testbed up [--workers N]   start everything (idempotent); prints the env to use
+    scripts/testbed up [--workers N]   start everything (idempotent); prints the env to use;
+                                       N workers (default 3; 8 or more for benchmarks)
     scripts/testbed up --fresh         the same, from empty engines (keeps cache/; for CI)
     scripts/testbed up --head-store containerd
                                        DOCKER_HOST in the env is the containerd-store head
@@ -33,6 +34,8 @@ Everything lives under $IMAGEBUILD_BED (default /var/lib/imagebuild-bed):
                           network), with the same commit hashes everywhere: vllm has a C
                           extension (ccache-aware setup.py), two commits and tag v0.22.1rc1
     index/simple/         a PEP 503 index on 127.0.0.1:18080 (torch, transformers, uv, ...)
+    registry/             CNCF distribution (Debian's docker-registry) on 127.0.0.1:15000,
+                          plain HTTP; every engine lists it in insecure-registries
     cache/                the debootstrap rootfs tarballs and the uv wheel, kept across 'down'
     cluster.yaml          the cluster inventory for the test stack's spec
     env                   shell exports (DOCKER_HOST of the head engine, IMAGEBUILD_BED, ...)
@@ -67,6 +70,7 @@ from pathlib import Path
 BED = Path(os.environ.get("IMAGEBUILD_BED") or "/var/lib/imagebuild-bed").absolute()
 INDEX_HOST = "127.0.0.1"
 INDEX_PORT = 18080
+REGISTRY_ADDR = "127.0.0.1:15000"  # the bed's registry (CNCF distribution), plain HTTP
 SSH_PORT = 2222
 BASE_IMAGE = "imagebuild-bed/bookworm-python:1"
 BUILDER_IMAGE = "imagebuild-bed/bookworm-builder:1"  # see ensure_builder_image()
@@ -87,6 +91,7 @@ PACKAGES = {  # binary -> Debian package
     "ssh-keygen": "openssh-client",
     "debootstrap": "debootstrap",
     "git": "git",  # the fixture repos (ensure_fixture_repos)
+    "docker-registry": "docker-registry",  # CNCF distribution: distribute --via registry
 }
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -221,7 +226,7 @@ def start_dockerd(node: str) -> None:
            "--data-root", str(d / "data"), "--exec-root", str(d / "exec"),
            "--host", f"unix://{socket_of(node)}", "--pidfile", str(pidfile),
            "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
-           "--storage-driver=overlay2"]
+           "--storage-driver=overlay2", f"--insecure-registry={REGISTRY_ADDR}"]
     spawn(cmd, d / "dockerd.log")
     log(f"starting dockerd {node}")
 
@@ -341,8 +346,9 @@ def ensure_chroot() -> Path:
         if str(root / target) not in mounted:
             run([*cmd, str(root / target)])
     (root / "etc" / "docker").mkdir(parents=True, exist_ok=True)
-    (root / "etc" / "docker" / "daemon.json").write_text(
-        '{"features": {"containerd-snapshotter": true}}\n')
+    (root / "etc" / "docker" / "daemon.json").write_text(json.dumps(
+        {"features": {"containerd-snapshotter": True},
+         "insecure-registries": [REGISTRY_ADDR]}) + "\n")
     return root
 
 
@@ -719,6 +725,49 @@ def start_index() -> None:
         f"is the port taken? see {BED / 'index.log'}")
 
 
+# -- the registry ----------------------------------------------------------------------------
+
+
+def registry_answers() -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{REGISTRY_ADDR}/v2/", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_registry() -> None:
+    """CNCF distribution from Debian's docker-registry package on REGISTRY_ADDR, plain
+    HTTP, its blobs under registry/data (the engines list it in insecure-registries)."""
+    d = BED / "registry"
+    pidfile, conf = d / "registry.pid", d / "config.yml"
+    if pid_alive(pidfile, str(conf)) and registry_answers():
+        return
+    stop_pidfile(pidfile, str(conf), "registry")
+    (d / "data").mkdir(parents=True, exist_ok=True)
+    conf.write_text(json.dumps({
+        "version": 0.1, "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(d / "data")},
+                    "delete": {"enabled": True}},
+        "http": {"addr": REGISTRY_ADDR},
+    }, indent=2) + "\n")
+    spawn([which("docker-registry") or "docker-registry", "serve", str(conf)],
+          d / "registry.log", pidfile)
+    for _ in range(100):
+        if registry_answers():
+            log(f"registry on http://{REGISTRY_ADDR}")
+            return
+        time.sleep(0.1)
+    die(f"the registry did not answer on {REGISTRY_ADDR}", f"see {d / 'registry.log'}")
+
+
+def stop_registry() -> None:
+    d = BED / "registry"
+    stop_pidfile(d / "registry.pid", str(d / "config.yml"), "registry")
+
+
 # -- fixture git repositories (sources for the wheel builder) ------------------------------
 
 VLLM_SRC_VERSION = "0.22.1rc1.dev124+gace95c9cf"
@@ -987,7 +1036,11 @@ def fixture_commits(name: str) -> list[str]:
 
 
 def worker_addr(i: int) -> str:
-    return f"127.0.0.{i + 1}"
+    """w1 on 127.0.0.2, ...; 127.0.0.9 is c1's, so w8 and up are one further."""
+    last = i + 1 if i + 1 < 9 else i + 2
+    if last > 254:
+        die(f"the bed has room for 252 workers, not {i}")
+    return f"127.0.0.{last}"
 
 
 def keygen(path: Path, comment: str) -> None:
@@ -1101,7 +1154,7 @@ def wipe_engines() -> None:
     if left:  # never remove a tree with a mount under it: c1 binds the host's /dev
         die(f"refusing to wipe {BED}: still mounted there: {', '.join(left[:3])}")
     for name in ("head", "workers", CTRD, CHEAD, "state", "backups", "remote-backups",
-                 "bench"):
+                 "bench", "registry"):
         path = BED / name
         if path.exists():
             shutil.rmtree(path)
@@ -1122,6 +1175,7 @@ def cmd_up(n: int, fresh: bool = False, store: str = "classic") -> None:
     shutil.rmtree(BED / "index-extra", ignore_errors=True)  # 'up' serves the fixtures only
     build_index(index_files())
     start_index()
+    start_registry()
     start_dockerd("head")
     ensure_ssh([*((w, worker_addr(i)) for i, w in enumerate(workers, 1)), (CTRD, CTRD_ADDR)])
     for w in workers:
@@ -1144,7 +1198,7 @@ def cmd_up(n: int, fresh: bool = False, store: str = "classic") -> None:
     write_inventory(workers)
     (BED / "env").write_text(env_text(store))
     log(f"up in {time.monotonic() - t0:.1f}s: heads on both image stores (env: {store}), "
-        f"{n} ssh workers, a containerd-store worker ({CTRD}), wheel index")
+        f"{n} ssh workers, a containerd-store worker ({CTRD}), wheel index, registry")
     print(env_text(store), end="")
 
 
@@ -1175,6 +1229,7 @@ def cmd_down() -> None:
             stop_pidfile(d / "sshd.pid", str(d / "sshd_config"), f"sshd {node}")
         stop_pidfile(d / "docker.pid", engine_marker(node), f"dockerd {node}")
     stop_pidfile(BED / "index.pid", str(BED / "index"), "wheel index")
+    stop_registry()
     unmount_leftovers()
 
 
@@ -1221,7 +1276,9 @@ def cmd_status() -> int:
         print(line)
     iok = index_answers()
     print(f"index  {'up' if iok else 'DOWN'} (http://{INDEX_HOST}:{INDEX_PORT}/simple)")
-    return 1 if bad or not iok else 0
+    rok = registry_answers()
+    print(f"registry {'up' if rok else 'DOWN'} (http://{REGISTRY_ADDR}/v2/)")
+    return 1 if bad or not iok or not rok else 0
 
 
 def cmd_builder(nodes: list[str]) -> None:

@@ -1,0 +1,306 @@
+"""A client of a registry's HTTP API (the OCI distribution spec), with ``requests``.
+
+What ``distribute --via registry`` needs and no more: ask whether a blob is there
+(``HEAD``), mount one from another repository of the same registry, upload one in a
+single streamed ``PUT`` (its bytes are ranges of the layer store's files, hashed as they
+stream; the registry checks the digest too), and put a manifest. Credentials come from
+the user's docker config (``docker login`` on this host): an ``auths`` entry, or a
+credential helper. Both of the spec's schemes are answered: HTTP Basic, and the bearer
+token a registry's ``WWW-Authenticate`` header sends us to fetch.
+
+Every reply is checked before it is believed: a blob upload must come back ``201`` with
+the digest we sent, a manifest with the digest of the bytes we put. Failures are
+``RegistryError`` (exit 11) naming the registry, what was asked and what came back.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import requests
+
+from .errors import RegistryError
+from .remote import credential_helper
+
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 600  # a registry may take a while to commit a 10 GB blob
+MANIFEST_MEDIA = "application/vnd.oci.image.manifest.v1+json"
+CONFIG_MEDIA = "application/vnd.oci.image.config.v1+json"
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+
+def docker_config_path() -> Path:
+    """Where ``docker login`` keeps credentials: ``$DOCKER_CONFIG/config.json`` or
+    ``~/.docker/config.json``."""
+    base = os.environ.get("DOCKER_CONFIG")
+    return (Path(base) if base else Path.home() / ".docker") / "config.json"
+
+
+def docker_credentials(address: str, path: Path | None = None) -> Credentials | None:
+    """The credentials the user's docker config holds for ``address`` (None: none).
+    A credential helper (``credHelpers``, ``credsStore``) is asked through
+    ``docker-credential-<helper> get``; an ``auths`` entry is decoded here."""
+    path = path or docker_config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"cannot read the docker config {path}: {exc}") from None
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise RegistryError(f"the docker config {path} is not JSON: {exc}",
+                            hint="fix it, or run docker login again") from None
+    if not isinstance(config, dict):
+        raise RegistryError(f"the docker config {path} is not a JSON object")
+    helpers = config.get("credHelpers") or {}
+    helper = (helpers.get(address) if isinstance(helpers, dict) else None) or \
+        config.get("credsStore")
+    if isinstance(helper, str) and helper:
+        return _from_helper(helper, address)
+    auths = config.get("auths") or {}
+    if not isinstance(auths, dict):
+        raise RegistryError(f"the docker config {path}: 'auths' is not an object")
+    for key in (address, f"https://{address}", f"http://{address}"):
+        entry = auths.get(key)
+        if entry is not None:
+            return _from_entry(entry, path, key)
+    return None
+
+
+def _from_entry(entry: object, path: Path, key: str) -> Credentials | None:
+    where = f"the docker config {path}, auths[{key!r}]"
+    if not isinstance(entry, dict):
+        raise RegistryError(f"{where} is not an object")
+    user, password = entry.get("username"), entry.get("password")
+    auth = entry.get("auth")
+    if isinstance(auth, str) and auth:
+        try:
+            user, _, password = base64.b64decode(auth, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            raise RegistryError(f"{where}: 'auth' is not base64 of user:password",
+                                hint="run docker login again") from None
+    if not user:
+        return None
+    if not isinstance(user, str) or not isinstance(password, str):
+        raise RegistryError(f"{where}: username and password are not strings")
+    return Credentials(user, password)
+
+
+def _from_helper(helper: str, address: str) -> Credentials | None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", helper):
+        raise RegistryError(f"the docker config names the credential helper {helper!r}, "
+                            f"which is not a plain program name")
+    reply = credential_helper(helper, address)
+    if reply is None:
+        return None
+    try:
+        data = json.loads(reply)
+        user, secret = data["Username"], data["Secret"]
+    except (ValueError, KeyError, TypeError):
+        raise RegistryError(f"docker-credential-{helper} get did not reply with "
+                            f"Username and Secret for {address}") from None
+    if not isinstance(user, str) or not isinstance(secret, str):
+        raise RegistryError(f"docker-credential-{helper}: Username or Secret is not a string")
+    return Credentials(user, secret)
+
+
+class Body:
+    """A streamed request body of known length: ``requests`` sends it with a
+    Content-Length and writes each chunk as it comes (memory stays flat)."""
+
+    def __init__(self, chunks: Iterable[bytes], length: int,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        self.chunks = chunks
+        self.length = length
+        self.on_bytes = on_bytes
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            if self.on_bytes is not None:
+                self.on_bytes(len(chunk))
+            yield chunk
+
+
+class RegistryClient:
+    """One registry, reached at ``address`` over HTTPS (or HTTP when ``tls`` is off)."""
+
+    def __init__(self, address: str, *, tls: bool = True,
+                 credentials: Credentials | None = None) -> None:
+        self.address = address
+        self.base = f"{'https' if tls else 'http'}://{address}"
+        self.credentials = credentials
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "imagebuild"
+        self._bearer: dict[str, str] = {}  # scope -> token
+        self._scheme = ""  # "", "basic" or "bearer", learnt from /v2/
+        self._challenge: dict[str, str] = {}
+
+    def close(self) -> None:
+        self.session.close()
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _send(self, method: str, url: str, what: str, scope: str = "",
+              **kw: Any) -> requests.Response:
+        headers = dict(kw.pop("headers", {}))
+        if self._scheme == "bearer" and scope:
+            headers["Authorization"] = f"Bearer {self._token(scope)}"
+        elif self._scheme == "basic" and self.credentials is not None:
+            kw["auth"] = (self.credentials.username, self.credentials.password)
+        try:
+            return self.session.request(method, url, headers=headers,
+                                        timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                                        allow_redirects=method in ("GET", "HEAD"), **kw)
+        except requests.exceptions.SSLError as exc:
+            raise RegistryError(
+                f"the registry at {self.address}: TLS failed for {what}: {_short(exc)}",
+                hint="give this host the registry's CA (/etc/ssl/certs, or REQUESTS_CA_BUNDLE),"
+                     " or set registry.tls: false for a plain-HTTP registry") from None
+        except requests.exceptions.ConnectionError as exc:
+            raise RegistryError(
+                f"the registry at {self.address} does not answer ({what}): {_short(exc)}",
+                hint="start it (registry.start: true lets imagebuild start one on this "
+                     "host), check registry.address, or distribute over ssh: "
+                     "--via ssh") from None
+        except requests.exceptions.RequestException as exc:
+            raise RegistryError(f"the registry at {self.address}: {what} failed: "
+                                f"{_short(exc)}") from None
+
+    def _fail(self, what: str, r: requests.Response) -> RegistryError:
+        detail = r.text[:300].strip().replace("\n", " ")
+        hint = None
+        if r.status_code in (401, 403):
+            hint = f"log in on this host: docker login {self.address}"
+        elif r.status_code in (405, 503):
+            hint = "the registry refuses writes (read-only, or in maintenance)"
+        return RegistryError(f"the registry at {self.address}: {what}: HTTP {r.status_code}"
+                             f"{': ' + detail if detail else ''}", hint=hint)
+
+    def ping(self) -> None:
+        """``GET /v2/``: the registry answers the API, and how it wants us to log in."""
+        r = self._send("GET", f"{self.base}/v2/", "GET /v2/")
+        if r.status_code == 200:
+            return
+        if r.status_code != 401:
+            raise self._fail("GET /v2/ (is this a registry?)", r)
+        challenge = r.headers.get("WWW-Authenticate", "")
+        scheme = challenge.split(" ", 1)[0].lower()
+        if scheme not in ("basic", "bearer"):
+            raise RegistryError(f"the registry at {self.address} asks for an unknown "
+                                f"authentication scheme: {challenge[:80]!r}")
+        if self.credentials is None and scheme == "basic":
+            raise RegistryError(f"the registry at {self.address} needs credentials and the "
+                                f"docker config has none for it",
+                                hint=f"docker login {self.address}")
+        self._scheme = scheme
+        self._challenge = dict(_CHALLENGE.findall(challenge))
+        if scheme == "basic":  # check the credentials now, before any upload
+            r = self._send("GET", f"{self.base}/v2/", "GET /v2/ with credentials")
+            if r.status_code != 200:
+                raise self._fail("GET /v2/ with the docker config's credentials", r)
+
+    def _token(self, scope: str) -> str:
+        if scope in self._bearer:
+            return self._bearer[scope]
+        realm = self._challenge.get("realm", "")
+        if not realm.startswith(("https://", "http://")):
+            raise RegistryError(f"the registry at {self.address} names no token service")
+        params = [("scope", s) for s in scope.split()]
+        if self._challenge.get("service"):
+            params.append(("service", self._challenge["service"]))
+        auth = ((self.credentials.username, self.credentials.password)
+                if self.credentials is not None else None)
+        try:
+            r = self.session.get(realm, params=params, auth=auth,
+                                 timeout=(CONNECT_TIMEOUT, 60))
+            data = r.json() if r.status_code == 200 else None
+        except (requests.exceptions.RequestException, ValueError) as exc:
+            raise RegistryError(f"the token service {realm} of {self.address} failed: "
+                                f"{_short(exc)}") from None
+        if data is None:
+            raise self._fail(f"a token for {scope} from {realm}", r)
+        token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"the token service {realm} of {self.address} replied "
+                                f"without a token")
+        self._bearer[scope] = token
+        return token
+
+    # -- blobs and manifests -----------------------------------------------------------------
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        r = self._send("HEAD", f"{self.base}/v2/{repo}/blobs/{digest}",
+                       f"HEAD {repo} blob {digest[:19]}", f"repository:{repo}:pull")
+        if r.status_code == 200:
+            return True
+        if r.status_code == 404:
+            return False
+        raise self._fail(f"HEAD {repo} blob {digest[:19]}", r)
+
+    def upload_blob(self, repo: str, digest: str, size: int, chunks: Iterable[bytes],
+                    mount_from: str = "", on_bytes: Callable[[int], None] | None = None
+                    ) -> bool:
+        """Put blob ``digest`` into ``repo``: mounted from ``mount_from`` when that
+        repository of the registry has it (returns False: nothing sent), else sent
+        whole in one streamed PUT (returns True)."""
+        scope = f"repository:{repo}:pull,push"
+        url = f"{self.base}/v2/{repo}/blobs/uploads/"
+        params = {"mount": digest, "from": mount_from} if mount_from else None
+        if mount_from:
+            scope += f" repository:{mount_from}:pull"
+        r = self._send("POST", url, f"POST {repo} upload", scope, params=params)
+        if r.status_code == 201 and mount_from:
+            return False
+        if r.status_code != 202 or not r.headers.get("Location"):
+            raise self._fail(f"starting an upload into {repo}", r)
+        location = urljoin(url, r.headers["Location"])
+        r = self._send("PUT", location, f"PUT {repo} blob {digest[:19]}", scope,
+                       params={"digest": digest},
+                       headers={"Content-Type": "application/octet-stream"},
+                       data=Body(chunks, size, on_bytes))
+        if r.status_code != 201:
+            raise self._fail(f"uploading blob {digest[:19]} ({size / 1e6:,.1f} MB) into "
+                             f"{repo}", r)
+        said = r.headers.get("Docker-Content-Digest", digest)
+        if said != digest:
+            raise RegistryError(f"the registry at {self.address} stored blob {digest[:19]} "
+                                f"as {said[:19]}")
+        return True
+
+    def put_manifest(self, repo: str, tag: str, manifest: bytes, digest: str) -> None:
+        """Put ``manifest`` (an OCI image manifest whose sha256 is ``digest``) under
+        ``repo:tag``."""
+        r = self._send("PUT", f"{self.base}/v2/{repo}/manifests/{tag}",
+                       f"PUT {repo}:{tag} manifest", f"repository:{repo}:pull,push",
+                       headers={"Content-Type": MANIFEST_MEDIA}, data=manifest)
+        if r.status_code != 201:
+            raise self._fail(f"putting the manifest of {repo}:{tag}", r)
+        said = r.headers.get("Docker-Content-Digest", digest)
+        if said != digest or not _DIGEST.match(said):
+            raise RegistryError(f"the registry at {self.address} stored the manifest of "
+                                f"{repo}:{tag} as {said[:19]}, not {digest[:19]}")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) < 200 else text[:200] + "..."
