@@ -25,7 +25,8 @@ pytestmark = pytest.mark.bed
 NAMES = ("vllm-node", "vllm-node-tf5", "vllm-node-mimo")
 CLASSIC = "inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster.yaml"
 BOTH = "inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster-both.yaml"
-REGISTRY = "registry:\n  address: 127.0.0.1:15000   # the bed's registry (scripts/testbed up starts it)\n  tls: false\n"
+REGISTRY = ("registry:\n  address: 127.0.0.1:15000   # the bed's registry (scripts/testbed up "
+            "starts it)\n  tls: false\n")
 
 
 @pytest.fixture
