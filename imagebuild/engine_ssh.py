@@ -39,7 +39,7 @@ from .engine import (
 )
 from .errors import EngineError, ImageNotFound, RemoteError
 from .naming import CHECK_LABEL, ROOT_LABEL
-from .remote import Process, Target, call, explain, finish, last_line, run, start
+from .remote import Process, Target, call, explain, finish, last_line, reading, run, start
 
 # One round trip: the engine's info, then the inspect arrays of every image and of every
 # root holder, in marked sections (a constant script; nothing from the spec reaches this
@@ -150,15 +150,10 @@ class SshEngine(Engine):
 
     def save(self, *refs: str) -> Iterator[bytes]:
         ref = " ".join(refs)
-        proc = start(self.target, ["docker", "save", "--", *refs], read=True)
-        assert proc.stdout is not None
-        try:
+        with reading(self.target, ["docker", "save", "--", *refs]) as proc:
+            assert proc.stdout is not None
             while chunk := proc.stdout.read(CHUNK):
                 yield chunk
-        except BaseException:  # the reader stopped early, or Ctrl-C
-            proc.kill()
-            proc.wait()
-            raise
         r = finish(proc)
         if r.code != 0:
             if any(s in r.stderr for s in _NOT_FOUND):
@@ -239,17 +234,12 @@ class SshEngine(Engine):
     def pull(self, ref: str, on_line: OnLine | None = None) -> None:
         """``ssh worker docker pull -- REF``; its progress lines go to ``on_line`` as they
         come. A pull that fails leaves no tag: docker tags only a complete image."""
-        proc = start(self.target, ["docker", "pull", "--", ref], read=True)
-        assert proc.stdout is not None
-        try:
+        with reading(self.target, ["docker", "pull", "--", ref]) as proc:
+            assert proc.stdout is not None
             for raw in proc.stdout:
                 line = raw.decode(errors="replace").strip()
                 if line and on_line is not None:
                     on_line(line)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
         r = finish(proc)
         if r.code != 0:
             if r.code == 1 and any(s in r.stderr for s in ("manifest unknown", "not found")):

@@ -15,6 +15,8 @@ import os
 import shlex
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +132,20 @@ def start(target: Target, remote: list[str], *, read: bool = False) -> Process:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
         raise RemoteError("ssh is not installed", hint="install openssh-client") from None
+
+
+@contextmanager
+def reading(target: Target, remote: list[str]) -> Iterator[Process]:
+    """``remote`` started with a pipe on its stdout, for the caller to read; if the
+    reading stops early (an error, Ctrl-C, a consumer that went away) the command is
+    killed and reaped. Call ``finish`` after a complete read."""
+    proc = start(target, remote, read=True)
+    try:
+        yield proc
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def finish(proc: Process) -> Completed:

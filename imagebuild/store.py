@@ -29,7 +29,7 @@ from .engine import CHUNK
 from .errors import BackupError, RemoteError
 from .fsutil import atomic_write_text, fsync_dir
 from .progress import Meter
-from .remote import Process, Target, call, explain, finish, last_line, run, start
+from .remote import Process, Target, call, explain, finish, last_line, reading, run, start
 from .spec import Backups, SshLocation
 
 _COMPONENT = re.compile(r"[A-Za-z0-9._@+-]+")
@@ -412,17 +412,12 @@ class SshDir:
         return _SshWriter(self, name)
 
     def read(self, name: str, meter: Meter | None = None) -> Iterator[bytes]:
-        proc = start(self.target, ["cat", "--", self.path_of(name)], read=True)
-        assert proc.stdout is not None
-        try:
+        with reading(self.target, ["cat", "--", self.path_of(name)]) as proc:
+            assert proc.stdout is not None
             while chunk := proc.stdout.read(CHUNK):
                 if meter is not None:
                     meter.add(len(chunk))
                 yield chunk
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
         r = finish(proc)
         if r.code != 0:
             raise RemoteError(f"reading {self.target.host}:{self.path_of(name)} failed: "
