@@ -12,6 +12,7 @@ The bed runs two heads: ``head`` on the classic store (Docker 20.10, overlay2) a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -178,3 +179,30 @@ def warm(bed_env: Bed, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
         records.mkdir(exist_ok=True)
         for record in verified.glob("*.json"):
             shutil.copy2(record, records / record.name)
+
+
+CLASSIC_CLUSTER = "inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster.yaml"
+BOTH_CLUSTER = "inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster-both.yaml"
+
+
+def use_every_worker_kind(stack: MiniStack) -> None:
+    """Point the stack's cluster at the three classic workers and c1 (cluster-both.yaml,
+    written from the bed's two inventories)."""
+    bed = stack.bed.root
+    both = (bed / "cluster.yaml").read_text() + (
+        (bed / "cluster-containerd.yaml").read_text().split("workers:\n", 1)[1])
+    (bed / "cluster-both.yaml").write_text(both)
+    stack.edit_spec(CLASSIC_CLUSTER, BOTH_CLUSTER)
+
+
+@contextlib.contextmanager
+def full_disk(bed: Bed, worker: str) -> Iterator[None]:
+    """A 4 MiB tmpfs over a classic worker's <data-root>/tmp, where dockerd unpacks a
+    load and downloads a pull's layers: its next transfer runs out of space."""
+    tmp = bed.root / "workers" / worker / "data" / "tmp"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "imagebuild-bed-full", str(tmp)],
+                   check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(tmp)], check=True)

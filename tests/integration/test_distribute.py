@@ -15,7 +15,7 @@ import pytest
 from imagebuild.engine import parse_image
 from imagebuild.engine_docker import DockerEngine
 
-from .conftest import HEAD_STORES, NODE_WHEELS, REPO, Bed, MiniStack, testbed
+from .conftest import HEAD_STORES, NODE_WHEELS, REPO, Bed, MiniStack, full_disk, testbed
 
 pytestmark = pytest.mark.bed
 
@@ -245,14 +245,8 @@ def test_a_wrong_host_key_fails_that_worker_only(built: MiniStack, tmp_path: Pat
 def test_a_worker_out_of_disk_fails_alone_and_a_rerun_completes_it(built: MiniStack) -> None:
     mini = built
     assert mini.cli("build", "node").returncode == 0
-    # dockerd unpacks a load under <data-root>/tmp: give w3 a 4 MiB one
-    tmp = mini.bed.root / "workers" / "w3" / "data" / "tmp"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "imagebuild-bed-full", str(tmp)],
-                   check=True)
-    try:
+    with full_disk(mini.bed, "w3"):
         code, data, err = _distribute(mini, "--workers", "3", "node")
-    finally:
-        subprocess.run(["umount", str(tmp)], check=True)
     assert code == 9, err
     w3 = _by(data, "w3", "vllm-node")
     assert not w3["ok"] and w3["action"] == "failed"

@@ -18,13 +18,11 @@ import pytest
 from imagebuild.engine import parse_image
 from imagebuild.engine_docker import DockerEngine
 
-from .conftest import HEAD_STORES, Bed, MiniStack, testbed
+from .conftest import HEAD_STORES, Bed, MiniStack, full_disk, testbed, use_every_worker_kind
 
 pytestmark = pytest.mark.bed
 
 NAMES = ("vllm-node", "vllm-node-tf5", "vllm-node-mimo")
-CLASSIC = "inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster.yaml"
-BOTH = "inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster-both.yaml"
 REGISTRY = ("registry:\n  address: 127.0.0.1:15000   # the bed's registry (scripts/testbed up "
             "starts it)\n  tls: false\n")
 
@@ -35,14 +33,16 @@ def stack(warm: MiniStack) -> MiniStack:
     nothing; its images under a repository prefix of their own in the bed's registry
     (so what it uploads is cold)."""
     testbed.cmd_reset_workers()
-    bed = warm.bed.root
-    both = (bed / "cluster.yaml").read_text() + (
-        (bed / "cluster-containerd.yaml").read_text().split("workers:\n", 1)[1])
-    (bed / "cluster-both.yaml").write_text(both)
-    warm.edit_spec(CLASSIC, BOTH)
-    warm.prefix = "t" + uuid.uuid4().hex[:10]  # type: ignore[attr-defined]
-    warm.edit_spec(REGISTRY, REGISTRY + f"  repository: {warm.prefix}\n")  # type: ignore[attr-defined]
+    use_every_worker_kind(warm)
+    warm.edit_spec(REGISTRY, REGISTRY + f"  repository: t{uuid.uuid4().hex[:10]}\n")
     return warm
+
+
+def _repo(mini: MiniStack, name: str) -> str:
+    """Where the stack's image ``name`` is in the bed's registry: PREFIX/NAME."""
+    line = next(ln for ln in mini.spec.read_text().splitlines()
+                if ln.startswith("  repository: "))
+    return f"{line.split(': ', 1)[1]}/{name}"
 
 
 def _distribute(mini: MiniStack, *args: str) -> tuple[int, dict[str, object], str]:
@@ -90,7 +90,7 @@ def test_via_registry_lands_the_image_on_classic_and_containerd_workers(
     code, data, err = _distribute(mini, "--via", "registry", "--dry-run")
     assert code == 0, err
     assert data["upload"]["bytes_uploaded"] > 0  # type: ignore[index]
-    assert _registry_tags(f"{mini.prefix}/vllm-node") == []  # type: ignore[attr-defined]
+    assert _registry_tags(_repo(mini, "vllm-node")) == []
     assert all(_images(mini.bed, w) == {} for w in workers)
 
     code, data, err = _distribute(mini, "--via", "registry")
@@ -107,7 +107,7 @@ def test_via_registry_lands_the_image_on_classic_and_containerd_workers(
     for name in NAMES:
         want = head.require(f"{name}:latest")
         hash_tag = next(t for t in want.tags if not t.endswith(":latest"))
-        assert _registry_tags(f"{mini.prefix}/{name}") == [hash_tag.rpartition(":")[2]]  # type: ignore[attr-defined]
+        assert _registry_tags(_repo(mini, name)) == [hash_tag.rpartition(":")[2]]
         for w in workers:
             o = _by(data, w, name)
             assert o["ok"] and o["action"] == "pulled", o
@@ -155,15 +155,9 @@ def test_auto_picks_the_registry_from_min_workers_on(stack: MiniStack) -> None:
 def test_a_worker_that_fails_mid_pull_fails_alone(stack: MiniStack) -> None:
     mini = stack
     assert mini.cli("build", "node").returncode == 0
-    # dockerd downloads a pull's layers under <data-root>/tmp: give w3 a 4 MiB one
-    tmp = mini.bed.root / "workers" / "w3" / "data" / "tmp"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "imagebuild-bed-full", str(tmp)],
-                   check=True)
-    try:
+    with full_disk(mini.bed, "w3"):  # dockerd downloads a pull's layers there
         code, data, err = _distribute(mini, "--via", "registry", "--workers", "w1,w2,w3",
                                       "node")
-    finally:
-        subprocess.run(["umount", str(tmp)], check=True)
     assert code == 9, err
     w3 = _by(data, "w3", "vllm-node")
     assert not w3["ok"] and w3["action"] == "failed"
@@ -206,7 +200,7 @@ def test_a_damaged_layer_stops_the_upload_and_nothing_is_tagged(stack: MiniStack
     r = mini.cli("distribute", "--via", "registry", "node")
     assert r.returncode == 8, r.stderr
     assert "is damaged" in r.stderr, r.stderr
-    assert _registry_tags(f"{mini.prefix}/vllm-node") == []  # type: ignore[attr-defined]
+    assert _registry_tags(_repo(mini, "vllm-node")) == []
     assert all(_images(mini.bed, w) == {} for w in ("w1", "w2", "w3", "c1"))
 
 
@@ -240,6 +234,11 @@ def test_start_true_starts_a_registry_that_stays_for_the_next_run(stack: MiniSta
     assert mini.cli("build", "node").returncode == 0
     mini.edit_spec("address: 127.0.0.1:15000", "address: 127.0.0.1:15002\n  start: true")
     pidfile = mini.root / "state" / "registry-run" / "registry.pid"
+    # a dry run starts nothing: it counts every blob as missing
+    r = mini.cli("distribute", "--via", "registry", "--workers", "w1", "--dry-run", "node")
+    assert r.returncode == 0, r.stderr
+    assert "registry 127.0.0.1:15002: started here, not running" in r.stdout, r.stdout
+    assert "would upload" in r.stdout and not pidfile.exists()
     try:
         r = mini.cli("distribute", "--via", "registry", "--workers", "w1", "node")
         assert r.returncode == 0, r.stderr

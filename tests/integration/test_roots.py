@@ -15,13 +15,11 @@ import pytest
 from imagebuild.engine import parse_image
 from imagebuild.engine_docker import DockerEngine
 
-from .conftest import REPO, Bed, MiniStack, testbed
+from .conftest import REPO, Bed, MiniStack, testbed, use_every_worker_kind
 
 pytestmark = pytest.mark.bed
 
 NAMES = ("vllm-node", "vllm-node-tf5", "vllm-node-mimo")
-CLASSIC = "inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster.yaml"
-BOTH = ("inventory: ${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/cluster-both.yaml")
 
 
 @pytest.fixture
@@ -29,11 +27,7 @@ def stack(warm: MiniStack) -> MiniStack:
     """The session's built stack, its cluster the three classic workers and c1; workers
     that hold nothing."""
     testbed.cmd_reset_workers()
-    bed = warm.bed.root
-    both = (bed / "cluster.yaml").read_text() + (
-        (bed / "cluster-containerd.yaml").read_text().split("workers:\n", 1)[1])
-    (bed / "cluster-both.yaml").write_text(both)
-    warm.edit_spec(CLASSIC, BOTH)
+    use_every_worker_kind(warm)
     return warm
 
 
