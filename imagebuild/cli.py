@@ -325,6 +325,8 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     else:
         print(f"via {result.via} ({result.why})")
         if up is not None:
+            if up.started:
+                print(f"registry {up.registry}: started here, {up.started}")
             verb = "would upload" if up.dry_run else "uploaded"
             print(f"registry {up.registry}: {verb} {up.bytes_uploaded / 1e6:,.1f} MB"
                   + ("" if up.dry_run else f" in {up.seconds:.1f}s"))

@@ -64,7 +64,7 @@ from .locking import lock_image, read_previous, stale_reason
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
 from .promote import Gate, Promotion, promote
-from .publish import PublishResult, client_for, ensure_registry, publish
+from .publish import NOT_STARTED, PublishResult, client_for, ensure_registry, publish
 from .remote import Target, git_show_head
 from .render import RenderResult, check_rendered, write_rendered
 from .spec import Spec, did_you_mean, load_spec
@@ -739,9 +739,10 @@ def _put_into_registry(ctx: Context, items: list[Item], progress: Progress, dry_
     assert reg is not None
     client = client_for(reg)
     try:
-        started = ensure_registry(reg, client, progress)
+        started = ensure_registry(reg, client, progress, dry_run)
         parents = {i.name: ctx.spec.images[i.name].parent for i in items}
-        items, result = publish(client, reg, items, progress, parents, dry_run=dry_run)
+        items, result = publish(client, reg, items, progress, parents, dry_run=dry_run,
+                                empty=started == NOT_STARTED)
         result.started = started
         return items, result
     finally:

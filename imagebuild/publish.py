@@ -74,15 +74,22 @@ def client_for(reg: Registry) -> RegistryClient:
     return RegistryClient(reg.address, tls=reg.tls, credentials=docker_credentials(reg.address))
 
 
-def ensure_registry(reg: Registry, client: RegistryClient, progress: Progress) -> str:
+NOT_STARTED = "not running (a run that is not a dry run starts it)"
+
+
+def ensure_registry(reg: Registry, client: RegistryClient, progress: Progress,
+                    dry_run: bool = False) -> str:
     """Check the registry answers its API; start it first when the spec says
-    ``start: true`` and it does not. Returns "pid N" when it was started here."""
+    ``start: true`` and it does not. Returns "pid N" when it was started here, and
+    ``NOT_STARTED`` for a dry run that would have started it."""
     try:
         client.ping()
         return ""
     except RegistryError:
         if not reg.start:
             raise
+    if dry_run:
+        return NOT_STARTED
     assert reg.storage is not None
     home = reg.storage.parent / "registry-run"
     pidfile = home / "registry.pid"
@@ -124,27 +131,29 @@ def ensure_registry(reg: Registry, client: RegistryClient, progress: Progress) -
 
 
 def publish(client: RegistryClient, reg: Registry, items: list[Item], progress: Progress,
-            parent_of: Mapping[str, str | None], dry_run: bool = False
-            ) -> tuple[list[Item], PublishResult]:
+            parent_of: Mapping[str, str | None], dry_run: bool = False,
+            empty: bool = False) -> tuple[list[Item], PublishResult]:
     """Put every item into the registry (parents first); returns the items with the
     reference each worker pulls, and what it took. A blob is mounted from the
     repository known to have it, else from the image's parent's repository (where the
     registry has it if the parent was put before). With ``dry_run`` only asks which
-    blobs are missing."""
+    blobs are missing; with ``empty`` as well (a registry not started yet) asks nothing and
+    counts every blob."""
     result = PublishResult(registry=reg.address, dry_run=dry_run)
     where: dict[str, str] = {}  # digest -> a repository of this registry that has it
     out: list[Item] = []
     for item in items:
         parent = parent_of.get(item.name)
         pub, item = _publish_one(client, reg, item, where,
-                                 reg.repo(parent) if parent else "", progress, dry_run)
+                                 reg.repo(parent) if parent else "", progress,
+                                 dry_run, empty and dry_run)
         result.images.append(pub)
         out.append(item)
     return out, result
 
 
 def _publish_one(client: RegistryClient, reg: Registry, item: Item, where: dict[str, str],
-                 parent_repo: str, progress: Progress, dry_run: bool
+                 parent_repo: str, progress: Progress, dry_run: bool, empty: bool
                  ) -> tuple[Published, Item]:
     repo = reg.repo(item.name)
     image = oci_image(item.archive, item.info.diff_ids)
@@ -157,7 +166,7 @@ def _publish_one(client: RegistryClient, reg: Registry, item: Item, where: dict[
     for digest, member in blobs:
         size = member.size if member is not None else len(image.config)
         pub.bytes_total += size
-        if client.has_blob(repo, digest):
+        if not empty and client.has_blob(repo, digest):
             pub.present += 1
             where[digest] = repo
             meter.add(size)

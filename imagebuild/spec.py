@@ -1096,6 +1096,9 @@ def _read_registry(r: _Reader, raw: Any, line: int | None, state_dir: Path) -> R
     def kl(k: str) -> int | None:
         return m.key_lines.get(k)
 
+    if not isinstance(m["address"], str):  # 5000 would read as a host named "5000"
+        raise r.fail("registry.address", kl("address"),
+                     f"expected host:port as text, got {m['address']!r}")
     address = r.string(m["address"], "registry.address", kl("address"), _REGISTRY_ADDRESS,
                        "registry address (host or host:port, no scheme)")
     port = address.rpartition(":")[2] if not address.endswith("]") and ":" in address else ""
