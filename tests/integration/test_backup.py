@@ -325,15 +325,16 @@ def test_a_remote_ssh_store_works_against_a_worker(mini: MiniStack) -> None:
         _rmi(tag, "vllm-node-mimo:latest")
         r = mini.cli("build", "mimo")
         assert r.returncode == 0 and "built 0, restored 1, reused 2" in r.stdout, r.stderr
-        # a one-line change writes only mimo's new layer there; generations are pruned
+        # a one-line change writes only mimo's new layer there; generations beyond keep
+        # (1 here, so one rebuild shows it) are pruned there
+        mini.edit_spec("  keep: 2", "  keep: 1")
         tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
-        for i in range(2):
-            tpl.write_text(tpl.read_text() + f"# generation {i}\n")
-            r = mini.cli("build", "mimo")
-            assert r.returncode == 0, r.stderr
+        tpl.write_text(tpl.read_text() + "# generation 1\n")
+        r = mini.cli("build", "mimo")
+        assert r.returncode == 0, r.stderr
         kept = [p for p in (remote / "images" / "vllm-node-mimo").iterdir() if p.is_dir()]
-        # the base: one blob, linked by node, tf5 and the two mimo generations kept
-        assert len(kept) == 2 and not gen.exists() and base.stat().st_nlink == 1 + 4
+        # the base: one blob, linked by node, tf5 and the one mimo generation kept
+        assert len(kept) == 1 and not gen.exists() and base.stat().st_nlink == 1 + 3
         assert decoy.read_text() == "not ours"
         # a damaged remote blob is refused, nothing loaded; the check names it there too
         gen, sidecar = _gen(remote)
