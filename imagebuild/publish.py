@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from .distribute import Item, oci_image
 from .engine import range_chunks
@@ -68,6 +67,19 @@ class PublishResult:
     @property
     def seconds(self) -> float:
         return sum(p.seconds for p in self.images)
+
+    def to_json(self) -> dict[str, object]:
+        return {"registry": self.registry, "started": self.started,
+                "bytes_uploaded": self.bytes_uploaded, "seconds": round(self.seconds, 3),
+                "images": [asdict(p) for p in self.images]}
+
+    def lines(self) -> list[str]:
+        """What the upload did, for the command's output."""
+        out = [f"registry {self.registry}: started here, {self.started}"] if self.started else []
+        verb = "would upload" if self.dry_run else "uploaded"
+        out.append(f"registry {self.registry}: {verb} {self.bytes_uploaded / 1e6:,.1f} MB"
+                   + ("" if self.dry_run else f" in {self.seconds:.1f}s"))
+        return out
 
 
 def client_for(reg: Registry) -> RegistryClient:
@@ -160,7 +172,8 @@ def _publish_one(client: RegistryClient, reg: Registry, item: Item, where: dict[
     ref = f"{reg.address}/{repo}@{image.digest}"
     pub = Published(name=item.name, ref=ref)
     started = time.monotonic()
-    meter = _Meter(progress, item.name, sum(m.size for _d, m in image.blobs_from(0)))
+    meter = progress.meter(f"{item.name} into the registry",
+                           sum(m.size for _d, m in image.blobs_from(0)))
     blobs = [*image.blobs_from(0), (image.config_digest, None)]
     pub.blobs = len(blobs)
     for digest, member in blobs:
@@ -196,25 +209,3 @@ def _publish_one(client: RegistryClient, reg: Registry, item: Item, where: dict[
                  f"{pub.present} present, {pub.mounted} mounted"
                  + ("" if dry_run else f", in {pub.seconds:.1f}s"))
     return pub, replace(item, pull=ref, oci=image)
-
-
-class _Meter:
-    """One live line: an image's bytes in the registry so far."""
-
-    def __init__(self, progress: Progress, name: str, total: int) -> None:
-        self.progress, self.name, self.total = progress, name, total
-        self.done = 0
-        self.last = 0.0
-        self.t0 = time.monotonic()
-        self.lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        with self.lock:
-            self.done += n
-            now = time.monotonic()
-            if now - self.last < self.progress.interval:
-                return
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-6) / 1e6
-        self.progress.live(f"{self.name}: {self.done / 1e9:,.2f} of {self.total / 1e9:,.2f} GB "
-                           f"in the registry ({rate:,.0f} MB/s)")
