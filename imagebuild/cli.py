@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__, lifecycle, ops, wheelops
 from .build import Action, Step
 from .derivation import Derivation
-from .distribute import Outcome, Worker
+from .distribute import Outcome
 from .engine_docker import DockerEngine
 from .errors import ImagebuildError, Interrupted
 from .naming import hash12, input_hash, short_id
@@ -316,20 +316,10 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     up = result.upload
     if args.json:
         _json({"ok": result.ok, "dry_run": result.dry_run, "via": result.via,
-               "why": result.why,
-               "upload": None if up is None else {
-                   "registry": up.registry, "started": up.started,
-                   "bytes_uploaded": up.bytes_uploaded, "seconds": round(up.seconds, 3),
-                   "images": [asdict(p) for p in up.images]},
+               "why": result.why, "upload": None if up is None else up.to_json(),
                "outcomes": [_outcome_json(o) for o in result.outcomes]})
     else:
-        print(f"via {result.via} ({result.why})")
-        if up is not None:
-            if up.started:
-                print(f"registry {up.registry}: started here, {up.started}")
-            verb = "would upload" if up.dry_run else "uploaded"
-            print(f"registry {up.registry}: {verb} {up.bytes_uploaded / 1e6:,.1f} MB"
-                  + ("" if up.dry_run else f" in {up.seconds:.1f}s"))
+        print("\n".join([f"via {result.via} ({result.why})", *(up.lines() if up else [])]))
         for o in result.outcomes:
             print(_outcome_line(o, result.dry_run))
     if (err := result.error()) is not None:
@@ -351,20 +341,12 @@ def _outcome_line(o: Outcome, dry_run: bool) -> str:
     if dry_run:
         return f"{head} would send {o.bytes_planned / 1e6:,.1f} MB ({o.action}, {skipped})"
     note = f" [{o.note}]" if o.note else ""
-    if o.action == "pulled":
-        return (f"{head} pulled {o.bytes_sent / 1e6:,.1f} MB in {o.seconds:.1f}s "
-                f"({o.mb_per_s:,.0f} MB/s), {skipped}{note}")
-    return (f"{head} sent {o.bytes_sent / 1e6:,.1f} MB in {o.seconds:.1f}s "
+    verb = "pulled" if o.action == "pulled" else "sent"
+    return (f"{head} {verb} {o.bytes_sent / 1e6:,.1f} MB in {o.seconds:.1f}s "
             f"({o.mb_per_s:,.0f} MB/s), {skipped}{note}")
 
 
 # -- status, prune, rollback ----------------------------------------------------------------
-
-
-def _workers_for(ctx: ops.Context, arg: str | None) -> list[Worker]:
-    if arg is None and not ctx.spec.cluster.workers:
-        return []
-    return ops.select_workers(ctx.spec, arg)
 
 
 def _gb(n: int) -> str:
@@ -373,7 +355,7 @@ def _gb(n: int) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     ctx = ops.load(args.file)
-    workers = _workers_for(ctx, args.workers)
+    workers = ops.workers_for(ctx.spec, args.workers)
     if args.check_backups:
         ops.backup_store(ctx.spec)
     report = lifecycle.status(ctx, DockerEngine(), workers, check=args.check_backups,
@@ -411,7 +393,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     ctx = ops.load(args.file)
-    workers = _workers_for(ctx, args.workers) if args.workers else []
+    workers = ops.workers_for(ctx.spec, args.workers) if args.workers else []
     result = lifecycle.prune(ctx, DockerEngine(), workers, dry_run=args.dry_run,
                              progress=Progress())
     for node in result.nodes:

@@ -609,6 +609,14 @@ def select_workers(spec: Spec, arg: str | None) -> list[Worker]:
 Via = Literal["ssh", "registry"]
 
 
+def workers_for(spec: Spec, arg: str | None) -> list[Worker]:
+    """``select_workers``, except that a spec without workers gives none when none were
+    asked for (status and prune then look at the head only)."""
+    if arg is None and not spec.cluster.workers:
+        return []
+    return select_workers(spec, arg)
+
+
 @dataclass(frozen=True)
 class DistributeRequest:
     names: list[str]  # in build order
