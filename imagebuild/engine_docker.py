@@ -156,22 +156,6 @@ class DockerEngine(Engine):
             raise self._error("load", exc) from None
         return loaded
 
-    def pull(self, ref: str, on_line: OnLine | None = None) -> None:
-        repository, _, digest = ref.partition("@")
-        try:
-            for item in self._streaming_client().pull(repository, tag=digest or None,
-                                                      stream=True, decode=True):
-                if "error" in item:
-                    detail = item.get("errorDetail") or {}
-                    raise EngineError(f"docker pull {ref} failed on {self.base_url}: "
-                                      f"{detail.get('message') or item['error']}")
-                if on_line is not None and item.get("status"):
-                    on_line(f"{item.get('id', '')}: {item['status']}".lstrip(": "))
-        except docker.errors.NotFound:
-            raise ImageNotFound(f"{ref} is not in its registry") from None
-        except _FAILURES as exc:
-            raise self._error(f"pull {ref}", exc) from None
-
     # -- build -------------------------------------------------------------------------------
 
     def build(self, context: Iterable[bytes], *, buildargs: dict[str, str],
