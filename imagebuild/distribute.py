@@ -29,7 +29,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .archive import BLOCK, ArchiveIndex, Member, padding, tar_header
@@ -310,10 +310,11 @@ def ship(worker: Worker, items: list[Item], gate: Gate, meter: FanoutMeter | Non
                 out.ok = True
                 continue
             started = time.monotonic()
+            pulled: ImageInfo | None = None
             if plan.pull:
                 worker.engine.pull(plan.pull,
                                    (lambda ln: meter.on_line(worker.name, ln)) if meter else None)
-                _adopt(worker, item, plan.pull)
+                pulled = _adopt(worker, item, plan.pull)
                 out.bytes_sent = plan.pull_bytes
             elif plan.pieces:
                 out.bytes_sent = worker.engine.load_archive(
@@ -323,7 +324,7 @@ def ship(worker: Worker, items: list[Item], gate: Gate, meter: FanoutMeter | Non
                     worker.engine.remove_image(item.hash_tag)
                     raise RemoteError(f"{item.archive.where} changed while it was sent to "
                                       f"{worker.name}; its tag there was removed")
-            loaded, out.latest_moved = _settle(worker, item, state, gate)
+            loaded, out.latest_moved = _settle(worker, item, state, gate, pulled)
             if item.record is None:
                 out.note = "; ".join(x for x in (out.note, "not verified: its latest was not "
                                                  "moved") if x)
@@ -346,10 +347,11 @@ def _why(worker: Worker, exc: Exception) -> str:
     return f"{worker.name}: unexpected failure: {type(exc).__name__}: {exc}"
 
 
-def _adopt(worker: Worker, item: Item, ref: str) -> None:
+def _adopt(worker: Worker, item: Item, ref: str) -> ImageInfo:
     """The image just pulled as ``ref``: checked by content fingerprint, tagged
     ``NAME:<hash12>``, its registry reference removed (the worker's images carry the
-    names the ssh path gives them). A copy that differs is untagged and refused."""
+    names the ssh path gives them). A copy that differs is untagged and refused.
+    Returns it as it is now tagged."""
     engine = worker.engine
     pulled = engine.inspect(ref)
     if pulled is None:
@@ -360,18 +362,20 @@ def _adopt(worker: Worker, item: Item, ref: str) -> None:
                           f"from the head's; its registry reference was removed")
     engine.tag(pulled.id, *split_ref(item.hash_tag))
     engine.remove_image(ref)
+    return replace(pulled, tags=(*(t for t in pulled.tags if t != ref), item.hash_tag))
 
 
-def _settle(worker: Worker, item: Item, state: WorkerState, gate: Gate
-            ) -> tuple[ImageInfo, bool]:
+def _settle(worker: Worker, item: Item, state: WorkerState, gate: Gate,
+            pulled: ImageInfo | None = None) -> tuple[ImageInfo, bool]:
     """Check the worker's copy by content fingerprint, tag it ``NAME:<hash12>`` and
-    promote it. Returns the copy and whether its ``latest`` moved."""
+    promote it (``pulled``: the copy a pull just brought, already checked and tagged).
+    Returns the copy and whether its ``latest`` moved."""
     engine = worker.engine
     known = state.by_fingerprint.get(item.info.fingerprint)
     if (known is not None and {item.hash_tag, latest_tag(item.name)} <= set(known.tags)
             and _rooted(state, item, known)):
         return known, False  # up to date, tagged and rooted: nothing to ask the worker
-    loaded = engine.inspect(item.hash_tag)
+    loaded = pulled or engine.inspect(item.hash_tag)
     if loaded is None:  # up to date under other tags: found by content
         loaded = known
     if loaded is None:
