@@ -645,8 +645,13 @@ def ensure_uv_wheel() -> Path:
 
 def build_index(files: list[Path]) -> None:
     """A PEP 503 simple index with sha256 fragments, written atomically as a directory."""
-    root = BED / "index"
-    tmp = BED / "index.tmp"
+    build_index_at(BED / "index", files)
+
+
+def build_index_at(root: Path, files: list[Path]) -> None:
+    """build_index() into ``root`` (its temporary and old copies beside it): the bed's
+    index, or a benchmark's own."""
+    tmp = root.with_name(root.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     by_project: dict[str, list[Path]] = {}
@@ -676,7 +681,7 @@ def build_index(files: list[Path]) -> None:
         + "\n".join(f'<a href="{p}/">{p}</a><br/>' for p in sorted(by_project))
         + "\n</body></html>\n")
     if root.exists():
-        old = BED / "index.old"
+        old = root.with_name(root.name + ".old")
         if old.exists():
             shutil.rmtree(old)
         os.replace(root, old)
@@ -723,6 +728,156 @@ def start_index() -> None:
         time.sleep(0.1)
     die(f"the wheel index did not answer on {INDEX_HOST}:{INDEX_PORT}",
         f"is the port taken? see {BED / 'index.log'}")
+
+
+# -- real-size stand-ins and a second index (benchmarks only, never the tests' index) -------
+
+BENCH_REAL = BED / "bench-real"  # kept by 'up --fresh' (wipe_engines leaves it alone)
+BENCH_INDEX_PORT = 18090  # a benchmark's own index, beside the bed's on INDEX_PORT
+
+# Sizes in MiB at scale 1, in the real stack's proportions: a CUDA devel base of about
+# 2 GiB, torch 2.11.0+cu130 about 1 GB pinning CUDA libraries of about 1.5 GB, vllm about
+# 0.4 GB, flashinfer-jit-cache about 0.5 GB, the rest small.
+REAL_BASE_MIB = 2048
+REAL_NVIDIA = (  # (distribution, version, MiB): what the stand-in torch 2.11.0+cu130 pins
+    ("nvidia-cudnn-cu13", "9.13.0.50", 480),
+    ("nvidia-cublas", "13.0.0.19", 400),
+    ("nvidia-nccl-cu13", "2.27.7", 200),
+    ("nvidia-cusparse", "12.6.2.49", 150),
+    ("nvidia-cufft", "12.0.0.15", 120),
+    ("nvidia-cusolver", "12.0.3.29", 100),
+    ("nvidia-cuda-nvrtc", "13.0.48", 60),
+    ("nvidia-nvjitlink", "13.0.39", 24),
+    ("nvidia-cuda-runtime", "13.0.48", 2),
+)
+REAL_MIB = {"torch": 1024, "vllm": 400, "flashinfer-jit-cache": 512, "flashinfer-cubin": 8,
+            "flashinfer-python": 2, "torchvision": 8, "transformers": 10, "tokenizers": 3}
+TORCHVISION_VERSION = "0.25.0"
+REAL_TRANSFORMERS = ("4.57.1", "5.0.0")
+REAL_TRANSFORMERS_NEXT = "5.0.1"  # a later upload (real_size_served(transformers_next=True))
+
+
+def real_size_dir(scale: float) -> Path:
+    """Where the stand-ins of ``scale`` are kept (one directory per scale)."""
+    return BENCH_REAL / f"scale-{scale:g}"
+
+
+def _scaled(mib: float, scale: float) -> int:
+    return int(mib * scale * (1 << 20))
+
+
+def cached_wheel(outdir: Path, dist: str, version: str, files: dict[str, str],
+                 requires: list[str] | None = None, pad_bytes: int = 0) -> Path:
+    """make_wheel(), made only when ``outdir`` has no wheel made from the same arguments
+    (a file beside it records them): GB-sized stand-ins are written once. make_wheel is
+    deterministic, so a cached wheel is the one it would make again."""
+    args = json.dumps({"dist": dist, "version": version, "files": files,
+                       "requires": requires or [], "pad_bytes": pad_bytes}, sort_keys=True)
+    path = outdir / f"{dist.replace('-', '_')}-{version}-py3-none-any.whl"
+    record = outdir / f".{path.name}.args"
+    if path.is_file() and record.is_file() and record.read_text() == args:
+        return path
+    record.unlink(missing_ok=True)
+    made = make_wheel(outdir, dist, version, files, requires=requires, pad_bytes=pad_bytes)
+    record.write_text(args)
+    return made
+
+
+def _rebuilt(text: str, rev: int) -> str:
+    """A source file as a rebuild from a patched tree has it: one line more per revision."""
+    return text + (f"# rebuild {rev}\n" if rev else "")
+
+
+def real_size_local(scale: float, vllm_rev: int = 0, jit_rev: int = 0) -> list[Path]:
+    """The real-size stand-in stack's local wheels at ``scale``: vllm (pinning
+    torch==2.10.0, torchvision and transformers<5 like the real one; its import fails on
+    a CPU torch), flashinfer-python, flashinfer-cubin, flashinfer-jit-cache.
+    ``vllm_rev``/``jit_rev`` N > 0: the same version rebuilt with other content, each
+    revision cached in a directory of its own (the file names are the same)."""
+    d = real_size_dir(scale) / "local"
+    return [
+        cached_wheel(d / f"vllm-r{vllm_rev}", "vllm", VLLM_VERSION,
+                     {"vllm/__init__.py": _rebuilt(VLLM_INIT.format(version=VLLM_VERSION),
+                                                   vllm_rev)},
+                     requires=["torch==2.10.0", f"torchvision=={TORCHVISION_VERSION}",
+                               "transformers<5,>=4.56.0"],
+                     pad_bytes=_scaled(REAL_MIB["vllm"], scale)),
+        # like the real one: an unpinned torch
+        cached_wheel(d / "flashinfer-python", "flashinfer-python", "0.6.12",
+                     {"flashinfer/__init__.py": '__version__ = "0.6.12"\n'}, requires=["torch"],
+                     pad_bytes=_scaled(REAL_MIB["flashinfer-python"], scale)),
+        cached_wheel(d / "flashinfer-cubin", "flashinfer-cubin", "0.6.12",
+                     {"flashinfer_cubin/__init__.py": '__version__ = "0.6.12"\n'},
+                     pad_bytes=_scaled(REAL_MIB["flashinfer-cubin"], scale)),
+        cached_wheel(d / f"flashinfer-jit-cache-r{jit_rev}", "flashinfer-jit-cache", "0.6.12",
+                     {"flashinfer_jit_cache/__init__.py":
+                      _rebuilt('__version__ = "0.6.12"\n', jit_rev)},
+                     pad_bytes=_scaled(REAL_MIB["flashinfer-jit-cache"], scale)),
+    ]
+
+
+def real_size_served(scale: float, transformers_next: bool = False) -> list[Path]:
+    """What the real-size stand-in stack's index serves at ``scale``: torch 2.11.0+cu130
+    (``torch.version.cuda == "13.0"``) pinning the nvidia-* libraries of REAL_NVIDIA,
+    torch 2.10.0+cpu (``None``, small), torchvision pinning torch==2.10.0, transformers
+    4.57.1 and 5.0.0 (and REAL_TRANSFORMERS_NEXT with ``transformers_next``: a later
+    upload), tokenizers, and uv."""
+    d = real_size_dir(scale) / "served"
+    transformers = [*REAL_TRANSFORMERS, *([REAL_TRANSFORMERS_NEXT] if transformers_next else [])]
+    return [
+        cached_wheel(d, "torch", "2.11.0+cu130",
+                     {"torch/__init__.py": TORCH_INIT.format(version="2.11.0+cu130"),
+                      "torch/version.py": 'cuda = "13.0"\n'},
+                     requires=[f"{n}=={v}; platform_system == 'Linux'" for n, v, _ in REAL_NVIDIA],
+                     pad_bytes=_scaled(REAL_MIB["torch"], scale)),
+        cached_wheel(d, "torch", "2.10.0+cpu",
+                     {"torch/__init__.py": TORCH_INIT.format(version="2.10.0+cpu"),
+                      "torch/version.py": "cuda = None\n"}),
+        cached_wheel(d, "torchvision", TORCHVISION_VERSION,
+                     {"torchvision/__init__.py": f'__version__ = "{TORCHVISION_VERSION}"\n'},
+                     requires=["torch==2.10.0"], pad_bytes=_scaled(REAL_MIB["torchvision"], scale)),
+        *(cached_wheel(d, "transformers", v, {"transformers/__init__.py": f'__version__ = "{v}"\n'},
+                       requires=["tokenizers<=0.23.0,>=0.22.0"],
+                       pad_bytes=_scaled(REAL_MIB["transformers"], scale)) for v in transformers),
+        *(cached_wheel(d, "tokenizers", v, {"tokenizers/__init__.py": f'__version__ = "{v}"\n'},
+                       pad_bytes=_scaled(REAL_MIB["tokenizers"], scale)) for v in TOKENIZERS),
+        *(cached_wheel(d, n, v, {f"{n.replace('-', '_')}/__init__.py": f'__version__ = "{v}"\n'},
+                       pad_bytes=_scaled(mib, scale)) for n, v, mib in REAL_NVIDIA),
+        ensure_uv_wheel(),
+    ]
+
+
+def index_answers_at(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{INDEX_HOST}:{port}/simple/", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def start_index_at(root: Path, port: int) -> None:
+    """Serve the index build_index_at() wrote to ``root`` on INDEX_HOST:``port``, as
+    start_index() serves the bed's (pid file and log beside ``root``); stop_index_at()."""
+    pidfile, marker = root.with_name(root.name + ".pid"), str(root)
+    if pid_alive(pidfile, marker) and index_answers_at(port):
+        return
+    stop_pidfile(pidfile, marker, f"wheel index {root}")
+    spawn([sys.executable, "-m", "http.server", "--bind", INDEX_HOST, str(port),
+           "--directory", marker], root.with_name(root.name + ".log"), pidfile)
+    for _ in range(50):
+        if index_answers_at(port):
+            log(f"wheel index {root} on http://{INDEX_HOST}:{port}/simple")
+            return
+        time.sleep(0.1)
+    die(f"the wheel index {root} did not answer on {INDEX_HOST}:{port}",
+        f"is the port taken? see {root.with_name(root.name + '.log')}")
+
+
+def stop_index_at(root: Path) -> None:
+    """Stop what start_index_at(``root``, ...) started (by its pid file)."""
+    stop_pidfile(root.with_name(root.name + ".pid"), str(root), f"wheel index {root}")
 
 
 # -- the registry ----------------------------------------------------------------------------
