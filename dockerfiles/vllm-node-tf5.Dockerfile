@@ -5,10 +5,47 @@
 ARG BASE_IMAGE=vllm-node:latest
 FROM ${BASE_IMAGE}
 
-# What this image's locked closure (locks/pylock.vllm-node-tf5.toml) has that vllm-node's does
-# not: install-requirements.txt pins each file by URL and sha256; --no-deps resolves
-# nothing at build time.
-COPY install-requirements.txt /tmp/tf5-install-requirements.txt
+# The locked closure (locks/pylock.vllm-node-tf5.toml) less what vllm-node has,
+# in layer groups from stable to volatile: each group is a RUN of its own with its own
+# hash-pinned requirements file, so a changed wheel rebuilds only its group and the
+# groups above it, and the builder cache keeps every layer below. --no-deps: the
+# resolution happened at lock time.
+
+# cuda: nvidia-*, cuda-*, triton
+COPY install-cuda.txt /tmp/imagebuild/install-cuda.txt
+RUN uv pip install --no-deps --require-hashes -r /tmp/imagebuild/install-cuda.txt \
+    && rm /tmp/imagebuild/install-cuda.txt
+
+# torch: torch
+# The field's torch rule, kept: torch 2.11.0+cu130, --no-deps
+# --force-reinstall, hash-pinned, from its own index (the URL in the file), in a RUN of
+# its own, once per lineage: no later RUN here or in a child writes torch again. It was
+# the last RUN because the vllm install resolved dependencies (vllm's metadata pins
+# torch==2.10.0; a resolver lands 2.10.0+cpu, which dies at import: libtorch_cuda.so).
+# Every install is --no-deps from the lock now, so nothing after it can move torch, and
+# the torch gate and the closure check prove it on every build.
+COPY install-torch.txt /tmp/imagebuild/install-torch.txt
+RUN uv pip install --no-deps --force-reinstall --require-hashes -r /tmp/imagebuild/install-torch.txt \
+    && rm /tmp/imagebuild/install-torch.txt
+
+# deps: everything no other group takes
+COPY install-deps.txt /tmp/imagebuild/install-deps.txt
+RUN uv pip install --no-deps --require-hashes -r /tmp/imagebuild/install-deps.txt \
+    && rm /tmp/imagebuild/install-deps.txt
+
+# flashinfer: flashinfer-*
+# Local wheels are not COPYed: imagebuild checks them against the lock and serves them on
+# 127.0.0.1 to the RUNs below (a build arg changes the cache key of every RUN after it, so
+# it is declared here, above the groups that need it). By hand: serve wheels/ and pass
+# --build-arg IMAGEBUILD_WHEELS=http://127.0.0.1:PORT with --network host.
 ARG IMAGEBUILD_WHEELS
-RUN uv pip install --no-deps --require-hashes -r /tmp/tf5-install-requirements.txt \
-    && rm /tmp/tf5-install-requirements.txt
+COPY install-flashinfer.txt /tmp/imagebuild/install-flashinfer.txt
+RUN : "${IMAGEBUILD_WHEELS:?pass --build-arg IMAGEBUILD_WHEELS=URL serving wheels/}" \
+    && uv pip install --no-deps --require-hashes -r /tmp/imagebuild/install-flashinfer.txt \
+    && rm /tmp/imagebuild/install-flashinfer.txt
+
+# wheels: local and built wheels
+COPY install-wheels.txt /tmp/imagebuild/install-wheels.txt
+RUN : "${IMAGEBUILD_WHEELS:?pass --build-arg IMAGEBUILD_WHEELS=URL serving wheels/}" \
+    && uv pip install --no-deps --require-hashes -r /tmp/imagebuild/install-wheels.txt \
+    && rm /tmp/imagebuild/install-wheels.txt

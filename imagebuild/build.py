@@ -50,7 +50,7 @@ from .remote import git_commit
 from .render import WHEELS_ARG
 from .spec import Spec
 from .store import BackupDir
-from .wheelserve import WheelServer
+from .wheelserve import WheelServer, preferred_port
 
 LOG_TAIL = 25
 
@@ -302,7 +302,8 @@ def _build_checked(spec: Spec, engine: Engine, d: Derivation, parent: Derivation
         buildargs = {"BASE_IMAGE": base}
         server: WheelServer | None = None
         if d.served:
-            server = stack.enter_context(WheelServer(pinned, log=lambda m: print(m, file=log)))
+            server = stack.enter_context(WheelServer(pinned, log=lambda m: print(m, file=log),
+                                                     port=preferred_port(spec.state_dir)))
             buildargs[WHEELS_ARG] = server.url
         log.write(f"# imagebuild {__version__} build of {d.name} input hash {d.input_hash}\n"
                   f"# started {datetime.now(UTC).isoformat(timespec='seconds')}, "

@@ -293,26 +293,27 @@ def _seal(body: str) -> str:
 # -- what a build installs -------------------------------------------------------------------
 
 
-def install_set(lock: ClosureLock, parent: ClosureLock | None,
-                always: Iterable[str] = ()) -> list[LockedDist]:
-    """What an image's install step installs: the distributions of its lock that its
-    parent's lock does not have at the same version and file, plus ``always`` (canonical
-    names the template installs again on purpose, e.g. mimo's wheels)."""
+def install_set(lock: ClosureLock, parent: ClosureLock | None) -> list[LockedDist]:
+    """What an image installs: the distributions of its lock that its parent's lock does
+    not have at the same version and file. Nothing its parent has is installed again
+    (torch included: once per lineage)."""
     lock.require_resolved()
     had = parent.by_name() if parent is not None else {}
-    keep = set(always)
-    return [p for p in lock.packages if p.name in keep or had.get(p.name) != p]
+    return [p for p in lock.packages if had.get(p.name) != p]
 
 
-def requirements_text(dists: Iterable[LockedDist], wheels_arg: str) -> str:
+def requirements_text(dists: Iterable[LockedDist], wheels_arg: str, empty: str = "") -> str:
     """The hash-pinned requirement file of an install step: one direct URL per
     distribution (a local wheel under ``${wheels_arg}``, which uv expands to where
     imagebuild serves the wheels), each with its sha256. Installed with ``--no-deps``: the
-    resolution happened at lock time."""
+    resolution happened at lock time. With no distributions, one comment line saying why
+    (``empty``), which installs nothing."""
     lines = []
     for p in sorted(dists, key=lambda p: p.name):
         url = p.url if p.url is not None else f"${{{wheels_arg}}}/{p.filename}"
         lines.append(f"{p.name} @ {url} --hash=sha256:{p.sha256}")
+    if not lines and empty:
+        lines.append(f"# {empty}")
     return "".join(line + "\n" for line in lines)
 
 

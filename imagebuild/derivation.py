@@ -4,11 +4,11 @@ beyond reading the spec's templates.
 An image's input hash is sha256 over a canonical JSON of: the schema version, the image
 name, the rendered Dockerfile, every build-context file (path and sha256), and the
 parent's input hash (or, for the root, the pinned base reference). The image's locked
-closure enters through the context's ``install-requirements.txt`` (what it installs on
-top of its parent, each file pinned by sha256), its torch and uv through their own
-pinned requirement files; the local wheels themselves are served to the build, not copied
-into the context. So a change to one locked package changes exactly the images that
-install it, and their children.
+closure enters through the context's ``install-<group>.txt`` files (what it installs on
+top of its parent, split into the spec's layer groups, each file pinned by sha256), its
+uv through its own pinned requirement file; the local wheels themselves are served to
+the build, not copied into the context. So a change to one locked package changes
+exactly the images that install it, and their children.
 Build arguments are not inputs: ``BASE_IMAGE`` is a function of the parent's hash (or
 the base), and ``IMAGEBUILD_WHEELS`` is only where this run's wheel server listens.
 Same inputs, same hash; change any input and exactly the hashes downstream change.
@@ -23,15 +23,10 @@ from pathlib import Path
 
 from .closure import LockedDist, Locks, install_set, requirements_text
 from .errors import UnresolvedHashError
+from .layers import assign
 from .lock import LockedWheel
 from .naming import hash12
-from .render import (
-    INSTALL_REQUIREMENTS,
-    TORCH_REQUIREMENTS,
-    UV_REQUIREMENTS,
-    WHEELS_ARG,
-    render_image,
-)
+from .render import UV_REQUIREMENTS, WHEELS_ARG, render_image
 from .spec import SCHEMA_VERSION, Spec
 from .wheelstore import wheel_path
 
@@ -106,6 +101,20 @@ def pinned_requirement(wheel: LockedWheel) -> bytes | None:
     return f"{wheel.name}=={wheel.version} --hash=sha256:{wheel.sha256}\n".encode()
 
 
+def layer_files(spec: Spec, name: str, installs: list[LockedDist], parent: str | None
+                ) -> list[ContextFile]:
+    """One hash-pinned requirements file per layer group of the spec (layers.py): what
+    ``name`` installs in that group; a group with nothing to install gets a comment."""
+    local = {p.name for p in installs if p.is_local} | spec.local_names()
+    assigned = assign(((p.name, p.name in local) for p in installs), spec.layers)
+    by_name = {p.name: p for p in installs}
+    had = f"{parent} has all of it" if parent else "the lock has nothing for it"
+    return [ContextFile(g.requirements, requirements_text(
+                [by_name[n] for n in assigned[g.name]], WHEELS_ARG,
+                empty=f"{name} installs nothing in group {g.name}: {had}").encode())
+            for g in spec.layers]
+
+
 def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Derivation]:
     """Derivations of the closure of ``names`` (all images if empty), parents first.
     ``lock`` carries every image's closure lock (see ``ops.load``)."""
@@ -120,15 +129,13 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
         closure = closures[name]
         installs: list[LockedDist] = []
         if closure.unresolved is not None:
-            context.append(ContextFile(INSTALL_REQUIREMENTS, None))
+            context.extend(ContextFile(g.requirements, None) for g in spec.layers)
         else:
             parent_lock = closures[img.parent] if img.parent is not None else None
-            # torch comes from its own pinned RUNs (a layer of its own, then the field's
-            # force-reinstall), never twice
-            installs = [p for p in install_set(closure, parent_lock, always=img.wheels)
-                        if p.name not in spec.lineage_torch(name)]
-            context.append(ContextFile(INSTALL_REQUIREMENTS,
-                                       requirements_text(installs, WHEELS_ARG).encode()))
+            # what the parent's closure lacks, nothing more: torch and every wheel the
+            # parent has are never installed again
+            installs = install_set(closure, parent_lock)
+            context.extend(layer_files(spec, name, installs, img.parent))
         wheels: list[LockedWheel] = [lock.get(wname) for wname in img.wheels]
         served_names = {p.filename for p in installs if p.is_local}
         by_file = lock.by_filename()
@@ -137,15 +144,15 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
         unresolved.extend(w.filename for w in wheels if w.sha256 is None)
         if closure.unresolved is not None:
             unresolved.append(closure.path.name)
-        for pinned, arcname in ((img.params.uv, UV_REQUIREMENTS),
-                                (img.torch, TORCH_REQUIREMENTS)):
+        for pinned, arcname in ((img.params.uv, UV_REQUIREMENTS), (img.torch, None)):
             if pinned is None:
                 continue
             t = lock.get(pinned)
             wheels.append(t)
             if t.sha256 is None:
                 unresolved.append(t.filename)
-            context.append(ContextFile(arcname, pinned_requirement(t)))
+            if arcname is not None:
+                context.append(ContextFile(arcname, pinned_requirement(t)))
         parent = out[img.parent] if img.parent is not None else None
         if parent is not None and parent.input_hash is None:
             unresolved.extend(f for f in parent.unresolved if f not in unresolved)

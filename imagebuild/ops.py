@@ -304,8 +304,8 @@ def lock_changes(ctx: Context, derivations: list[Derivation]) -> dict[str, list[
         parent_then = committed.get(img.parent) if img.parent else None
         if img.parent is not None and (parent_then is None or parent_then.unresolved):
             continue
-        moved = changes({p.name: p for p in install_set(then, parent_then, img.wheels)},
-                        {p.name: p for p in install_set(now, parent_now, img.wheels)})
+        moved = changes({p.name: p for p in install_set(then, parent_then)},
+                        {p.name: p for p in install_set(now, parent_now)})
         if not moved and img.parent in out:
             moved = [f"its parent {img.parent} changes"]
         if moved:

@@ -18,16 +18,18 @@ import jinja2
 
 from .errors import RenderDrift, SpecError
 from .fsutil import atomic_write_text
+from .layers import describe, first_local_group, group_for, reinstall_group
 from .lock import parse_wheel
 from .spec import ImageSpec, Spec
 
-TORCH_REQUIREMENTS = "torch-requirements.txt"
 UV_REQUIREMENTS = "uv-requirements.txt"
-# What an image's install RUN installs: the part of its closure lock its parent does not
-# have, one direct URL per file, pinned by sha256, installed with --no-deps. Local wheels
-# are not COPYed: imagebuild serves them to the RUN (see wheelserve.py), and their URLs
-# start with ${IMAGEBUILD_WHEELS}, the build arg naming the server.
-INSTALL_REQUIREMENTS = "install-requirements.txt"
+# What an image installs: the part of its closure lock its parent does not have, split
+# into the spec's layer groups (layers.py), one requirements file per group
+# (``install-<group>.txt``): one direct URL per file, pinned by sha256, installed with
+# --no-deps. Local wheels are not COPYed: imagebuild serves them to the RUN (see
+# wheelserve.py), and their URLs start with ${IMAGEBUILD_WHEELS}, the build arg naming
+# the server, declared just before the first group that can take a local wheel (a build
+# arg's value is part of the builder cache key of every RUN after its declaration).
 WHEELS_ARG = "IMAGEBUILD_WHEELS"
 
 
@@ -81,6 +83,24 @@ def _index_wheel(spec: Spec, img: ImageSpec, name: str | None, requirements: str
                     f"declared under wheels.index")
 
 
+def _lineage_torch(spec: Spec, name: str) -> str | None:
+    """The torch of ``name``: its own, or its nearest ancestor's."""
+    return next((t for n in reversed(spec.lineage(name)) if (t := spec.images[n].torch)),
+                None)
+
+
+def layer_context(spec: Spec, name: str) -> list[dict[str, Any]]:
+    """What a template needs of each install group of ``name``, in install order."""
+    layers = spec.layers
+    local_groups = {group_for(n, True, layers).name for n in spec.local_names()}
+    first_local = first_local_group(spec.local_names(), layers)
+    reinstall = reinstall_group(spec.lineage_torch(name), layers)
+    return [{"name": g.name, "requirements": g.requirements, "what": describe(g),
+             "reinstall": g.name == reinstall, "local": g.name in local_groups,
+             "declare_arg": g.name == first_local}
+            for g in layers]
+
+
 def render_image(spec: Spec, name: str) -> str:
     img = spec.images[name]
     env = _environment(spec.templates_dir)
@@ -108,9 +128,9 @@ def render_image(spec: Spec, name: str) -> str:
         "apt_packages": list(p.apt_packages),
         "env": list(p.env),
         "uv": _index_wheel(spec, img, p.uv, UV_REQUIREMENTS, "params.uv"),
-        "install": {"requirements": INSTALL_REQUIREMENTS, "arg": WHEELS_ARG,
-                    "lock": f"pylock.{img.name}.toml"},
-        "torch": _index_wheel(spec, img, img.torch, TORCH_REQUIREMENTS, "torch"),
+        "install": {"arg": WHEELS_ARG, "lock": f"pylock.{img.name}.toml"},
+        "layers": layer_context(spec, name),
+        "torch": _index_wheel(spec, img, _lineage_torch(spec, name), "", "torch"),
     }
     try:
         return template.render(**context)

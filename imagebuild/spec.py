@@ -27,6 +27,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 
 from .errors import LockError, SpecError
+from .layers import DEFAULT_LAYERS, GROUP_NAME, PATTERN, LayerGroup
 from .lock import INDEX_URL, WHEEL_FILE, parse_wheel
 
 SCHEMA_VERSION = 2  # 2: target, locks, images' requires and overrides (the closure lock)
@@ -264,6 +265,7 @@ class Spec:
     registry: Registry | None = None
     locks_dir: Path | None = None  # the closure locks (pylock.<image>.toml); None: <root>/locks
     built: Mapping[str, WheelBuild] = field(default_factory=dict)  # wheels built from source
+    layers: tuple[LayerGroup, ...] = DEFAULT_LAYERS  # install groups, stable to volatile
     schema: int = SCHEMA_VERSION
     _aliases: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -291,6 +293,11 @@ class Spec:
             chain.append(current)
             current = self.images[current].parent
         return chain[::-1]
+
+    def local_names(self) -> set[str]:
+        """Canonical names of the local and built wheels (served to the builds)."""
+        return {parse_wheel(w.filename).name for w in self.wheels if w.index is None
+                } | set(self.built)
 
     def lineage_torch(self, name: str) -> set[str]:
         """The torch wheels ``name`` and its ancestors force-reinstall."""
@@ -451,7 +458,7 @@ def expand_vars(text: str) -> str:
 
 
 _TOP_KEYS = {"schema", "templates", "dockerfiles", "lock", "locks", "target", "wheels", "images",
-             "checks", "cluster", "backups", "state", "registry"}
+             "checks", "cluster", "backups", "state", "registry", "layers"}
 _IMAGE_KEYS = {"aliases", "template", "parent", "base", "base_digest", "params", "wheels",
                "torch", "checks", "requires", "overrides"}
 _PARAM_KEYS = {"apt_packages", "env", "uv", "pip_index"}
@@ -586,6 +593,7 @@ def _build_spec(data: Any, path: Path) -> Spec:
     backups = _read_backups(r, top.get("backups"), top.key_lines.get("backups"))
     registry = _read_registry(r, top.get("registry"), top.key_lines.get("registry"),
                               state_dir)
+    layers = _read_layers(r, top.get("layers"), top.key_lines.get("layers"))
     return Spec(
         path=path,
         templates_dir=templates_dir,
@@ -602,8 +610,55 @@ def _build_spec(data: Any, path: Path) -> Spec:
         registry=registry,
         locks_dir=locks_dir,
         built=built,
+        layers=layers,
         _aliases=aliases,
     )
+
+
+MAX_LAYER_GROUPS = 16
+
+
+def _read_layers(r: _Reader, raw: Any, line: int | None) -> tuple[LayerGroup, ...]:
+    """``layers:``: the install groups, stable to volatile (see layers.py); absent: the
+    default (cuda, torch, deps, flashinfer, wheels)."""
+    if raw is None:
+        return DEFAULT_LAYERS
+    if not isinstance(raw, list) or not raw:
+        raise r.fail("layers", line, "expected a list of {name, packages, local}",
+                     hint="leave 'layers:' out for the default groups")
+    if len(raw) > MAX_LAYER_GROUPS:
+        raise r.fail("layers", line, f"{len(raw)} groups; at most {MAX_LAYER_GROUPS}",
+                     hint="each group is two build steps in every image")
+    groups: list[LayerGroup] = []
+    for i, item in enumerate(raw):
+        where = f"layers[{i}]"
+        iline = raw.item_lines[i] if isinstance(raw, _LineList) else line
+        entry = r.mapping(item, where, iline)
+        r.keys(entry, where, {"name", "packages", "local"}, {"name"})
+        name = r.string(entry["name"], f"{where}.name", entry.key_lines.get("name"),
+                        GROUP_NAME, "group name (lower case letters, digits, -)")
+        packages = r.string_list(entry.get("packages", []), f"{where}.packages",
+                                 entry.key_lines.get("packages"), PATTERN,
+                                 "package name or pattern (such as nvidia-*)")
+        local = entry.get("local", False)
+        if not isinstance(local, bool):
+            raise r.fail(f"{where}.local", entry.key_lines.get("local"),
+                         f"expected true or false, got {local!r}")
+        if not packages and not local:
+            raise r.fail(where, iline, f"group {name!r} takes nothing",
+                         hint="give it packages: [names or patterns], or local: true")
+        if any(g.name == name for g in groups):
+            raise r.fail(f"{where}.name", entry.key_lines.get("name"),
+                         f"group {name!r} is declared twice")
+        canonical = tuple(canonicalize_name(p) for p in packages)  # keeps * and ?
+        groups.append(LayerGroup(name=name, packages=canonical, local=local))
+    if sum(g.catch_all for g in groups) != 1:
+        raise r.fail("layers", line, "exactly one group must hold '*' (what no other group "
+                     "takes)", hint="add packages: ['*'] to the group of the rest of the "
+                                    "closure")
+    if sum(g.local for g in groups) > 1:
+        raise r.fail("layers", line, "at most one group can be local: true")
+    return tuple(groups)
 
 
 def _read_target(r: _Reader, raw: Any, line: int | None) -> Target:

@@ -6,9 +6,14 @@ later layer) and every rebuild ships them to every worker twice: once as the COP
 layer, once installed. Served instead, the install RUN is the only layer they touch.
 
 Builds run with host networking, so the RUN reaches this server on 127.0.0.1. It binds
-an ephemeral port on the loopback only, serves exactly the files it was given (by
-name, nothing else, no listings), answers byte ranges (uv reads a wheel's metadata
-with a range request before it downloads the whole file) and moves the bytes with
+the loopback only, on a port fixed per state directory (``preferred_port``) when that is
+free: the URL is a build argument, and the classic builder counts a build argument's
+value in the cache key of every RUN after its declaration, so a URL that changed from
+build to build would rebuild every install group that can take a local wheel (the
+flashinfer group below vllm's, on a vllm bump). Otherwise any free port. It serves
+exactly the files it was given (by name, nothing else, no listings), answers byte
+ranges (uv reads a wheel's metadata with a range request before it downloads the whole
+file) and moves the bytes with
 ``sendfile`` (no Python copying, flat memory). Integrity is checked twice: imagebuild
 hashes every wheel against wheels.lock before the engine is touched, and the
 requirements file the RUN installs from pins each URL by sha256, which uv checks on
@@ -23,6 +28,7 @@ and nothing is served once the server is closed (open connections are shut down)
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import os
 import re
@@ -30,6 +36,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from urllib.parse import unquote, urlsplit
 
@@ -37,6 +44,7 @@ from .fsutil import PinnedFile
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _MAX_DIGITS = 18  # byte offsets beyond an exabyte are not offsets
+PORT_BASE, PORT_SPAN = 20000, 10000  # below the usual ephemeral range (32768 on Linux)
 IDLE_TIMEOUT = 30.0  # seconds a connection may sit idle
 MAX_CONNECTIONS = 32
 
@@ -44,11 +52,13 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     owner: WheelServer
 
-    def __init__(self, owner: WheelServer, handler: type[_Handler]) -> None:
+    allow_reuse_address = True  # a preferred port in TIME_WAIT from the last build is free
+
+    def __init__(self, owner: WheelServer, handler: type[_Handler], port: int = 0) -> None:
         self.owner = owner
         self.active: set[socket.socket] = set()
         self.guard = threading.Lock()
-        super().__init__(("127.0.0.1", 0), handler)
+        super().__init__(("127.0.0.1", port), handler)
 
     def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
                         client_address: object) -> None:
@@ -86,13 +96,22 @@ class _Server(http.server.ThreadingHTTPServer):
             time.sleep(0.01)
 
 
+def preferred_port(state_dir: Path) -> int:
+    """The wheel server's port for builds of the stack whose state is ``state_dir``: the
+    same for every build of it (the builder cache stays usable), another for another
+    stack on the same host (so two of them seldom meet)."""
+    digest = hashlib.sha256(str(state_dir).encode()).digest()
+    return PORT_BASE + int.from_bytes(digest[:4], "big") % PORT_SPAN
+
+
 class WheelServer:
     """``with WheelServer({filename: PinnedFile.open(path)}) as srv:`` then pass
     ``srv.url`` to the build. The files stay the caller's to close."""
 
-    def __init__(self, files: dict[str, PinnedFile], log: Callable[[str], None] | None = None
-                 ) -> None:
+    def __init__(self, files: dict[str, PinnedFile], log: Callable[[str], None] | None = None,
+                 port: int = 0) -> None:
         self._files = dict(files)
+        self.port = port  # preferred (0: any); taken when free, else any free port
         self.log = log or (lambda _msg: None)
         self._lock = threading.Lock()
         self.bytes_sent = 0
@@ -113,7 +132,15 @@ class WheelServer:
         class Handler(_Handler):
             owner = server
 
-        self._httpd = _Server(self, Handler)
+        try:
+            self._httpd = _Server(self, Handler, self.port)
+        except OSError as exc:
+            if not self.port:
+                raise
+            self.log(f"wheel server: port {self.port} is taken ({exc.strerror}); serving on "
+                     f"another one, so the builder cache cannot reuse the steps that "
+                     f"install local wheels this time")
+            self._httpd = _Server(self, Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.2},
                                         name="imagebuild-wheelserve", daemon=True)

@@ -80,11 +80,10 @@ INSTALLED = b"\ninstalled:"
 def _installs(tf: tarfile.TarFile) -> dict[str, str]:
     """name -> version of what the context's requirement files install."""
     out: dict[str, str] = {}
-    for member in ("torch-requirements.txt", "install-requirements.txt"):
-        try:
-            f = tf.extractfile(member)
-        except KeyError:
+    for member in tf.getnames():  # the install groups' files, in install order
+        if not (member.startswith("install-") and member.endswith(".txt")):
             continue
+        f = tf.extractfile(member)
         assert f is not None
         for line in f.read().decode().splitlines():
             word = line.split()[0] if line.strip() else ""

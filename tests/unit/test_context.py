@@ -29,34 +29,46 @@ def test_context_holds_only_the_dockerfile_and_the_pinned_requirement_files(
     data = b"".join(context_stream(mimo.context))
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         assert sorted(tf.getnames()) == [
-            "Dockerfile", "install-requirements.txt", "torch-requirements.txt"]
+            "Dockerfile", "install-cuda.txt", "install-deps.txt", "install-flashinfer.txt",
+            "install-torch.txt", "install-wheels.txt"]
         df = tf.extractfile("Dockerfile")
         assert df is not None and df.read().decode() == mimo.dockerfile
-        req = tf.extractfile("torch-requirements.txt")
-        assert req is not None
-        assert req.read() == b"torch==2.11.0+cu130 --hash=sha256:" + b"a" * 64 + b"\n"
-        wreq = tf.extractfile("install-requirements.txt")
-        assert wreq is not None
-        lines = wreq.read().decode().splitlines()
-    # what mimo's lock has that tf5's does not, and its own wheels again (as the field's
-    # file reinstalls them); torch is left to its own RUN. Local wheels by a URL under the
-    # server's address, index files by their URL, each pinned by its locked sha256.
+        files = {}
+        for name in tf.getnames():
+            f = tf.extractfile(name)
+            assert f is not None
+            files[name] = f.read().decode()
+    # what mimo's lock has that tf5's does not, nothing more: transformers 5 from its
+    # index, and the wheel only mimo declares; vllm, flashinfer and torch are tf5's
+    # already and are not installed again. Local wheels by a URL under the server's
+    # address, index files by their URL, each pinned by its locked sha256.
     wheels = spec.wheels_dir
-    assert lines == [
-        f"extra-mimo @ ${{IMAGEBUILD_WHEELS}}/extra_mimo-1.0-py3-none-any.whl "
-        f"--hash=sha256:{sha256_file(wheels / 'extra_mimo-1.0-py3-none-any.whl')}",
-        f"flashinfer-python @ ${{IMAGEBUILD_WHEELS}}/flashinfer_python-0.6.12-py3-none-any.whl "
-        f"--hash=sha256:{sha256_file(wheels / 'flashinfer_python-0.6.12-py3-none-any.whl')}",
+    assert files["install-deps.txt"].splitlines() == [
         "transformers @ http://127.0.0.1:9/simple/transformers-5.0.0-py3-none-any.whl "
-        f"--hash=sha256:{'e' * 64}",
-        f"vllm @ ${{IMAGEBUILD_WHEELS}}/{VLLM} --hash=sha256:{sha256_file(wheels / VLLM)}",
-    ]
-    assert sorted(w.filename for w in mimo.served) == sorted(
-        ["extra_mimo-1.0-py3-none-any.whl", "flashinfer_python-0.6.12-py3-none-any.whl", VLLM])
+        f"--hash=sha256:{'e' * 64}"]
+    assert files["install-wheels.txt"].splitlines() == [
+        f"extra-mimo @ ${{IMAGEBUILD_WHEELS}}/extra_mimo-1.0-py3-none-any.whl "
+        f"--hash=sha256:{sha256_file(wheels / 'extra_mimo-1.0-py3-none-any.whl')}"]
+    for group in ("cuda", "torch", "flashinfer"):  # a comment: nothing to install
+        assert files[f"install-{group}.txt"] == (
+            f"# vllm-node-mimo installs nothing in group {group}: vllm-node-tf5 has all "
+            f"of it\n")
+    assert "torch" not in files["install-deps.txt"] + files["install-wheels.txt"]
+    assert [w.filename for w in mimo.served] == ["extra_mimo-1.0-py3-none-any.whl"]
     # tf5's closure adds nothing to vllm-node's here: nothing to serve, nothing to install
     tf5 = plan(spec, load(str(spec.path)).lock, ["tf5"])[-1]
     assert tf5.served == () and tf5.installs == ()
-    assert [(f.arcname, f.data) for f in tf5.context][1] == ("install-requirements.txt", b"")
+    assert all(f.data is not None and f.data.startswith(b"# vllm-node-tf5 installs nothing")
+               for f in tf5.context if f.arcname.startswith("install-"))
+    # vllm-node installs all of its closure: torch in its own group, the local wheels last
+    node = plan(spec, load(str(spec.path)).lock, ["node"])[0]
+    files = {f.arcname: (f.data or b"").decode() for f in node.context}
+    assert files["install-torch.txt"].startswith("torch @ http://127.0.0.1:9/simple/torch-")
+    assert [ln.split()[0] for ln in files["install-flashinfer.txt"].splitlines()] == [
+        "flashinfer-python"]
+    assert [ln.split()[0] for ln in files["install-wheels.txt"].splitlines()] == ["vllm"]
+    assert [ln.split()[0] for ln in files["install-deps.txt"].splitlines()] == [
+        "tokenizers", "transformers"]
 
 
 def test_preflight_refuses_a_mismatching_wheel(stack: Stack) -> None:
