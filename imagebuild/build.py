@@ -301,10 +301,15 @@ def _build_checked(spec: Spec, engine: Engine, d: Derivation, parent: Derivation
         log = stack.enter_context(logfile.open("w", encoding="utf-8", buffering=1))
         buildargs = {"BASE_IMAGE": base}
         server: WheelServer | None = None
+        port = preferred_port(spec.state_dir)
         if d.served:
             server = stack.enter_context(WheelServer(pinned, log=lambda m: print(m, file=log),
-                                                     port=preferred_port(spec.state_dir)))
+                                                     port=port))
             buildargs[WHEELS_ARG] = server.url
+        elif f"ARG {WHEELS_ARG}\n" in d.dockerfile:
+            # nothing to serve (every group that could take a local wheel is empty): the
+            # RUNs still read the argument, and the same value keeps their cache keys
+            buildargs[WHEELS_ARG] = f"http://127.0.0.1:{port}"
         log.write(f"# imagebuild {__version__} build of {d.name} input hash {d.input_hash}\n"
                   f"# started {datetime.now(UTC).isoformat(timespec='seconds')}, "
                   + ", ".join(f"{k}={v}" for k, v in buildargs.items()) + "\n")

@@ -116,7 +116,7 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
     assert mimo.labels["org.imagebuild.wheel.vllm"] == (
         f"{lock['vllm'].version} sha256:{lock['vllm'].sha256}")
     assert mimo.labels["org.imagebuild.wheel.torch"].endswith(lock["torch"].sha256 or "?")
-    # the force-reinstall really ran after the vllm install
+    # torch from its own group in vllm-node, never replaced by anything installed later
     assert _run(mimo.id, "import torch; print(torch.__version__, torch.version.cuda)") == (
         "2.11.0+cu130 13.0")
     assert _run(mimo.id, "import transformers; print(transformers.__version__)") == "5.0.0"
@@ -149,11 +149,10 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
                               "{{.Size}}\t{{.CreatedBy}}", mimo.id],
                              capture_output=True, text=True, check=True).stdout.splitlines()
     copies = [h for h in history if "COPY" in h]
-    # uv, torch and the closure's install list (node), the install list (tf5), the install
-    # list and torch (mimo)
-    assert len(copies) == 6, history
-    # bytes, not wheels (the containerd store counts the layer tar: a few 4 KiB blocks)
-    assert all(int(h.split("\t")[0]) < 16384 for h in copies), copies
+    # uv and the five install groups' files (node), the five groups' files (tf5, mimo)
+    assert len(copies) == 16, history
+    # bytes, not wheels (the containerd store counts the layer tar: a few blocks)
+    assert all(int(h.split("\t")[0]) < 65536 for h in copies), copies
     # built once, then found by input hash: nothing is built again
     r = mini.cli("build", "mimo")
     assert r.returncode == 0 and "built 0, restored 0, reused 3" in r.stdout, r.stderr
@@ -190,6 +189,76 @@ def test_a_removed_hash_tag_is_found_again_by_label(mini: MiniStack) -> None:
     engine, again = _build(mini, ["tf5"])
     assert engine.builds == []
     assert again == first
+
+
+def _layer_paths(image: str) -> list[set[str]]:
+    """The paths each layer of ``image`` holds, in order (from ``docker save``, streamed:
+    no layer is held in memory)."""
+    by_member: dict[str, set[str]] = {}
+    manifest: list[dict[str, object]] = []
+    save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+    assert save.stdout is not None
+    with tarfile.open(fileobj=save.stdout, mode="r|") as outer:
+        for member in outer:
+            f = outer.extractfile(member) if member.isfile() else None
+            if f is None:
+                continue
+            if member.name == "manifest.json":
+                manifest = json.loads(f.read())
+            elif member.name.endswith("layer.tar") or member.name.startswith("blobs/"):
+                try:
+                    with tarfile.open(fileobj=f, mode="r|*") as layer:
+                        by_member[member.name] = {m.name for m in layer}
+                except tarfile.ReadError:  # a config or manifest blob, not a layer
+                    continue
+    assert save.wait() == 0
+    return [by_member[str(name)] for name in manifest[0]["Layers"]]  # type: ignore[union-attr]
+
+
+def _holding(layers: list[set[str]], part: str) -> list[int]:
+    return [i for i, paths in enumerate(layers) if any(part in p for p in paths)]
+
+
+@pytest.mark.parametrize("head_store", HEAD_STORES)
+def test_a_new_vllm_rebuilds_only_its_group_and_mimo_holds_one_torch(mini: MiniStack) -> None:
+    _, first = _build(mini, ["mimo"])
+    engine = DockerEngine()
+    node, tf5, mimo = (engine.require(first[n]) for n in NAMES)
+    layers = _layer_paths(first["vllm-node-mimo"])
+    # one torch: the layer of node's torch group, and no other layer writes torch/
+    assert len(_holding(layers, "-packages/torch/")) == 1
+    assert _holding(layers, "-packages/torch/")[0] < len(node.diff_ids)
+    # the children install only their difference: tf5's lock is node's (nothing), mimo
+    # adds transformers 5; vllm and flashinfer are never installed twice
+    for part in ("-packages/vllm/", "-packages/flashinfer/", "-packages/flashinfer_cubin/"):
+        assert len(_holding(layers, part)) == 1, part
+        assert _holding(layers, part)[0] < len(node.diff_ids), part
+    mimo_own = set().union(*layers[len(tf5.diff_ids):])
+    tops = {p.split("-packages/", 1)[1].split("/")[0] for p in mimo_own if "-packages/" in p}
+    # (a whiteout where transformers 4.57.1's files were)
+    assert tops and all(t.removeprefix(".wh.").startswith("transformers") for t in tops), tops
+    # a new vllm wheel: all three rebuild, and node keeps every layer below its vllm group
+    testbed.make_wheel(mini.root / "wheels", "vllm", testbed.VLLM_VERSION,
+                       {"vllm/__init__.py": testbed.VLLM_INIT.format(
+                           version=testbed.VLLM_VERSION) + "# rebuilt\n"},
+                       requires=["torch==2.10.0", "transformers<5,>=4.56.0"])
+    r = mini.cli("lock")
+    assert r.returncode == 0, r.stderr
+    engine2, second = _build(mini, ["mimo"])
+    assert engine2.builds == NAMES
+    node2 = engine.require(second["vllm-node"])
+    assert len(node2.diff_ids) == len(node.diff_ids)
+    # the vllm group is the last: its COPY and RUN are new, everything below is the
+    # builder cache's, byte for byte (the flashinfer group too: the wheel server's URL,
+    # a build arg, was the same)
+    assert node2.diff_ids[:-2] == node.diff_ids[:-2]
+    assert node2.diff_ids[-1] != node.diff_ids[-1]
+    log = (mini.root / "state" / "logs" / f"vllm-node-{_hashes(mini)['vllm-node'][:12]}.log"
+           ).read_text()
+    assert log.count("Using cache") >= 10, log
+    assert _run(second["vllm-node-mimo"],
+                "import torch; print(torch.__version__, torch.version.cuda)") == (
+        "2.11.0+cu130 13.0")
 
 
 def test_touching_one_wheel_rebuilds_only_the_images_that_install_it(mini: MiniStack) -> None:

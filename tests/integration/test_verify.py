@@ -62,22 +62,20 @@ def test_the_good_stack_passes_every_check_and_records_it(mini: MiniStack) -> No
 
 def test_a_resolving_install_lands_the_cpu_torch_and_the_gate_stops_it(
         mini: MiniStack) -> None:
-    """The field's May 2026 mistake, made on purpose: mimo's install step resolves at
-    build time (no --no-deps, no lock) and the force-reinstall is gone, so the vllm
-    wheel's torch==2.10.0 lands the CPU torch. The torch gate and the closure check
-    both stop it."""
+    """The field's May 2026 mistake, made on purpose: mimo's template resolves at build
+    time instead of installing its lock (no --no-deps, no lock), and what it resolves
+    is the vllm wheel's torch==2.10.0 from the index: the CPU torch lands over the cu130
+    one its parent installed. The torch gate and the closure check both stop it."""
     assert mini.cli("build", "mimo").returncode == 0
     engine = DockerEngine()
     good_latest = engine.require("vllm-node-mimo:latest").id
     tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
     text = tpl.read_text()
-    locked_install = "uv pip install --no-deps --require-hashes -r /tmp/mimo-"
-    resolving = text.replace(  # (transformers 5 left out: the field had it as an override)
-        locked_install + "{{ install.requirements }}",
-        "grep -v ^transformers /tmp/mimo-{{ install.requirements }} > /tmp/resolve.txt && "
-        "uv pip install --index-url http://127.0.0.1:18080/simple -r /tmp/resolve.txt")
-    assert resolving != text
-    tpl.write_text(resolving[:resolving.index("# Fix torch CPU regression")])
+    include = '{% include "install-layers.j2" %}'
+    assert include in text
+    # (transformers 5 left out: the field had it as an override)
+    tpl.write_text(text.replace(include, 'RUN uv pip install --index-url '
+                                         'http://127.0.0.1:18080/simple "torch==2.10.0"'))
     bad_tag = _tags(mini)["vllm-node-mimo"]
     r = mini.cli("build", "mimo")
     assert r.returncode == 1, r.stdout + r.stderr
