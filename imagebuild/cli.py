@@ -94,6 +94,7 @@ def _plan_row(d: Derivation) -> dict[str, object]:
         "tag": d.tag if d.input_hash else None,
         "unresolved": list(d.unresolved),
         "context": [{"path": f.arcname, "sha256": f.sha256} for f in d.context],
+        "layers": [{"group": g, "installs": list(names)} for g, names in d.layers],
     }
 
 
@@ -158,6 +159,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         h = hash12(d.input_hash) if d.input_hash else "unresolved  "
         origin = f"FROM {d.parent}" if d.parent else f"FROM {d.base}"
         print(f"  {i}. {d.name:<{width}}  {h}  {origin}")
+        if d.layers:
+            groups = [f"{g} {len(names)}" for g, names in d.layers if names]
+            print(f"     {'':<{width}}  installs: " + (", ".join(groups) if groups else
+                  f"nothing ({d.parent} has all of its closure)"))
         if d.name in changes:
             print(f"     {'':<{width}}  rebuilds (lock changed since the last commit): "
                   f"{', '.join(changes[d.name])}")

@@ -62,9 +62,11 @@ class Derivation:
     context: tuple[ContextFile, ...]
     served: tuple[ServedWheel, ...]
     wheels: tuple[LockedWheel, ...]
-    installs: tuple[LockedDist, ...]  # what its install RUN installs (from its closure lock)
+    installs: tuple[LockedDist, ...]  # what its install RUNs install (from its closure lock)
     input_hash: str | None  # None when any input (or an ancestor's) is unresolved
     unresolved: tuple[str, ...]  # filenames whose sha256 is unknown, here or upstream
+    # each layer group and what it installs (name==version), in install order
+    layers: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def hash12(self) -> str:
@@ -101,12 +103,24 @@ def pinned_requirement(wheel: LockedWheel) -> bytes | None:
     return f"{wheel.name}=={wheel.version} --hash=sha256:{wheel.sha256}\n".encode()
 
 
+def _assigned(spec: Spec, installs: list[LockedDist]) -> dict[str, list[str]]:
+    local = {p.name for p in installs if p.is_local} | spec.local_names()
+    return assign(((p.name, p.name in local) for p in installs), spec.layers)
+
+
+def layer_groups(spec: Spec, installs: list[LockedDist]
+                 ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each layer group of the spec and what it installs (``name==version``)."""
+    by_name = {p.name: p for p in installs}
+    return tuple((g, tuple(f"{n}=={by_name[n].version}" for n in names))
+                 for g, names in _assigned(spec, installs).items())
+
+
 def layer_files(spec: Spec, name: str, installs: list[LockedDist], parent: str | None
                 ) -> list[ContextFile]:
     """One hash-pinned requirements file per layer group of the spec (layers.py): what
     ``name`` installs in that group; a group with nothing to install gets a comment."""
-    local = {p.name for p in installs if p.is_local} | spec.local_names()
-    assigned = assign(((p.name, p.name in local) for p in installs), spec.layers)
+    assigned = _assigned(spec, installs)
     by_name = {p.name: p for p in installs}
     had = f"{parent} has all of it" if parent else "the lock has nothing for it"
     return [ContextFile(g.requirements, requirements_text(
@@ -128,6 +142,7 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
         unresolved: list[str] = []
         closure = closures[name]
         installs: list[LockedDist] = []
+        groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
         if closure.unresolved is not None:
             context.extend(ContextFile(g.requirements, None) for g in spec.layers)
         else:
@@ -136,6 +151,7 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
             # parent has are never installed again
             installs = install_set(closure, parent_lock)
             context.extend(layer_files(spec, name, installs, img.parent))
+            groups = layer_groups(spec, installs)
         wheels: list[LockedWheel] = [lock.get(wname) for wname in img.wheels]
         served_names = {p.filename for p in installs if p.is_local}
         by_file = lock.by_filename()
@@ -171,6 +187,6 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
             name=name, parent=img.parent, base=img.base_reference, dockerfile=dockerfile,
             context=tuple(sorted(context, key=lambda f: f.arcname)), served=served,
             wheels=tuple(wheels), installs=tuple(installs),
-            input_hash=input_hash, unresolved=tuple(unresolved),
+            input_hash=input_hash, unresolved=tuple(unresolved), layers=groups,
         )
     return list(out.values())

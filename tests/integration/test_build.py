@@ -223,7 +223,7 @@ def _holding(layers: list[set[str]], part: str) -> list[int]:
 def test_a_new_vllm_rebuilds_only_its_group_and_mimo_holds_one_torch(mini: MiniStack) -> None:
     _, first = _build(mini, ["mimo"])
     engine = DockerEngine()
-    node, tf5, mimo = (engine.require(first[n]) for n in NAMES)
+    node, tf5, _ = (engine.require(first[n]) for n in NAMES)
     layers = _layer_paths(first["vllm-node-mimo"])
     # one torch: the layer of node's torch group, and no other layer writes torch/
     assert len(_holding(layers, "-packages/torch/")) == 1

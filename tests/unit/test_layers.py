@@ -5,11 +5,13 @@ is part of the builder cache key)."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
 import pytest
 
+from imagebuild import cli
 from imagebuild.derivation import Derivation, plan
 from imagebuild.errors import SpecError
 from imagebuild.layers import DEFAULT_LAYERS, LayerGroup, assign, group_for
@@ -182,3 +184,23 @@ def test_the_wheel_servers_port_is_stable_per_stack_and_falls_back_when_taken(
     with socket.socket() as s:  # closed again: the next build gets it back
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+
+
+def test_plan_shows_what_each_group_installs(stack: Stack,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["-f", str(stack.spec_path), "plan"])
+    out = capsys.readouterr().out
+    assert info.value.code in (0, None)
+    assert "installs: cuda 0" not in out
+    assert "installs: torch 1, deps 2, flashinfer 1, wheels 1" in out
+    assert "installs: nothing (vllm-node has all of its closure)" in out
+    assert "installs: deps 1, wheels 1" in out
+    with pytest.raises(SystemExit):
+        cli.main(["-f", str(stack.spec_path), "plan", "--json", "mimo"])
+    mimo = json.loads(capsys.readouterr().out)["images"][2]
+    assert mimo["layers"] == [
+        {"group": "cuda", "installs": []}, {"group": "torch", "installs": []},
+        {"group": "deps", "installs": ["transformers==5.0.0"]},
+        {"group": "flashinfer", "installs": []},
+        {"group": "wheels", "installs": ["extra-mimo==1.0"]}]
