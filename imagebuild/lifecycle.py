@@ -1,8 +1,8 @@
 """The workflows that keep what was built: ``status``, ``prune`` and ``rollback``.
 
-Same layer as ops.py (one function per command, typed inputs and results, arguments
-checked before any engine is contacted). The GC roots they read and repair are
-roots.py's; ``latest`` moves only through promote.py.
+Same layer as ops.py, shipping.py and wheelops.py (one function per command, typed
+inputs and results, arguments checked before any engine is contacted). The GC roots
+they read and repair are roots.py's; ``latest`` moves only through promote.py.
 
 ``prune`` removes only what imagebuild manages and nothing holds: images labelled with
 a spec image's name that are neither a root nor ``latest``, dangling images of ours, and
@@ -23,6 +23,7 @@ from typing import Literal
 
 from .backup import Backup, backups_of, restore_backup
 from .build import find_existing
+from .context import Context, backup_store, plan_images
 from .distribute import Worker
 from .engine import ContainerInfo, Engine, ImageInfo, Snapshot
 from .errors import ImagebuildError, ImageNotFound, SpecError, VerifyFailed
@@ -41,11 +42,11 @@ from .naming import (
     short_id,
     split_ref,
 )
-from .ops import Context, backup_store, plan_images, request_for
-from .ops import distribute as distribute_op
 from .progress import Progress
 from .promote import Promotion, promote
 from .roots import plan_roots, root
+from .shipping import distribute as distribute_op
+from .shipping import request_for
 from .store import BackupDir
 from .verify import image_checks, passing_record
 
@@ -441,7 +442,7 @@ class RollbackOutcome:
     generation: Generation
     promotion: Promotion
     restored: bool  # it came back from a backup
-    distributed: object | None = None  # ops.DistributeOutcome when --workers
+    distributed: object | None = None  # shipping.DistributeOutcome when --workers
 
     def error(self) -> ImagebuildError | None:
         if not self.promotion.passed:

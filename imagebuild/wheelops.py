@@ -1,20 +1,22 @@
 """The workflows of wheels built from source: what a build does about each wheel
 (``wheel_steps``), realizing them (``build_wheels``, which can run the lock step after),
-and checking that a build is reproducible (``check_wheels``). Below ``cli.py``, beside
-``ops.py``, whose lock step it calls."""
+and checking that a build is reproducible (``check_wheels``). Beside ``ops.py`` (whose
+build realizes the planned wheels through ``realize_planned``), on ``lockflow.py``,
+whose lock step it calls."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from packaging.utils import canonicalize_name
 
-from . import ops
+from . import lockflow
 from .engine import Engine
 from .errors import ImagebuildError, LockError, NotReproducible, SpecError
-from .lock import read_lock
+from .lock import Lock, read_lock
 from .progress import Progress
 from .spec import Spec, did_you_mean
 from .wheelbuild import WheelOutcome, build_wheel, realize_wheels
@@ -51,13 +53,22 @@ def wheel_names(spec: Spec, names: list[str]) -> list[str]:
 def wheel_steps(spec: Spec, names: list[str]) -> list[WheelStep]:
     """What building the wheels ``names`` does: reuse or build each, and whether the lock
     records it. No engine."""
-    store = WheelStore(spec.wheel_store)
+    return _steps(spec, wheel_plan(spec, names), _lock_or_none(spec))
+
+
+def _lock_or_none(spec: Spec) -> Lock | None:
     try:
-        locked = {w.name: w for w in read_lock(spec.lock_path).wheels}
+        return read_lock(spec.lock_path)
     except LockError:
-        locked = {}
+        return None
+
+
+def _steps(spec: Spec, derivations: Sequence[WheelDerivation], lock: Lock | None
+           ) -> list[WheelStep]:
+    store = WheelStore(spec.wheel_store)
+    locked = {w.name: w for w in lock.wheels} if lock is not None else {}
     out = []
-    for d in wheel_plan(spec, names):
+    for d in derivations:
         record = store.lookup(d.input_hash)
         entry = locked.get(d.name)
         # locked: the lock records this derivation, with the stored wheel's bytes (a
@@ -70,9 +81,12 @@ def wheel_steps(spec: Spec, names: list[str]) -> list[WheelStep]:
 
 @dataclass(frozen=True)
 class WheelPlan:
-    """The wheel steps of a build of some images."""
+    """The wheel steps of a build of some images, and what they were planned from (every
+    wheel the spec builds, wheels.lock as read), carried on to realizing and locking."""
 
     steps: list[WheelStep]
+    every: tuple[WheelDerivation, ...] = ()  # every wheel the spec builds from source
+    lock: Lock | None = None  # wheels.lock when planned (None: none, or unreadable)
 
     @property
     def pending(self) -> bool:
@@ -84,31 +98,32 @@ def plan_wheels(spec: Spec, images: list[str]) -> WheelPlan:
     """``plan`` and ``build``'s first phase: the wheels the closure of ``images`` (all
     when empty) builds from source, each reused or built. Unknown image names are
     refused here, before any engine is contacted."""
-    for n in images:
-        spec.resolve(n)
-    return WheelPlan(image_wheel_steps(spec, images))
+    needed = set(needed_by(spec, [spec.resolve(n) for n in images]))
+    every = tuple(wheel_plan(spec))
+    lock = _lock_or_none(spec)
+    return WheelPlan(_steps(spec, [d for d in every if d.name in needed], lock), every, lock)
 
 
 def realize_planned(spec: Spec, engine: Engine, plan: WheelPlan,
-                    progress: Progress | None = None) -> ops.LockOutcome | None:
+                    progress: Progress | None = None) -> WheelsOutcome:
     """``build``'s first phase: realize the planned wheels and re-lock when the lock
-    does not record them; returns that lock step's outcome (None: no lock written)."""
+    does not record every wheel the spec builds (its ``relocked``: that lock step's
+    outcome; None: no lock written)."""
+    progress = progress or Progress()
     if not plan.steps:
-        return None
-    return build_wheels(spec, engine, [s.derivation.name for s in plan.steps], relock=True,
-                        progress=progress).relocked
-
-
-def image_wheel_steps(spec: Spec, images: list[str]) -> list[WheelStep]:
-    """The wheel steps of the closure of ``images`` (all when empty)."""
-    return wheel_steps(spec, needed_by(spec, [spec.resolve(n) for n in images])) \
-        if spec.built else []
+        return WheelsOutcome([])
+    done = realize_wheels(spec, engine, [s.derivation for s in plan.steps], progress)
+    if any(not s.locked for s in _steps(spec, plan.every, plan.lock)):
+        progress.say("locking the newly built wheels")
+        return WheelsOutcome(done, lockflow.lock(spec, check=False, upgrade=False,
+                                                 progress=progress, built=plan.every))
+    return WheelsOutcome(done)
 
 
 @dataclass(frozen=True)
 class WheelsOutcome:
     wheels: list[WheelOutcome]
-    relocked: ops.LockOutcome | None = None  # the lock step that recorded newly built wheels
+    relocked: lockflow.LockOutcome | None = None  # the lock step that recorded newly built wheels
     unlocked: tuple[str, ...] = ()  # wheels the lock does not record yet (no re-lock asked)
 
 
@@ -117,12 +132,16 @@ def build_wheels(spec: Spec, engine: Engine, names: list[str], *, relock: bool =
     """Realize the wheels ``names`` (reuse or build each); with ``relock``, run the lock
     step when wheels.lock does not record the derivations now built."""
     progress = progress or Progress()
-    done = realize_wheels(spec, engine, wheel_plan(spec, names), progress)
-    if relock and any(not s.locked for s in wheel_steps(spec, list(spec.built))):
+    every = wheel_plan(spec)
+    wanted = [d for d in every if d.name in set(names)]
+    done = realize_wheels(spec, engine, wanted, progress)
+    lock = _lock_or_none(spec)
+    if relock and any(not s.locked for s in _steps(spec, every, lock)):
         progress.say("locking the newly built wheels")
-        return WheelsOutcome(done, ops.lock(spec, check=False, upgrade=False, progress=progress))
+        return WheelsOutcome(done, lockflow.lock(spec, check=False, upgrade=False,
+                                                 progress=progress, built=every))
     return WheelsOutcome(done, unlocked=tuple(
-        s.derivation.name for s in wheel_steps(spec, names) if not s.locked))
+        s.derivation.name for s in _steps(spec, wanted, lock) if not s.locked))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -168,7 +168,8 @@ def _project(filename: str) -> str | None:
         return None
 
 
-def locked_built_wheels(spec: Spec, previous: Lock | None
+def locked_built_wheels(spec: Spec, previous: Lock | None,
+                        derivations: Sequence[WheelDerivation] | None = None
                         ) -> tuple[list[LockedWheel], list[str]]:
     """The lock entries of the wheels built from source: each from the wheel store, by
     its derivation's input hash (or kept from the previous lock when it already records
@@ -179,7 +180,7 @@ def locked_built_wheels(spec: Spec, previous: Lock | None
     out: list[LockedWheel] = []
     notes: list[str] = []
     missing: list[WheelDerivation] = []
-    for d in wheel_plan(spec):
+    for d in wheel_plan(spec) if derivations is None else derivations:
         record = store.lookup(d.input_hash)
         prev = old.get(d.name)
         if record is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild import ops
+from imagebuild import context, ops
 from imagebuild.build import decide, execute
 from imagebuild.derivation import plan
 from imagebuild.engine_docker import DockerEngine
@@ -52,7 +52,7 @@ def _read_context(context: object) -> tuple[bytes, dict[str, str]]:
 def _build(mini: MiniStack, names: list[str]) -> tuple[CountingEngine, dict[str, str]]:
     """The build workflow (gate included, no backups) through an engine that counts."""
     engine = CountingEngine()
-    result = ops.build(ops.load(str(mini.spec)), engine, names, backup=False,
+    result = ops.build_images(context.load(str(mini.spec)), engine, names, backup=False,
                        progress=Progress())
     assert result.error() is None and result.report is not None
     return engine, {n: i.id for n, i in result.report.images.items()}
@@ -105,7 +105,7 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
     # (>=: the containerd store records no layer for a RUN that changed no file)
     assert len(mimo.diff_ids) > len(tf5.diff_ids) >= len(node.diff_ids)
     assert len({node.fingerprint, tf5.fingerprint, mimo.fingerprint}) == 3
-    lock = {w.name: w for w in ops.load(str(mini.spec)).lock.wheels}
+    lock = {w.name: w for w in context.load(str(mini.spec)).lock.wheels}
     for n in NAMES:
         labels = infos[n].labels
         assert labels[HASH_LABEL] == hashes[n]
@@ -123,7 +123,7 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
     assert _run(tf5.id, "import transformers; print(transformers.__version__)") == "4.57.1"
     # each image holds exactly its lock (the base's own distributions aside), so two cold
     # builds from the same lock install the same sets
-    closures = ops.load(str(mini.spec)).lock.closures
+    closures = context.load(str(mini.spec)).lock.closures
     for n in NAMES:
         locked = {f"{p.name}=={p.version}" for p in closures[n].packages}
         freeze = _freeze(infos[n].id)
@@ -298,7 +298,7 @@ def test_a_corrupted_wheel_is_refused_before_the_engine_is_touched(mini: MiniSta
     assert str(wheel) in r.stderr
     assert "expected sha256" in r.stderr and "actual   sha256" in r.stderr
     engine = CountingEngine()
-    ctx = ops.load(str(mini.spec))
+    ctx = context.load(str(mini.spec))
     from imagebuild.errors import WheelHashMismatch
 
     with pytest.raises(WheelHashMismatch):
@@ -339,7 +339,7 @@ def test_a_wheel_changed_after_the_check_is_never_what_is_served(mini: MiniStack
 
     wheel = next((mini.root / "wheels").glob("flashinfer_cubin-*.whl"))
     checked = wheel.read_bytes()
-    ctx = ops.load(str(mini.spec))
+    ctx = context.load(str(mini.spec))
     spec = ctx.spec
     derivations = plan(spec, ctx.lock, ["node"])
     # rewritten in place, mtime put back: refused, the build fails, nothing is tagged
@@ -431,7 +431,7 @@ def test_missing_base_image_is_a_clear_error(mini: MiniStack) -> None:
 def test_unresolved_hash_refuses_to_build(mini: MiniStack) -> None:
     lock = mini.root / "wheels.lock"
     text = lock.read_text()
-    sha = ops.load(str(mini.spec)).lock.get("flashinfer-cubin").sha256
+    sha = context.load(str(mini.spec)).lock.get("flashinfer-cubin").sha256
     lock.write_text(text.replace(f'sha256 = "{sha}"', 'sha256 = "unresolved"'))
     r = mini.cli("build", "mimo")
     assert r.returncode == 2

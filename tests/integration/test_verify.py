@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from imagebuild.context import load
 from imagebuild.engine_docker import DockerEngine
 from imagebuild.errors import NotVerified
-from imagebuild.ops import load
 from imagebuild.verify import passing_record, read_record, require_verified
 
 from .conftest import HEAD_STORES, MiniStack

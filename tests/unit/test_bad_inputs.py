@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild import cli, ops
+from imagebuild import cli, context
 from imagebuild.errors import ImagebuildError, LockError, SpecError
 from imagebuild.lock import read_lock
 from imagebuild.render import render_image
@@ -135,5 +135,5 @@ def test_lock_values_are_all_checked(tmp_path: Path, text: str, says: str) -> No
 def test_every_refusal_here_is_an_imagebuild_error_with_exit_2(stack: Stack) -> None:
     stack.write_spec(SPEC + "backups:\n  directory: ssh://host:abc/x\n")
     with pytest.raises(ImagebuildError) as info:
-        ops.load(str(stack.spec_path))
+        context.load(str(stack.spec_path))
     assert info.value.exit_code == 2

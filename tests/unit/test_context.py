@@ -7,10 +7,10 @@ import tarfile
 import pytest
 
 from imagebuild.build import Action, Step, context_stream, execute, log_path, preflight
+from imagebuild.context import load
 from imagebuild.derivation import plan
 from imagebuild.errors import EngineError, UnresolvedHashError, WheelHashMismatch
 from imagebuild.lock import sha256_file
-from imagebuild.ops import load
 from imagebuild.progress import Quiet
 
 from ..fake_engine import FakeEngine

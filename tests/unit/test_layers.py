@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from imagebuild import cli
+from imagebuild.context import load
 from imagebuild.derivation import Derivation, plan
 from imagebuild.errors import SpecError
 from imagebuild.layers import DEFAULT_LAYERS, LayerGroup, assign, group_for
-from imagebuild.ops import load
 from imagebuild.render import render_image
 from imagebuild.wheelserve import PORT_BASE, PORT_SPAN, WheelServer, preferred_port
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagebuild import ops
+from imagebuild import context, lockflow
 from imagebuild.closure import _seal, format_closure, read_closure
 from imagebuild.errors import LockConflict, LockError
 from imagebuild.lock import read_lock
@@ -31,12 +31,12 @@ def test_inputs_follow_the_lineage_with_the_overrides_in_force(stack: Stack) -> 
 
 def test_lock_writes_every_closure_and_a_second_run_changes_nothing(
         stack: Stack, offline_lock: object) -> None:
-    first = ops.lock(stack.load(), check=False, upgrade=False)
+    first = lockflow.lock(stack.load(), check=False, upgrade=False)
     assert [(c.image, c.packages) for c in first.closures] == [
         ("vllm-node", 5), ("vllm-node-tf5", 5), ("vllm-node-mimo", 6)]
-    again = ops.lock(stack.load(), check=False, upgrade=False)
+    again = lockflow.lock(stack.load(), check=False, upgrade=False)
     assert {c.state for c in again.closures} == {"unchanged"}
-    assert ops.lock(stack.load(), check=True, upgrade=False).closures[0].state == "up to date"
+    assert lockflow.lock(stack.load(), check=True, upgrade=False).closures[0].state == "up to date"
     lock = read_closure(stack.load().closure_lock_path("vllm-node-mimo"), "vllm-node-mimo")
     assert lock.by_name()["transformers"].version == "5.0.0"
 
@@ -50,7 +50,7 @@ def test_a_conflict_no_override_covers_is_refused_naming_its_cause(
     assert override in SPEC
     stack.write_spec(SPEC.replace(override, ""))
     with pytest.raises(LockConflict) as info:
-        ops.lock(stack.load(), check=False, upgrade=False)
+        lockflow.lock(stack.load(), check=False, upgrade=False)
     err = info.value
     assert err.exit_code == 2
     assert ("vllm-0.22.1rc1.dev124+gace95c9cf.d20260603.cu132-py3-none-any.whl requires "
@@ -69,7 +69,7 @@ def test_a_conflict_found_after_resolution_is_refused_too(
                 requires=("tokenizers<0.22",))
     with pytest.raises(LockConflict, match=r"extra_mimo-1\.0-py3-none-any\.whl requires "
                                            r"'tokenizers<0\.22'; the closure has tokenizers"):
-        ops.lock(stack.load(), check=False, upgrade=False)
+        lockflow.lock(stack.load(), check=False, upgrade=False)
 
 
 def test_a_lock_edited_by_hand_is_refused_before_anything_runs(stack: Stack) -> None:
@@ -80,7 +80,7 @@ def test_a_lock_edited_by_hand_is_refused_before_anything_runs(stack: Stack) -> 
     path.write_text(text.replace(sha, "0" * 64))
     with pytest.raises(LockError, match=r"pylock\.vllm-node-mimo\.toml: the lock was "
                                         r"changed by hand") as info:
-        ops.load(str(stack.spec_path))
+        context.load(str(stack.spec_path))
     assert info.value.exit_code == 2
     # the reader checks every field even under a valid seal (a lock written by another tool)
     for bad, why in ((text.replace('version = "5.0.0"', 'version = "5.0.1"'), "does not match"),
@@ -93,7 +93,7 @@ def test_a_lock_edited_by_hand_is_refused_before_anything_runs(stack: Stack) -> 
         body = bad[:bad.index("content-hash")]
         path.write_text(body + f'content-hash = "sha256:{_seal(body)}"\n')
         with pytest.raises(LockError, match=why):
-            ops.load(str(stack.spec_path))
+            context.load(str(stack.spec_path))
 
 
 def test_a_stale_closure_is_refused_with_the_reason(stack: Stack) -> None:
@@ -101,7 +101,7 @@ def test_a_stale_closure_is_refused_with_the_reason(stack: Stack) -> None:
                                   'requires: ["transformers>=4.58,<5"]'))
     with pytest.raises(LockError, match=r"pylock\.vllm-node-tf5\.toml is out of date: the "
                                         r"image's requirements changed"):
-        ops.load(str(stack.spec_path))
+        context.load(str(stack.spec_path))
 
 
 def test_formatting_is_deterministic_and_reads_back(stack: Stack) -> None:
@@ -124,7 +124,7 @@ def test_upgrade_names_reach_the_resolver(stack: Stack, monkeypatch: pytest.Monk
         return real(**kw)
 
     monkeypatch.setattr(locking, "resolve", spy)
-    ops.lock(stack.load(), check=False, upgrade=["tokenizers"])
+    lockflow.lock(stack.load(), check=False, upgrade=["tokenizers"])
     assert seen == [(n, ["tokenizers"], True)
                     for n in ("vllm-node", "vllm-node-tf5", "vllm-node-mimo")]
 
@@ -169,7 +169,7 @@ def test_plan_says_which_images_a_lock_change_rebuilds(stack: Stack,
 def test_upgrading_a_package_no_image_has_is_refused(stack: Stack, offline_lock: object) -> None:
     texts = {p: p.read_text() for p in (stack.root / "locks").iterdir()}
     with pytest.raises(LockError, match=r"--upgrade tokenisers: no image's closure has it"):
-        ops.lock(stack.load(), check=False, upgrade=["tokenisers"])
+        lockflow.lock(stack.load(), check=False, upgrade=["tokenisers"])
     assert all(p.read_text() == t for p, t in texts.items())
 
 
@@ -181,4 +181,4 @@ def test_an_undeclared_wheel_in_the_wheels_directory_is_never_locked(
     offline_lock["vllm-node"].append(LockedDist("helper", "1.0", stray.name, "1" * 64, None))
     with pytest.raises(LockError, match=r"took helper-1\.0-py3-none-any\.whl from the wheels "
                                         r"directory, which the spec does not declare"):
-        ops.lock(stack.load(), check=False, upgrade=False)
+        lockflow.lock(stack.load(), check=False, upgrade=False)

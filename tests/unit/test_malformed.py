@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagebuild import ops
+from imagebuild import context
 from imagebuild.archive import ArchiveIndex, TarGuard
 from imagebuild.backup import read_sidecar
 from imagebuild.errors import ImagebuildError
@@ -111,8 +111,8 @@ def test_the_spec_loader_and_planning(stack: Stack) -> None:
         stack.spec_path.write_bytes(data)
 
         def load_and_plan() -> None:
-            ctx = ops.load(str(stack.spec_path))
-            ops.plan_images(ctx, [])
+            ctx = context.load(str(stack.spec_path))
+            context.plan_images(ctx, [])
 
         outcomes[_expect(2, load_and_plan)] += 1
     assert len(cases) >= 300 and outcomes["refused"] >= 250, outcomes

@@ -25,13 +25,13 @@ from imagebuild.distribute import Item, WorkerState, oci_image, oci_pieces, plan
 from imagebuild.engine import ImageInfo, archive_chunks
 from imagebuild.errors import BackupError, RegistryError, RemoteError, SpecError
 from imagebuild.fsutil import PinnedFile
-from imagebuild.ops import choose_path
 from imagebuild.registry import (
     MANIFEST_MEDIA,
     Credentials,
     RegistryClient,
     docker_credentials,
 )
+from imagebuild.shipping import choose_path
 from imagebuild.spec import Registry, Spec
 
 from ..archives import oci_like, save_like

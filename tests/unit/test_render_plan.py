@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from imagebuild import cli
+from imagebuild.context import load
 from imagebuild.derivation import plan
 from imagebuild.errors import RenderDrift, SpecError, UnresolvedHashError
-from imagebuild.ops import load
 from imagebuild.render import check_rendered, render_image, write_rendered
 from imagebuild.spec import load_spec
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild import cli, lifecycle, ops
+from imagebuild import cli, context, lifecycle, ops, shipping
 from imagebuild.distribute import Worker
 from imagebuild.errors import ImageNotFound, SpecError
 from imagebuild.layerstore import is_complete, list_generations
@@ -25,15 +25,15 @@ NODE = "vllm-node"
 
 
 @pytest.fixture
-def ctx(stack: Stack) -> ops.Context:
+def ctx(stack: Stack) -> context.Context:
     stack.write_spec(WITH_BACKUPS)
-    return ops.load(str(stack.spec_path))
+    return context.load(str(stack.spec_path))
 
 
-def _new_generation(stack: Stack, i: int) -> ops.Context:
+def _new_generation(stack: Stack, i: int) -> context.Context:
     tpl = stack.root / "templates" / "vllm-node.Dockerfile.j2"
     tpl.write_text(tpl.read_text() + f"# generation {i}\n")
-    return ops.load(str(stack.spec_path))
+    return context.load(str(stack.spec_path))
 
 
 def _holders(e: FakeEngine, name: str) -> dict[str, str]:
@@ -41,12 +41,12 @@ def _holders(e: FakeEngine, name: str) -> dict[str, str]:
 
 
 def test_a_promotion_roots_latest_and_the_kept_generations(stack: Stack,
-                                                           ctx: ops.Context) -> None:
+                                                           ctx: context.Context) -> None:
     e = head()
     ids = []
     for i in range(3):
         ctx = _new_generation(stack, i)
-        result = ops.build(ctx, e, ["node"], progress=Quiet())
+        result = ops.build_images(ctx, e, ["node"], progress=Quiet())
         assert result.report is not None
         ids.append(result.report.images[NODE])
     g0, g1, g2 = ids
@@ -67,7 +67,7 @@ def test_a_promotion_roots_latest_and_the_kept_generations(stack: Stack,
     e.prune_all(system=True)
     assert e.inspect(g2.id) and e.inspect(g1.id)
     # the next promotion puts the stripped tag back
-    ops.build(ctx, e, ["node"], progress=Quiet())
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
     assert hash_tag(NODE, g2) in e.require(g2.id).tags
 
 
@@ -92,12 +92,12 @@ def test_plan_roots_repairs_a_stopped_or_wrong_holder_and_orders_by_promotion() 
     assert other.id != img.id
 
 
-def test_status_tells_what_each_worker_holds(ctx: ops.Context) -> None:
+def test_status_tells_what_each_worker_holds(ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["mimo"], progress=Quiet())
+    ops.build_images(ctx, e, ["mimo"], progress=Quiet())
     w1, w2, w3 = FakeEngine(name="w1"), FakeEngine(name="w2"), FakeEngine(name="w3")
     workers = [Worker(w.name, w.name, w) for w in (w1, w2, w3)]
-    ops.distribute(ctx, e, ops.request_for(ctx, [], workers[:2]), Quiet())
+    shipping.distribute(ctx, e, shipping.request_for(ctx, [], workers[:2]), Quiet())
     # w2 loses its node image's root holder, w3 was never sent anything, w1 is fine
     w2.remove_container(holder_name(NODE, "latest"))
     w3.broken = None
@@ -115,12 +115,12 @@ def test_status_tells_what_each_worker_holds(ctx: ops.Context) -> None:
     assert json_ready["images"][0]["workers"]["w1"] == "up to date"  # type: ignore[index]
 
 
-def test_prune_removes_only_what_is_not_a_root(stack: Stack, ctx: ops.Context) -> None:
+def test_prune_removes_only_what_is_not_a_root(stack: Stack, ctx: context.Context) -> None:
     e = head()
     ids = []
     for i in range(3):
         ctx = _new_generation(stack, i)
-        result = ops.build(ctx, e, ["node"], progress=Quiet())
+        result = ops.build_images(ctx, e, ["node"], progress=Quiet())
         assert result.report is not None
         ids.append(result.report.images[NODE].id)
     g0, g1, g2 = ids
@@ -144,7 +144,7 @@ def test_prune_removes_only_what_is_not_a_root(stack: Stack, ctx: ops.Context) -
 @pytest.mark.parametrize("spelling", ["-a", "--all", "-af", "-fa", "--all=true",
                                       "--filter=dangling=false"])
 def test_prune_all_is_refused_with_the_reason(
-        ctx: ops.Context, spelling: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        ctx: context.Context, spelling: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
     with pytest.raises(SystemExit) as info:
@@ -155,12 +155,12 @@ def test_prune_all_is_refused_with_the_reason(
 
 
 def test_rollback_moves_latest_back_and_restores_a_lost_generation(
-        stack: Stack, ctx: ops.Context) -> None:
+        stack: Stack, ctx: context.Context) -> None:
     e = head()
     images = []
     for i in range(2):
         ctx = _new_generation(stack, i)
-        result = ops.build(ctx, e, ["node"], progress=Quiet())
+        result = ops.build_images(ctx, e, ["node"], progress=Quiet())
         assert result.report is not None
         images.append(result.report.images[NODE])
     old, new = images
@@ -183,11 +183,11 @@ def test_rollback_moves_latest_back_and_restores_a_lost_generation(
     assert r.error() is not None and e.require("vllm-node:latest").id == old.id
 
 
-def test_rollback_refuses_what_it_cannot_do(ctx: ops.Context) -> None:
+def test_rollback_refuses_what_it_cannot_do(ctx: context.Context) -> None:
     with pytest.raises(SpecError, match="12 hex digits"):
         lifecycle.check_hash12("latest")
     e = head()
-    ops.build(ctx, e, ["node"], progress=Quiet())
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
     with pytest.raises(ImageNotFound, match="no older generation"):
         lifecycle.rollback(ctx, e, NODE, None)
     with pytest.raises(ImageNotFound, match="no generation 0123456789ab"):

@@ -79,7 +79,7 @@ def test_table_shows_expected_got_and_hint(lock) -> None:  # type: ignore[no-unt
 
 def test_the_closure_check_compares_every_installed_distribution_with_the_lock(
         stack: Stack) -> None:
-    from imagebuild.ops import load
+    from imagebuild.context import load
     from imagebuild.verify import CLOSURE_CHECK, image_checks
 
     ctx = load(str(stack.spec_path))

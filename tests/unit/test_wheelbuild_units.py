@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from imagebuild import ops, wheelbuild, wheelops
+from imagebuild import context, wheelbuild, wheelops
 from imagebuild.errors import LockError, SpecError, WheelBuildFailed
 from imagebuild.lock import (
     Lock,
@@ -827,7 +827,7 @@ def test_load_refuses_a_stale_built_entry(tmp_path: Path) -> None:
     stale = LockedWheel("vllm", "0.1", FILENAME, SHA, "built/" + H2)
     spec.lock_path.write_text(format_lock([stale, LOCAL_W], "imagebuild.yaml"))
     with pytest.raises(LockError) as info:
-        ops.load(str(spec.path))
+        context.load(str(spec.path))
     (d,) = wheel_plan(spec)
     msg = str(info.value)
     assert "out of date" in msg and f"derivation {d.hash12}" in msg

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild import ops
+from imagebuild import context, ops, shipping
 from imagebuild.backup import Sidecar, backups_of, restore_backup, write_backup
 from imagebuild.build import Action, decide, execute
 from imagebuild.distribute import Worker
@@ -69,9 +69,9 @@ def head(**kw: object) -> FakeEngine:
 
 
 @pytest.fixture
-def ctx(stack: Stack) -> ops.Context:
+def ctx(stack: Stack) -> context.Context:
     stack.write_spec(WITH_BACKUPS)
-    return ops.load(str(stack.spec_path))
+    return context.load(str(stack.spec_path))
 
 
 def _touch_template(stack: Stack, name: str, text: str) -> None:
@@ -82,9 +82,9 @@ def _touch_template(stack: Stack, name: str, text: str) -> None:
 # -- build and promote ---------------------------------------------------------------------------
 
 
-def test_build_realizes_the_closure_gates_it_and_then_reuses_it(ctx: ops.Context) -> None:
+def test_build_realizes_the_closure_gates_it_and_then_reuses_it(ctx: context.Context) -> None:
     e = head()
-    result = ops.build(ctx, e, ["mimo"], progress=Quiet())
+    result = ops.build_images(ctx, e, ["mimo"], progress=Quiet())
     assert result.error() is None
     assert e.builds == NAMES and result.latest_moved == NAMES
     report = result.report
@@ -111,32 +111,32 @@ def test_build_realizes_the_closure_gates_it_and_then_reuses_it(ctx: ops.Context
     assert e.saves == [tuple(hash_tag(n, e.require(f"{n}:latest")) for n in NAMES)]
     written = [result.backups[n].bytes_written for n in NAMES]
     assert written[0] > written[1] > 0 and written[2] > 0  # each new blob counted once
-    again = ops.build(ctx, e, ["mimo"], progress=Quiet())
+    again = ops.build_images(ctx, e, ["mimo"], progress=Quiet())
     assert e.builds == NAMES  # no build call the second time
     assert again.report is not None and again.report.reused == NAMES
     assert again.latest_moved == [] and len(e.checks_run) == 4  # the record was reused
     assert all(not b.written for b in again.backups.values())
 
 
-def test_dry_run_and_rebuild(ctx: ops.Context) -> None:
+def test_dry_run_and_rebuild(ctx: context.Context) -> None:
     e = head()
-    dry = ops.build(ctx, e, ["tf5"], dry_run=True, progress=Quiet())
+    dry = ops.build_images(ctx, e, ["tf5"], dry_run=True, progress=Quiet())
     assert dry.report is None and [s.action for s in dry.steps] == [Action.BUILD] * 2
     assert e.builds == [] and e.inspect("vllm-node:latest") is None
-    ops.build(ctx, e, ["tf5"], progress=Quiet())
-    ops.build(ctx, e, ["tf5"], rebuild=True, progress=Quiet())
+    ops.build_images(ctx, e, ["tf5"], progress=Quiet())
+    ops.build_images(ctx, e, ["tf5"], rebuild=True, progress=Quiet())
     assert e.builds == ["vllm-node", "vllm-node-tf5", "vllm-node-tf5"]
 
 
 def test_a_failing_gate_stops_the_chain_and_latest_stays(stack: Stack,
-                                                        ctx: ops.Context) -> None:
+                                                        ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["mimo"], progress=Quiet())
+    ops.build_images(ctx, e, ["mimo"], progress=Quiet())
     good = e.require("vllm-node:latest").id
     _touch_template(stack, "vllm-node", "a new derivation")
     e.responder = torch_prints(CPU)
-    ctx = ops.load(str(stack.spec_path))
-    result = ops.build(ctx, e, ["mimo"], progress=Quiet())
+    ctx = context.load(str(stack.spec_path))
+    result = ops.build_images(ctx, e, ["mimo"], progress=Quiet())
     assert result.gate_failed == "vllm-node" and result.latest_moved == []
     assert e.builds == [*NAMES, "vllm-node"]  # tf5 and mimo were not built on top of it
     assert e.require("vllm-node:latest").id == good
@@ -148,34 +148,34 @@ def test_a_failing_gate_stops_the_chain_and_latest_stays(stack: Stack,
     assert "vllm-node" not in result.backups
 
 
-def test_decide_restores_a_missing_derivation_from_its_backup(ctx: ops.Context) -> None:
+def test_decide_restores_a_missing_derivation_from_its_backup(ctx: context.Context) -> None:
     e = head()
-    first = ops.build(ctx, e, ["mimo"], progress=Quiet())
+    first = ops.build_images(ctx, e, ["mimo"], progress=Quiet())
     assert first.report is not None
     mimo = first.report.images["vllm-node-mimo"]
     lose(e, mimo.id)
     store = LocalDir(ctx.spec.root / "backups")
-    steps = decide(e, ops.plan_images(ctx, ["mimo"]), set(), store)
+    steps = decide(e, context.plan_images(ctx, ["mimo"]), set(), store)
     assert [s.action for s in steps] == [Action.REUSE, Action.REUSE, Action.RESTORE]
     h12 = hash_tag("vllm-node-mimo", mimo).split(":")[1]  # type: ignore[union-attr]
     assert steps[2].substitute == f"images/vllm-node-mimo/{h12}"
-    again = ops.build(ctx, e, ["mimo"], progress=Quiet())
+    again = ops.build_images(ctx, e, ["mimo"], progress=Quiet())
     assert again.report is not None and again.report.restored == ["vllm-node-mimo"]
     assert e.require("vllm-node-mimo:latest").id == mimo.id and e.builds == NAMES
 
 
-def test_execute_alone_never_moves_latest(ctx: ops.Context) -> None:
+def test_execute_alone_never_moves_latest(ctx: context.Context) -> None:
     e = head()
-    steps = decide(e, ops.plan_images(ctx, ["tf5"]), set())
+    steps = decide(e, context.plan_images(ctx, ["tf5"]), set())
     report = execute(ctx.spec, e, steps, progress=Quiet(), after_each=lambda s, i: False)
     assert report.built == ["vllm-node"] and report.stopped_after == "vllm-node"
     assert e.inspect("vllm-node:latest") is None
 
 
 def test_promote_reuses_a_record_and_moves_latest_only_when_it_passes(
-        ctx: ops.Context) -> None:
+        ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["node"], backup=False, progress=Quiet())
+    ops.build_images(ctx, e, ["node"], backup=False, progress=Quiet())
     image = e.require("vllm-node:latest")
     runs = len(e.checks_run)
     again = promote(ctx.gate, e, "vllm-node", image, Quiet())
@@ -190,9 +190,9 @@ def test_promote_reuses_a_record_and_moves_latest_only_when_it_passes(
 
 
 def test_a_workers_copy_is_promoted_on_the_heads_record_of_the_same_content(
-        ctx: ops.Context) -> None:
+        ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["node"], backup=False, progress=Quiet())
+    ops.build_images(ctx, e, ["node"], backup=False, progress=Quiet())
     image = e.require("vllm-node:latest")
     record = passing_record(ctx.spec, ctx.lock, "vllm-node", image)
     assert record is not None
@@ -214,9 +214,9 @@ def test_a_workers_copy_is_promoted_on_the_heads_record_of_the_same_content(
 # -- backups and restore -------------------------------------------------------------------------
 
 
-def test_restore_checks_the_tar_loads_it_and_promotes_it(ctx: ops.Context) -> None:
+def test_restore_checks_the_tar_loads_it_and_promotes_it(ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["tf5"], progress=Quiet())
+    ops.build_images(ctx, e, ["tf5"], progress=Quiet())
     tf5 = e.require("vllm-node-tf5:latest")
     lose(e, tf5.id)
     request = ops.restore_request(ctx, ["tf5"], None)
@@ -236,7 +236,7 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
             for p in root.rglob("*") if not p.is_dir()}
 
 
-def _as_tar(ctx: ops.Context, name: str, dest: Path) -> Path:
+def _as_tar(ctx: context.Context, name: str, dest: Path) -> Path:
     """The current generation of ``name`` written out as a tar backup from before the
     layer store (``NAME.tar`` + its sidecar), as an older imagebuild wrote them."""
     store = LocalDir(ctx.spec.root / "backups")
@@ -254,11 +254,11 @@ def _as_tar(ctx: ops.Context, name: str, dest: Path) -> Path:
 
 
 def test_backup_check_names_the_damaged_blob_and_refuses_named_images(
-        ctx: ops.Context) -> None:
+        ctx: context.Context) -> None:
     from imagebuild import lifecycle
 
     e = head()
-    ops.build(ctx, e, ["tf5"], progress=Quiet())
+    ops.build_images(ctx, e, ["tf5"], progress=Quiet())
     with pytest.raises(SpecError, match="checks the whole store; name no image"):
         lifecycle.check_backups(ctx, Quiet(), images=["node"])
     check = lifecycle.check_backups(ctx, Quiet())
@@ -278,9 +278,9 @@ def test_backup_check_names_the_damaged_blob_and_refuses_named_images(
     assert not any(r["ok"] for r in status.values())  # both generations use that blob
 
 
-def test_a_damaged_layer_is_refused_and_nothing_is_loaded(ctx: ops.Context) -> None:
+def test_a_damaged_layer_is_refused_and_nothing_is_loaded(ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["node"], progress=Quiet())
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
     node = e.require("vllm-node:latest")
     store = LocalDir(ctx.spec.root / "backups")
     gen = backups_of(store, "vllm-node")[0].gen
@@ -296,9 +296,9 @@ def test_a_damaged_layer_is_refused_and_nothing_is_loaded(ctx: ops.Context) -> N
     assert e.inspect(node.id) is None
 
 
-def test_tar_backups_from_before_the_store_restore_and_are_imported(ctx: ops.Context) -> None:
+def test_tar_backups_from_before_the_store_restore_and_are_imported(ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["node"], progress=Quiet())
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
     node = e.require("vllm-node:latest")
     root = ctx.spec.root / "backups"
     _as_tar(ctx, "vllm-node", root / "vllm-node.tar")
@@ -319,9 +319,9 @@ def test_tar_backups_from_before_the_store_restore_and_are_imported(ctx: ops.Con
 
 
 def test_restore_of_a_tar_the_spec_does_not_define_is_refused_before_loading(
-        ctx: ops.Context, tmp_path: Path) -> None:
+        ctx: context.Context, tmp_path: Path) -> None:
     e = head()
-    ops.build(ctx, e, ["node"], progress=Quiet())
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
     tar = _as_tar(ctx, "vllm-node", tmp_path / "vllm-node.tar")
     foreign = tmp_path / "other.tar"
     foreign.write_bytes(tar.read_bytes())
@@ -336,10 +336,10 @@ def test_restore_of_a_tar_the_spec_does_not_define_is_refused_before_loading(
         ops.restore(ctx, e, ops.restore_request(ctx, ["node"], str(foreign)), Quiet())
 
 
-def test_backup_refuses_an_unverified_image_and_keeps_generations(ctx: ops.Context,
+def test_backup_refuses_an_unverified_image_and_keeps_generations(ctx: context.Context,
                                                                   stack: Stack) -> None:
     e = head()
-    ops.build(ctx, e, ["node"], backup=False, progress=Quiet())
+    ops.build_images(ctx, e, ["node"], backup=False, progress=Quiet())
     for record in (ctx.spec.state_dir / "verified").glob("*.json"):
         record.unlink()
     with pytest.raises(NotVerified):
@@ -349,8 +349,8 @@ def test_backup_refuses_an_unverified_image_and_keeps_generations(ctx: ops.Conte
     built = []
     for i in range(3):
         _touch_template(stack, "vllm-node", f"generation {i}")
-        ctx = ops.load(str(stack.spec_path))
-        ops.build(ctx, e, ["node"], progress=Quiet())
+        ctx = context.load(str(stack.spec_path))
+        ops.build_images(ctx, e, ["node"], progress=Quiet())
         built.append(e.require("vllm-node:latest").id)
     kept = list_generations(store, "vllm-node")  # keep: 2 = the current and one more
     assert [g.image_id for g in kept] == built[:0:-1]
@@ -359,11 +359,11 @@ def test_backup_refuses_an_unverified_image_and_keeps_generations(ctx: ops.Conte
 
 
 def test_a_backup_killed_half_way_is_cleaned_up_but_a_live_one_is_spared(
-        ctx: ops.Context) -> None:
+        ctx: context.Context) -> None:
     import socket
 
     e = head()
-    ops.build(ctx, e, ["node"], backup=False, progress=Quiet())
+    ops.build_images(ctx, e, ["node"], backup=False, progress=Quiet())
     image = e.require("vllm-node:latest")
     directory = ctx.spec.root / "backups"
     host = socket.gethostname()
@@ -379,9 +379,9 @@ def test_a_backup_killed_half_way_is_cleaned_up_but_a_live_one_is_spared(
     assert not dead.exists() and alive.exists() and not partial.exists()
 
 
-def test_a_failing_save_leaves_the_previous_backup_and_no_partial(ctx: ops.Context) -> None:
+def test_a_failing_save_leaves_the_previous_backup_and_no_partial(ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["node"], progress=Quiet())
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
     image = e.require("vllm-node:latest")
     store = LocalDir(ctx.spec.root / "backups")
     before = _tree(store.directory)
@@ -412,17 +412,17 @@ def _workers(*engines: FakeEngine) -> list[Worker]:
     return [Worker(e.name, f"10.0.0.{i}", e) for i, e in enumerate(engines, 1)]
 
 
-def _request(ctx: ops.Context, workers: list[Worker], images: list[str] | None = None,
-             force: bool = False) -> ops.DistributeRequest:
+def _request(ctx: context.Context, workers: list[Worker], images: list[str] | None = None,
+             force: bool = False) -> shipping.DistributeRequest:
     names = ctx.names(images or [])
-    return ops.DistributeRequest(names, bool(images), workers, force=force)
+    return shipping.DistributeRequest(names, bool(images), workers, force=force)
 
 
-def test_distribute_sends_each_worker_only_what_it_lacks(ctx: ops.Context) -> None:
+def test_distribute_sends_each_worker_only_what_it_lacks(ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["mimo"], progress=Quiet())
+    ops.build_images(ctx, e, ["mimo"], progress=Quiet())
     w1, c1 = FakeEngine(name="w1"), FakeEngine(name="c1", store="containerd")
-    result = ops.distribute(ctx, e, _request(ctx, _workers(w1, c1)), Quiet())
+    result = shipping.distribute(ctx, e, _request(ctx, _workers(w1, c1)), Quiet())
     assert result.error() is None
     by = {(o.worker, o.image): o for o in result.outcomes}
     for w in (w1, c1):
@@ -439,16 +439,16 @@ def test_distribute_sends_each_worker_only_what_it_lacks(ctx: ops.Context) -> No
     assert "OCI layout" in by[("c1", "vllm-node-mimo")].note
     assert by[("w1", "vllm-node-mimo")].bytes_sent < by[("w1", "vllm-node")].bytes_sent
     loads = (w1.loads, c1.loads)
-    again = ops.distribute(ctx, e, _request(ctx, _workers(w1, c1)), Quiet())
+    again = shipping.distribute(ctx, e, _request(ctx, _workers(w1, c1)), Quiet())
     assert all(o.action == "up to date" and o.bytes_sent == 0 for o in again.outcomes)
     assert (w1.loads, c1.loads) == loads
 
 
-def test_one_broken_worker_fails_alone(ctx: ops.Context) -> None:
+def test_one_broken_worker_fails_alone(ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["tf5"], progress=Quiet())
+    ops.build_images(ctx, e, ["tf5"], progress=Quiet())
     w1, w2 = FakeEngine(name="w1"), FakeEngine(name="w2", broken="connection refused")
-    result = ops.distribute(ctx, e, _request(ctx, _workers(w1, w2)), Quiet())
+    result = shipping.distribute(ctx, e, _request(ctx, _workers(w1, w2)), Quiet())
     err = result.error()
     assert isinstance(err, RemoteError) and err.exit_code == 9
     assert "distribution failed on w2" in err.message and "connection refused" in err.message
@@ -457,9 +457,9 @@ def test_one_broken_worker_fails_alone(ctx: ops.Context) -> None:
 
 
 def test_a_copy_whose_content_differs_is_untagged_and_later_images_are_skipped(
-        ctx: ops.Context) -> None:
+        ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["tf5"], progress=Quiet())
+    ops.build_images(ctx, e, ["tf5"], progress=Quiet())
 
     class Tampering(FakeEngine):
         def _register(self, config, diff_ids, tags):  # type: ignore[no-untyped-def]
@@ -467,22 +467,22 @@ def test_a_copy_whose_content_differs_is_untagged_and_later_images_are_skipped(
             return super()._register(config, diff_ids, tags)
 
     w = Tampering(name="w1")
-    result = ops.distribute(ctx, e, _request(ctx, _workers(w)), Quiet())
+    result = shipping.distribute(ctx, e, _request(ctx, _workers(w)), Quiet())
     node, tf5 = result.outcomes
     assert node.action == "failed" and "content fingerprint differs" in node.error
     assert tf5.action == "skipped" and not tf5.ok
     assert all(not any(t.startswith("vllm-node") for t in i.tags) for i in w.images.values())
 
 
-def test_forced_images_travel_but_their_latest_does_not_move(ctx: ops.Context) -> None:
+def test_forced_images_travel_but_their_latest_does_not_move(ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["node"], progress=Quiet())
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
     for record in (ctx.spec.state_dir / "verified").glob("*.json"):
         record.unlink()
     w = FakeEngine(name="w1")
     with pytest.raises(NotVerified):
-        ops.distribute(ctx, e, _request(ctx, _workers(w)), Quiet())
-    result = ops.distribute(ctx, e, _request(ctx, _workers(w), force=True), Quiet())
+        shipping.distribute(ctx, e, _request(ctx, _workers(w)), Quiet())
+    result = shipping.distribute(ctx, e, _request(ctx, _workers(w), force=True), Quiet())
     [o] = result.outcomes
     assert o.ok and not o.latest_moved and "not verified" in o.note
     node = e.require("vllm-node:latest")
@@ -490,12 +490,12 @@ def test_forced_images_travel_but_their_latest_does_not_move(ctx: ops.Context) -
     assert w.inspect("vllm-node:latest") is None
 
 
-def test_distribute_of_a_named_image_without_latest_is_refused(ctx: ops.Context) -> None:
+def test_distribute_of_a_named_image_without_latest_is_refused(ctx: context.Context) -> None:
     e = head()
     with pytest.raises(ImageNotFound, match="no image of the spec has a latest tag"):
-        ops.distribute(ctx, e, _request(ctx, _workers(FakeEngine(name="w1"))), Quiet())
+        shipping.distribute(ctx, e, _request(ctx, _workers(FakeEngine(name="w1"))), Quiet())
     with pytest.raises(ImageNotFound, match="vllm-node-tf5:latest is not present"):
-        ops.distribute(ctx, e, _request(ctx, _workers(FakeEngine(name="w1")), ["tf5"]),
+        shipping.distribute(ctx, e, _request(ctx, _workers(FakeEngine(name="w1")), ["tf5"]),
                        Quiet())
 
 
@@ -510,7 +510,7 @@ def test_distribute_of_a_named_image_without_latest_is_refused(ctx: ops.Context)
     (["distribute", "--workers", "w9"], "unknown worker 'w9'"),
 ])
 def test_usage_errors_exit_2_before_the_engine_is_contacted(
-        ctx: ops.Context, argv: list[str], says: str, tmp_path: Path,
+        ctx: context.Context, argv: list[str], says: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from imagebuild import cli
 
@@ -526,7 +526,7 @@ def test_usage_errors_exit_2_before_the_engine_is_contacted(
 
 
 def test_a_lock_that_does_not_match_the_spec_is_refused_by_every_command(
-        stack: Stack, ctx: ops.Context) -> None:
+        stack: Stack, ctx: context.Context) -> None:
     """The spec names flashinfer 0.6.12, the lock still pins another file of it: no
     command may hash-check, serve or install the lock's file instead."""
     lock = stack.root / "wheels.lock"
@@ -537,14 +537,14 @@ def test_a_lock_that_does_not_match_the_spec_is_refused_by_every_command(
     lock.write_text(stale)
     with pytest.raises(LockError, match=r"declares flashinfer_python-0\.6\.12.*locks "
                                         r"flashinfer_python-0\.6\.11") as info:
-        ops.load(str(stack.spec_path))
+        context.load(str(stack.spec_path))
     assert info.value.exit_code == 2 and "imagebuild lock" in str(info.value)
     # two entries for one project
     entry = good[good.index("[[wheel]]\nname = \"flashinfer-python\""):]
     entry = entry[:entry.index("\n\n") + 1]
     lock.write_text(good + "\n" + entry.replace("0.6.12-py3", "0.6.12-py2"))
     with pytest.raises(LockError, match="more than one file is locked for flashinfer-python"):
-        ops.load(str(stack.spec_path))
+        context.load(str(stack.spec_path))
 
 
 def test_a_lock_filename_cannot_inject_a_requirement_line(stack: Stack) -> None:
@@ -555,7 +555,7 @@ def test_a_lock_filename_cannot_inject_a_requirement_line(stack: Stack) -> None:
         '\\nevil @ http://x/e.whl ; python_version>\'0\'"')
     lock.write_text(text)
     with pytest.raises(LockError, match="is not a wheel filename"):
-        ops.load(str(stack.spec_path))
+        context.load(str(stack.spec_path))
 
 
 def test_an_index_publishing_a_bad_hash_is_refused_by_lock(stack: Stack) -> None:
@@ -568,16 +568,16 @@ def test_an_index_publishing_a_bad_hash_is_refused_by_lock(stack: Stack) -> None
                      fetch=lambda url: f'<a href="{name}#sha256=not-a-hash">{name}</a>')
 
 
-def test_one_worker_with_a_broken_reply_fails_alone(ctx: ops.Context) -> None:
+def test_one_worker_with_a_broken_reply_fails_alone(ctx: context.Context) -> None:
     e = head()
-    ops.build(ctx, e, ["node"], progress=Quiet())
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
 
     class Garbled(FakeEngine):
         def snapshot(self):  # type: ignore[no-untyped-def]
             raise KeyError("Id")  # what an unchecked reply used to raise from a thread
 
     good, bad = FakeEngine(name="w1"), Garbled(name="w2")
-    result = ops.distribute(ctx, e, _request(ctx, _workers(good, bad)), Quiet())
+    result = shipping.distribute(ctx, e, _request(ctx, _workers(good, bad)), Quiet())
     by = {o.worker: o for o in result.outcomes}
     assert by["w1"].ok and not by["w2"].ok
     assert "w2: unexpected failure: KeyError" in by["w2"].error
@@ -601,11 +601,11 @@ def test_an_ssh_engine_turns_a_bad_reply_into_an_error_naming_the_worker(
         worker.snapshot()
 
 
-def test_an_incomplete_save_is_refused_and_the_previous_backup_stays(ctx: ops.Context) -> None:
+def test_an_incomplete_save_is_refused_and_the_previous_backup_stays(ctx: context.Context) -> None:
     """docker save on the containerd store leaves out blobs missing from the content store
     (moby#49473): such an archive must never replace a backup."""
     e = head()
-    ops.build(ctx, e, ["node"], progress=Quiet())
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
     image = e.require("vllm-node:latest")
     store = LocalDir(ctx.spec.root / "backups")
     before = _tree(store.directory)

@@ -1,0 +1,131 @@
+"""What the workflows share: the ``Context`` every operation but render and lock reads
+(the spec with its locks, checked against each other), the backup store of a spec, the
+derivations of some images, and the workers an operation is asked to reach.
+
+Below every workflow module (ops, lockflow, shipping, lifecycle, wheelops), which stand
+side by side on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .closure import (
+    ClosureLock,
+    Locks,
+    read_closure,
+)
+from .derivation import Derivation, plan
+from .distribute import Worker
+from .engine_ssh import SshEngine
+from .errors import (
+    LockError,
+    SpecError,
+)
+from .lock import check_matches, read_lock
+from .locking import stale_reason
+from .promote import Gate
+from .remote import Target
+from .spec import Spec, did_you_mean, load_spec
+from .store import BackupDir, open_store
+from .wheelplan import WheelDerivation, wheel_plan
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every workflow but render and lock reads: the spec, its wheels' lock and the
+    closure lock of every image."""
+
+    spec: Spec
+    lock: Locks
+
+    @property
+    def closures(self) -> Mapping[str, ClosureLock]:
+        return self.lock.closures
+
+    @property
+    def gate(self) -> Gate:
+        return Gate(self.spec, self.lock)
+
+    def names(self, images: list[str]) -> list[str]:
+        """Full names of the images asked for (short names work), or every image."""
+        return [self.spec.resolve(n) for n in images] or list(self.spec.images)
+
+
+def load(spec_path: str | None) -> Context:
+    """The spec and its locks (see ``open_context``)."""
+    return open_context(load_spec(spec_path))
+
+
+def open_context(spec: Spec, built: Sequence[WheelDerivation] | None = None) -> Context:
+    """The spec's locks, checked against it: a command never builds, serves or checks
+    against a lock that pins other wheels than the spec declares. ``built``: the
+    derivations of the wheels the spec builds, when the caller has them already."""
+    lock = read_lock(spec.lock_path)
+    derivations = wheel_plan(spec) if built is None else built
+    check_matches(lock, [(d.filename, d.index) for d in spec.wheels], spec.path,
+                  built={d.name: d.input_hash for d in derivations})
+    wheels = {w.name: w for w in lock.wheels}
+    closures: dict[str, ClosureLock] = {}
+    for name in spec.images:
+        closure = read_closure(spec.closure_lock_path(name), name)
+        why = stale_reason(spec, wheels, closure)
+        if why is not None:
+            raise LockError(f"{closure.path} is out of date: {why}",
+                            hint="run 'imagebuild lock' and commit locks/")
+        closures[name] = closure
+    return Context(spec, Locks(lock.path, lock.wheels, closures))
+
+
+def backup_store(spec: Spec) -> BackupDir:
+    if spec.backups is None:
+        raise SpecError(f"{spec.path}: the spec has no backups section",
+                        hint="add backups: {directory: ~/control-workspace/docker-images}")
+    return open_store(spec.backups, spec.cluster.ssh_config)
+
+
+def plan_images(ctx: Context, images: list[str]) -> list[Derivation]:
+    """The closure of ``images`` in build order, with input hashes. No engine."""
+    return plan(ctx.spec, ctx.lock, images)
+
+
+def select_workers(spec: Spec, arg: str | None) -> list[Worker]:
+    """``--workers N`` (the first N), ``--workers w1,w3`` (by name), or all of them."""
+    workers = list(spec.cluster.workers)
+    if not workers:
+        raise SpecError(f"{spec.path}: the cluster section lists no workers")
+    if arg is None:
+        chosen = workers
+    elif arg.isdigit():
+        n = int(arg)
+        if not 1 <= n <= len(workers):
+            raise SpecError(f"--workers {n}: the cluster has {len(workers)} worker(s) "
+                            f"({', '.join(w.name for w in workers)})",
+                            hint=f"use --workers {len(workers)} or name them: --workers w1,w2")
+        chosen = workers[:n]
+    else:
+        by_name = {w.name: w for w in workers}
+        chosen = []
+        for name in [x.strip() for x in arg.split(",") if x.strip()]:
+            if name not in by_name:
+                raise SpecError(f"--workers: unknown worker {name!r}"
+                                f"{did_you_mean(name, list(by_name))}",
+                                hint=f"workers: {', '.join(by_name)}")
+            chosen.append(by_name[name])
+        if not chosen:
+            raise SpecError("--workers: no worker named", hint="--workers 3 or --workers w1,w3")
+    c = spec.cluster
+    return [Worker(w.name, w.address, SshEngine(Target(
+        name=w.name, host=w.address, user=c.ssh_user, port=c.ssh_port,
+        identity=c.ssh_identity, config=c.ssh_config))) for w in chosen]
+
+
+def workers_for(spec: Spec, arg: str | None) -> list[Worker]:
+    """``select_workers``, except that a spec without workers gives none when none were
+    asked for (status and prune then look at the head only)."""
+    if arg is None and not spec.cluster.workers:
+        return []
+    return select_workers(spec, arg)
+
+

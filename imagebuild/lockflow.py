@@ -1,0 +1,171 @@
+"""The render and lock workflows: Dockerfiles from the templates, and every lock
+(wheels.lock and each image's closure lock) from the spec, the wheels and the indexes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from packaging.utils import canonicalize_name
+
+from .closure import (
+    ClosureLock,
+    changes,
+    format_closure,
+)
+from .errors import (
+    LockError,
+)
+from .fsutil import atomic_write_text
+from .lock import compute_lock, format_lock, read_lock
+from .locking import lock_image, read_previous
+from .progress import Progress
+from .render import RenderResult, check_rendered, write_rendered
+from .spec import Spec
+from .wheelplan import WheelDerivation
+from .wheelstore import locked_built_wheels, wheel_view
+
+
+def render(spec: Spec, *, check: bool) -> RenderResult:
+    """Write dockerfiles/ from the templates, or (``check``) raise RenderDrift if stale."""
+    if check:
+        check_rendered(spec)
+        return RenderResult(written=(), unchanged=())
+    return write_rendered(spec)
+
+
+LockState = Literal["written", "unchanged", "up to date"]  # "up to date": with --check
+
+
+@dataclass(frozen=True)
+class ClosureOutcome:
+    image: str
+    path: Path
+    packages: int
+    unresolved: str | None
+    state: LockState
+    changed: tuple[str, ...]  # "name old -> new" for every package that moved
+
+
+@dataclass(frozen=True)
+class LockOutcome:
+    path: Path
+    wheels: int
+    unresolved: int
+    state: LockState
+    notes: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+    closures: tuple[ClosureOutcome, ...] = ()
+
+
+def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
+         progress: Progress | None = None,
+         built: Sequence[WheelDerivation] | None = None) -> LockOutcome:
+    """Hash every declared wheel into wheels.lock and resolve every image's closure into
+    locks/pylock.<image>.toml (or, ``check``, refuse a stale lock). ``upgrade``: True
+    moves everything to the newest the indexes offer, a list of names moves only those;
+    otherwise every existing pin stays. Every file is computed before any is written.
+    ``built``: the derivations of the wheels the spec builds, when the caller has them."""
+    previous = None
+    warnings: list[str] = []
+    if spec.lock_path.exists():
+        try:
+            previous = read_lock(spec.lock_path)
+        except LockError as exc:
+            warnings.append(f"ignoring the existing lock: {exc.message}")
+    decls = [(d.filename, d.index) for d in spec.wheels]
+    built_wheels, built_notes = locked_built_wheels(spec, previous, built)
+    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade, built=built_wheels)
+    try:
+        spec_name = str(spec.path.relative_to(spec.lock_path.parent))
+    except ValueError:
+        spec_name = spec.path.name
+    text = format_lock(result.wheels, spec_name)
+    current = _current_text(spec.lock_path)
+    unresolved = sum(1 for w in result.wheels if w.sha256 is None)
+
+    wheels = {w.name: w for w in result.wheels}
+    closures: list[tuple[ClosureLock, ClosureLock | None, str]] = []
+    made: dict[str, ClosureLock] = {}
+    with wheel_view(spec, result.wheels) as links:
+        for name in spec.closure(None):
+            if progress is not None:
+                progress.say(f"locking the closure of {name}")
+            path = spec.closure_lock_path(name)
+            prev = read_previous(path, name)
+            parent = spec.images[name].parent
+            made[name] = lock_image(spec, wheels, name, made[parent] if parent else None,
+                                    prev, upgrade, wheel_dir=links)
+            closures.append((made[name], prev, format_closure(made[name], spec.path.name)))
+    if isinstance(upgrade, list):
+        locked = {p.name for c, _p, _t in closures for p in c.packages}
+        unknown = [n for n in upgrade if canonicalize_name(n) not in locked]
+        if unknown and all(c.unresolved is None for c, _p, _t in closures):
+            raise LockError(f"--upgrade {' '.join(unknown)}: no image's closure has "
+                            f"{'it' if len(unknown) == 1 else 'them'}; nothing was written",
+                            hint="name packages as the locks do (see locks/pylock.*.toml)")
+    strays = sorted(set(spec.lock_dir.glob("pylock.*.toml"))
+                    - {spec.closure_lock_path(n) for n in spec.images})
+
+    def state_of(path: Path, new_text: str) -> LockState:
+        if check:
+            return "up to date"
+        return "unchanged" if _current_text(path) == new_text else "written"
+
+    def outcome() -> LockOutcome:
+        return LockOutcome(
+            spec.lock_path, len(result.wheels), unresolved, state_of(spec.lock_path, text),
+            (*built_notes, *result.notes), tuple(warnings),
+            tuple(ClosureOutcome(c.image, c.path, len(c.packages), c.unresolved,
+                                 state_of(c.path, t), _moved(prev, c))
+                  for c, prev, t in closures))
+
+    if check:
+        stale = [str(spec.lock_path)] if current != text else []
+        stale += [str(c.path) for c, _p, t in closures if _current_text(c.path) != t]
+        stale += [f"{p} (no such image)" for p in strays]
+        if stale:
+            raise LockError(f"out of date with the spec, the wheels or the indexes: "
+                            f"{', '.join(stale)}",
+                            hint="run 'imagebuild lock' and commit wheels.lock and locks/")
+        return outcome()
+    result_outcome = outcome()
+    try:
+        for c, _prev, t in closures:
+            if _current_text(c.path) != t:
+                c.path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(c.path, t)
+        if current != text:
+            atomic_write_text(spec.lock_path, text)
+        for p in strays:
+            p.unlink()
+    except OSError as exc:
+        raise LockError(f"cannot write the locks: {exc.strerror or exc}",
+                        hint="the spec's 'lock:' and 'locks:' must be writable") from None
+    return result_outcome
+
+
+def _moved(prev: ClosureLock | None, new: ClosureLock) -> tuple[str, ...]:
+    """What moved in one image's closure lock (nothing for a first lock)."""
+    if prev is None or prev.unresolved is not None:
+        return ()
+    return tuple(changes(prev.by_name(), new.by_name()))
+
+
+def _current_text(path: Path) -> str | None:
+    """The lock file's text, or None when there is none or it is not text (then it is
+    simply out of date)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        return None
+    except OSError as exc:
+        raise LockError(f"cannot read {path}: {exc.strerror or exc}",
+                        hint="the spec's 'lock:' must name a file") from None
+
+
