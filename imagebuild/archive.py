@@ -46,9 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import DAMAGED_HINT, BadReply, FileRange, Piece, fingerprint_of
 from .errors import BackupError
 from .fsutil import PinnedFile
+from .image import BadReply, fingerprint_of
+from .streams import DAMAGED_HINT, FileRange, Piece
 
 BLOCK = 512
 SMALL = 4 << 20  # metadata members (manifest, config, index) are read whole below this

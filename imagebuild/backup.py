@@ -33,8 +33,9 @@ from .archive import (
     config_fingerprint,
     manifest_tags,
 )
-from .engine import Engine, ImageInfo
+from .engine import Engine
 from .errors import BackupError
+from .image import ImageInfo
 from .layerstore import (
     BLOBS,
     CURRENT,

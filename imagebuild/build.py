@@ -23,7 +23,7 @@ from pathlib import Path
 from . import __version__
 from .backup import find_substitute, restore_backup
 from .derivation import ContextFile, Derivation
-from .engine import Engine, ImageInfo
+from .engine import Engine
 from .errors import (
     BuildFailed,
     EngineError,
@@ -35,6 +35,7 @@ from .errors import (
     WheelHashMismatch,
 )
 from .fsutil import PinnedFile
+from .image import ImageInfo
 from .lock import check_wheel_digest
 from .naming import (
     GIT_LABEL,

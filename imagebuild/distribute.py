@@ -33,12 +33,14 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .archive import BLOCK, ArchiveIndex, Member, padding, tar_header
-from .engine import ContainerInfo, Engine, ImageInfo, Piece, StoreKind, piece_size
+from .engine import ContainerInfo, Engine, StoreKind
 from .errors import ImagebuildError, RemoteError
+from .image import ImageInfo
 from .naming import LATEST, ROOT_LABEL, ROOT_TAG_LABEL, latest_tag, split_ref
 from .progress import Progress, Quiet
 from .promote import Gate, promote
 from .registry import CONFIG_MEDIA, MANIFEST_MEDIA
+from .streams import Piece, piece_size
 from .verify import VerifyRecord
 
 TRAILER = b"\0" * (2 * BLOCK)

@@ -6,85 +6,30 @@ the docker SDK; the only module that imports ``docker``) and ``engine_ssh.SshEng
 worker's engine, through the docker CLI over OpenSSH). The unit tests drive the workflows
 against an in-memory engine that implements the same interface.
 
-Replies are parsed and validated here, at the edge: ``parse_image`` and ``parse_info``
-refuse a reply of an unexpected shape with ``BadReply`` (each engine turns it into its own
-typed error), so nothing downstream trusts an unchecked ``docker inspect``.
+Replies are parsed and validated at the edge: ``image.parse_image`` and ``parse_info``
+here refuse a reply of an unexpected shape with ``BadReply`` (each engine turns it into
+its own typed error), so nothing downstream trusts an unchecked ``docker inspect``. The
+image model is image.py; the checked byte streams an archive is loaded from are
+streams.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from .errors import BackupError, EngineError, ImageNotFound
-from .fsutil import PinnedFile
+from .errors import EngineError, ImageNotFound
+from .image import BadReply, ImageInfo
+from .streams import OnBytes, Piece, archive_chunks, piece_size
 
 T = TypeVar("T")
 StoreKind = Literal["classic", "containerd"]
 CONTAINERD_DRIVER = "io.containerd.snapshotter.v1"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-CHUNK = 1 << 20
-
-OnBytes = Callable[[int], None]  # bytes sent so far
-DAMAGED_HINT = ("rebuild the image, or restore it from another copy; "
-                "'imagebuild backup --check' lists every damaged layer")
-
-
-@dataclass(frozen=True)
-class FileRange:
-    """``length`` bytes of ``file`` from ``offset``, read through its open descriptor.
-
-    With ``sha256`` (hex) the range is the whole file, whose bytes must hash to it: they
-    are hashed as they stream, and the last chunk is held back until the digest matched
-    (see ``range_chunks``)."""
-
-    file: PinnedFile
-    offset: int
-    length: int
-    sha256: str | None = None
-    label: str = ""  # what to call the file in an error (its path in the archive)
-
-
-Piece = FileRange | bytes  # a range of a file, or literal bytes (headers, generated JSON)
-
-
-def piece_size(piece: Piece) -> int:
-    return piece.length if isinstance(piece, FileRange) else len(piece)
-
-
-class BadReply(ValueError):
-    """An engine answered with something of an unexpected shape."""
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """A typed view of ``docker image inspect``."""
-
-    id: str
-    tags: tuple[str, ...]
-    labels: dict[str, str]
-    diff_ids: tuple[str, ...]
-    size: int
-    created: str
-    config: dict[str, Any] = field(repr=False, default_factory=dict)
-    parent: str = ""  # the image it was built on, on the classic store (else "")
-
-    @property
-    def fingerprint(self) -> str:
-        """Content fingerprint, equal across image stores for the same content.
-
-        sha256 over the RootFS diff IDs and the image config (env, cmd, entrypoint,
-        labels, workdir, user...). Image IDs differ between the overlay2 and containerd
-        stores for the same image; this does not.
-        """
-        return fingerprint_of(self.diff_ids, self.config)
 
 
 @dataclass(frozen=True)
@@ -156,79 +101,6 @@ class RunResult:
 
 # -- parsing replies -------------------------------------------------------------------------
 
-CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "Labels", "WorkingDir", "User", "ExposedPorts",
-               "Volumes")
-
-
-_STRING_KEYS = ("WorkingDir", "User")
-
-
-def _plain(key: str, value: object) -> object:
-    """One spelling per empty value. ``docker inspect`` shows an unset WorkingDir or User
-    as "" on both stores, and so does a classic-store config; a containerd-store config
-    (OCI, fields omitted when empty) leaves them out. Empty lists and maps count as unset.
-    (Classic-store fingerprints are unchanged by this: they already read "".)"""
-    if key in _STRING_KEYS:
-        return "" if value is None else value
-    return None if value in ([], {}) else value
-
-
-def fingerprint_of(diff_ids: tuple[str, ...], config: dict[str, Any]) -> str:
-    """The content fingerprint of an image: its layers' diff IDs and the parts of its
-    config that ``CONFIG_KEYS`` names (from ``docker inspect``'s Config or from the image
-    config JSON's "config": the same values)."""
-    try:
-        material = {"diff_ids": list(diff_ids),
-                    "config": {k: _plain(k, config.get(k)) for k in CONFIG_KEYS}}
-        blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
-    except (TypeError, ValueError) as exc:
-        raise BadReply(f"an image config cannot be fingerprinted: {exc}") from None
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
-
-
-def _str_list(value: object, what: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise BadReply(f"{what} is not a list of strings")
-    return tuple(value)
-
-
-def parse_image(data: object) -> ImageInfo:
-    """One entry of ``docker image inspect``'s array, checked."""
-    if not isinstance(data, dict):
-        raise BadReply(f"an inspect entry is a {type(data).__name__}, not an object")
-    image_id = data.get("Id")
-    if not isinstance(image_id, str) or not _DIGEST.match(image_id):
-        raise BadReply(f"an inspect entry has no valid Id ({image_id!r})")
-    cfg = data.get("Config") or {}
-    if not isinstance(cfg, dict):
-        raise BadReply(f"{image_id[:19]}: Config is not an object")
-    labels = cfg.get("Labels") or {}
-    if not isinstance(labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise BadReply(f"{image_id[:19]}: Config.Labels is not a string mapping")
-    rootfs = data.get("RootFS") or {}
-    if not isinstance(rootfs, dict):
-        raise BadReply(f"{image_id[:19]}: RootFS is not an object")
-    layers = _str_list(rootfs.get("Layers"), f"{image_id[:19]}: RootFS.Layers")
-    if not all(_DIGEST.match(x) for x in layers):
-        raise BadReply(f"{image_id[:19]}: RootFS.Layers holds a value that is not a digest")
-    size = data.get("Size") or 0
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise BadReply(f"{image_id[:19]}: Size is not a byte count")
-    return ImageInfo(
-        id=image_id,
-        tags=_str_list(data.get("RepoTags"), f"{image_id[:19]}: RepoTags"),
-        labels=dict(labels),
-        diff_ids=layers,
-        size=size,
-        created=str(data.get("Created") or ""),
-        config={k: cfg.get(k) for k in CONFIG_KEYS},
-        parent=str(data.get("Parent") or ""),
-    )
-
-
 def parse_container(data: object) -> ContainerInfo:
     """One ``docker container inspect`` object, checked."""
     if not isinstance(data, dict):
@@ -250,25 +122,6 @@ def parse_container(data: object) -> ContainerInfo:
                          image_id=image_id, image_ref=str(cfg.get("Image") or ""),
                          labels=dict(labels), running=bool(state.get("Running")),
                          created=str(data.get("Created") or ""))
-
-
-def parse_array(text: str, parse: Callable[[object], T]) -> list[T]:
-    """The JSON array ``docker ... inspect`` prints (empty text: none), each entry
-    parsed with ``parse``."""
-    if not text.strip():
-        return []
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise BadReply(f"docker inspect did not print JSON ({exc})") from None
-    if not isinstance(data, list):
-        raise BadReply("docker inspect did not print a JSON array")
-    return [parse(entry) for entry in data]
-
-
-def parse_images(text: str) -> list[ImageInfo]:
-    """The JSON array ``docker image inspect`` prints (empty text: no images)."""
-    return parse_array(text, parse_image)
 
 
 def parse_info(data: object) -> EngineInfo:
@@ -303,60 +156,6 @@ def is_local_engine_url(url: str) -> bool:
         return ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _ended_early(r: FileRange, missing: int) -> BackupError:
-    return BackupError(
-        f"{r.label or r.file.path} ({r.file.path}) ended {missing} bytes before the "
-        f"{r.length} it had when it was opened: it was truncated; nothing was loaded",
-        hint="the file changed while it was read: run the command again, or restore from "
-             "another copy")
-
-
-def range_chunks(r: FileRange) -> Iterator[bytes]:
-    """The bytes of ``r`` in chunks of at most 1 MiB. A range with ``sha256`` is hashed
-    as it passes and its last chunk is yielded only after the digest matched: a damaged
-    file raises ``BackupError`` before its end, so an archive that carries it is cut
-    short and ``docker load`` loads nothing."""
-    h = hashlib.sha256() if r.sha256 is not None else None
-    held: bytes | None = None
-    offset, left = r.offset, r.length
-    while left > 0:
-        chunk = os.pread(r.file.fd, min(left, CHUNK), offset)
-        if not chunk:
-            raise _ended_early(r, left)
-        offset += len(chunk)
-        left -= len(chunk)
-        if h is None:
-            yield chunk
-            continue
-        h.update(chunk)
-        if held is not None:
-            yield held
-        held = chunk
-    if h is not None and h.hexdigest() != r.sha256:
-        raise BackupError(
-            f"{r.label or r.file.path} ({r.file.path}) is damaged: its bytes do not have "
-            f"the sha256 it is stored under; nothing was loaded\n"
-            f"  expected sha256 {r.sha256}\n  actual   sha256 {h.hexdigest()}",
-            hint=DAMAGED_HINT)
-    if held is not None:
-        yield held
-
-
-def archive_chunks(pieces: Iterable[Piece], on_bytes: OnBytes | None = None
-                   ) -> Iterator[bytes]:
-    """The archive the pieces describe, in chunks of at most 1 MiB (memory stays flat).
-    A file range with a sha256 is checked as it streams (``range_chunks``); on a
-    mismatch the stream stops there, before the rest of the archive and its end."""
-    sent = 0
-    for piece in pieces:
-        chunks = [piece] if isinstance(piece, bytes) else range_chunks(piece)
-        for chunk in chunks:
-            sent += len(chunk)
-            if on_bytes is not None:
-                on_bytes(sent)
-            yield chunk
 
 
 # -- the interface ---------------------------------------------------------------------------

@@ -16,12 +16,10 @@ import docker.errors  # type: ignore[import-untyped]
 import requests.exceptions
 
 from .engine import (
-    BadReply,
     BuildEvent,
     ContainerInfo,
     Engine,
     EngineInfo,
-    ImageInfo,
     Job,
     OnLine,
     Receive,
@@ -29,10 +27,10 @@ from .engine import (
     Snapshot,
     is_local_engine_url,
     parse_container,
-    parse_image,
     parse_info,
 )
 from .errors import EngineError, ImageNotFound
+from .image import BadReply, ImageInfo, parse_image
 from .naming import CHECK_LABEL, ROOT_LABEL
 
 API_TIMEOUT = 120  # seconds, for short calls; streaming calls use no timeout

@@ -18,28 +18,21 @@ import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 
 from .engine import (
-    CHUNK,
-    BadReply,
     BuildEvent,
     ContainerInfo,
     Engine,
     EngineInfo,
-    ImageInfo,
-    OnBytes,
     OnLine,
-    Piece,
     RunResult,
     Snapshot,
-    T,
-    parse_array,
     parse_container,
-    parse_images,
     parse_info,
-    range_chunks,
 )
 from .errors import EngineError, ImageNotFound, RemoteError
+from .image import BadReply, ImageInfo, T, parse_array, parse_images
 from .naming import CHECK_LABEL, ROOT_LABEL
 from .remote import Process, Target, call, explain, finish, last_line, reading, run, start
+from .streams import CHUNK, OnBytes, Piece, range_chunks
 
 # One round trip: the engine's info, then the inspect arrays of every image and of every
 # root holder, in marked sections (a constant script; nothing from the spec reaches this

@@ -50,8 +50,8 @@ from .archive import (
     familiar,
     incomplete_save,
 )
-from .engine import ImageInfo
 from .errors import BackupError, RemoteError
+from .image import ImageInfo
 from .naming import hash12, hash_tag, input_hash, latest_tag
 from .progress import Meter
 from .store import BackupDir, FileStat, writing

@@ -25,9 +25,10 @@ from .backup import Backup, backups_of, restore_backup
 from .build import find_existing
 from .context import Context, backup_store, plan_images
 from .distribute import Worker
-from .engine import ContainerInfo, Engine, ImageInfo, Snapshot
+from .engine import ContainerInfo, Engine, Snapshot
 from .errors import ImagebuildError, ImageNotFound, SpecError, VerifyFailed
 from .fsutil import atomic_write_text
+from .image import ImageInfo
 from .layerstore import BLOBS, StoreCheck, check_store
 from .naming import (
     HASH12,

@@ -8,7 +8,7 @@ An image imagebuild built carries its full input hash as the label
 
 from __future__ import annotations
 
-from .engine import ImageInfo
+from .image import ImageInfo
 
 HASH_LABEL = "org.imagebuild.input-hash"
 IMAGE_LABEL = "org.imagebuild.image"

@@ -36,7 +36,7 @@ from .closure import (
 )
 from .context import Context, backup_store, open_context, plan_images
 from .derivation import Derivation, plan
-from .engine import Engine, ImageInfo
+from .engine import Engine
 from .errors import (
     BackupError,
     ImagebuildError,
@@ -45,6 +45,7 @@ from .errors import (
     SpecError,
     VerifyFailed,
 )
+from .image import ImageInfo
 from .lockflow import LockOutcome
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress

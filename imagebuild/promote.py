@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine import ContainerInfo, Engine, ImageInfo
+from .engine import ContainerInfo, Engine
+from .image import ImageInfo
 from .lock import Lock
 from .naming import LATEST, latest_tag, short_id
 from .progress import Progress

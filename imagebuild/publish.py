@@ -26,13 +26,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 from .distribute import Item, oci_image
-from .engine import range_chunks
 from .errors import RegistryError
 from .fsutil import atomic_write_text
 from .progress import Progress
 from .registry import RegistryClient, docker_credentials
 from .remote import process_alive, start_daemon
 from .spec import Registry
+from .streams import range_chunks
 
 START_WAIT = 30  # seconds a started registry has to answer
 REGISTRY_PROGRAMS = ("docker-registry", "registry")  # Debian's name, upstream's name

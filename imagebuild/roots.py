@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .engine import ContainerInfo, Engine, ImageInfo
+from .engine import ContainerInfo, Engine
+from .image import ImageInfo
 from .naming import LATEST, ROOT_LABEL, ROOT_TAG_LABEL, hash_tag, split_ref
 
 PREFIX = "imagebuild-root"

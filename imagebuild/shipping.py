@@ -17,13 +17,14 @@ from .backup import (
 from .context import Context, backup_store, select_workers
 from .distribute import Item, Outcome, Worker
 from .distribute import distribute as fan_out
-from .engine import Engine, ImageInfo
+from .engine import Engine
 from .errors import (
     ImagebuildError,
     ImageNotFound,
     RemoteError,
     SpecError,
 )
+from .image import ImageInfo
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
 from .publish import NOT_STARTED, PublishResult, client_for, ensure_registry, publish

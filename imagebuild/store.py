@@ -25,12 +25,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from .engine import CHUNK
 from .errors import BackupError, RemoteError
 from .fsutil import atomic_write_text, fsync_dir
 from .progress import Meter
 from .remote import Process, Target, call, explain, finish, last_line, reading, run, start
 from .spec import Backups, SshLocation
+from .streams import CHUNK
 
 _COMPONENT = re.compile(r"[A-Za-z0-9._@+-]+")
 

@@ -19,9 +19,10 @@ from packaging.version import InvalidVersion, Version
 
 from . import __version__
 from .closure import ClosureLock, closures_of
-from .engine import Engine, ImageInfo, RunResult
+from .engine import Engine, RunResult
 from .errors import NotVerified
 from .fsutil import atomic_write_text
+from .image import ImageInfo
 from .lock import Lock
 from .naming import input_hash, short_id
 from .spec import Check, CheckKind, Spec

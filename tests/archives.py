@@ -9,7 +9,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagebuild.engine import ImageInfo
+from imagebuild.image import ImageInfo
 
 
 @dataclass(frozen=True)

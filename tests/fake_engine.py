@@ -26,7 +26,6 @@ from imagebuild.engine import (
     ContainerInfo,
     Engine,
     EngineInfo,
-    ImageInfo,
     Job,
     OnLine,
     Receive,
@@ -35,6 +34,7 @@ from imagebuild.engine import (
     StoreKind,
 )
 from imagebuild.errors import EngineError, ImageNotFound
+from imagebuild.image import ImageInfo
 from imagebuild.lock import parse_wheel
 from imagebuild.naming import split_ref
 from imagebuild.verify import _LIST_INSTALLED as LIST_INSTALLED

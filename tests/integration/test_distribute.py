@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.engine import parse_image
 from imagebuild.engine_docker import DockerEngine
+from imagebuild.image import parse_image
 
 from .conftest import HEAD_STORES, NODE_WHEELS, REPO, Bed, MiniStack, full_disk, testbed
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.engine import Engine, FileRange
+from imagebuild.engine import Engine
 from imagebuild.engine_docker import DockerEngine
 from imagebuild.engine_ssh import SshEngine
 from imagebuild.errors import EngineError, ImageNotFound, RemoteError
 from imagebuild.fsutil import PinnedFile
 from imagebuild.remote import Target
+from imagebuild.streams import FileRange
 
 from .conftest import Bed, testbed
 

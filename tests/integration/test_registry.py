@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.engine import parse_image
 from imagebuild.engine_docker import DockerEngine
+from imagebuild.image import parse_image
 
 from .conftest import HEAD_STORES, Bed, MiniStack, full_disk, testbed, use_every_worker_kind
 

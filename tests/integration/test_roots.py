@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from imagebuild.engine import parse_image
 from imagebuild.engine_docker import DockerEngine
+from imagebuild.image import parse_image
 
 from .conftest import REPO, Bed, MiniStack, testbed, use_every_worker_kind
 

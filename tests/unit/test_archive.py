@@ -14,9 +14,9 @@ import pytest
 from imagebuild import archive
 from imagebuild.archive import ArchiveIndex, TarGuard, allowed_tags_error, manifest_tags
 from imagebuild.distribute import docker_pieces
-from imagebuild.engine import archive_chunks
 from imagebuild.errors import BackupError
 from imagebuild.fsutil import PinnedFile
+from imagebuild.streams import archive_chunks
 
 from ..archives import oci_like as _oci_like
 from ..archives import save_like
@@ -280,7 +280,7 @@ def test_the_long_form_of_a_name_is_the_same_tag() -> None:
 def test_an_oci_config_and_docker_inspect_give_the_same_fingerprint() -> None:
     """A containerd-store archive's config omits empty fields; docker inspect shows them
     as "" (WorkingDir, User) or null: the fingerprint is the same."""
-    from imagebuild.engine import fingerprint_of
+    from imagebuild.image import fingerprint_of
 
     diff_ids = ("sha256:" + "a" * 64,)
     inspect = {"Env": ["A=1"], "Cmd": ["/bin/bash"], "Entrypoint": None, "Labels": {"x": "y"},

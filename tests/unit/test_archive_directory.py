@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild import engine
+from imagebuild import engine, streams
 from imagebuild.archive import ArchiveIndex
 from imagebuild.distribute import TRAILER, archive_bytes, docker_pieces, oci_pieces
-from imagebuild.engine import FileRange, Piece, archive_chunks
 from imagebuild.errors import BackupError
 from imagebuild.fsutil import PinnedFile
+from imagebuild.streams import FileRange, Piece, archive_chunks
 
 from ..archives import oci_like, save_like
 
@@ -156,7 +156,7 @@ def _until_error(pieces: list[Piece]) -> tuple[bytes, BackupError]:
 @pytest.mark.parametrize("where", [0, -1])
 def test_a_file_that_does_not_match_its_sha256_cuts_the_stream_before_its_end(
         tmp_path: Path, where: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "CHUNK", 1024)
+    monkeypatch.setattr(streams, "CHUNK", 1024)
     _, gen, files, links, _ = _generation(tmp_path, "")
     layer = f"{0:064x}/layer.tar"
     good = bytearray((gen / layer).read_bytes())
@@ -371,7 +371,7 @@ def test_an_ssh_load_sends_the_pieces_of_a_tar_and_of_a_directory_alike(
 
 def test_an_ssh_load_of_a_damaged_file_is_killed_before_the_end(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "CHUNK", 1024)
+    monkeypatch.setattr(streams, "CHUNK", 1024)
     worker, received, started = _ssh_engine(tmp_path, monkeypatch)
     _, gen, files, links, _ = _generation(tmp_path, "")
     layer = gen / f"{0:064x}" / "layer.tar"

@@ -19,18 +19,12 @@ from imagebuild.distribute import (
     oci_pieces,
     plan_item,
 )
-from imagebuild.engine import (
-    BadReply,
-    FileRange,
-    ImageInfo,
-    Piece,
-    archive_chunks,
-    parse_images,
-    parse_info,
-)
+from imagebuild.engine import parse_info
 from imagebuild.errors import ImagebuildError
 from imagebuild.fsutil import PinnedFile
+from imagebuild.image import BadReply, ImageInfo, parse_images
 from imagebuild.remote import Target, explain
+from imagebuild.streams import FileRange, Piece, archive_chunks
 
 from ..archives import save_like
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from imagebuild import layerstore
-from imagebuild.engine import ImageInfo
 from imagebuild.errors import BackupError
+from imagebuild.image import ImageInfo
 from imagebuild.layerstore import (
     BLOBS,
     GenSidecar,

@@ -22,9 +22,9 @@ import pytest
 
 from imagebuild.archive import ArchiveIndex
 from imagebuild.distribute import Item, WorkerState, oci_image, oci_pieces, plan_item
-from imagebuild.engine import ImageInfo, archive_chunks
 from imagebuild.errors import BackupError, RegistryError, RemoteError, SpecError
 from imagebuild.fsutil import PinnedFile
+from imagebuild.image import ImageInfo
 from imagebuild.registry import (
     MANIFEST_MEDIA,
     Credentials,
@@ -33,6 +33,7 @@ from imagebuild.registry import (
 )
 from imagebuild.shipping import choose_path
 from imagebuild.spec import Registry, Spec
+from imagebuild.streams import archive_chunks
 
 from ..archives import oci_like, save_like
 from .conftest import SPEC, Stack

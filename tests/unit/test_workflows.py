@@ -15,7 +15,7 @@ from imagebuild import context, ops, shipping
 from imagebuild.backup import Sidecar, backups_of, restore_backup, write_backup
 from imagebuild.build import Action, decide, execute
 from imagebuild.distribute import Worker
-from imagebuild.engine import ImageInfo, RunResult
+from imagebuild.engine import RunResult
 from imagebuild.errors import (
     BackupError,
     ImageNotFound,
@@ -25,6 +25,7 @@ from imagebuild.errors import (
     SpecError,
     VerifyFailed,
 )
+from imagebuild.image import ImageInfo
 from imagebuild.layerstore import BLOBS, archive_stream, list_generations
 from imagebuild.naming import hash_tag, latest_tag
 from imagebuild.progress import Quiet
