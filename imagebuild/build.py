@@ -35,6 +35,7 @@ from .errors import (
     WheelHashMismatch,
 )
 from .fsutil import PinnedFile
+from .git import git_commit
 from .image import ImageInfo
 from .lock import check_wheel_digest
 from .naming import (
@@ -47,7 +48,6 @@ from .naming import (
     short_id,
 )
 from .progress import Progress
-from .remote import git_commit
 from .render import WHEELS_ARG
 from .spec import Spec
 from .store import BackupDir

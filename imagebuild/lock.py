@@ -347,19 +347,12 @@ class _Anchors(html.parser.HTMLParser):
 Fetcher = Callable[[str], str]
 
 
-def _http_get(url: str) -> str:
-    import requests
-
-    resp = requests.get(url, timeout=30)
-    resp.raise_for_status()
-    return resp.text
-
-
-def index_sha256(index: str, filename: str, fetch: Fetcher | None = None) -> str | None:
-    """The sha256 a PEP 503 index publishes for ``filename`` (None if it has none)."""
+def index_sha256(index: str, filename: str, fetch: Fetcher) -> str | None:
+    """The sha256 a PEP 503 index publishes for ``filename`` (None if it has none), from
+    the page ``fetch`` reads (the caller's HTTP: this module does no I/O of its own)."""
     name = parse_wheel(filename).name
     page_url = f"{index.rstrip('/')}/{name}/"
-    page = (fetch or _http_get)(page_url)
+    page = fetch(page_url)
     parser = _Anchors()
     parser.feed(page)
     for text, href in parser.links:
@@ -392,8 +385,9 @@ def compute_lock(wheels_dir: Path, decls: Iterable[tuple[str, str | None]],
     Local files are hashed from disk. A file not present keeps the hash of a previous lock
     with the same filename (it was computed where the file was), else is unresolved.
     Index wheels keep their previous hash unless ``upgrade`` is True or names them;
-    otherwise the index's published sha256 is used. ``built``: the wheels built from
-    source, already locked (``built/<input hash>``) by the caller.
+    otherwise the index's published sha256 is used, read through ``fetch`` (without one,
+    an index wheel that needs it is recorded as unresolved). ``built``: the wheels built
+    from source, already locked (``built/<input hash>``) by the caller.
     """
     again = {canonicalize_name(n) for n in upgrade} if not isinstance(upgrade, bool) else set()
     old = previous.by_filename() if previous else {}
@@ -420,6 +414,9 @@ def compute_lock(wheels_dir: Path, decls: Iterable[tuple[str, str | None]],
             if (prev and prev.sha256 and prev.source == index and upgrade is not True
                     and parsed.name not in again):
                 sha = prev.sha256
+            elif fetch is None:
+                notes.append(f"{filename}: index {index} not consulted; recorded as "
+                             f"unresolved")
             else:
                 try:
                     sha = index_sha256(index, filename, fetch)

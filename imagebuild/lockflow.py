@@ -11,6 +11,7 @@ from typing import Literal
 
 from packaging.utils import canonicalize_name
 
+from . import web
 from .closure import (
     ClosureLock,
     changes,
@@ -78,7 +79,8 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
             warnings.append(f"ignoring the existing lock: {exc.message}")
     decls = [(d.filename, d.index) for d in spec.wheels]
     built_wheels, built_notes = locked_built_wheels(spec, previous, built)
-    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade, built=built_wheels)
+    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade,
+                          fetch=web.get_text, built=built_wheels)
     try:
         spec_name = str(spec.path.relative_to(spec.lock_path.parent))
     except ValueError:

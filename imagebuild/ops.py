@@ -45,12 +45,12 @@ from .errors import (
     SpecError,
     VerifyFailed,
 )
+from .git import git_show_head
 from .image import ImageInfo
 from .lockflow import LockOutcome
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
 from .promote import Promotion, promote
-from .remote import git_show_head
 from .spec import Spec, load_spec
 from .store import BackupDir
 from .verify import VerifyRecord, image_checks, require_verified, verify_image

@@ -30,7 +30,7 @@ from .errors import RegistryError
 from .fsutil import atomic_write_text
 from .progress import Progress
 from .registry import RegistryClient, docker_credentials
-from .remote import process_alive, start_daemon
+from .remote import process_alive, start_detached
 from .spec import Registry
 from .streams import range_chunks
 
@@ -125,7 +125,7 @@ def ensure_registry(reg: Registry, client: RegistryClient, progress: Progress,
         "http": {"addr": reg.address},
     }
     atomic_write_text(home / "config.yml", json.dumps(config, indent=2) + "\n")
-    pid = start_daemon([program, "serve", str(home / "config.yml")], home / "registry.log")
+    pid = start_detached([program, "serve", str(home / "config.yml")], home / "registry.log")
     atomic_write_text(pidfile, f"{pid}\n")
     progress.say(f"started a registry at {reg.address} (pid {pid}, storage {reg.storage}, "
                  f"log {home / 'registry.log'}); it keeps running for later runs")

@@ -27,10 +27,11 @@ from urllib.parse import urljoin
 
 import requests
 
-from .errors import RegistryError
-from .remote import credential_helper
+from .errors import RegistryError, RemoteError
+from .remote import last_line, local
 
 CONNECT_TIMEOUT = 10
+HELPER_TIMEOUT = 30
 READ_TIMEOUT = 600  # a registry may take a while to commit a 10 GB blob
 MANIFEST_MEDIA = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA = "application/vnd.oci.image.config.v1+json"
@@ -119,6 +120,30 @@ def _from_helper(helper: str, address: str) -> Credentials | None:
     if not isinstance(user, str) or not isinstance(secret, str):
         raise RegistryError(f"docker-credential-{helper}: Username or Secret is not a string")
     return Credentials(user, secret)
+
+
+def credential_helper(helper: str, server: str) -> str | None:
+    """``docker-credential-<helper> get`` for ``server`` (the name given on stdin, as the
+    docker CLI does): its JSON reply, or None when it holds nothing for that server. A
+    helper that is missing, silent or failing is the registry path's failure (exit 11)."""
+    program = f"docker-credential-{helper}"
+    try:
+        done = local([program, "get"], HELPER_TIMEOUT, stdin=server.encode())
+    except RemoteError:
+        raise RegistryError(f"the docker config names the credential helper {program}, "
+                            f"which is not installed",
+                            hint=f"install {program}, or docker login again without it"
+                            ) from None
+    if done.code is None:
+        raise RegistryError(f"{program} get did not answer within {HELPER_TIMEOUT}s",
+                            hint="unlock the helper's keyring, or docker login again "
+                                 "without it")
+    if done.code != 0:
+        if "credentials not found" in done.stdout + done.stderr:
+            return None
+        raise RegistryError(f"{program} get failed (exit {done.code}): "
+                            f"{last_line(done.stderr or done.stdout) or 'no output'}")
+    return done.stdout
 
 
 class Body:

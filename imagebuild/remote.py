@@ -1,4 +1,7 @@
-"""The one process boundary: OpenSSH to the workers and backup hosts, git, and uv.
+"""The one process boundary: running programs, locally (uv, git, credential helpers, a
+registry started detached) and over OpenSSH (the workers and backup hosts). What to run
+is decided by its callers (git.py, resolve.py, registry.py, publish.py, the ssh engine
+and store); this module only runs it, with argument lists and timeouts.
 
 Commands are argument lists (never ``shell=True``); the remote command is a single
 string built with ``shlex.join`` so the remote shell sees exactly the words we mean.
@@ -11,9 +14,7 @@ the host is put after ``--`` so it can never be read as an option.
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,6 @@ from .errors import RemoteError
 
 CONNECT_TIMEOUT = 10
 KEEPALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
-GIT_TIMEOUT = 10
 
 
 @dataclass(frozen=True)
@@ -154,151 +154,29 @@ def finish(proc: Process) -> Completed:
     return Completed(proc.returncode, _text(out), _text(err))
 
 
-def git_commit(root: Path) -> str | None:
-    """The commit ``root`` is checked out at (``-dirty`` with local changes), or None when
-    it is not a git repository or git is missing, slow or broken."""
-    git = shutil.which("git")
-    if git is None:
-        return None
-
-    def ask(*args: str) -> str | None:
-        try:
-            r = subprocess.run([git, "-C", str(root), *args], capture_output=True, text=True,
-                               timeout=GIT_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return r.stdout.strip() if r.returncode == 0 else None
-
-    commit = ask("rev-parse", "HEAD")
-    if not commit:
-        return None
-    dirty = ask("status", "--porcelain")
-    if dirty is None:
-        return None
-    return commit + ("-dirty" if dirty else "")
-
-
-def git_show_head(path: Path) -> str | None:
-    """The text of ``path`` as committed in HEAD of its repository, or None (not in git,
-    not committed, git missing or slow)."""
-    git = shutil.which("git")
-    if git is None:
-        return None
-    try:
-        r = subprocess.run([git, "-C", str(path.parent), "show", f"HEAD:./{path.name}"],
-                           capture_output=True, timeout=GIT_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return _text(r.stdout) if r.returncode == 0 else None
-
-
-def local(argv: list[str], timeout: float, cwd: Path | None = None) -> Completed:
-    """Run a local tool (uv) with an argument list, never a shell; what happened, whatever
-    its exit status. A missing program is a RemoteError naming it."""
+def local(argv: list[str], timeout: float, cwd: Path | None = None, *,
+          env: dict[str, str] | None = None, stdin: bytes | None = None,
+          missing: str = "reinstall imagebuild (pip install -e .), which brings uv"
+          ) -> Completed:
+    """Run a local program (uv, git, a credential helper) with an argument list, never a
+    shell, ``stdin`` as its input (none: /dev/null); what happened, whatever its exit
+    status (``code`` None: it ran out of ``timeout``). A missing program is a RemoteError
+    naming it, with ``missing`` as the hint."""
     try:
         r = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, cwd=cwd,
-                           stdin=subprocess.DEVNULL)
+                           env=env, input=stdin,
+                           stdin=subprocess.DEVNULL if stdin is None else None)
     except subprocess.TimeoutExpired as exc:
         return Completed(None, _text(exc.stdout), _text(exc.stderr))
     except FileNotFoundError:
-        raise RemoteError(f"{argv[0]} is not installed",
-                          hint="reinstall imagebuild (pip install -e .), which brings uv") from None
+        raise RemoteError(f"{argv[0]} is not installed", hint=missing) from None
     return Completed(r.returncode, _text(r.stdout), _text(r.stderr))
 
 
-# -- git: fetching the source of a wheel build ------------------------------------------------
-
-GIT_FETCH_TIMEOUT = 3600  # a first clone of a large repository over a slow link
+# -- long-running programs ------------------------------------------------------------------
 
 
-def _git(args: list[str], timeout: float, cwd: Path | None = None) -> Completed:
-    """git with an argument list; never prompts (a fetch that needs credentials fails)."""
-    git = shutil.which("git")
-    if git is None:
-        raise RemoteError("git is not installed", hint="install git (apt-get install git)")
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true",
-           "LC_ALL": "C"}
-    try:
-        r = subprocess.run([git, *args], capture_output=True, timeout=timeout, check=False,
-                           cwd=cwd, stdin=subprocess.DEVNULL, env=env)
-    except subprocess.TimeoutExpired as exc:
-        return Completed(None, _text(exc.stdout), _text(exc.stderr))
-    return Completed(r.returncode, _text(r.stdout), _text(r.stderr))
-
-
-def git_mirror(url: str, mirror: Path) -> Completed:
-    """Bring the bare mirror ``mirror`` of ``url`` up to date: a ``git clone --mirror``
-    the first time (into a temporary name, renamed when complete), a ``git fetch``
-    afterwards. The URL comes after ``--``: it can never be read as an option."""
-    if (mirror / "HEAD").is_file():
-        return _git(["-C", str(mirror), "fetch", "--quiet", "--prune", "--tags", "origin"],
-                    GIT_FETCH_TIMEOUT)
-    mirror.parent.mkdir(parents=True, exist_ok=True)
-    partial = mirror.with_name(mirror.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    done = _git(["clone", "--quiet", "--mirror", "--", url, str(partial)], GIT_FETCH_TIMEOUT)
-    if done.code == 0:
-        os.replace(partial, mirror)
-    else:
-        shutil.rmtree(partial, ignore_errors=True)
-    return done
-
-
-def git_has_commit(repo: Path, commit: str) -> bool:
-    return _git(["-C", str(repo), "cat-file", "-e", f"{commit}^{{commit}}"], GIT_TIMEOUT
-                ).code == 0
-
-
-def git_checkout(mirror: Path, commit: str, dest: Path) -> Completed:
-    """A working tree of ``commit`` at ``dest``, cloned from the local mirror (its objects
-    hard-linked, not copied, and no alternates pointing back at the mirror)."""
-    done = _git(["clone", "--quiet", "--no-checkout", "--", str(mirror), str(dest)],
-                GIT_FETCH_TIMEOUT)
-    if done.code != 0:
-        return done
-    return _git(["-C", str(dest), "-c", "advice.detachedHead=false", "checkout", "--quiet",
-                 "--detach", commit], GIT_FETCH_TIMEOUT)
-
-
-def git_apply(tree: Path, patch: Path) -> Completed:
-    """Apply one patch file to a working tree (all of it or nothing)."""
-    return _git(["-C", str(tree), "apply", "--whitespace=nowarn", "--", str(patch)],
-                GIT_TIMEOUT * 6)
-
-
-def git_commit_time(repo: Path, commit: str) -> int | None:
-    """The committer time of ``commit`` (seconds since the epoch), or None."""
-    done = _git(["-C", str(repo), "show", "-s", "--format=%ct", commit], GIT_TIMEOUT)
-    text = done.stdout.strip()
-    return int(text) if done.code == 0 and text.isdigit() else None
-
-
-# -- the registry of distribute --via registry ---------------------------------------------
-
-
-def credential_helper(helper: str, server: str) -> str | None:
-    """``docker-credential-<helper> get`` for ``server`` (the name given on stdin, as the
-    docker CLI does): its JSON reply, or None when it holds nothing for that server."""
-    program = f"docker-credential-{helper}"
-    try:
-        r = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
-                           timeout=30, check=False)
-    except FileNotFoundError:
-        raise RemoteError(f"the docker config names the credential helper {program}, which "
-                          f"is not installed", hint=f"install {program}, or docker login "
-                          f"again without it") from None
-    except subprocess.TimeoutExpired:
-        raise RemoteError(f"{program} get did not answer within 30s") from None
-    if r.returncode != 0:
-        if b"credentials not found" in r.stdout + r.stderr:
-            return None
-        raise RemoteError(f"{program} get failed (exit {r.returncode}): "
-                          f"{last_line(_text(r.stderr or r.stdout)) or 'no output'}")
-    return _text(r.stdout)
-
-
-def start_daemon(argv: list[str], log: Path) -> int:
+def start_detached(argv: list[str], log: Path) -> int:
     """Start a long-running program (a registry) detached from this process: its own
     session, stdin closed, stdout and stderr appended to ``log``. Returns its pid."""
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,12 @@ from urllib.parse import unquote, urlsplit
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from . import remote
+from . import remote, web
 from .closure import ClosureLock, LockedDist, format_closure
 from .errors import LockError, ResolveFailed
 from .lock import INDEX_URL, SHA256, WHEEL_FILE, parse_wheel, sha256_file
 
 UV_TIMEOUT = 600
-_CHUNK = 1 << 20
 
 
 def uv_binary() -> str:
@@ -153,16 +152,6 @@ def _read_uv_output(path: Path, image: str, wheels_dir: Path) -> tuple[LockedDis
 Getter = Callable[[str], bytes | None]  # URL -> body, None on 404
 
 
-def _http_get(url: str) -> bytes | None:
-    import requests
-
-    resp = requests.get(url, timeout=60)
-    if resp.status_code == 404:
-        return None
-    resp.raise_for_status()
-    return resp.content
-
-
 def requires_dist(metadata: bytes) -> tuple[str, str, list[str]]:
     """(Name, Version, Requires-Dist) of a core metadata file."""
     msg = email.parser.BytesParser().parsebytes(metadata, headersonly=True)
@@ -190,26 +179,13 @@ def wheel_metadata(path: Path) -> bytes:
 Downloader = Callable[[str, Path], bool]  # URL, destination -> False on 404
 
 
-def _http_download(url: str, dest: Path) -> bool:
-    import requests
-
-    with requests.get(url, timeout=60, stream=True) as resp:
-        if resp.status_code == 404:
-            return False
-        resp.raise_for_status()
-        with dest.open("wb") as f:
-            for chunk in resp.iter_content(_CHUNK):
-                f.write(chunk)
-    return True
-
-
 def dist_requires(dists: Iterable[LockedDist], wheels_dir: Path, get: Getter | None = None,
                   download: Downloader | None = None) -> dict[str, list[str]]:
     """The Requires-Dist of every locked distribution, by filename: a local wheel's from
     its file, an index wheel's from its PEP 658 metadata file (``<url>.metadata``) or, if
     the index has none, from the wheel itself, streamed to a temporary file and checked
     against its locked sha256 before it is read."""
-    fetch = get or _http_get
+    fetch = get or web.get_bytes
     out: dict[str, list[str]] = {}
     for p in dists:
         if p.url is None:
@@ -217,7 +193,7 @@ def dist_requires(dists: Iterable[LockedDist], wheels_dir: Path, get: Getter | N
         else:
             found = fetch(p.url + ".metadata")
             meta = found if found is not None else _downloaded_metadata(
-                p, download or _http_download)
+                p, download or web.download)
         name, version, reqs = requires_dist(meta)
         try:
             same = canonicalize_name(name) == p.name and str(Version(version)) == p.version

@@ -28,16 +28,16 @@ from pathlib import Path
 from . import __version__
 from .engine import Engine, Job
 from .errors import ImagebuildError, ImageNotFound, Interrupted, LockError, WheelBuildFailed
-from .lock import WHEEL_FILE, parse_wheel
-from .progress import Progress
-from .remote import (
-    Completed,
+from .git import (
     git_apply,
     git_checkout,
     git_commit_time,
     git_has_commit,
     git_mirror,
 )
+from .lock import WHEEL_FILE, parse_wheel
+from .progress import Progress
+from .remote import Completed
 from .resolve import requires_dist, wheel_metadata
 from .spec import BUILD_CCACHE, BUILD_OUT, BUILD_SRC, Spec
 from .wheelplan import WheelDerivation, wheel_problem

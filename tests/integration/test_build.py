@@ -161,7 +161,7 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
 
 
 def test_git_commit_label_source() -> None:
-    from imagebuild.remote import git_commit
+    from imagebuild.git import git_commit
 
     from .conftest import REPO
 

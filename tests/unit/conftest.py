@@ -191,5 +191,5 @@ def offline_lock(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[LockedDist]]
         return f"Metadata-Version: 2.1\nName: {parsed.name}\nVersion: {parsed.version}\n".encode()
 
     monkeypatch.setattr("imagebuild.locking.resolve", resolve)
-    monkeypatch.setattr("imagebuild.resolve._http_get", metadata)
+    monkeypatch.setattr("imagebuild.web.get_bytes", metadata)
     return closure

@@ -234,5 +234,5 @@ def test_the_archive_reader_and_the_stream_guard(tmp_path: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("imagebuild.lock._http_get", lambda url: (_ for _ in ()).throw(
+    monkeypatch.setattr("imagebuild.web.get_text", lambda url: (_ for _ in ()).throw(
         OSError("no network in unit tests")))

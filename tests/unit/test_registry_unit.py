@@ -22,7 +22,7 @@ import pytest
 
 from imagebuild.archive import ArchiveIndex
 from imagebuild.distribute import Item, WorkerState, oci_image, oci_pieces, plan_item
-from imagebuild.errors import BackupError, RegistryError, RemoteError, SpecError
+from imagebuild.errors import BackupError, RegistryError, SpecError
 from imagebuild.fsutil import PinnedFile
 from imagebuild.image import ImageInfo
 from imagebuild.registry import (
@@ -297,10 +297,10 @@ def test_a_credential_helper_that_is_not_installed(tmp_path: Path,
     monkeypatch.setenv("PATH", str(empty))
     path = _config(tmp_path, {"credHelpers": {ADDR: "imagebuild-test-none"},
                               "auths": {ADDR: {"auth": _b64("a:b")}}})
-    with pytest.raises(RemoteError) as err:
+    with pytest.raises(RegistryError) as err:  # the registry path's failure: exit 11
         docker_credentials(ADDR, path)
     assert "docker-credential-imagebuild-test-none" in err.value.message
-    assert "not installed" in err.value.message
+    assert "not installed" in err.value.message and err.value.exit_code == 11
 
 
 @pytest.mark.parametrize("helper", ["../evil", "/usr/bin/x", "a b", "-x;rm"])
@@ -342,8 +342,15 @@ def test_a_credential_helper_is_asked_for_the_address(tmp_path: Path,
     with pytest.raises(RegistryError, match="did not reply with Username and Secret"):
         docker_credentials(ADDR, path)
     path = _config(tmp_path, {"credsStore": "broken"})
-    with pytest.raises(RemoteError, match=r"exit 3\): keyring locked"):
+    with pytest.raises(RegistryError, match=r"exit 3\): keyring locked"):
         docker_credentials(ADDR, path)
+    # a helper that never answers is given up on, also as the registry path's failure
+    _helper(bin_dir, "silent", "sleep 5\n")
+    monkeypatch.setattr("imagebuild.registry.HELPER_TIMEOUT", 0.5)
+    path = _config(tmp_path, {"credsStore": "silent"})
+    with pytest.raises(RegistryError, match=r"did not answer within 0.5s") as err:
+        docker_credentials(ADDR, path)
+    assert err.value.exit_code == 11
 
 
 # -- the HTTP client against a small server ------------------------------------------------

@@ -275,7 +275,7 @@ def test_plan_touches_nothing(stack: Stack, capsys: pytest.CaptureFixture[str]) 
 
 def test_lock_check_cli(stack: Stack, capsys: pytest.CaptureFixture[str],
                         monkeypatch: pytest.MonkeyPatch, offline_lock: object) -> None:
-    monkeypatch.setattr("imagebuild.lock._http_get", lambda url: (_ for _ in ()).throw(
+    monkeypatch.setattr("imagebuild.web.get_text", lambda url: (_ for _ in ()).throw(
         AssertionError("no network expected: torch is already locked")))
     code, out, _ = _run(["-f", str(stack.spec_path), "lock", "--check"], capsys)
     assert code == 0, out
