@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RemoteError
@@ -104,3 +106,49 @@ def git_commit_time(repo: Path, commit: str) -> int | None:
     done = _git(["-C", str(repo), "show", "-s", "--format=%ct", commit], GIT_TIMEOUT)
     text = done.stdout.strip()
     return int(text) if done.code == 0 and text.isdigit() else None
+
+
+# -- the source of a wheel build ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """What ``checkout_source`` did: the commit's tree at ``dest`` with every patch
+    applied, or where it stopped (``failed``) with the failing git command's output."""
+
+    fetched: bool  # the mirror was fetched (it did not hold the commit yet)
+    epoch: int | None = None  # the commit's committer time
+    applied: tuple[str, ...] = ()  # patch file names, in order
+    failed: str = ""  # "fetch", "commit", "time", "checkout" or "patch"; "": done
+    patch: Path | None = None  # the patch that does not apply
+    output: Completed | None = None
+
+
+def checkout_source(url: str, mirror: Path, commit: str, patches: Sequence[Path],
+                    dest: Path, on_fetch: Callable[[], None] = lambda: None) -> Source:
+    """A working tree of ``commit`` of ``url`` at ``dest`` with ``patches`` applied in
+    order: the bare mirror at ``mirror`` fetched first only when it lacks the commit
+    (``on_fetch`` is told before a fetch). One call for a wheel build's whole source."""
+    fetched = False
+    if not ((mirror / "HEAD").is_file() and git_has_commit(mirror, commit)):
+        on_fetch()
+        fetched = True
+        done = git_mirror(url, mirror)
+        if done.code != 0:
+            return Source(fetched, failed="fetch", output=done)
+        if not git_has_commit(mirror, commit):
+            return Source(fetched, failed="commit")
+    epoch = git_commit_time(mirror, commit)
+    if epoch is None:
+        return Source(fetched, failed="time")
+    done = git_checkout(mirror, commit, dest)
+    if done.code != 0:
+        return Source(fetched, epoch, failed="checkout", output=done)
+    applied: list[str] = []
+    for patch in patches:
+        done = git_apply(dest, patch)
+        if done.code != 0:
+            return Source(fetched, epoch, tuple(applied), failed="patch", patch=patch,
+                          output=done)
+        applied.append(patch.name)
+    return Source(fetched, epoch, tuple(applied))

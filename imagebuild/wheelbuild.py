@@ -28,13 +28,7 @@ from pathlib import Path
 from . import __version__
 from .engine import Engine, Job
 from .errors import ImagebuildError, ImageNotFound, Interrupted, LockError, WheelBuildFailed
-from .git import (
-    git_apply,
-    git_checkout,
-    git_commit_time,
-    git_has_commit,
-    git_mirror,
-)
+from .git import checkout_source
 from .lock import WHEEL_FILE, parse_wheel
 from .progress import Progress
 from .remote import Completed
@@ -145,29 +139,10 @@ def build_wheel(spec: Spec, engine: Engine, store: WheelStore, d: WheelDerivatio
                        f"{datetime.now(UTC).isoformat(timespec='seconds')}, source {b.git} "
                        f"at {b.commit}, builder {b.builder_reference}\n")
         try:
-            mirror = _fetch(spec, d, progress, prefix, log)
-            epoch = git_commit_time(mirror, b.commit)
-            if epoch is None:
-                raise log.failed(f"cannot read the time of commit {b.commit}",
-                                 hint=f"the local mirror may be damaged: remove {mirror} "
-                                      "and run again")
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix="wheel-", dir=_tmp_dir(spec))))
             tree = scratch / "src"
-            done = git_checkout(mirror, b.commit, tree)
-            if done.code != 0:
-                log.output(done)
-                raise log.failed(f"cannot check out {b.commit}", hint=f"see {path}")
-            for patch in b.patches:
-                done = git_apply(tree, patch)
-                log.line(f"# patch {patch.name}: "
-                         + ("applied" if done.code == 0 else "does NOT apply"))
-                if done.code != 0:
-                    log.output(done)
-                    raise log.failed(f"patch {patch} does not apply to {b.commit[:12]}",
-                                     hint="refresh the patch against this commit (git diff "
-                                          "in a checkout of it) or pin the commit it was "
-                                          "made for")
+            epoch = _source(spec, d, tree, progress, prefix, log)
             source_tar = scratch / "source.tar"
             size = write_source_tar(tree, source_tar, epoch)
             progress.say(f"{prefix} sending the source ({size / 1e6:,.1f} MB) to "
@@ -194,27 +169,43 @@ def _tmp_dir(spec: Spec) -> Path:
     return path
 
 
-def _fetch(spec: Spec, d: WheelDerivation, progress: Progress, prefix: str, log: _Log
-           ) -> Path:
-    """The local mirror holding the commit (fetched only when it does not yet)."""
+def _source(spec: Spec, d: WheelDerivation, tree: Path, progress: Progress, prefix: str,
+            log: _Log) -> int:
+    """The wheel's source at ``tree`` (its commit, patched), through the local mirror
+    (fetched only when it lacks the commit); returns the commit's time."""
     b = d.build
     mirror = mirror_path(spec, b.git)
-    if (mirror / "HEAD").is_file() and git_has_commit(mirror, b.commit):
+    src = checkout_source(b.git, mirror, b.commit, b.patches, tree,
+                          on_fetch=lambda: progress.say(f"{prefix} fetching {b.git}"))
+    if not src.fetched:
         log.line(f"# {b.commit} is in the mirror {mirror}: no fetch")
-        return mirror
-    progress.say(f"{prefix} fetching {b.git}")
-    done = git_mirror(b.git, mirror)
-    if done.code != 0:
-        log.output(done)
-        why = "timed out" if done.code is None else "failed"
+    for name in src.applied:
+        log.line(f"# patch {name}: applied")
+    if src.failed == "patch":
+        log.line(f"# patch {src.patch.name if src.patch else '?'}: does NOT apply")
+    if src.output is not None and src.failed:
+        log.output(src.output)
+    if src.failed == "fetch":
+        why = "timed out" if src.output is not None and src.output.code is None else "failed"
         raise log.failed(f"fetching {b.git} {why}",
                          hint="check the URL and the network; git never prompts here, so a "
                               "private repository needs an ssh key or a credential helper")
-    if not git_has_commit(mirror, b.commit):
+    if src.failed == "commit":
         raise log.failed(f"commit {b.commit} is not in {b.git}",
                          hint="check the wheel's commit in wheels.build: pin a commit the "
                               "repository has (git ls-remote lists its branches and tags)")
-    return mirror
+    if src.failed == "time":
+        raise log.failed(f"cannot read the time of commit {b.commit}",
+                         hint=f"the local mirror may be damaged: remove {mirror} and run "
+                              f"again")
+    if src.failed == "checkout":
+        raise log.failed(f"cannot check out {b.commit}", hint=f"see {log.path}")
+    if src.failed == "patch":
+        raise log.failed(f"patch {src.patch} does not apply to {b.commit[:12]}",
+                         hint="refresh the patch against this commit (git diff in a "
+                              "checkout of it) or pin the commit it was made for")
+    assert src.epoch is not None
+    return src.epoch
 
 
 def write_source_tar(tree: Path, dest: Path, epoch: int) -> int:
