@@ -103,24 +103,17 @@ def pinned_requirement(wheel: LockedWheel) -> bytes | None:
     return f"{wheel.name}=={wheel.version} --hash=sha256:{wheel.sha256}\n".encode()
 
 
-def _assigned(spec: Spec, installs: list[LockedDist]) -> dict[str, list[str]]:
+def assigned_groups(spec: Spec, installs: list[LockedDist]) -> dict[str, list[str]]:
+    """Each layer group of the spec (layers.py) and the distributions of ``installs`` it
+    takes, in install order."""
     local = {p.name for p in installs if p.is_local} | spec.local_names()
     return assign(((p.name, p.name in local) for p in installs), spec.layers)
 
 
-def layer_groups(spec: Spec, installs: list[LockedDist]
-                 ) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Each layer group of the spec and what it installs (``name==version``)."""
-    by_name = {p.name: p for p in installs}
-    return tuple((g, tuple(f"{n}=={by_name[n].version}" for n in names))
-                 for g, names in _assigned(spec, installs).items())
-
-
-def layer_files(spec: Spec, name: str, installs: list[LockedDist], parent: str | None
-                ) -> list[ContextFile]:
-    """One hash-pinned requirements file per layer group of the spec (layers.py): what
-    ``name`` installs in that group; a group with nothing to install gets a comment."""
-    assigned = _assigned(spec, installs)
+def layer_files(spec: Spec, name: str, installs: list[LockedDist],
+                assigned: dict[str, list[str]], parent: str | None) -> list[ContextFile]:
+    """One hash-pinned requirements file per layer group: what ``name`` installs in that
+    group; a group with nothing to install gets a comment."""
     by_name = {p.name: p for p in installs}
     had = f"{parent} has all of it" if parent else "the lock has nothing for it"
     return [ContextFile(g.requirements, requirements_text(
@@ -150,8 +143,11 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
             # what the parent's closure lacks, nothing more: torch and every wheel the
             # parent has are never installed again
             installs = install_set(closure, parent_lock)
-            context.extend(layer_files(spec, name, installs, img.parent))
-            groups = layer_groups(spec, installs)
+            assigned = assigned_groups(spec, installs)
+            context.extend(layer_files(spec, name, installs, assigned, img.parent))
+            versions = {p.name: p.version for p in installs}
+            groups = tuple((g, tuple(f"{n}=={versions[n]}" for n in names))
+                           for g, names in assigned.items())
         wheels: list[LockedWheel] = [lock.get(wname) for wname in img.wheels]
         served_names = {p.filename for p in installs if p.is_local}
         by_file = lock.by_filename()

@@ -91,10 +91,10 @@ def _lineage_torch(spec: Spec, name: str) -> str | None:
 
 def layer_context(spec: Spec, name: str) -> list[dict[str, Any]]:
     """What a template needs of each install group of ``name``, in install order."""
-    layers = spec.layers
-    local_groups = {group_for(n, True, layers).name for n in spec.local_names()}
-    first_local = first_local_group(spec.local_names(), layers)
-    reinstall = reinstall_group(spec.lineage_torch(name), layers)
+    local, torch, layers = spec.local_names(), spec.lineage_torch(name), spec.layers
+    local_groups = {group_for(n, True, layers).name for n in local}
+    first_local = first_local_group(local, layers)
+    reinstall = reinstall_group(torch, layers)
     return [{"name": g.name, "requirements": g.requirements, "what": describe(g),
              "reinstall": g.name == reinstall, "local": g.name in local_groups,
              "declare_arg": g.name == first_local}
