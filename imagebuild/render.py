@@ -8,6 +8,7 @@ the spec can add a line to a Dockerfile even if a validator upstream missed it.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import shlex
 from dataclasses import dataclass
@@ -43,7 +44,14 @@ def _finalize(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=8)
 def _environment(templates_dir: Path) -> jinja2.Environment:
+    """One environment per templates directory and process: its loader compiles each
+    template once and compiles it again when the file changes (jinja's auto_reload)."""
+    return _new_environment(templates_dir)
+
+
+def _new_environment(templates_dir: Path) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir)),
         undefined=jinja2.StrictUndefined,

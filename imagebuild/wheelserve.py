@@ -45,6 +45,7 @@ from .fsutil import PinnedFile
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _MAX_DIGITS = 18  # byte offsets beyond an exabyte are not offsets
 PORT_BASE, PORT_SPAN = 20000, 10000  # below the usual ephemeral range (32768 on Linux)
+SHUTDOWN_POLL = 0.02  # how soon the serving thread sees close(): a build waits for it
 IDLE_TIMEOUT = 30.0  # seconds a connection may sit idle
 MAX_CONNECTIONS = 32
 
@@ -142,7 +143,7 @@ class WheelServer:
                      f"install local wheels this time")
             self._httpd = _Server(self, Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.2},
+                                        kwargs={"poll_interval": SHUTDOWN_POLL},
                                         name="imagebuild-wheelserve", daemon=True)
         self._thread.start()
         return self
