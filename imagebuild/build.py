@@ -22,11 +22,13 @@ from pathlib import Path
 
 from . import __version__
 from .backup import find_substitute, restore_backup
-from .derivation import ContextFile, Derivation
+from .derivation import ContextFile, CopiedFile, Derivation
 from .engine import Engine
 from .errors import (
+    BackupError,
     BuildFailed,
     EngineError,
+    FileChanged,
     ImagebuildError,
     ImageNotFound,
     Interrupted,
@@ -51,6 +53,7 @@ from .progress import Progress
 from .render import WHEELS_ARG
 from .spec import Spec
 from .store import BackupDir
+from .streams import FileRange, range_chunks
 from .wheelserve import WheelServer, preferred_port
 
 LOG_TAIL = 25
@@ -141,23 +144,66 @@ def preflight(spec: Spec, d: Derivation, stack: contextlib.ExitStack) -> dict[st
     return pinned
 
 
-def _tar_header(name: str, size: int) -> bytes:
+def pin_files(d: Derivation, stack: contextlib.ExitStack) -> dict[str, PinnedFile]:
+    """Before the engine is touched: every file the image declares, opened once and its
+    bytes checked against the hash its input hash was computed from (a file changed
+    since is refused: the image would not be the derivation its tag names)."""
+    pinned: dict[str, PinnedFile] = {}
+    for c in d.copied:
+        if c.source is None:
+            continue
+        try:
+            f = PinnedFile.open(c.source)
+        except OSError as exc:
+            raise FileChanged(f"{d.name}: {c.source} cannot be read: {exc.strerror or exc}",
+                              hint="plan and build again") from None
+        stack.callback(f.close)
+        if f.sha256() != c.sha256:
+            raise FileChanged(
+                f"{d.name}: {c.source} changed after it was hashed; nothing was built",
+                hint="build again once it is no longer being written (its new bytes are "
+                     "a new input hash)")
+        pinned[c.arcname] = f
+    return pinned
+
+
+def _tar_header(name: str, size: int, mode: int = 0o644,
+                kind: bytes = tarfile.REGTYPE) -> bytes:
     ti = tarfile.TarInfo(name)
     ti.size = size
-    ti.mode = 0o644
+    ti.mode = mode
+    ti.type = kind
     ti.mtime = 0
     ti.uname = ti.gname = "root"
     return ti.tobuf(format=tarfile.PAX_FORMAT)
 
 
-def context_stream(files: tuple[ContextFile, ...]) -> Iterator[bytes]:
+def context_stream(files: tuple[ContextFile, ...], copied: tuple[CopiedFile, ...] = (),
+                   pinned: dict[str, PinnedFile] | None = None) -> Iterator[bytes]:
     """The build context as a tar stream: the Dockerfile and the small generated files
-    it copies (the wheels are served, not sent; see wheelserve.py)."""
+    it copies (the wheels are served, not sent; see wheelserve.py), then the files the
+    spec declares, streamed from their pinned descriptors and hashed as they pass (a
+    file written to since ``pin_files`` stops the stream, and the build with it)."""
     for f in files:
         assert f.data is not None, f"{f.arcname} has no content"
         yield _tar_header(f.arcname, len(f.data))
         yield f.data
         pad = (-len(f.data)) % 512
+        if pad:
+            yield b"\0" * pad
+    for c in copied:
+        if c.source is None:
+            yield _tar_header(c.arcname, 0, c.mode, tarfile.DIRTYPE)
+            continue
+        assert pinned is not None and c.sha256 is not None
+        yield _tar_header(c.arcname, c.size, c.mode)
+        try:
+            yield from range_chunks(FileRange(pinned[c.arcname], 0, c.size, c.sha256,
+                                              str(c.source)))
+        except BackupError as exc:  # damaged or truncated while it streamed
+            raise FileChanged(f"{c.source} changed while it was sent to the engine: "
+                              f"{exc.message.splitlines()[0]}", hint="build again") from None
+        pad = (-c.size) % 512
         if pad:
             yield b"\0" * pad
     yield b"\0" * 1024
@@ -270,13 +316,15 @@ def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | N
                commit: str | None, prefix: str, progress: Progress, nocache: bool) -> ImageInfo:
     with contextlib.ExitStack() as pins:
         pinned = preflight(spec, d, pins)
+        files = pin_files(d, pins)
         return _build_checked(spec, engine, d, parent, commit, prefix, progress, nocache,
-                              pinned)
+                              pinned, files)
 
 
 def _build_checked(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | None,
                    commit: str | None, prefix: str, progress: Progress, nocache: bool,
-                   pinned: dict[str, PinnedFile]) -> ImageInfo:
+                   pinned: dict[str, PinnedFile],
+                   files: dict[str, PinnedFile] | None = None) -> ImageInfo:
     base = d.base_image_arg(parent)
     if parent is None and engine.inspect(base) is None:
         raise ImageNotFound(
@@ -314,7 +362,8 @@ def _build_checked(spec: Spec, engine: Engine, d: Derivation, parent: Derivation
         log.write(f"# imagebuild {__version__} build of {d.name} input hash {d.input_hash}\n"
                   f"# started {datetime.now(UTC).isoformat(timespec='seconds')}, "
                   + ", ".join(f"{k}={v}" for k, v in buildargs.items()) + "\n")
-        events = engine.build(context_stream(labelled(d.context, labels_for(d, commit))),
+        events = engine.build(context_stream(labelled(d.context, labels_for(d, commit)),
+                                             d.copied, files or {}),
                               buildargs=buildargs, nocache=nocache)
         try:
             for ev in events:

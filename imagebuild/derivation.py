@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .closure import LockedDist, Locks, install_set, requirements_text
-from .errors import UnresolvedHashError
+from .errors import SpecError, UnresolvedHashError
 from .layers import assign
-from .lock import LockedWheel
+from .lock import LockedWheel, sha256_file
 from .naming import hash12
 from .render import UV_REQUIREMENTS, WHEELS_ARG, render_image
-from .spec import SCHEMA_VERSION, Spec
+from .spec import SCHEMA_VERSION, ImageSpec, Spec
 from .wheelstore import wheel_path
 
 
@@ -42,6 +44,19 @@ class ContextFile:
     @property
     def sha256(self) -> str | None:
         return hashlib.sha256(self.data).hexdigest() if self.data is not None else None
+
+
+@dataclass(frozen=True)
+class CopiedFile:
+    """One entry of a file or directory the spec declares into an image (``files:``):
+    at ``arcname`` in the build context, streamed from ``source`` (checked against
+    ``sha256`` as it streams). A directory entry has no source."""
+
+    arcname: str  # files/<n> (a declared file), or files/<n>/<path> inside a directory
+    source: Path | None  # None: a directory
+    sha256: str | None
+    size: int
+    mode: int
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,7 @@ class Derivation:
     unresolved: tuple[str, ...]  # filenames whose sha256 is unknown, here or upstream
     # each layer group and what it installs (name==version), in install order
     layers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    copied: tuple[CopiedFile, ...] = ()  # the declared files, in the context's order
 
     @property
     def hash12(self) -> str:
@@ -122,6 +138,64 @@ def layer_files(spec: Spec, name: str, installs: list[LockedDist],
             for g in spec.layers]
 
 
+def copied_files(img: ImageSpec) -> tuple[list[CopiedFile], list[str]]:
+    """The entries of the files ``img`` declares, each file hashed now (its bytes are
+    what the input hash says; the build checks them again as it streams them), and the
+    declared paths that are missing (unresolved: the image cannot be built here).
+    A symbolic link inside a declared directory, or anything but a regular file or a
+    directory, is refused: the image would not hold what the checkout shows."""
+    out: list[CopiedFile] = []
+    missing: list[str] = []
+    for i, f in enumerate(img.files):
+        arc = f"files/{i}"
+        try:
+            st = f.source.stat()
+        except FileNotFoundError:
+            missing.append(f"{f.source} (declared file, not found)")
+            continue
+        except OSError as exc:
+            raise SpecError(f"images.{img.name}.files: {f.source}: {exc.strerror or exc}"
+                            ) from None
+        if stat.S_ISREG(st.st_mode):
+            out.append(_copied(arc, f.source, st, f.mode))
+        elif stat.S_ISDIR(st.st_mode):
+            out.append(CopiedFile(arc, None, None, 0, 0o755))
+            out.extend(_walk(img.name, arc, f.source, f.mode))
+        else:
+            raise SpecError(f"images.{img.name}.files: {f.source} is neither a file nor a "
+                            f"directory")
+    return out, missing
+
+
+def _copied(arcname: str, path: Path, st: os.stat_result, mode: int | None) -> CopiedFile:
+    executable = st.st_mode & 0o111
+    return CopiedFile(arcname, path, sha256_file(path), st.st_size,
+                      mode if mode is not None else (0o755 if executable else 0o644))
+
+
+def _walk(image: str, arc: str, root: Path, mode: int | None) -> list[CopiedFile]:
+    out: list[CopiedFile] = []
+    for current, dirs, files in os.walk(root):
+        dirs.sort()
+        rel = Path(current).relative_to(root)
+        for name in [*dirs, *sorted(files)]:
+            path = Path(current) / name
+            st = path.lstat()
+            where = f"{arc}/{(rel / name).as_posix()}"
+            if stat.S_ISLNK(st.st_mode):
+                raise SpecError(f"images.{image}.files: {path} is a symbolic link inside a "
+                                f"declared directory",
+                                hint="declare the file it points to, or copy it in place")
+            if stat.S_ISDIR(st.st_mode):
+                out.append(CopiedFile(where, None, None, 0, 0o755))
+            elif stat.S_ISREG(st.st_mode):
+                out.append(_copied(where, path, st, mode))
+            else:
+                raise SpecError(f"images.{image}.files: {path} is neither a file nor a "
+                                f"directory")
+    return sorted(out, key=lambda c: c.arcname)
+
+
 def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Derivation]:
     """Derivations of the closure of ``names`` (all images if empty), parents first.
     ``lock`` carries every image's closure lock (see ``ops.load``)."""
@@ -165,6 +239,8 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
                 unresolved.append(t.filename)
             if arcname is not None:
                 context.append(ContextFile(arcname, pinned_requirement(t)))
+        copied, missing = copied_files(img)
+        unresolved.extend(missing)
         parent = out[img.parent] if img.parent is not None else None
         if parent is not None and parent.input_hash is None:
             unresolved.extend(f for f in parent.unresolved if f not in unresolved)
@@ -178,11 +254,14 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
                 "parent": parent.input_hash if parent is not None else None,
                 "base": img.base_reference,
             }
+            if copied:  # (absent otherwise: the hashes of images without files stay)
+                material["files"] = [[c.arcname, c.sha256, c.mode] for c in copied]
             input_hash = hashlib.sha256(_canonical(material)).hexdigest()
         out[name] = Derivation(
             name=name, parent=img.parent, base=img.base_reference, dockerfile=dockerfile,
             context=tuple(sorted(context, key=lambda f: f.arcname)), served=served,
             wheels=tuple(wheels), installs=tuple(installs),
             input_hash=input_hash, unresolved=tuple(unresolved), layers=groups,
+            copied=tuple(copied),
         )
     return list(out.values())

@@ -67,6 +67,12 @@ class WheelHashMismatch(ImagebuildError):
     exit_code = 3
 
 
+class FileChanged(ImagebuildError):
+    """A file the spec declares into an image changed after it was hashed."""
+
+    exit_code = 3
+
+
 class EngineError(ImagebuildError):
     """The Docker engine is unreachable or an API call failed."""
 

@@ -8,6 +8,7 @@ the spec can add a line to a Dockerfile even if a validator upstream missed it.
 from __future__ import annotations
 
 import difflib
+import json
 import functools
 import os
 import shlex
@@ -138,6 +139,12 @@ def render_image(spec: Spec, name: str) -> str:
         "uv": _index_wheel(spec, img, p.uv, UV_REQUIREMENTS, "params.uv"),
         "install": {"arg": WHEELS_ARG, "lock": f"pylock.{img.name}.toml"},
         "layers": layer_context(spec, name),
+        "files": [{"src": f"files/{i}", "dest": f.dest,
+                   "json": json.dumps([f"files/{i}", f.dest])}
+                  for i, f in enumerate(img.files)],
+        "workdir": img.workdir,
+        "entrypoint": json.dumps(list(img.entrypoint)) if img.entrypoint else None,
+        "cmd": json.dumps(list(img.cmd)) if img.cmd else None,
         "torch": _index_wheel(spec, img, _lineage_torch(spec, name), "", "torch"),
     }
     try:

@@ -175,6 +175,16 @@ class Check:
 
 
 @dataclass(frozen=True)
+class DeclaredFile:
+    """A file or directory of the user's (a launcher script of their own checkout, mods,
+    recipes) copied into an image: hashed into its input hash, COPYed to ``dest``."""
+
+    source: Path  # absolute; may be outside the spec's directory
+    dest: str  # absolute path in the image
+    mode: int | None = None  # of the files (None: 0755 if executable at the source, else 0644)
+
+
+@dataclass(frozen=True)
 class ImageSpec:
     name: str
     aliases: tuple[str, ...]
@@ -188,6 +198,10 @@ class ImageSpec:
     checks: tuple[str, ...]
     requires: tuple[str, ...] = ()  # requirements this image adds, resolved from pip_index
     overrides: tuple[Override, ...] = ()  # for this image and its children
+    files: tuple[DeclaredFile, ...] = ()  # copied into the image, last
+    workdir: str | None = None  # WORKDIR
+    entrypoint: tuple[str, ...] | None = None  # ENTRYPOINT, exec form
+    cmd: tuple[str, ...] | None = None  # CMD, exec form
 
     @property
     def base_reference(self) -> str | None:
@@ -465,7 +479,11 @@ def expand_vars(text: str) -> str:
 _TOP_KEYS = {"schema", "templates", "dockerfiles", "lock", "locks", "target", "wheels", "images",
              "checks", "cluster", "backups", "state", "registry", "layers"}
 _IMAGE_KEYS = {"aliases", "template", "parent", "base", "base_digest", "params", "wheels",
-               "torch", "checks", "requires", "overrides"}
+               "torch", "checks", "requires", "overrides", "files", "workdir", "entrypoint",
+               "cmd"}
+# an absolute path in an image: no "..", no "$" (a Dockerfile would substitute it), no space
+_IMAGE_PATH = re.compile(r"^/(?:(?!\.\.?(?:/|$))[A-Za-z0-9._+@-]+/?)*$")
+_FILE_KEYS = {"src", "dest", "mode"}
 _PARAM_KEYS = {"apt_packages", "env", "uv", "pip_index"}
 _PYTHON = re.compile(r"^3\.[0-9]{1,2}$")
 _PLATFORM = re.compile(r"^[a-z0-9_]+-[a-z0-9_.-]+$")
@@ -936,6 +954,41 @@ def _read_params(r: _Reader, raw: Any, where: str, line: int | None) -> Params:
     return Params(apt_packages=apt, env=tuple(env_items), uv=uv, pip_index=pip_index)
 
 
+MAX_FILES = 64
+
+
+def _read_files(r: _Reader, raw: Any, where: str, line: int | None
+                ) -> tuple[DeclaredFile, ...]:
+    """``files:``: [{src, dest, mode}]: what the image copies from the user's disk."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_FILES:
+        raise r.fail(where, line, f"expected a list of at most {MAX_FILES} {{src, dest, "
+                     f"mode}}")
+    out: list[DeclaredFile] = []
+    for i, item in enumerate(raw):
+        w = f"{where}[{i}]"
+        iline = raw.item_lines[i] if isinstance(raw, _LineList) else line
+        entry = r.mapping(item, w, iline)
+        r.keys(entry, w, _FILE_KEYS, {"src", "dest"})
+        source = r.to_path(entry["src"], f"{w}.src", entry.key_lines.get("src"))
+        dest = r.string(entry["dest"], f"{w}.dest", entry.key_lines.get("dest"), _IMAGE_PATH,
+                        "absolute path in the image (letters, digits and ._+@-)")
+        if dest == "/":
+            raise r.fail(f"{w}.dest", entry.key_lines.get("dest"), "not the image's root")
+        mode = entry.get("mode")
+        if mode is not None:
+            if isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3,4}", mode):
+                mode = int(mode, 8)
+            if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+                raise r.fail(f"{w}.mode", entry.key_lines.get("mode"),
+                             f"{mode!r} is not a file mode", hint='quote it: mode: "0755"')
+        if any(f.dest == dest for f in out):
+            raise r.fail(f"{w}.dest", entry.key_lines.get("dest"), f"{dest} is declared twice")
+        out.append(DeclaredFile(source=source, dest=dest.rstrip("/") or "/", mode=mode))
+    return tuple(out)
+
+
 def _wheel_names(wheels: tuple[WheelDecl, ...]) -> dict[str, WheelDecl]:
     out: dict[str, WheelDecl] = {}
     for d in wheels:
@@ -1032,10 +1085,18 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
                                                 kl("requires"), None, "requirement")))
         overrides = _read_overrides(r, b.get("overrides"), f"{where}.overrides",
                                     kl("overrides"))
+        files = _read_files(r, b.get("files"), f"{where}.files", kl("files"))
+        workdir = (r.string(b["workdir"], f"{where}.workdir", kl("workdir"), _IMAGE_PATH,
+                            "absolute path in the image (letters, digits and ._+@-)")
+                   if b.get("workdir") is not None else None)
+        entrypoint, cmd = (
+            r.string_list(b[k], f"{where}.{k}", kl(k), None, "argument") or None
+            if b.get(k) is not None else None for k in ("entrypoint", "cmd"))
         images[name] = ImageSpec(
             name=name, aliases=img_aliases, template=template, parent=parent, base=base,
             base_digest=digest, params=params, wheels=tuple(wheel_names), torch=torch,
-            checks=check_names, requires=requires, overrides=overrides,
+            checks=check_names, requires=requires, overrides=overrides, files=files,
+            workdir=workdir, entrypoint=entrypoint, cmd=cmd,
         )
         for a in img_aliases:
             if a in aliases or a in m:
