@@ -8,8 +8,8 @@ the spec can add a line to a Dockerfile even if a validator upstream missed it.
 from __future__ import annotations
 
 import difflib
-import json
 import functools
+import json
 import os
 import shlex
 from dataclasses import dataclass
