@@ -17,6 +17,10 @@ ENV UV_LINK_MODE=copy
 # Children (tf5, mimo) inherit it.
 ENV UV_NO_CACHE=1
 ENV CCACHE_DIR=/root/.ccache
+ENV TRITON_PTXAS_PATH=/usr/local/cuda/bin/ptxas
+ENV TORCH_CUDA_ARCH_LIST=12.1a
+ENV FLASHINFER_CUDA_ARCH_LIST=12.1a
+ENV TIKTOKEN_ENCODINGS_BASE=/workspace/vllm/tiktoken_encodings
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
@@ -86,3 +90,8 @@ COPY install-wheels.txt /tmp/imagebuild/install-wheels.txt
 RUN : "${IMAGEBUILD_WHEELS:?pass --build-arg IMAGEBUILD_WHEELS=URL serving wheels/}" \
     && uv pip install --no-deps --require-hashes -r /tmp/imagebuild/install-wheels.txt \
     && rm /tmp/imagebuild/install-wheels.txt
+
+# Files declared under images.vllm-node.files, copied from this build's context
+# (each hashed into the input hash; a file changed since then is refused).
+COPY ["files/0", "/workspace/vllm/run-cluster-node.sh"]
+WORKDIR /workspace/vllm

@@ -161,9 +161,15 @@ def plan_lines(p: PlanOutcome) -> list[str]:
                        f"{', '.join(changes[d.name])}")
     missing = sorted({f for d in derivations for f in d.unresolved})
     if missing:
-        out += [f"\n{len(missing)} wheel hash(es) are unresolved in "
-                f"{rel(p.spec.lock_path)}: {', '.join(missing)}",
-                "run 'imagebuild lock' where those wheels are, then plan again"]
+        files = [m for m in missing if m.endswith("(declared file, not found)")]
+        locked = [m for m in missing if m not in files]
+        if locked:
+            out += [f"\n{len(locked)} input(s) unresolved in the locks "
+                    f"({rel(p.spec.lock_path)}, locks/): {', '.join(locked)}",
+                    "run 'imagebuild lock' where the wheels are, then plan again"]
+        if files:
+            out += [f"\n{len(files)} declared file(s) missing: {', '.join(files)}",
+                    "put them in place (see the image's files: in the spec), then plan again"]
     return out
 
 

@@ -126,13 +126,15 @@ class MiniStack:
         text = text.replace("${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/wheels", "wheels")
         text = text.replace("${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/state", "state")
         text = text.replace("${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/backups", "backups")
-        text = text.replace("      uv: uv\n",
-                            f"      uv: uv\n      env: {{IMAGEBUILD_TEST_SALT: {salt}}}\n")
+        text = text.replace("        TORCH_CUDA_ARCH_LIST: 12.1a\n",
+                            f"        TORCH_CUDA_ARCH_LIST: 12.1a\n"
+                            f"        IMAGEBUILD_TEST_SALT: {salt}\n")
         assert "IMAGEBUILD_TEST_SALT" in text
         self.spec = root / "imagebuild.yaml"
         self.spec.write_text(text)
         shutil.copy(MINI.parent / "wheels.lock", root / "wheels.lock")
         shutil.copytree(MINI.parent / "locks", root / "locks")
+        shutil.copytree(MINI.parent / "files", root / "files")
 
     def on(self, store: str) -> MiniStack:
         """The same stack (spec, state, backups) driven against the head on ``store``."""

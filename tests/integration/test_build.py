@@ -149,8 +149,9 @@ def test_cold_build_lineage_labels_and_the_real_torch(mini: MiniStack) -> None:
                               "{{.Size}}\t{{.CreatedBy}}", mimo.id],
                              capture_output=True, text=True, check=True).stdout.splitlines()
     copies = [h for h in history if "COPY" in h]
-    # uv and the five install groups' files (node), the five groups' files (tf5, mimo)
-    assert len(copies) == 16, history
+    # uv, the five install groups' files and the node script (node), the five groups'
+    # files (tf5, mimo)
+    assert len(copies) == 17, history
     # bytes, not wheels (the containerd store counts the layer tar: a few blocks)
     assert all(int(h.split("\t")[0]) < 65536 for h in copies), copies
     # built once, then found by input hash: nothing is built again

@@ -16,6 +16,8 @@ ENV UV_LINK_MODE=copy
 # /root/.cache/uv inside the install layers: images twice the size, rebuild deltas too.
 # Children (tf5, mimo) inherit it.
 ENV UV_NO_CACHE=1
+ENV TRITON_PTXAS_PATH=/usr/local/cuda/bin/ptxas
+ENV TORCH_CUDA_ARCH_LIST=12.1a
 
 # uv 0.9.7 from its index; uv-requirements.txt pins the wheel by sha256 (written
 # by imagebuild from wheels.lock), and pip verifies it.
@@ -68,3 +70,8 @@ COPY install-wheels.txt /tmp/imagebuild/install-wheels.txt
 RUN : "${IMAGEBUILD_WHEELS:?pass --build-arg IMAGEBUILD_WHEELS=URL serving wheels/}" \
     && uv pip install --no-deps --require-hashes -r /tmp/imagebuild/install-wheels.txt \
     && rm /tmp/imagebuild/install-wheels.txt
+
+# Files declared under images.vllm-node.files, copied from this build's context
+# (each hashed into the input hash; a file changed since then is refused).
+COPY ["files/0", "/workspace/vllm/run-cluster-node.sh"]
+WORKDIR /workspace/vllm
