@@ -75,6 +75,12 @@ SSH_PORT = 2222
 BASE_IMAGE = "imagebuild-bed/bookworm-python:1"
 BUILDER_IMAGE = "imagebuild-bed/bookworm-builder:1"  # see ensure_builder_image()
 UV_VERSION = "0.9.7"
+# real Ray for the images' runtime contract (the launcher forms a Ray cluster): downloaded
+# once on the host for the bed's Python and the test stack's target, served by its index
+RAY_VERSION = "2.60.0"
+RAY_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
+                 "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_5_x86_64",
+                 "manylinux1_x86_64")
 SUITE = "bookworm"
 CTRD = "c1"  # the containerd-store worker
 CTRD_ADDR = "127.0.0.9"
@@ -606,9 +612,35 @@ def fixture_package(index_dir: Path, dist: str, version: str) -> Path:
 
 
 def index_files() -> list[Path]:
-    """What the index serves: the fixtures, what tests published since 'up', and uv."""
+    """What the index serves: the fixtures, what tests published since 'up', uv, and
+    real ray[default] with everything it needs."""
     _local, served = fixture_wheels(int(os.environ.get("IMAGEBUILD_BED_PAD_MB", "0")))
-    return [*served, *sorted((BED / "index-extra").glob("*.whl")), ensure_uv_wheel()]
+    return [*served, *sorted((BED / "index-extra").glob("*.whl")), ensure_uv_wheel(),
+            *ensure_ray_wheels()]
+
+
+def ensure_ray_wheels() -> list[Path]:
+    """``ray[default]`` and its dependencies as wheels for the bed's images (CPython 3.11,
+    x86_64, glibc 2.28 and older: the test stack's target), downloaded once from PyPI on
+    the host (a build on this machine cannot check PyPI's certificate) and cached."""
+    cache = BED / "cache" / f"ray-{RAY_VERSION}"
+    done = cache / ".complete"
+    if done.is_file():
+        return sorted(cache.glob("*.whl"))
+    log(f"downloading ray[default] {RAY_VERSION} and its dependencies from PyPI "
+        f"(about 110 MB, once; cached)")
+    partial = cache.with_name(cache.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    platforms = [arg for p in RAY_PLATFORMS for arg in ("--platform", p)]
+    run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+         "--only-binary", ":all:", *platforms, "--python-version", "3.11",
+         "--implementation", "cp", "--abi", "cp311", "-d", str(partial),
+         f"ray[default]=={RAY_VERSION}"])
+    (partial / ".complete").write_text(RAY_VERSION + "\n")
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(partial, cache)
+    return sorted(cache.glob("*.whl"))
 
 
 def publish(wheel: Path) -> None:

@@ -1,0 +1,110 @@
+"""The images run what the field's launcher runs in them: each node's container starts
+``./run-cluster-node.sh`` in the image's working directory, and the nodes form one Ray
+cluster over the network. On the bed: real Ray (the bed's index serves it), the head's
+image and the copies ``distribute`` put on every worker (w1-w3 and c1 on the
+containerd store), a remote task on every node, and nothing left running."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from .conftest import HEAD_STORES, NODE_WHEELS, MiniStack, testbed, use_every_worker_kind
+
+pytestmark = pytest.mark.bed
+
+HEAD_IP = "127.0.0.20"  # a loopback address of its own: the workers' are .2 to .9
+LABEL = "org.imagebuild.test=ray"
+
+# run in the head's container: wait for every node, then one task pinned to each
+PROBE = """
+import json, sys, time
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+want, address = int(sys.argv[1]), sys.argv[2]
+ray.init(address=address, log_to_driver=False)
+deadline = time.monotonic() + 180
+while True:
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if len(alive) >= want or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+
+@ray.remote(num_cpus=0)
+def where():
+    return ray.util.get_node_ip_address()
+
+pinned = [where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+    n["NodeID"], soft=False)).remote() for n in alive]
+print(json.dumps({"nodes": len(alive), "ips": sorted(ray.get(pinned, timeout=180))}))
+"""
+
+
+def _run_args(name: str, port: int, *role: str) -> list[str]:
+    """``docker run`` of a node as the launcher starts it: host network, the image's
+    working directory, its node script."""
+    return ["run", "-d", "--name", name, "--label", LABEL, "--network", "host",
+            "--shm-size", "512m", "-e", "RAY_USAGE_STATS_ENABLED=0", "vllm-node:latest",
+            "./run-cluster-node.sh", *role, "--port", str(port)]
+
+
+@pytest.mark.parametrize("head_store", HEAD_STORES)
+def test_the_distributed_images_form_a_ray_cluster(mini: MiniStack) -> None:
+    use_every_worker_kind(mini)
+    # the real spec's runtime contract: ray[default] in the locked closure
+    mini.edit_spec(NODE_WHEELS, NODE_WHEELS.replace(
+        "    torch: torch\n", '    torch: torch\n    requires: ["ray[default]"]\n'))
+    r = mini.cli("lock")
+    assert r.returncode == 0, r.stderr
+    assert "ray" in (mini.root / "locks" / "pylock.vllm-node.toml").read_text()
+    r = mini.cli("build", "node", timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    via = "ssh" if mini.bed.head_store == "classic" else "registry"
+    workers = [*mini.bed.workers[:3], testbed.CTRD]
+    r = mini.cli("distribute", "--via", via, "--workers", ",".join(workers), "node",
+                 timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    addrs = {w: testbed.worker_addr(i) for i, w in enumerate(mini.bed.workers, 1)}
+    addrs[testbed.CTRD] = testbed.CTRD_ADDR
+    port = 26379 + (0 if via == "ssh" else 1)
+    tag = uuid.uuid4().hex[:8]
+    started: list[str] = []  # "" for the head, else the worker
+    try:
+        r = mini.bed.docker(*_run_args(f"ray-head-{tag}", port, "--role", "head",
+                                       "--host-ip", HEAD_IP))
+        assert r.returncode == 0, r.stderr
+        started.append("")
+        for w in workers:
+            r = mini.bed.ssh(w, "docker", *_run_args(
+                f"ray-{w}-{tag}", port, "--role", "worker", "--head-ip", HEAD_IP,
+                "--host-ip", addrs[w]))
+            assert r.returncode == 0, (w, r.stderr)
+            started.append(w)
+        r = mini.bed.docker("exec", f"ray-head-{tag}", "python3", "-c", PROBE,
+                            str(len(workers) + 1), f"{HEAD_IP}:{port}")
+        assert r.returncode == 0, r.stderr[-3000:] + _logs(mini, tag, workers)
+        seen = json.loads(r.stdout.strip().splitlines()[-1])
+        assert seen["nodes"] == len(workers) + 1, (seen, _logs(mini, tag, workers))
+        assert set(seen["ips"]) == {HEAD_IP, *(addrs[w] for w in workers)}, seen
+    finally:
+        for w in started:
+            name = f"ray-{w}-{tag}" if w else f"ray-head-{tag}"
+            if w:
+                mini.bed.ssh(w, "docker", "rm", "-f", name)
+            else:
+                mini.bed.docker("rm", "-f", name)
+    # nothing left running anywhere
+    assert mini.bed.docker("ps", "-aq", "--filter", f"label={LABEL}").stdout.strip() == ""
+    for w in workers:
+        assert mini.bed.ssh(w, "docker", "ps", "-aq", "--filter",
+                            f"label={LABEL}").stdout.strip() == "", w
+
+
+def _logs(mini: MiniStack, tag: str, workers: list[str]) -> str:
+    """The nodes' output, for a failure's message."""
+    out = [mini.bed.docker("logs", "--tail", "30", f"ray-head-{tag}").stderr]
+    for w in workers:
+        out.append(mini.bed.ssh(w, "docker", "logs", "--tail", "30", f"ray-{w}-{tag}").stderr)
+    return "\n---\n".join(out)
