@@ -912,6 +912,176 @@ def stop_index_at(root: Path) -> None:
     stop_pidfile(root.with_name(root.name + ".pid"), str(root), f"wheel index {root}")
 
 
+# -- engines of a benchmark's own --------------------------------------------------------------
+#
+# A benchmark that measures what reaches each worker cannot share engines with tests
+# running at the same time: they build images of the same names on the head and
+# reset-workers empties every worker under workers/. These are a head and workers of
+# the same kind (dockerd on the classic store; each worker behind its own sshd) under
+# bench-real/engines/, on addresses the bed does not use (127.0.1.N:2222); 'testbed
+# down', reset-workers and 'up --fresh' never touch them.
+
+BENCH_ENGINES = BENCH_REAL / "engines"
+
+
+def bench_engine_dir(node: str) -> Path:
+    """'head' or 'w1', 'w2', ... of the benchmark's own engines."""
+    return BENCH_ENGINES / node
+
+
+def bench_socket(node: str) -> Path:
+    return bench_engine_dir(node) / "docker.sock"
+
+
+def bench_worker_addr(i: int) -> str:
+    if not 1 <= i <= 254:
+        die(f"the benchmark's engines have room for 254 workers, not {i}")
+    return f"127.0.1.{i}"
+
+
+def bench_ssh_config() -> Path:
+    return BENCH_ENGINES / "ssh" / "config"
+
+
+def bench_inventory() -> Path:
+    """The cluster inventory of the benchmark's workers, for a spec's cluster.inventory."""
+    return BENCH_ENGINES / "cluster.yaml"
+
+
+def _bench_docker_ok(node: str) -> bool:
+    r = subprocess.run(["docker", "-H", f"unix://{bench_socket(node)}", "version", "--format",
+                        "{{.Server.Version}}"], capture_output=True, text=True)
+    return r.returncode == 0
+
+
+def _start_bench_dockerd(node: str) -> None:
+    d = bench_engine_dir(node)
+    pidfile = d / "docker.pid"
+    if pid_alive(pidfile, str(d)) and _bench_docker_ok(node):
+        return
+    stop_pidfile(pidfile, str(d), f"bench dockerd {node}")
+    for sub in ("data", "exec"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    bench_socket(node).unlink(missing_ok=True)
+    spawn([which("dockerd") or "dockerd",
+           "--data-root", str(d / "data"), "--exec-root", str(d / "exec"),
+           "--host", f"unix://{bench_socket(node)}", "--pidfile", str(pidfile),
+           "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
+           "--storage-driver=overlay2"], d / "dockerd.log")
+    log(f"starting bench dockerd {node}")
+
+
+def _bench_ssh(workers: list[tuple[str, str]]) -> None:
+    sshdir = BENCH_ENGINES / "ssh"
+    sshdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(sshdir, 0o700)
+    keygen(sshdir / "id_ed25519", "imagebuild-bench-client")
+    (sshdir / "authorized_keys").write_text((sshdir / "id_ed25519.pub").read_text())
+    known, config = [], [f"# ssh config of the benchmark's own workers: "
+                         f"ssh -F {bench_ssh_config()} w1 docker info"]
+    for w, addr in workers:
+        wd = bench_engine_dir(w)
+        wd.mkdir(parents=True, exist_ok=True)
+        keygen(wd / "ssh_host_ed25519_key", f"imagebuild-bench-{w}")
+        hostkey = (wd / "ssh_host_ed25519_key.pub").read_text().split()
+        known.append(f"[{addr}]:{SSH_PORT} {hostkey[0]} {hostkey[1]}")
+        config += [
+            "", f"Host {w}", f"  HostName {addr}", f"  Port {SSH_PORT}", "  User root",
+            f"  IdentityFile {sshdir / 'id_ed25519'}", "  IdentitiesOnly yes",
+            f"  UserKnownHostsFile {sshdir / 'known_hosts'}", "  StrictHostKeyChecking yes",
+            "  BatchMode yes", "  ConnectTimeout 5", "  ServerAliveInterval 5",
+            "  ServerAliveCountMax 3",
+        ]
+    (sshdir / "known_hosts").write_text("\n".join(known) + "\n")
+    bench_ssh_config().write_text("\n".join(config) + "\n")
+
+
+def _start_bench_sshd(w: str, addr: str) -> None:
+    wd = bench_engine_dir(w)
+    pidfile, conf = wd / "sshd.pid", wd / "sshd_config"
+    conf.write_text("\n".join([
+        f"# sshd of the benchmark's worker {w}: its sessions talk to this worker's dockerd",
+        f"ListenAddress {addr}:{SSH_PORT}", f"HostKey {wd / 'ssh_host_ed25519_key'}",
+        f"PidFile {pidfile}", f"AuthorizedKeysFile {BENCH_ENGINES / 'ssh' / 'authorized_keys'}",
+        "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PrintMotd no",
+        f"SetEnv DOCKER_HOST=unix://{bench_socket(w)}", "MaxStartups 50:30:100", "",
+    ]))
+    if pid_alive(pidfile, str(conf)):
+        return
+    Path("/run/sshd").mkdir(exist_ok=True)
+    run([which("sshd") or "/usr/sbin/sshd", "-f", str(conf), "-E", str(wd / "sshd.log")])
+    for _ in range(50):
+        if pid_alive(pidfile, str(conf)):
+            return
+        time.sleep(0.1)
+    die(f"sshd for bench worker {w} did not start", f"see {wd / 'sshd.log'}")
+
+
+def bench_engines_up(n: int = 3) -> list[str]:
+    """Start (idempotent) the benchmark's head and ``n`` workers, with the bed's base image
+    on the head; returns the workers' names. bench_engines_down() stops them."""
+    if os.geteuid() != 0:
+        die("the benchmark's engines run dockerd and sshd, which need root")
+    workers = workers_list(n)
+    _bench_ssh([(w, bench_worker_addr(i)) for i, w in enumerate(workers, 1)])
+    for node in ["head", *workers]:
+        _start_bench_dockerd(node)
+    for i, node in enumerate(["head", *workers]):
+        deadline = time.monotonic() + 60
+        while not _bench_docker_ok(node):
+            if time.monotonic() > deadline:
+                die(f"bench dockerd {node} did not answer within 60s",
+                    f"see {bench_engine_dir(node) / 'dockerd.log'}")
+            time.sleep(0.3)
+        if i:
+            _start_bench_sshd(node, bench_worker_addr(i))
+    for w in workers:
+        r = subprocess.run(["ssh", "-F", str(bench_ssh_config()), w, "docker", "version",
+                            "--format", "{{.Server.Version}}"], capture_output=True, text=True,
+                           timeout=30)
+        if r.returncode != 0:
+            die(f"ssh to bench worker {w} does not reach its engine: {r.stderr.strip()}")
+    bench_inventory().write_text("\n".join(
+        ["# cluster inventory of the benchmark's own workers (testbed.bench_engines_up)",
+         f"ssh_config: {bench_ssh_config()}", "workers:",
+         *(f"  - name: {w}\n    address: {w}" for w in workers)]) + "\n")
+    head = ["docker", "-H", f"unix://{bench_socket('head')}"]
+    if subprocess.run([*head, "image", "inspect", BASE_IMAGE], capture_output=True).returncode:
+        tarball = cached_rootfs(SUITE, "python3,python3-pip,python3-venv,ca-certificates",
+                                "python", slimmed=True)
+        run([*head, "import", *IMPORT_CHANGES, str(tarball), BASE_IMAGE],
+            stdout=subprocess.DEVNULL)
+    return workers
+
+
+def bench_engines_down() -> None:
+    """Stop the benchmark's engines and sshds (by their pid files); their data stays."""
+    if not BENCH_ENGINES.is_dir():
+        return
+    for d in sorted(p for p in BENCH_ENGINES.iterdir() if (p / "docker.pid").exists()
+                    or (p / "sshd.pid").exists()):
+        stop_pidfile(d / "sshd.pid", str(d / "sshd_config"), f"bench sshd {d.name}")
+        stop_pidfile(d / "docker.pid", str(d), f"bench dockerd {d.name}")
+
+
+def bench_reset(node: str, keep: tuple[str, ...] = ()) -> None:
+    """Remove every container and every image but ``keep`` (references) from one of the
+    benchmark's engines."""
+    cli = ["docker", "-H", f"unix://{bench_socket(node)}"]
+    ids = run([*cli, "ps", "-aq"], capture_output=True).stdout.split()
+    if ids:
+        run([*cli, "rm", "-f", *ids], capture_output=True)
+    kept = {subprocess.run([*cli, "image", "inspect", "--format", "{{.Id}}", ref],
+                           capture_output=True, text=True).stdout.strip() for ref in keep}
+    for _ in range(5):  # a parent goes once its children have gone
+        images = run([*cli, "images", "-q", "--no-trunc"], capture_output=True).stdout.split()
+        drop = sorted(set(images) - kept)
+        if not drop:
+            return
+        subprocess.run([*cli, "rmi", "-f", *drop], capture_output=True)
+
+
 # -- the registry ----------------------------------------------------------------------------
 
 
