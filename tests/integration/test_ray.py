@@ -16,15 +16,18 @@ from .conftest import HEAD_STORES, NODE_WHEELS, MiniStack, testbed, use_every_wo
 pytestmark = pytest.mark.bed
 
 HEAD_IP = "127.0.0.20"  # a loopback address of its own: the workers' are .2 to .9
+CLIENT_PORT = 10001  # the head's Ray Client server (ray start --head's default)
 LABEL = "org.imagebuild.test=ray"
 
-# run in the head's container: wait for every node, then one task pinned to each
+# a Ray Client of the cluster, in a container of the same image beside the head's (not
+# a docker exec: the bed's chroot engines do not enter a container's mounts for it):
+# wait for every node, then one task pinned to each
 PROBE = """
 import json, sys, time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 want, address = int(sys.argv[1]), sys.argv[2]
-ray.init(address=address, log_to_driver=False)
+ray.init(address, log_to_driver=False)
 deadline = time.monotonic() + 180
 while True:
     alive = [n for n in ray.nodes() if n["Alive"]]
@@ -82,8 +85,10 @@ def test_the_distributed_images_form_a_ray_cluster(mini: MiniStack) -> None:
                 "--host-ip", addrs[w]))
             assert r.returncode == 0, (w, r.stderr)
             started.append(w)
-        r = mini.bed.docker("exec", f"ray-head-{tag}", "python3", "-c", PROBE,
-                            str(len(workers) + 1), f"{HEAD_IP}:{port}")
+        r = mini.bed.docker("run", "--rm", "--label", LABEL, "--network", "host",
+                            "-e", "RAY_USAGE_STATS_ENABLED=0", "vllm-node:latest",
+                            "python3", "-c", PROBE, str(len(workers) + 1),
+                            f"ray://{HEAD_IP}:{CLIENT_PORT}")
         assert r.returncode == 0, r.stderr[-3000:] + _logs(mini, tag, workers)
         seen = json.loads(r.stdout.strip().splitlines()[-1])
         assert seen["nodes"] == len(workers) + 1, (seen, _logs(mini, tag, workers))

@@ -16,6 +16,10 @@ from .conftest import HEAD_STORES, MiniStack
 
 pytestmark = pytest.mark.bed
 
+# vllm-node's checks in the test stack
+NODE_CHECKS = ("    checks: [torch-gate, vllm-locked, flashinfer-locked, vllm-imports, node-script,"
+               " gb10-env]\n")
+
 
 @pytest.fixture
 def mini(warm: MiniStack) -> MiniStack:
@@ -128,8 +132,7 @@ def test_a_hanging_check_is_killed_at_its_timeout(mini: MiniStack) -> None:
     mini.edit_spec("checks:\n  torch-gate:\n",
                    "checks:\n  hang:\n    run: [python3, -c, 'import time; time.sleep(300)']\n"
                    "    succeeds: true\n    timeout: 3\n  torch-gate:\n")
-    mini.edit_spec("    checks: [torch-gate, vllm-locked, flashinfer-locked, vllm-imports]\n\n"
-                   "  vllm-node-tf5:",
+    mini.edit_spec(NODE_CHECKS + "\n  vllm-node-tf5:",
                    "    checks: [hang, torch-gate]\n\n  vllm-node-tf5:")
     assert mini.cli("build", "node").returncode == 1
     t0 = time.monotonic()
@@ -146,8 +149,8 @@ def test_changed_checks_invalidate_the_record(mini: MiniStack) -> None:
     ctx = load(str(mini.spec))
     info = DockerEngine().require(_tags(mini)["vllm-node"])
     assert passing_record(ctx.spec, ctx.lock, "vllm-node", info) is not None
-    mini.edit_spec("    checks: [torch-gate, vllm-locked, flashinfer-locked, vllm-imports]\n\n"
-                   "  vllm-node-tf5:", "    checks: [torch-gate]\n\n  vllm-node-tf5:")
+    mini.edit_spec(NODE_CHECKS + "\n  vllm-node-tf5:",
+                   "    checks: [torch-gate]\n\n  vllm-node-tf5:")
     ctx = load(str(mini.spec))
     assert passing_record(ctx.spec, ctx.lock, "vllm-node", info) is None
 
