@@ -323,8 +323,7 @@ def _build_one(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | N
 
 def _build_checked(spec: Spec, engine: Engine, d: Derivation, parent: Derivation | None,
                    commit: str | None, prefix: str, progress: Progress, nocache: bool,
-                   pinned: dict[str, PinnedFile],
-                   files: dict[str, PinnedFile] | None = None) -> ImageInfo:
+                   pinned: dict[str, PinnedFile], files: dict[str, PinnedFile]) -> ImageInfo:
     base = d.base_image_arg(parent)
     if parent is None and engine.inspect(base) is None:
         raise ImageNotFound(
@@ -349,21 +348,16 @@ def _build_checked(spec: Spec, engine: Engine, d: Derivation, parent: Derivation
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(logfile.open("w", encoding="utf-8", buffering=1))
         buildargs = {"BASE_IMAGE": base}
-        server: WheelServer | None = None
-        port = preferred_port(spec.state_dir)
-        if d.served:
-            server = stack.enter_context(WheelServer(pinned, log=lambda m: print(m, file=log),
-                                                     port=port))
-            buildargs[WHEELS_ARG] = server.url
-        elif f"ARG {WHEELS_ARG}\n" in d.dockerfile:
-            # nothing to serve (every group that could take a local wheel is empty): the
-            # RUNs still read the argument, and the same value keeps their cache keys
-            buildargs[WHEELS_ARG] = f"http://127.0.0.1:{port}"
+        # always a server, at its stable address: an image with nothing to serve still
+        # passes the same build arg, so the cache keys of the RUNs after it hold
+        server = stack.enter_context(WheelServer(pinned, log=lambda m: print(m, file=log),
+                                                 port=preferred_port(spec.state_dir)))
+        buildargs[WHEELS_ARG] = server.url
         log.write(f"# imagebuild {__version__} build of {d.name} input hash {d.input_hash}\n"
                   f"# started {datetime.now(UTC).isoformat(timespec='seconds')}, "
                   + ", ".join(f"{k}={v}" for k, v in buildargs.items()) + "\n")
         events = engine.build(context_stream(labelled(d.context, labels_for(d, commit)),
-                                             d.copied, files or {}),
+                                             d.copied, files),
                               buildargs=buildargs, nocache=nocache)
         try:
             for ev in events:
@@ -392,10 +386,9 @@ def _build_checked(spec: Spec, engine: Engine, d: Derivation, parent: Derivation
         except ImagebuildError as exc:
             log.write(f"\nERROR: {exc}\n")
             raise
-        if server is not None:
-            server.close()  # records a wheel that changed while it was served
-            log.write(f"# wheel server: {server.bytes_sent} bytes sent\n")
-    refused = list(server.refused) if server is not None else []
+        server.close()  # records a wheel that changed while it was served
+        log.write(f"# wheel server: {server.bytes_sent} bytes sent\n")
+    refused = list(server.refused)
     if error or not image_id or refused:
         why = "".join(f"  {r}\n" for r in refused)
         raise BuildFailed(

@@ -122,8 +122,7 @@ def pinned_requirement(wheel: LockedWheel) -> bytes | None:
 def assigned_groups(spec: Spec, installs: list[LockedDist]) -> dict[str, list[str]]:
     """Each layer group of the spec (layers.py) and the distributions of ``installs`` it
     takes, in install order."""
-    local = {p.name for p in installs if p.is_local} | spec.local_names()
-    return assign(((p.name, p.name in local) for p in installs), spec.layers)
+    return assign(((p.name, p.is_local) for p in installs), spec.layers)
 
 
 def layer_files(spec: Spec, name: str, installs: list[LockedDist],
@@ -141,13 +140,10 @@ def layer_files(spec: Spec, name: str, installs: list[LockedDist],
 def copied_files(img: ImageSpec) -> tuple[list[CopiedFile], list[str]]:
     """The entries of the files ``img`` declares, each file hashed now (its bytes are
     what the input hash says; the build checks them again as it streams them), and the
-    declared paths that are missing (unresolved: the image cannot be built here).
-    A symbolic link inside a declared directory, or anything but a regular file or a
-    directory, is refused: the image would not hold what the checkout shows."""
+    declared paths that are missing (unresolved: the image cannot be built here)."""
     out: list[CopiedFile] = []
     missing: list[str] = []
     for i, f in enumerate(img.files):
-        arc = f"files/{i}"
         try:
             st = f.source.stat()
         except FileNotFoundError:
@@ -156,44 +152,28 @@ def copied_files(img: ImageSpec) -> tuple[list[CopiedFile], list[str]]:
         except OSError as exc:
             raise SpecError(f"images.{img.name}.files: {f.source}: {exc.strerror or exc}"
                             ) from None
-        if stat.S_ISREG(st.st_mode):
-            out.append(_copied(arc, f.source, st, f.mode))
-        elif stat.S_ISDIR(st.st_mode):
-            out.append(CopiedFile(arc, None, None, 0, 0o755))
-            out.extend(_walk(img.name, arc, f.source, f.mode))
-        else:
-            raise SpecError(f"images.{img.name}.files: {f.source} is neither a file nor a "
-                            f"directory")
+        out.extend(_entries(img.name, f"files/{i}", f.source, st, f.mode))
     return out, missing
 
 
-def _copied(arcname: str, path: Path, st: os.stat_result, mode: int | None) -> CopiedFile:
-    executable = st.st_mode & 0o111
-    return CopiedFile(arcname, path, sha256_file(path), st.st_size,
-                      mode if mode is not None else (0o755 if executable else 0o644))
-
-
-def _walk(image: str, arc: str, root: Path, mode: int | None) -> list[CopiedFile]:
-    out: list[CopiedFile] = []
-    for current, dirs, files in os.walk(root):
-        dirs.sort()
-        rel = Path(current).relative_to(root)
-        for name in [*dirs, *sorted(files)]:
-            path = Path(current) / name
-            st = path.lstat()
-            where = f"{arc}/{(rel / name).as_posix()}"
-            if stat.S_ISLNK(st.st_mode):
-                raise SpecError(f"images.{image}.files: {path} is a symbolic link inside a "
-                                f"declared directory",
-                                hint="declare the file it points to, or copy it in place")
-            if stat.S_ISDIR(st.st_mode):
-                out.append(CopiedFile(where, None, None, 0, 0o755))
-            elif stat.S_ISREG(st.st_mode):
-                out.append(_copied(where, path, st, mode))
-            else:
-                raise SpecError(f"images.{image}.files: {path} is neither a file nor a "
-                                f"directory")
-    return sorted(out, key=lambda c: c.arcname)
+def _entries(image: str, arcname: str, path: Path, st: os.stat_result, mode: int | None
+             ) -> list[CopiedFile]:
+    """A regular file, or a directory and everything in it (sorted by name). A symbolic
+    link inside a declared directory, or anything but a file or a directory, is refused:
+    the image would not hold what the checkout shows."""
+    if stat.S_ISREG(st.st_mode):
+        keep = 0o755 if st.st_mode & 0o111 else 0o644
+        return [CopiedFile(arcname, path, sha256_file(path), st.st_size,
+                           keep if mode is None else mode)]
+    if not stat.S_ISDIR(st.st_mode):
+        what = ("a symbolic link inside a declared directory" if stat.S_ISLNK(st.st_mode)
+                else "neither a file nor a directory")
+        raise SpecError(f"images.{image}.files: {path} is {what}",
+                        hint="declare the file it points to, or copy it in place")
+    out = [CopiedFile(arcname, None, None, 0, 0o755)]
+    for child in sorted(path.iterdir()):
+        out.extend(_entries(image, f"{arcname}/{child.name}", child, child.lstat(), mode))
+    return out
 
 
 def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Derivation]:

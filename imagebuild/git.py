@@ -19,7 +19,7 @@ GIT_TIMEOUT = 10
 GIT_FETCH_TIMEOUT = 3600  # a first clone of a large repository over a slow link
 
 
-def _quiet(args: list[str], binary: bool = False) -> str | None:
+def _quiet(args: list[str]) -> str | None:
     """git's stdout, or None when git is missing, slow, fails or is not in a repository:
     for the optional questions (a label, what was committed)."""
     git = shutil.which("git")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 CATCH_ALL = "*"
@@ -38,7 +38,6 @@ class LayerGroup:
     name: str
     packages: tuple[str, ...] = ()  # canonical names and fnmatch patterns
     local: bool = False  # takes the local and built wheels no other group names
-    why: str = ""  # one line for the rendered Dockerfile's comment
 
     @property
     def requirements(self) -> str:
@@ -51,13 +50,11 @@ class LayerGroup:
 
 
 DEFAULT_LAYERS: tuple[LayerGroup, ...] = (
-    LayerGroup("cuda", ("nvidia-*", "cuda-*", "triton"),
-               why="the CUDA runtime wheels torch depends on (the largest, the most stable)"),
-    LayerGroup("torch", ("torch",), why="torch, once per lineage"),
-    LayerGroup("deps", (CATCH_ALL,), why="the rest of the locked closure"),
-    LayerGroup("flashinfer", ("flashinfer-*",), why="the flashinfer wheels"),
-    LayerGroup("wheels", (), local=True,
-               why="the local and built wheels (vllm): what changes most often"),
+    LayerGroup("cuda", ("nvidia-*", "cuda-*", "triton")),  # what torch needs: big, stable
+    LayerGroup("torch", ("torch",)),
+    LayerGroup("deps", (CATCH_ALL,)),
+    LayerGroup("flashinfer", ("flashinfer-*",)),
+    LayerGroup("wheels", (), local=True),  # the local and built wheels: vllm, most volatile
 )
 
 
@@ -95,19 +92,6 @@ def assign(names: Iterable[tuple[str, bool]], layers: Sequence[LayerGroup]
     return out
 
 
-def first_local_group(local_names: Iterable[str], layers: Sequence[LayerGroup]) -> str | None:
-    """The first group (in install order) that can take one of the spec's local wheels:
-    where a Dockerfile must declare the build argument naming the wheel server."""
-    groups = {group_for(n, True, layers).name for n in local_names}
-    return next((g.name for g in layers if g.name in groups), None)
-
-
-def reinstall_group(torch_names: Iterable[str], layers: Sequence[LayerGroup]) -> str | None:
-    """The group of the lineage's torch (the field's ``--force-reinstall``), if any."""
-    groups = {group_for(n, False, layers).name for n in torch_names}
-    return next((g.name for g in layers if g.name in groups), None)
-
-
 def describe(g: LayerGroup) -> str:
     """A group's selector in words, for comments and ``plan``."""
     parts = [p for p in g.packages if p != CATCH_ALL]
@@ -116,8 +100,3 @@ def describe(g: LayerGroup) -> str:
     if g.catch_all:
         parts.append("everything no other group takes")
     return ", ".join(parts)
-
-
-def group_sizes(assigned: Mapping[str, list[str]]) -> str:
-    """``cuda 2, torch 1, deps 0, ...``: how many distributions each group installs."""
-    return ", ".join(f"{g} {len(ns)}" for g, ns in assigned.items())

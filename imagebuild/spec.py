@@ -318,9 +318,10 @@ class Spec:
         return {parse_wheel(w.filename).name for w in self.wheels if w.index is None
                 } | set(self.built)
 
-    def lineage_torch(self, name: str) -> set[str]:
-        """The torch wheels ``name`` and its ancestors force-reinstall."""
-        return {t for n in self.lineage(name) if (t := self.images[n].torch) is not None}
+    def torch_of(self, name: str) -> str | None:
+        """The torch of ``name``'s lineage: its own, or its nearest ancestor's."""
+        return next((t for n in reversed(self.lineage(name)) if (t := self.images[n].torch)),
+                    None)
 
     def overrides_for(self, name: str) -> dict[str, Override]:
         """The overrides in force for ``name``: its ancestors' and its own, by package (an

@@ -109,15 +109,25 @@ def realize_planned(spec: Spec, engine: Engine, plan: WheelPlan,
     """``build``'s first phase: realize the planned wheels and re-lock when the lock
     does not record every wheel the spec builds (its ``relocked``: that lock step's
     outcome; None: no lock written)."""
-    progress = progress or Progress()
     if not plan.steps:
         return WheelsOutcome([])
-    done = realize_wheels(spec, engine, [s.derivation for s in plan.steps], progress)
-    if any(not s.locked for s in _steps(spec, plan.every, plan.lock)):
+    return _realize(spec, engine, [s.derivation for s in plan.steps], plan.every, plan.lock,
+                    relock=True, progress=progress or Progress())
+
+
+def _realize(spec: Spec, engine: Engine, wanted: list[WheelDerivation],
+             every: Sequence[WheelDerivation], lock: Lock | None, *, relock: bool,
+             progress: Progress) -> WheelsOutcome:
+    """Realize ``wanted``; with ``relock``, run the lock step when ``lock`` does not
+    record ``every`` wheel the spec builds (its derivations handed on, not planned again),
+    else say which wheels the lock lacks."""
+    done = realize_wheels(spec, engine, wanted, progress)
+    if relock and any(not s.locked for s in _steps(spec, every, lock)):
         progress.say("locking the newly built wheels")
         return WheelsOutcome(done, lockflow.lock(spec, check=False, upgrade=False,
-                                                 progress=progress, built=plan.every))
-    return WheelsOutcome(done)
+                                                 progress=progress, built=every))
+    return WheelsOutcome(done, unlocked=tuple(
+        s.derivation.name for s in _steps(spec, wanted, lock) if not s.locked))
 
 
 @dataclass(frozen=True)
@@ -131,17 +141,9 @@ def build_wheels(spec: Spec, engine: Engine, names: list[str], *, relock: bool =
                  progress: Progress | None = None) -> WheelsOutcome:
     """Realize the wheels ``names`` (reuse or build each); with ``relock``, run the lock
     step when wheels.lock does not record the derivations now built."""
-    progress = progress or Progress()
     every = wheel_plan(spec)
-    wanted = [d for d in every if d.name in set(names)]
-    done = realize_wheels(spec, engine, wanted, progress)
-    lock = _lock_or_none(spec)
-    if relock and any(not s.locked for s in _steps(spec, every, lock)):
-        progress.say("locking the newly built wheels")
-        return WheelsOutcome(done, lockflow.lock(spec, check=False, upgrade=False,
-                                                 progress=progress, built=every))
-    return WheelsOutcome(done, unlocked=tuple(
-        s.derivation.name for s in _steps(spec, wanted, lock) if not s.locked))
+    return _realize(spec, engine, [d for d in every if d.name in set(names)], every,
+                    _lock_or_none(spec), relock=relock, progress=progress or Progress())
 
 
 @dataclass(frozen=True)
