@@ -29,17 +29,20 @@ def _body(resp: requests.Response, url: str, limit: int) -> bytes:
 
 
 def get_text(url: str, timeout: float = 30, limit: int = MAX_BODY) -> str:
-    """The body of ``url`` as text (an HTTP error raises)."""
-    with requests.get(url, timeout=(CONNECT_TIMEOUT, timeout), stream=True) as resp:
-        resp.raise_for_status()
-        body = _body(resp, url, limit)
-        return body.decode(resp.encoding or "utf-8", errors="replace")
+    """The body of ``url`` as text (an HTTP error, 404 included, raises)."""
+    body = _get(url, timeout, limit, missing_ok=False)
+    assert body is not None
+    return body.decode("utf-8", errors="replace")
 
 
 def get_bytes(url: str, timeout: float = 60, limit: int = MAX_BODY) -> bytes | None:
     """The body of ``url``, or None when it is not there (404)."""
+    return _get(url, timeout, limit, missing_ok=True)
+
+
+def _get(url: str, timeout: float, limit: int, *, missing_ok: bool) -> bytes | None:
     with requests.get(url, timeout=(CONNECT_TIMEOUT, timeout), stream=True) as resp:
-        if resp.status_code == 404:
+        if missing_ok and resp.status_code == 404:
             return None
         resp.raise_for_status()
         return _body(resp, url, limit)

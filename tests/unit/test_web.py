@@ -1,0 +1,73 @@
+"""web.py against a small HTTP server on 127.0.0.1: bodies read whole only up to their
+limit, a missing file is None (or False for a download), other errors raise."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from imagebuild import web
+
+PAGES = {"/page": "<a href='x.whl#sha256=ab'>x.whl</a> é".encode(), "/big": b"x" * 5000}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/broken":
+            self.send_error(500)
+            return
+        body = PAGES.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def base() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_pages_bytes_and_downloads(base: str, tmp_path: Path) -> None:
+    assert web.get_text(f"{base}/page") == PAGES["/page"].decode()
+    assert web.get_bytes(f"{base}/big") == PAGES["/big"]
+    dest = tmp_path / "big.whl"
+    assert web.download(f"{base}/big", dest) and dest.read_bytes() == PAGES["/big"]
+
+
+def test_missing_is_none_or_false_and_other_errors_raise(base: str, tmp_path: Path) -> None:
+    assert web.get_bytes(f"{base}/nothing") is None
+    assert web.download(f"{base}/nothing", tmp_path / "x") is False
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(requests.HTTPError):
+        web.get_text(f"{base}/nothing")  # an index page that is not there is an error
+    for call in (web.get_text, web.get_bytes):
+        with pytest.raises(requests.HTTPError):
+            call(f"{base}/broken")
+
+
+def test_a_body_past_its_limit_is_refused(base: str) -> None:
+    with pytest.raises(web.TooLarge, match="more than 4096 bytes"):
+        web.get_bytes(f"{base}/big", limit=4096)
+    with pytest.raises(web.TooLarge):
+        web.get_text(f"{base}/big", limit=4096)
+    assert web.get_bytes(f"{base}/big", limit=5000) == PAGES["/big"]  # exactly at it
