@@ -214,27 +214,37 @@ def docker(node: str, *args: str, **kw: object) -> subprocess.CompletedProcess[s
 
 
 def engine_answers(node: str) -> bool:
-    r = subprocess.run(["docker", "-H", f"unix://{socket_of(node)}", "version", "--format",
+    return engine_answers_at(socket_of(node))
+
+
+def engine_answers_at(sock: Path) -> bool:
+    r = subprocess.run(["docker", "-H", f"unix://{sock}", "version", "--format",
                         "{{.Server.Version}}"], capture_output=True, text=True)
     return r.returncode == 0
 
 
 def start_dockerd(node: str) -> None:
-    d = node_dir(node)
+    start_dockerd_at(node_dir(node), socket_of(node), f"dockerd {node}",
+                     [f"--insecure-registry={REGISTRY_ADDR}"])
+
+
+def start_dockerd_at(d: Path, sock: Path, what: str, extra: list[str]) -> None:
+    """A classic-store dockerd with its data, exec root and pid file under ``d``, its API
+    on ``sock`` (idempotent: a running one that answers is left alone)."""
     pidfile = d / "docker.pid"
-    if pid_alive(pidfile, str(d)) and engine_answers(node):
+    if pid_alive(pidfile, str(d)) and engine_answers_at(sock):
         return
-    stop_pidfile(pidfile, str(d), f"dockerd {node}")
+    stop_pidfile(pidfile, str(d), what)
     for sub in ("data", "exec"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    socket_of(node).unlink(missing_ok=True)
+    sock.unlink(missing_ok=True)
     cmd = [which("dockerd") or "dockerd",
            "--data-root", str(d / "data"), "--exec-root", str(d / "exec"),
-           "--host", f"unix://{socket_of(node)}", "--pidfile", str(pidfile),
+           "--host", f"unix://{sock}", "--pidfile", str(pidfile),
            "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
-           "--storage-driver=overlay2", f"--insecure-registry={REGISTRY_ADDR}"]
+           "--storage-driver=overlay2", *extra]
     spawn(cmd, d / "dockerd.log")
-    log(f"starting dockerd {node}")
+    log(f"starting {what}")
 
 
 def wait_engine(node: str, timeout: float = 60) -> None:
@@ -948,94 +958,27 @@ def bench_inventory() -> Path:
     return BENCH_ENGINES / "cluster.yaml"
 
 
-def _bench_docker_ok(node: str) -> bool:
-    r = subprocess.run(["docker", "-H", f"unix://{bench_socket(node)}", "version", "--format",
-                        "{{.Server.Version}}"], capture_output=True, text=True)
-    return r.returncode == 0
-
-
-def _start_bench_dockerd(node: str) -> None:
-    d = bench_engine_dir(node)
-    pidfile = d / "docker.pid"
-    if pid_alive(pidfile, str(d)) and _bench_docker_ok(node):
-        return
-    stop_pidfile(pidfile, str(d), f"bench dockerd {node}")
-    for sub in ("data", "exec"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    bench_socket(node).unlink(missing_ok=True)
-    spawn([which("dockerd") or "dockerd",
-           "--data-root", str(d / "data"), "--exec-root", str(d / "exec"),
-           "--host", f"unix://{bench_socket(node)}", "--pidfile", str(pidfile),
-           "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
-           "--storage-driver=overlay2"], d / "dockerd.log")
-    log(f"starting bench dockerd {node}")
-
-
-def _bench_ssh(workers: list[tuple[str, str]]) -> None:
-    sshdir = BENCH_ENGINES / "ssh"
-    sshdir.mkdir(parents=True, exist_ok=True)
-    os.chmod(sshdir, 0o700)
-    keygen(sshdir / "id_ed25519", "imagebuild-bench-client")
-    (sshdir / "authorized_keys").write_text((sshdir / "id_ed25519.pub").read_text())
-    known, config = [], [f"# ssh config of the benchmark's own workers: "
-                         f"ssh -F {bench_ssh_config()} w1 docker info"]
-    for w, addr in workers:
-        wd = bench_engine_dir(w)
-        wd.mkdir(parents=True, exist_ok=True)
-        keygen(wd / "ssh_host_ed25519_key", f"imagebuild-bench-{w}")
-        hostkey = (wd / "ssh_host_ed25519_key.pub").read_text().split()
-        known.append(f"[{addr}]:{SSH_PORT} {hostkey[0]} {hostkey[1]}")
-        config += [
-            "", f"Host {w}", f"  HostName {addr}", f"  Port {SSH_PORT}", "  User root",
-            f"  IdentityFile {sshdir / 'id_ed25519'}", "  IdentitiesOnly yes",
-            f"  UserKnownHostsFile {sshdir / 'known_hosts'}", "  StrictHostKeyChecking yes",
-            "  BatchMode yes", "  ConnectTimeout 5", "  ServerAliveInterval 5",
-            "  ServerAliveCountMax 3",
-        ]
-    (sshdir / "known_hosts").write_text("\n".join(known) + "\n")
-    bench_ssh_config().write_text("\n".join(config) + "\n")
-
-
-def _start_bench_sshd(w: str, addr: str) -> None:
-    wd = bench_engine_dir(w)
-    pidfile, conf = wd / "sshd.pid", wd / "sshd_config"
-    conf.write_text("\n".join([
-        f"# sshd of the benchmark's worker {w}: its sessions talk to this worker's dockerd",
-        f"ListenAddress {addr}:{SSH_PORT}", f"HostKey {wd / 'ssh_host_ed25519_key'}",
-        f"PidFile {pidfile}", f"AuthorizedKeysFile {BENCH_ENGINES / 'ssh' / 'authorized_keys'}",
-        "PermitRootLogin prohibit-password", "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PrintMotd no",
-        f"SetEnv DOCKER_HOST=unix://{bench_socket(w)}", "MaxStartups 50:30:100", "",
-    ]))
-    if pid_alive(pidfile, str(conf)):
-        return
-    Path("/run/sshd").mkdir(exist_ok=True)
-    run([which("sshd") or "/usr/sbin/sshd", "-f", str(conf), "-E", str(wd / "sshd.log")])
-    for _ in range(50):
-        if pid_alive(pidfile, str(conf)):
-            return
-        time.sleep(0.1)
-    die(f"sshd for bench worker {w} did not start", f"see {wd / 'sshd.log'}")
-
-
 def bench_engines_up(n: int = 3) -> list[str]:
     """Start (idempotent) the benchmark's head and ``n`` workers, with the bed's base image
     on the head; returns the workers' names. bench_engines_down() stops them."""
     if os.geteuid() != 0:
         die("the benchmark's engines run dockerd and sshd, which need root")
     workers = workers_list(n)
-    _bench_ssh([(w, bench_worker_addr(i)) for i, w in enumerate(workers, 1)])
+    write_ssh(BENCH_ENGINES / "ssh", [(w, bench_worker_addr(i), bench_engine_dir(w))
+                                      for i, w in enumerate(workers, 1)], "imagebuild-bench")
     for node in ["head", *workers]:
-        _start_bench_dockerd(node)
+        start_dockerd_at(bench_engine_dir(node), bench_socket(node), f"bench dockerd {node}",
+                         [])
     for i, node in enumerate(["head", *workers]):
         deadline = time.monotonic() + 60
-        while not _bench_docker_ok(node):
+        while not engine_answers_at(bench_socket(node)):
             if time.monotonic() > deadline:
                 die(f"bench dockerd {node} did not answer within 60s",
                     f"see {bench_engine_dir(node) / 'dockerd.log'}")
             time.sleep(0.3)
         if i:
-            _start_bench_sshd(node, bench_worker_addr(i))
+            start_sshd_at(bench_worker_addr(i), node, bench_engine_dir(node),
+                          bench_socket(node), BENCH_ENGINES / "ssh")
     for w in workers:
         r = subprocess.run(["ssh", "-F", str(bench_ssh_config()), w, "docker", "version",
                             "--format", "{{.Server.Version}}"], capture_output=True, text=True,
@@ -1408,18 +1351,23 @@ def keygen(path: Path, comment: str) -> None:
 
 def ensure_ssh(workers: list[tuple[str, str]]) -> None:
     """Client key, known_hosts and ssh config for ``(name, address)`` workers."""
-    sshdir = BED / "ssh"
+    write_ssh(BED / "ssh", [(w, addr, node_dir(w)) for w, addr in workers],
+              "imagebuild-testbed")
+
+
+def write_ssh(sshdir: Path, workers: list[tuple[str, str, Path]], who: str) -> None:
+    """In ``sshdir``: a client key (authorized on every worker), known_hosts with each
+    worker's host key (made in its directory) and an ssh config, for ``(name, address,
+    directory)`` workers on SSH_PORT."""
     sshdir.mkdir(parents=True, exist_ok=True)
     os.chmod(sshdir, 0o700)
-    keygen(sshdir / "id_ed25519", "imagebuild-testbed-client")
-    pub = (sshdir / "id_ed25519.pub").read_text()
-    (sshdir / "authorized_keys").write_text(pub)
+    keygen(sshdir / "id_ed25519", f"{who}-client")
+    (sshdir / "authorized_keys").write_text((sshdir / "id_ed25519.pub").read_text())
     known = []
-    config = [f"# ssh config of the imagebuild test bed: ssh -F {sshdir / 'config'} w1 docker info"]
-    for w, addr in workers:
-        wd = node_dir(w)
+    config = [f"# ssh config of {who}: ssh -F {sshdir / 'config'} w1 docker info"]
+    for w, addr, wd in workers:
         wd.mkdir(parents=True, exist_ok=True)
-        keygen(wd / "ssh_host_ed25519_key", f"imagebuild-testbed-{w}")
+        keygen(wd / "ssh_host_ed25519_key", f"{who}-{w}")
         hostkey = (wd / "ssh_host_ed25519_key.pub").read_text().split()
         known.append(f"[{addr}]:{SSH_PORT} {hostkey[0]} {hostkey[1]}")
         config += [
@@ -1434,22 +1382,26 @@ def ensure_ssh(workers: list[tuple[str, str]]) -> None:
 
 
 def start_sshd(addr: str, w: str) -> None:
-    wd = node_dir(w)
+    start_sshd_at(addr, w, node_dir(w), socket_of(w), BED / "ssh")
+
+
+def start_sshd_at(addr: str, w: str, wd: Path, sock: Path, sshdir: Path) -> None:
+    """Worker ``w``'s sshd on ``addr``: its sessions talk to the dockerd on ``sock``."""
     pidfile = wd / "sshd.pid"
     conf = wd / "sshd_config"
     conf.write_text("\n".join([
-        f"# sshd of test-bed worker {w}: its sessions talk to this worker's dockerd",
+        f"# sshd of worker {w}: its sessions talk to this worker's dockerd",
         f"ListenAddress {addr}:{SSH_PORT}",
         f"HostKey {wd / 'ssh_host_ed25519_key'}",
         f"PidFile {pidfile}",
-        f"AuthorizedKeysFile {BED / 'ssh' / 'authorized_keys'}",
+        f"AuthorizedKeysFile {sshdir / 'authorized_keys'}",
         "PermitRootLogin prohibit-password",
         "PasswordAuthentication no",
         "KbdInteractiveAuthentication no",
         "UsePAM no",
         "StrictModes no",
         "PrintMotd no",
-        f"SetEnv DOCKER_HOST=unix://{socket_of(w)}",
+        f"SetEnv DOCKER_HOST=unix://{sock}",
         "MaxStartups 50:30:100",
         "",
     ]))
