@@ -150,6 +150,14 @@ def test_a_symbolic_link_inside_a_declared_directory_is_refused(stack: Stack) ->
         _node(stack)
 
 
+def test_a_special_file_inside_a_declared_directory_is_refused(stack: Stack) -> None:
+    co = _checkout(stack.root)
+    os.mkfifo(co / "mods" / "fix" / "pipe")  # a read of it would hang the plan
+    _declare(stack, FILES)
+    with pytest.raises(SpecError, match="pipe is neither a file nor a directory"):
+        _node(stack)
+
+
 @pytest.mark.parametrize(("body", "message"), [
     ("    files: [{src: a, dest: relative/path}]\n", "not a valid absolute path"),
     ("    files: [{src: a, dest: /a/../etc}]\n", "not a valid absolute path"),

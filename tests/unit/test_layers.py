@@ -174,7 +174,8 @@ def test_the_wheel_servers_port_is_stable_per_stack_and_falls_back_when_taken(
     port = preferred_port(tmp_path / "state")
     assert port == preferred_port(tmp_path / "state")
     assert PORT_BASE <= port < PORT_BASE + PORT_SPAN
-    assert port != preferred_port(tmp_path / "other-state")  # (a collision is allowed)
+    # another stack's state directory, another port (these two do not collide)
+    assert preferred_port(Path("/srv/a/state")) != preferred_port(Path("/srv/b/state"))
     logged: list[str] = []
     with WheelServer({}, log=logged.append, port=port) as first:
         assert first.url == f"http://127.0.0.1:{port}"
