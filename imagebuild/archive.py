@@ -11,7 +11,7 @@ Nothing an archive says is trusted before it is checked:
   be exactly the ones its record lists, each with the sha256 it lists. Each file is
   opened once and becomes a member with a generated tar header; its bytes are checked
   against that sha256 whenever they are read (the small JSON files at once, the layers
-  as they stream: ``engine.range_chunks``). ``ArchiveIndex.pieces`` composes either kind
+  as they stream: ``engine.piece_chunks``). ``ArchiveIndex.pieces`` composes either kind
   into the pieces of a tar stream (``engine.Piece``), with or without the first layers.
   ``ArchiveIndex.check`` then compares the archive's content fingerprint with the image's
   and refuses tags other than the ones allowed (``docker load`` applies ``RepoTags``:
@@ -30,6 +30,7 @@ Nothing an archive says is trusted before it is checked:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -41,7 +42,7 @@ import stat
 import tarfile
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +50,10 @@ from typing import Any
 from .errors import BackupError
 from .fsutil import PinnedFile
 from .image import BadReply, fingerprint_of
-from .streams import DAMAGED_HINT, FileRange, Piece
+from .streams import DAMAGED_HINT, FileRange, Piece, StoredFile, piece_chunks
 
 BLOCK = 512
 SMALL = 4 << 20  # metadata members (manifest, config, index) are read whole below this
-HOLD = 1 << 20  # bytes TarGuard keeps back until the end of the stream is checked
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PIECE = 1 << 20  # layer files are read and hashed in pieces of this size
@@ -62,7 +62,10 @@ _LAST = ("index.json", "manifest.json")  # a directory's members end with these,
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _is_meta(name: str) -> bool:
+TRAILER = b"\0" * (2 * BLOCK)  # the end of a tar archive
+
+
+def is_meta(name: str) -> bool:
     return name in _META or name.endswith(".json")
 
 
@@ -86,8 +89,9 @@ def padding(size: int) -> bytes:
 @dataclass(frozen=True)
 class Member:
     """One member of an archive: of a tar (its header and data lie in ``file``, the tar,
-    between ``offset`` and ``end``), or of a generation directory (its ``header`` made
-    here, its data the whole of ``file``, which must hash to ``sha256``)."""
+    between ``offset`` and ``end``), or of a backup generation (its ``header`` made
+    here, its data the whole of ``file``, or, in a store on another host, ``stored``;
+    either must hash to ``sha256``)."""
 
     name: str
     offset: int  # a tar member: start of its header block(s) in the tar (else 0)
@@ -98,13 +102,33 @@ class Member:
     file: PinnedFile | None = None  # where its bytes are (None: a directory's symlink)
     header: bytes | None = None  # a directory member's tar header (None: a tar member)
     sha256: str | None = None  # hex; a directory member's bytes must hash to it
+    stored: StoredFile | None = None  # a member of a generation in a store on another host
 
-    def data(self) -> FileRange:
-        """The member's bytes as a range of its file (checked against its sha256 as they
-        stream, when it has one)."""
+    @property
+    def has_data(self) -> bool:
+        return self.file is not None or self.stored is not None
+
+    def data(self) -> FileRange | StoredFile:
+        """The member's bytes: a range of its file, or a stored file (checked against
+        its sha256 as they stream, when it has one)."""
+        if self.stored is not None:
+            return self.stored
         if self.file is None or self.link:
             raise BackupError(f"{self.name} is a link, not a file")
         return FileRange(self.file, self.data_offset, self.size, self.sha256, self.name)
+
+    def head(self, n: int) -> bytes:
+        """The first ``n`` bytes of its data (unchecked: for sniffing a format)."""
+        data = self.data()
+        if isinstance(data, FileRange):
+            return os.pread(data.file.fd, min(n, data.length), data.offset)
+        chunks = iter(data.read())
+        try:
+            return next(chunks, b"")[:n]
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
 
 @dataclass(frozen=True)
@@ -200,6 +224,8 @@ def _read_small(members: Iterable[Member], name: str, where: str) -> bytes | Non
     is ``blobs/sha256/<hex>``, not a ``.json`` name), read from its pinned descriptor and
     checked against its sha256 when it has one."""
     for m in members:
+        if m.name == name and m.stored is not None and m.size < SMALL:
+            return b"".join(piece_chunks(m.stored))
         if m.name == name and not m.link and m.file is not None and m.size < SMALL:
             data = os.pread(m.file.fd, m.size, m.data_offset)
             if len(data) != m.size:
@@ -277,7 +303,7 @@ class ArchiveIndex:
                             if ti.issym() else ti.linkname if ti.islnk() else "")
                     members.append(Member(ti.name, ti.offset, data_end, ti.offset_data,
                                           ti.size, link, file))
-                    if ti.isfile() and _is_meta(ti.name) and ti.size < SMALL:
+                    if ti.isfile() and is_meta(ti.name) and ti.size < SMALL:
                         f = tf.extractfile(ti)
                         assert f is not None
                         small[ti.name] = f.read()
@@ -294,30 +320,71 @@ class ArchiveIndex:
         save`` writes it: ``../<v1 id>/layer.tar``). Anything else on disk, anything
         missing, and a link that leads out of the directory are refused. Each file is
         opened once (``close`` closes them); its bytes are checked against its sha256
-        whenever they are read: the manifest and config here, the rest as they stream.
-        Members are in name order, with ``index.json`` and ``manifest.json`` last, so a
-        stream cut short never gives ``docker load`` a manifest."""
+        whenever they are read: the manifest and config here, the rest as they stream."""
         where = str(path)
         on_disk, disk_links = _walk(path)
         _check_listing(where, files, links, on_disk, disk_links)
-        members: list[Member] = []
         opened: list[PinnedFile] = []
+
+        def data_of(name: str, digest: str) -> FileRange:
+            f = _open_regular(path, name, where)
+            opened.append(f)
+            return FileRange(f, 0, f.size, digest, name)
+
         try:
-            for name, digest in files.items():
-                f = _open_regular(path, name, where)
-                opened.append(f)
-                members.append(Member(name, 0, 0, 0, f.size, file=f, sha256=digest,
-                                      header=_header(where, name, f.size)))
-            for name, target in links.items():
-                members.append(Member(name, 0, 0, link=_link_target(name, target),
-                                      header=_header(where, name, 0, target)))
-            members.sort(key=lambda m: (m.name in _LAST, _LAST.index(m.name)
-                                        if m.name in _LAST else 0, m.name))
-            return cls._validated(where, members, None, tuple(opened))
+            return cls._generation(where, files, links, data_of, opened)
         except BaseException:
             for f in opened:
                 f.close()
             raise
+
+    @classmethod
+    def from_store(cls, where: str, files: dict[str, tuple[str, int]], links: dict[str, str],
+                   read: Callable[[str], Iterable[bytes]]) -> ArchiveIndex:
+        """Index a generation of a backup store on another host from its record alone:
+        ``files`` maps each path to (sha256 hex, size), ``read(path)`` streams one. Its
+        bytes are checked against both whenever they are read (the manifest and config
+        here, the rest as they stream)."""
+        _check_listing(where, {n: d for n, (d, _) in files.items()}, links,
+                       set(files), dict(links))
+
+        def data_of(name: str, digest: str) -> StoredFile:
+            return StoredFile(functools.partial(read, name), int(files[name][1]), digest,
+                              name, f"{where}/{name}")
+
+        return cls._generation(where, {n: d for n, (d, _) in files.items()}, links,
+                               data_of, [])
+
+    @classmethod
+    def _generation(cls, where: str, files: dict[str, str], links: dict[str, str],
+                    data_of: Callable[[str, str], FileRange | StoredFile],
+                    opened: list[PinnedFile]) -> ArchiveIndex:
+        """The members of a generation: a header made here and the data of each file; a
+        link is sent as a copy of the file it leads to (the containerd store's ``docker
+        load`` does not follow links between layer files). Members are in name order,
+        with ``index.json`` and ``manifest.json`` last, so a stream cut short never gives
+        ``docker load`` a manifest."""
+        data = {name: data_of(name, digest) for name, digest in files.items()}
+        for name in links:
+            target = name
+            for _ in range(8):
+                if target not in links:
+                    break
+                target = _link_target(target, links[target])
+            if target not in data:
+                raise BackupError(f"{where}: the link {name} does not lead to a file",
+                                  hint=DAMAGED_HINT)
+            copy = data[target]
+            data[name] = dataclasses.replace(copy, label=name)
+        members = []
+        for name, d in data.items():
+            stored = d if isinstance(d, StoredFile) else None
+            file = d.file if isinstance(d, FileRange) else None
+            members.append(Member(name, 0, 0, 0, d.length, file=file, sha256=d.sha256,
+                                  header=_header(where, name, d.length), stored=stored))
+        members.sort(key=lambda m: (m.name in _LAST, _LAST.index(m.name)
+                                    if m.name in _LAST else 0, m.name))
+        return cls._validated(where, members, None, tuple(opened))
 
     @classmethod
     def _validated(cls, where: str, members: list[Member], manifest_json: bytes | None,
@@ -369,7 +436,7 @@ class ArchiveIndex:
             if m is None or not m.link:
                 break
             m = by_name.get(m.link)
-        if m is None or m.link or m.file is None:
+        if m is None or m.link or not m.has_data:
             raise BackupError(f"{self.where}: no file for {name}")
         return m
 
@@ -380,8 +447,7 @@ class ArchiveIndex:
         directory lists for it, its ``blobs/sha256/`` name, or hashed here when neither
         says)."""
         m = self.member(self.layers[index])
-        f = m.data().file
-        head = os.pread(f.fd, 4, m.data_offset) if m.size else b""
+        head = m.head(4) if m.size else b""
         if head[:2] == GZIP_MAGIC:
             media = "application/vnd.oci.image.layer.v1.tar+gzip"
         elif head[:4] == ZSTD_MAGIC:
@@ -394,8 +460,8 @@ class ArchiveIndex:
         if m.name.startswith("blobs/sha256/") and _HEX.match(base):
             return media, "sha256:" + base
         h = hashlib.sha256()
-        for off in range(m.data_offset, m.data_offset + m.size, PIECE):
-            h.update(os.pread(f.fd, min(PIECE, m.data_offset + m.size - off), off))
+        for chunk in piece_chunks(m.data()):
+            h.update(chunk)
         return media, "sha256:" + h.hexdigest()
 
     def pieces(self, skip_layers: int) -> list[Piece]:
@@ -427,7 +493,7 @@ class ArchiveIndex:
                 continue
             if m.header is not None:
                 literal(m.header)
-                if m.file is not None:
+                if m.has_data:
                     out.append(m.data())
                     literal(padding(m.size))
                 continue
@@ -439,6 +505,12 @@ class ArchiveIndex:
             else:
                 out.append(FileRange(m.file, m.offset, m.end - m.offset))
         return out
+
+
+def docker_pieces(archive: ArchiveIndex, skip_layers: int = 0) -> list[Piece]:
+    """The ``docker save`` archive without the first ``skip_layers`` layer files, its
+    end-of-archive blocks included: what restore, distribute and export send."""
+    return [*archive.pieces(skip_layers), TRAILER]
 
 
 # -- a generation directory ---------------------------------------------------------------------
@@ -634,7 +706,7 @@ class SaveCheck:
             return
         f = tf.extractfile(ti)
         assert f is not None
-        if _is_meta(ti.name) and ti.size < SMALL:
+        if is_meta(ti.name) and ti.size < SMALL:
             self.metas[ti.name] = f.read()
             return
         if ti.size < SMALL:  # an OCI config is blobs/sha256/<hex>: keep small JSON objects
@@ -715,184 +787,3 @@ def incomplete_save(where: str, missing: list[str], hint: str) -> BackupError:
         f"restored: " + "; ".join(missing[:3])
         + (f"; and {len(missing) - 3} more" if len(missing) > 3 else "")
         + ". It was not kept; the previous backup is still in place", hint=hint)
-
-
-# -- checking a stream -------------------------------------------------------------------------
-
-
-def _octal(field: bytes) -> int:
-    if field and field[0] & 0x80:  # base-256, for sizes of 8 GiB and more
-        return int.from_bytes(field[1:], "big") | ((field[0] & 0x7F) << (8 * (len(field) - 1)))
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _pax(data: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        out[key.decode(errors="replace")] = value.decode(errors="replace")
-        pos += length
-    return out
-
-
-class TarGuard:
-    """Checks a tar stream while it passes through (see the module's text).
-
-    ``check_meta(name, data)`` is called for each small metadata member as soon as it is
-    complete (raise to refuse); ``finish(metas)`` once at the end with all of them. The
-    bytes of a metadata member are held back until it was checked, and the last ``HOLD``
-    bytes until the end was.
-    """
-
-    def __init__(self, where: str, size: int, sha256: str,
-                 check_meta: Callable[[str, bytes], None],
-                 finish: Callable[[dict[str, bytes]], None]) -> None:
-        self.where, self.size, self.sha256 = where, size, sha256
-        self.check_meta, self.finish = check_meta, finish
-        self.hash = hashlib.sha256()
-        self.seen = 0  # absolute offset of the end of what was received
-        self.pending = bytearray()  # received, not yet released
-        self.released = 0  # absolute offset released so far
-        self.parsed = 0  # next header starts here (or the current member's data ends here)
-        self.hold_from: int | None = None  # a metadata member starts here: hold it back
-        # the member being walked: (name, typeflag, data start, data size); None: a header
-        self.current: tuple[str, bytes, int, int] | None = None
-        self.metas: dict[str, bytes] = {}
-        self.capture: bytearray | None = None
-        self.maybe_json = False  # the member captured is a small blob, kept if JSON
-        self.next_name: str | None = None  # from a pax or GNU long-name header
-
-    def feed(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        for chunk in chunks:
-            self.seen += len(chunk)
-            if self.seen > self.size:
-                raise BackupError(f"{self.where} is longer than its sidecar says "
-                                  f"({self.size} bytes); nothing was loaded")
-            self.hash.update(chunk)
-            self.pending += chunk
-            self._walk()
-            out = self._releasable()
-            if out:
-                yield out
-        if self.seen != self.size:
-            raise BackupError(f"{self.where} is {self.seen} bytes but its sidecar says "
-                              f"{self.size}: truncated or altered; nothing was loaded")
-        actual = self.hash.hexdigest()
-        if actual != self.sha256:
-            raise BackupError(
-                f"{self.where} does not match its sidecar; nothing was loaded\n"
-                f"  expected sha256 {self.sha256}\n  actual   sha256 {actual}",
-                hint="the file is corrupt: restore an older generation with --file, or "
-                     "rebuild")
-        if self.current is not None:
-            raise BackupError(f"{self.where} ends inside {self.current[0]}")
-        self.finish(self.metas)
-        if self.pending:
-            yield bytes(self.pending)
-            self.pending.clear()
-
-    def _releasable(self) -> bytes:
-        limit = self.seen - HOLD
-        if self.hold_from is not None:
-            limit = min(limit, self.hold_from)
-        n = limit - self.released
-        if n <= 0:
-            return b""
-        out = bytes(self.pending[:n])
-        del self.pending[:n]
-        self.released += n
-        return out
-
-    def _bytes(self, offset: int, length: int) -> bytes:
-        start = offset - self.released
-        assert start >= 0, "walked bytes were released"
-        return bytes(self.pending[start:start + length])
-
-    def _walk(self) -> None:
-        """Advance through headers and data as far as the bytes received allow."""
-        while True:
-            if self.current is None:  # a header
-                if self.seen - self.parsed < BLOCK:
-                    return
-                start = self.parsed
-                header = self._bytes(start, BLOCK)
-                self.parsed += BLOCK
-                if header == b"\0" * BLOCK:
-                    continue  # the end-of-archive blocks
-                try:
-                    size = _octal(header[124:136])
-                except ValueError:
-                    raise BackupError(f"{self.where}: a tar header is corrupt") from None
-                flag = header[156:157]
-                raw = header[0:100].split(b"\0", 1)[0]
-                if header[257:262] == b"ustar":
-                    prefix = header[345:500].split(b"\0", 1)[0]
-                    raw = prefix + b"/" + raw if prefix else raw
-                name = self.next_name or raw.decode(errors="replace")
-                if flag not in (b"x", b"g", b"L"):
-                    self.next_name = None
-                regular = flag in (b"0", b"\0") and size < SMALL
-                meta = regular and _is_meta(name)
-                # an OCI layout names its config blobs/sha256/<hex>: keep any small JSON
-                # object (decided on its first byte) so finish() can find the config
-                self.maybe_json = regular and not meta and size > 0
-                self.capture = (bytearray() if flag in (b"x", b"L") or meta
-                                or self.maybe_json else None)
-                if meta and self.hold_from is None:
-                    self.hold_from = start
-                self.current = (name, flag, self.parsed, size)
-                self.parsed += -(-size // BLOCK) * BLOCK
-                continue
-            name, flag, data_start, size = self.current
-            if self.capture is not None:
-                have = min(self.seen, data_start + size) - (data_start + len(self.capture))
-                if have > 0:
-                    self.capture += self._bytes(data_start + len(self.capture), have)
-                if self.maybe_json and self.capture and self.capture[:1] != b"{":
-                    self.capture = None  # a layer, not a JSON document
-            if self.seen < self.parsed:
-                return
-            self.current = None
-            self._member_done(name, flag)
-
-    def _member_done(self, name: str, flag: bytes) -> None:
-        data = bytes(self.capture) if self.capture is not None else None
-        self.capture = None
-        if data is None:
-            return
-        if flag == b"x":
-            try:
-                pax = _pax(data)
-            except ValueError:
-                raise BackupError(f"{self.where}: a pax header is corrupt") from None
-            self.next_name = pax.get("path", self.next_name)
-            return
-        if flag == b"L":
-            self.next_name = data.split(b"\0", 1)[0].decode(errors="replace")
-            return
-        self.metas[name] = data
-        if self.maybe_json:
-            return
-        self.check_meta(name, data)
-        self.hold_from = None
-
-
-def manifest_tags(name: str, data: bytes, where: str) -> list[str]:
-    """The tags ``docker load`` would apply from a metadata member (manifest.json's
-    RepoTags; index.json's image-name annotations), for checking before it passes."""
-    if name == "manifest.json":
-        return list(Manifest.parse(data, where).repo_tags)
-    if name == "index.json":
-        try:
-            index: Any = json.loads(data)
-            manifests = index.get("manifests") or []
-            return [str(v) for m in manifests for k, v in (m.get("annotations") or {}).items()
-                    if k in ("io.containerd.image.name", "org.opencontainers.image.ref.name")
-                    and ":" in str(v)]
-        except (ValueError, AttributeError):
-            raise BackupError(f"{where}: index.json is malformed") from None
-    return []

@@ -24,14 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
 from .archive import (
     ArchiveIndex,
-    Manifest,
-    TarGuard,
-    allowed_tags_error,
-    config_fingerprint,
-    manifest_tags,
+    docker_pieces,
 )
 from .engine import Engine
 from .errors import BackupError
@@ -43,97 +38,24 @@ from .layerstore import (
     GenSidecar,
     Meta,
     Wanted,
-    archive_stream,
-    check_archive,
     current_generation,
     damaged,
     image_dir,
     ingest,
     ingest_many,
     is_complete,
-    json_fields,
     list_generations,
     prune,
     read_gen_sidecar,
-    sidecar_json,
     space_needed,
 )
 from .naming import hash12, hash_tag, input_hash, short_id, split_ref
 from .progress import Progress
 from .store import BackupDir, LocalDir
+from .streams import DamagedBytes
+from .tarbackup import Sidecar, guard, legacy_tars, read_sidecar, sidecar_name
 
 SPACE_MARGIN = 64 << 20  # headers, small files and sidecars, on top of the new layers
-
-
-@dataclass(frozen=True)
-class Sidecar:
-    """The sidecar of a tar backup (``NAME.tar.json``), as written before the layer store."""
-
-    image: str
-    image_id: str
-    fingerprint: str
-    input_hash: str | None
-    tags: list[str]
-    size: int
-    sha256: str
-    created: str
-    mtime_ns: int
-    tool_version: str = __version__
-    ino: int = 0  # the file's inode and ctime when it was written and hashed (0: unknown)
-    ctime_ns: int = 0
-
-    def to_json(self) -> str:
-        return sidecar_json(self)
-
-    @classmethod
-    def from_json(cls, text: str) -> Sidecar:
-        sc = cls(**json_fields(cls, text))
-        ints = (sc.size, sc.mtime_ns, sc.ino, sc.ctime_ns)
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
-            raise ValueError("size, mtime_ns, ino and ctime_ns must be whole numbers")
-        strs = (sc.image, sc.image_id, sc.fingerprint, sc.sha256, sc.created, sc.tool_version)
-        if not all(isinstance(v, str) for v in strs):
-            raise ValueError("image, image_id, fingerprint, sha256, created and tool_version "
-                             "must be strings")
-        if not re.fullmatch(r"sha256:[0-9a-f]{64}", sc.fingerprint):
-            raise ValueError("fingerprint is not a content fingerprint")
-        if not isinstance(sc.tags, list) or not all(isinstance(t, str) for t in sc.tags):
-            raise ValueError("tags must be a list of strings")
-        if sc.input_hash is not None and not isinstance(sc.input_hash, str):
-            raise ValueError("input_hash must be a string or null")
-        if not re.fullmatch(r"[0-9a-f]{64}", sc.sha256):
-            raise ValueError("sha256 is not a sha256 hex digest")
-        if not re.fullmatch(r"sha256:[0-9a-f]{64}", sc.image_id):
-            raise ValueError("image_id is not an image ID")
-        if sc.input_hash is not None and not re.fullmatch(r"[0-9a-f]{64}", sc.input_hash):
-            raise ValueError("input_hash is not a sha256 hex digest")
-        if not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*", sc.image):
-            raise ValueError("image is not an image name")
-        return sc
-
-    @property
-    def hash_tag(self) -> str | None:
-        """The one tag a backup may carry: ``NAME:<hash12>``."""
-        return f"{self.image}:{hash12(self.input_hash)}" if self.input_hash else None
-
-
-def tar_name(name: str) -> str:
-    return f"{name}.tar"
-
-
-def sidecar_name(tar: str) -> str:
-    return f"{tar}.json"
-
-
-def read_sidecar(store: BackupDir, tar: str) -> Sidecar | None:
-    text = store.read_text(sidecar_name(tar))
-    if text is None:
-        return None
-    try:
-        return Sidecar.from_json(text)
-    except (ValueError, TypeError) as exc:
-        raise BackupError(f"{store}/{sidecar_name(tar)} is not a valid backup sidecar: {exc}",
-                          hint="remove it and run 'imagebuild backup' again") from None
 
 
 def check_space(store: object, free: int, need: int, what: str) -> None:
@@ -144,15 +66,6 @@ def check_space(store: object, free: int, need: int, what: str) -> None:
             f"{need / 1e9:.2f} GB: nothing was written",
             hint="free space there, or point backups.directory at a larger disk",
         )
-
-
-def legacy_tars(store: BackupDir, name: str) -> list[str]:
-    """Tar backups of ``name`` from before the layer store (``NAME.tar``, then
-    ``NAME@<hash12>.tar`` newest first) that have a sidecar."""
-    files = store.files()
-    old = sorted((f for f in files if f.startswith(f"{name}@") and f.endswith(".tar")),
-                 key=lambda f: files[f].mtime_ns, reverse=True)
-    return [t for t in [tar_name(name), *old] if t in files and sidecar_name(t) in files]
 
 
 # -- one view of both kinds ------------------------------------------------------------------
@@ -370,33 +283,6 @@ class RestoreResult:
     seconds: float = 0.0
 
 
-def _guard(where: str, sidecar: Sidecar) -> TarGuard:
-    """The checks a backup tar passes on its way into ``docker load``: its size and
-    sha256 (the sidecar's), the tags it would apply (only the sidecar's hash tag), and its
-    config (the sidecar's content fingerprint)."""
-    allowed = {sidecar.hash_tag} if sidecar.hash_tag else set()
-
-    def check_meta(name: str, data: bytes) -> None:
-        err = allowed_tags_error(manifest_tags(name, data, where), allowed, where)
-        if err is not None:
-            raise err
-
-    def finish(metas: dict[str, bytes]) -> None:
-        if "manifest.json" not in metas:
-            raise BackupError(f"{where} is not a docker save archive (no manifest.json); "
-                              f"nothing was loaded")
-        manifest = Manifest.parse(metas["manifest.json"], where)
-        config = metas.get(manifest.config)
-        if config is None:
-            raise BackupError(f"{where}: its config {manifest.config} is missing")
-        fingerprint, diff_ids = config_fingerprint(config, where)
-        if fingerprint != sidecar.fingerprint or len(diff_ids) != len(manifest.layers):
-            raise BackupError(f"{where} does not hold the image its sidecar names (the "
-                              f"content fingerprint differs); nothing was loaded")
-
-    return TarGuard(where, sidecar.size, sidecar.sha256, check_meta, finish)
-
-
 def _present(engine: Engine, b: Backup) -> ImageInfo | None:
     """The backup's image in ``engine``: by its ID, or, written by a head on the other
     image store (the IDs differ, the content does not), by its hash tag and content
@@ -426,8 +312,11 @@ def restore_backup(engine: Engine, store: BackupDir, key: str, progress: Progres
         progress.say(f"  loading {where} ({b.size / 1e9:.2f} GB), checked as it streams")
         meter = progress.meter(f"loading {b.image}", b.size)
         if b.gen is not None:
-            check_archive(store, b.gen)  # tags and content, before a byte is loaded
-            engine.load(archive_stream(store, b.gen, meter))
+            with generation_archive(store, b) as archive:  # tags and content checked
+                try:
+                    engine.load_archive(docker_pieces(archive), meter.to)
+                except DamagedBytes as exc:  # name every generation that shares the blob
+                    raise damaged(store, b.gen, exc.label, exc.got) from None
         else:
             assert b.tar is not None
             stat = store.stat(key)
@@ -438,7 +327,7 @@ def restore_backup(engine: Engine, store: BackupDir, key: str, progress: Progres
                     f"{where} is {stat.size} bytes but its sidecar says {b.tar.size}: "
                     f"truncated or altered; nothing was loaded",
                     hint="restore from an older generation with --file, or rebuild")
-            engine.load(_guard(where, b.tar).feed(store.read(key, meter)))
+            engine.load(guard(where, b.tar).feed(store.read(key, meter)))
         present = _present(engine, b)
         if present is None:
             raise BackupError(f"loading {where} did not produce the image its sidecar names "
@@ -455,23 +344,39 @@ def restore_backup(engine: Engine, store: BackupDir, key: str, progress: Progres
 
 
 def generation_archive(store: BackupDir, b: Backup) -> ArchiveIndex:
-    """A generation of a store on this host, indexed for sending: every file opened once
-    (what is checked is what is sent) and checked against its digest as it streams."""
+    """A generation, in a store on this host or another, as the ``docker save`` archive
+    that restore, distribute, publish and export send (``archive.docker_pieces``):
+    checked before a byte is sent (its manifest and config hold the image its sidecar
+    names and would apply no tag but its hash tag; on this host, every file is there at
+    its size, opened once so what is checked is what is sent), and every file checked
+    against its digest as it streams."""
     if b.gen is None:
         raise BackupError(f"{store}/{b.key} is a tar from before the layer store",
                           hint="run 'imagebuild backup' to import it")
+    gen = b.gen
     path = store.local_path(b.key)
     if path is None:
-        raise BackupError(f"{store}/{b.key} is not on this host")
-    for rel, (_, size) in b.gen.files.items():  # a truncated file: refused before sending
-        try:
-            got = os.stat(path / rel).st_size
-        except OSError:
-            got = -1
-        if got != size:
-            raise damaged(store, b.gen, rel, f"{got} bytes" if got >= 0 else "no file")
-    return ArchiveIndex.from_directory(path, {p: str(v[0]) for p, v in b.gen.files.items()},
-                                       dict(b.gen.links))
+        archive = ArchiveIndex.from_store(
+            f"{store}/{b.key}", {p: (str(v[0]), int(v[1])) for p, v in gen.files.items()},
+            dict(gen.links), lambda rel: store.read(f"{b.key}/{rel}"))
+    else:
+        for rel, (_, size) in gen.files.items():  # a truncated file: refused before sending
+            try:
+                got = os.stat(path / rel).st_size
+            except OSError:
+                got = -1
+            if got != size:
+                raise damaged(store, gen, rel, f"{got} bytes" if got >= 0 else "no file")
+        archive = ArchiveIndex.from_directory(
+            path, {p: str(v[0]) for p, v in gen.files.items()}, dict(gen.links))
+    try:
+        archive.check(gen.fingerprint, {gen.hash_tag} if gen.hash_tag else set())
+        if list(archive.layers) != gen.layer_files or list(archive.diff_ids) != gen.layers:
+            raise BackupError(f"{store}/{b.key}: its manifest.json and its sidecar differ")
+    except BaseException:
+        archive.close()
+        raise
+    return archive
 
 
 def local_tar(path: Path) -> tuple[LocalDir, str]:

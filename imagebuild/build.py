@@ -53,7 +53,7 @@ from .progress import Progress
 from .render import WHEELS_ARG
 from .spec import Spec
 from .store import BackupDir
-from .streams import FileRange, range_chunks
+from .streams import FileRange, piece_chunks
 from .wheelserve import WheelServer, preferred_port
 
 LOG_TAIL = 25
@@ -198,7 +198,7 @@ def context_stream(files: tuple[ContextFile, ...], copied: tuple[CopiedFile, ...
         assert pinned is not None and c.sha256 is not None
         yield _tar_header(c.arcname, c.size, c.mode)
         try:
-            yield from range_chunks(FileRange(pinned[c.arcname], 0, c.size, c.sha256,
+            yield from piece_chunks(FileRange(pinned[c.arcname], 0, c.size, c.sha256,
                                               str(c.source)))
         except BackupError as exc:  # damaged or truncated while it streamed
             raise FileChanged(f"{c.source} changed while it was sent to the engine: "

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from .archive import BLOCK, ArchiveIndex, Member, padding, tar_header
+from .archive import TRAILER, ArchiveIndex, Member, docker_pieces, padding, tar_header
 from .engine import ContainerInfo, Engine, StoreKind
 from .errors import ImagebuildError, RemoteError
 from .image import ImageInfo
@@ -42,8 +42,6 @@ from .promote import Gate, promote
 from .registry import CONFIG_MEDIA, MANIFEST_MEDIA
 from .streams import Piece, piece_size
 from .verify import VerifyRecord
-
-TRAILER = b"\0" * (2 * BLOCK)
 
 
 def chain_ids(diff_ids: tuple[str, ...] | list[str]) -> list[str]:
@@ -56,11 +54,6 @@ def chain_ids(diff_ids: tuple[str, ...] | list[str]) -> list[str]:
 
 
 # -- composing each worker's archive -------------------------------------------------------
-
-
-def docker_pieces(archive: ArchiveIndex, skip_layers: int) -> list[Piece]:
-    """The ``docker save`` archive without the first ``skip_layers`` layer files."""
-    return [*archive.pieces(skip_layers), TRAILER]
 
 
 def containerd_name(ref: str) -> str:

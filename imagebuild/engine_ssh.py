@@ -32,7 +32,7 @@ from .errors import EngineError, ImageNotFound, RemoteError
 from .image import BadReply, ImageInfo, T, parse_array, parse_images
 from .naming import CHECK_LABEL, ROOT_LABEL
 from .remote import Process, Target, call, explain, finish, last_line, reading, run, start
-from .streams import CHUNK, OnBytes, Piece, range_chunks
+from .streams import CHUNK, FileRange, OnBytes, Piece, piece_chunks
 
 # One round trip: the engine's info, then the inspect arrays of every image and of every
 # root holder, in marked sections (a constant script; nothing from the spec reaches this
@@ -164,18 +164,14 @@ class SshEngine(Engine):
     def load_archive(self, pieces: list[Piece], on_bytes: OnBytes | None = None) -> int:
         """Pieces into ``docker load``: ranges of each file's open descriptor with
         ``sendfile``, or, for a range that must match its sha256, read, hashed and
-        written (``range_chunks``: a mismatch raises before the file's last chunk, and
+        written (``piece_chunks``: a mismatch raises before the file's last chunk, and
         the load is killed, so ``docker load`` sees a truncated archive); literals with
         ``write``."""
 
         def feed(fd: int, count: OnBytes) -> None:
             for piece in pieces:
-                if isinstance(piece, bytes):
-                    _write_all(fd, piece)
-                    count(len(piece))
-                    continue
-                if piece.sha256 is not None:
-                    for chunk in range_chunks(piece):
+                if not isinstance(piece, FileRange) or piece.sha256 is not None:
+                    for chunk in piece_chunks(piece):
                         _write_all(fd, chunk)
                         count(len(chunk))
                     continue

@@ -42,7 +42,6 @@ from typing import Any
 
 from . import __version__
 from .archive import (
-    BLOCK,
     Manifest,
     SaveCheck,
     allowed_tags_error,
@@ -774,38 +773,11 @@ def collect_garbage(store: BackupDir) -> int:
 # -- reading -----------------------------------------------------------------------------------
 
 
-def _order(sc: GenSidecar) -> list[str]:
-    paths = sorted([*sc.files, *sc.links])
-    return [p for p in paths if p not in _LAST] + [p for p in _LAST if p in paths]
-
-
-def _header(path: str, size: int) -> bytes:
-    ti = tarfile.TarInfo(path)
-    ti.size, ti.mode, ti.mtime = size, 0o644, 0
-    return ti.tobuf(format=tarfile.USTAR_FORMAT)
-
-
-def read_checked(store: BackupDir, sc: GenSidecar, path: str,
-                 meter: Meter | None = None) -> Iterator[bytes]:
-    """A file of a generation, its bytes hashed as they pass; the last chunk is held
-    back until the digest matches the sidecar's, so a damaged file never ends."""
-    digest, size = sc.files[path]
-    h = hashlib.sha256()
-    held = b""
-    got = 0
-    for chunk in store.read(f"{sc.key}/{path}", meter):
-        h.update(chunk)
-        got += len(chunk)
-        if held:
-            yield held
-        held = chunk
-    if got != size or h.hexdigest() != digest:
-        raise damaged(store, sc, path, f"{got} bytes, sha256 {h.hexdigest()[:12]}")
-    if held:
-        yield held
-
-
 def damaged(store: BackupDir, sc: GenSidecar, path: str, got: str) -> BackupError:
+    """The error for a damaged file of a generation (``path``, or a link to it), naming
+    every generation its blob is part of."""
+    if path in sc.links:
+        path = link_target(path, sc.links[path])
     digest, size = sc.files[path]
     users = [f"{g.image} {g.hash12}" for n in image_names(store)
              for g in list_generations(store, n) if digest in g.blobs()]
@@ -817,47 +789,9 @@ def damaged(store: BackupDir, sc: GenSidecar, path: str, got: str) -> BackupErro
              "copy; 'imagebuild backup --check' lists every damaged blob")
 
 
-def small_file(store: BackupDir, sc: GenSidecar, path: str) -> bytes:
-    return b"".join(read_checked(store, sc, path))
-
-
-def check_archive(store: BackupDir, sc: GenSidecar) -> None:
-    """Before anything is loaded: the generation's manifest names its config and one
-    file per layer, would apply no tag but its hash tag, and its config is the content
-    the sidecar names."""
-    where = f"{store}/{sc.key}"
-    manifest = Manifest.parse(small_file(store, sc, "manifest.json"), where)
-    allowed = {sc.hash_tag} if sc.hash_tag else set()
-    err = allowed_tags_error(manifest.repo_tags, allowed, where)
-    if err is not None:
-        raise err
-    if manifest.config not in sc.files or list(manifest.layers) != sc.layer_files:
-        raise BackupError(f"{where}: its manifest.json and its sidecar differ")
-    fingerprint, diff_ids = config_fingerprint(small_file(store, sc, manifest.config), where)
-    if fingerprint != sc.fingerprint or list(diff_ids) != sc.layers:
-        raise BackupError(f"{where} does not hold the image its sidecar names (the content "
-                          f"fingerprint differs); nothing was loaded")
-
-
 def link_target(path: str, target: str) -> str:
     """The archive path a symbolic link at ``path`` (``../<v1 id>/layer.tar``) leads to."""
     return os.path.normpath(os.path.join(os.path.dirname(path), target))
-
-
-def archive_stream(store: BackupDir, sc: GenSidecar, meter: Meter | None = None
-                   ) -> Iterator[bytes]:
-    """The generation as one ``docker save`` tar stream of regular files, every file
-    checked against its digest as it passes, manifest.json last."""
-    for path in _order(sc):
-        # a layer saved as a link to another's file goes as a copy of that file: the
-        # containerd store's docker load does not follow links between layer files
-        source = link_target(path, sc.links[path]) if path in sc.links else path
-        size = int(sc.files[source][1])
-        yield _header(path, size)
-        yield from read_checked(store, sc, source, meter)
-        if size % BLOCK:
-            yield b"\0" * (BLOCK - size % BLOCK)
-    yield b"\0" * (2 * BLOCK)
 
 
 # -- checking the whole store --------------------------------------------------------------------

@@ -23,7 +23,6 @@ from .backup import (
     RestoreResult,
     backups_of,
     local_tar,
-    read_sidecar,
     restore_backup,
     write_backups,
 )
@@ -53,6 +52,7 @@ from .progress import Progress
 from .promote import Promotion, promote
 from .spec import Spec, load_spec
 from .store import BackupDir
+from .tarbackup import read_sidecar
 from .verify import VerifyRecord, image_checks, require_verified, verify_image
 from .wheelops import WheelPlan, plan_wheels, realize_planned
 

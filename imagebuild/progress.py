@@ -88,6 +88,10 @@ class Meter:
         self.start = self.last = time.monotonic()
         self.done = 0
 
+    def to(self, done: int) -> None:
+        """Progress given as the bytes passed so far (an ``OnBytes`` callback)."""
+        self.add(done - self.done)
+
     def add(self, n: int) -> None:
         self.done += n
         now = time.monotonic()

@@ -32,7 +32,7 @@ from .progress import Progress
 from .registry import RegistryClient, docker_credentials
 from .remote import process_alive, start_detached
 from .spec import Registry
-from .streams import range_chunks
+from .streams import piece_chunks
 
 START_WAIT = 30  # seconds a started registry has to answer
 REGISTRY_PROGRAMS = ("docker-registry", "registry")  # Debian's name, upstream's name
@@ -189,7 +189,7 @@ def _publish_one(client: RegistryClient, reg: Registry, item: Item, where: dict[
             pub.bytes_uploaded += size
             continue
         source = where.get(digest, parent_repo)
-        chunks = range_chunks(member.data()) if member is not None else iter([image.config])
+        chunks = piece_chunks(member.data()) if member is not None else iter([image.config])
         if client.upload_blob(repo, digest, size, chunks, mount_from=source,
                               on_bytes=meter.add):
             pub.uploaded += 1

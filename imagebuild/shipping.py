@@ -29,7 +29,7 @@ from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
 from .publish import NOT_STARTED, PublishResult, client_for, ensure_registry, publish
 from .spec import Spec
-from .store import BackupDir, LocalDir
+from .store import BackupDir
 from .verify import passing_record, require_verified
 
 Via = Literal["ssh", "registry"]
@@ -82,12 +82,6 @@ def request_for(ctx: Context, images: list[str], workers: list[Worker], *,
                 force: bool = False, dry_run: bool = False) -> DistributeRequest:
     """A distribution of ``images`` (all: empty) to chosen workers."""
     wanted = ctx.names(images)
-    store = backup_store(ctx.spec)
-    if not isinstance(store, LocalDir):
-        raise SpecError(f"{ctx.spec.path}: distribute reads each image's layers from the "
-                        f"backup store on this host, but backups.directory is remote",
-                        hint="use a local backups.directory on the head node (it can be "
-                             "copied to the control node separately)")
     order = [n for n in ctx.spec.closure(wanted) if n in wanted]
     return DistributeRequest(order, bool(images), workers, force, dry_run)
 
@@ -177,9 +171,9 @@ def _put_into_registry(ctx: Context, items: list[Item], progress: Progress, dry_
 
 def _backup_archive(store: BackupDir, engine: Engine, name: str, info: ImageInfo, keep: int,
                     progress: Progress) -> ArchiveIndex:
-    """The local backup generation of exactly this image (written first if missing),
-    its files opened once: what is sent is read through these descriptors, each checked
-    against its digest as it streams."""
+    """The backup generation of exactly this image (written first if missing), in a
+    store on this host (its files opened once, sent with sendfile) or on another (read
+    over ssh as it is sent); every file checked against its digest as it streams."""
     found = find_backup(store, name, lambda b: b.image_id == info.id and b.gen is not None)
     if found is None:
         progress.say(f"{name}: no backup of {short_id(info.id)} yet; writing it first")

@@ -1,8 +1,8 @@
-"""Checked byte streams: an archive described as pieces (ranges of open files and
-literal bytes), read in chunks of at most 1 MiB so memory stays flat, each file range
-with a sha256 hashed as it passes and its last chunk held back until the digest matched:
-a damaged file stops the stream before its end, so what it feeds (``docker load``, an
-upload) never completes with it.
+"""Checked byte streams: an archive described as pieces (ranges of open files, whole
+files of a backup store on another host, and literal bytes), read in chunks of at most
+1 MiB so memory stays flat, each file with a sha256 hashed as it passes and its last
+chunk held back until the digest matched: a damaged file stops the stream before its
+end, so what it feeds (``docker load``, an upload) never completes with it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class FileRange:
 
     With ``sha256`` (hex) the range is the whole file, whose bytes must hash to it: they
     are hashed as they stream, and the last chunk is held back until the digest matched
-    (see ``range_chunks``)."""
+    (see ``piece_chunks``)."""
 
     file: PinnedFile
     offset: int
@@ -36,62 +36,113 @@ class FileRange:
     sha256: str | None = None
     label: str = ""  # what to call the file in an error (its path in the archive)
 
+    @property
+    def where(self) -> str:
+        return f"{self.label or self.file.path} ({self.file.path})"
 
-Piece = FileRange | bytes  # a range of a file, or literal bytes (headers, generated JSON)
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A whole file of a backup store that is not on this host (``ssh://``), read through
+    the store (``read()`` starts a fresh read) and checked against ``sha256`` and
+    ``length`` as it streams, like a ``FileRange`` with a sha256."""
+
+    read: Callable[[], Iterable[bytes]]
+    length: int
+    sha256: str
+    label: str  # its path in the archive
+    location: str  # where it is (an ssh:// URL), for errors
+
+    @property
+    def where(self) -> str:
+        return self.location
+
+
+Piece = FileRange | StoredFile | bytes  # a file's bytes, or literal (headers, generated JSON)
 
 
 def piece_size(piece: Piece) -> int:
-    return piece.length if isinstance(piece, FileRange) else len(piece)
+    return len(piece) if isinstance(piece, bytes) else piece.length
 
 
-def _ended_early(r: FileRange, missing: int) -> BackupError:
+def _ended_early(where: str, length: int, missing: int) -> BackupError:
     return BackupError(
-        f"{r.label or r.file.path} ({r.file.path}) ended {missing} bytes before the "
-        f"{r.length} it had when it was opened: it was truncated; nothing was loaded",
+        f"{where} ended {missing} bytes before the {length} it had when it was opened: it "
+        f"was truncated; nothing was loaded",
         hint="the file changed while it was read: run the command again, or restore from "
              "another copy")
 
 
-def range_chunks(r: FileRange) -> Iterator[bytes]:
-    """The bytes of ``r`` in chunks of at most 1 MiB. A range with ``sha256`` is hashed
-    as it passes and its last chunk is yielded only after the digest matched: a damaged
-    file raises ``BackupError`` before its end, so an archive that carries it is cut
-    short and ``docker load`` loads nothing."""
-    h = hashlib.sha256() if r.sha256 is not None else None
-    held: bytes | None = None
+class DamagedBytes(BackupError):
+    """A file's bytes did not match the sha256 (or size) it is stored under; ``label``
+    names it in its archive, ``got`` says what came instead."""
+
+    def __init__(self, where: str, label: str, expected: str, actual: str, got: int,
+                 length: int) -> None:
+        size = "" if got == length else f" ({got} bytes, not {length})"
+        super().__init__(
+            f"{where} is damaged{size}: its bytes do not have the sha256 it is stored "
+            f"under; nothing was loaded\n  expected sha256 {expected}\n  actual   sha256 "
+            f"{actual}", hint=DAMAGED_HINT)
+        self.label = label
+        self.got = f"{got} bytes, sha256 {actual[:12]}"
+
+
+def _file_chunks(r: FileRange) -> Iterator[bytes]:
     offset, left = r.offset, r.length
     while left > 0:
         chunk = os.pread(r.file.fd, min(left, CHUNK), offset)
         if not chunk:
-            raise _ended_early(r, left)
+            raise _ended_early(r.where, r.length, left)
         offset += len(chunk)
         left -= len(chunk)
-        if h is None:
-            yield chunk
-            continue
+        yield chunk
+
+
+def checked(chunks: Iterable[bytes], sha256: str, length: int, where: str, label: str
+            ) -> Iterator[bytes]:
+    """``chunks`` hashed as they pass, the last one held back until their sha256 and
+    length matched: damaged bytes raise ``BackupError`` before their end, so an archive
+    that carries them is cut short and ``docker load`` loads nothing."""
+    h = hashlib.sha256()
+    held: bytes | None = None
+    got = 0
+    for chunk in chunks:
         h.update(chunk)
+        got += len(chunk)
         if held is not None:
             yield held
         held = chunk
-    if h is not None and h.hexdigest() != r.sha256:
-        raise BackupError(
-            f"{r.label or r.file.path} ({r.file.path}) is damaged: its bytes do not have "
-            f"the sha256 it is stored under; nothing was loaded\n"
-            f"  expected sha256 {r.sha256}\n  actual   sha256 {h.hexdigest()}",
-            hint=DAMAGED_HINT)
+    if got != length or h.hexdigest() != sha256:
+        raise DamagedBytes(where, label, sha256, h.hexdigest(), got, length)
     if held is not None:
         yield held
+
+
+def piece_chunks(piece: Piece) -> Iterator[bytes]:
+    """The bytes of one piece in chunks of at most 1 MiB; a file with a sha256 checked as
+    it passes (``checked``)."""
+    if isinstance(piece, bytes):
+        if piece:
+            yield piece
+    elif isinstance(piece, StoredFile):
+        yield from checked(piece.read(), piece.sha256, piece.length, piece.where,
+                           piece.label)
+    elif piece.sha256 is None:
+        yield from _file_chunks(piece)
+    else:
+        yield from checked(_file_chunks(piece), piece.sha256, piece.length, piece.where,
+                           piece.label)
 
 
 def archive_chunks(pieces: Iterable[Piece], on_bytes: OnBytes | None = None
                    ) -> Iterator[bytes]:
     """The archive the pieces describe, in chunks of at most 1 MiB (memory stays flat).
-    A file range with a sha256 is checked as it streams (``range_chunks``); on a
-    mismatch the stream stops there, before the rest of the archive and its end."""
+    A file with a sha256 is checked as it streams; on a mismatch the stream stops there,
+    before the rest of the archive and its end."""
     sent = 0
     for piece in pieces:
-        chunks = [piece] if isinstance(piece, bytes) else range_chunks(piece)
-        for chunk in chunks:
+        for chunk in piece_chunks(piece):
             sent += len(chunk)
             if on_bytes is not None:
                 on_bytes(sent)

@@ -325,6 +325,14 @@ def test_a_remote_ssh_store_works_against_a_worker(mini: MiniStack) -> None:
         _rmi(tag, "vllm-node-mimo:latest")
         r = mini.cli("build", "mimo")
         assert r.returncode == 0 and "built 0, restored 1, reused 2" in r.stdout, r.stderr
+        # distribute reads the generation from the remote store as it sends it (w1 holds
+        # the store and is the worker: ssh both ways)
+        r = mini.cli("distribute", "--json", "--workers", "1", "mimo")
+        assert r.returncode == 0, r.stderr
+        sent = json.loads(r.stdout)["outcomes"]
+        assert [o["worker"] for o in sent] == ["w1"] and sent[0]["ok"], sent
+        got = mini.bed.ssh("w1", "docker", "image", "inspect", "--format", "{{.Id}}", tag)
+        assert got.stdout.strip() == sidecar["image_id"], got.stderr
         # a one-line change writes only mimo's new layer there; generations beyond keep
         # (1 here, so one rebuild shows it) are pruned there
         mini.edit_spec("  keep: 2", "  keep: 1")
@@ -348,6 +356,7 @@ def test_a_remote_ssh_store_works_against_a_worker(mini: MiniStack) -> None:
         assert r.returncode == 8 and "DAMAGED blob" in r.stdout, r.stdout + r.stderr
     finally:
         subprocess.run(["rm", "-rf", str(remote), str(decoy)])
+        testbed.cmd_reset_workers()
 
 
 def _as_tar(gen: Path, sidecar: dict[str, object], dest: Path) -> Path:

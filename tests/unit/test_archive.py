@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild import archive
-from imagebuild.archive import ArchiveIndex, TarGuard, allowed_tags_error, manifest_tags
-from imagebuild.distribute import docker_pieces
+from imagebuild import archive, tarbackup
+from imagebuild.archive import ArchiveIndex, allowed_tags_error, docker_pieces
 from imagebuild.errors import BackupError
 from imagebuild.fsutil import PinnedFile
 from imagebuild.streams import archive_chunks
+from imagebuild.tarbackup import TarGuard, manifest_tags
 
 from ..archives import oci_like as _oci_like
 from ..archives import save_like
@@ -129,7 +129,7 @@ def _chunks(data: bytes, n: int) -> list[bytes]:
 @pytest.mark.parametrize("chunk", [1, 7, 511, 512, 4096, 1 << 20])
 def test_a_good_stream_passes_through_unchanged(tmp_path: Path, chunk: int,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(archive, "HOLD", 2048)
+    monkeypatch.setattr(tarbackup, "HOLD", 2048)
     saved = save_like(tmp_path / "a.tar", LAYERS * 3, long_names=True)
     data = saved.path.read_bytes()
     out = b"".join(_guard(saved.path).feed(_chunks(data, chunk)))
@@ -147,7 +147,7 @@ def _released_before_failing(guard: TarGuard, data: bytes, chunk: int = 512
 
 def test_an_altered_stream_is_cut_before_its_tail(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(archive, "HOLD", 2048)
+    monkeypatch.setattr(tarbackup, "HOLD", 2048)
     saved = save_like(tmp_path / "a.tar", LAYERS * 3)
     data = saved.path.read_bytes()
     good_sha = hashlib.sha256(data).hexdigest()
@@ -172,7 +172,7 @@ def test_a_stream_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
 def test_a_manifest_that_would_move_latest_is_never_released(
         tmp_path: Path, first: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Wherever manifest.json sits, its bytes are held until its tags were checked."""
-    monkeypatch.setattr(archive, "HOLD", 1024)
+    monkeypatch.setattr(tarbackup, "HOLD", 1024)
     saved = save_like(tmp_path / "a.tar", LAYERS * 4, tags=["vllm-node-mimo:latest"],
                       manifest_first=first)
     data = saved.path.read_bytes()

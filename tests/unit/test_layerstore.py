@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from imagebuild import layerstore
+from imagebuild.archive import docker_pieces
+from imagebuild.backup import Backup, generation_archive
 from imagebuild.errors import BackupError
 from imagebuild.image import ImageInfo
 from imagebuild.layerstore import (
@@ -22,8 +24,6 @@ from imagebuild.layerstore import (
     GenSidecar,
     Meta,
     Wanted,
-    archive_stream,
-    check_archive,
     check_store,
     clean_leftovers,
     ingest,
@@ -32,11 +32,34 @@ from imagebuild.layerstore import (
     prune,
 )
 from imagebuild.store import LocalDir
+from imagebuild.streams import DamagedBytes, StoredFile, archive_chunks
 
 from ..archives import Saved, save_like
 from ..fake_engine import FakeEngine
 
 HASH = "ab" * 32  # an input hash; the generation is named by its first 12 digits
+
+
+class ElsewhereDir(LocalDir):
+    """A local store that says it is not on this host: read only through ``read``, as an
+    ``ssh://`` store is."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.reads: list[str] = []
+
+    def local_path(self, name: str) -> Path | None:
+        return None
+
+    def read(self, name: str, meter: object = None) -> Iterator[bytes]:
+        self.reads.append(name)
+        return super().read(name)
+
+
+def stream(store: LocalDir, sc: GenSidecar) -> Iterator[bytes]:
+    """A generation as the checked ``docker save`` stream restore and distribute send."""
+    with generation_archive(store, Backup.of_gen(sc)) as archive:
+        yield from archive_chunks(docker_pieces(archive))
 
 
 def sha(data: bytes) -> str:
@@ -200,8 +223,7 @@ def test_a_generation_streams_back_as_the_archive_and_a_damaged_file_stops_it(
     saved = save_like(tmp_path / "1.tar", [base, top, base], tags=["img:aaaaaaaaaaaa"],
                       repeat="link")
     sc = put(store, saved, "aaaaaaaaaaaa", tags=["img:aaaaaaaaaaaa"]).sidecar
-    check_archive(store, sc)
-    data = b"".join(archive_stream(store, sc))
+    data = b"".join(stream(store, sc))
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         names = tf.getnames()
         assert names[-1] == "manifest.json"
@@ -218,9 +240,11 @@ def test_a_generation_streams_back_as_the_archive_and_a_damaged_file_stops_it(
     raw[5000] ^= 1
     blob.write_bytes(bytes(raw))
     got = b""
-    with pytest.raises(BackupError, match=r"damaged.*img aaaaaaaaaaaa"):
-        for chunk in archive_stream(store, sc):
+    with pytest.raises(DamagedBytes, match=r"layer.tar .*damaged.*nothing was loaded") as err:
+        for chunk in stream(store, sc):
             got += chunk
+    assert "img aaaaaaaaaaaa" in layerstore.damaged(store, sc, err.value.label,
+                                                   err.value.got).message
     assert b"manifest.json" not in got  # cut before its end: docker load loads nothing
     result = check_store(store, lambda p: sha((store.directory / p).read_bytes()))
     assert list(result.damaged) == [sha(base)] and result.damaged[sha(base)] == [
@@ -230,8 +254,44 @@ def test_a_generation_streams_back_as_the_archive_and_a_damaged_file_stops_it(
     blob.unlink()
     again = put(store, saved, "aaaaaaaaaaaa", tags=["img:aaaaaaaaaaaa"])
     assert again.written >= len(base) and blob.read_bytes() == base
-    assert b"".join(archive_stream(store, again.sidecar)) == data
+    assert b"".join(stream(store, again.sidecar)) == data
     assert check_store(store, lambda p: sha((store.directory / p).read_bytes())).ok
+
+
+def test_a_generation_on_another_host_streams_the_same_archive_checked_as_it_reads(
+        store: LocalDir, tmp_path: Path) -> None:
+    """Read through the store alone (no local path, as over ssh), a generation is the same
+    archive, each file read once when sent; a damaged file cuts it short as locally."""
+    base, top = os.urandom(100_000), os.urandom(20_000)
+    saved = save_like(tmp_path / "1.tar", [base, top, base], tags=["img:aaaaaaaaaaaa"],
+                      repeat="link")
+    sc = put(store, saved, "aaaaaaaaaaaa", tags=["img:aaaaaaaaaaaa"]).sidecar
+    local = b"".join(stream(store, sc))
+    far = ElsewhereDir(store.directory)
+    with generation_archive(far, Backup.of_gen(sc)) as archive:
+        pieces = docker_pieces(archive)
+        assert all(isinstance(p, (bytes, StoredFile)) for p in pieces)
+        far.reads.clear()
+        assert b"".join(archive_chunks(pieces)) == local
+        assert len(far.reads) == len(sc.files) + len(sc.links)  # a link is sent as a copy
+        # the compression sniff reads the head of a layer only
+        assert archive.layer_blob(0)[0].endswith(".tar")
+    blob = store.directory / BLOBS / sha(top)
+    os.chmod(blob, 0o644)
+    blob.write_bytes(top[:-1])  # truncated
+    got = b""
+    with pytest.raises(DamagedBytes, match=r"ssh|damaged \(19999 bytes, not 20000\)"):
+        for chunk in stream(far, sc):
+            got += chunk
+    assert b"manifest.json" not in got
+    # a record whose tags or content differ from the files is refused before sending
+    manifest = store.directory / sc.key / "manifest.json"
+    text = manifest.read_text()
+    assert "img:aaaaaaaaaaaa" in text
+    os.chmod(manifest, 0o644)
+    manifest.write_text(text.replace("img:aaaaaaaaaaaa", "img:latest"))
+    with pytest.raises(BackupError, match="damaged"):
+        list(stream(far, sc))  # its bytes no longer match its digest
 
 
 def test_a_sidecar_that_names_paths_outside_a_save_archive_is_refused(
@@ -268,7 +328,7 @@ def test_several_images_saved_in_one_call_become_one_generation_each(store: Loca
     e = FakeEngine(name="head")
     a = e.add_base("img-a:aaaaaaaaaaaa", [shared, a_top])
     b = e.add_base("img-b:bbbbbbbbbbbb", [shared, b_top])
-    wanted = [Wanted(n, h12, Meta(i.id, i.fingerprint, None, [f"{n}:{h12}"], i.size,
+    wanted = [Wanted(n, h12, Meta(i.id, i.fingerprint, h12[0] * 64, [f"{n}:{h12}"], i.size,
                                   i.diff_ids), f"{n}:{h12}")
               for n, h12, i in (("img-a", "aaaaaaaaaaaa", a), ("img-b", "bbbbbbbbbbbb", b))]
     got = ingest_many(store, lambda: e.save("img-a:aaaaaaaaaaaa", "img-b:bbbbbbbbbbbb"),
@@ -284,7 +344,7 @@ def test_several_images_saved_in_one_call_become_one_generation_each(store: Loca
         assert [m["RepoTags"] for m in manifest] == [[tag]]  # this image alone
         assert w.sidecar.layers == list(info.diff_ids)
         target = FakeEngine(name="other")  # each generation loads on its own
-        target.load(archive_stream(store, w.sidecar))
+        target.load(stream(store, w.sidecar))
         assert target.require(tag).fingerprint == info.fingerprint
     # an archive without an image asked for is refused, and nothing of it kept
     before = sorted(os.listdir(store.directory / BLOBS))

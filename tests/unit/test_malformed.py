@@ -18,12 +18,12 @@ import pytest
 import yaml
 
 from imagebuild import context
-from imagebuild.archive import ArchiveIndex, TarGuard
-from imagebuild.backup import read_sidecar
+from imagebuild.archive import ArchiveIndex
 from imagebuild.errors import ImagebuildError
 from imagebuild.fsutil import PinnedFile
 from imagebuild.lock import check_matches, read_lock
 from imagebuild.store import LocalDir
+from imagebuild.tarbackup import TarGuard, read_sidecar
 
 from ..archives import save_like
 from .conftest import SPEC, Stack

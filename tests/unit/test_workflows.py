@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from imagebuild import context, ops, shipping
-from imagebuild.backup import Sidecar, backups_of, restore_backup, write_backup
+from imagebuild.archive import docker_pieces
+from imagebuild.backup import (
+    backups_of,
+    generation_archive,
+    restore_backup,
+    write_backup,
+)
 from imagebuild.build import Action, decide, execute
 from imagebuild.distribute import Worker
 from imagebuild.engine import RunResult
@@ -26,11 +32,13 @@ from imagebuild.errors import (
     VerifyFailed,
 )
 from imagebuild.image import ImageInfo
-from imagebuild.layerstore import BLOBS, archive_stream, list_generations
+from imagebuild.layerstore import BLOBS, list_generations
 from imagebuild.naming import hash_tag, latest_tag
 from imagebuild.progress import Quiet
 from imagebuild.promote import promote
 from imagebuild.store import LocalDir
+from imagebuild.streams import archive_chunks
+from imagebuild.tarbackup import Sidecar
 from imagebuild.verify import image_checks, passing_record
 
 from ..fake_engine import FakeEngine, ok
@@ -243,7 +251,8 @@ def _as_tar(ctx: context.Context, name: str, dest: Path) -> Path:
     store = LocalDir(ctx.spec.root / "backups")
     b = backups_of(store, name)[0]
     assert b.gen is not None
-    data = b"".join(archive_stream(store, b.gen))
+    with generation_archive(store, b) as archive:
+        data = b"".join(archive_chunks(docker_pieces(archive)))
     dest.write_bytes(data)
     st = dest.stat()
     sc = Sidecar(image=name, image_id=b.image_id, fingerprint=b.fingerprint,
