@@ -424,6 +424,11 @@ class ArchiveIndex:
         if err is not None:
             raise err
 
+    def small(self, name: str) -> bytes | None:
+        """The bytes of the small regular member ``name`` (checked against its sha256
+        when it has one), or None when there is none."""
+        return _read_small(self.members, name, self.where)
+
     @functools.cached_property
     def _by_name(self) -> dict[str, Member]:
         return {m.name: m for m in self.members}

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from .archive import TRAILER, ArchiveIndex, Member, docker_pieces, padding, tar_header
 from .engine import ContainerInfo, Engine, StoreKind
@@ -76,6 +77,7 @@ class OciImage:
     layers: tuple[tuple[str, str, Member], ...]  # (media type, digest, archive member)
     manifest: bytes
     digest: str  # of the manifest
+    media_type: str = MANIFEST_MEDIA  # of the manifest
 
     def blobs_from(self, first: int) -> list[tuple[str, Member]]:
         """(digest, member) of layers ``first`` and up, each blob once."""
@@ -95,6 +97,11 @@ def oci_image(archive: ArchiveIndex, diff_ids: tuple[str, ...]) -> OciImage:
         media, digest = archive.layer_blob(i)
         layers.append((media, digest, archive.member(name)))
     config_digest = "sha256:" + hashlib.sha256(archive.config).hexdigest()
+    own = _own_manifest(archive, config_digest, [(d, m.size) for _, d, m in layers])
+    if own is not None:
+        manifest, media_type = own
+        return OciImage(archive.config, config_digest, tuple(layers), manifest,
+                        "sha256:" + hashlib.sha256(manifest).hexdigest(), media_type)
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": MANIFEST_MEDIA,
         "config": {"mediaType": CONFIG_MEDIA, "digest": config_digest,
@@ -104,6 +111,41 @@ def oci_image(archive: ArchiveIndex, diff_ids: tuple[str, ...]) -> OciImage:
     }, separators=(",", ":")).encode()
     return OciImage(archive.config, config_digest, tuple(layers), manifest,
                     "sha256:" + hashlib.sha256(manifest).hexdigest())
+
+
+_MANIFEST_TYPES = (MANIFEST_MEDIA, "application/vnd.docker.distribution.manifest.v2+json")
+
+
+def _own_manifest(archive: ArchiveIndex, config_digest: str,
+                  layers: list[tuple[str, int]]) -> tuple[bytes, str] | None:
+    """The manifest a containerd-store head saved with the image (``index.json`` naming
+    one image manifest), with its media type, when it names exactly this config and these
+    layer blobs (digest and size). On the containerd store an image's ID is its
+    manifest's digest: a worker that loads or pulls this same manifest gets the head's
+    ID, which the field's launcher compares across nodes. None: an archive of the classic
+    store (no manifest of its own), or one whose manifest says anything else."""
+    raw = archive.small("index.json")
+    if raw is None:
+        return None
+    try:
+        index: Any = json.loads(raw)
+        (entry,) = index["manifests"]
+        media, digest = str(entry["mediaType"]), str(entry["digest"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if media not in _MANIFEST_TYPES or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        return None
+    data = archive.small("blobs/sha256/" + digest.removeprefix("sha256:"))
+    if data is None or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        return None
+    try:
+        manifest: Any = json.loads(data)
+        named = [(str(x["digest"]), int(x["size"])) for x in manifest["layers"]]
+        same = (manifest.get("mediaType", media) == media
+                and manifest["config"]["digest"] == config_digest and named == layers)
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (data, media) if same else None
 
 
 def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: int,
@@ -127,7 +169,7 @@ def oci_pieces(archive: ArchiveIndex, diff_ids: tuple[str, ...], skip_layers: in
     index = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [{
-            "mediaType": MANIFEST_MEDIA,
+            "mediaType": image.media_type,
             "digest": image.digest, "size": len(image.manifest),
             "annotations": {"io.containerd.image.name": containerd_name(ref),
                             "org.opencontainers.image.ref.name": ref.rpartition(":")[2]},

@@ -100,6 +100,16 @@ def worker_image(name: str, head_latest: ImageInfo | None,
     return "up to date" if LATEST in _held(snap.holders, name, theirs.id) else "unrooted"
 
 
+def _other_id(name: str, head_latest: ImageInfo | None,
+              snap: Snapshot | ImagebuildError) -> bool:
+    """Whether the worker's ``latest`` is the head's content under another image ID."""
+    if isinstance(snap, ImagebuildError) or head_latest is None:
+        return False
+    theirs = next((i for i in snap.images if latest_tag(name) in i.tags), None)
+    return (theirs is not None and theirs.fingerprint == head_latest.fingerprint
+            and theirs.id != head_latest.id)
+
+
 @dataclass(frozen=True)
 class BackupStatus:
     where: str | None  # the current tar, None: no backup
@@ -124,6 +134,9 @@ class ImageStatus:
     hash_tag_present: bool  # NAME:<hash12> still tags it (docker prune -a strips it)
     backup: BackupStatus
     workers: dict[str, WorkerImage] = field(default_factory=dict)
+    # workers whose latest has the head's content under another image ID (a worker on
+    # the other image store): a launcher that compares image IDs across nodes refuses it
+    other_id: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -233,6 +246,8 @@ def status(ctx: Context, engine: Engine, workers: list[Worker], *,
     for row in rows:
         row.workers.update({w: worker_image(row.name, latest[row.name], s)
                             for w, s in snaps.items()})
+        row.other_id.extend(w for w, s in snaps.items()
+                            if _other_id(row.name, latest[row.name], s))
     unreachable = {w: s.message for w, s in snaps.items() if isinstance(s, ImagebuildError)}
     return StatusReport(rows, unreachable, time.monotonic() - started)
 

@@ -322,9 +322,14 @@ def status_shown(report: StatusReport, workers: list[str]) -> Shown:
             + ("" if b.check_ok is None else
                f", checked {b.checked} {'ok' if b.check_ok else 'CORRUPT'}"))
         rows.append([i.name, derivation, latest, verified, rooted, backup,
-                     *(i.workers.get(w, "-") for w in workers)])
+                     *(i.workers.get(w, "-") + ("*" if w in i.other_id else "")
+                       for w in workers)])
     out = aligned(rows)
     out += [f"{w}: unreachable: {why}" for w, why in report.unreachable.items()]
+    if any(i.other_id for i in report.images):
+        out.append("* the head's content under another image ID (that worker uses the "
+                   "other image store): a launcher that compares image IDs across nodes "
+                   "refuses it; compare by content, or keep one image store on every node")
     if any(not i.hash_tag_present or not i.rooted for i in report.images if i.latest):
         out.append("a root is missing or a tag was stripped (docker image prune -a keeps one "
                    "tag of an image in use): 'imagebuild prune' puts roots and tags back")

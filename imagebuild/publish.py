@@ -200,7 +200,7 @@ def _publish_one(client: RegistryClient, reg: Registry, item: Item, where: dict[
         where[digest] = repo
     tag = item.hash_tag.rpartition(":")[2]
     if not dry_run:
-        client.put_manifest(repo, tag, image.manifest, image.digest)
+        client.put_manifest(repo, tag, image.manifest, image.digest, image.media_type)
     pub.seconds = time.monotonic() - started
     progress.end_live()
     verb = "would upload" if dry_run else "uploaded"

@@ -312,12 +312,13 @@ class RegistryClient:
                                 f"as {said[:19]}")
         return True
 
-    def put_manifest(self, repo: str, tag: str, manifest: bytes, digest: str) -> None:
-        """Put ``manifest`` (an OCI image manifest whose sha256 is ``digest``) under
-        ``repo:tag``."""
+    def put_manifest(self, repo: str, tag: str, manifest: bytes, digest: str,
+                     media_type: str = MANIFEST_MEDIA) -> None:
+        """Put ``manifest`` (an image manifest of ``media_type`` whose sha256 is
+        ``digest``) under ``repo:tag``."""
         r = self._send("PUT", f"{self.base}/v2/{repo}/manifests/{tag}",
                        f"PUT {repo}:{tag} manifest", f"repository:{repo}:pull,push",
-                       headers={"Content-Type": MANIFEST_MEDIA}, data=manifest)
+                       headers={"Content-Type": media_type}, data=manifest)
         if r.status_code != 201:
             raise self._fail(f"putting the manifest of {repo}:{tag}", r)
         said = r.headers.get("Docker-Content-Digest", digest)

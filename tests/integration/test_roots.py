@@ -103,6 +103,10 @@ def test_roots_survive_blind_prunes_and_status_tells_every_worker_apart(
     assert mimo["rooted"] and mimo["hash_tag_present"] == (bed.head_store == "containerd")
     assert mimo["workers"] == {"w1": "up to date", "w2": "up to date", "w3": "missing",
                                "c1": "up to date"}
+    # the same content under another image ID where the worker's store is not the head's
+    assert mimo["other_id"] == (["c1"] if bed.head_store == "classic" else ["w1", "w2"])
+    table = mini.cli("status").stdout
+    assert "up to date*" in table and "another image ID" in table, table
     # imagebuild prune (which never takes -a) puts the stripped tags back
     for spelling in ("-a", "--all"):
         r = mini.cli("prune", spelling)

@@ -16,6 +16,7 @@ from imagebuild.distribute import (
     chain_ids,
     containerd_name,
     docker_pieces,
+    oci_image,
     oci_pieces,
     plan_item,
 )
@@ -26,7 +27,7 @@ from imagebuild.image import BadReply, ImageInfo, parse_images
 from imagebuild.remote import Target, explain
 from imagebuild.streams import FileRange, Piece, archive_chunks
 
-from ..archives import save_like
+from ..archives import oci_like, save_like
 
 
 def _save_like(path: Path, layers: list[bytes]) -> list[str]:
@@ -209,3 +210,42 @@ def test_ssh_argv_never_weakens_host_key_checking_and_quotes_the_command() -> No
     assert "host key does not match" in explain(
         t, 255, "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@")
     assert "unreachable" in explain(t, 255, "ssh: connect to host 10.0.0.2: No route to host")
+
+
+def test_a_containerd_heads_own_manifest_is_kept_so_the_image_id_stays(
+        tmp_path: Path) -> None:
+    """A containerd-store save names its image's manifest in index.json: the OCI image
+    sent (a layout over ssh, a push to a registry) is that manifest byte for byte, so a
+    containerd worker gets the head's image ID (its manifest digest). A manifest naming
+    anything else is not trusted: the manifest is composed as for a classic save."""
+    path = tmp_path / "oci.tar"
+    _data, diff_ids = oci_like(path, [b"base" * 999, b"top" * 9], index=True)
+    with tarfile.open(path) as tf:
+        index = json.loads(tf.extractfile("index.json").read())  # type: ignore[union-attr]
+        digest = index["manifests"][0]["digest"]
+        own = tf.extractfile(f"blobs/sha256/{digest[7:]}").read()  # type: ignore[union-attr]
+    image = oci_image(_read(path), diff_ids)
+    assert (image.manifest, image.digest) == (own, digest)
+    layout = _join(oci_pieces(_read(path), diff_ids, 1, "img:abc"))
+    with tarfile.open(fileobj=io.BytesIO(layout)) as tf:
+        sent = json.loads(tf.extractfile("index.json").read())  # type: ignore[union-attr]
+        assert sent["manifests"][0]["digest"] == digest
+        assert tf.extractfile(f"blobs/sha256/{digest[7:]}").read() == own  # type: ignore[union-attr]
+    # the same layers without index.json (or naming another config): composed here
+    oci_like(path, [b"base" * 999, b"top" * 9], index=False)
+    composed = oci_image(_read(path), diff_ids)
+    assert composed.digest != digest and composed.config_digest == image.config_digest
+    assert [d for _m, d, _x in composed.layers] == [d for _m, d, _x in image.layers]
+    bent = json.loads(own)
+    bent["config"]["digest"] = "sha256:" + "0" * 64
+    other = json.dumps(bent).encode()
+    with tarfile.open(path, "a") as tf:
+        for name, data in ((f"blobs/sha256/{hashlib.sha256(other).hexdigest()}", other),
+                           ("index.json", json.dumps({"manifests": [{
+                               "mediaType": bent["mediaType"], "size": len(other),
+                               "digest": "sha256:" + hashlib.sha256(other).hexdigest()}]})
+                            .encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    assert oci_image(_read(path), diff_ids).digest == composed.digest

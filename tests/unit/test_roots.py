@@ -13,6 +13,7 @@ from imagebuild.distribute import Worker
 from imagebuild.errors import ImageNotFound, SpecError
 from imagebuild.layerstore import is_complete, list_generations
 from imagebuild.naming import ROOT_LABEL, hash_tag
+from imagebuild.output import status_shown
 from imagebuild.progress import Quiet
 from imagebuild.roots import holder_name, plan_roots
 from imagebuild.store import LocalDir
@@ -113,6 +114,17 @@ def test_status_tells_what_each_worker_holds(ctx: context.Context) -> None:
     assert node.backup.check_ok is True and node.backup.checked
     json_ready = report.to_json()
     assert json_ready["images"][0]["workers"]["w1"] == "up to date"  # type: ignore[index]
+    assert node.other_id == []  # one image store everywhere: the same IDs
+    # a worker on the containerd store holds the same content under another image ID
+    c1 = FakeEngine(name="c1", store="containerd")
+    workers.append(Worker("c1", "c1", c1))
+    shipping.distribute(ctx, e, shipping.request_for(ctx, [], workers[3:]), Quiet())
+    report = lifecycle.status(ctx, e, workers)
+    node = next(i for i in report.images if i.name == NODE)
+    assert node.workers["c1"] == "up to date" and node.other_id == ["c1"]
+    shown = status_shown(report, [w.name for w in workers]).out
+    assert any("up to date*" in ln for ln in shown)
+    assert any("another image ID" in ln for ln in shown)
 
 
 def test_prune_removes_only_what_is_not_a_root(stack: Stack, ctx: context.Context) -> None:
