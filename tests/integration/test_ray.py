@@ -1,8 +1,8 @@
 """The images run what the field's launcher runs in them: each node's container starts
 ``./run-cluster-node.sh`` in the image's working directory, and the nodes form one Ray
 cluster over the network. On the bed: real Ray (the bed's index serves it), the head's
-image and the copies ``distribute`` put on the workers (w1-w3), a remote task on every
-node, and nothing left running."""
+image (either store) and the copies ``distribute`` put on the workers (w1-w3 and c1, the
+containerd store), a remote task on every node, and nothing left running."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import uuid
 
 import pytest
 
-from .conftest import NODE_WHEELS, MiniStack, testbed
+from .conftest import HEAD_STORES, NODE_WHEELS, MiniStack, testbed, use_every_worker_kind
 
 pytestmark = pytest.mark.bed
 
+C1_ADDR = testbed.CTRD_ADDR  # the bed's containerd-store worker
 HEAD_IP = "127.0.0.20"  # a loopback address of its own: the workers' are .2 to .9
 CLIENT_PORT = 10001  # the head's Ray Client server (ray start --head's default)
 LABEL = "org.imagebuild.test=ray"
@@ -60,10 +61,7 @@ def _run_args(name: str, port: int, *role: str) -> list[str]:
             "./run-cluster-node.sh", *role, "--port", str(port)]
 
 
-# The classic head and the classic workers only, for now: after a Ray node's container
-# ran on the bed's containerd-store engines (the chroot ones, c1 and chead), that
-# engine's image list (GET /images/json) came back empty while its images were there
-# (inspect and info saw them), which broke every later test on it.
+@pytest.mark.parametrize("head_store", HEAD_STORES)
 def test_the_distributed_images_form_a_ray_cluster(mini: MiniStack) -> None:
     # the real spec's runtime contract: ray[default] in the locked closure
     mini.edit_spec(NODE_WHEELS, NODE_WHEELS.replace(
@@ -73,12 +71,15 @@ def test_the_distributed_images_form_a_ray_cluster(mini: MiniStack) -> None:
     assert "ray" in (mini.root / "locks" / "pylock.vllm-node.toml").read_text()
     r = mini.cli("build", "node", timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    # over ssh (the registry's blobs are test_registry's to count)
-    workers = list(mini.bed.workers[:3])
+    # over ssh (the registry's blobs are test_registry's to count), to the classic
+    # workers and c1 (the containerd store)
+    use_every_worker_kind(mini)
+    workers = [*mini.bed.workers[:3], "c1"]
     r = mini.cli("distribute", "--via", "ssh", "--workers", ",".join(workers), "node",
                  timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     addrs = {w: testbed.worker_addr(i) for i, w in enumerate(mini.bed.workers, 1)}
+    addrs["c1"] = C1_ADDR
     port = 26379
     tag = uuid.uuid4().hex[:8]
     started: list[str] = []  # "" for the head, else the worker
@@ -113,6 +114,11 @@ def test_the_distributed_images_form_a_ray_cluster(mini: MiniStack) -> None:
     for w in workers:
         assert mini.bed.ssh(w, "docker", "ps", "-aq", "--filter",
                             f"label={LABEL}").stdout.strip() == "", w
+    # and every engine still lists its images (a Ray node on the bed's containerd-store
+    # engines once left their image list empty while the images were there)
+    assert mini.bed.docker("images", "-q", "vllm-node:latest").stdout.strip()
+    for w in workers:
+        assert mini.bed.ssh(w, "docker", "images", "-q", "vllm-node:latest").stdout.strip(), w
 
 
 def _logs(mini: MiniStack, tag: str, workers: list[str]) -> str:
