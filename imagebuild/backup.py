@@ -17,8 +17,10 @@ input hash, ``restore_backup`` loads one, ``generation_archive`` opens one for s
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from .archive import (
 )
 from .engine import Engine
 from .errors import BackupError
+from .fsutil import atomic_write_text
 from .image import ImageInfo
 from .layerstore import (
     BLOBS,
@@ -52,7 +55,7 @@ from .layerstore import (
 from .naming import hash12, hash_tag, input_hash, short_id, split_ref
 from .progress import Progress
 from .store import BackupDir, LocalDir
-from .streams import DamagedBytes
+from .streams import DamagedBytes, archive_chunks, piece_size
 from .tarbackup import Sidecar, guard, legacy_tars, read_sidecar, sidecar_name
 
 SPACE_MARGIN = 64 << 20  # headers, small files and sidecars, on top of the new layers
@@ -377,6 +380,66 @@ def generation_archive(store: BackupDir, b: Backup) -> ArchiveIndex:
         archive.close()
         raise
     return archive
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    image: str
+    path: Path
+    generation: str  # hash12 of the generation written out
+    size: int
+    sha256: str
+    seconds: float
+
+
+def export_backup(store: BackupDir, b: Backup, dest: Path, progress: Progress
+                  ) -> ExportResult:
+    """Write the generation ``b`` out as one plain ``docker save`` tar at ``dest``, with
+    its sidecar beside it (``dest``.json, as ``restore-from-tar --file`` checks it):
+    every file checked against its digest as it passes, free space checked first, the
+    tar written under a temporary name, synced and renamed into place only when whole
+    (a damaged blob leaves no file)."""
+    if b.gen is None:
+        raise BackupError(f"{store}/{b.key} is a tar already (from before the layer store)",
+                          hint=f"copy it and its sidecar {b.key}.json")
+    started = time.monotonic()
+    with generation_archive(store, b) as archive:
+        pieces = docker_pieces(archive)
+        size = sum(piece_size(p) for p in pieces)
+        try:
+            free = shutil.disk_usage(dest.parent).free
+        except OSError as exc:
+            raise BackupError(f"cannot write {dest}: {exc.strerror or exc}",
+                              hint="name a directory that exists with -o") from None
+        check_space(dest.parent, free, size + SPACE_MARGIN, f"exporting {b.image}")
+        tmp = dest.parent / f".{dest.name}.{os.getpid()}.partial"
+        h = hashlib.sha256()
+        meter = progress.meter(f"exporting {b.image}", size)
+        try:
+            with open(tmp, "xb") as f:
+                for chunk in archive_chunks(pieces, meter.to):
+                    f.write(chunk)
+                    h.update(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            st = os.stat(tmp)
+            sidecar = Sidecar(
+                image=b.image, image_id=b.image_id, fingerprint=b.fingerprint,
+                input_hash=b.input_hash, tags=list(b.gen.tags), size=st.st_size,
+                sha256=h.hexdigest(), created=b.created, mtime_ns=st.st_mtime_ns,
+                ino=st.st_ino, ctime_ns=st.st_ctime_ns)
+            os.replace(tmp, dest)
+            atomic_write_text(dest.parent / sidecar_name(dest.name), sidecar.to_json())
+        except DamagedBytes as exc:
+            raise damaged(store, b.gen, exc.label, exc.got) from None
+        except OSError as exc:
+            raise BackupError(f"writing {dest} failed: {exc.strerror or exc}; nothing was "
+                              f"left there", hint="check free space and permissions") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+            progress.end_live()
+    return ExportResult(b.image, dest, b.gen.hash12, size, h.hexdigest(),
+                        time.monotonic() - started)
 
 
 def local_tar(path: Path) -> tuple[LocalDir, str]:

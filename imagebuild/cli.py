@@ -108,6 +108,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return _raise(result)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    ctx = context.load(args.file)
+    request = ops.export_request(ctx, args.images, every=args.all, output=args.output,
+                                 generation=args.generation)
+    _show(output.export_lines(ops.export(ctx, request, Progress())))
+    return 0
+
+
 def cmd_distribute(args: argparse.Namespace) -> int:
     ctx = context.load(args.file)
     request = shipping.distribute_request(ctx, args.images, args.workers, force=args.force,
@@ -216,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--file", dest="tar", metavar="PATH",
                    help="restore this tar instead of the store (its sidecar is PATH.json)")
     s.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("export", help="write images out of the backup store as plain "
+                                      "docker save tars (NAME.tar + a sidecar)")
+    images(s, "images to export")
+    s.add_argument("--all", action="store_true",
+                   help="every image of the spec that has a backup")
+    s.add_argument("-o", "--output", metavar="PATH",
+                   help="the tar (one image) or a directory (default: ./NAME.tar)")
+    s.add_argument("--generation", metavar="HASH12",
+                   help="an older generation of the one image named (default: current)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("distribute",
                        help="send verified images to the workers, only the layers they lack")

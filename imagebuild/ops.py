@@ -14,14 +14,17 @@ result carries the failure and ``result.error()`` returns the error to raise aft
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backup import (
     BackupResult,
+    ExportResult,
     RestoreResult,
     backups_of,
+    export_backup,
     local_tar,
     restore_backup,
     write_backups,
@@ -51,7 +54,7 @@ from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
 from .promote import Promotion, promote
 from .spec import Spec, load_spec
-from .store import BackupDir
+from .store import BackupDir, LocalDir
 from .tarbackup import read_sidecar
 from .verify import VerifyRecord, image_checks, require_verified, verify_image
 from .wheelops import WheelPlan, plan_wheels, realize_planned
@@ -410,3 +413,79 @@ def restore(ctx: Context, engine: Engine, req: RestoreRequest,
     return RestoreOutcome(done)
 
 
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to write out: each image's generation (the current one, or ``generation``)
+    and where (a file for one image, else a directory)."""
+
+    names: list[str]
+    dest: Path
+    generation: str | None = None
+    every: bool = False  # --all: the images without a backup are passed over, and named
+
+
+def export_request(ctx: Context, images: list[str], *, every: bool, output: str | None,
+                   generation: str | None) -> ExportRequest:
+    """Check export's arguments (no engine, no store contacted)."""
+    if not images and not every:
+        raise SpecError("name the images to export, or --all",
+                        hint="imagebuild export mimo   (or: imagebuild export --all -o DIR)")
+    if images and every:
+        raise SpecError("--all exports every image: name none with it")
+    names = list(ctx.spec.images) if every else ctx.names(images)
+    if generation is not None and (len(names) != 1
+                                   or not re.fullmatch(r"[0-9a-f]{12}", generation)):
+        raise SpecError(f"--generation {generation}: give one image and a generation's "
+                        f"12 hex digits", hint="'imagebuild status' and the store's "
+                                               "images/<name>/ list the generations")
+    dest = Path(output or ".")
+    if len(names) > 1 and not dest.is_dir():
+        raise SpecError(f"-o {dest}: several images go into a directory, which this is not",
+                        hint="create it first, or export one image to a file")
+    store = backup_store(ctx.spec)
+    target = dest if dest.is_dir() else dest.parent
+    if isinstance(store, LocalDir) and target.resolve() == store.directory.resolve():
+        raise SpecError(f"-o {dest}: that is the backup store, which would import the tar "
+                        f"(and remove it) at its next backup",
+                        hint="export to another directory")
+    return ExportRequest(names, dest, generation, every)
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    store: str
+    results: list[ExportResult]
+    without_backup: list[str] = field(default_factory=list)  # --all passed these over
+
+
+def export(ctx: Context, req: ExportRequest, progress: Progress | None = None
+           ) -> ExportOutcome:
+    """Write each image's generation out as a plain ``docker save`` tar with its sidecar,
+    every blob checked as it passes (no engine is needed)."""
+    progress = progress or Progress()
+    store = backup_store(ctx.spec)
+    chosen = []
+    passed_over = []
+    for name in req.names:
+        found = [b for b in backups_of(store, name) if b.gen is not None]
+        if req.generation is not None:
+            found = [b for b in found if b.gen is not None and b.gen.hash12 == req.generation]
+        if not found and req.every:
+            passed_over.append(name)
+            continue
+        if not found:
+            which = f"generation {req.generation} of {name}" if req.generation else name
+            raise BackupError(f"{store} holds no backup of {which}",
+                              hint="see 'imagebuild status'; 'imagebuild backup' writes one")
+        chosen.append(found[0])
+    if not chosen:
+        raise BackupError(f"{store} holds no backup of any image of the spec",
+                          hint="'imagebuild backup' (or build) writes them")
+    results = []
+    for b in chosen:
+        dest = req.dest / f"{b.image}.tar" if req.dest.is_dir() else req.dest
+        progress.say(f"  exporting {store}/{b.key} to {dest}")
+        results.append(export_backup(store, b, dest, progress))
+    return ExportOutcome(str(store), results, passed_over)

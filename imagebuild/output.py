@@ -15,7 +15,14 @@ from .distribute import Outcome
 from .lifecycle import PruneOutcome, RollbackOutcome, StatusReport
 from .lockflow import LockOutcome
 from .naming import hash12, input_hash, short_id
-from .ops import BackupOutcome, BuildOutcome, PlanOutcome, RestoreOutcome, VerifyOutcome
+from .ops import (
+    BackupOutcome,
+    BuildOutcome,
+    ExportOutcome,
+    PlanOutcome,
+    RestoreOutcome,
+    VerifyOutcome,
+)
 from .render import RenderResult
 from .shipping import DistributeOutcome
 from .verify import table
@@ -269,6 +276,20 @@ def restore_lines(result: RestoreOutcome) -> list[str]:
             out.append(f"{name}: verified; {name}:latest -> {short_id(info.id)}")
         elif r.promotion.record is not None:
             out.append(table([r.promotion.record]))
+    return out
+
+
+def export_lines(result: ExportOutcome) -> list[str]:
+    out = []
+    for r in result.results:
+        rate = r.size / 1e6 / max(r.seconds, 1e-6)
+        out.append(f"{r.image}: generation {r.generation} -> {r.path} ({gb(r.size)} in "
+                   f"{r.seconds:.1f}s, {rate:,.0f} MB/s), sha256 {r.sha256[:12]}, sidecar "
+                   f"{r.path.name}.json")
+    out += [f"{n}: no backup in {result.store}; not exported" for n in result.without_backup]
+    if result.results:
+        out.append("load one with plain 'docker load -i FILE' on any node, or checked "
+                   "against its sidecar with 'imagebuild restore-from-tar --file FILE'")
     return out
 
 

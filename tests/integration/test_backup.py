@@ -136,6 +136,27 @@ def test_build_backs_up_each_layer_once_and_restore_gives_the_same_image(
         assert loaded.fingerprint == image.fingerprint and loaded.labels == image.labels
     finally:
         _rmi(tag, env=env)
+    # imagebuild export: a plain tar and its sidecar, which plain docker load takes on the
+    # other head, and restore-from-tar --file checks
+    out = mini.root / "exported"
+    out.mkdir()
+    r = mini.cli("export", "mimo", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    tarfile_ = out / "vllm-node-mimo.tar"
+    assert sorted(p.name for p in out.iterdir()) == [tarfile_.name, tarfile_.name + ".json"]
+    assert f"-> {tarfile_}" in r.stdout
+    load = subprocess.run(["docker", "load", "-i", str(tarfile_)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert load.returncode == 0 and f"Loaded image: {tag}" in load.stdout, load.stderr
+    try:
+        loaded = DockerEngine(other.docker_host).require(tag)
+        assert loaded.fingerprint == image.fingerprint
+    finally:
+        _rmi(tag, env=env)
+    _rmi(tag, "vllm-node-mimo:latest")
+    r = mini.cli("restore-from-tar", "--file", str(tarfile_))
+    assert r.returncode == 0 and "verified" in r.stdout, r.stderr
+    assert engine.require("vllm-node-mimo:latest").id == image.id
 
 
 @pytest.mark.parametrize("damage, head_store", [("flip", "classic"),
@@ -157,6 +178,12 @@ def test_a_damaged_layer_is_refused_named_and_nothing_is_loaded(
     assert f"{gen}/{layer} is damaged" in r.stderr and "nothing was loaded" in r.stderr
     assert f"vllm-node-mimo {sidecar['hash12']}" in r.stderr and "rebuild" in r.stderr
     assert DockerEngine().inspect(str(sidecar["image_id"])) is None
+    # export stops at the damage too, and leaves no file
+    out = mini.root / "exported"
+    out.mkdir()
+    r = mini.cli("export", "mimo", "-o", str(out))
+    assert r.returncode == 8 and f"{layer} is damaged" in r.stderr, r.stderr
+    assert list(out.iterdir()) == []
     # the whole store checked: the blob and every generation that uses it, exit 8
     r = mini.cli("backup", "--check")
     assert r.returncode == 8, r.stdout + r.stderr

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from imagebuild import context, ops, shipping
-from imagebuild.archive import docker_pieces
 from imagebuild.backup import (
     backups_of,
-    generation_archive,
+    export_backup,
     restore_backup,
     write_backup,
 )
@@ -37,8 +36,6 @@ from imagebuild.naming import hash_tag, latest_tag
 from imagebuild.progress import Quiet
 from imagebuild.promote import promote
 from imagebuild.store import LocalDir
-from imagebuild.streams import archive_chunks
-from imagebuild.tarbackup import Sidecar
 from imagebuild.verify import image_checks, passing_record
 
 from ..fake_engine import FakeEngine, ok
@@ -247,19 +244,10 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
 
 def _as_tar(ctx: context.Context, name: str, dest: Path) -> Path:
     """The current generation of ``name`` written out as a tar backup from before the
-    layer store (``NAME.tar`` + its sidecar), as an older imagebuild wrote them."""
+    layer store (``NAME.tar`` + its sidecar), as an older imagebuild wrote them (and as
+    ``export`` writes them)."""
     store = LocalDir(ctx.spec.root / "backups")
-    b = backups_of(store, name)[0]
-    assert b.gen is not None
-    with generation_archive(store, b) as archive:
-        data = b"".join(archive_chunks(docker_pieces(archive)))
-    dest.write_bytes(data)
-    st = dest.stat()
-    sc = Sidecar(image=name, image_id=b.image_id, fingerprint=b.fingerprint,
-                 input_hash=b.input_hash, tags=b.gen.tags, size=len(data),
-                 sha256=hashlib.sha256(data).hexdigest(), created=b.created,
-                 mtime_ns=st.st_mtime_ns)
-    (dest.parent / (dest.name + ".json")).write_text(sc.to_json())
+    export_backup(store, backups_of(store, name)[0], dest, Quiet())
     return dest
 
 
@@ -326,6 +314,77 @@ def test_tar_backups_from_before_the_store_restore_and_are_imported(ctx: context
     assert not (root / "vllm-node.tar.json").exists()
     [now] = backups_of(store, "vllm-node")
     assert now.gen is not None and now.image_id == node.id
+
+
+def test_export_writes_a_plain_tar_that_loads_anywhere_and_restores_checked(
+        ctx: context.Context, tmp_path: Path) -> None:
+    e = head()
+    ops.build_images(ctx, e, ["tf5"], progress=Quiet())
+    tf5 = e.require("vllm-node-tf5:latest")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = ops.export(ctx, ops.export_request(ctx, ["tf5"], every=False, output=str(out),
+                                                generation=None), Quiet())
+    [r] = result.results
+    tar = out / "vllm-node-tf5.tar"
+    assert r.path == tar and r.size == tar.stat().st_size
+    assert r.sha256 == hashlib.sha256(tar.read_bytes()).hexdigest()
+    assert sorted(os.listdir(out)) == ["vllm-node-tf5.tar", "vllm-node-tf5.tar.json"]
+    # plain docker load, on either image store: the same content
+    for store in ("classic", "containerd"):
+        other = FakeEngine(name="other", store=store)
+        with tar.open("rb") as f:
+            other.load(iter(lambda: f.read(1 << 16), b""))
+        assert [i.fingerprint for i in other.images.values()].count(tf5.fingerprint) == 1
+    # restore-from-tar --file checks it against its sidecar, then the gate
+    lose(e, tf5.id)
+    done = ops.restore(ctx, e, ops.restore_request(ctx, [], str(tar)), Quiet())
+    assert done.error() is None and e.require("vllm-node-tf5:latest").id == tf5.id
+    # --all to a directory; one image to a file of another name
+    every = ops.export(ctx, ops.export_request(ctx, [], every=True, output=str(out),
+                                               generation=None), Quiet())
+    assert [x.image for x in every.results] == ["vllm-node", "vllm-node-tf5"]
+    assert every.without_backup == ["vllm-node-mimo"]  # never built: passed over, named
+    one = tmp_path / "node-backup.tar"
+    ops.export(ctx, ops.export_request(ctx, ["node"], every=False, output=str(one),
+                                       generation=None), Quiet())
+    assert one.is_file() and (tmp_path / "node-backup.tar.json").is_file()
+
+
+def test_export_refuses_bad_arguments_and_leaves_nothing_when_a_blob_is_damaged(
+        ctx: context.Context, tmp_path: Path) -> None:
+    e = head()
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
+
+    def request(images: list[str], *, every: bool = False, output: str | None = None,
+                generation: str | None = None) -> ops.ExportRequest:
+        return ops.export_request(ctx, images, every=every, output=output,
+                                  generation=generation)
+
+    with pytest.raises(SpecError, match="or --all"):
+        request([])
+    with pytest.raises(SpecError, match="directory"):
+        request([], every=True, output=str(tmp_path / "x.tar"))
+    with pytest.raises(SpecError, match="12 hex digits"):
+        request(["node"], generation="latest")
+    with pytest.raises(SpecError, match="backup store"):
+        request(["node"], output=str(ctx.spec.root / "backups"))
+    out = tmp_path / "exports"
+    out.mkdir()
+    with pytest.raises(BackupError, match="no backup of generation 000000000000"):
+        ops.export(ctx, request(["node"], output=str(out),
+                                generation="000000000000"), Quiet())
+    store = LocalDir(ctx.spec.root / "backups")
+    gen = backups_of(store, "vllm-node")[0].gen
+    assert gen is not None
+    blob = store.directory / BLOBS / str(gen.files[gen.layer_files[-1]][0])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    with pytest.raises(BackupError, match=r"damaged.*vllm-node "):
+        ops.export(ctx, request(["node"], output=str(out)), Quiet())
+    assert os.listdir(out) == []  # no tar, no sidecar, no partial file
 
 
 def test_restore_of_a_tar_the_spec_does_not_define_is_refused_before_loading(
