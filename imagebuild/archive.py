@@ -469,19 +469,21 @@ class ArchiveIndex:
             h.update(chunk)
         return media, "sha256:" + h.hexdigest()
 
-    def pieces(self, skip_layers: int) -> list[Piece]:
+    def pieces(self, skip_layers: int, leave_out: frozenset[str] = frozenset()
+               ) -> list[Piece]:
         """The archive (without its end-of-archive blocks) without the files of the
-        first ``skip_layers`` layers. Taken from the manifest's layer list: a file that a
-        later layer still needs (the same layer twice in one image: a link, or one blob
-        named twice) stays. A tar's members are ranges of the tar (neighbours merged);
-        a directory's are their header, the whole file (checked against its sha256 as it
-        streams) and the padding."""
+        first ``skip_layers`` layers, nor the members named in ``leave_out``. Taken
+        from the manifest's layer list: a file that a later layer still needs (the same
+        layer twice in one image: a link, or one blob named twice) stays. A tar's
+        members are ranges of the tar (neighbours merged); a directory's are their
+        header, the whole file (checked against its sha256 as it streams) and the
+        padding."""
         needed = set()
         for name in self.layers[skip_layers:]:
             needed.add(name)
             needed.add(self.member(name).name)
-        skip = {n for name in self.layers[:skip_layers]
-                for n in (name, self.member(name).name)} - needed
+        skip = ({n for name in self.layers[:skip_layers]
+                 for n in (name, self.member(name).name)} - needed) | leave_out
         out: list[Piece] = []
 
         def literal(data: bytes) -> None:

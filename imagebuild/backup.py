@@ -145,7 +145,12 @@ def lookup(store: BackupDir, key: str) -> Backup:
     tsc = read_sidecar(store, key)
     if tsc is None:
         raise BackupError(f"{store}/{key} has no readable sidecar ({key}.json); refusing to "
-                          f"load a tar whose content cannot be checked")
+                          f"load a tar whose content cannot be checked",
+                          hint="a tar imagebuild did not write (docker save by hand, the "
+                               "field's backups): 'imagebuild restore-from-tar --file TAR "
+                               "--adopt [NAME]' loads it under a quarantine tag, runs NAME's "
+                               "checks, and only if they pass makes it NAME:latest, rooted "
+                               "and backed up")
     return Backup.of_tar(key, tsc)
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__, context, lifecycle, lockflow, ops, output, shipping, wheelops
+from . import __version__, adopt, context, lifecycle, lockflow, ops, output, shipping, wheelops
 from .engine_docker import DockerEngine
 from .errors import ImagebuildError, Interrupted
 from .output import Shown
@@ -102,6 +102,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     ctx = context.load(args.file)
+    if args.adopt:
+        req = adopt.adopt_request(ctx, args.images, tar=args.tar, from_tar=True)
+        return _adopted(adopt.adopt(ctx, DockerEngine(), req, Progress()))
     request = ops.restore_request(ctx, args.images, args.tar)
     result = ops.restore(ctx, DockerEngine(), request, Progress())
     _show(output.restore_lines(result))
@@ -114,6 +117,17 @@ def cmd_export(args: argparse.Namespace) -> int:
                                  generation=args.generation)
     _show(output.export_lines(ops.export(ctx, request, Progress())))
     return 0
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    ctx = context.load(args.file)
+    req = adopt.adopt_request(ctx, [args.name], ref=args.ref)
+    return _adopted(adopt.adopt(ctx, DockerEngine(), req, Progress()))
+
+
+def _adopted(result: adopt.AdoptOutcome) -> int:
+    _show(output.adopt_lines(result))
+    return _raise(result)
 
 
 def cmd_distribute(args: argparse.Namespace) -> int:
@@ -223,7 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     images(s, "images to restore (default: every image with a backup)")
     s.add_argument("--file", dest="tar", metavar="PATH",
                    help="restore this tar instead of the store (its sidecar is PATH.json)")
+    s.add_argument("--adopt", action="store_true",
+                   help="a tar without a sidecar (docker save by hand): load it quarantined, "
+                        "run the named image's checks, and only if they pass make it that "
+                        "image's latest, rooted and backed up")
     s.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("adopt", help="bring an image built outside imagebuild under it: "
+                                     "checked, then latest, rooted, backed up")
+    s.add_argument("ref", metavar="IMAGE_REF", help="the image in the engine (name:tag or ID)")
+    s.add_argument("--as", dest="name", metavar="NAME", required=True,
+                   help="the spec's image it becomes a generation of")
+    s.set_defaults(func=cmd_adopt)
 
     s = sub.add_parser("export", help="write images out of the backup store as plain "
                                       "docker save tars (NAME.tar + a sidecar)")

@@ -15,6 +15,7 @@ IMAGE_LABEL = "org.imagebuild.image"
 VERSION_LABEL = "org.imagebuild.version"
 GIT_LABEL = "org.imagebuild.git-commit"
 WHEEL_LABEL_PREFIX = "org.imagebuild.wheel."
+ADOPTED_LABEL = "org.imagebuild.adopted"  # an adopted image: the content it was adopted as
 CHECK_LABEL = "org.imagebuild.check"  # on the throwaway containers that run checks
 ROOT_LABEL = "org.imagebuild.root"  # on GC-root holder containers: the image name
 ROOT_TAG_LABEL = "org.imagebuild.root.tag"  # the tag a holder keeps: latest or <hash12>

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .adopt import AdoptOutcome
 from .build import Action, Step
 from .derivation import Derivation
 from .distribute import Outcome
@@ -276,6 +277,22 @@ def restore_lines(result: RestoreOutcome) -> list[str]:
             out.append(f"{name}: verified; {name}:latest -> {short_id(info.id)}")
         elif r.promotion.record is not None:
             out.append(table([r.promotion.record]))
+    return out
+
+
+def adopt_lines(result: AdoptOutcome) -> list[str]:
+    p = result.promotion
+    name = result.name
+    if not p.passed:
+        out = [f"{name}: {result.source} ({short_id(result.adopted.id)}) NOT adopted: its "
+               f"checks failed; latest unmoved, nothing recorded"]
+        return out + ([table([p.record])] if p.record is not None else [])
+    assert result.image is not None
+    out = [f"{name}: adopted {result.source} ({short_id(result.adopted.id)}) as generation "
+           f"{hash12(input_hash(result.image) or '')} ({short_id(result.image.id)}), "
+           f"verified; {name}:latest -> {short_id(result.image.id)}"]
+    if result.backup is not None:
+        out.append(f"{name}: backup {result.backup.where}")
     return out
 
 

@@ -32,7 +32,7 @@ from imagebuild.errors import (
 )
 from imagebuild.image import ImageInfo
 from imagebuild.layerstore import BLOBS, list_generations
-from imagebuild.naming import hash_tag, latest_tag
+from imagebuild.naming import ADOPTED_LABEL, hash12, hash_tag, input_hash, latest_tag
 from imagebuild.progress import Quiet
 from imagebuild.promote import promote
 from imagebuild.store import LocalDir
@@ -385,6 +385,81 @@ def test_export_refuses_bad_arguments_and_leaves_nothing_when_a_blob_is_damaged(
     with pytest.raises(BackupError, match=r"damaged.*vllm-node "):
         ops.export(ctx, request(["node"], output=str(out)), Quiet())
     assert os.listdir(out) == []  # no tar, no sidecar, no partial file
+
+
+def _field_tar(e: FakeEngine, ref: str, dest: Path) -> Path:
+    """A tar as the field saves its images: plain docker save of ``ref``, no sidecar."""
+    with dest.open("wb") as f:
+        for chunk in e.save(ref):
+            f.write(chunk)
+    return dest
+
+
+def test_a_field_tar_is_adopted_only_through_its_gate(ctx: context.Context,
+                                                      tmp_path: Path) -> None:
+    from imagebuild import adopt, lifecycle
+
+    e = head()
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
+    built = e.require("vllm-node:latest")
+    tar = _field_tar(e, "vllm-node:latest", tmp_path / "vllm-node.tar")
+    lose(e, built.id)
+    # without --adopt: refused, and the refusal says what --adopt does
+    with pytest.raises(BackupError, match="no readable sidecar") as err:
+        ops.restore(ctx, e, ops.restore_request(ctx, [], str(tar)), Quiet())
+    assert "--adopt" in err.value.hint
+    # a gate that fails (a CPU torch): latest unmoved, nothing recorded or left tagged
+    e.responder = torch_prints(CPU)
+    store = LocalDir(ctx.spec.root / "backups")
+    before = [b.key for b in backups_of(store, "vllm-node")]
+    req = adopt.adopt_request(ctx, [], tar=str(tar), from_tar=True)
+    assert req.name == "vllm-node"  # from the tar's own tag
+    failed = adopt.adopt(ctx, e, req, Quiet())
+    assert isinstance(failed.error(), VerifyFailed) and failed.image is None
+    assert e.inspect("vllm-node:latest") is None
+    assert not any(t.startswith("vllm-node:") for i in e.images.values() for t in i.tags)
+    assert [b.key for b in backups_of(store, "vllm-node")] == before
+    # a gate that passes: latest, a generation of its own (never a derivation of the
+    # spec), rooted, backed up
+    e.responder = torch_prints(GOOD)
+    done = adopt.adopt(ctx, e, req, Quiet())
+    assert done.error() is None and done.image is not None
+    assert done.adopted.fingerprint == built.fingerprint
+    latest = e.require("vllm-node:latest")
+    assert latest.id == done.image.id and latest.labels[ADOPTED_LABEL] == built.fingerprint
+    h12 = hash12(input_hash(latest) or "")
+    assert f"vllm-node:{h12}" in latest.tags and h12 != hash12(input_hash(built) or "")
+    assert not any("adopt-" in t for i in e.images.values() for t in i.tags)
+    assert done.backup is not None
+    assert backups_of(store, "vllm-node")[0].input_hash == input_hash(latest)
+    # a build of the spec never takes it for its derivation (it restores its own)
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
+    assert input_hash(e.require("vllm-node:latest")) == input_hash(built)
+    # and rollback returns to it
+    back = lifecycle.rollback(ctx, e, "vllm-node", h12)
+    assert back.error() is None and e.require("vllm-node:latest").id == latest.id
+
+
+def test_an_image_in_the_engine_is_adopted_by_reference(ctx: context.Context) -> None:
+    from imagebuild import adopt
+
+    e = head()
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
+    node = e.require("vllm-node:latest")
+    e.tag(node.id, "field/vllm-node", "2026-06")
+    with pytest.raises(SpecError, match="--as NAME"):
+        adopt.adopt_request(ctx, [], ref="field/vllm-node:2026-06")
+    with pytest.raises(ImageNotFound):
+        adopt.adopt(ctx, e, adopt.adopt_request(ctx, ["node"], ref="field/missing:1"),
+                    Quiet())
+    done = adopt.adopt(ctx, e, adopt.adopt_request(ctx, ["node"],
+                                                   ref="field/vllm-node:2026-06"), Quiet())
+    assert done.error() is None and done.image is not None
+    assert e.require("vllm-node:latest").id == done.image.id
+    assert "field/vllm-node:2026-06" in e.require(node.id).tags  # the field's tag stays
+    again = adopt.adopt(ctx, e, adopt.adopt_request(ctx, ["node"],
+                                                    ref="field/vllm-node:2026-06"), Quiet())
+    assert again.image is not None and again.image.id == done.image.id  # idempotent
 
 
 def test_restore_of_a_tar_the_spec_does_not_define_is_refused_before_loading(
