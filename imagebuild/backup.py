@@ -31,7 +31,7 @@ from .archive import (
     docker_pieces,
 )
 from .engine import Engine
-from .errors import BackupError
+from .errors import BackupError, StoreBusy
 from .fsutil import atomic_write_text
 from .image import ImageInfo
 from .layerstore import (
@@ -55,6 +55,7 @@ from .layerstore import (
 from .naming import hash12, hash_tag, input_hash, short_id, split_ref
 from .progress import Progress
 from .store import BackupDir, LocalDir
+from .storelock import StoreLock
 from .streams import DamagedBytes, archive_chunks, piece_size
 from .tarbackup import Sidecar, guard, legacy_tars, read_sidecar, sidecar_name
 
@@ -193,6 +194,32 @@ def write_backups(store: BackupDir, engine: Engine, images: list[tuple[str, Imag
     is not saved again. Then tar backups of these images from before the store are
     imported, and generations beyond ``keep`` pruned."""
     store.prepare()
+    with StoreLock(store, "shared", f"a backup of {', '.join(n for n, _ in images)}"):
+        done, imported, seconds = _write(store, engine, images, progress)
+    dropped: dict[str, list[GenSidecar]] = {}
+    try:  # removing needs the store to itself: no other run may be writing into it
+        with StoreLock(store, "exclusive", "pruning after a backup"):
+            dropped = {name: prune(store, name, keep) for name, _info in images}
+    except StoreBusy as exc:
+        progress.say(f"  older generations kept for now (pruned by a later backup): "
+                     f"{exc.message}")
+    results = []
+    for name, _info in images:
+        sc, written, read = done[name]
+        results.append(BackupResult(
+            f"{store}/{sc.key}", Backup.of_gen(sc), written >= 0,
+            bytes_written=max(written, 0), bytes_read=read, seconds=seconds,
+            imported=tuple(imported[name]),
+            dropped=tuple(d.hash12 for d in dropped.get(name, []))))
+    return results
+
+
+def _write(store: BackupDir, engine: Engine, images: list[tuple[str, ImageInfo]],
+           progress: Progress
+           ) -> tuple[dict[str, tuple[GenSidecar, int, int]], dict[str, list[str]], float]:
+    """The writing half of ``write_backups`` (under its shared lock): each image's
+    generation (sidecar, bytes written or -1 when it was there, bytes read), the old tars
+    imported, the seconds it took."""
     started = time.monotonic()
     done: dict[str, tuple[GenSidecar, int, int]] = {}
     todo: list[tuple[str, ImageInfo, str]] = []
@@ -234,16 +261,8 @@ def write_backups(store: BackupDir, engine: Engine, images: list[tuple[str, Imag
         for w in got:
             done[w.sidecar.image] = (w.sidecar, w.written, w.read)
     seconds = time.monotonic() - started
-    results = []
-    for name, _info in images:
-        sc, written, read = done[name]
-        imported = _import_tars(store, name, progress)
-        dropped = prune(store, name, keep)
-        results.append(BackupResult(
-            f"{store}/{sc.key}", Backup.of_gen(sc), written >= 0,
-            bytes_written=max(written, 0), bytes_read=read, seconds=seconds,
-            imported=tuple(imported), dropped=tuple(d.hash12 for d in dropped)))
-    return results
+    imported = {name: _import_tars(store, name, progress) for name, _info in images}
+    return done, imported, seconds
 
 
 def _import_tars(store: BackupDir, name: str, progress: Progress) -> list[str]:

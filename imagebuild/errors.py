@@ -139,6 +139,12 @@ class RegistryError(ImagebuildError):
     exit_code = 11
 
 
+class StoreBusy(BackupError):
+    """Another run holds the backup store's lock in a way this one cannot share."""
+
+    exit_code = 12
+
+
 class Interrupted(ImagebuildError):
     """The user pressed Ctrl-C."""
 

@@ -250,11 +250,11 @@ def image_names(store: BackupDir) -> list[str]:
 # -- writing -----------------------------------------------------------------------------------
 
 
-def _token() -> str:
+def run_token() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _alive(token: str, mtime_ns: int) -> bool:
+def run_alive(token: str, mtime_ns: int) -> bool:
     """Whether the run that wrote a temporary file named with ``token`` may still run."""
     host, _, pid = token.rpartition("-")
     if host != socket.gethostname() or not pid.isdigit():
@@ -266,13 +266,13 @@ def clean_leftovers(store: BackupDir, name: str | None = None) -> None:
     """Remove what a killed or failed write left: incoming blobs and partial generation
     directories of runs that are no longer alive."""
     stale = [f"{INCOMING}/{f}" for f, st in store.files(INCOMING).items()
-             if not _alive(f.rpartition("-")[0], st.mtime_ns)]
+             if not run_alive(f.rpartition("-")[0], st.mtime_ns)]
     store.remove(*stale)
     for n in [name] if name else image_names(store):
         for d in store.dirs(image_dir(n)):
             if d.startswith(".") and d.endswith(PARTIAL):
                 token = d[1:-len(PARTIAL)].partition(".")[2]
-                if not _alive(token, 0):  # another host's: a run older than a day
+                if not run_alive(token, 0):  # another host's: a run older than a day
                     store.remove_tree(f"{image_dir(n)}/{d}")
 
 
@@ -323,7 +323,7 @@ class _Ingest:
                 raise _Again(size)
             return digest
         self.seq += 1
-        tmp = f"{INCOMING}/{_token()}-{self.seq}"
+        tmp = f"{INCOMING}/{run_token()}-{self.seq}"
         with writing(self.store, tmp) as w:
             def sink(chunk: bytes) -> None:
                 h.update(chunk)
@@ -711,7 +711,7 @@ def _assemble(store: BackupDir, sc: GenSidecar, current: bool) -> None:
     """The generation directory under a temporary name, renamed into place, then its
     sidecar, then ``current``."""
     parent = image_dir(sc.image)
-    tmp = f"{parent}/.{sc.hash12}.{_token()}{PARTIAL}"
+    tmp = f"{parent}/.{sc.hash12}.{run_token()}{PARTIAL}"
     final = gen_path(sc.image, sc.hash12)
     store.remove_tree(tmp)
     subdirs = sorted({p.rpartition("/")[0] for p in [*sc.files, *sc.links] if "/" in p})
@@ -722,7 +722,14 @@ def _assemble(store: BackupDir, sc: GenSidecar, current: bool) -> None:
             store.symlink(target, f"{tmp}/{path}")
         store.remove(sidecar_path(sc.image, sc.hash12))  # a sidecar never names a partial dir
         store.remove_tree(final)
-        store.rename(tmp, final)
+        try:
+            store.rename(tmp, final)
+        except (OSError, RemoteError):
+            # another backup running beside this one (both hold the shared lock) put the
+            # same generation in place first: its blobs are all there, keep that one
+            if sc.hash12 not in store.dirs(parent) or not is_complete(store, sc):
+                raise
+            store.remove_tree(tmp)
     except (OSError, RemoteError) as exc:
         store.remove_tree(tmp)
         raise BackupError(f"assembling {store}/{final} failed: {exc}; the generation was "

@@ -55,6 +55,7 @@ from .progress import Progress
 from .promote import Promotion, promote
 from .spec import Spec, load_spec
 from .store import BackupDir, LocalDir
+from .storelock import StoreLock
 from .tarbackup import read_sidecar
 from .verify import VerifyRecord, image_checks, require_verified, verify_image
 from .wheelops import WheelPlan, plan_wheels, realize_planned
@@ -405,7 +406,11 @@ def restore(ctx: Context, engine: Engine, req: RestoreRequest,
                               hint="run 'imagebuild backup' (or build) first")
     done: list[Restored] = []
     for store_of_job, tar, expect in jobs:
-        result = restore_backup(engine, store_of_job, tar, progress, expect_image=expect)
+        # a restore from the store holds its shared lock: no prune removes what it reads
+        lock = (StoreLock(store_of_job, "shared", f"a restore of {expect or tar}")
+                if req.file is None else contextlib.nullcontext())
+        with lock:
+            result = restore_backup(engine, store_of_job, tar, progress, expect_image=expect)
         if result.name not in ctx.spec.images:
             raise BackupError(f"the tar holds {result.name}, which this spec does not define")
         done.append(Restored(result, promote(ctx.gate, engine, result.name, result.info,
@@ -484,8 +489,9 @@ def export(ctx: Context, req: ExportRequest, progress: Progress | None = None
         raise BackupError(f"{store} holds no backup of any image of the spec",
                           hint="'imagebuild backup' (or build) writes them")
     results = []
-    for b in chosen:
-        dest = req.dest / f"{b.image}.tar" if req.dest.is_dir() else req.dest
-        progress.say(f"  exporting {store}/{b.key} to {dest}")
-        results.append(export_backup(store, b, dest, progress))
+    with StoreLock(store, "shared", f"an export of {', '.join(req.names)}"):
+        for b in chosen:
+            dest = req.dest / f"{b.image}.tar" if req.dest.is_dir() else req.dest
+            progress.say(f"  exporting {store}/{b.key} to {dest}")
+            results.append(export_backup(store, b, dest, progress))
     return ExportOutcome(str(store), results, passed_over)

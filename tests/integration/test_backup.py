@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from imagebuild.engine_docker import DockerEngine
+from imagebuild.naming import ADOPTED_LABEL, hash12, input_hash
 
 from .conftest import HEAD_STORES, Bed, MiniStack, testbed
 
@@ -512,3 +513,65 @@ def test_a_backup_restores_on_a_head_of_the_other_store(bed_env: Bed, tmp_path: 
                               env=env, capture_output=True, text=True).stdout
         if "vllm-node-mimo" in info:
             subprocess.run(["docker", "rm", "-f", cid], env=env, capture_output=True)
+
+
+@pytest.mark.parametrize("head_store", HEAD_STORES)
+def test_what_the_field_has_is_adopted_only_through_its_gate(warm: MiniStack,
+                                                             tmp_path: Path) -> None:
+    """A field tar (plain docker save, no sidecar) and an image in the engine (the field's
+    own tag) become generations of the spec's images only if their checks pass; the
+    adopted image is distributed and rolled back to like a built one."""
+    mini = warm
+    testbed.cmd_reset_workers()
+    r = mini.cli("build", "mimo")
+    assert r.returncode == 0, r.stderr
+    engine = DockerEngine()
+    node, mimo = engine.require("vllm-node:latest"), engine.require("vllm-node-mimo:latest")
+    env = dict(os.environ, DOCKER_HOST=mini.bed.docker_host)
+    # an image without torch (the bed's base), saved as the field saves: refused without
+    # --adopt (which the refusal names), and its gate fails with it: nothing moves
+    base_tar = tmp_path / "base.tar"
+    subprocess.run(["docker", "save", "-o", str(base_tar), "imagebuild-bed/bookworm-python:1"],
+                   env=env, check=True)
+    r = mini.cli("restore-from-tar", "--file", str(base_tar))
+    assert r.returncode == 8 and "--adopt" in r.stderr, r.stderr
+    gens = sorted(p.name for p in (mini.root / "backups" / "images" / "vllm-node").iterdir())
+    r = mini.cli("restore-from-tar", "node", "--file", str(base_tar), "--adopt")
+    assert r.returncode == 1 and "NOT adopted" in r.stdout, r.stdout + r.stderr
+    assert engine.require("vllm-node:latest").id == node.id
+    assert not any(":adopt-" in t for i in engine.snapshot().images for t in i.tags)
+    assert sorted(p.name for p in (mini.root / "backups" / "images" / "vllm-node").iterdir()
+                  ) == gens
+    # mimo saved by hand: loaded under quarantine (its own vllm-node-mimo:latest tag is
+    # not applied by the load), labelled, verified, then latest
+    mimo_tar = tmp_path / "vllm-node-mimo.tar"
+    subprocess.run(["docker", "save", "-o", str(mimo_tar), "vllm-node-mimo:latest"],
+                   env=env, check=True)
+    r = mini.cli("restore-from-tar", "--file", str(mimo_tar), "--adopt")
+    assert r.returncode == 0 and "adopted" in r.stdout, r.stdout + r.stderr
+    adopted = engine.require("vllm-node-mimo:latest")
+    assert adopted.id != mimo.id and adopted.labels[ADOPTED_LABEL] == mimo.fingerprint
+    r = mini.cli("rollback", "mimo", "--to", hash12(input_hash(mimo) or ""))
+    assert r.returncode == 0 and engine.require("vllm-node-mimo:latest").id == mimo.id
+    # the field's own tag of node adopted, sent to a worker, rolled back from and to
+    subprocess.run(["docker", "tag", "vllm-node:latest", "field/vllm-node:1"], env=env,
+                   check=True)
+    try:
+        r = mini.cli("adopt", "field/vllm-node:1", "--as", "node")
+        assert r.returncode == 0 and "adopted field/vllm-node:1" in r.stdout, r.stderr
+        mine = engine.require("vllm-node:latest")
+        assert mine.labels[ADOPTED_LABEL] == node.fingerprint
+        r = mini.cli("distribute", "--json", "--workers", "1", "node")
+        assert r.returncode == 0, r.stderr
+        got = mini.bed.ssh("w1", "docker", "image", "inspect", "--format",
+                           "{{index .Config.Labels \"org.imagebuild.adopted\"}}",
+                           "vllm-node:latest")
+        assert got.stdout.strip() == node.fingerprint, got.stderr
+        r = mini.cli("rollback", "node", "--to", hash12(input_hash(node) or ""))
+        assert r.returncode == 0 and engine.require("vllm-node:latest").id == node.id
+        r = mini.cli("rollback", "node", "--to", hash12(input_hash(mine) or ""))
+        assert r.returncode == 0 and engine.require("vllm-node:latest").id == mine.id
+    finally:
+        mini.cli("rollback", "node", "--to", hash12(input_hash(node) or ""))
+        subprocess.run(["docker", "rmi", "field/vllm-node:1"], env=env, capture_output=True)
+        testbed.cmd_reset_workers()

@@ -502,6 +502,58 @@ def test_backup_refuses_an_unverified_image_and_keeps_generations(ctx: context.C
     assert set(os.listdir(store.directory / BLOBS)) == linked  # the first one's are gone
 
 
+def test_a_backup_beside_another_writer_keeps_older_generations_for_later(
+        stack: Stack, ctx: context.Context) -> None:
+    """Another run writing into the store (its shared lock, alive) stops this backup's
+    pruning (it needs the store to itself), never the backup; the next backup alone
+    prunes. Two runs assembling the same generation at once keep one."""
+    import io
+    import socket
+
+    from imagebuild.progress import Progress
+    from imagebuild.storelock import LOCKS
+
+    e = head()
+    store = LocalDir(ctx.spec.root / "backups")
+    other = store.directory / LOCKS / f"shared.{socket.gethostname()}-1.abcd1234"
+    built = []
+    for i in range(3):
+        _touch_template(stack, "vllm-node", f"generation {i}")
+        ctx = context.load(str(stack.spec_path))
+        if i == 2:
+            other.parent.mkdir(parents=True, exist_ok=True)
+            other.write_text('{"what": "a backup of vllm-node-mimo"}\n')
+        ops.build_images(ctx, e, ["node"], backup=False, progress=Quiet())
+        built.append(e.require("vllm-node:latest").id)
+        said = io.StringIO()
+        ops.backup(ctx, e, ["node"], Progress(said))
+    assert "older generations kept for now" in said.getvalue()
+    assert "a backup of vllm-node-mimo" in said.getvalue()
+    assert len(list_generations(store, "vllm-node")) == 3  # keep is 2: one pruned later
+    other.unlink()
+    ops.backup(ctx, e, ["node"], Quiet())
+    assert [g.image_id for g in list_generations(store, "vllm-node")] == built[:0:-1]
+    assert list((store.directory / LOCKS).iterdir()) == []
+    # the same generation assembled by another run between this one's steps: kept
+    gen = list_generations(store, "vllm-node")[0]
+    real_rename = LocalDir.rename
+
+    def beaten(self: LocalDir, src: str, dst: str) -> None:
+        shutil.copytree(self.directory / src, self.directory / dst, copy_function=os.link)
+        real_rename(self, src, dst)
+
+    from imagebuild.layerstore import _assemble
+
+    LocalDir.rename = beaten  # type: ignore[method-assign]
+    try:
+        _assemble(store, gen, current=True)
+    finally:
+        LocalDir.rename = real_rename  # type: ignore[method-assign]
+    assert list_generations(store, "vllm-node")[0] == gen
+    assert not [d for d in os.listdir(store.directory / "images" / "vllm-node")
+                if d.endswith(".partial")]
+
+
 def test_a_backup_killed_half_way_is_cleaned_up_but_a_live_one_is_spared(
         ctx: context.Context) -> None:
     import socket
