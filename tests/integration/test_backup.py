@@ -575,3 +575,33 @@ def test_what_the_field_has_is_adopted_only_through_its_gate(warm: MiniStack,
         mini.cli("rollback", "node", "--to", hash12(input_hash(node) or ""))
         subprocess.run(["docker", "rmi", "field/vllm-node:1"], env=env, capture_output=True)
         testbed.cmd_reset_workers()
+
+
+def test_backups_started_together_share_the_store(mini: MiniStack) -> None:
+    """Two backups of a new generation and a third that prunes (keep: 1), at once: each
+    ends well or with the lock's message (exit 12), never anything else, and the store
+    checks clean after, its locks gone."""
+    _built(mini)
+    root = mini.root / "backups"
+    mini.edit_spec("  keep: 2", "  keep: 1")
+    tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
+    tpl.write_text(tpl.read_text() + "RUN head -c 32000000 /dev/urandom > /var/tmp/filler\n")
+    assert mini.cli("build", "--no-backup", "mimo").returncode == 0
+    env = dict(os.environ, DOCKER_HOST=mini.bed.docker_host)
+    runs = [subprocess.Popen([sys.executable, "-m", "imagebuild", "-f", str(mini.spec),
+                              "backup", *names], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+            for names in (["mimo"], ["mimo"], [])]
+    done = [(p.wait(timeout=600), *p.communicate()) for p in runs]
+    for code, out, err in done:
+        assert code == 0 or (code == 12 and "is locked by" in err), (code, out, err)
+    assert any(code == 0 for code, _o, _e in done)
+    gen, _sidecar = _gen(root)
+    kept = [p for p in (root / "images" / "vllm-node-mimo").iterdir() if p.is_dir()]
+    assert gen in kept
+    r = mini.cli("backup", "--check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = mini.cli("backup")  # alone: it prunes what the concurrent runs had to keep
+    assert r.returncode == 0, r.stderr
+    assert [p for p in (root / "images" / "vllm-node-mimo").iterdir() if p.is_dir()] == [gen]
+    assert list((root / "locks").iterdir()) == []
