@@ -93,11 +93,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
     ctx.names(args.images)
     context.backup_store(ctx.spec)
     if args.check:
-        check = lifecycle.check_backups(ctx, Progress(), images=args.images)
+        check = (lifecycle.check_mirrors(ctx, Progress()) if args.mirror
+                 else lifecycle.check_backups(ctx, Progress(), images=args.images))
         _show(check.lines())
         return _raise(check)
-    _show(output.backup_lines(ops.backup(ctx, DockerEngine(), args.images, Progress())))
-    return 0
+    result = ops.backup(ctx, DockerEngine(), args.images, Progress())
+    _show(output.backup_lines(result))
+    return _raise(result)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -230,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true",
                    help="hash every blob of the store against its name; name the damaged "
                         "ones and the generations that use them")
+    s.add_argument("--mirror", action="store_true",
+                   help="with --check: check the mirrors (backups.mirror) instead, each on "
+                        "its own host; the next backup repairs what it finds")
     s.set_defaults(func=cmd_backup)
 
     s = sub.add_parser("restore-from-tar",

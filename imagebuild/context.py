@@ -8,6 +8,8 @@ side by side on it.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,16 +22,23 @@ from .derivation import Derivation, plan
 from .distribute import Worker
 from .engine_ssh import SshEngine
 from .errors import (
+    ImagebuildError,
     LockError,
     SpecError,
 )
+from .fsutil import atomic_write_text
 from .lock import check_matches, read_lock
 from .locking import stale_reason
+from .mirror import MirrorResult, copy_to_mirror
+from .progress import Progress
 from .promote import Gate
 from .remote import Target
 from .spec import Spec, did_you_mean, load_spec
-from .store import BackupDir, open_store
+from .store import BackupDir, SshDir, open_store
 from .wheelplan import WheelDerivation, wheel_plan
+
+MIRROR_DAMAGE = "mirror-damage.json"  # in the state directory
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,57 @@ def backup_store(spec: Spec) -> BackupDir:
         raise SpecError(f"{spec.path}: the spec has no backups section",
                         hint="add backups: {directory: ~/control-workspace/docker-images}")
     return open_store(spec.backups, spec.cluster.ssh_config)
+
+
+def mirror_stores(spec: Spec) -> list[BackupDir]:
+    """The mirrors of the backup store (``backups.mirror``)."""
+    if spec.backups is None:
+        return []
+    return [SshDir(loc, spec.cluster.ssh_config) for loc in spec.backups.mirrors]
+
+
+def update_mirrors(spec: Spec, store: BackupDir, names: list[str], progress: Progress
+                   ) -> list[MirrorResult]:
+    """After a backup: each mirror brought up to date with the generations of ``names``
+    (and the blobs ``backup --check --mirror`` found damaged there sent again). A mirror
+    that fails is a warning and its result's error, never a lost local backup."""
+    out = []
+    for mirror in mirror_stores(spec):
+        damaged = frozenset(read_mirror_damage(spec).get(str(mirror), []))
+        try:
+            result = copy_to_mirror(store, mirror, names, spec.backups.keep if spec.backups
+                                    else 2, progress, damaged)
+        except (ImagebuildError, OSError) as exc:
+            why = exc.message if isinstance(exc, ImagebuildError) else str(exc)
+            progress.say(f"  WARNING: mirror {mirror} not brought up to date: {why}; the "
+                         f"backup in {store} is complete")
+            out.append(MirrorResult(str(mirror), error=why))
+            continue
+        if damaged:
+            record_mirror_damage(spec, str(mirror), [])
+        progress.say(f"  mirror {mirror}: {result.blobs_sent} blob(s) sent "
+                     f"({result.bytes_sent / 1e9:.2f} GB), "
+                     f"{len(result.generations)} generation(s) put in place")
+        out.append(result)
+    return out
+
+
+def read_mirror_damage(spec: Spec) -> dict[str, list[str]]:
+    """The blobs ``backup --check --mirror`` last found damaged, per mirror."""
+    try:
+        data = json.loads((spec.state_dir / MIRROR_DAMAGE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): [str(d) for d in v if isinstance(d, str) and _HEX64.fullmatch(d)]
+            for k, v in data.items() if isinstance(v, list)}
+
+
+def record_mirror_damage(spec: Spec, mirror: str, digests: list[str]) -> None:
+    data = read_mirror_damage(spec)
+    data[mirror] = sorted(digests)
+    atomic_write_text(spec.state_dir / MIRROR_DAMAGE, json.dumps(data, indent=2) + "\n")
 
 
 def plan_images(ctx: Context, images: list[str]) -> list[Derivation]:

@@ -145,6 +145,13 @@ class StoreBusy(BackupError):
     exit_code = 12
 
 
+class MirrorError(ImagebuildError):
+    """A mirror of the backup store could not be brought up to date (the backup on this
+    host is written and intact)."""
+
+    exit_code = 13
+
+
 class Interrupted(ImagebuildError):
     """The user pressed Ctrl-C."""
 

@@ -530,7 +530,7 @@ def _ingest(state: _Ingest, save: Callable[[], Iterable[bytes]], wanted: list[Wa
             links=dict(sorted(w_links.items())), layers=list(diff_ids),
             layer_files=list(manifest.layers)))
     for sc in sidecars:  # every blob is in: the generations appear
-        _assemble(state.store, sc, current)
+        assemble(state.store, sc, current)
     new = {d: state.blobs[d].size for d in state.new}  # each new blob counted once, for
     out = []  # the first image (in the order given: parents first) that holds it
     for i, sc in enumerate(sidecars):
@@ -707,7 +707,7 @@ def _check_raw_layers(files: dict[str, tuple[str, int]], links: dict[str, str],
                               "--rebuild NAME), then run imagebuild backup NAME")
 
 
-def _assemble(store: BackupDir, sc: GenSidecar, current: bool) -> None:
+def assemble(store: BackupDir, sc: GenSidecar, current: bool) -> None:
     """The generation directory under a temporary name, renamed into place, then its
     sidecar, then ``current``."""
     parent = image_dir(sc.image)

@@ -23,13 +23,20 @@ from typing import Literal
 
 from .backup import Backup, backups_of, restore_backup
 from .build import find_existing
-from .context import Context, backup_store, plan_images
+from .context import (
+    Context,
+    backup_store,
+    mirror_stores,
+    plan_images,
+    record_mirror_damage,
+)
 from .distribute import Worker
 from .engine import ContainerInfo, Engine, Snapshot
-from .errors import ImagebuildError, ImageNotFound, SpecError, VerifyFailed
+from .errors import ImagebuildError, ImageNotFound, MirrorError, SpecError, VerifyFailed
 from .fsutil import atomic_write_text
 from .image import ImageInfo
 from .layerstore import BLOBS, StoreCheck, check_store
+from .mirror import MirrorState, mirror_state
 from .naming import (
     HASH12,
     IMAGE_LABEL,
@@ -144,10 +151,12 @@ class StatusReport:
     images: list[ImageStatus]
     unreachable: dict[str, str]  # worker -> why
     seconds: float
+    mirrors: list[MirrorState] = field(default_factory=list)  # with --check-backups
 
     def to_json(self) -> dict[str, object]:
         return {"images": [asdict(i) for i in self.images],
-                "unreachable": self.unreachable, "seconds": round(self.seconds, 3)}
+                "unreachable": self.unreachable, "seconds": round(self.seconds, 3),
+                "mirrors": [asdict(m) for m in self.mirrors]}
 
 
 def _read_checks(ctx: Context) -> dict[str, dict[str, object]]:
@@ -207,6 +216,53 @@ def check_backups(ctx: Context, progress: Progress, images: list[str] | None = N
     return result
 
 
+@dataclass(frozen=True)
+class MirrorChecks:
+    """``backup --check --mirror``: each mirror's blobs hashed where they lie."""
+
+    checks: list[tuple[str, StoreCheck | None, str | None]]  # (mirror, check, unreachable)
+
+    def lines(self) -> list[str]:
+        out = []
+        for where, check, why in self.checks:
+            out += ([f"{where}: {ln}" for ln in check.lines()] if check is not None
+                    else [f"{where}: UNREACHABLE: {why}"])
+        if any(c is not None and not c.ok for _w, c, _y in self.checks):
+            out.append("the next 'imagebuild backup' sends the damaged and missing blobs "
+                       "again and assembles the generations that use them anew")
+        return out
+
+    def error(self) -> ImagebuildError | None:
+        bad = [w for w, c, why in self.checks if why is not None or (c and not c.ok)]
+        if not bad:
+            return None
+        return MirrorError(f"mirror(s) {', '.join(bad)} damaged or unreachable; the "
+                           f"backup store on this side is not affected",
+                           hint="run 'imagebuild backup' to repair a reachable mirror")
+
+
+def check_mirrors(ctx: Context, progress: Progress) -> MirrorChecks:
+    """Hash every blob of each mirror on its own host (``sha256sum`` there) and record
+    the damaged and missing ones, which the next copy to that mirror sends again."""
+    stores = mirror_stores(ctx.spec)
+    if not stores:
+        raise SpecError(f"{ctx.spec.path}: backups.mirror names no mirror",
+                        hint="add backups: {mirror: ssh://control-node/path}")
+    out: list[tuple[str, StoreCheck | None, str | None]] = []
+    for mirror in stores:
+        try:
+            blobs = mirror.files(BLOBS)
+            total = sum(st.size for st in blobs.values())
+            progress.say(f"checking {len(blobs)} blobs in {mirror} ({total / 1e9:.2f} GB)")
+            check = check_store(mirror, mirror.sha256, None, blobs)
+        except (ImagebuildError, OSError) as exc:
+            out.append((str(mirror), None, getattr(exc, "message", str(exc))))
+            continue
+        record_mirror_damage(ctx.spec, str(mirror), [*check.damaged, *check.missing])
+        out.append((str(mirror), check, None))
+    return MirrorChecks(out)
+
+
 def status(ctx: Context, engine: Engine, workers: list[Worker], *,
            check: bool = False, progress: Progress | None = None) -> StatusReport:
     """One table's worth: each image's derivation, latest, record, roots and backup, and
@@ -249,7 +305,9 @@ def status(ctx: Context, engine: Engine, workers: list[Worker], *,
         row.other_id.extend(w for w, s in snaps.items()
                             if _other_id(row.name, latest[row.name], s))
     unreachable = {w: s.message for w, s in snaps.items() if isinstance(s, ImagebuildError)}
-    return StatusReport(rows, unreachable, time.monotonic() - started)
+    mirrors = ([mirror_state(store, m) for m in mirror_stores(spec)]
+               if check and store is not None else [])
+    return StatusReport(rows, unreachable, time.monotonic() - started, mirrors)
 
 
 # -- prune -----------------------------------------------------------------------------------

@@ -36,7 +36,14 @@ from .closure import (
     install_set,
     parse_closure,
 )
-from .context import Context, backup_store, open_context, plan_images
+from .context import (
+    Context,
+    backup_store,
+    mirror_stores,
+    open_context,
+    plan_images,
+    update_mirrors,
+)
 from .derivation import Derivation, plan
 from .engine import Engine
 from .errors import (
@@ -44,12 +51,15 @@ from .errors import (
     ImagebuildError,
     ImageNotFound,
     LockError,
+    MirrorError,
+    RemoteError,
     SpecError,
     VerifyFailed,
 )
 from .git import git_show_head
 from .image import ImageInfo
 from .lockflow import LockOutcome
+from .mirror import MirrorResult
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
 from .promote import Promotion, promote
@@ -141,6 +151,7 @@ class BuildOutcome:
     backups: dict[str, BackupResult] = field(default_factory=dict)
     wheels: WheelPlan | None = None  # the wheel steps it started from
     relocked: LockOutcome | None = None  # the lock step that recorded newly built wheels
+    mirrors: list[MirrorResult] = field(default_factory=list)
 
     @property
     def gate_failed(self) -> str | None:
@@ -153,7 +164,7 @@ class BuildOutcome:
     def error(self) -> ImagebuildError | None:
         name = self.gate_failed
         if name is None or self.report is None:
-            return None
+            return mirror_error(self.mirrors)
         h = hash_tag(name, self.report.images[name])
         rest = ("; images after it were not built"
                 if len(self.report.images) < len(self.steps) else "")
@@ -222,6 +233,7 @@ def build_images(ctx: Context, engine: Engine, images: list[str], *, rebuild: bo
                     store, engine, verified, spec.backups.keep, progress), strict=True):
                 outcome.backups[name] = result
                 _say_backup(progress, name, result, spec.backups.keep)
+            outcome.mirrors = update_mirrors(spec, store, [n for n, _ in verified], progress)
 
     try:
         outcome.report = execute(spec, engine, steps, progress=progress, rebuild=forced,
@@ -322,6 +334,21 @@ def verify(ctx: Context, engine: Engine, images: list[str],
 class BackupOutcome:
     store: str
     results: list[tuple[str, BackupResult]]
+    mirrors: list[MirrorResult] = field(default_factory=list)
+
+    def error(self) -> ImagebuildError | None:
+        return mirror_error(self.mirrors)
+
+
+def mirror_error(mirrors: list[MirrorResult]) -> MirrorError | None:
+    """The error of the mirrors that could not be brought up to date (exit 13)."""
+    failed = [m for m in mirrors if m.error]
+    if not failed:
+        return None
+    return MirrorError("; ".join(f"mirror {m.where}: {m.error}" for m in failed)
+                       + "; the backups on this side are written and intact",
+                       hint="bring the mirror host back and run 'imagebuild backup': it "
+                            "sends what the mirror lacks")
 
 
 def backup(ctx: Context, engine: Engine, images: list[str],
@@ -335,7 +362,8 @@ def backup(ctx: Context, engine: Engine, images: list[str],
         require_verified(ctx.spec, ctx.lock, name, info)
     written = write_backups(store, engine, present, ctx.spec.backups.keep, progress)
     results = [(name, r) for (name, _), r in zip(present, written, strict=True)]
-    return BackupOutcome(str(store), results)
+    mirrors = update_mirrors(ctx.spec, store, [n for n, _ in present], progress)
+    return BackupOutcome(str(store), results, mirrors)
 
 
 @dataclass(frozen=True)
@@ -383,7 +411,8 @@ def restore(ctx: Context, engine: Engine, req: RestoreRequest,
             progress: Progress | None = None) -> RestoreOutcome:
     """Load each backup (checked against its sidecar), then promote it through the gate."""
     progress = progress or Progress()
-    jobs: list[tuple[BackupDir, str, str | None]] = []
+    # per image, where its backup is: (store, key) in order of preference
+    jobs: list[tuple[str | None, list[tuple[BackupDir, str]]]] = []
     if req.file is not None:
         directory, tar = local_tar(req.file)
         expect = req.names[0] if req.names else None
@@ -391,26 +420,24 @@ def restore(ctx: Context, engine: Engine, req: RestoreRequest,
         if sidecar is not None and expect is None and sidecar.image not in ctx.spec.images:
             raise BackupError(f"{req.file} holds {sidecar.image}, which this spec does not "
                               f"define; nothing was loaded")
-        jobs.append((directory, tar, expect))
+        jobs.append((expect, [(directory, tar)]))
     else:
         store = backup_store(ctx.spec)
+        stores = [store, *mirror_stores(ctx.spec)]
         for n in req.names:
-            found = backups_of(store, n)
-            if found:
-                jobs.append((store, found[0].key, n))
+            sources = _sources(stores, n, progress)
+            if sources:
+                jobs.append((n, sources))
             elif req.named:
-                raise BackupError(f"{store} holds no backup of {n}",
+                raise BackupError(f"{store} holds no backup of {n}"
+                                  + (" (nor does any mirror)" if len(stores) > 1 else ""),
                                   hint="see 'imagebuild status'; use --file for a tar")
         if not jobs:
             raise BackupError(f"no backups in {store}",
                               hint="run 'imagebuild backup' (or build) first")
     done: list[Restored] = []
-    for store_of_job, tar, expect in jobs:
-        # a restore from the store holds its shared lock: no prune removes what it reads
-        lock = (StoreLock(store_of_job, "shared", f"a restore of {expect or tar}")
-                if req.file is None else contextlib.nullcontext())
-        with lock:
-            result = restore_backup(engine, store_of_job, tar, progress, expect_image=expect)
+    for expect, sources in jobs:
+        result = _restore_first(engine, sources, expect, req.file is None, progress)
         if result.name not in ctx.spec.images:
             raise BackupError(f"the tar holds {result.name}, which this spec does not define")
         done.append(Restored(result, promote(ctx.gate, engine, result.name, result.info,
@@ -418,6 +445,45 @@ def restore(ctx: Context, engine: Engine, req: RestoreRequest,
     return RestoreOutcome(done)
 
 
+
+
+def _sources(stores: list[BackupDir], name: str, progress: Progress
+             ) -> list[tuple[BackupDir, str]]:
+    """Where the newest backup of ``name`` is: the store, then each mirror that holds
+    one (an unreachable mirror is passed over, and said)."""
+    out = []
+    for i, st in enumerate(stores):
+        try:
+            found = backups_of(st, name)
+        except (ImagebuildError, OSError) as exc:
+            if i == 0:
+                raise
+            progress.say(f"  mirror {st} passed over: {getattr(exc, 'message', exc)}")
+            continue
+        if found:
+            out.append((st, found[0].key))
+    return out
+
+
+def _restore_first(engine: Engine, sources: list[tuple[BackupDir, str]],
+                   expect: str | None, lock: bool, progress: Progress) -> RestoreResult:
+    """The first of ``sources`` that restores; a damaged or missing backup falls back to
+    the next (a mirror), the first error raised when none does. A restore from a store
+    holds its shared lock: no prune removes what it reads."""
+    first: ImagebuildError | None = None
+    for st, key in sources:
+        try:
+            with (StoreLock(st, "shared", f"a restore of {expect or key}") if lock
+                  else contextlib.nullcontext()):
+                return restore_backup(engine, st, key, progress, expect_image=expect)
+        except (BackupError, RemoteError) as exc:
+            if first is None:
+                first = exc
+            if (st, key) != sources[-1]:
+                progress.say(f"  {st}/{key}: {exc.message.splitlines()[0]}; trying the "
+                             f"next copy")
+    assert first is not None
+    raise first
 
 
 @dataclass(frozen=True)

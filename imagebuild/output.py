@@ -15,6 +15,7 @@ from .derivation import Derivation
 from .distribute import Outcome
 from .lifecycle import PruneOutcome, RollbackOutcome, StatusReport
 from .lockflow import LockOutcome
+from .mirror import MirrorResult
 from .naming import hash12, input_hash, short_id
 from .ops import (
     BackupOutcome,
@@ -236,6 +237,7 @@ def build_shown(result: BuildOutcome, dry_run: bool) -> Shown:
         mark = "FAILED its checks" if name == result.gate_failed else "verified"
         h = input_hash(info)
         shown.out.append(f"  {name}:{hash12(h) if h else '-'} ({short_id(info.id)}) {mark}")
+    shown.out += mirror_lines(result.mirrors)
     failed = result.gate_failed
     if failed is not None and (record := result.promotions[failed].record) is not None:
         shown.err.append(table([record]))
@@ -263,6 +265,19 @@ def backup_lines(result: BackupOutcome) -> list[str]:
         if r.dropped:
             out.append(f"{name}: dropped older generations {', '.join(r.dropped)}")
     out.append(f"backups in {result.store}")
+    return out + mirror_lines(result.mirrors)
+
+
+def mirror_lines(mirrors: list[MirrorResult]) -> list[str]:
+    out = []
+    for m in mirrors:
+        if m.error:
+            out.append(f"mirror {m.where}: NOT up to date: {m.error}")
+            continue
+        out.append(f"mirror {m.where}: up to date ({m.blobs_sent} blob(s), "
+                   f"{m.bytes_sent / 1e9:.2f} GB sent, {len(m.generations)} generation(s) "
+                   f"put in place" + (f", {len(m.dropped)} pruned" if m.dropped else "")
+                   + f", {m.seconds:.1f}s)")
     return out
 
 
@@ -364,6 +379,7 @@ def status_shown(report: StatusReport, workers: list[str]) -> Shown:
                        for w in workers)])
     out = aligned(rows)
     out += [f"{w}: unreachable: {why}" for w, why in report.unreachable.items()]
+    out += [f"mirror {m.where}: {m.state}" for m in report.mirrors]
     if any(i.other_id for i in report.images):
         out.append("* the head's content under another image ID (that worker uses the "
                    "other image store): a launcher that compares image IDs across nodes "

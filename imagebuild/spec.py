@@ -244,6 +244,7 @@ class SshLocation:
 class Backups:
     location: Path | SshLocation  # a local directory, or one on another host
     keep: int = 2
+    mirrors: tuple[SshLocation, ...] = ()  # copies of the store on other hosts
 
     @property
     def local(self) -> Path | None:
@@ -1187,7 +1188,7 @@ def _read_backups(r: _Reader, raw: Any, line: int | None) -> Backups | None:
     if raw is None:
         return None
     m = r.mapping(raw, "backups", line)
-    r.keys(m, "backups", {"directory", "keep"}, {"directory"})
+    r.keys(m, "backups", {"directory", "keep", "mirror"}, {"directory"})
     dline = m.key_lines["directory"]
     raw_dir = r.string(m["directory"], "backups.directory", dline, None, "directory")
     location: Path | SshLocation
@@ -1199,7 +1200,30 @@ def _read_backups(r: _Reader, raw: Any, line: int | None) -> Backups | None:
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise r.fail("backups.keep", m.key_lines.get("keep"),
                      "expected a whole number >= 1 (generations kept beside the newest)")
-    return Backups(location=location, keep=keep)
+    mirrors = _read_mirrors(r, m.get("mirror"), m.key_lines.get("mirror"))
+    if isinstance(location, SshLocation) and location in mirrors:
+        raise r.fail("backups.mirror", m.key_lines.get("mirror"),
+                     "a mirror must be another place than backups.directory")
+    return Backups(location=location, keep=keep, mirrors=mirrors)
+
+
+def _read_mirrors(r: _Reader, raw: Any, line: int | None) -> tuple[SshLocation, ...]:
+    """``backups.mirror``: one ``ssh://`` URL, or a list of them."""
+    if raw is None:
+        return ()
+    items = raw if isinstance(raw, list) else [raw]
+    out: list[SshLocation] = []
+    for i, item in enumerate(items):
+        where = f"backups.mirror[{i}]" if isinstance(raw, list) else "backups.mirror"
+        url = r.string(item, where, line, None, "ssh:// URL")
+        if not url.startswith("ssh://"):
+            raise r.fail(where, line, f"{url!r}: a mirror lives on another host: "
+                                      f"ssh://[user@]host[:port]/path")
+        loc = _ssh_location(r, url, where, line)
+        if loc in out:
+            raise r.fail(where, line, f"{url!r} is listed twice")
+        out.append(loc)
+    return tuple(out)
 
 
 _REGISTRY_ADDRESS = re.compile(

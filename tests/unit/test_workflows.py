@@ -542,16 +542,75 @@ def test_a_backup_beside_another_writer_keeps_older_generations_for_later(
         shutil.copytree(self.directory / src, self.directory / dst, copy_function=os.link)
         real_rename(self, src, dst)
 
-    from imagebuild.layerstore import _assemble
+    from imagebuild.layerstore import assemble
 
     LocalDir.rename = beaten  # type: ignore[method-assign]
     try:
-        _assemble(store, gen, current=True)
+        assemble(store, gen, current=True)
     finally:
         LocalDir.rename = real_rename  # type: ignore[method-assign]
     assert list_generations(store, "vllm-node")[0] == gen
     assert not [d for d in os.listdir(store.directory / "images" / "vllm-node")
                 if d.endswith(".partial")]
+
+
+def test_a_mirror_gets_only_what_it_lacks_checked_on_both_sides(
+        stack: Stack, ctx: context.Context, tmp_path: Path) -> None:
+    from imagebuild.layerstore import check_store, sidecar_path
+    from imagebuild.mirror import copy_to_mirror, mirror_state
+
+    e = head()
+    ops.build_images(ctx, e, ["tf5"], progress=Quiet())
+    store = LocalDir(ctx.spec.root / "backups")
+    mirror = LocalDir(tmp_path / "mirror")
+    names = ["vllm-node", "vllm-node-tf5"]
+    assert mirror_state(store, mirror).state == "behind by 2 generations"
+    first = copy_to_mirror(store, mirror, names, 2, Quiet())
+    blobs = set(os.listdir(store.directory / BLOBS))
+    assert set(os.listdir(mirror.directory / BLOBS)) == blobs
+    assert first.blobs_sent == len(blobs) and len(first.generations) == 2
+    for n in names:
+        [gen] = list_generations(store, n)
+        assert (mirror.directory / sidecar_path(n, gen.hash12)).read_text() == (
+            store.directory / sidecar_path(n, gen.hash12)).read_text()
+    assert mirror_state(store, mirror).state == "current"
+    # restorable from the mirror alone
+    other = head()
+    key = backups_of(mirror, "vllm-node-tf5")[0].key
+    assert restore_backup(other, mirror, key, Quiet()).info.fingerprint == e.require(
+        "vllm-node-tf5:latest").fingerprint
+    # again: nothing to send; a new generation: only its new blobs
+    assert copy_to_mirror(store, mirror, names, 2, Quiet()).blobs_sent == 0
+    _touch_template(stack, "vllm-node-tf5", "a new generation")
+    ctx = context.load(str(stack.spec_path))
+    ops.build_images(ctx, e, ["tf5"], progress=Quiet())
+    new = set(os.listdir(store.directory / BLOBS)) - blobs
+    again = copy_to_mirror(store, mirror, names, 2, Quiet())
+    assert again.blobs_sent == len(new) and again.generations == [
+        f"vllm-node-tf5 {list_generations(store, 'vllm-node-tf5')[0].hash12}"]
+    # a blob damaged on the mirror: found by its check, sent again and relinked
+    [gen] = [g for g in list_generations(mirror, "vllm-node") if g]
+    bad = str(gen.files[gen.layer_files[0]][0])
+    blob = mirror.directory / BLOBS / bad
+    os.chmod(blob, 0o644)
+    raw = bytearray(blob.read_bytes())
+    raw[10] ^= 1
+    blob.write_bytes(bytes(raw))
+    found = check_store(mirror, mirror.sha256)
+    assert list(found.damaged) == [bad]
+    fixed = copy_to_mirror(store, mirror, names, 2, Quiet(), frozenset(found.damaged))
+    assert fixed.blobs_sent == 1 and check_store(mirror, mirror.sha256).ok
+    key = backups_of(mirror, "vllm-node")[0].key
+    assert restore_backup(head(), mirror, key, Quiet()).info.id == e.require(
+        "vllm-node:latest").id
+    # a blob that arrives as other bytes is not kept (hashed on the mirror's side)
+    shutil.rmtree(tmp_path / "mirror")
+    mirror = LocalDir(tmp_path / "mirror")
+    mirror.sha256 = lambda name, meter=None: "0" * 64  # type: ignore[method-assign]
+    with pytest.raises(BackupError, match="arrived as sha256 000000000000"):
+        copy_to_mirror(store, mirror, names, 2, Quiet())
+    assert os.listdir(mirror.directory / BLOBS) == []
+    assert os.listdir(mirror.directory / "blobs" / ".incoming") == []
 
 
 def test_a_backup_killed_half_way_is_cleaned_up_but_a_live_one_is_spared(
