@@ -20,14 +20,14 @@ import io
 import json
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .archive import TRAILER, ArchiveIndex, familiar, padding, tar_header
 from .backup import BackupResult, write_backup
 from .build import label_instruction
-from .context import Context, backup_store
+from .context import Context, backup_store, mirror_error, update_mirrors
 from .engine import Engine
 from .errors import (
     BackupError,
@@ -39,6 +39,7 @@ from .errors import (
 )
 from .fsutil import PinnedFile
 from .image import ImageInfo
+from .mirror import MirrorResult
 from .naming import ADOPTED_LABEL, HASH_LABEL, IMAGE_LABEL, VERSION_LABEL, hash12, short_id
 from .progress import Progress
 from .promote import Promotion, promote
@@ -104,10 +105,11 @@ class AdoptOutcome:
     image: ImageInfo | None  # the labelled image (None: removed after a failed gate)
     promotion: Promotion
     backup: BackupResult | None = None
+    mirrors: list[MirrorResult] = field(default_factory=list)
 
     def error(self) -> ImagebuildError | None:
         if self.promotion.passed:
-            return None
+            return mirror_error(self.mirrors)
         return VerifyFailed(f"{self.source} failed the checks of {self.name}: it was not "
                             f"adopted; latest was not moved and nothing was recorded",
                             hint="imagebuild verify shows the checks; fix the image and "
@@ -153,8 +155,10 @@ def adopt(ctx: Context, engine: Engine, req: AdoptRequest,
         outcome.image = None
         return outcome
     if ctx.spec.backups is not None:
-        outcome.backup = write_backup(backup_store(ctx.spec), engine, name, image,
-                                      ctx.spec.backups.keep, progress)
+        store = backup_store(ctx.spec)
+        outcome.backup = write_backup(store, engine, name, image, ctx.spec.backups.keep,
+                                      progress)
+        outcome.mirrors = update_mirrors(ctx.spec, store, [name], progress)
     return outcome
 
 

@@ -24,6 +24,7 @@ from .engine_ssh import SshEngine
 from .errors import (
     ImagebuildError,
     LockError,
+    MirrorError,
     SpecError,
 )
 from .fsutil import atomic_write_text
@@ -125,6 +126,17 @@ def update_mirrors(spec: Spec, store: BackupDir, names: list[str], progress: Pro
                      f"{len(result.generations)} generation(s) put in place")
         out.append(result)
     return out
+
+
+def mirror_error(mirrors: list[MirrorResult]) -> MirrorError | None:
+    """The error of the mirrors that could not be brought up to date (exit 13)."""
+    failed = [m for m in mirrors if m.error]
+    if not failed:
+        return None
+    return MirrorError("; ".join(f"mirror {m.where}: {m.error}" for m in failed)
+                       + "; the backups on this side are written and intact",
+                       hint="bring the mirror host back and run 'imagebuild backup': it "
+                            "sends what the mirror lacks")
 
 
 def read_mirror_damage(spec: Spec) -> dict[str, list[str]]:

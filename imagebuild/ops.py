@@ -39,6 +39,7 @@ from .closure import (
 from .context import (
     Context,
     backup_store,
+    mirror_error,
     mirror_stores,
     open_context,
     plan_images,
@@ -51,7 +52,6 @@ from .errors import (
     ImagebuildError,
     ImageNotFound,
     LockError,
-    MirrorError,
     RemoteError,
     SpecError,
     VerifyFailed,
@@ -338,17 +338,6 @@ class BackupOutcome:
 
     def error(self) -> ImagebuildError | None:
         return mirror_error(self.mirrors)
-
-
-def mirror_error(mirrors: list[MirrorResult]) -> MirrorError | None:
-    """The error of the mirrors that could not be brought up to date (exit 13)."""
-    failed = [m for m in mirrors if m.error]
-    if not failed:
-        return None
-    return MirrorError("; ".join(f"mirror {m.where}: {m.error}" for m in failed)
-                       + "; the backups on this side are written and intact",
-                       hint="bring the mirror host back and run 'imagebuild backup': it "
-                            "sends what the mirror lacks")
 
 
 def backup(ctx: Context, engine: Engine, images: list[str],

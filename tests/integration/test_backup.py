@@ -605,3 +605,69 @@ def test_backups_started_together_share_the_store(mini: MiniStack) -> None:
     assert r.returncode == 0, r.stderr
     assert [p for p in (root / "images" / "vllm-node-mimo").iterdir() if p.is_dir()] == [gen]
     assert list((root / "locks").iterdir()) == []
+
+
+def _mirror_sent(out: str) -> int:
+    """The blobs the one mirror received, from a backup's summary line."""
+    [line] = [ln for ln in out.splitlines() if ln.startswith("mirror ssh://")]
+    assert "up to date (" in line, line
+    return int(line.split("up to date (", 1)[1].split(" blob", 1)[0])
+
+
+def test_a_mirror_on_a_worker_follows_the_store_and_restores_without_it(
+        mini: MiniStack) -> None:
+    remote = mini.bed.root / "mirrors" / f"{mini.root.parent.name} mirror"
+    remote.mkdir(parents=True)
+    mini.edit_spec("  keep: 2\n", f"  keep: 2\n  mirror: ssh://w1{remote}\n")
+    root = mini.root / "backups"
+
+    def blobs(where: Path) -> dict[str, int]:
+        return {p.name: p.stat().st_size for p in (where / "blobs" / "sha256").iterdir()}
+
+    try:
+        r = mini.cli("build", "mimo")  # the first backup sends every unique layer once
+        assert r.returncode == 0, r.stderr
+        assert blobs(remote) == blobs(root) and _mirror_sent(r.stdout) == len(blobs(root))
+        gen, sidecar = _gen(remote)
+        assert gen.name == _gen(root)[0].name
+        base = _blob(remote, sidecar, str(sidecar["layer_files"][0]))  # type: ignore[index]
+        assert base.stat().st_nlink == 1 + len(NAMES)  # hard links kept there too
+        # a rebuild of mimo sends only its new layers
+        before = blobs(root)
+        tpl = mini.root / "templates" / "vllm-node-mimo.Dockerfile.j2"
+        tpl.write_text(tpl.read_text() + "# generation 1\n")
+        r = mini.cli("build", "mimo")
+        assert r.returncode == 0, r.stderr
+        new = set(blobs(root)) - set(before)
+        assert _mirror_sent(r.stdout) == len(new) and blobs(remote) == blobs(root)
+        r = mini.cli("status", "--check-backups")
+        assert f"mirror ssh://w1{remote}: current" in r.stdout, r.stdout + r.stderr
+        # a blob damaged on the mirror: found there, repaired by the next backup
+        gen, sidecar = _gen(remote)
+        top = str(sidecar["layer_files"][-1])  # type: ignore[index]
+        _flip(_blob(remote, sidecar, top), 100)
+        r = mini.cli("backup", "--check", "--mirror")
+        assert r.returncode == 13 and "DAMAGED blob" in r.stdout, r.stdout + r.stderr
+        r = mini.cli("backup")
+        assert r.returncode == 0 and _mirror_sent(r.stdout) == 1, r.stdout + r.stderr
+        r = mini.cli("backup", "--check", "--mirror")
+        assert r.returncode == 0 and "every blob matches" in r.stdout, r.stdout + r.stderr
+        # the head's store lost entirely: restore-from-tar restores from the mirror
+        tag = _tags(mini)["vllm-node-mimo"]
+        image_id = DockerEngine().require(tag).id
+        _rmi(tag, "vllm-node-mimo:latest")
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+        r = mini.cli("restore-from-tar", "mimo")
+        assert r.returncode == 0 and "verified" in r.stdout, r.stdout + r.stderr
+        assert DockerEngine().require("vllm-node-mimo:latest").id == image_id
+        # the mirror unreachable during a backup: a warning and exit 13, the backup here
+        # written in full
+        mini.edit_spec(f"  mirror: ssh://w1{remote}\n", f"  mirror: ssh://w1:2{remote}\n")
+        r = mini.cli("backup", "mimo")
+        assert r.returncode == 13, r.stdout + r.stderr
+        assert "WARNING: mirror" in r.stderr and "NOT up to date" in r.stdout
+        assert _gen(root)[1]["image_id"] == image_id
+        r = mini.cli("backup", "--check")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        subprocess.run(["rm", "-rf", str(remote)])
