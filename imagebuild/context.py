@@ -122,7 +122,7 @@ def update_mirrors(spec: Spec, store: BackupDir, names: list[str], progress: Pro
         if damaged:
             record_mirror_damage(spec, str(mirror), [])
         progress.say(f"  mirror {mirror}: {result.blobs_sent} blob(s) sent "
-                     f"({result.bytes_sent / 1e9:.2f} GB), "
+                     f"({result.bytes_sent / 1e6:,.1f} MB), "
                      f"{len(result.generations)} generation(s) put in place")
         out.append(result)
     return out

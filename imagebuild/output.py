@@ -275,7 +275,7 @@ def mirror_lines(mirrors: list[MirrorResult]) -> list[str]:
             out.append(f"mirror {m.where}: NOT up to date: {m.error}")
             continue
         out.append(f"mirror {m.where}: up to date ({m.blobs_sent} blob(s), "
-                   f"{m.bytes_sent / 1e9:.2f} GB sent, {len(m.generations)} generation(s) "
+                   f"{m.bytes_sent / 1e6:,.1f} MB sent, {len(m.generations)} generation(s) "
                    f"put in place" + (f", {len(m.dropped)} pruned" if m.dropped else "")
                    + f", {m.seconds:.1f}s)")
     return out
