@@ -150,7 +150,7 @@ def adopt(ctx: Context, engine: Engine, req: AdoptRequest,
     outcome = AdoptOutcome(name, source, found, image, promotion)
     if not promotion.passed:
         engine.remove_image(f"{name}:{hash12(h)}")
-        if req.tar is not None and not found.tags:  # loaded here, tagged by nothing else
+        if req.tar is not None and set(found.tags) <= {quarantined}:  # loaded here alone
             engine.remove_image(found.id)
         outcome.image = None
         return outcome

@@ -418,6 +418,7 @@ def test_a_field_tar_is_adopted_only_through_its_gate(ctx: context.Context,
     assert isinstance(failed.error(), VerifyFailed) and failed.image is None
     assert e.inspect("vllm-node:latest") is None
     assert not any(t.startswith("vllm-node:") for i in e.images.values() for t in i.tags)
+    assert e.inspect(built.id) is None  # what the tar brought in is gone again
     assert [b.key for b in backups_of(store, "vllm-node")] == before
     # a gate that passes: latest, a generation of its own (never a derivation of the
     # spec), rooted, backed up
