@@ -1613,7 +1613,16 @@ def reset_node(node: str) -> None:
         images = docker(node, "images", "-aq", capture_output=True).stdout.split()
         if images:
             docker(node, "rmi", "-f", *sorted(set(images)), capture_output=True)
-        log(f"reset {node}: removed {len(ids)} containers, {len(set(images))} images")
+        hidden = []
+        if node in CHROOT_ENGINES:
+            # records docker does not list: Docker 26.1's containerd store hides a tagged
+            # image whose target a moby-dangling@ record shares (left when an image held
+            # by a container is replaced under its tag), and every list goes empty
+            hidden = ctr(node, "images", "ls", "-q", capture_output=True).stdout.split()
+            if hidden:
+                ctr(node, "images", "rm", *hidden, capture_output=True)
+        log(f"reset {node}: removed {len(ids)} containers, {len(set(images))} images"
+            + (f", {len(hidden)} image records docker did not list" if hidden else ""))
 
 
 def main() -> int:
