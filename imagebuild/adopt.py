@@ -206,7 +206,7 @@ def _labelled(engine: Engine, name: str, base: str, found: ImageInfo, h: str,
         ti.size, ti.mode = len(dockerfile), 0o644
         tf.addfile(ti, io.BytesIO(dockerfile))
     image_id, error = "", ""
-    for ev in engine.build([buf.getvalue()], buildargs={"BASE_IMAGE": base}):
+    for ev in engine.build(iter([buf.getvalue()]), buildargs={"BASE_IMAGE": base}):
         if ev.kind == "error":
             error = ev.text
         elif ev.kind == "done":
