@@ -60,11 +60,17 @@ class LockOutcome:
     notes: tuple[str, ...]
     warnings: tuple[str, ...] = ()
     closures: tuple[ClosureOutcome, ...] = ()
+    allowed_unresolved: bool = False  # --check --allow-unresolved passed an unresolved lock
+
+    @property
+    def unresolved_closures(self) -> int:
+        return sum(1 for c in self.closures if c.unresolved is not None)
 
 
 def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
          progress: Progress | None = None,
-         built: Sequence[WheelDerivation] | None = None) -> LockOutcome:
+         built: Sequence[WheelDerivation] | None = None,
+         allow_unresolved: bool = False) -> LockOutcome:
     """Hash every declared wheel into wheels.lock and resolve every image's closure into
     locks/pylock.<image>.toml (or, ``check``, refuse a stale lock). ``upgrade``: True
     moves everything to the newest the indexes offer, a list of names moves only those;
@@ -123,7 +129,8 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
             (*built_notes, *result.notes), tuple(warnings),
             tuple(ClosureOutcome(c.image, c.path, len(c.packages), c.unresolved,
                                  state_of(c.path, t), _moved(prev, c))
-                  for c, prev, t in closures))
+                  for c, prev, t in closures),
+            allowed_unresolved=check and allow_unresolved)
 
     if check:
         stale = [str(spec.lock_path)] if current != text else []
@@ -133,7 +140,15 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
             raise LockError(f"out of date with the spec, the wheels or the indexes: "
                             f"{', '.join(stale)}",
                             hint="run 'imagebuild lock' and commit wheels.lock and locks/")
-        return outcome()
+        done = outcome()
+        if (unresolved or done.unresolved_closures) and not allow_unresolved:
+            raise LockError(
+                f"the locks are up to date but unresolved: {unresolved} wheel hash(es) and "
+                f"{done.unresolved_closures} image closure(s); no image can be built from "
+                f"them", hint="run 'imagebuild lock' where the wheels and the indexes are, "
+                              "and commit; a CI machine without the wheels can pass "
+                              "--allow-unresolved (it says so on every run)")
+        return done
     result_outcome = outcome()
     try:
         for c, _prev, t in closures:

@@ -92,6 +92,11 @@ def lock_shown(result: LockOutcome) -> Shown:
                 else f"unresolved: {c.unresolved}")
         shown.out.append(line(c.path, c.state, what))
         shown.out += [f"  {change}" for change in c.changed]
+    if result.allowed_unresolved and (result.unresolved or result.unresolved_closures):
+        shown.err.append(f"WARNING: --allow-unresolved: {result.unresolved} wheel hash(es) "
+                         f"and {result.unresolved_closures} image closure(s) are unresolved; "
+                         f"no image can be built from these locks until someone locks them "
+                         f"where the wheels are")
     return shown
 
 

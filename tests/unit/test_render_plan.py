@@ -284,6 +284,23 @@ def test_lock_check_cli(stack: Stack, capsys: pytest.CaptureFixture[str],
     stack.wheel("extra_mimo-1.0-py3-none-any.whl", b"changed")
     code, _, err = _run(["-f", str(stack.spec_path), "lock", "--check"], capsys)
     assert code == 2 and "out of date" in err
+    # allowing unresolved hashes never passes a stale lock
+    code, _, err = _run(["-f", str(stack.spec_path), "lock", "--check", "--allow-unresolved"],
+                        capsys)
+    assert code == 2 and "out of date" in err
+
+
+def test_lock_check_fails_on_an_unresolved_lock_unless_allowed_loudly(
+        stack: Stack, capsys: pytest.CaptureFixture[str], offline_lock: object) -> None:
+    (stack.root / "wheels" / "extra_mimo-1.0-py3-none-any.whl").unlink()
+    code, out, err = _run(["-f", str(stack.spec_path), "lock"], capsys)
+    assert code == 0 and "pylock.vllm-node-mimo.toml (unresolved: " in out, out + err
+    code, out, err = _run(["-f", str(stack.spec_path), "lock", "--check"], capsys)
+    assert code == 2 and "up to date but unresolved: 0 wheel hash(es) and 1 image" in err
+    assert "--allow-unresolved" in err
+    code, out, err = _run(["-f", str(stack.spec_path), "lock", "--check",
+                           "--allow-unresolved"], capsys)
+    assert code == 0 and "WARNING: --allow-unresolved: 0 wheel hash(es) and 1 image" in err
 
 
 def test_a_wheel_missing_from_the_lock_is_a_clear_error(stack: Stack,
@@ -297,3 +314,16 @@ def test_a_wheel_missing_from_the_lock_is_a_clear_error(stack: Stack,
     assert code == 2
     assert "extra_mimo-1.0-py3-none-any.whl, but it has no entry for it" in err
     assert "imagebuild lock" in err
+
+
+def test_the_committed_real_stack_fails_lock_check_until_locked_with_its_wheels(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No wheels here and no pytorch index: its locks are current but unresolved, which
+    --check refuses; CI passes --allow-unresolved, and it says so."""
+    monkeypatch.setattr("imagebuild.web.get_text", lambda url: (_ for _ in ()).throw(
+        ConnectionError("no network in this test")))
+    spec = str(REPO / "imagebuild.yaml")
+    code, _out, err = _run(["-f", spec, "lock", "--check"], capsys)
+    assert code == 2 and "up to date but unresolved" in err, err
+    code, _out, err = _run(["-f", spec, "lock", "--check", "--allow-unresolved"], capsys)
+    assert code == 0 and "WARNING: --allow-unresolved" in err, err
