@@ -16,18 +16,17 @@ returns to it. When the checks fail, everything the adoption made is removed aga
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .archive import TRAILER, ArchiveIndex, familiar, padding, tar_header
 from .backup import BackupResult, write_backup
-from .build import label_instruction
+from .build import context_stream, label_instruction
 from .context import Context, backup_store, mirror_error, update_mirrors
+from .derivation import ContextFile
 from .engine import Engine
 from .errors import (
     BackupError,
@@ -200,13 +199,9 @@ def _labelled(engine: Engine, name: str, base: str, found: ImageInfo, h: str,
     labels = {HASH_LABEL: h, IMAGE_LABEL: name, VERSION_LABEL: __version__,
               ADOPTED_LABEL: found.fingerprint}
     dockerfile = ("ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\n" + label_instruction(labels)).encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        ti = tarfile.TarInfo("Dockerfile")
-        ti.size, ti.mode = len(dockerfile), 0o644
-        tf.addfile(ti, io.BytesIO(dockerfile))
+    context = context_stream((ContextFile("Dockerfile", dockerfile),))
     image_id, error = "", ""
-    for ev in engine.build(iter([buf.getvalue()]), buildargs={"BASE_IMAGE": base}):
+    for ev in engine.build(context, buildargs={"BASE_IMAGE": base}):
         if ev.kind == "error":
             error = ev.text
         elif ev.kind == "done":

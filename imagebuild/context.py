@@ -26,6 +26,7 @@ from .errors import (
     LockError,
     MirrorError,
     SpecError,
+    reason,
 )
 from .fsutil import atomic_write_text
 from .lock import check_matches, read_lock
@@ -110,11 +111,11 @@ def update_mirrors(spec: Spec, store: BackupDir, names: list[str], progress: Pro
     out = []
     for mirror in mirror_stores(spec):
         damaged = frozenset(read_mirror_damage(spec).get(str(mirror), []))
+        assert spec.backups is not None  # mirrors are part of it
         try:
-            result = copy_to_mirror(store, mirror, names, spec.backups.keep if spec.backups
-                                    else 2, progress, damaged)
+            result = copy_to_mirror(store, mirror, names, spec.backups.keep, progress, damaged)
         except (ImagebuildError, OSError) as exc:
-            why = exc.message if isinstance(exc, ImagebuildError) else str(exc)
+            why = reason(exc)
             progress.say(f"  WARNING: mirror {mirror} not brought up to date: {why}; the "
                          f"backup in {store} is complete")
             out.append(MirrorResult(str(mirror), error=why))

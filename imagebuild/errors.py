@@ -139,6 +139,11 @@ class RegistryError(ImagebuildError):
     exit_code = 11
 
 
+def reason(exc: BaseException) -> str:
+    """What went wrong, in one line: an error's message, or an OS error's text."""
+    return exc.message if isinstance(exc, ImagebuildError) else str(exc)
+
+
 class StoreBusy(BackupError):
     """Another run holds the backup store's lock in a way this one cannot share."""
 

@@ -32,7 +32,14 @@ from .context import (
 )
 from .distribute import Worker
 from .engine import ContainerInfo, Engine, Snapshot
-from .errors import ImagebuildError, ImageNotFound, MirrorError, SpecError, VerifyFailed
+from .errors import (
+    ImagebuildError,
+    ImageNotFound,
+    MirrorError,
+    SpecError,
+    VerifyFailed,
+    reason,
+)
 from .fsutil import atomic_write_text
 from .image import ImageInfo
 from .layerstore import BLOBS, StoreCheck, check_store
@@ -256,7 +263,7 @@ def check_mirrors(ctx: Context, progress: Progress) -> MirrorChecks:
             progress.say(f"checking {len(blobs)} blobs in {mirror} ({total / 1e9:.2f} GB)")
             check = check_store(mirror, mirror.sha256, None, blobs)
         except (ImagebuildError, OSError) as exc:
-            out.append((str(mirror), None, getattr(exc, "message", str(exc))))
+            out.append((str(mirror), None, reason(exc)))
             continue
         record_mirror_damage(ctx.spec, str(mirror), [*check.damaged, *check.missing])
         out.append((str(mirror), check, None))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .errors import BackupError, ImagebuildError, RemoteError, StoreBusy
+from .errors import BackupError, ImagebuildError, StoreBusy, reason
 from .layerstore import (
     BLOBS,
     CURRENT,
@@ -146,7 +146,7 @@ def mirror_state(local: BackupDir, mirror: BackupDir) -> MirrorState:
         for name in image_names(local):
             there = {g.hash12 for g in list_generations(mirror, name)}
             missing += sum(1 for g in list_generations(local, name) if g.hash12 not in there)
-    except (RemoteError, BackupError, ImagebuildError) as exc:
-        return MirrorState(str(mirror), f"unreachable: {exc.message}")
+    except (ImagebuildError, OSError) as exc:
+        return MirrorState(str(mirror), f"unreachable: {reason(exc)}")
     return MirrorState(str(mirror), "current" if not missing else
                        f"behind by {missing} generation{'s' if missing > 1 else ''}")

@@ -55,6 +55,7 @@ from .errors import (
     RemoteError,
     SpecError,
     VerifyFailed,
+    reason,
 )
 from .git import git_show_head
 from .image import ImageInfo
@@ -447,7 +448,7 @@ def _sources(stores: list[BackupDir], name: str, progress: Progress
         except (ImagebuildError, OSError) as exc:
             if i == 0:
                 raise
-            progress.say(f"  mirror {st} passed over: {getattr(exc, 'message', exc)}")
+            progress.say(f"  mirror {st} passed over: {reason(exc)}")
             continue
         if found:
             out.append((st, found[0].key))
