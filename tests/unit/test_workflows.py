@@ -33,7 +33,7 @@ from imagebuild.errors import (
 from imagebuild.image import ImageInfo
 from imagebuild.layerstore import BLOBS, list_generations
 from imagebuild.naming import ADOPTED_LABEL, hash12, hash_tag, input_hash, latest_tag
-from imagebuild.progress import Quiet
+from imagebuild.progress import Progress, Quiet
 from imagebuild.promote import promote
 from imagebuild.store import LocalDir
 from imagebuild.verify import image_checks, passing_record
@@ -883,3 +883,69 @@ def test_an_incomplete_save_is_refused_and_the_previous_backup_stays(ctx: contex
     with pytest.raises(BackupError, match=r"incomplete.*previous backup is still in place"):
         write_backup(store, dropping, "vllm-node", changed, 2, Quiet())
     assert _tree(store.directory) == before
+
+
+def test_export_to_a_disk_without_room_writes_nothing(
+        ctx: context.Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import namedtuple
+
+    e = head()
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
+    out = tmp_path / "exports"
+    out.mkdir()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("imagebuild.backup.shutil.disk_usage", lambda p: usage(1, 1, 1000))
+    req = ops.export_request(ctx, ["node"], every=False, output=str(out), generation=None)
+    with pytest.raises(BackupError, match="GB free"):
+        ops.export(ctx, req, Quiet())
+    assert os.listdir(out) == []
+
+
+def test_adopting_a_file_that_is_not_a_tar_is_refused_before_the_engine(
+        ctx: context.Context, tmp_path: Path) -> None:
+    from imagebuild import adopt
+
+    junk = tmp_path / "vllm-node.tar"
+    junk.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(BackupError, match=r"not a readable tar|not a single-image"):
+        adopt.adopt_request(ctx, [], tar=str(junk), from_tar=True)
+    e = head()
+    with pytest.raises(BackupError, match=r"not a readable tar|not a single-image"):
+        adopt.adopt(ctx, e, adopt.adopt_request(ctx, ["node"], tar=str(junk), from_tar=True),
+                    Quiet())
+    assert [t for i in e.images.values() for t in i.tags] == ["example/base:1"]
+
+
+def test_restore_falls_back_to_a_mirror_when_the_stores_copy_is_damaged(
+        ctx: context.Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from imagebuild.mirror import copy_to_mirror
+
+    e = head()
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
+    node = e.require("vllm-node:latest")
+    store = LocalDir(ctx.spec.root / "backups")
+    mirror = LocalDir(tmp_path / "mirror")
+    copy_to_mirror(store, mirror, ["vllm-node"], 2, Quiet())
+    monkeypatch.setattr(ops, "mirror_stores", lambda spec: [mirror])
+    gen = backups_of(store, "vllm-node")[0].gen
+    assert gen is not None
+    blob = store.directory / BLOBS / str(gen.files[gen.layer_files[-1]][0])
+    blob.chmod(0o644)
+    raw = bytearray(blob.read_bytes())
+    raw[7] ^= 1
+    blob.write_bytes(bytes(raw))
+    lose(e, node.id)
+    said = io.StringIO()
+    done = ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Progress(said))
+    assert done.error() is None and e.require("vllm-node:latest").id == node.id
+    assert "is damaged" in said.getvalue() and "trying the next copy" in said.getvalue()
+    # with the mirror's copy damaged as well, the first error is the one raised
+    mblob = mirror.directory / BLOBS / blob.name
+    mblob.chmod(0o644)
+    mblob.write_bytes(bytes(raw))
+    lose(e, node.id)
+    with pytest.raises(BackupError, match=r"backups/images/vllm-node/.* is damaged"):
+        ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Quiet())
+    assert e.inspect(node.id) is None
