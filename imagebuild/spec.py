@@ -378,6 +378,49 @@ _WHEEL_FILE = WHEEL_FILE
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+_EXPECT_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+EXPECT_ATTRIBUTES = ("version", "cuda")
+_CUDA_TAG = re.compile(r"^cu(\d{2,3})$")
+
+
+def expect_fields(text: str) -> list[str | tuple[str, str]]:
+    """An ``expect:`` split into literal text and ``{WHEEL.ATTRIBUTE}`` fields taken from
+    the lock (``{torch.version} {torch.cuda}``); ``{{`` and ``}}`` are literal braces.
+    ValueError names what does not parse."""
+    out: list[str | tuple[str, str]] = []
+    at = 0
+    for m in _EXPECT_TOKEN.finditer(text):
+        out.append(text[at:m.start()])
+        at = m.end()
+        tok = m.group(0)
+        if tok in ("{{", "}}"):
+            out.append(tok[0])
+            continue
+        inner = m.group(1)
+        if inner is None:
+            raise ValueError(f"a lone {tok!r} at character {m.start() + 1} (write {tok * 2} "
+                             f"for a literal brace)")
+        name, dot, attr = inner.strip().rpartition(".")
+        if not dot or not name or attr not in EXPECT_ATTRIBUTES:
+            raise ValueError(f"{{{inner}}} is not a field such as {{torch.version}} "
+                             f"(attributes: {', '.join(EXPECT_ATTRIBUTES)})")
+        out.append((str(canonicalize_name(name)), attr))
+    out.append(text[at:])
+    return [p for p in out if p != ""]
+
+
+def cuda_of(version: str) -> str | None:
+    """The CUDA release a wheel's local version names (``2.11.0+cu130`` -> ``13.0``), or
+    None when it names none."""
+    _public, plus, local = version.partition("+")
+    for part in local.split(".") if plus else ():
+        m = _CUDA_TAG.match(part)
+        if m:
+            digits = m.group(1)
+            return f"{int(digits[:-1])}.{digits[-1]}"
+    return None
+
+
 def did_you_mean(word: str, options: list[str] | set[str]) -> str:
     close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -913,6 +956,12 @@ def _read_checks(r: _Reader, raw: Any, line: int | None) -> dict[str, Check]:
                              f"{value!r} is a {type(value).__name__}, not text: YAML reads "
                              f"an unquoted 2.10 as the number 2.1",
                              hint=f"quote it: expect: \"{value}\"")
+            try:
+                expect_fields(value)
+            except ValueError as exc:
+                raise r.fail(f"{where}.expect", vline, str(exc),
+                             hint="a field takes its value from the lock, e.g. expect: "
+                                  "\"{torch.version} {torch.cuda}\"") from None
             expected = value
         timeout = c.get("timeout", 120)
         if (isinstance(timeout, bool) or not isinstance(timeout, int | float)
@@ -998,6 +1047,29 @@ def _wheel_names(wheels: tuple[WheelDecl, ...]) -> dict[str, WheelDecl]:
     return out
 
 
+def _check_fields(r: _Reader, cname: str, text: str, by_name: Mapping[str, WheelDecl],
+                  built: set[str]) -> None:
+    """Each field of an ``expect:`` names a declared wheel; ``cuda`` only of a wheel whose
+    version names a CUDA release (known from its file name; a wheel built from source is
+    checked when the lock is read)."""
+    for part in expect_fields(text):
+        if isinstance(part, str):
+            continue
+        name, attr = part
+        if name not in by_name and name not in built:
+            raise r.fail(f"checks.{cname}.expect", None,
+                         f"{{{name}.{attr}}}: wheel {name!r} is not declared under wheels"
+                         f"{did_you_mean(name, {*by_name, *built})}")
+        decl = by_name.get(name)
+        if attr == "cuda" and decl is not None:
+            version = parse_wheel(decl.filename).version
+            if cuda_of(version) is None:
+                raise r.fail(f"checks.{cname}.expect", None,
+                             f"{{{name}.cuda}}: {name} {version} names no CUDA release "
+                             f"(no +cuNNN in its version)",
+                             hint="use {" + name + ".version}, or write the CUDA release")
+
+
 def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl, ...],
                  built: set[str], checks: Mapping[str, Check]
                  ) -> tuple[dict[str, ImageSpec], dict[str, str]]:
@@ -1071,6 +1143,8 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
             if check.kind == "locked" and check.expected not in {*by_name, *built}:
                 raise r.fail(f"checks.{cname}.locked", None,
                              f"wheel {check.expected!r} is not declared under wheels")
+            if check.kind == "output":
+                _check_fields(r, cname, check.expected, by_name, built)
         params = _read_params(r, b.get("params"), f"{where}.params", kl("params"))
         if params.uv is not None:
             decl = by_name.get(params.uv)

@@ -20,12 +20,12 @@ from packaging.version import InvalidVersion, Version
 from . import __version__
 from .closure import ClosureLock, closures_of
 from .engine import Engine, RunResult
-from .errors import NotVerified
+from .errors import LockError, NotVerified
 from .fsutil import atomic_write_text
 from .image import ImageInfo
 from .lock import Lock
 from .naming import input_hash, short_id
-from .spec import Check, CheckKind, Spec
+from .spec import Check, CheckKind, Spec, cuda_of, expect_fields
 
 STDERR_TAIL = 3
 
@@ -110,7 +110,10 @@ def _closure_verdict(closure: ClosureLock, out: str) -> tuple[str, bool]:
 
 
 def expected_text(check: Check, lock: Lock) -> str:
-    """What the check expects, as shown to the user (locked checks resolve the version)."""
+    """What the check expects, as shown to the user: locked checks resolve the version,
+    an ``expect:`` its fields from the lock (``{torch.version}``)."""
+    if check.kind == "output":
+        return render_expect(check.expected, lock)
     if check.kind == "closure":
         return check.expected
     if check.kind == "locked":
@@ -118,6 +121,25 @@ def expected_text(check: Check, lock: Lock) -> str:
     if check.kind == "succeeds":
         return "exit 0"
     return check.expected
+
+
+def render_expect(text: str, lock: Lock) -> str:
+    """An ``expect:`` with its fields filled from the lock: ``{torch.version}`` is the
+    locked version, ``{torch.cuda}`` the CUDA release it names (``+cu130``: 13.0)."""
+    out = []
+    for part in expect_fields(text):
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        name, attr = part
+        version = lock.get(name).version
+        value = version if attr == "version" else cuda_of(version)
+        if value is None:
+            raise LockError(f"{{{name}.cuda}}: the locked {name} {version} names no CUDA "
+                            f"release (no +cuNNN in its version)",
+                            hint=f"use {{{name}.version}} in the check, or write the release")
+        out.append(value)
+    return "".join(out)
 
 
 def checks_digest(checks: list[Check], lock: Lock) -> str:
@@ -145,7 +167,7 @@ def evaluate(check: Check, lock: Lock, result: RunResult) -> CheckResult:
     if check.kind == "succeeds":
         return res("exit 0", True)
     if check.kind == "output":
-        return res(out, out == check.expected)
+        return res(out, out == expected)
     if check.kind == "closure":
         closure = next(c for c in closures_of(lock).values()
                        if closure_check(c).expected == check.expected)

@@ -3,9 +3,10 @@ from __future__ import annotations
 import pytest
 
 from imagebuild.engine import RunResult
-from imagebuild.lock import read_lock
-from imagebuild.spec import Check
-from imagebuild.verify import checks_digest, evaluate, table
+from imagebuild.errors import LockError
+from imagebuild.lock import Lock, read_lock
+from imagebuild.spec import Check, cuda_of, expect_fields
+from imagebuild.verify import checks_digest, evaluate, render_expect, table
 
 from .conftest import Stack
 
@@ -100,3 +101,50 @@ def test_the_closure_check_compares_every_installed_distribution_with_the_lock(
     # the lock is part of what a record was checked against
     assert checks_digest([check], ctx.lock) != checks_digest(
         image_checks(ctx.spec, "vllm-node-tf5", ctx.lock)[-1:], ctx.lock)
+
+
+FROM_LOCK = Check(name="torch-gate", run=("python3", "-c", "..."), kind="output",
+                  expected="{torch.version} {torch.cuda}", hint="force-reinstall torch")
+
+
+def test_an_expectation_takes_the_torch_pin_from_the_lock(lock) -> None:  # type: ignore[no-untyped-def]
+    assert lock.get("torch").version == "2.11.0+cu130"
+    r = evaluate(FROM_LOCK, lock, _ok("2.11.0+cu130 13.0\n"))
+    assert r.passed and r.expected == "2.11.0+cu130 13.0"  # what verify's table shows
+    assert not evaluate(FROM_LOCK, lock, _ok("2.10.0+cpu None")).passed
+    # a torch bump is one edit: the lock moves, the expectation (and the checks' digest,
+    # so the image is verified again) follows
+    bumped = Lock(lock.path, tuple(
+        w if w.name != "torch" else type(w)(w.name, "2.12.0+cu132", w.filename, w.sha256,
+                                            w.source)
+        for w in lock.wheels))
+    assert evaluate(FROM_LOCK, bumped, _ok("2.12.0+cu132 13.2")).passed
+    assert not evaluate(FROM_LOCK, bumped, _ok("2.11.0+cu130 13.0")).passed
+    assert checks_digest([FROM_LOCK], bumped) != checks_digest([FROM_LOCK], lock)
+    # the same text written by hand digests the same as the rendered one
+    assert checks_digest([FROM_LOCK], lock) == checks_digest([GATE], lock)
+
+
+def test_expectation_fields_parse_and_refuse(lock) -> None:  # type: ignore[no-untyped-def]
+    assert expect_fields("{torch.version} {Torch.cuda}") == [
+        ("torch", "version"), " ", ("torch", "cuda")]
+    assert expect_fields("{{literal}} {flashinfer_python.version}") == [
+        "{", "literal", "}", " ", ("flashinfer-python", "version")]
+    assert expect_fields("no fields") == ["no fields"]
+    for bad in ("{torch.version", "}", "{torch.sha}", "{.version}", "{}"):
+        with pytest.raises(ValueError):
+            expect_fields(bad)
+    assert render_expect("{{{uv.version}}}", lock) == "{0.9.7}"
+    with pytest.raises(LockError, match="names no CUDA release"):
+        render_expect("{uv.cuda}", lock)
+    with pytest.raises(LockError, match="no wheel named"):
+        render_expect("{nothere.version}", lock)
+
+
+@pytest.mark.parametrize("version, cuda", [
+    ("2.11.0+cu130", "13.0"), ("2.9.1+cu128", "12.8"), ("2.4.0+cu118", "11.8"),
+    ("0.22.1rc1.dev124+gace95c9cf.d20260603.cu132", "13.2"), ("2.11.0", None),
+    ("2.11.0+cpu", None), ("1.0+cuda", None), ("1.0+xcu130", None),
+])
+def test_the_cuda_release_a_version_names(version: str, cuda: str | None) -> None:
+    assert cuda_of(version) == cuda
