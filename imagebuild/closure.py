@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +49,8 @@ CREATED_BY = "imagebuild"
 _KEYS = {"lock-version", "created-by", "requires-python", "environments", "packages", "tool"}
 _PACKAGE_KEYS = {"name", "version", "wheels"}
 _WHEEL_KEYS = {"name", "url", "path", "hashes"}
-_TOOL_KEYS = {"image", "parent", "python", "platform", "requirements", "overrides", "unresolved",
-              "content-hash"}
+_TOOL_KEYS = {"image", "parent", "python", "platform", "requirements", "overrides", "covered",
+              "unresolved", "content-hash"}
 _SEAL = re.compile(r'^content-hash = "sha256:([0-9a-f]{64})"\n\Z', re.M)
 _UNRESOLVED_TEXT = re.compile(r"^[^\x00-\x1f\x7f]{1,500}$")
 _REGENERATE = "regenerate it with 'imagebuild lock' (never edit a lock by hand)"
@@ -82,6 +82,9 @@ class ClosureLock:
     overrides: tuple[str, ...]  # the overrides in force, as requirements
     packages: tuple[LockedDist, ...]  # sorted by name
     unresolved: str | None = None  # why this closure could not be resolved where locked
+    # each requirement an override silenced, with the override and who states it:
+    # "vllm requires torch==2.10.0 (override torch==2.11.0+cu130)"
+    covered: tuple[str, ...] = ()
 
     def by_name(self) -> dict[str, LockedDist]:
         return {p.name: p for p in self.packages}
@@ -167,6 +170,10 @@ def parse_closure(raw: bytes, path: Path, image: str) -> ClosureLock:
     if (parent is not None and not isinstance(parent, str)) or not all(
             isinstance(s, str) for s in strings):
         raise LockError(f"{path}: [tool.imagebuild] values must be strings", hint=_REGENERATE)
+    covered = tool.get("covered", [])
+    if not isinstance(covered, list) or not all(
+            isinstance(c, str) and _UNRESOLVED_TEXT.match(c) for c in covered):
+        raise LockError(f"{path}: 'covered' must be lines of text", hint=_REGENERATE)
     for req in (*tool["requirements"], *tool["overrides"]):
         try:
             Requirement(req)
@@ -190,7 +197,7 @@ def parse_closure(raw: bytes, path: Path, image: str) -> ClosureLock:
                        platform=tool["platform"], requirements=tuple(tool["requirements"]),
                        overrides=tuple(tool["overrides"]),
                        packages=tuple(sorted(packages, key=lambda p: p.name)),
-                       unresolved=unresolved)
+                       unresolved=unresolved, covered=tuple(covered))
 
 
 def _keys(path: Path, where: str, table: object, allowed: set[str], required: set[str]
@@ -279,6 +286,8 @@ def format_closure(lock: ClosureLock, spec_name: str) -> str:
     lines += [f"python = {_q(lock.python)}", f"platform = {_q(lock.platform)}",
               f"requirements = {_array(lock.requirements)}",
               f"overrides = {_array(lock.overrides)}"]
+    if lock.covered:
+        lines.append(f"covered = {_array(lock.covered)}")
     if lock.unresolved is not None:
         lines.append(f"unresolved = {_q(lock.unresolved)}")
     body = "\n".join(lines) + "\n"
@@ -348,17 +357,30 @@ class Conflict:
     requirement: str  # as the wheel states it
     stated_by: str  # the wheel that states it
     locked: str  # the version the closure has (or "not in the closure")
+    override: str | None = None  # the override in force on the package, which silences it
+    covered: bool = False  # that override lists the stating distribution under covers
+
+    @property
+    def distribution(self) -> str:
+        return parse_wheel(self.stated_by).name
+
+    def record(self) -> str:
+        """How a closure lock records a requirement its override covered."""
+        return f"{self.distribution} requires {self.requirement} (override {self.override})"
 
 
 def conflicts(requires: Mapping[str, Iterable[str]], versions: Mapping[str, str],
-              overridden: Iterable[str], python: str, platform: str) -> list[Conflict]:
+              overrides: Mapping[str, tuple[str, Collection[str]]], python: str,
+              platform: str) -> list[Conflict]:
     """Every ``Requires-Dist`` (``requires``: filename -> its requirement strings) that the
-    pinned ``versions`` (canonical name -> version) do not satisfy on the target, unless an
-    override covers the required package. Requirements of packages outside ``versions``
-    only count when the package is in it (a missing dependency is the resolver's to add).
-    """
+    pinned ``versions`` (canonical name -> version) do not satisfy on the target.
+    ``overrides``: package -> (the override's requirement, the distributions it covers);
+    a requirement on an overridden package is one the override silences: covered when its
+    distribution is listed, else a conflict like any other. Requirements of packages
+    outside ``versions`` only count when the package is in it (a missing dependency is
+    the resolver's to add)."""
     env = markers_env(python, platform)
-    covered = {canonicalize_name(n) for n in overridden}
+    silenced = {canonicalize_name(n): o for n, o in overrides.items()}
     out: list[Conflict] = []
     for filename, reqs in sorted(requires.items()):
         for text in reqs:
@@ -374,15 +396,17 @@ def conflicts(requires: Mapping[str, Iterable[str]], versions: Mapping[str, str]
             except InvalidMarker:
                 continue
             name = canonicalize_name(req.name)
-            if name in covered or name not in versions:
+            if name not in versions:
                 continue
             try:
                 ok = req.specifier.contains(Version(versions[name]), prereleases=True)
             except InvalidVersion:
                 ok = False
             if not ok:
+                override, covers = silenced.get(name, (None, ()))
                 out.append(Conflict(package=name, requirement=text, stated_by=filename,
-                                    locked=versions[name]))
+                                    locked=versions[name], override=override,
+                                    covered=parse_wheel(filename).name in covers))
     return out
 
 
@@ -391,8 +415,19 @@ def conflict_error(image: str, found: list[Conflict], spec_name: str) -> LockCon
              f"in {spec_name} covers it:"]
     for c in found:
         lines.append(f"  {c.stated_by} requires {c.requirement!r}; the closure has "
-                     f"{c.package} {c.locked}")
+                     f"{c.package} {c.locked}" + (
+                         f" (the override {c.override} would silence it; its covers: does "
+                         f"not list {c.distribution})" if c.override else ""))
     first = found[0]
+    silenced = sorted({c.distribution for c in found if c.override})
+    if silenced:
+        return LockConflict(
+            "\n".join(lines),
+            hint=f"a wheel built against another {first.package} fails at import or at "
+                 f"its first kernel: pin {', '.join(silenced)} to a release made for "
+                 f"{first.package} {first.locked} (a pin or an override of its own), or, "
+                 f"if the requirement is simply wrong, list it under the override's "
+                 f"covers: [{', '.join(silenced)}]; then run 'imagebuild lock' again")
     return LockConflict(
         "\n".join(lines),
         hint=f"if {first.package} {first.locked} is what the image needs, declare it under "

@@ -32,7 +32,8 @@ class ImageInputs:
 
     requirements: tuple[str, ...]
     overrides: tuple[str, ...]
-    overridden: frozenset[str]  # canonical package names the overrides cover
+    # package -> (its override's requirement, the distributions the override covers)
+    overridden: Mapping[str, tuple[str, tuple[str, ...]]]
     indexes: tuple[str, ...]  # the first is the primary
     local: tuple[LockedWheel, ...]  # the declared local wheels of the lineage
     pinned: tuple[LockedWheel, ...]  # every declared wheel of the lineage (local and index)
@@ -63,7 +64,7 @@ def image_inputs(spec: Spec, wheels: Mapping[str, LockedWheel], name: str) -> Im
     return ImageInputs(
         requirements=tuple(requirements),
         overrides=tuple(o.requirement for _, o in sorted(overrides.items())),
-        overridden=frozenset(overrides),
+        overridden={n: (o.requirement, o.covers) for n, o in overrides.items()},
         indexes=tuple(indexes),
         local=tuple(w for w in pinned.values() if w.is_local),
         pinned=tuple(pinned.values()),
@@ -95,11 +96,12 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
     img = spec.images[name]
     spec_name = spec.path.name
 
-    def made(packages: tuple[LockedDist, ...], unresolved: str | None = None) -> ClosureLock:
-            return ClosureLock(path=spec.closure_lock_path(name), image=name, parent=img.parent,
+    def made(packages: tuple[LockedDist, ...], unresolved: str | None = None,
+             covered: tuple[str, ...] = ()) -> ClosureLock:
+        return ClosureLock(path=spec.closure_lock_path(name), image=name, parent=img.parent,
                            python=spec.target.python, platform=spec.target.platform,
                            requirements=inputs.requirements, overrides=inputs.overrides,
-                           packages=packages, unresolved=unresolved)
+                           packages=packages, unresolved=unresolved, covered=covered)
 
     if parent is not None and parent.unresolved is not None:
         return made((), f"its parent {parent.image} is unresolved")
@@ -111,8 +113,8 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
               for w in inputs.local}
     found = conflicts(stated, {w.name: w.version for w in inputs.pinned}, inputs.overridden,
                       spec.target.python, spec.target.platform)
-    if found:
-        raise conflict_error(name, found, spec_name)
+    if any(not c.covered for c in found):
+        raise conflict_error(name, [c for c in found if not c.covered], spec_name)
     resolution = resolve(image=name, requirements=list(inputs.requirements),
                          overrides=list(inputs.overrides), python=spec.target.python,
                          platform=spec.target.platform, wheels_dir=links,
@@ -143,9 +145,9 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
     stated = dist_requires(resolution.packages, links, get)
     found = conflicts(stated, {p.name: p.version for p in resolution.packages},
                       inputs.overridden, spec.target.python, spec.target.platform)
-    if found:
-        raise conflict_error(name, found, spec_name)
-    return made(resolution.packages)
+    if any(not c.covered for c in found):
+        raise conflict_error(name, [c for c in found if not c.covered], spec_name)
+    return made(resolution.packages, covered=tuple(sorted({c.record() for c in found})))
 
 
 def stale_reason(spec: Spec, wheels: Mapping[str, LockedWheel], lock: ClosureLock

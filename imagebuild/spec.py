@@ -146,6 +146,9 @@ class Override:
 
     requirement: str
     reason: str
+    # the distributions whose requirement on the package it may silence (canonical names):
+    # the lock refuses any other distribution's requirement the override would discard
+    covers: tuple[str, ...] = ()
 
     @property
     def package(self) -> str:
@@ -373,6 +376,7 @@ _URL = INDEX_URL
 _REQUIREMENT_CHARS = re.compile(r"^[A-Za-z0-9_.\-\[\],<>=!~*+ ]+$")
 _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]*$")
+_PACKAGE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")  # PEP 508 names
 _WORKER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WHEEL_FILE = WHEEL_FILE
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -748,13 +752,13 @@ def _read_overrides(r: _Reader, raw: Any, where: str, line: int | None) -> tuple
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise r.fail(where, line, "expected a list of {requirement, reason}")
+        raise r.fail(where, line, "expected a list of {requirement, reason, covers}")
     out: dict[str, Override] = {}
     for i, item in enumerate(raw):
         w = f"{where}[{i}]"
         iline = raw.item_lines[i] if isinstance(raw, _LineList) else line
         entry = r.mapping(item, w, iline)
-        r.keys(entry, w, {"requirement", "reason"}, {"requirement", "reason"})
+        r.keys(entry, w, {"requirement", "reason", "covers"}, {"requirement", "reason"})
         req = r.requirement(entry["requirement"], f"{w}.requirement",
                             entry.key_lines.get("requirement"))
         reason = entry["reason"]
@@ -762,7 +766,10 @@ def _read_overrides(r: _Reader, raw: Any, where: str, line: int | None) -> tuple
             raise r.fail(f"{w}.reason", entry.key_lines.get("reason"),
                          "say why the override exists, in one line of text",
                          hint="an override without a reason is a pin nobody dares to remove")
-        o = Override(requirement=req, reason=" ".join(reason.split()))
+        covers = tuple(dict.fromkeys(canonicalize_name(n) for n in r.string_list(
+            entry.get("covers", []), f"{w}.covers", entry.key_lines.get("covers"), _PACKAGE,
+            "distribution name")))
+        o = Override(requirement=req, reason=" ".join(reason.split()), covers=covers)
         if o.package in out:
             raise r.fail(w, iline, f"{o.package} is overridden twice in {where}")
         out[o.package] = o

@@ -121,3 +121,23 @@ def test_a_requirement_no_index_satisfies_is_uvs_clear_refusal(mini: MiniStack) 
     assert "vllm-node-tf5: uv failed to resolve the closure" in r.stderr
     assert "transformers" in r.stderr and "hint:" in r.stderr
     assert {p.name: p.read_text() for p in (mini.root / "locks").iterdir()} == texts
+
+
+def test_an_override_silences_only_what_its_covers_lists(mini: MiniStack) -> None:
+    # uv itself resolves here: the torch override would silence the vllm wheel's
+    # torch==2.10.0, so without covers: [vllm] the lock refuses it by name
+    covers = "        covers: [vllm]       # the requirement it silences: vllm's torch==2.10.0\n"
+    mini.edit_spec(covers, "")
+    texts = {p.name: p.read_text() for p in (mini.root / "locks").iterdir()}
+    r = mini.cli("lock")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert ("requires 'torch==2.10.0'; the closure has torch 2.11.0+cu130 (the override "
+            "torch==2.11.0+cu130 would silence it; its covers: does not list vllm)") in r.stderr
+    assert "covers: [vllm]" in r.stderr  # the hint
+    assert {p.name: p.read_text() for p in (mini.root / "locks").iterdir()} == texts
+    mini.edit_spec("        reason: >-\n          the vllm wheel's metadata pins torch==2.10.0",
+                   f"{covers}        reason: >-\n          the vllm wheel's metadata pins "
+                   f"torch==2.10.0")
+    assert mini.cli("lock", "--check").returncode == 0
+    assert ('covered = ["vllm requires torch==2.10.0 (override torch==2.11.0+cu130)"]'
+            in (mini.root / "locks" / "pylock.vllm-node.toml").read_text())

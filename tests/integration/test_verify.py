@@ -114,7 +114,8 @@ def test_tf5_with_transformers_5_fails_its_specifier_and_stops_the_chain(
     # only an override gets transformers 5 past the vllm wheel's <5 into tf5's lock
     mini.edit_spec('    requires: ["transformers>=4.57,<5"]\n',
                    '    requires: ["transformers>=4.57,<5"]\n    overrides:\n'
-                   '      - {requirement: transformers>=5.0.0, reason: a mistake}\n')
+                   '      - {requirement: transformers>=5.0.0, reason: a mistake,\n'
+                   '         covers: [vllm]}\n')
     lock = mini.cli("lock")
     assert lock.returncode == 0, lock.stderr
     tags = _tags(mini)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.closure import ClosureLock, LockedDist, format_closure
+from imagebuild.closure import ClosureLock, LockedDist, conflicts, format_closure
 from imagebuild.lock import compute_lock, format_lock, parse_wheel, sha256_file
 from imagebuild.locking import image_inputs, unresolved_reason
-from imagebuild.resolve import Resolution
+from imagebuild.resolve import Resolution, requires_dist, wheel_metadata
 from imagebuild.spec import Spec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ images:
     wheels: [vllm, flashinfer-python]
     torch: torch
     overrides:
-      - {requirement: torch==2.11.0+cu130, reason: vllm pins torch==2.10.0}
+      - {requirement: torch==2.11.0+cu130, reason: vllm pins torch==2.10.0, covers: [vllm]}
     checks: [torch-gate]
   vllm-node-tf5:
     aliases: [tf5]
@@ -56,7 +56,7 @@ images:
     template: vllm-node-mimo.Dockerfile.j2
     parent: vllm-node-tf5
     overrides:
-      - {requirement: transformers>=5.0.0, reason: mimo needs transformers 5}
+      - {requirement: transformers>=5.0.0, reason: mimo needs transformers 5, covers: [vllm]}
     wheels: [vllm, flashinfer-python, extra-mimo]
     torch: torch
 checks:
@@ -124,13 +124,20 @@ class Stack:
                         for w in inputs.pinned}
             for p in (closure or CLOSURE).get(name, []):
                 packages[p.name] = p
+            # what the overrides silence, recorded as the lock step records it (the index
+            # wheels of this stack state no requirements)
+            stated = {p.filename: requires_dist(wheel_metadata(spec.wheels_dir / p.filename))[2]
+                      for p in packages.values() if p.url is None and not unresolved}
+            covered = tuple(sorted({c.record() for c in conflicts(
+                stated, {p.name: p.version for p in packages.values()}, inputs.overridden,
+                "3.12", "aarch64-manylinux_2_28") if c.covered}))
             lock = ClosureLock(path=spec.closure_lock_path(name), image=name,
                                parent=spec.images[name].parent, python="3.12",
                                platform="aarch64-manylinux_2_28",
                                requirements=inputs.requirements, overrides=inputs.overrides,
                                packages=() if unresolved else tuple(
                                    sorted(packages.values(), key=lambda p: p.name)),
-                               unresolved=unresolved)
+                               unresolved=unresolved, covered=covered)
             lock.path.parent.mkdir(exist_ok=True)
             lock.path.write_text(format_closure(lock, "imagebuild.yaml"))
 

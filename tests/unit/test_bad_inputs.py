@@ -39,6 +39,8 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     (GATE, '    expect: "{torch}"\n', "is not a field such as {torch.version}"),
     (GATE, '    expect: "{trorch.version}"\n', "wheel 'trorch' is not declared under wheels"),
     (GATE, '    expect: "{uv.cuda}"\n', "uv 0.9.7 names no CUDA release"),
+    ("covers: [vllm]}", 'covers: ["vllm; rm -rf /"]}', "distribution name"),
+    ("covers: [vllm]}", "covers: vllm}", "expected a list of distribution name"),
     ('    run: [python3, -c, "import torch; print(torch.__version__, torch.version.cuda)"]\n',
      '    run: [python3, null]\n', "is not a word of a command"),
     ('    run: [python3, -c, "import torch; print(torch.__version__, torch.version.cuda)"]\n',

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from imagebuild import context, lockflow
-from imagebuild.closure import _seal, format_closure, read_closure
+from imagebuild.closure import LockedDist, _seal, format_closure, read_closure
 from imagebuild.errors import LockConflict, LockError
-from imagebuild.lock import read_lock
+from imagebuild.lock import parse_wheel, read_lock
 from imagebuild.locking import image_inputs
 
 from .conftest import CLOSURE, SPEC, Stack, _dist
@@ -46,7 +46,8 @@ def test_a_conflict_no_override_covers_is_refused_naming_its_cause(
     before = sorted(p.name for p in (stack.root / "locks").iterdir())
     texts = {p: p.read_text() for p in (stack.root / "locks").iterdir()}
     override = ("    overrides:\n"
-                "      - {requirement: torch==2.11.0+cu130, reason: vllm pins torch==2.10.0}\n")
+                "      - {requirement: torch==2.11.0+cu130, reason: vllm pins torch==2.10.0, "
+                "covers: [vllm]}\n")
     assert override in SPEC
     stack.write_spec(SPEC.replace(override, ""))
     with pytest.raises(LockConflict) as info:
@@ -182,3 +183,69 @@ def test_an_undeclared_wheel_in_the_wheels_directory_is_never_locked(
     with pytest.raises(LockError, match=r"took helper-1\.0-py3-none-any\.whl from the wheels "
                                         r"directory, which the spec does not declare"):
         lockflow.lock(stack.load(), check=False, upgrade=False)
+
+
+def test_an_override_records_what_it_covers_and_refuses_what_it_does_not_list(
+        stack: Stack, offline_lock: dict[str, list[LockedDist]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the lock records, per image, each requirement an override silenced
+    lockflow.lock(stack.load(), check=False, upgrade=False)
+    spec = stack.load()
+    node = read_closure(spec.closure_lock_path("vllm-node"), "vllm-node")
+    assert node.covered == ("vllm requires torch==2.10.0 (override torch==2.11.0+cu130)",)
+    mimo = read_closure(spec.closure_lock_path("vllm-node-mimo"), "vllm-node-mimo")
+    assert mimo.covered == (
+        "vllm requires torch==2.10.0 (override torch==2.11.0+cu130)",
+        "vllm requires transformers<5,>=4.56.0 (override transformers>=5.0.0)")
+    texts = {p: p.read_text() for p in (stack.root / "locks").iterdir()}
+
+    # a torchvision of the torch 2.10 line, pulled in beside torch 2.11: the torch override
+    # would silence its requirement, so the lock refuses it by name
+    vision = _dist("torchvision", "0.25.0", "f" * 64)
+    offline_lock["vllm-node"].append(vision)
+
+    def metadata(url: str) -> bytes:
+        parsed = parse_wheel(url.removesuffix(".metadata").rsplit("/", 1)[-1])
+        requires = "Requires-Dist: torch==2.10.0\n" if parsed.name == "torchvision" else ""
+        return (f"Metadata-Version: 2.1\nName: {parsed.name}\nVersion: {parsed.version}\n"
+                f"{requires}").encode()
+
+    monkeypatch.setattr("imagebuild.web.get_bytes", metadata)
+    with pytest.raises(LockConflict) as info:
+        lockflow.lock(stack.load(), check=False, upgrade=False)
+    err = info.value
+    assert err.exit_code == 2
+    assert ("torchvision-0.25.0-py3-none-any.whl requires 'torch==2.10.0'; the closure has "
+            "torch 2.11.0+cu130 (the override torch==2.11.0+cu130 would silence it; its "
+            "covers: does not list torchvision)") in err.message
+    assert "vllm requires" not in err.message  # listed under covers: not a conflict
+    assert err.hint is not None and "covers: [torchvision]" in err.hint
+    assert all(p.read_text() == t for p, t in texts.items())  # nothing written
+
+    # listing it is the operator's word that its requirement is wrong: recorded in the lock
+    stack.write_spec(SPEC.replace("covers: [vllm]}", "covers: [vllm, torchvision]}", 1))
+    lockflow.lock(stack.load(), check=False, upgrade=False)
+    node = read_closure(spec.closure_lock_path("vllm-node"), "vllm-node")
+    assert node.covered == (
+        "torchvision requires torch==2.10.0 (override torch==2.11.0+cu130)",
+        "vllm requires torch==2.10.0 (override torch==2.11.0+cu130)")
+    # a torchvision of the torch 2.11 line needs no word at all
+    offline_lock["vllm-node"][-1] = _dist("torchvision", "0.26.0", "f" * 64)
+    monkeypatch.setattr("imagebuild.web.get_bytes", lambda url: metadata(url).replace(
+        b"torch==2.10.0", b"torch==2.11.0"))
+    stack.write_spec(SPEC)
+    lockflow.lock(stack.load(), check=False, upgrade=False)
+    node = read_closure(spec.closure_lock_path("vllm-node"), "vllm-node")
+    assert node.covered == ("vllm requires torch==2.10.0 (override torch==2.11.0+cu130)",)
+
+
+def test_a_hand_edited_covered_list_is_refused(stack: Stack, offline_lock: object) -> None:
+    lockflow.lock(stack.load(), check=False, upgrade=False)
+    path = stack.load().closure_lock_path("vllm-node")
+    lock = read_closure(path, "vllm-node")
+    text = format_closure(lock, "imagebuild.yaml")
+    body = text[:text.index("content-hash")].replace(
+        'covered = ["vllm requires', 'covered = [3, "vllm requires')
+    path.write_text(body + f'content-hash = "sha256:{_seal(body)}"\n')
+    with pytest.raises(LockError, match="'covered' must be lines of text"):
+        read_closure(path, "vllm-node")

@@ -279,8 +279,8 @@ def test_lock_check_cli(stack: Stack, capsys: pytest.CaptureFixture[str],
                         monkeypatch: pytest.MonkeyPatch, offline_lock: object) -> None:
     monkeypatch.setattr("imagebuild.web.get_text", lambda url: (_ for _ in ()).throw(
         AssertionError("no network expected: torch is already locked")))
-    code, out, _ = _run(["-f", str(stack.spec_path), "lock", "--check"], capsys)
-    assert code == 0, out
+    code, out, err = _run(["-f", str(stack.spec_path), "lock", "--check"], capsys)
+    assert code == 0, out + err
     stack.wheel("extra_mimo-1.0-py3-none-any.whl", b"changed")
     code, _, err = _run(["-f", str(stack.spec_path), "lock", "--check"], capsys)
     assert code == 2 and "out of date" in err
