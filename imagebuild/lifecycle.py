@@ -64,6 +64,7 @@ from .shipping import distribute as distribute_op
 from .shipping import request_for
 from .store import BackupDir
 from .verify import image_checks, passing_record
+from .wheelstore import WheelStoreState, prune_store, store_state
 
 WorkerImage = Literal["up to date", "stale", "missing", "unrooted", "unreachable",
                       "no head image"]
@@ -159,11 +160,13 @@ class StatusReport:
     unreachable: dict[str, str]  # worker -> why
     seconds: float
     mirrors: list[MirrorState] = field(default_factory=list)  # with --check-backups
+    wheels: WheelStoreState | None = None  # the wheel store (None: the spec has none)
 
     def to_json(self) -> dict[str, object]:
         return {"images": [asdict(i) for i in self.images],
                 "unreachable": self.unreachable, "seconds": round(self.seconds, 3),
-                "mirrors": [asdict(m) for m in self.mirrors]}
+                "mirrors": [asdict(m) for m in self.mirrors],
+                "wheels": asdict(self.wheels) if self.wheels is not None else None}
 
 
 def _read_checks(ctx: Context) -> dict[str, dict[str, object]]:
@@ -314,7 +317,15 @@ def status(ctx: Context, engine: Engine, workers: list[Worker], *,
     unreachable = {w: s.message for w, s in snaps.items() if isinstance(s, ImagebuildError)}
     mirrors = ([mirror_state(store, m) for m in mirror_stores(spec)]
                if check and store is not None else [])
-    return StatusReport(rows, unreachable, time.monotonic() - started, mirrors)
+    return StatusReport(rows, unreachable, time.monotonic() - started, mirrors,
+                        _wheel_store(ctx))
+
+
+def _wheel_store(ctx: Context) -> WheelStoreState | None:
+    """The wheel store's state, when the spec builds wheels or the store exists."""
+    if not ctx.spec.built and not ctx.spec.wheel_store.exists():
+        return None
+    return store_state(ctx.spec, ctx.lock)
 
 
 # -- prune -----------------------------------------------------------------------------------
@@ -400,6 +411,7 @@ class NodePrune:
 class PruneOutcome:
     nodes: list[NodePrune]
     dry_run: bool
+    wheels: WheelStoreState | None = None  # the wheel store's removed (or removable) part
 
     def error(self) -> ImagebuildError | None:
         from .errors import RemoteError
@@ -480,7 +492,9 @@ def prune(ctx: Context, engine: Engine, workers: list[Worker], *, dry_run: bool 
     with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
         results = list(pool.map(lambda ne: _prune_node(ne[0], ne[1], names, keep, dry_run),
                                 nodes))
-    return PruneOutcome(results, dry_run)
+    wheels = (prune_store(ctx.spec, ctx.lock, dry_run=dry_run)
+              if _wheel_store(ctx) is not None else None)
+    return PruneOutcome(results, dry_run, wheels)
 
 
 # -- rollback --------------------------------------------------------------------------------

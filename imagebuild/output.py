@@ -29,6 +29,7 @@ from .render import RenderResult
 from .shipping import DistributeOutcome
 from .verify import table
 from .wheelops import CheckOutcome, WheelPlan, WheelsOutcome, WheelStep
+from .wheelstore import WheelStoreState
 
 
 @dataclass
@@ -385,6 +386,7 @@ def status_shown(report: StatusReport, workers: list[str]) -> Shown:
     out = aligned(rows)
     out += [f"{w}: unreachable: {why}" for w, why in report.unreachable.items()]
     out += [f"mirror {m.where}: {m.state}" for m in report.mirrors]
+    out += wheel_store_lines(report.wheels)
     if any(i.other_id for i in report.images):
         out.append("* the head's content under another image ID (that worker uses the "
                    "other image store): a launcher that compares image IDs across nodes "
@@ -393,6 +395,21 @@ def status_shown(report: StatusReport, workers: list[str]) -> Shown:
         out.append("a root is missing or a tag was stripped (docker image prune -a keeps one "
                    "tag of an image in use): 'imagebuild prune' puts roots and tags back")
     return Shown(out, [f"({report.seconds:.1f}s)"])
+
+
+def wheel_store_lines(state: WheelStoreState | None) -> list[str]:
+    if state is None:
+        return []
+    out = [f"wheel store {state.root}: {len(state.wheels)} wheel(s), {gb(state.size)}: "
+           f"{state.count('locked')} locked, {state.count('built, not locked')} built but "
+           f"not locked, {len(state.unreferenced)} referred to by nothing"]
+    out += [f"  {w.filename} ({w.sha256[:12]}, {gb(w.size)}): {w.use}" for w in state.wheels]
+    if state.unreferenced or state.leftovers:
+        out.append(f"  'imagebuild prune' removes the {len(state.unreferenced)} wheel(s) "
+                   f"nothing refers to ({gb(sum(w.size for w in state.unreferenced))})"
+                   + (f" and {len(state.leftovers)} unfinished build(s)"
+                      if state.leftovers else ""))
+    return out
 
 
 def prune_lines(result: PruneOutcome) -> list[str]:
@@ -413,6 +430,13 @@ def prune_lines(result: PruneOutcome) -> list[str]:
                    if result.dry_run else
                    f"{node.node}: {len(node.items)} item(s) removed, "
                    f"{gb(node.reclaimed or 0)} reclaimed")
+    w = result.wheels
+    if w is not None:
+        verb = "would remove" if result.dry_run else "removed"
+        out += [f"wheel store: {verb} {x.filename} ({x.sha256[:12]}, {gb(x.size)}): no lock "
+                f"or current derivation refers to it" for x in w.wheels]
+        out += [f"wheel store: {verb} {p} (a build that never finished)" for p in w.leftovers]
+        out.append(f"wheel store: {len(w.wheels)} wheel(s) {verb}, {gb(w.size)}")
     return out
 
 

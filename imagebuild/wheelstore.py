@@ -5,6 +5,10 @@
     <store>/derivations/<input hash>.json  what the derivation with that hash made
     <store>/incoming/                      builds in progress (renamed into place)
 
+``imagebuild status`` shows what the store holds (``store_state``): each wheel locked by
+wheels.lock, built by the spec's current derivation but not locked yet, or referred to
+by nothing; ``imagebuild prune`` removes the last kind (``prune_store``).
+
 A wheel is renamed to its final name only when it is complete, checked and hashed; the
 derivation's record is written (atomically) after it. So a crash leaves either nothing
 or a wheel without a record (built again next time, same bytes, same place), never a
@@ -20,9 +24,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from .errors import LockError
 from .fsutil import atomic_write_text, fsync_dir
@@ -203,3 +209,106 @@ def locked_built_wheels(spec: Spec, previous: Lock | None,
             hint=f"run 'imagebuild build-wheels {names}' (or 'imagebuild build IMAGE', which "
                  f"builds the wheels it needs and locks them), then lock again")
     return out, notes
+
+
+# -- what the store holds, and pruning it ----------------------------------------------------
+
+WheelUse = Literal["locked", "built, not locked", "unreferenced"]
+LEFTOVER_AGE = 24 * 3600  # an incoming build directory this old belongs to no live build
+
+
+@dataclass(frozen=True)
+class StoredWheel:
+    filename: str
+    sha256: str
+    size: int
+    use: WheelUse  # locked: wheels.lock names it; built, not locked: the spec's current
+    # derivation of it (a build-wheels run not locked yet); else nothing refers to it
+
+
+@dataclass(frozen=True)
+class WheelStoreState:
+    root: str
+    wheels: tuple[StoredWheel, ...]
+    leftovers: tuple[str, ...]  # incoming directories of builds that never finished
+
+    @property
+    def size(self) -> int:
+        return sum(w.size for w in self.wheels)
+
+    @property
+    def unreferenced(self) -> tuple[StoredWheel, ...]:
+        return tuple(w for w in self.wheels if w.use == "unreferenced")
+
+    def count(self, use: WheelUse) -> int:
+        return sum(1 for w in self.wheels if w.use == use)
+
+
+def _records(store: WheelStore) -> dict[str, list[Path]]:
+    """Each stored wheel's sha256 -> the derivation records that name it."""
+    out: dict[str, list[Path]] = {}
+    directory = store.root / "derivations"
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else ():
+        try:
+            record = _parse(path.read_text(encoding="utf-8"), path.stem)
+        except (OSError, UnicodeDecodeError):
+            record = None
+        if record is not None:
+            out.setdefault(record.sha256, []).append(path)
+    return out
+
+
+def store_state(spec: Spec, lock: Lock) -> WheelStoreState:
+    """What the wheel store holds and what refers to each wheel: wheels.lock, or the
+    spec's current derivation of a wheel (built, not locked yet). Reads only."""
+    store = WheelStore(spec.wheel_store)
+    locked = {w.sha256 for w in lock.wheels if w.sha256 is not None}
+    current = set()
+    for derivation in wheel_plan(spec):
+        record = store.lookup(derivation.input_hash)
+        if record is not None:
+            current.add(record.sha256)
+    wheels: list[StoredWheel] = []
+    blobs = store.root / "sha256"
+    for d in sorted(blobs.iterdir()) if blobs.is_dir() else ():
+        if not _HASH.match(d.name) or not d.is_dir():
+            continue
+        for f in sorted(d.iterdir()):
+            if not WHEEL_FILE.match(f.name) or not f.is_file() or f.is_symlink():
+                continue
+            use: WheelUse = ("locked" if d.name in locked else
+                             "built, not locked" if d.name in current else "unreferenced")
+            wheels.append(StoredWheel(f.name, d.name, f.stat().st_size, use))
+    incoming = store.root / "incoming"
+    now = time.time()
+    leftovers = tuple(str(p) for p in sorted(incoming.iterdir())
+                      if p.is_dir() and now - p.stat().st_mtime > LEFTOVER_AGE
+                      ) if incoming.is_dir() else ()
+    return WheelStoreState(str(store.root), tuple(wheels), leftovers)
+
+
+def prune_store(spec: Spec, lock: Lock, *, dry_run: bool) -> WheelStoreState:
+    """Remove the wheels nothing refers to (their derivation records first, so a crash
+    leaves at most a wheel without a record, removed next time) and the leftovers of
+    builds that never finished. Returns what was (or, ``dry_run``, would be) removed."""
+    state = store_state(spec, lock)
+    gone = WheelStoreState(state.root, state.unreferenced, state.leftovers)
+    if dry_run:
+        return gone
+    store = WheelStore(spec.wheel_store)
+    records = _records(store)
+    try:
+        for w in gone.wheels:
+            for path in records.get(w.sha256, []):
+                path.unlink(missing_ok=True)
+            blob = store.blob(w.sha256, w.filename)
+            blob.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                blob.parent.rmdir()  # empty unless another file shares the sha256
+        for p in gone.leftovers:
+            shutil.rmtree(p)
+    except OSError as exc:
+        raise LockError(f"cannot prune the wheel store {store.root}: {exc.strerror or exc}",
+                        hint="check the permissions of the spec's state directory, then "
+                             "run 'imagebuild prune' again") from None
+    return gone

@@ -4,7 +4,9 @@ it is given. Reuse without a job, what the job receives, failures that record no
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,14 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagebuild import wheelops
+from imagebuild import output, wheelops
 from imagebuild.engine import Job
 from imagebuild.errors import ImageNotFound, WheelBuildFailed
+from imagebuild.lock import BUILT_PREFIX, Lock, LockedWheel
 from imagebuild.progress import Quiet
 from imagebuild.spec import BUILD_CCACHE, BUILD_OUT, BUILD_SRC, Spec, load_spec
 from imagebuild.wheelbuild import CCACHE_VOLUME, mirror_path
 from imagebuild.wheelplan import wheel_plan
-from imagebuild.wheelstore import WheelStore
+from imagebuild.wheelstore import LEFTOVER_AGE, WheelStore, prune_store, store_state
 
 from ..fake_engine import FakeEngine
 
@@ -261,3 +264,52 @@ def test_check_rebuilds_without_the_cache_and_keeps_the_store(
     err = checked.error()
     assert err is not None and err.exit_code == 10 and checked.differ == ["vllm"]
     assert WheelStore(spec.wheel_store).lookup(stored.input_hash) == stored
+
+
+def test_the_wheel_store_says_what_refers_to_each_wheel_and_prune_removes_the_rest(
+        tmp_path: Path, repo: tuple[Path, str]) -> None:
+    path, commit = repo
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "1.patch").write_text(
+        "--- a/pkg.py\n+++ b/pkg.py\n@@ -1 +1 @@\n-REVISION = 1\n+REVISION = 2\n")
+    engine = engine_with(wheel_maker())
+    old = wheelops.build_wheels(make_spec(tmp_path, path, commit), engine, ["vllm"],
+                                progress=Quiet()).wheels[0].record
+    spec = make_spec(tmp_path, path, commit, patches=["p/1.patch"])
+    new = wheelops.build_wheels(spec, engine, ["vllm"], progress=Quiet()).wheels[0].record
+    store = WheelStore(spec.wheel_store)
+    empty = Lock(spec.lock_path, ())
+    uses = {w.sha256: w.use for w in store_state(spec, empty).wheels}
+    assert uses == {old.sha256: "unreferenced", new.sha256: "built, not locked"}
+    locked = Lock(spec.lock_path, (LockedWheel(new.name, new.version, new.filename,
+                                               new.sha256, BUILT_PREFIX + new.input_hash),))
+    state = store_state(spec, locked)
+    assert [(w.sha256, w.use) for w in state.wheels if w.sha256 == new.sha256] == [
+        (new.sha256, "locked")]
+    assert state.size == sum(store.blob(r.sha256, r.filename).stat().st_size
+                             for r in (old, new))
+    # the old spec's wheel is what the lock left behind: status names it
+    lines = output.wheel_store_lines(state)
+    assert "1 locked, 0 built but not locked, 1 referred to by nothing" in lines[0]
+    assert any(old.filename in ln and "unreferenced" in ln for ln in lines)
+    # leftovers of builds that never finished: only those older than a day go
+    stale = spec.wheel_store / "incoming" / "build-stale"
+    young = spec.wheel_store / "incoming" / "build-running"
+    stale.mkdir(parents=True)
+    young.mkdir()
+    os.utime(stale, (time.time() - 2 * LEFTOVER_AGE, time.time() - 2 * LEFTOVER_AGE))
+    would = prune_store(spec, locked, dry_run=True)
+    assert [w.sha256 for w in would.wheels] == [old.sha256]
+    assert would.leftovers == (str(stale),)
+    assert store.blob(old.sha256, old.filename).is_file() and stale.is_dir()  # dry run
+    gone = prune_store(spec, locked, dry_run=False)
+    assert [w.sha256 for w in gone.wheels] == [old.sha256]
+    assert not store.blob(old.sha256, old.filename).exists()
+    assert not store.blob(old.sha256, old.filename).parent.exists()
+    assert store.lookup(old.input_hash) is None  # its record went with it
+    assert not (spec.wheel_store / "derivations" / f"{old.input_hash}.json").exists()
+    assert store.lookup(new.input_hash) == new and young.is_dir() and not stale.exists()
+    assert prune_store(spec, locked, dry_run=False).wheels == ()  # nothing left to remove
+    # a wheel built but not locked yet is kept: a build-wheels run waiting for 'lock'
+    assert prune_store(spec, empty, dry_run=False).wheels == ()
+    assert store.lookup(new.input_hash) == new
