@@ -119,36 +119,159 @@ class Source:
     fetched: bool  # the mirror was fetched (it did not hold the commit yet)
     epoch: int | None = None  # the commit's committer time
     applied: tuple[str, ...] = ()  # patch file names, in order
-    failed: str = ""  # "fetch", "commit", "time", "checkout" or "patch"; "": done
+    failed: str = ""  # "fetch", "commit", "time", "checkout", "submodule" or "patch"
     patch: Path | None = None  # the patch that does not apply
     output: Completed | None = None
+    submodules: tuple[str, ...] = ()  # "path commit" of each submodule checked out
+    why: str = ""  # what went wrong with a submodule
+
+
+def _ensure_commit(url: str, mirror: Path, commit: str, on_fetch: Callable[[str], None]
+                   ) -> tuple[bool, Completed | None, bool]:
+    """(fetched, the failed fetch's output, the mirror has the commit): the mirror is
+    fetched only when it lacks the commit."""
+    if (mirror / "HEAD").is_file() and git_has_commit(mirror, commit):
+        return False, None, True
+    on_fetch(url)
+    done = git_mirror(url, mirror)
+    if done.code != 0:
+        return True, done, False
+    return True, None, git_has_commit(mirror, commit)
 
 
 def checkout_source(url: str, mirror: Path, commit: str, patches: Sequence[Path],
-                    dest: Path, on_fetch: Callable[[], None] = lambda: None) -> Source:
+                    dest: Path, on_fetch: Callable[[str], None] = lambda url: None,
+                    mirror_for: Callable[[str], Path] | None = None) -> Source:
     """A working tree of ``commit`` of ``url`` at ``dest`` with ``patches`` applied in
     order: the bare mirror at ``mirror`` fetched first only when it lacks the commit
-    (``on_fetch`` is told before a fetch). One call for a wheel build's whole source."""
-    fetched = False
-    if not ((mirror / "HEAD").is_file() and git_has_commit(mirror, commit)):
-        on_fetch()
-        fetched = True
-        done = git_mirror(url, mirror)
-        if done.code != 0:
-            return Source(fetched, failed="fetch", output=done)
-        if not git_has_commit(mirror, commit):
-            return Source(fetched, failed="commit")
+    (``on_fetch`` is told the URL before a fetch). With ``mirror_for`` (a submodule's URL
+    -> its mirror), the submodules are checked out recursively at the commits the
+    source records, each from a mirror of its own, before the patches. One call for a
+    wheel build's whole source."""
+    fetched, failed_fetch, has = _ensure_commit(url, mirror, commit, on_fetch)
+    if failed_fetch is not None:
+        return Source(fetched, failed="fetch", output=failed_fetch)
+    if not has:
+        return Source(fetched, failed="commit")
     epoch = git_commit_time(mirror, commit)
     if epoch is None:
         return Source(fetched, failed="time")
     done = git_checkout(mirror, commit, dest)
     if done.code != 0:
         return Source(fetched, epoch, failed="checkout", output=done)
+    subs: list[str] = []
+    if mirror_for is not None:
+        try:
+            fetched = _submodules(dest, dest, url, mirror_for, on_fetch, subs, 0) or fetched
+        except _SubmoduleFailed as exc:
+            return Source(fetched, epoch, failed="submodule", output=exc.output,
+                          submodules=tuple(subs), why=exc.why)
     applied: list[str] = []
     for patch in patches:
         done = git_apply(dest, patch)
         if done.code != 0:
             return Source(fetched, epoch, tuple(applied), failed="patch", patch=patch,
-                          output=done)
+                          output=done, submodules=tuple(subs))
         applied.append(patch.name)
-    return Source(fetched, epoch, tuple(applied))
+    return Source(fetched, epoch, tuple(applied), submodules=tuple(subs))
+
+
+# -- submodules --------------------------------------------------------------------------------
+
+MAX_SUBMODULE_DEPTH = 8
+GITLINK = "160000"
+
+
+class _SubmoduleFailed(Exception):
+    def __init__(self, why: str, output: Completed | None = None) -> None:
+        super().__init__(why)
+        self.why, self.output = why, output
+
+
+def submodule_url(base: str, url: str) -> str:
+    """A submodule's URL as git resolves it: ``./x`` and ``../x`` are relative to the
+    superproject's URL (as if it were a directory), anything else is as written."""
+    if not url.startswith(("./", "../")):
+        return url
+    out = base.rstrip("/")
+    rest = url
+    while True:
+        if rest.startswith("./"):
+            rest = rest[2:]
+        elif rest.startswith("../"):
+            rest = rest[3:]
+            cut = max(out.rfind("/"), out.rfind(":"))
+            if cut <= 0 or out[cut - 1:cut + 1] == "//" or out[cut:cut + 3] == "://":
+                raise _SubmoduleFailed(f"{url!r} goes above the root of {base!r}")
+            out = out[:cut + 1] if out[cut] == ":" else out[:cut]
+        else:
+            break
+    sep = "" if out.endswith(":") else "/"
+    return f"{out}{sep}{rest}"
+
+
+def _submodules(root: Path, tree: Path, url: str, mirror_for: Callable[[str], Path],
+                on_fetch: Callable[[str], None], done: list[str], depth: int) -> bool:
+    """Check out the submodules of the working tree ``tree`` (of ``url``) at the commits
+    its HEAD records, each cloned from its own mirror, then theirs. Returns whether any
+    mirror was fetched."""
+    listed = _git(["-C", str(tree), "ls-tree", "-r", "-z", "HEAD"], GIT_TIMEOUT * 6)
+    if listed.code != 0:
+        raise _SubmoduleFailed(f"cannot list the tree of {tree}", listed)
+    links = {}
+    for entry in listed.stdout.split("\0"):
+        meta, tab, path = entry.partition("\t")
+        parts = meta.split()
+        if tab and len(parts) == 3 and parts[0] == GITLINK:
+            links[path] = parts[2]
+    if not links:
+        return False
+    if depth >= MAX_SUBMODULE_DEPTH:
+        raise _SubmoduleFailed(f"submodules nest deeper than {MAX_SUBMODULE_DEPTH} levels")
+    urls = _gitmodules(tree)
+    fetched = False
+    for path, commit in sorted(links.items()):
+        where = tree / path
+        shown = str(where.relative_to(root))
+        sub = urls.get(path)
+        if sub is None:
+            raise _SubmoduleFailed(f"{shown}: a submodule with no URL in .gitmodules")
+        if (Path(path).is_absolute() or ".." in Path(path).parts
+                or not where.resolve().is_relative_to(tree.resolve())
+                or where.is_symlink() or not where.is_dir() or any(where.iterdir())):
+            raise _SubmoduleFailed(f"{shown}: not an empty directory inside the source")
+        sub_url = submodule_url(url, sub)
+        if sub_url.startswith("-") or "::" in sub_url.split("/", 1)[0]:
+            raise _SubmoduleFailed(f"{shown}: {sub_url!r} is not a URL git may fetch "
+                                   f"for a submodule")
+        mirror = mirror_for(sub_url)
+        got, failed_fetch, has = _ensure_commit(sub_url, mirror, commit, on_fetch)
+        fetched = fetched or got
+        if failed_fetch is not None:
+            raise _SubmoduleFailed(f"{shown}: fetching {sub_url} failed", failed_fetch)
+        if not has:
+            raise _SubmoduleFailed(f"{shown}: commit {commit} is not in {sub_url}")
+        out = git_checkout(mirror, commit, where)
+        if out.code != 0:
+            raise _SubmoduleFailed(f"{shown}: cannot check out {commit}", out)
+        done.append(f"{shown} {commit}")
+        fetched = _submodules(root, where, sub_url, mirror_for, on_fetch, done,
+                              depth + 1) or fetched
+    return fetched
+
+
+def _gitmodules(tree: Path) -> dict[str, str]:
+    """path -> URL of each submodule .gitmodules declares (read by git itself)."""
+    if not (tree / ".gitmodules").is_file():
+        return {}
+    done = _git(["-C", str(tree), "config", "--file", ".gitmodules", "--null",
+                 "--get-regexp", r"^submodule\..*\.(path|url)$"], GIT_TIMEOUT)
+    if done.code not in (0, 1):  # 1: no match
+        raise _SubmoduleFailed(f"cannot read {tree / '.gitmodules'}", done)
+    paths: dict[str, str] = {}
+    urls: dict[str, str] = {}
+    for entry in filter(None, done.stdout.split("\0")):
+        key, _nl, value = entry.partition("\n")
+        name, _dot, kind = key.removeprefix("submodule.").rpartition(".")
+        (paths if kind == "path" else urls)[name] = value
+    return {p: urls[n] for n, p in paths.items() if n in urls}

@@ -122,6 +122,7 @@ class WheelBuild:
     builder_digest: str | None
     env: tuple[tuple[str, str], ...]
     command: tuple[str, ...] = DEFAULT_WHEEL_COMMAND
+    submodules: bool = True  # check out the submodules, recursively (git clone --recursive)
 
     @property
     def builder_reference(self) -> str:
@@ -831,7 +832,7 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
 
 
 _BUILD_KEYS = {"name", "git", "commit", "patches", "builder", "builder_digest", "env",
-               "command"}
+               "command", "submodules"}
 # no host or path that starts with "-" (git would read it as an option of ssh)
 _GIT_URL = re.compile(r"^(?:(?:https?|ssh|git|file)://(?![^/]*@-)(?!-)[A-Za-z0-9._~:/@%+=-]+"
                       r"|/[A-Za-z0-9._/+@-]+)$")
@@ -905,9 +906,14 @@ def _read_builds(r: _Reader, raw: Any, line: int | None) -> dict[str, WheelBuild
                              "expected the command in exec form, e.g. [uv, build, --wheel, "
                              f"--no-build-isolation, --out-dir, {BUILD_OUT}]")
             command = cmd
+        submodules = b.get("submodules", True)
+        if not isinstance(submodules, bool):
+            raise r.fail(f"{where}.submodules", kl("submodules"),
+                         f"expected true or false, got {submodules!r}")
         out[name] = WheelBuild(name=name, git=git, commit=commit, patches=tuple(patches),
                                builder=builder, builder_digest=digest,
-                               env=tuple(sorted(env)), command=command)
+                               env=tuple(sorted(env)), command=command,
+                               submodules=submodules)
     return out
 
 

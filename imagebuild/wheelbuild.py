@@ -176,9 +176,13 @@ def _source(spec: Spec, d: WheelDerivation, tree: Path, progress: Progress, pref
     b = d.build
     mirror = mirror_path(spec, b.git)
     src = checkout_source(b.git, mirror, b.commit, b.patches, tree,
-                          on_fetch=lambda: progress.say(f"{prefix} fetching {b.git}"))
+                          on_fetch=lambda url: progress.say(f"{prefix} fetching {url}"),
+                          mirror_for=((lambda url: mirror_path(spec, url))
+                                      if b.submodules else None))
     if not src.fetched:
         log.line(f"# {b.commit} is in the mirror {mirror}: no fetch")
+    for sub in src.submodules:
+        log.line(f"# submodule {sub}")
     for name in src.applied:
         log.line(f"# patch {name}: applied")
     if src.failed == "patch":
@@ -200,6 +204,11 @@ def _source(spec: Spec, d: WheelDerivation, tree: Path, progress: Progress, pref
                               f"again")
     if src.failed == "checkout":
         raise log.failed(f"cannot check out {b.commit}", hint=f"see {log.path}")
+    if src.failed == "submodule":
+        raise log.failed(f"submodule {src.why}",
+                         hint="the source's .gitmodules names where each submodule is "
+                              "fetched from, and its commit pins theirs: check that URL and "
+                              "the network (submodules: false in the spec skips them)")
     if src.failed == "patch":
         raise log.failed(f"patch {src.patch} does not apply to {b.commit[:12]}",
                          hint="refresh the patch against this commit (git diff in a "

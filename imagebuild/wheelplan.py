@@ -3,10 +3,11 @@ wheel must look like. Pure: no engine, no git, no I/O beyond reading the patch f
 
 A wheel derivation's input hash is sha256 over a canonical JSON of: a schema version,
 the project name, the source commit, each patch's name and sha256 (in order), the
-builder image's reference (with its digest when pinned), the build environment and the
-build command. The git URL is not an input: the commit names the source wherever it is
-fetched from. Same inputs, same hash; a wheel with that hash in the wheel store is
-reused without a build.
+builder image's reference (with its digest when pinned), the build environment, the
+build command and whether the submodules are checked out (their commits are the ones the
+source commit records, so the commit pins them too). The git URL is not an input: the
+commit names the source wherever it is fetched from. Same inputs, same hash; a wheel
+with that hash in the wheel store is reused without a build.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .lock import sha256_file
 from .naming import hash12
 from .spec import Spec, WheelBuild
 
-WHEEL_SCHEMA = 1
+WHEEL_SCHEMA = 2  # 2: whether the submodules are part of the source
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def wheel_derivation(build: WheelBuild) -> WheelDerivation:
         "builder": build.builder_reference,
         "env": [list(e) for e in build.env],
         "command": list(build.command),
+        # the submodules' commits are the superproject commit's gitlinks: pinned by it
+        "submodules": build.submodules,
     }
     return WheelDerivation(build, patches, hashlib.sha256(_canonical(material)).hexdigest())
 

@@ -29,7 +29,7 @@ Everything lives under $IMAGEBUILD_BED (default /var/lib/imagebuild-bed):
                           inventory in cluster-containerd.yaml
     ssh/                  client key, known_hosts (host keys of the workers), ssh_config
     wheels/               the test stack's local fixture wheels (vllm, flashinfer)
-    git/vllm, git/flashinfer
+    git/vllm, git/flashinfer, git/spdlog (a submodule of flashinfer)
                           fixture source repositories for the wheel builder to clone (no
                           network), with the same commit hashes everywhere: vllm has a C
                           extension (ccache-aware setup.py), two commits and tag v0.22.1rc1
@@ -1125,8 +1125,21 @@ requires-python = ">=3.9"
 dependencies = ["torch"]
 
 [tool.setuptools]
-packages = ["flashinfer"]
+packages = ["flashinfer", "flashinfer.spdlog"]
+
+# from the 3rdparty/spdlog submodule (as the real flashinfer's build reads its
+# 3rdparty/cutlass and spdlog): a wheel built without the submodule fails here
+[tool.setuptools.package-dir]
+"flashinfer.spdlog" = "3rdparty/spdlog/include"
 '''
+
+# the submodule of the fixture flashinfer, by a relative URL (resolved against wherever
+# the superproject is fetched from, as git does), so its commit is the same on every bed
+FLASHINFER_GITMODULES = """[submodule "3rdparty/spdlog"]
+\tpath = 3rdparty/spdlog
+\turl = ../spdlog
+"""
+SPDLOG_VERSION_PY = 'VERSION = "1.14.1"  # the fixture spdlog, a submodule of flashinfer\n'
 
 FIXTURE_GITIGNORE = "build/\n*.egg-info/\n__pycache__/\n*.so\n"
 
@@ -1220,8 +1233,11 @@ def kernels_c(f: int) -> str:
 
 
 # A fixture repo: its commits oldest first, as (message, author and committer date, the
-# files the commit writes), and its annotated tags as name -> index of the commit.
+# files the commit writes), and its annotated tags as name -> index of the commit. A file
+# whose text is SUBMODULE + a fixture repo's name is a gitlink to that repo's newest
+# commit (the repo is made first: fixture_specs lists it earlier).
 FixtureCommit = tuple[str, str, dict[str, str]]
+SUBMODULE = "submodule:"
 
 
 def vllm_init(revision: int) -> str:
@@ -1248,8 +1264,12 @@ def fixture_specs() -> dict[str, tuple[list[FixtureCommit], dict[str, int]]]:
         ".gitignore": FIXTURE_GITIGNORE,
         "pyproject.toml": FLASHINFER_PYPROJECT,
         "flashinfer/__init__.py": '__version__ = "0.6.12"\n',
+        ".gitmodules": FLASHINFER_GITMODULES,
+        "3rdparty/spdlog": SUBMODULE + "spdlog",
     }
     return {
+        "spdlog": ([("spdlog fixture", "2026-06-01T12:00:00+00:00",
+                     {"include/spdlog_version.py": SPDLOG_VERSION_PY})], {}),
         # the second commit changes one line of Python: a rebuild compiles the same C
         "vllm": ([("vllm fixture", "2026-06-03T12:00:00+00:00", vllm_tree),
                   ("vllm fixture: revision 2", "2026-06-04T12:00:00+00:00",
@@ -1276,7 +1296,12 @@ def fixture_git(repo: Path, *args: str, date: str = "2026-06-03T12:00:00+00:00",
 
 
 def _fixture_digest(spec: tuple[list[FixtureCommit], dict[str, int]]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    """Of the repo's content, and of every fixture repo it has as a submodule."""
+    subs = sorted({t.removeprefix(SUBMODULE) for _m, _d, files in spec[0]
+                   for t in files.values() if t.startswith(SUBMODULE)})
+    specs = fixture_specs()
+    material = [spec, *(_fixture_digest(specs[n]) for n in subs)]
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
 def _fixture_marker(repo: Path) -> Path:
@@ -1288,12 +1313,20 @@ def _make_fixture_repo(repo: Path, spec: tuple[list[FixtureCommit], dict[str, in
     repo.mkdir(parents=True)
     fixture_git(repo, "init", "-q")
     for n, (message, date, files) in enumerate(commits):
+        links = {rel: t for rel, t in files.items() if t.startswith(SUBMODULE)}
         for rel, text in sorted(files.items()):
             path = repo / rel
+            if rel in links:
+                path.mkdir(parents=True, exist_ok=True)  # as a checkout without it has
+                continue
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(text.encode())
             path.chmod(0o644)  # the tree records the mode: no executable bit, whatever umask
         fixture_git(repo, "add", "-A", date=date)
+        for rel, text in sorted(links.items()):
+            sha = fixture_commits(text.removeprefix(SUBMODULE))[-1]
+            fixture_git(repo, "update-index", "--add", "--cacheinfo", f"160000,{sha},{rel}",
+                        date=date)
         fixture_git(repo, "commit", "-q", "-m", message, date=date)
         for tag in sorted(t for t, i in tags.items() if i == n):
             fixture_git(repo, "tag", "-a", tag, "-m", tag, date=date)

@@ -118,6 +118,13 @@ def test_cold_build_then_reuse_then_a_patch_rebuilds_only_that_wheel(built: Mini
     # the image holds the compiled extension of the fixture's newest revision
     assert _run_in(bed, "vllm-node:latest",
                    "import vllm; print(vllm.FIXTURE_REVISION, vllm.KERNELS)") == "2 600"
+    # flashinfer's 3rdparty/spdlog submodule was checked out (from its own mirror, at the
+    # commit flashinfer pins) and built into the wheel
+    assert _run_in(bed, "vllm-node:latest",
+                   "import flashinfer.spdlog.spdlog_version as v; print(v.VERSION)") == "1.14.1"
+    log = next((stack.root / "state" / "logs").glob("wheel-flashinfer-python-*.log"))
+    assert f"# submodule 3rdparty/spdlog {testbed.fixture_commits('spdlog')[-1]}" in (
+        log.read_text())
     assert _job_containers(bed) == ""
 
     # again: nothing fetched, nothing built, nothing re-locked
@@ -151,6 +158,20 @@ def test_cold_build_then_reuse_then_a_patch_rebuilds_only_that_wheel(built: Mini
     assert _run_in(bed, "vllm-node-mimo:latest",
                    "import flashinfer; print(flashinfer.PATCHED)") == "True"
     assert len(_records(stack)) == 3
+
+    # the unpatched flashinfer is referred to by nothing now: status says so, prune
+    # removes it (and its record), the locked wheels stay
+    store = json.loads(stack.cli("status", "--json", "--workers", "w1").stdout)["wheels"]
+    uses = sorted((w["filename"], w["use"]) for w in store["wheels"])
+    assert uses == [(BUILT_FLASHINFER, "locked"), (BUILT_FLASHINFER, "unreferenced"),
+                    (BUILT_VLLM, "locked")]
+    r = stack.cli("prune")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"wheel store: removed {BUILT_FLASHINFER}" in r.stdout
+    assert len(_records(stack)) == 2
+    store = json.loads(stack.cli("status", "--json", "--workers", "w1").stdout)["wheels"]
+    assert sorted(w["use"] for w in store["wheels"]) == ["locked", "locked"]
+    assert stack.cli("build", timeout=600).stderr.count("reused") >= 2  # nothing rebuilt
 
 
 def test_a_patched_c_source_rebuilds_reproducibly(built: MiniStack, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import yaml
 from imagebuild import output, wheelops
 from imagebuild.engine import Job
 from imagebuild.errors import ImageNotFound, WheelBuildFailed
+from imagebuild.git import submodule_url
 from imagebuild.lock import BUILT_PREFIX, Lock, LockedWheel
 from imagebuild.progress import Quiet
 from imagebuild.spec import BUILD_CCACHE, BUILD_OUT, BUILD_SRC, Spec, load_spec
@@ -52,9 +53,11 @@ def repo(tmp_path: Path) -> tuple[Path, str]:
 
 
 def make_spec(root: Path, repo: Path, commit: str, patches: list[str] | None = None,
-              command: list[str] | None = None) -> Spec:
+              command: list[str] | None = None, submodules: bool | None = None) -> Spec:
     entry: dict[str, object] = {"name": "vllm", "git": str(repo), "commit": commit,
                                 "builder": BUILDER, "env": {"MAX_JOBS": "2"}}
+    if submodules is not None:
+        entry["submodules"] = submodules
     if patches:
         entry["patches"] = patches
     if command:
@@ -313,3 +316,92 @@ def test_the_wheel_store_says_what_refers_to_each_wheel_and_prune_removes_the_re
     # a wheel built but not locked yet is kept: a build-wheels run waiting for 'lock'
     assert prune_store(spec, empty, dry_run=False).wheels == ()
     assert store.lookup(new.input_hash) == new
+
+
+def _repo(path: Path, files: dict[str, str]) -> str:
+    path.mkdir()
+    git(path, "init", "-q", "-b", "main")
+    for name, text in files.items():
+        (path / name).write_text(text)
+    git(path, "add", ".")
+    git(path, "commit", "-q", "-m", "one")
+    return git(path, "rev-parse", "HEAD")
+
+
+def _add_submodule(repo: Path, url: str, where: str) -> str:
+    git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", url, where)
+    git(repo, "commit", "-q", "-m", f"add {where}")
+    return git(repo, "rev-parse", "HEAD")
+
+
+def test_submodules_are_checked_out_recursively_at_the_commits_the_source_pins(
+        tmp_path: Path, repo: tuple[Path, str]) -> None:
+    path, _ = repo
+    # deep <- cutlass <- the source (flashinfer's 3rdparty/cutlass, with one of its own)
+    _repo(tmp_path / "deep.git", {"deep.h": "deep 1\n"})
+    _repo(tmp_path / "cutlass.git", {"cutlass.h": "cutlass 1\n"})
+    _add_submodule(tmp_path / "cutlass.git", "../deep.git", "deep")  # relative, as git allows
+    commit = _add_submodule(path, str(tmp_path / "cutlass.git"), "3rdparty/cutlass")
+    # the submodule moves on afterwards: the source's commit still pins the old one
+    (tmp_path / "cutlass.git" / "cutlass.h").write_text("cutlass 2\n")
+    git(tmp_path / "cutlass.git", "commit", "-q", "-am", "two")
+    seen: dict[str, str] = {}
+
+    def run(job: Job, root: Path, on_line: Callable[[str], None]) -> int:
+        src = root / BUILD_SRC.lstrip("/")
+        for f in ("3rdparty/cutlass/cutlass.h", "3rdparty/cutlass/deep/deep.h"):
+            seen[f] = (src / f).read_text() if (src / f).is_file() else "(missing)"
+        return wheel_maker()(job, root, on_line)
+
+    spec = make_spec(tmp_path, path, commit)
+    progress = Quiet()
+    outcome = wheelops.build_wheels(spec, engine_with(run), ["vllm"], progress=progress)
+    assert seen == {"3rdparty/cutlass/cutlass.h": "cutlass 1\n",
+                    "3rdparty/cutlass/deep/deep.h": "deep 1\n"}
+    log = Path(outcome.wheels[0].record.log).read_text()
+    assert "# submodule 3rdparty/cutlass " in log and "# submodule 3rdparty/cutlass/deep " in log
+    fetched = [ln for ln in progress.lines if "fetching" in ln]
+    assert len(fetched) == 3  # the source and each submodule, each into its own mirror
+    # without them: another derivation, and the build sees the empty directories
+    bare = make_spec(tmp_path, path, commit, submodules=False)
+    assert wheel_plan(bare)[0].input_hash != wheel_plan(spec)[0].input_hash
+    wheelops.build_wheels(bare, engine_with(run), ["vllm"], progress=Quiet())
+    assert seen["3rdparty/cutlass/cutlass.h"] == "(missing)"
+
+
+def test_a_submodule_that_cannot_be_fetched_fails_the_build_and_records_nothing(
+        tmp_path: Path, repo: tuple[Path, str]) -> None:
+    path, _ = repo
+    _repo(tmp_path / "spdlog.git", {"spdlog.h": "1\n"})
+    commit = _add_submodule(path, str(tmp_path / "spdlog.git"), "3rdparty/spdlog")
+    (tmp_path / "spdlog.git").rename(tmp_path / "gone.git")
+    spec = make_spec(tmp_path, path, commit)
+    with pytest.raises(WheelBuildFailed) as info:
+        wheelops.build_wheels(spec, engine_with(wheel_maker()), ["vllm"], progress=Quiet())
+    assert info.value.exit_code == 5
+    assert f"submodule 3rdparty/spdlog: fetching {tmp_path / 'spdlog.git'} failed" in (
+        info.value.message)
+    assert info.value.hint is not None and "submodules: false" in info.value.hint
+    _nothing_recorded(spec)
+
+
+@pytest.mark.parametrize("base, url, want", [
+    ("https://github.com/flashinfer-ai/flashinfer.git", "../cutlass.git",
+     "https://github.com/flashinfer-ai/cutlass.git"),
+    ("https://github.com/flashinfer-ai/flashinfer.git", "../../NVIDIA/cutlass.git",
+     "https://github.com/NVIDIA/cutlass.git"),
+    ("https://example.com/a/b", "./c", "https://example.com/a/b/c"),
+    ("git@github.com:org/repo.git", "../x.git", "git@github.com:org/x.git"),
+    ("git@github.com:org/repo.git", "../../x.git", "git@github.com:x.git"),
+    ("/srv/git/super.git", "../sub.git", "/srv/git/sub.git"),
+    ("/srv/git/super.git", "https://github.com/gabime/spdlog.git",
+     "https://github.com/gabime/spdlog.git"),
+])
+def test_a_relative_submodule_url_resolves_as_git_resolves_it(base: str, url: str,
+                                                              want: str) -> None:
+    assert submodule_url(base, url) == want
+
+
+def test_a_relative_submodule_url_cannot_climb_out_of_its_host() -> None:
+    with pytest.raises(Exception, match="goes above the root"):
+        submodule_url("https://example.com/a.git", "../../../b.git")
