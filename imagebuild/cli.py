@@ -62,6 +62,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_build_wheels(args: argparse.Namespace) -> int:
+    if args.resolve:
+        _show(output.resolve_lines(wheelops.resolve_refs(
+            args.file, wheelops.resolve_request(args.resolve, args.wheels, args.check),
+            Progress())))
+        return 0
     spec = load_spec(args.file)
     names = wheelops.wheel_names(spec, args.wheels)
     if args.check:
@@ -219,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true",
                    help="build stored wheels again from the same inputs and compare sha256 "
                         "(exit 10 if any differs); the store is not changed")
+    s.add_argument("--resolve", action="append", default=[], metavar="NAME=REF",
+                   help="pin a branch or tag: write the full commit REF names now into the "
+                        "spec's commit: of wheel NAME (repeatable; builds nothing)")
     s.set_defaults(func=cmd_build_wheels)
 
     s = sub.add_parser("build", help="build the images (and their parents) that are not built")

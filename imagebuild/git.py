@@ -101,6 +101,16 @@ def git_apply(tree: Path, patch: Path) -> Completed:
                 GIT_TIMEOUT * 6)
 
 
+def git_rev_parse(repo: Path, ref: str) -> str | None:
+    """The full commit ``ref`` (a branch, a tag, a commit) names in ``repo``, or None.
+    ``ref`` never starts with ``-`` (its caller checks it) and goes after
+    ``--end-of-options``."""
+    done = _git(["-C", str(repo), "rev-parse", "--verify", "--quiet", "--end-of-options",
+                 f"{ref}^{{commit}}"], GIT_TIMEOUT)
+    text = done.stdout.strip()
+    return text if done.code == 0 and len(text) in (40, 64) else None
+
+
 def git_commit_time(repo: Path, commit: str) -> int | None:
     """The committer time of ``commit`` (seconds since the epoch), or None."""
     done = _git(["-C", str(repo), "show", "-s", "--format=%ct", commit], GIT_TIMEOUT)

@@ -28,7 +28,7 @@ from .ops import (
 from .render import RenderResult
 from .shipping import DistributeOutcome
 from .verify import table
-from .wheelops import CheckOutcome, WheelPlan, WheelsOutcome, WheelStep
+from .wheelops import CheckOutcome, RefResolution, WheelPlan, WheelsOutcome, WheelStep
 from .wheelstore import WheelStoreState
 
 
@@ -198,6 +198,18 @@ def wheels_lines(result: WheelsOutcome) -> list[str]:
     if result.unlocked:
         out.append(f"wheels.lock does not record {', '.join(result.unlocked)} yet: run "
                    f"'imagebuild lock' and commit the locks")
+    return out
+
+
+def resolve_lines(resolved: list[RefResolution]) -> list[str]:
+    out = [f"{r.name}: {r.ref} is {r.new}" + (f" (was {r.old})" if r.changed else
+                                               " (the spec has it already)")
+           for r in resolved]
+    changed = [r.name for r in resolved if r.changed]
+    if changed:
+        out.append(f"wrote the spec: build them with 'imagebuild build-wheels "
+                   f"{' '.join(changed)}' (or 'imagebuild build'), then commit the spec "
+                   f"and the locks")
     return out
 
 

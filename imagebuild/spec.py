@@ -557,8 +557,49 @@ def load_spec(path: str | os.PathLike[str] | None = None) -> Spec:
         raise SpecError(f"{spec_path}: cannot read the spec: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise SpecError(f"{spec_path}: the spec is not UTF-8 text (byte {exc.start})") from None
-    data = _parse_yaml(text, spec_path)
-    return _build_spec(data, spec_path)
+    return spec_from_text(text, spec_path)
+
+
+def spec_from_text(text: str, path: Path) -> Spec:
+    """A spec from its text, as if read from ``path`` (relative paths resolve there)."""
+    return _build_spec(_parse_yaml(text, path), path)
+
+
+def with_wheel_commit(text: str, path: Path, name: str, commit: str) -> tuple[str, str]:
+    """The spec's text with the ``commit:`` of the wheel ``name`` under wheels.build set
+    to ``commit`` (nothing else changes: comments, layout and quoting stay), and the
+    value it replaced. The new text is parsed and validated as a spec before it is
+    returned."""
+    data = _parse_yaml(text, path)  # bounded, and a SpecError with file:line if broken
+    builds = (data.get("wheels") or {}).get("build") if isinstance(data, dict) else None
+    if not isinstance(builds, list) or not any(
+            isinstance(b, dict) and canonicalize_name(str(b.get("name"))) ==
+            canonicalize_name(name) for b in builds):
+        raise SpecError(f"{path}: {name!r} is not a wheel built from source here",
+                        hint="the wheels under wheels.build can be resolved")
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    target = None
+    for key, value in getattr(node, "value", []):
+        if key.value != "wheels" or not isinstance(value, yaml.MappingNode):
+            continue
+        for k2, v2 in value.value:
+            if k2.value != "build" or not isinstance(v2, yaml.SequenceNode):
+                continue
+            for item in v2.value:
+                fields = {k.value: v for k, v in getattr(item, "value", [])
+                          if isinstance(k, yaml.ScalarNode)}
+                named = fields.get("name")
+                if isinstance(named, yaml.ScalarNode) and canonicalize_name(
+                        str(named.value)) == canonicalize_name(name):
+                    target = fields.get("commit")
+    if not isinstance(target, yaml.ScalarNode) or target.start_mark.index >= \
+            target.end_mark.index:
+        raise SpecError(f"{path}: wheels.build entry {name!r} has no commit: value to set",
+                        hint="write 'commit: <anything>' in the entry, then resolve again")
+    start, end = target.start_mark.index, target.end_mark.index
+    new = f'{text[:start]}"{commit}"{text[end:]}'  # quoted: YAML reads 1234e5... as a number
+    _build_spec(_parse_yaml(new, path), path)
+    return new, str(target.value)
 
 
 MAX_YAML_CHARS = 1 << 20  # a spec is a page or two; a megabyte is a mistake or an attack

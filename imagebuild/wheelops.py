@@ -6,20 +6,24 @@ whose lock step it calls."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from packaging.utils import canonicalize_name
 
 from . import lockflow
 from .engine import Engine
-from .errors import ImagebuildError, LockError, NotReproducible, SpecError
+from .errors import ImagebuildError, LockError, NotReproducible, SpecError, WheelBuildFailed
+from .fsutil import atomic_write_text
+from .git import git_mirror, git_rev_parse
 from .lock import Lock, read_lock
 from .progress import Progress
-from .spec import Spec, did_you_mean
-from .wheelbuild import WheelOutcome, build_wheel, realize_wheels
+from .spec import DEFAULT_SPEC, Spec, did_you_mean, spec_from_text, with_wheel_commit
+from .wheelbuild import WheelOutcome, build_wheel, mirror_path, realize_wheels
 from .wheelplan import WheelDerivation, needed_by, wheel_plan
 from .wheelstore import WheelRecord, WheelStore
 
@@ -188,3 +192,81 @@ def check_wheels(spec: Spec, engine: Engine, names: list[str],
             shutil.rmtree(scratch, ignore_errors=True)
         out.append((stored, again))
     return CheckOutcome(out)
+
+
+# -- a branch or a tag, pinned ---------------------------------------------------------------
+
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]{0,199}$")
+PLACEHOLDER_COMMIT = "0" * 40  # stands in while the spec is read for the wheel's URL
+
+
+@dataclass(frozen=True)
+class RefResolution:
+    name: str
+    ref: str  # as asked: main, v0.6.12, a short commit
+    old: str  # the commit: value the spec had (a placeholder, perhaps)
+    new: str  # the full commit it names now
+
+    @property
+    def changed(self) -> bool:
+        return self.old != self.new
+
+
+def resolve_request(args: list[str], wheels: list[str], check: bool
+                    ) -> list[tuple[str, str]]:
+    """The ``NAME=REF`` pairs of ``build-wheels --resolve``, checked: REF can never reach
+    git as an option or a revision expression; resolving builds nothing, so it takes no
+    WHEEL and no --check."""
+    if wheels or check:
+        raise SpecError("--resolve pins commits and builds nothing: name no WHEEL and no "
+                        "--check with it", hint="resolve first, then run build-wheels")
+    out = []
+    for arg in args:
+        name, eq, ref = arg.partition("=")
+        if (not eq or not name or not _REF.match(ref) or ".." in ref
+                or ref.endswith((".lock", "/"))):
+            raise SpecError(f"--resolve {arg!r}: expected NAME=REF, a branch, a tag or a "
+                            f"commit (letters, digits, . _ / + -)",
+                            hint="for example: imagebuild build-wheels --resolve vllm=main")
+        out.append((str(canonicalize_name(name)), ref))
+    return out
+
+
+def resolve_refs(spec_file: str | None, refs: list[tuple[str, str]],
+                 progress: Progress | None = None) -> list[RefResolution]:
+    """``build-wheels --resolve NAME=REF``: each REF (a branch, a tag) turned into the
+    full commit it names now, through the wheel's git mirror (fetched first: a branch
+    moves), and written into the spec's ``commit:`` of that wheel; the spec is written
+    once, after every REF resolved, and only if a commit changed. A placeholder commit
+    (the real spec's ``<the full 40-digit id ...>``) is fine: that is what this is for."""
+    progress = progress or Progress()
+    spec_path = Path(spec_file or DEFAULT_SPEC).absolute()
+    try:
+        text = spec_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{spec_path}: cannot read the spec: {exc}") from None
+    out: list[RefResolution] = []
+    for name, ref in refs:
+        probe, _old = with_wheel_commit(text, spec_path, name, PLACEHOLDER_COMMIT)
+        spec = spec_from_text(probe, spec_path)
+        build = spec.built[name]
+        mirror = mirror_path(spec, build.git)
+        progress.say(f"{name}: fetching {build.git}")
+        done = git_mirror(build.git, mirror)
+        if done.code != 0:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise WheelBuildFailed(f"{name}: fetching {build.git} failed: {tail}",
+                                   hint="check the URL and the network; git never prompts "
+                                        "here, so a private repository needs an ssh key")
+        commit = git_rev_parse(mirror, ref)
+        if commit is None:
+            raise SpecError(f"{name}: {build.git} has no branch, tag or commit {ref!r}",
+                            hint=f"git ls-remote {build.git} lists its branches and tags")
+        text, old = with_wheel_commit(text, spec_path, name, commit)
+        out.append(RefResolution(name, ref, old, commit))
+    if any(r.changed for r in out):
+        try:
+            atomic_write_text(spec_path, text)
+        except OSError as exc:
+            raise SpecError(f"cannot write {spec_path}: {exc.strerror or exc}") from None
+    return out

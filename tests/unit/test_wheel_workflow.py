@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from imagebuild import output, wheelops
+from imagebuild.cli import main
 from imagebuild.engine import Job
 from imagebuild.errors import ImageNotFound, WheelBuildFailed
 from imagebuild.git import submodule_url
@@ -405,3 +406,84 @@ def test_a_relative_submodule_url_resolves_as_git_resolves_it(base: str, url: st
 def test_a_relative_submodule_url_cannot_climb_out_of_its_host() -> None:
     with pytest.raises(Exception, match="goes above the root"):
         submodule_url("https://example.com/a.git", "../../../b.git")
+
+
+RESOLVE_SPEC = """# a comment that stays
+schema: 2
+state: state
+target: {{python: "3.11", platform: x86_64-manylinux_2_28}}
+wheels:
+  build:
+    - name: vllm
+      git: {repo}
+      commit: <the full 40-digit id of v0.1>   # imagebuild build-wheels --resolve vllm=v0.1
+      builder: {builder}
+images:
+  node: {{template: node.Dockerfile.j2, base: "example/base:1", wheels: [vllm]}}
+"""
+
+
+def test_resolve_pins_a_tag_or_a_branch_into_the_spec_and_nothing_else(
+        tmp_path: Path, repo: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+    path, first = repo
+    git(path, "tag", "-a", "v0.1", "-m", "v0.1")
+    spec_path = tmp_path / "imagebuild.yaml"
+    text = RESOLVE_SPEC.format(repo=path, builder=BUILDER)
+    spec_path.write_text(text)
+    # the placeholder is what it is for: the real spec ships one
+    done = wheelops.resolve_refs(str(spec_path), [("vllm", "v0.1")], Quiet())
+    assert [(r.name, r.old, r.new, r.changed) for r in done] == [
+        ("vllm", "<the full 40-digit id of v0.1>", first, True)]
+    assert spec_path.read_text() == text.replace("<the full 40-digit id of v0.1>",
+                                                 f'"{first}"')
+    assert load_spec(spec_path).built["vllm"].commit == first
+    # a branch moves: resolving it again moves the pin, and says from where
+    (path / "pkg.py").write_text("REVISION = 2\n")
+    git(path, "commit", "-q", "-am", "two")
+    second = git(path, "rev-parse", "HEAD")
+    again = wheelops.resolve_refs(str(spec_path), [("vllm", "main")], Quiet())
+    assert (again[0].old, again[0].new) == (first, second)
+    assert "# a comment that stays" in spec_path.read_text()
+    assert "--resolve vllm=v0.1" in spec_path.read_text()  # the entry's own comment too
+    lines = output.resolve_lines(again)
+    assert lines[0] == f"vllm: main is {second} (was {first})"
+    # the same again: nothing written
+    before = spec_path.stat().st_mtime_ns
+    same = wheelops.resolve_refs(str(spec_path), [("vllm", second[:10])], Quiet())
+    assert not same[0].changed and spec_path.stat().st_mtime_ns == before
+    assert output.resolve_lines(same) == [f"vllm: {second[:10]} is {second} (the spec has "
+                                          f"it already)"]
+    # through the command line
+    code = cli_main(["-f", str(spec_path), "build-wheels", "--resolve", "vllm=v0.1"])
+    assert code == 0 and load_spec(spec_path).built["vllm"].commit == first
+    assert f"vllm: v0.1 is {first} (was {second})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--resolve", "vllm=nope"], "has no branch, tag or commit 'nope'"),
+    (["--resolve", "flashinfer=main"], "'flashinfer' is not a wheel built from source"),
+    (["--resolve", "vllm=-c"], "expected NAME=REF"),
+    (["--resolve", "vllm=main..v0.1"], "expected NAME=REF"),
+    (["--resolve", "vllm"], "expected NAME=REF"),
+    (["--resolve", "vllm=main", "vllm"], "builds nothing"),
+    (["--resolve", "vllm=main", "--check"], "builds nothing"),
+])
+def test_resolve_refuses_what_it_cannot_pin_and_writes_nothing(
+        tmp_path: Path, repo: tuple[Path, str], capsys: pytest.CaptureFixture[str],
+        args: list[str], says: str) -> None:
+    path, _ = repo
+    spec_path = tmp_path / "imagebuild.yaml"
+    text = RESOLVE_SPEC.format(repo=path, builder=BUILDER)
+    spec_path.write_text(text)
+    code = cli_main(["-f", str(spec_path), "build-wheels", *args])
+    assert code == 2
+    assert says in capsys.readouterr().err
+    assert spec_path.read_text() == text
+
+
+def cli_main(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        assert isinstance(exc.code, int)
+        return exc.code
