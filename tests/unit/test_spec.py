@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from imagebuild.errors import SpecError
-from imagebuild.spec import load_spec
+from imagebuild.spec import load_spec, spec_from_text
 
 from .conftest import REPO, SPEC, Stack
 
@@ -167,3 +167,30 @@ def test_a_schema_1_spec_is_told_what_changed(stack: Stack) -> None:
     assert "say why the override exists" in str(err)
     err = _fails(stack, SPEC.replace("python: \"3.12\"", "python: 3.10"))
     assert "YAML reads an unquoted 3.10 as 3.1" in str(err)
+
+
+def test_the_real_specs_build_entries_and_builder_spec_are_valid_when_filled() -> None:
+    # the commented-out wheels.build of the real spec, filled as its steps say, loads;
+    # the builder spec it points at loads and builds its builder from the lock's torch
+    real = REPO / "imagebuild.yaml"
+    text = real.read_text()
+    start = text.index("  # build:\n")
+    block = text[start:text.index("\n\n", start)]
+    filled = "\n".join(line.replace("  # ", "  ", 1) for line in block.splitlines()[0:])
+    filled = (filled.replace("<the full 40-digit id: --resolve fills it>", "a" * 40)
+              .replace("<hash12>", "0123456789ab"))
+    text = text.replace(block, filled)
+    for local in ("    - vllm-0.22.1rc1.dev124+gace95c9cf.d20260603.cu132-cp312-cp312-linux_"
+                  "aarch64.whl\n", "    - flashinfer_python-0.6.12-py3-none-any.whl\n"):
+        text = text.replace(local, "")
+    spec = spec_from_text(text, real)
+    assert sorted(spec.built) == ["flashinfer-python", "vllm"]
+    assert spec.built["vllm"].builder_reference == "vllm-builder:0123456789ab"
+    assert spec.built["flashinfer-python"].submodules  # 3rdparty/cutlass and the rest
+    builder = load_spec(REPO / "builder" / "imagebuild.yaml")
+    assert builder.images["vllm-builder"].torch == "torch"
+    assert builder.images["vllm-builder"].base_reference.startswith(
+        "nvidia/cuda:13.2.0-devel")
+    env = dict(builder.images["vllm-builder"].params.env)
+    assert env["TORCH_CUDA_ARCH_LIST"] == "12.1a" and "MAX_JOBS" in env
+    assert builder.checks["torch-gate"].expected == "{torch.version} {torch.cuda}"
