@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urldefrag, urljoin
+from urllib.parse import unquote, urldefrag, urljoin
 
 from packaging.utils import (
     InvalidWheelFilename,
@@ -30,6 +30,7 @@ LOCK_VERSION = 1
 UNRESOLVED = "unresolved"
 LOCAL_PREFIX = "wheels/"
 BUILT_PREFIX = "built/"  # + the input hash of the wheel derivation that made it
+FETCHED_PREFIX = "fetched/"  # + the URL it is downloaded from, "#sha256=" + its sha256
 _CHUNK = 1 << 20
 # shared with spec.py: what a wheel filename and an index URL may look like
 WHEEL_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+!-]*\.whl$")
@@ -63,11 +64,24 @@ class LockedWheel:
     filename: str
     sha256: str | None  # None: unresolved
     source: str  # "wheels/<filename>": a local file; "built/<input hash>": built from
-    # source by that wheel derivation (kept in the wheel store); else the index URL
+    # source by that wheel derivation (kept in the wheel store); "fetched/<URL>#sha256=..":
+    # downloaded once from that URL into the wheel store; else the index URL
 
     @property
     def is_built(self) -> bool:
         return self.source.startswith(BUILT_PREFIX)
+
+    @property
+    def url(self) -> str | None:
+        """The URL a fetched wheel is downloaded from (None: not fetched)."""
+        if not self.source.startswith(FETCHED_PREFIX):
+            return None
+        return self.source[len(FETCHED_PREFIX):].rsplit("#sha256=", 1)[0]
+
+    @property
+    def in_store(self) -> bool:
+        """Kept in the wheel store (built here, or fetched by URL), by sha256."""
+        return self.is_built or self.url is not None
 
     @property
     def derivation(self) -> str | None:
@@ -77,7 +91,7 @@ class LockedWheel:
     @property
     def is_local(self) -> bool:
         """A file on this machine that imagebuild serves to builds (not from an index)."""
-        return self.source.startswith(LOCAL_PREFIX) or self.is_built
+        return self.source.startswith(LOCAL_PREFIX) or self.in_store
 
     @property
     def index(self) -> str | None:
@@ -212,6 +226,24 @@ def check_keys(where: str, table: object, allowed: set[str], required: set[str],
             + ([f"has unknown keys {', '.join(extra)}"] if extra else [])), hint=hint)
 
 
+# no query, no fragment, nothing a TOML string or a log line could be confused by
+WHEEL_URL = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/[A-Za-z0-9._~%+@:/-]*\.whl$")
+
+
+def url_filename(url: str) -> str:
+    """The wheel filename a download URL ends in (percent-decoded: a ``+`` of a local
+    version is often written %2B)."""
+    return unquote(url.rsplit("/", 1)[-1])
+
+
+def fetched_source(url: str, filename: str, sha: str) -> str | None:
+    """A fetched wheel's source, ``fetched/<URL>#sha256=<sha256>``, or None when the URL
+    is not an http(s) URL of that very file or the sha256 is not one."""
+    if not WHEEL_URL.match(url) or url_filename(url) != filename or not SHA256.match(sha):
+        return None
+    return f"{FETCHED_PREFIX}{url}#sha256={sha}"
+
+
 def _locked(filename: str, sha: str, source: str, where: str) -> LockedWheel:
     """A locked wheel from its three facts, each checked (on read and on write)."""
     if not WHEEL_FILE.match(filename):
@@ -222,9 +254,13 @@ def _locked(filename: str, sha: str, source: str, where: str) -> LockedWheel:
         raise LockError(f"{where} ({filename}): {sha!r} is not a sha256 hex digest",
                         hint="regenerate it with 'imagebuild lock'")
     built = source.startswith(BUILT_PREFIX) and SHA256.match(source[len(BUILT_PREFIX):])
-    if source != LOCAL_PREFIX + filename and not built and not INDEX_URL.match(source):
+    fetched = source.startswith(FETCHED_PREFIX) and fetched_source(
+        source[len(FETCHED_PREFIX):].rsplit("#sha256=", 1)[0], filename, sha) == source
+    if (source != LOCAL_PREFIX + filename and not built and not fetched
+            and not INDEX_URL.match(source)):
         raise LockError(f"{where} ({filename}): source {source!r} is neither "
-                        f"{LOCAL_PREFIX}{filename}, {BUILT_PREFIX}<input hash> nor an "
+                        f"{LOCAL_PREFIX}{filename}, {BUILT_PREFIX}<input hash>, "
+                        f"{FETCHED_PREFIX}<the URL of that file>#sha256=<its sha256> nor an "
                         f"http(s) index URL",
                         hint="regenerate it with 'imagebuild lock'")
     if built and sha == UNRESOLVED:

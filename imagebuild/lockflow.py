@@ -23,11 +23,12 @@ from .errors import (
 from .fsutil import atomic_write_text
 from .lock import compute_lock, format_lock, read_lock
 from .locking import lock_image, read_previous
-from .progress import Progress
+from .progress import Progress, Quiet
 from .render import RenderResult, check_rendered, write_rendered
 from .spec import Spec
+from .wheelbuild import fetch_wheels
 from .wheelplan import WheelDerivation
-from .wheelstore import locked_built_wheels, wheel_view
+from .wheelstore import fetched_wheels, locked_built_wheels, wheel_view
 
 
 def render(spec: Spec, *, check: bool) -> RenderResult:
@@ -83,10 +84,12 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
             previous = read_lock(spec.lock_path)
         except LockError as exc:
             warnings.append(f"ignoring the existing lock: {exc.message}")
-    decls = [(d.filename, d.index) for d in spec.wheels]
+    decls = [(d.filename, d.index) for d in spec.wheels if d.url is None]
     built_wheels, built_notes = locked_built_wheels(spec, previous, built)
+    fetched = fetched_wheels(spec)
+    built_notes += fetch_wheels(spec, fetched, progress or Quiet(), strict=False)
     result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade,
-                          fetch=web.get_text, built=built_wheels)
+                          fetch=web.get_text, built=[*built_wheels, *fetched])
     try:
         spec_name = str(spec.path.relative_to(spec.lock_path.parent))
     except ValueError:

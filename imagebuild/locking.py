@@ -80,6 +80,7 @@ def unresolved_reason(spec: Spec, inputs: ImageInputs) -> str | None:
         if w.is_local and not wheel_path(spec, w).is_file():
             return (f"{w.filename} is not in the wheel store (build it: imagebuild "
                     f"build-wheels {w.name})" if w.is_built
+                    else f"{w.filename} is not fetched from {w.url} yet" if w.url
                     else f"{w.filename} is not in the wheels directory")
     return None
 

@@ -69,6 +69,7 @@ from .store import BackupDir, LocalDir
 from .storelock import StoreLock
 from .tarbackup import read_sidecar
 from .verify import VerifyRecord, image_checks, require_verified, verify_image
+from .wheelbuild import fetch_wheels
 from .wheelops import WheelPlan, plan_wheels, realize_planned
 
 
@@ -193,6 +194,8 @@ def build(bp: BuildPlan, connect: Callable[[], Engine], *, rebuild: bool = False
     # the wheel derivations carried on; the locks read again only if the step above
     # wrote them
     ctx = open_context(bp.spec, bp.wheels.every)
+    if not dry_run:  # the prebuilt wheels by URL this machine has not fetched yet
+        fetch_wheels(bp.spec, ctx.lock.wheels, progress, strict=True)
     outcome = build_images(ctx, engine, bp.images, rebuild=rebuild, backup=backup,
                            dry_run=dry_run, progress=progress)
     outcome.wheels, outcome.relocked = bp.wheels, relocked

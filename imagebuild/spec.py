@@ -28,7 +28,16 @@ from packaging.utils import canonicalize_name
 
 from .errors import LockError, SpecError
 from .layers import DEFAULT_LAYERS, GROUP_NAME, PATTERN, LayerGroup
-from .lock import INDEX_URL, WHEEL_FILE, parse_wheel
+from .lock import (
+    FETCHED_PREFIX,
+    INDEX_URL,
+    LOCAL_PREFIX,
+    SHA256,
+    WHEEL_FILE,
+    WHEEL_URL,
+    parse_wheel,
+    url_filename,
+)
 
 SCHEMA_VERSION = 2  # 2: target, locks, images' requires and overrides (the closure lock)
 DEFAULT_SPEC = "imagebuild.yaml"
@@ -92,10 +101,22 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _constr
 
 @dataclass(frozen=True)
 class WheelDecl:
-    """A wheel the stack uses: a file under the wheels directory, or a file on an index."""
+    """A wheel the stack uses: a file under the wheels directory, a file on an index, or a
+    file downloaded by URL (a prebuilt release) and checked against its declared sha256.
+    A local or downloaded wheel is served to the builds; an index wheel is installed from
+    its index."""
 
     filename: str
-    index: str | None = None  # None: a local file in the wheels directory
+    index: str | None = None  # None: served (a local file, or a file fetched by URL)
+    url: str | None = None  # where a prebuilt wheel is downloaded from, once
+    sha256: str | None = None  # what its bytes must hash to (declared with the URL)
+
+    @property
+    def source(self) -> str:
+        """Where wheels.lock says it comes from."""
+        if self.url is not None and self.sha256 is not None:
+            return f"{FETCHED_PREFIX}{self.url}#sha256={self.sha256}"
+        return self.index if self.index is not None else LOCAL_PREFIX + self.filename
 
 
 # Where a wheel build finds its source and leaves its wheel, inside the builder container
@@ -829,7 +850,7 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
     if raw is None:
         return r.to_path("wheels", "wheels", line), (), {}
     m = r.mapping(raw, "wheels", line)
-    r.keys(m, "wheels", {"directory", "local", "index", "build"}, set())
+    r.keys(m, "wheels", {"directory", "local", "index", "url", "build"}, set())
     directory = r.to_path(m.get("directory", "wheels"), "wheels.directory",
                        m.key_lines.get("directory"))
     decls: list[WheelDecl] = []
@@ -849,6 +870,7 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
             index=r.string(entry["url"], f"{where}.url", entry.key_lines["url"], _URL,
                            "http(s) index URL").rstrip("/"),
         ))
+    decls.extend(_read_urls(r, m.get("url", []), m.key_lines.get("url")))
     seen: dict[str, str] = {}
     for d in decls:
         try:
@@ -870,6 +892,36 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
                          f"{name} is built from source and also declared as {seen[name]}",
                          hint="a stack pins exactly one file per project: remove one of them")
     return directory, tuple(decls), built
+
+
+def _read_urls(r: _Reader, raw: Any, line: int | None) -> list[WheelDecl]:
+    """wheels.url: prebuilt wheels by URL, each with the sha256 its bytes must have."""
+    if not isinstance(raw, list):
+        raise r.fail("wheels.url", line, "expected a list of {url, sha256}")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"wheels.url[{i}]"
+        entry = r.mapping(item, where, raw.item_lines[i] if isinstance(raw, _LineList) else line)
+        r.keys(entry, where, {"url", "sha256"}, {"url", "sha256"})
+        url = r.string(entry["url"], f"{where}.url", entry.key_lines["url"], WHEEL_URL,
+                       "http(s) URL of a .whl file (no query)")
+        if not isinstance(entry["sha256"], str):  # YAML reads 0123e4... as a number
+            raise r.fail(f"{where}.sha256", entry.key_lines["sha256"],
+                         f"{entry['sha256']!r} is not text", hint='quote it: sha256: "..."')
+        sha = r.string(entry["sha256"], f"{where}.sha256", entry.key_lines["sha256"], SHA256,
+                       "sha256 (64 lowercase hex digits)")
+        filename = url_filename(url)
+        try:
+            if not _WHEEL_FILE.match(filename):
+                raise LockError(filename)
+            parse_wheel(filename)
+        except LockError:
+            raise r.fail(f"{where}.url", entry.key_lines["url"],
+                         f"{url!r} does not end in a wheel filename",
+                         hint="the URL's last part is the wheel's file name (PEP 427)"
+                         ) from None
+        out.append(WheelDecl(filename=filename, url=url, sha256=sha))
+    return out
 
 
 _BUILD_KEYS = {"name", "git", "commit", "patches", "builder", "builder_digest", "env",

@@ -20,16 +20,23 @@ import os
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import __version__
+from . import __version__, web
 from .engine import Engine, Job
-from .errors import ImagebuildError, ImageNotFound, Interrupted, LockError, WheelBuildFailed
+from .errors import (
+    ImagebuildError,
+    ImageNotFound,
+    Interrupted,
+    LockError,
+    WheelBuildFailed,
+    WheelHashMismatch,
+)
 from .git import checkout_source
-from .lock import WHEEL_FILE, parse_wheel
+from .lock import WHEEL_FILE, LockedWheel, parse_wheel, sha256_file
 from .progress import Progress
 from .remote import Completed
 from .resolve import requires_dist, wheel_metadata
@@ -41,6 +48,7 @@ CCACHE_VOLUME = "imagebuild-ccache"
 JOB_LABEL = "org.imagebuild.wheel-build"  # on the throwaway build containers: the wheel
 LOG_TAIL = 25
 CHUNK = 1 << 20
+FETCH_TIMEOUT = 300  # seconds without a byte before a download of a prebuilt wheel gives up
 
 
 @dataclass(frozen=True)
@@ -359,3 +367,55 @@ def _extract_wheel(output_tar: Path, dest: Path, log: _Log) -> tuple[Path, str]:
     except tarfile.TarError as exc:
         raise log.failed(f"the build's output could not be read: {exc}",
                      hint="run again; if it repeats, report it with the log") from None
+
+
+# -- prebuilt wheels by URL --------------------------------------------------------------------
+
+
+def fetch_wheels(spec: Spec, wheels: Iterable[LockedWheel], progress: Progress, *,
+                 strict: bool) -> list[str]:
+    """Download each wheel of ``wheels`` that is fetched by URL and not in the wheel store
+    yet: streamed to a file in the store, hashed, renamed into place only when its sha256
+    is the declared one (``WheelHashMismatch``, exit 3, otherwise; nothing kept). A wheel
+    the store has is never downloaded again. A download that fails raises with
+    ``strict``; otherwise it is returned as a note (the lock step records the closure as
+    unresolved and goes on)."""
+    store = WheelStore(spec.wheel_store)
+    notes: list[str] = []
+    for w in wheels:
+        if w.url is None or w.sha256 is None:
+            continue
+        final = store.blob(w.sha256, w.filename)
+        if final.is_file():
+            continue
+        progress.say(f"fetching {w.filename} from {w.url}")
+        with store.incoming() as tmp:
+            part = tmp / w.filename
+            try:
+                found = web.download(w.url, part, timeout=FETCH_TIMEOUT)
+            except Exception as exc:  # requests' errors: the network, the server
+                why = f"{w.url}: {exc.__class__.__name__}: {str(exc)[:200]}"
+                if strict:
+                    raise LockError(f"cannot fetch {w.filename}: {why}",
+                                    hint="check the URL and the network, then run again; "
+                                         "nothing was kept") from None
+                notes.append(f"{w.filename}: cannot fetch it ({why}); its closure stays "
+                             f"unresolved")
+                continue
+            if not found:
+                raise LockError(f"{w.url} is not there (404): {w.filename} cannot be fetched",
+                                hint="fix the URL under wheels.url in the spec")
+            got = sha256_file(part)
+            if got != w.sha256:
+                raise WheelHashMismatch(
+                    f"{w.url}: the download's sha256 is {got}, the spec declares {w.sha256}; "
+                    f"nothing was kept",
+                    hint="the release was replaced or the download was tampered with: "
+                         "check the source, and change the spec's sha256 only if you trust "
+                         "the new file")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(part, 0o644)
+            os.replace(part, final)
+        progress.say(f"  {w.filename}: {final.stat().st_size / 1e6:.1f} MB, sha256 "
+                     f"{w.sha256[:12]} as declared")
+    return notes

@@ -134,22 +134,22 @@ def _parse(raw: str, input_hash: str) -> WheelRecord | None:
 
 
 def wheel_path(spec: Spec, wheel: LockedWheel) -> Path:
-    """Where a locked local wheel's file is: the wheel store for a built one, else the
-    spec's wheels directory."""
-    if wheel.is_built and wheel.sha256 is not None:
+    """Where a locked local wheel's file is: the wheel store for a built or fetched one,
+    else the spec's wheels directory."""
+    if wheel.in_store and wheel.sha256 is not None:
         return WheelStore(spec.wheel_store).blob(wheel.sha256, wheel.filename)
     return spec.wheels_dir / wheel.filename
 
 
 @contextlib.contextmanager
 def wheel_view(spec: Spec, wheels: Iterable[LockedWheel]) -> Iterator[Path]:
-    """One directory that holds the wheels directory's files and the built wheels among
-    ``wheels`` (as symbolic links, nothing copied): what the resolver's ``--find-links``
-    and the metadata reads see. A file in the wheels directory of a project that is
-    built from source is left out (an older download of it must not compete with the
-    build: ``vllm==0.22.1rc1`` also matches ``0.22.1rc1+cu132``). With no built wheels,
-    the wheels directory itself."""
-    built = [w for w in wheels if w.is_built]
+    """One directory that holds the wheels directory's files and the built and fetched
+    wheels among ``wheels`` (as symbolic links, nothing copied): what the resolver's
+    ``--find-links`` and the metadata reads see. A file in the wheels directory of a
+    project that is built from source or fetched by URL is left out (an older download of
+    it must not compete with the build: ``vllm==0.22.1rc1`` also matches
+    ``0.22.1rc1+cu132``). With no built or fetched wheels, the wheels directory itself."""
+    built = [w for w in wheels if w.in_store]
     if not built:
         yield spec.wheels_dir
         return
@@ -172,6 +172,17 @@ def _project(filename: str) -> str | None:
         return parse_wheel(filename).name
     except LockError:
         return None
+
+
+def fetched_wheels(spec: Spec) -> list[LockedWheel]:
+    """The lock entries of the wheels fetched by URL: the spec declares their sha256."""
+    out = []
+    for d in spec.wheels:
+        if d.url is not None and d.sha256 is not None:
+            parsed = parse_wheel(d.filename)
+            out.append(LockedWheel(parsed.name, parsed.version, d.filename, d.sha256,
+                                   d.source))
+    return out
 
 
 def locked_built_wheels(spec: Spec, previous: Lock | None,

@@ -686,16 +686,31 @@ def ensure_uv_wheel() -> Path:
 
 
 def build_index(files: list[Path]) -> None:
-    """A PEP 503 simple index with sha256 fragments, written atomically as a directory."""
-    build_index_at(BED / "index", files)
+    """A PEP 503 simple index with sha256 fragments, written atomically as a directory,
+    and beside it (not on the index) the files release() published under releases/."""
+    build_index_at(BED / "index", files, sorted((BED / "releases").glob("*.whl")))
 
 
-def build_index_at(root: Path, files: list[Path]) -> None:
+def release(wheel: Path) -> str:
+    """Publish ``wheel`` as a release download (a URL of its own, not on the index: what
+    a spec's wheels.url fetches); returns its URL."""
+    releases = BED / "releases"
+    releases.mkdir(exist_ok=True)
+    shutil.copy2(wheel, releases / wheel.name)
+    build_index(index_files())
+    return f"http://{INDEX_HOST}:{INDEX_PORT}/releases/{wheel.name}"
+
+
+def build_index_at(root: Path, files: list[Path], releases: list[Path] | None = None) -> None:
     """build_index() into ``root`` (its temporary and old copies beside it): the bed's
     index, or a benchmark's own."""
     tmp = root.with_name(root.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    if releases:
+        (tmp / "releases").mkdir(parents=True)
+        for f in releases:
+            shutil.copy2(f, tmp / "releases" / f.name)
     by_project: dict[str, list[Path]] = {}
     for f in files:
         project = f.name.split("-")[0].replace("_", "-").lower()

@@ -7,6 +7,7 @@ store and the git mirrors, so each test starts with neither)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -24,17 +25,27 @@ VLLM_LOCAL = "    - vllm-0.22.1rc1.dev124+gace95c9cf.d20260603.cu132-py3-none-an
 FLASHINFER_LOCAL = "    - flashinfer_python-0.6.12-py3-none-any.whl\n"
 BUILT_VLLM = "vllm-0.22.1rc1.dev124+gace95c9cf-cp311-cp311-linux_x86_64.whl"
 BUILT_FLASHINFER = "flashinfer_python-0.6.12-py3-none-any.whl"
+CUBIN = "flashinfer_cubin-0.6.12-py3-none-any.whl"
 
 
 @pytest.fixture
 def built(mini: MiniStack) -> MiniStack:
-    """The test stack with vllm and flashinfer-python built from the fixture repos."""
+    """The test stack with vllm and flashinfer-python built from the fixture repos, and
+    flashinfer-cubin a prebuilt wheel downloaded from a release URL (the bed's index
+    serves it outside the index, as a release page would)."""
     testbed.ensure_builder_image(mini.bed.head_node)
     vllm, flashinfer = testbed.fixture_commits("vllm")[-1], testbed.fixture_commits(
         "flashinfer")[-1]
+    cubin = testbed.BED / "wheels" / CUBIN
+    url = testbed.release(cubin)
+    sha = hashlib.sha256(cubin.read_bytes()).hexdigest()
     mini.edit_spec(VLLM_LOCAL, "")
     mini.edit_spec(FLASHINFER_LOCAL, "")
-    mini.edit_spec("  index:\n", f"""  build:
+    mini.edit_spec(f"    - {CUBIN}\n", "")
+    mini.edit_spec("  index:\n", f"""  url:
+    - url: {url}
+      sha256: "{sha}"
+  build:
     - name: vllm
       git: {testbed.BED}/git/vllm
       commit: {vllm}
@@ -118,6 +129,11 @@ def test_cold_build_then_reuse_then_a_patch_rebuilds_only_that_wheel(built: Mini
     # the image holds the compiled extension of the fixture's newest revision
     assert _run_in(bed, "vllm-node:latest",
                    "import vllm; print(vllm.FIXTURE_REVISION, vllm.KERNELS)") == "2 600"
+    # flashinfer-cubin came from its release URL, into the wheel store, checked
+    assert "fetching flashinfer_cubin-0.6.12-py3-none-any.whl from http://" in r.stderr
+    assert 'source = "fetched/http://' in lock
+    assert _run_in(bed, "vllm-node:latest",
+                   "import flashinfer_cubin; print(flashinfer_cubin.__version__)") == "0.6.12"
     # flashinfer's 3rdparty/spdlog submodule was checked out (from its own mirror, at the
     # commit flashinfer pins) and built into the wheel
     assert _run_in(bed, "vllm-node:latest",
@@ -130,7 +146,7 @@ def test_cold_build_then_reuse_then_a_patch_rebuilds_only_that_wheel(built: Mini
     # again: nothing fetched, nothing built, nothing re-locked
     r = stack.cli("build", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "building from" not in r.stderr and "fetching" not in r.stderr
+    assert "building from" not in r.stderr and "fetching" not in r.stderr  # nor downloading
     assert r.stderr.count("reused") >= 2
     assert "built 0, restored 0, reused 3" in r.stdout
     assert (stack.root / "wheels.lock").read_text() == lock
@@ -163,14 +179,14 @@ def test_cold_build_then_reuse_then_a_patch_rebuilds_only_that_wheel(built: Mini
     # removes it (and its record), the locked wheels stay
     store = json.loads(stack.cli("status", "--json", "--workers", "w1").stdout)["wheels"]
     uses = sorted((w["filename"], w["use"]) for w in store["wheels"])
-    assert uses == [(BUILT_FLASHINFER, "locked"), (BUILT_FLASHINFER, "unreferenced"),
-                    (BUILT_VLLM, "locked")]
+    assert uses == [(CUBIN, "locked"), (BUILT_FLASHINFER, "locked"),
+                    (BUILT_FLASHINFER, "unreferenced"), (BUILT_VLLM, "locked")]
     r = stack.cli("prune")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"wheel store: removed {BUILT_FLASHINFER}" in r.stdout
     assert len(_records(stack)) == 2
     store = json.loads(stack.cli("status", "--json", "--workers", "w1").stdout)["wheels"]
-    assert sorted(w["use"] for w in store["wheels"]) == ["locked", "locked"]
+    assert sorted(w["use"] for w in store["wheels"]) == ["locked", "locked", "locked"]
     assert stack.cli("build", timeout=600).stderr.count("reused") >= 2  # nothing rebuilt
 
 
