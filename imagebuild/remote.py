@@ -7,15 +7,25 @@ Commands are argument lists (never ``shell=True``); the remote command is a sing
 string built with ``shlex.join`` so the remote shell sees exactly the words we mean.
 The user's ssh config, agent and known_hosts are respected, and host-key checking is
 never weakened: we only add BatchMode (no prompts), a connect timeout and keepalives so
-a dead worker fails instead of hanging. Every value that reaches an ssh command line
+a dead worker fails instead of hanging, and connection sharing (OpenSSH's ControlMaster):
+the first command to a host opens a connection that the next ones of the same run reuse
+(a backup to a remote store makes hundreds of calls: each would otherwise pay a new
+key exchange, about 0.2 s on a LAN). The control sockets live in a private directory of
+this run (0700), so one run never rides on another's connection; the shared connections
+are closed when the run exits. Every value that reaches an ssh command line
 was validated when the spec loaded (user and host names cannot start with ``-``), and
 the host is put after ``--`` so it can never be read as an option.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import shlex
+import shutil
 import subprocess
+import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +35,41 @@ from .errors import RemoteError
 
 CONNECT_TIMEOUT = 10
 KEEPALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
+MUX_PERSIST = 30  # seconds a shared connection outlives its last command
+MUX_OFF = "IMAGEBUILD_SSH_MULTIPLEX"  # =0: a connection per command, as before
+_MAX_SOCKET_PATH = 100  # a unix socket's path is at most 107 bytes on Linux
+
+_mux_lock = threading.Lock()
+_mux_dir: list[Path] = []  # this run's control socket directory, once made
+
+
+def _control_dir() -> Path | None:
+    """This run's private directory for ssh control sockets (None: sharing is off, or
+    no short private path could be made)."""
+    if os.environ.get(MUX_OFF) == "0":
+        return None
+    with _mux_lock:
+        if not _mux_dir:
+            try:
+                path = Path(tempfile.mkdtemp(prefix="imagebuild-ssh-", dir="/tmp"))
+            except OSError:
+                return None
+            _mux_dir.append(path)
+            atexit.register(_close_shared, path)
+        path = _mux_dir[0]
+    return path if len(str(path)) + 41 <= _MAX_SOCKET_PATH else None
+
+
+def _close_shared(path: Path) -> None:
+    """Close this run's shared connections (each master exits at once instead of
+    lingering for MUX_PERSIST seconds), then remove their sockets' directory."""
+    for sock in path.iterdir() if path.is_dir() else ():
+        try:
+            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "--", "imagebuild"],
+                           capture_output=True, timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -43,6 +88,10 @@ class Target:
         if self.config:
             argv += ["-F", self.config]
         argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT}", *KEEPALIVE]
+        control = _control_dir()
+        if control is not None:
+            argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C",
+                     "-o", f"ControlPersist={MUX_PERSIST}"]
         if self.user:
             argv += ["-l", self.user]
         if self.port:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import stat
 import tarfile
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from imagebuild.engine import parse_info
 from imagebuild.errors import ImagebuildError
 from imagebuild.fsutil import PinnedFile
 from imagebuild.image import BadReply, ImageInfo, parse_images
-from imagebuild.remote import Target, explain
+from imagebuild.remote import MUX_OFF, MUX_PERSIST, Target, explain
 from imagebuild.streams import FileRange, Piece, archive_chunks
 
 from ..archives import oci_like, save_like
@@ -210,6 +211,21 @@ def test_ssh_argv_never_weakens_host_key_checking_and_quotes_the_command() -> No
     assert "host key does not match" in explain(
         t, 255, "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@")
     assert "unreachable" in explain(t, 255, "ssh: connect to host 10.0.0.2: No route to host")
+
+
+def test_ssh_commands_of_one_run_share_a_connection_through_a_private_socket(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    t = Target(name="w1", host="10.0.0.2")
+    argv = t.argv(["true"])
+    opts = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+    assert "ControlMaster=auto" in opts and f"ControlPersist={MUX_PERSIST}" in opts
+    path = next(o for o in opts if o.startswith("ControlPath=")).removeprefix("ControlPath=")
+    control = Path(path).parent
+    assert path.endswith("/%C") and control.is_dir()
+    assert stat.S_IMODE(control.stat().st_mode) == 0o700  # nobody else's to use
+    assert Target(name="w2", host="10.0.0.3").argv(["true"]).count(f"ControlPath={path}") == 1
+    monkeypatch.setenv(MUX_OFF, "0")
+    assert not any("Control" in a for a in t.argv(["true"]))
 
 
 def test_a_containerd_heads_own_manifest_is_kept_so_the_image_id_stays(
