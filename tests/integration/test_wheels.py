@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from imagebuild.wheelbuild import JOB_LABEL
 
-from .conftest import Bed, MiniStack, testbed
+from .conftest import REPO, Bed, MiniStack, testbed
 
 pytestmark = pytest.mark.bed
 
@@ -281,3 +283,73 @@ def test_a_missing_builder_image_is_named_with_what_to_do(built: MiniStack) -> N
     assert "imagebuild-bed/no-such-builder:1 is not present" in r.stderr
     assert "docker pull" in r.stderr
     assert _records(built) == []
+
+
+BED_BUILDER_SPEC = """\
+# the builder template on the bed: the bed's builder rootfs as the base (gcc, python3-dev,
+# ccache), git from Debian, uv and the torch stand-in from the bed's index
+schema: 2
+templates: {templates}
+dockerfiles: dockerfiles
+lock: wheels.lock
+locks: locks
+state: state
+target: {{python: "3.11", platform: x86_64-manylinux_2_28}}
+wheels:
+  directory: wheels
+  index:
+    - file: torch-2.11.0+cu130-py3-none-any.whl
+      url: http://127.0.0.1:18080/simple
+    - file: uv-0.9.7-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
+      url: http://127.0.0.1:18080/simple
+layers:
+  - {{name: cuda, packages: ["nvidia-*"]}}
+  - {{name: torch, packages: [torch]}}
+  - {{name: deps, packages: ["*"], local: true}}
+images:
+  vllm-builder:
+    template: vllm-builder.Dockerfile.j2
+    base: {base}
+    params:
+      apt_packages: [git]
+      env: {{TORCH_CUDA_ARCH_LIST: 12.1a, MAX_JOBS: "2"}}
+      uv: uv
+      pip_index: http://127.0.0.1:18080/simple
+    torch: torch
+    checks: [torch-gate]
+checks:
+  torch-gate:
+    run: [python3, -c, "import torch; print(torch.__version__, torch.version.cuda)"]
+    expect: "{{torch.version}} {{torch.cuda}}"
+"""
+
+
+def test_the_builder_template_builds_an_input_addressed_builder_that_builds_wheels(
+        built: MiniStack, tmp_path: Path) -> None:
+    stack, bed = built, built.bed
+    root = tmp_path / "builder"
+    (root / "wheels").mkdir(parents=True)
+    spec = root / "imagebuild.yaml"
+    spec.write_text(BED_BUILDER_SPEC.format(templates=REPO / "templates",
+                                            base=testbed.BUILDER_IMAGE))
+    env = dict(os.environ, DOCKER_HOST=bed.docker_host, IMAGEBUILD_BED=str(bed.root))
+
+    def builder_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "imagebuild", "-f", str(spec), *args],
+                              capture_output=True, text=True, timeout=900, env=env)
+
+    for args in (("render",), ("lock",), ("build",)):
+        r = builder_cli(*args)
+        assert r.returncode == 0, (args, r.stdout + r.stderr)
+    assert "verified" in r.stdout  # the torch gate, its expectation from the lock
+    h12 = json.loads(builder_cli("plan", "--json").stdout)["images"][0]["input_hash"][:12]
+    tag = f"vllm-builder:{h12}"
+    assert _run_in(bed, tag, "import torch; print(torch.__version__)") == "2.11.0+cu130"
+    # the wheels built with it name its input-addressed tag: a new builder, new wheels
+    stack.edit_spec(f"      builder: {testbed.BUILDER_IMAGE}\n  index:\n",
+                    f"      builder: {tag}\n  index:\n")
+    r = stack.cli("build-wheels", "flashinfer-python", timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "flashinfer-python: built flashinfer_python-0.6.12-py3-none-any.whl" in r.stdout
+    plan = json.loads(stack.cli("plan", "--json").stdout)["wheels"]
+    assert [w["builder"] for w in plan if w["name"] == "flashinfer-python"] == [tag]
