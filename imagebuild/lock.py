@@ -383,6 +383,21 @@ class _Anchors(html.parser.HTMLParser):
 Fetcher = Callable[[str], str]
 
 
+def index_files(index: str, project: str, fetch: Fetcher) -> dict[str, str | None]:
+    """Every file a PEP 503 index lists for ``project``, with the sha256 it publishes
+    (None where it publishes none), from the page ``fetch`` reads."""
+    page_url = f"{index.rstrip('/')}/{canonicalize_name(project)}/"
+    parser = _Anchors()
+    parser.feed(fetch(page_url))
+    out: dict[str, str | None] = {}
+    for text, href in parser.links:
+        url, frag = urldefrag(urljoin(page_url, href))
+        name = unquote(url.rsplit("/", 1)[-1]) or text
+        digest = frag.split("=", 1)[1].lower() if frag.startswith("sha256=") else None
+        out[name] = digest if digest is not None and SHA256.match(digest) else None
+    return out
+
+
 def index_sha256(index: str, filename: str, fetch: Fetcher) -> str | None:
     """The sha256 a PEP 503 index publishes for ``filename`` (None if it has none), from
     the page ``fetch`` reads (the caller's HTTP: this module does no I/O of its own)."""

@@ -12,13 +12,14 @@ Nothing is written here: the caller writes every file or none.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import web
 from .closure import ClosureLock, LockedDist, conflict_error, conflicts
-from .errors import LockError
-from .lock import LockedWheel
+from .errors import LockError, SpecError
+from .lock import LockedWheel, index_files, parse_wheel
 from .resolve import Getter, dist_requires, requires_dist, resolve, wheel_metadata
 from .spec import Spec
 from .wheelstore import wheel_path
@@ -37,6 +38,10 @@ class ImageInputs:
     indexes: tuple[str, ...]  # the first is the primary
     local: tuple[LockedWheel, ...]  # the declared local wheels of the lineage
     pinned: tuple[LockedWheel, ...]  # every declared wheel of the lineage (local and index)
+    # package -> the index other than the primary that serves it (the declared index
+    # wheels', and what their wheels.index entry lists under packages:); every other
+    # package comes from the primary
+    assigned: Mapping[str, str] = field(default_factory=dict)
 
 
 def image_inputs(spec: Spec, wheels: Mapping[str, LockedWheel], name: str) -> ImageInputs:
@@ -61,6 +66,15 @@ def image_inputs(spec: Spec, wheels: Mapping[str, LockedWheel], name: str) -> Im
         if w.index is not None and w.index not in indexes:
             indexes.append(w.index)
     overrides = spec.overrides_for(name)
+    assigned: dict[str, str] = {}
+    for decl in spec.wheels:
+        if decl.index is None or decl.index == indexes[0]:
+            continue
+        for package in (parse_wheel(decl.filename).name, *decl.serves):
+            if assigned.setdefault(package, decl.index) != decl.index:
+                raise SpecError(f"{spec.path.name}: {package} is assigned to two indexes, "
+                                f"{assigned[package]} and {decl.index}",
+                                hint="an index serves a package, or another does: not both")
     return ImageInputs(
         requirements=tuple(requirements),
         overrides=tuple(o.requirement for _, o in sorted(overrides.items())),
@@ -68,6 +82,7 @@ def image_inputs(spec: Spec, wheels: Mapping[str, LockedWheel], name: str) -> Im
         indexes=tuple(indexes),
         local=tuple(w for w in pinned.values() if w.is_local),
         pinned=tuple(pinned.values()),
+        assigned=assigned,
     )
 
 
@@ -142,6 +157,7 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
             f"which the spec does not declare for this image",
             hint="declare the wheel under wheels.local and in the image's wheels (so it is "
                  "hash-locked), or remove the file from the wheels directory")
+    check_sources(name, inputs, resolution.packages)
     # every locked distribution's requirements against the closure
     stated = dist_requires(resolution.packages, links, get)
     found = conflicts(stated, {p.name: p.version for p in resolution.packages},
@@ -149,6 +165,50 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
     if any(not c.covered for c in found):
         raise conflict_error(name, [c for c in found if not c.covered], spec_name)
     return made(resolution.packages, covered=tuple(sorted({c.record() for c in found})))
+
+
+def index_page(url: str) -> str:
+    """A simple index's page of one project ("" when the index has no such project)."""
+    body = web.get_bytes(url)
+    return "" if body is None else body.decode("utf-8", errors="replace")
+
+
+def check_sources(image: str, inputs: ImageInputs, packages: Iterable[LockedDist]) -> None:
+    """Each index serves only the packages assigned to it: with more than one index, the
+    file of every index distribution must be one (by sha256) that its index lists (the
+    primary for any package not assigned elsewhere). uv resolves across all of them
+    (it has to: torch+cu130 is only on its own index, and its pip interface drops an
+    index assignment when an override replaces the requirement), so this is where a
+    package served by the wrong index (numpy from the torch index, a name squatted on
+    an extra index) is refused, by name, before anything is written."""
+    if len(inputs.indexes) < 2:
+        return
+    pages: dict[tuple[str, str], set[str]] = {}
+    wrong: list[str] = []
+    for p in packages:
+        if p.url is None:
+            continue  # a local or built wheel, served by imagebuild
+        index = inputs.assigned.get(p.name, inputs.indexes[0])
+        key = (index, p.name)
+        if key not in pages:
+            try:
+                listed = index_files(index, p.name, index_page)
+            except Exception as exc:  # requests' errors: the network, the server
+                raise LockError(f"{image}: cannot read {index}/{p.name}/ to check where "
+                                f"{p.name} comes from: {exc.__class__.__name__}",
+                                hint="run 'imagebuild lock' where every index of the spec "
+                                     "answers") from None
+            pages[key] = {sha for sha in listed.values() if sha}
+        if p.sha256 not in pages[key]:
+            wrong.append(f"{p.name} {p.version} ({p.filename}) is not a file {index} lists: "
+                         f"another index served it")
+    if wrong:
+        raise LockError(
+            f"{image}: each index serves only the packages assigned to it:\n  "
+            + "\n  ".join(wrong),
+            hint="pin the package to a version its own index has (requires: in the spec), "
+                 "or, if that other index should serve it, list it under that index's "
+                 "packages: in wheels.index; nothing was written")
 
 
 def stale_reason(spec: Spec, wheels: Mapping[str, LockedWheel], lock: ClosureLock

@@ -110,6 +110,7 @@ class WheelDecl:
     index: str | None = None  # None: served (a local file, or a file fetched by URL)
     url: str | None = None  # where a prebuilt wheel is downloaded from, once
     sha256: str | None = None  # what its bytes must hash to (declared with the URL)
+    serves: tuple[str, ...] = ()  # other packages its index may serve (canonical names)
 
     @property
     def source(self) -> str:
@@ -863,12 +864,15 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
     for i, item in enumerate(index_raw):
         where = f"wheels.index[{i}]"
         entry = r.mapping(item, where, index_raw.item_lines[i])  # type: ignore[attr-defined]
-        r.keys(entry, where, {"file", "url"}, {"file", "url"})
+        r.keys(entry, where, {"file", "url", "packages"}, {"file", "url"})
         decls.append(WheelDecl(
             filename=r.string(entry["file"], f"{where}.file", entry.key_lines["file"],
                               _WHEEL_FILE, "wheel filename"),
             index=r.string(entry["url"], f"{where}.url", entry.key_lines["url"], _URL,
                            "http(s) index URL").rstrip("/"),
+            serves=tuple(str(canonicalize_name(n)) for n in r.string_list(
+                entry.get("packages", []), f"{where}.packages",
+                entry.key_lines.get("packages"), _PACKAGE, "package name")),
         ))
     decls.extend(_read_urls(r, m.get("url", []), m.key_lines.get("url")))
     seen: dict[str, str] = {}

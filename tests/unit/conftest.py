@@ -197,6 +197,19 @@ def offline_lock(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[LockedDist]]
         parsed = parse_wheel(url.removesuffix(".metadata").rsplit("/", 1)[-1])
         return f"Metadata-Version: 2.1\nName: {parsed.name}\nVersion: {parsed.version}\n".encode()
 
+    def page(url: str) -> str:
+        # the primary index (PyPI) lists what the resolution adds; the torch index
+        # lists torch and uv (the stack's index wheels), with their published sha256
+        index, project = url.rstrip("/").rsplit("/", 1)
+        if index == "http://127.0.0.1:9/simple":
+            return _fake_index(url, {"torch": TORCH_SHA, "uv": UV_SHA}) if project in (
+                "torch", "uv") else ""
+        assert index == "https://pypi.org/simple", url
+        files = [p for ps in closure.values() for p in ps if p.name == project]
+        return "".join(f'<a href="{p.filename}#sha256={p.sha256}">{p.filename}</a>'
+                       for p in files)
+
     monkeypatch.setattr("imagebuild.locking.resolve", resolve)
     monkeypatch.setattr("imagebuild.web.get_bytes", metadata)
+    monkeypatch.setattr("imagebuild.locking.index_page", page)
     return closure

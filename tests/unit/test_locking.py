@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from imagebuild import context, lockflow
+from imagebuild import locking as imagebuild_locking
 from imagebuild.closure import LockedDist, _seal, format_closure, read_closure
-from imagebuild.errors import LockConflict, LockError
+from imagebuild.errors import LockConflict, LockError, SpecError
 from imagebuild.lock import parse_wheel, read_lock
 from imagebuild.locking import image_inputs
 
@@ -249,3 +250,58 @@ def test_a_hand_edited_covered_list_is_refused(stack: Stack, offline_lock: objec
     path.write_text(body + f'content-hash = "sha256:{_seal(body)}"\n')
     with pytest.raises(LockError, match="'covered' must be lines of text"):
         read_closure(path, "vllm-node")
+
+
+def test_each_index_serves_only_the_packages_assigned_to_it(
+        stack: Stack, offline_lock: dict[str, list[LockedDist]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # numpy resolved from the torch index (the pytorch index mirrors numpy, jinja2, ...):
+    # PyPI, the index that serves numpy, does not list that file
+    squatted = _dist("numpy", "9.9.9", "9" * 64)
+    offline_lock["vllm-node"].append(squatted)
+    real_page = imagebuild_locking.index_page
+
+    def page(url: str) -> str:
+        if url == "https://pypi.org/simple/numpy/":
+            return '<a href="numpy-2.2.6-py3-none-any.whl#sha256=' + "8" * 64 + '">x</a>'
+        return real_page(url)
+
+    monkeypatch.setattr("imagebuild.locking.index_page", page)
+    texts = {p: p.read_text() for p in (stack.root / "locks").iterdir()}
+    with pytest.raises(LockError) as info:
+        lockflow.lock(stack.load(), check=False, upgrade=False)
+    assert info.value.exit_code == 2
+    assert ("numpy 9.9.9 (numpy-9.9.9-py3-none-any.whl) is not a file "
+            "https://pypi.org/simple lists: another index served it") in info.value.message
+    assert "torch" not in info.value.message.split("\n", 1)[1]  # torch is its index's
+    assert all(p.read_text() == t for p, t in texts.items())  # nothing written
+    # assigned to the torch index (as torchvision is in the real spec): it may serve it
+    monkeypatch.setattr("imagebuild.locking.index_page", lambda url: (
+        '<a href="numpy-9.9.9-py3-none-any.whl#sha256=' + "9" * 64 + '">x</a>'
+        if url == "http://127.0.0.1:9/simple/numpy/" else page(url)))
+    stack.write_spec(SPEC.replace("      url: http://127.0.0.1:9/simple\n",
+                                  "      url: http://127.0.0.1:9/simple\n"
+                                  "      packages: [numpy]\n", 1))
+    inputs = image_inputs(stack.load(), _wheels(stack), "vllm-node")
+    assert inputs.assigned == {"torch": "http://127.0.0.1:9/simple",
+                               "numpy": "http://127.0.0.1:9/simple",
+                               "uv": "http://127.0.0.1:9/simple"}
+    lockflow.lock(stack.load(), check=False, upgrade=False)
+    node = read_closure(stack.load().closure_lock_path("vllm-node"), "vllm-node")
+    assert node.by_name()["numpy"].version == "9.9.9"
+
+
+def test_an_index_that_cannot_be_read_or_a_package_on_two_is_refused(
+        stack: Stack, offline_lock: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    def down(url: str) -> str:
+        raise ConnectionError(url)
+
+    monkeypatch.setattr("imagebuild.locking.index_page", down)
+    with pytest.raises(LockError, match=r"cannot read https://pypi\.org/simple/"):
+        lockflow.lock(stack.load(), check=False, upgrade=False)
+    stack.write_spec(SPEC.replace(
+        "    - file: uv-0.9.7-py3-none-any.whl\n      url: http://127.0.0.1:9/simple\n",
+        "    - file: uv-0.9.7-py3-none-any.whl\n      url: http://127.0.0.1:8/simple\n"
+        "      packages: [torch]\n", 1))
+    with pytest.raises(SpecError, match="torch is assigned to two indexes"):
+        image_inputs(stack.load(), _wheels(stack), "vllm-node")
