@@ -6,9 +6,7 @@ release page; the resolver is the unit tier's offline one (tests/unit/conftest.p
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,47 +18,19 @@ from imagebuild.lock import read_lock
 from imagebuild.wheelstore import WheelStore, store_state
 
 from .conftest import SPEC, Stack
+from .httpserver import StaticServer, serving
 
 WHEEL = "extra_mimo-1.0-py3-none-any.whl"
 LOCAL = f"    - {WHEEL}\n"
 
 
-class Release:
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[str] = []
-        release = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                release.requests.append(self.path)
-                body = release.files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+Release = StaticServer
 
 
 @pytest.fixture
-def release() -> Iterator[Release]:
-    r = Release()
-    thread = threading.Thread(target=r.server.serve_forever, kwargs={"poll_interval": 0.02},
-                              daemon=True)
-    thread.start()
-    try:
-        yield r
-    finally:
-        r.server.shutdown()
-        r.server.server_close()
+def release() -> Iterator[StaticServer]:
+    with serving(StaticServer()) as server:
+        yield server
 
 
 def _by_url(stack: Stack, release: Release, sha: str | None = None,

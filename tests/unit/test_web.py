@@ -3,9 +3,7 @@ limit, a missing file is None (or False for a download), other errors raise."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -13,38 +11,15 @@ import requests
 
 from imagebuild import web
 
+from .httpserver import StaticServer, serving
+
 PAGES = {"/page": "<a href='x.whl#sha256=ab'>x.whl</a> é".encode(), "/big": b"x" * 5000}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.path == "/broken":
-            self.send_error(500)
-            return
-        body = PAGES.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.fixture
 def base() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(StaticServer(PAGES, broken={"/broken"})) as server:
+        yield server.base
 
 
 def test_pages_bytes_and_downloads(base: str, tmp_path: Path) -> None:
