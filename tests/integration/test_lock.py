@@ -141,3 +141,47 @@ def test_an_override_silences_only_what_its_covers_lists(mini: MiniStack) -> Non
     assert mini.cli("lock", "--check").returncode == 0
     assert ('covered = ["vllm requires torch==2.10.0 (override torch==2.11.0+cu130)"]'
             in (mini.root / "locks" / "pylock.vllm-node.toml").read_text())
+
+
+SECOND_INDEX_PORT = 18094  # beside the bed's 18080 (and the benchmarks' 18090)
+TORCH_DECL = ("    - file: torch-2.11.0+cu130-py3-none-any.whl\n"
+              "      url: http://127.0.0.1:18080/simple\n")
+
+
+def test_an_extra_index_serves_only_what_is_assigned_to_it(mini: MiniStack,
+                                                           tmp_path: Path) -> None:
+    # a second index, as the cu130 one: torch, and a newer transformers it also carries
+    # (the pytorch index mirrors packages): uv resolves across both and takes the newer
+    newer = testbed.make_wheel(tmp_path / "files", "transformers", "4.57.2",
+                               {"transformers/__init__.py": '__version__ = "4.57.2"\n'},
+                               requires=["tokenizers<=0.23.0,>=0.22.0"])
+    root = tmp_path / "cu130"
+    testbed.build_index_at(root, [testbed.BED / "index-files" / TORCH_DECL.split()[2], newer])
+    testbed.start_index_at(root, SECOND_INDEX_PORT)
+    try:
+        url = f"http://127.0.0.1:{SECOND_INDEX_PORT}/simple"
+        mini.edit_spec(TORCH_DECL, TORCH_DECL.replace("http://127.0.0.1:18080/simple", url))
+        texts = {p.name: p.read_text() for p in (mini.root / "locks").iterdir()}
+        r = mini.cli("lock", "--upgrade", "transformers")
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert ("transformers 4.57.2 (transformers-4.57.2-py3-none-any.whl) is not a file "
+                "http://127.0.0.1:18080/simple lists: another index served it") in r.stderr
+        assert "torch" not in r.stderr.split("assigned to it:")[1].split("hint")[0]
+        assert {p.name: p.read_text() for p in (mini.root / "locks").iterdir()} == texts
+        # assigned to that index, it serves transformers, and only it does: mimo's
+        # transformers 5 (on the primary alone) is refused now
+        mini.edit_spec(f"      url: {url}\n", f"      url: {url}\n"
+                                               f"      packages: [transformers]\n")
+        r = mini.cli("lock", "--upgrade", "transformers")
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert ("transformers 5.0.0 (transformers-5.0.0-py3-none-any.whl) is not a file "
+                f"{url} lists") in r.stderr
+        testbed.build_index_at(root, [testbed.BED / "index-files" / TORCH_DECL.split()[2],
+                                      newer, testbed.BED / "index-files" /
+                                      "transformers-5.0.0-py3-none-any.whl"])
+        r = mini.cli("lock", "--upgrade", "transformers")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert _locked(mini, "vllm-node-tf5")["transformers"] == "4.57.2"
+        assert _locked(mini, "vllm-node-mimo")["transformers"] == "5.0.0"  # its override
+    finally:
+        testbed.stop_index_at(root)
