@@ -898,6 +898,35 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
     return directory, tuple(decls), built
 
 
+def _repository(reference: str) -> str:
+    """An image reference's repository as ``docker inspect``'s RepoDigests names it: no tag,
+    no digest, no ``docker.io/`` or ``library/`` (``nvidia/cuda:13.2.0-devel`` ->
+    ``nvidia/cuda``)."""
+    name = reference.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name = name[:len(name) - len(last)] + last.split(":", 1)[0]
+    for prefix in ("docker.io/", "index.docker.io/", "library/"):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def _read_digest(r: _Reader, value: Any, where: str, line: int | None, reference: str) -> str:
+    """A digest as ``sha256:<64 hex>``, or as ``docker inspect --format
+    '{{index .RepoDigests 0}}'`` prints it (``nvidia/cuda@sha256:...``), whose name must
+    be the reference's repository. Returns the bare digest."""
+    text = r.string(value, where, line, None, "digest")
+    name, at, digest = text.rpartition("@")
+    if not _DIGEST.match(digest):
+        raise r.fail(where, line, f"{text!r} is not a digest (sha256:<64 hex>, or "
+                                  f"NAME@sha256:<64 hex> as docker inspect prints it)",
+                     hint=f"docker inspect --format '{{{{index .RepoDigests 0}}}}' {reference}")
+    if at and _repository(name) != _repository(reference):
+        raise r.fail(where, line, f"{text!r} is a digest of {name}, not of {reference}",
+                     hint="pin the digest of the image the reference names")
+    return digest
+
+
 def _read_urls(r: _Reader, raw: Any, line: int | None) -> list[WheelDecl]:
     """wheels.url: prebuilt wheels by URL, each with the sha256 its bytes must have."""
     if not isinstance(raw, list):
@@ -980,8 +1009,8 @@ def _read_builds(r: _Reader, raw: Any, line: int | None) -> dict[str, WheelBuild
                            "image reference such as nvidia/cuda:13.2.0-devel-ubuntu24.04")
         digest = None
         if b.get("builder_digest") is not None:
-            digest = r.string(b["builder_digest"], f"{where}.builder_digest",
-                              kl("builder_digest"), _DIGEST, "digest (sha256:<64 hex>)")
+            digest = _read_digest(r, b["builder_digest"], f"{where}.builder_digest",
+                                  kl("builder_digest"), builder)
         env: list[tuple[str, str]] = []
         if b.get("env") is not None:
             em = r.mapping(b["env"], f"{where}.env", kl("env"))
@@ -1215,8 +1244,8 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
             base = r.string(b["base"], f"{where}.base", kl("base"), _REFERENCE,
                             "image reference such as nvidia/cuda:13.2.0-devel-ubuntu24.04")
             if b.get("base_digest") is not None:
-                digest = r.string(b["base_digest"], f"{where}.base_digest", kl("base_digest"),
-                                  _DIGEST, "digest (sha256:<64 hex>)")
+                digest = _read_digest(r, b["base_digest"], f"{where}.base_digest",
+                                      kl("base_digest"), base)
         img_aliases = r.string_list(b.get("aliases", []), f"{where}.aliases", kl("aliases"),
                                     _ALIAS, "short name")
         wheel_names: list[str] = []

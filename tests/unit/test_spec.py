@@ -194,3 +194,24 @@ def test_the_real_specs_build_entries_and_builder_spec_are_valid_when_filled() -
     env = dict(builder.images["vllm-builder"].params.env)
     assert env["TORCH_CUDA_ARCH_LIST"] == "12.1a" and "MAX_JOBS" in env
     assert builder.checks["torch-gate"].expected == "{torch.version} {torch.cuda}"
+
+
+@pytest.mark.parametrize("value, ok", [
+    ("sha256:" + "a" * 64, True),
+    ("example/base@sha256:" + "a" * 64, True),  # as docker inspect's RepoDigests prints it
+    ("docker.io/example/base@sha256:" + "a" * 64, True),
+    ("other/base@sha256:" + "a" * 64, False),  # another image's digest
+    ("example/base@sha512:" + "a" * 128, False),
+    ("example/base:1", False),
+])
+def test_base_digest_takes_what_docker_inspect_prints(stack: Stack, value: str,
+                                                      ok: bool) -> None:
+    stack.write_spec(SPEC.replace("    base: example/base:1\n",
+                                  f"    base: example/base:1\n    base_digest: \"{value}\"\n", 1))
+    if ok:
+        img = stack.load().images["vllm-node"]
+        assert img.base_reference == "example/base:1@sha256:" + "a" * 64
+        return
+    with pytest.raises(SpecError) as info:
+        stack.load()
+    assert "base_digest" in str(info.value) and info.value.exit_code == 2
