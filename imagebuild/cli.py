@@ -321,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", metavar="HASH12", help="the generation (default: the previous one)")
     s.add_argument("--workers", metavar="N|w1,w3", help="the workers follow it")
     s.set_defaults(func=cmd_rollback)
+    # -f also after the command (imagebuild render --check -f SPEC); absent there, the one
+    # before it (or the default) stands. restore-from-tar's --file names a tar: there the
+    # spec goes before the command
+    for name, command in sub.choices.items():
+        if name != "restore-from-tar":
+            command.add_argument("-f", "--file", metavar="SPEC", default=argparse.SUPPRESS,
+                                 help="the spec file (default: ./imagebuild.yaml)")
     return p
 
 

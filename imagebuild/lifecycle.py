@@ -431,11 +431,13 @@ def refuse_all(args: list[str]) -> None:
     """``imagebuild prune -a`` (``--all``, ``-af`` ...) is refused: say why, and what to
     run instead."""
     spelled = next((a for a in args if ALL_SPELLINGS.match(a)), None)
-    filters = [a for a in args if "dangling=false" in a.replace(" ", "")]
+    filters = [(["--filter"] if i and args[i - 1] == "--filter" else []) + [a]
+               for i, a in enumerate(args) if "dangling=false" in a.replace(" ", "")]
     if spelled is None and not filters:
         return
+    said = spelled or " ".join(filters[0])  # as typed: --filter dangling=false
     raise SpecError(
-        f"imagebuild prune {spelled or filters[0]}: refused. 'prune -a' means 'remove every "
+        f"imagebuild prune {said}: refused. 'prune -a' means 'remove every "
         f"image no container uses'. On the cluster that is how vllm-node-mimo was lost: "
         f"'docker image prune -a' deleted the idle image with nothing to restore it from.",
         hint="run 'imagebuild prune' (add --dry-run to see what goes): it removes only "

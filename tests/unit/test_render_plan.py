@@ -327,3 +327,21 @@ def test_the_committed_real_stack_fails_lock_check_until_locked_with_its_wheels(
     assert code == 2 and "up to date but unresolved" in err, err
     code, _out, err = _run(["-f", spec, "lock", "--check", "--allow-unresolved"], capsys)
     assert code == 0 and "WARNING: --allow-unresolved" in err, err
+
+
+def test_the_spec_file_goes_before_or_after_the_command(
+        stack: Stack, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no imagebuild.yaml here: only -f finds it
+    spec = str(stack.spec_path)
+    for argv in (["-f", spec, "render"], ["render", "-f", spec], ["render", "--file", spec],
+                 ["-f", "/nonexistent.yaml", "render", "-f", spec]):  # the later one wins
+        code, _out, err = _run(argv, capsys)
+        assert code == 0, (argv, err)
+    code, _out, err = _run(["render"], capsys)
+    assert code == 2 and "spec file not found" in err
+    # restore-from-tar's --file is the tar it restores: its spec goes before the command
+    code, _out, err = _run(["-f", spec, "restore-from-tar", "--file", str(tmp_path / "x.tar")],
+                           capsys)
+    assert code != 0 and "x.tar" in err

@@ -154,16 +154,17 @@ def test_prune_removes_only_what_is_not_a_root(stack: Stack, ctx: context.Contex
 
 
 @pytest.mark.parametrize("spelling", ["-a", "--all", "-af", "-fa", "--all=true",
-                                      "--filter=dangling=false"])
+                                      "--filter=dangling=false", "--filter dangling=false"])
 def test_prune_all_is_refused_with_the_reason(
         ctx: context.Context, spelling: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
     with pytest.raises(SystemExit) as info:
-        cli.main(["-f", str(ctx.spec.path), "prune", spelling])
+        cli.main(["prune", *spelling.split(), "-f", str(ctx.spec.path)])  # -f after, too
     err = capsys.readouterr().err
     assert info.value.code == 2
-    assert "refused" in err and "vllm-node-mimo was lost" in err and "imagebuild prune" in err
+    assert "refused" in err and "vllm-node-mimo was lost" in err
+    assert f"imagebuild prune {spelling}: refused" in err  # echoed as typed
 
 
 def test_rollback_moves_latest_back_and_restores_a_lost_generation(
