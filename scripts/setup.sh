@@ -4,7 +4,12 @@
 
 ib_need_root() {
   if [ "$(id -u)" -ne 0 ]; then
-    echo "$1: the test bed starts dockerd and sshd, which need root; run: sudo $1" >&2
+    if command -v sudo >/dev/null; then
+      echo "$1: the test bed starts dockerd and sshd, which need root; run: sudo $1" >&2
+    else
+      echo "$1: the test bed starts dockerd and sshd, which need root; run it as root" \
+           "(this machine has no sudo)" >&2
+    fi
     exit 1
   fi
 }
