@@ -49,9 +49,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_lock(args: argparse.Namespace) -> int:
     upgrade: bool | list[str] = False if args.upgrade is None else (args.upgrade or True)
-    _show(output.lock_shown(lockflow.lock(load_spec(args.file), check=args.check,
-                                          upgrade=upgrade, progress=Progress(sys.stderr),
-                                          allow_unresolved=args.allow_unresolved)))
+    result = lockflow.lock(load_spec(args.file), check=args.check, upgrade=upgrade,
+                           progress=Progress(sys.stderr), allow_unresolved=args.allow_unresolved)
+    _show(output.lock_json(result) if args.json else output.lock_shown(result))
     return 0
 
 
@@ -82,7 +82,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     result = ops.build(ops.plan_build(args.file, args.images), DockerEngine,
                        rebuild=args.rebuild, backup=not args.no_backup, dry_run=args.dry_run,
                        progress=Progress())
-    _show(output.build_shown(result, args.dry_run))
+    _show(output.build_json(result, args.dry_run) if args.json
+          else output.build_shown(result, args.dry_run))
     return _raise(result)
 
 
@@ -90,7 +91,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ctx = context.load(args.file)
     ctx.names(args.images)
     result = ops.verify(ctx, DockerEngine(), args.images, Progress())
-    _show(output.verify_lines(result))
+    _show(output.verify_json(result) if args.json else output.verify_lines(result))
     return _raise(result)
 
 
@@ -104,7 +105,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         _show(check.lines())
         return _raise(check)
     result = ops.backup(ctx, DockerEngine(), args.images, Progress())
-    _show(output.backup_lines(result))
+    _show(output.backup_json(result) if args.json else output.backup_lines(result))
     return _raise(result)
 
 
@@ -164,7 +165,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     workers = context.workers_for(ctx.spec, args.workers) if args.workers else []
     result = lifecycle.prune(ctx, DockerEngine(), workers, dry_run=args.dry_run,
                              progress=Progress())
-    _show(output.prune_lines(result))
+    _show(output.prune_json(result) if args.json else output.prune_lines(result))
     return _raise(result)
 
 
@@ -321,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", metavar="HASH12", help="the generation (default: the previous one)")
     s.add_argument("--workers", metavar="N|w1,w3", help="the workers follow it")
     s.set_defaults(func=cmd_rollback)
+    for name in ("lock", "build", "verify", "backup", "prune"):
+        sub.choices[name].add_argument("--json", action="store_true",
+                                       help="the result as one JSON document on stdout")
     # -f also after the command (imagebuild render --check -f SPEC); absent there, the one
     # before it (or the default) stands. restore-from-tar's --file names a tar: there the
     # spec goes before the command

@@ -27,7 +27,7 @@ from .ops import (
 )
 from .render import RenderResult
 from .shipping import DistributeOutcome
-from .verify import table
+from .verify import VerifyRecord, table
 from .wheelops import CheckOutcome, RefResolution, WheelPlan, WheelsOutcome, WheelStep
 from .wheelstore import WheelStoreState
 
@@ -464,3 +464,82 @@ def rollback_lines(name: str, result: RollbackOutcome) -> list[str]:
     if isinstance(result.distributed, DistributeOutcome):
         out += [outcome_line(o, False) for o in result.distributed.outcomes]
     return out
+
+
+# -- --json: one document per command, a stable shape (README, "Machine-readable output") --
+
+
+def _checks_json(record: VerifyRecord) -> dict[str, object]:
+    return {"image": record.image, "image_id": record.image_id, "passed": record.passed,
+            "checked_at": record.checked_at,
+            "checks": [{"check": r.check, "kind": r.kind, "expected": r.expected,
+                        "got": r.got, "passed": r.passed, "hint": r.hint}
+                       for r in record.results]}
+
+
+def verify_json(result: VerifyOutcome) -> str:
+    return json_text({"ok": result.error() is None,
+                      "images": [_checks_json(v.record) for v in result.checked]})
+
+
+def lock_json(result: LockOutcome) -> str:
+    return json_text({
+        "ok": True, "state": result.state, "path": str(result.path), "wheels": result.wheels,
+        "unresolved": result.unresolved, "allowed_unresolved": result.allowed_unresolved,
+        "notes": list(result.notes), "warnings": list(result.warnings),
+        "closures": [{"image": c.image, "path": str(c.path), "state": c.state,
+                      "packages": c.packages, "unresolved": c.unresolved,
+                      "changed": list(c.changed)} for c in result.closures]})
+
+
+def build_json(result: BuildOutcome, dry_run: bool) -> str:
+    report = result.report
+    images = []
+    for step in result.steps:
+        d = step.derivation
+        info = report.images.get(d.name) if report is not None else None
+        promotion = result.promotions.get(d.name)
+        backup = result.backups.get(d.name)
+        images.append({
+            "name": d.name, "input_hash": d.input_hash, "planned": step.action.value,
+            "done": (None if report is None else "built" if d.name in report.built
+                     else "restored" if d.name in report.restored
+                     else "reused" if d.name in report.reused else "not reached"),
+            "image_id": info.id if info is not None else None,
+            "verified": promotion.passed if promotion is not None else None,
+            "latest_moved": bool(promotion and promotion.moved),
+            "backup": None if backup is None else {
+                "where": backup.where, "written": backup.written,
+                "bytes_written": backup.bytes_written}})
+    return json_text({
+        "ok": result.error() is None, "dry_run": dry_run,
+        "wheels": [wheel_row(w) for w in result.wheels.steps] if result.wheels else [],
+        "relocked": result.relocked is not None,
+        "images": images,
+        "mirrors": [{"where": m.where, "ok": not m.error, "error": m.error or None}
+                    for m in result.mirrors]})
+
+
+def prune_json(result: PruneOutcome) -> str:
+    w = result.wheels
+    return json_text({
+        "ok": result.error() is None, "dry_run": result.dry_run,
+        "nodes": [{"node": n.node, "error": n.error or None, "repaired": n.repaired,
+                   "reclaimed": n.reclaimed,
+                   "items": [{"kind": i.kind, "ref": i.ref, "size": i.size, "why": i.why}
+                             for i in n.items]} for n in result.nodes],
+        "wheel_store": None if w is None else {
+            "wheels": [{"filename": x.filename, "sha256": x.sha256, "size": x.size}
+                       for x in w.wheels],
+            "unfinished_builds": list(w.leftovers)}})
+
+
+def backup_json(result: BackupOutcome) -> str:
+    return json_text({
+        "ok": result.error() is None, "store": result.store,
+        "images": [{"name": name, "where": r.where, "written": r.written,
+                    "bytes_written": r.bytes_written, "size": r.backup.size,
+                    "imported": list(r.imported), "dropped": list(r.dropped)}
+                   for name, r in result.results],
+        "mirrors": [{"where": m.where, "ok": not m.error, "error": m.error or None}
+                    for m in result.mirrors]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -106,6 +107,14 @@ def test_a_resolving_install_lands_the_cpu_torch_and_the_gate_stops_it(
     # verify on its own says the same, with its own exit code
     r = mini.cli("verify", "mimo")
     assert r.returncode == 1 and "do NOT distribute" in r.stderr and "FAIL" in r.stdout
+    # and for a script: the same verdict as one JSON document, the same exit code
+    r = mini.cli("verify", "mimo", "--json")
+    assert r.returncode == 1 and "do NOT distribute" in r.stderr
+    doc = json.loads(r.stdout)
+    assert not doc["ok"] and [i["image"] for i in doc["images"]] == ["vllm-node-mimo"]
+    gate = doc["images"][0]["checks"][0]
+    assert gate["check"] == "torch-gate" and not gate["passed"]
+    assert gate["expected"] == "2.11.0+cu130 13.0"  # filled from the lock
     assert _no_check_containers()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild import context, ops, shipping
+from imagebuild import context, lifecycle, lockflow, ops, output, shipping
 from imagebuild.backup import (
     backups_of,
     export_backup,
@@ -949,3 +949,55 @@ def test_restore_falls_back_to_a_mirror_when_the_stores_copy_is_damaged(
     with pytest.raises(BackupError, match=r"backups/images/vllm-node/.* is damaged"):
         ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Quiet())
     assert e.inspect(node.id) is None
+
+
+# -- --json: the documented shape of each command's document --------------------------------
+
+
+def test_the_json_documents_have_their_documented_shape(stack: Stack,
+                                                        ctx: context.Context) -> None:
+    e = head()
+    built = json.loads(output.build_json(ops.build_images(ctx, e, ["mimo"], progress=Quiet()),
+                                         False))
+    assert set(built) == {"ok", "dry_run", "wheels", "relocked", "images", "mirrors"}
+    assert built["ok"] and [i["name"] for i in built["images"]] == NAMES
+    node = built["images"][0]
+    assert set(node) == {"name", "input_hash", "planned", "done", "image_id", "verified",
+                         "latest_moved", "backup"}
+    assert (node["planned"], node["done"], node["verified"], node["latest_moved"]) == (
+        "build", "built", True, True)
+    assert set(node["backup"]) == {"where", "written", "bytes_written"}
+    dry = json.loads(output.build_json(ops.build_images(ctx, e, ["mimo"], dry_run=True,
+                                                        progress=Quiet()), True))
+    assert dry["dry_run"] and {i["done"] for i in dry["images"]} == {None}
+
+    verified = json.loads(output.verify_json(ops.verify(ctx, e, [], Quiet())))
+    assert set(verified) == {"ok", "images"} and verified["ok"]
+    first = verified["images"][0]
+    assert set(first) == {"image", "image_id", "passed", "checked_at", "checks"}
+    assert set(first["checks"][0]) == {"check", "kind", "expected", "got", "passed", "hint"}
+    assert first["checks"][0]["expected"] == "2.11.0+cu130 13.0"  # filled from the lock
+    backed = json.loads(output.backup_json(ops.backup(ctx, e, [], Quiet())))
+    assert set(backed) == {"ok", "store", "images", "mirrors"} and backed["ok"]
+    assert set(backed["images"][0]) == {"name", "where", "written", "bytes_written", "size",
+                                        "imported", "dropped"}
+
+    pruned = json.loads(output.prune_json(lifecycle.prune(ctx, e, [], dry_run=True)))
+    assert set(pruned) == {"ok", "dry_run", "nodes", "wheel_store"} and pruned["dry_run"]
+    assert set(pruned["nodes"][0]) == {"node", "error", "repaired", "reclaimed", "items"}
+
+    e.responder = torch_prints(CPU)  # verify runs every check again: the gate fails
+    failed = ops.verify(ctx, e, ["node"], Quiet())
+    doc = json.loads(output.verify_json(failed))
+    assert not doc["ok"] and not doc["images"][0]["passed"]
+    assert doc["images"][0]["checks"][0]["got"] == "2.10.0+cpu None"
+
+
+def test_lock_json_has_its_documented_shape(stack: Stack, offline_lock: object) -> None:
+    doc = json.loads(output.lock_json(lockflow.lock(stack.load(), check=False,
+                                                    upgrade=False)))
+    assert set(doc) == {"ok", "state", "path", "wheels", "unresolved", "allowed_unresolved",
+                        "notes", "warnings", "closures"}
+    assert [c["image"] for c in doc["closures"]] == NAMES
+    assert set(doc["closures"][0]) == {"image", "path", "state", "packages", "unresolved",
+                                       "changed"}
