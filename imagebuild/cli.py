@@ -113,10 +113,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     ctx = context.load(args.file)
     if args.adopt:
         req = adopt.adopt_request(ctx, args.images, tar=args.tar, from_tar=True)
-        return _adopted(adopt.adopt(ctx, DockerEngine(), req, Progress()))
+        return _adopted(adopt.adopt(ctx, DockerEngine(), req, Progress()), args.json)
     request = ops.restore_request(ctx, args.images, args.tar)
     result = ops.restore(ctx, DockerEngine(), request, Progress())
-    _show(output.restore_lines(result))
+    _show(output.restore_json(result) if args.json else output.restore_lines(result))
     return _raise(result)
 
 
@@ -124,18 +124,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     ctx = context.load(args.file)
     request = ops.export_request(ctx, args.images, every=args.all, output=args.output,
                                  generation=args.generation)
-    _show(output.export_lines(ops.export(ctx, request, Progress())))
+    result = ops.export(ctx, request, Progress())
+    _show(output.export_json(result) if args.json else output.export_lines(result))
     return 0
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
     ctx = context.load(args.file)
     req = adopt.adopt_request(ctx, [args.name], ref=args.ref)
-    return _adopted(adopt.adopt(ctx, DockerEngine(), req, Progress()))
+    return _adopted(adopt.adopt(ctx, DockerEngine(), req, Progress()), args.json)
 
 
-def _adopted(result: adopt.AdoptOutcome) -> int:
-    _show(output.adopt_lines(result))
+def _adopted(result: adopt.AdoptOutcome, as_json: bool) -> int:
+    _show(output.adopt_json(result) if as_json else output.adopt_lines(result))
     return _raise(result)
 
 
@@ -175,7 +176,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     to = lifecycle.check_hash12(args.to)
     workers = context.select_workers(ctx.spec, args.workers) if args.workers else []
     result = lifecycle.rollback(ctx, DockerEngine(), name, to, workers, Progress())
-    _show(output.rollback_lines(name, result))
+    _show(output.rollback_json(name, result) if args.json
+          else output.rollback_lines(name, result))
     return _raise(result)
 
 
@@ -322,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", metavar="HASH12", help="the generation (default: the previous one)")
     s.add_argument("--workers", metavar="N|w1,w3", help="the workers follow it")
     s.set_defaults(func=cmd_rollback)
-    for name in ("lock", "build", "verify", "backup", "prune"):
+    for name in ("lock", "build", "verify", "backup", "restore-from-tar", "export", "adopt",
+                 "prune", "rollback"):
         sub.choices[name].add_argument("--json", action="store_true",
                                        help="the result as one JSON document on stdout")
     # -f also after the command (imagebuild render --check -f SPEC); absent there, the one

@@ -25,6 +25,7 @@ from .ops import (
     RestoreOutcome,
     VerifyOutcome,
 )
+from .promote import Promotion
 from .render import RenderResult
 from .shipping import DistributeOutcome
 from .verify import VerifyRecord, table
@@ -543,3 +544,43 @@ def backup_json(result: BackupOutcome) -> str:
                    for name, r in result.results],
         "mirrors": [{"where": m.where, "ok": not m.error, "error": m.error or None}
                     for m in result.mirrors]})
+
+
+def _promotion_json(p: Promotion) -> dict[str, object]:
+    return {"image_id": p.image.id, "verified": p.passed, "latest_moved": p.moved,
+            "checks": _checks_json(p.record)["checks"] if p.record is not None else []}
+
+
+def restore_json(result: RestoreOutcome) -> str:
+    return json_text({
+        "ok": result.error() is None,
+        "images": [{"name": r.result.name, "loaded": r.result.loaded,
+                    "seconds": round(r.result.seconds, 3), **_promotion_json(r.promotion)}
+                   for r in result.restored]})
+
+
+def rollback_json(name: str, result: RollbackOutcome) -> str:
+    d = result.distributed
+    return json_text({
+        "ok": result.error() is None, "name": name, "previous": result.previous,
+        "generation": result.generation.hash12, "from": result.generation.where,
+        "restored": result.restored, **_promotion_json(result.promotion),
+        "distributed": (json.loads(distribute_json(d)) if isinstance(d, DistributeOutcome)
+                        else None)})
+
+
+def export_json(result: ExportOutcome) -> str:
+    return json_text({
+        "ok": True, "store": result.store, "without_backup": list(result.without_backup),
+        "images": [{"name": r.image, "path": str(r.path), "generation": r.generation,
+                    "size": r.size, "sha256": r.sha256} for r in result.results]})
+
+
+def adopt_json(result: AdoptOutcome) -> str:
+    return json_text({
+        "ok": result.error() is None, "name": result.name, "source": result.source,
+        "adopted_id": result.adopted.id, **_promotion_json(result.promotion),
+        "generation": (hash12(input_hash(result.image) or "") if result.image is not None
+                       else None),
+        "backup": None if result.backup is None else {
+            "where": result.backup.where, "written": result.backup.written}})

@@ -4,11 +4,12 @@ integration tier; here the fake engine plays them as measured there."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from imagebuild import cli, context, lifecycle, ops, shipping
+from imagebuild import cli, context, lifecycle, ops, output, shipping
 from imagebuild.distribute import Worker
 from imagebuild.errors import ImageNotFound, SpecError
 from imagebuild.layerstore import is_complete, list_generations
@@ -188,6 +189,11 @@ def test_rollback_moves_latest_back_and_restores_a_lost_generation(
     e.remove_image(old.id)
     r = lifecycle.rollback(ctx, e, NODE, None)
     assert r.restored and e.require("vllm-node:latest").id == old.id
+    doc = json.loads(output.rollback_json(NODE, r))  # rollback --json
+    assert set(doc) == {"ok", "name", "previous", "generation", "from", "restored",
+                        "image_id", "verified", "latest_moved", "checks", "distributed"}
+    assert doc["ok"] and doc["restored"] and doc["from"] == "backup"
+    assert doc["image_id"] == old.id and doc["distributed"] is None
     # a generation that fails the current checks is not rolled back to
     e.responder = torch_prints(CPU)
     for rec in (ctx.spec.state_dir / "verified").glob("*.json"):

@@ -986,6 +986,21 @@ def test_the_json_documents_have_their_documented_shape(stack: Stack,
     assert set(pruned) == {"ok", "dry_run", "nodes", "wheel_store"} and pruned["dry_run"]
     assert set(pruned["nodes"][0]) == {"node", "error", "repaired", "reclaimed", "items"}
 
+    out = stack.root / "exported"
+    out.mkdir()
+    exported = json.loads(output.export_json(ops.export(ctx, ops.export_request(
+        ctx, ["tf5"], every=False, output=str(out), generation=None), Quiet())))
+    assert set(exported) == {"ok", "store", "without_backup", "images"}
+    assert set(exported["images"][0]) == {"name", "path", "generation", "size", "sha256"}
+
+    lose(e, e.require("vllm-node-tf5:latest").id)
+    restored = json.loads(output.restore_json(ops.restore(
+        ctx, e, ops.restore_request(ctx, ["tf5"], None), Quiet())))
+    assert set(restored) == {"ok", "images"} and restored["ok"]
+    assert set(restored["images"][0]) == {"name", "loaded", "seconds", "image_id", "verified",
+                                          "latest_moved", "checks"}
+    assert restored["images"][0]["loaded"] and restored["images"][0]["verified"]
+
     e.responder = torch_prints(CPU)  # verify runs every check again: the gate fails
     failed = ops.verify(ctx, e, ["node"], Quiet())
     doc = json.loads(output.verify_json(failed))
