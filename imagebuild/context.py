@@ -35,7 +35,7 @@ from .mirror import MirrorResult, copy_to_mirror
 from .progress import Progress
 from .promote import Gate
 from .remote import Target
-from .spec import Spec, did_you_mean, load_spec
+from .spec import Spec, SshLocation, did_you_mean, load_spec
 from .store import BackupDir, SshDir, open_store
 from .wheelplan import WheelDerivation, wheel_plan
 
@@ -94,6 +94,8 @@ def backup_store(spec: Spec) -> BackupDir:
     if spec.backups is None:
         raise SpecError(f"{spec.path}: the spec has no backups section",
                         hint="add backups: {directory: ~/control-workspace/docker-images}")
+    if isinstance(spec.backups.location, SshLocation):
+        spec.cluster.require()  # its ssh config comes with the cluster
     return open_store(spec.backups, spec.cluster.ssh_config)
 
 
@@ -101,6 +103,8 @@ def mirror_stores(spec: Spec) -> list[BackupDir]:
     """The mirrors of the backup store (``backups.mirror``)."""
     if spec.backups is None:
         return []
+    if spec.backups.mirrors:
+        spec.cluster.require()  # their ssh config comes with the cluster
     return [SshDir(loc, spec.cluster.ssh_config) for loc in spec.backups.mirrors]
 
 
@@ -166,6 +170,7 @@ def plan_images(ctx: Context, images: list[str]) -> list[Derivation]:
 
 def select_workers(spec: Spec, arg: str | None) -> list[Worker]:
     """``--workers N`` (the first N), ``--workers w1,w3`` (by name), or all of them."""
+    spec.cluster.require()
     workers = list(spec.cluster.workers)
     if not workers:
         raise SpecError(f"{spec.path}: the cluster section lists no workers")
@@ -198,7 +203,7 @@ def select_workers(spec: Spec, arg: str | None) -> list[Worker]:
 def workers_for(spec: Spec, arg: str | None) -> list[Worker]:
     """``select_workers``, except that a spec without workers gives none when none were
     asked for (status and prune then look at the head only)."""
-    if arg is None and not spec.cluster.workers:
+    if arg is None and not spec.cluster.workers and spec.cluster.unavailable is None:
         return []
     return select_workers(spec, arg)
 

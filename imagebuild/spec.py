@@ -249,6 +249,15 @@ class Cluster:
     ssh_identity: str | None = None
     ssh_config: str | None = None
     workers: tuple[Worker, ...] = ()
+    # why the cluster is not known here (its inventory file does not exist yet: the test
+    # bed writes it): what needs no worker (plan, render, lock, build) still works, and
+    # what needs one says this
+    unavailable: str | None = None
+
+    def require(self) -> None:
+        if self.unavailable is not None:
+            raise SpecError(self.unavailable, hint="for the test bed, run scripts/testbed up "
+                                                   "first; else fix cluster.inventory")
 
 
 @dataclass(frozen=True)
@@ -1352,6 +1361,11 @@ def _read_cluster(r: _Reader, raw: Any, line: int | None) -> Cluster:
         inv_path = r.to_path(m["inventory"], "cluster.inventory", m.key_lines.get("inventory"))
         try:
             text = inv_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            where = f"{r.path}:{m.key_lines.get('inventory')}" if m.key_lines.get(
+                "inventory") else str(r.path)
+            return Cluster(unavailable=f"{where}: cluster.inventory: {inv_path} does not "
+                                       f"exist, so no worker is known")
         except (OSError, UnicodeDecodeError) as exc:
             why = getattr(exc, "strerror", None) or "not UTF-8 text"
             raise r.fail("cluster.inventory", m.key_lines.get("inventory"),

@@ -215,3 +215,25 @@ def test_base_digest_takes_what_docker_inspect_prints(stack: Stack, value: str,
     with pytest.raises(SpecError) as info:
         stack.load()
     assert "base_digest" in str(info.value) and info.value.exit_code == 2
+
+
+def test_a_missing_inventory_leaves_the_spec_usable_where_no_worker_is_needed(
+        stack: Stack, tmp_path: Path) -> None:
+    from imagebuild import context
+
+    stack.write_spec(SPEC + f"cluster:\n  inventory: {tmp_path}/not-yet.yaml\n"
+                            f"backups:\n  directory: backups\n")
+    spec = stack.load()  # plan, render, lock and build need no worker
+    assert spec.cluster.workers == () and "not-yet.yaml does not exist" in (
+        spec.cluster.unavailable or "")
+    context.backup_store(spec)  # a local store needs no cluster
+    for arg in (None, "2", "w1"):
+        with pytest.raises(SpecError, match="does not exist, so no worker is known") as info:
+            context.select_workers(spec, arg)
+        assert info.value.exit_code == 2 and "testbed up" in (info.value.hint or "")
+    with pytest.raises(SpecError, match="no worker is known"):
+        context.workers_for(spec, None)  # status asks every worker: it says why it cannot
+    # an inventory that exists but cannot be read is still refused when the spec loads
+    (tmp_path / "not-yet.yaml").mkdir()
+    with pytest.raises(SpecError, match="cannot read"):
+        stack.load()
