@@ -339,11 +339,13 @@ class _Ingest:
             raise BackupError(f"{self.store}/{tmp}: {stat.size} bytes arrived of {size}")
         if digest in self.blobs:  # the same bytes under another name in the archive
             self.store.remove(tmp)
-        else:
-            self.store.rename(tmp, blob_path(digest))
+        elif self.store.place(tmp, blob_path(digest)):
             self.blobs[digest] = stat
             self.new.append(digest)
             self.written += size
+        else:  # a backup running beside this one put the same bytes there first: its
+            # file stays (it may be linked into its generation already)
+            self.blobs[digest] = stat
         return digest
 
 

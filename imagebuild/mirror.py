@@ -77,7 +77,8 @@ def copy_to_mirror(local: BackupDir, mirror: BackupDir, names: list[str], keep: 
                 for d, size in sorted({(str(v[0]), int(v[1])) for v in sc.files.values()}):
                     if d in have and have[d].size == size and d not in damaged - sent:
                         continue
-                    _send_blob(local, mirror, d, size, result, progress)
+                    _send_blob(local, mirror, d, size, result, progress,
+                               replace=d in damaged)
                     have[d] = FileStat(size, 0)
                     sent.add(d)
                 assemble(mirror, sc, current=is_current)
@@ -108,9 +109,11 @@ def _current_there(mirror: BackupDir, name: str) -> str:
 
 
 def _send_blob(local: BackupDir, mirror: BackupDir, digest: str, size: int,
-               result: MirrorResult, progress: Progress) -> None:
-    """One blob to the mirror: checked as it is read here, hashed again there, renamed
-    into place only when the mirror's own digest is its name."""
+               result: MirrorResult, progress: Progress, *, replace: bool) -> None:
+    """One blob to the mirror: checked as it is read here, hashed again there, put in
+    place only when the mirror's own digest is its name: over the mirror's copy when
+    that is known to be damaged (``replace``), else never over a copy another run put
+    there (it may be linked into a generation already)."""
     tmp = f"{INCOMING}/{run_token()}-m{result.blobs_sent}"
     meter = progress.meter(f"to {mirror}: blob {digest[:12]}", size)
     with writing(mirror, tmp) as w:
@@ -127,7 +130,10 @@ def _send_blob(local: BackupDir, mirror: BackupDir, digest: str, size: int,
                           f"was not kept",
                           hint="check the mirror host's disk and the network; run the backup "
                                "again")
-    mirror.rename(tmp, blob_path(digest))
+    if replace:
+        mirror.rename(tmp, blob_path(digest))
+    else:
+        mirror.place(tmp, blob_path(digest))
     result.blobs_sent += 1
     result.bytes_sent += size
 

@@ -126,6 +126,13 @@ class BackupDir(Protocol):
         """Rename a file (replacing ``dst``) or a directory (``dst`` must not exist)."""
         ...
 
+    def place(self, src: str, dst: str) -> bool:
+        """Move the file ``src`` to ``dst`` unless ``dst`` exists: then ``src`` is removed
+        and ``dst`` kept (False). For content-addressed files, where another run may have
+        put the same bytes there and hard-linked them already: replacing that file would
+        leave its links on an inode the store no longer names."""
+        ...
+
     def remove(self, *names: str) -> None:
         """Remove files; absent ones are not an error."""
         ...
@@ -270,6 +277,16 @@ class LocalDir:
     def rename(self, src: str, dst: str) -> None:
         os.replace(self._p(src), self._p(dst))
         fsync_dir(self._p(dst).parent)
+
+    def place(self, src: str, dst: str) -> bool:
+        try:
+            os.link(self._p(src), self._p(dst))
+            placed = True
+        except FileExistsError:
+            placed = False
+        self._p(src).unlink()
+        fsync_dir(self._p(dst).parent)
+        return placed
 
     def remove(self, *names: str) -> None:
         for name in names:
@@ -435,6 +452,16 @@ class SshDir:
 
     def rename(self, src: str, dst: str) -> None:
         run(self.target, ["mv", "-f", "-T", "--", self.path_of(src), self.path_of(dst)])
+
+    def place(self, src: str, dst: str) -> bool:
+        # ln without -f fails on an existing dst; exit 3 says it was there already
+        r = call(self.target, ["sh", "-c", 'ln -T -- "$1" "$2" 2>/dev/null; placed=$?; '
+                               'rm -f -- "$1" || exit 1; [ -e "$2" ] || exit 1; '
+                               '[ "$placed" -eq 0 ] || exit 3', "sh",
+                               self.path_of(src), self.path_of(dst)])
+        if r.code not in (0, 3):
+            raise RemoteError(explain(self.target, r.code or 255, r.stderr))
+        return r.code == 0
 
     def remove(self, *names: str) -> None:
         if names:

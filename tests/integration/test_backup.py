@@ -17,6 +17,8 @@ import pytest
 
 from imagebuild.engine_docker import DockerEngine
 from imagebuild.naming import ADOPTED_LABEL, hash12, input_hash
+from imagebuild.spec import SshLocation
+from imagebuild.store import SshDir
 
 from .conftest import HEAD_STORES, Bed, MiniStack, testbed
 
@@ -341,6 +343,17 @@ def test_a_remote_ssh_store_works_against_a_worker(mini: MiniStack) -> None:
             assert (gen / path).samefile(remote / "blobs" / "sha256" / digest)
         base = _blob(remote, sidecar, str(sidecar["layer_files"][0]))  # type: ignore[index]
         assert base.stat().st_nlink == 1 + len(NAMES)  # one blob for the three images
+        assert not list((remote / "blobs" / ".incoming").iterdir())
+        # a blob another run put there first is kept, its links with it (over ssh too)
+        there = SshDir(SshLocation(host="w1", path=str(remote)), str(mini.bed.ssh_config))
+        rel = str(base.relative_to(remote))
+        for name in ("blobs/.incoming/same", "blobs/.incoming/new"):
+            (remote / name).write_bytes(b"the same digest, written again")
+        inode = base.stat().st_ino
+        assert there.place("blobs/.incoming/same", rel) is False
+        assert base.stat().st_ino == inode and base.stat().st_nlink == 1 + len(NAMES)
+        assert there.place("blobs/.incoming/new", "blobs/placed") is True
+        (remote / "blobs" / "placed").unlink()
         assert not list((remote / "blobs" / ".incoming").iterdir())
         r = mini.cli("backup", "mimo")
         assert r.returncode == 0 and "up to date" in r.stdout

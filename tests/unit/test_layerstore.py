@@ -31,7 +31,7 @@ from imagebuild.layerstore import (
     list_generations,
     prune,
 )
-from imagebuild.store import LocalDir
+from imagebuild.store import LocalDir, writing
 from imagebuild.streams import DamagedBytes, StoredFile, archive_chunks
 
 from ..archives import Saved, save_like
@@ -372,3 +372,44 @@ def test_a_classic_save_missing_a_layer_file_is_refused_and_nothing_kept(
         ingest(store, lambda: chunks(cut), "img", "aaaaaaaaaaaa", meta, "cut")
     assert list_generations(store, "img") == []
     assert not os.listdir(store.directory / BLOBS)  # the blobs of the failed run went
+
+
+def test_a_blob_another_backup_put_in_place_first_is_never_replaced(
+        store: LocalDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two backups at once whose generations share a new layer: each listed the store
+    before either wrote, so each writes that blob. The second must keep the first's file:
+    replacing it would leave the first's generation linked to an inode the store no
+    longer names, and the next garbage collection would take the blob it needs."""
+    base = os.urandom(150_000)
+    one = save_like(tmp_path / "one.tar", [base], tags=["img:aaaaaaaaaaaa"])
+    two = save_like(tmp_path / "two.tar", [base, os.urandom(50_000)],
+                    tags=["img:bbbbbbbbbbbb"], env="A=2")
+    first = put(store, one, "aaaaaaaaaaaa")
+    blob = store.directory / BLOBS / sha(base)
+    linked = store.directory / "images" / "img" / "aaaaaaaaaaaa" / first.sidecar.layer_files[0]
+    assert blob.stat().st_nlink == 2 and linked.samefile(blob)
+    # the second run's listing, taken before the first run's blob was there
+    listing = store.files
+    monkeypatch.setattr(store, "files", lambda sub="": {
+        k: v for k, v in listing(sub).items() if k != sha(base)} if sub == BLOBS
+        else listing(sub))
+    second = put(store, two, "bbbbbbbbbbbb")
+    assert linked.samefile(blob) and blob.stat().st_nlink == 3  # one file, both linked
+    assert 50_000 <= second.written < 50_000 + 4096  # the shared layer not counted again
+    assert not os.listdir(store.directory / "blobs" / ".incoming")
+    monkeypatch.undo()
+    assert check_store(store, store.sha256).ok
+    prune(store, "img", 2)
+    assert blob.is_file() and check_store(store, store.sha256).ok
+
+
+def test_place_moves_a_file_only_where_there_is_none(store: LocalDir) -> None:
+    store.prepare()
+    store.mkdirs("d")
+    for name, text in (("d/a", "first"), ("d/tmp1", "second"), ("d/tmp2", "third")):
+        with writing(store, name) as w:
+            w.write(text.encode())
+            w.commit()
+    assert store.place("d/tmp1", "d/b") is True and store.read_text("d/b") == "second"
+    assert store.place("d/tmp2", "d/a") is False and store.read_text("d/a") == "first"
+    assert sorted(store.files("d")) == ["a", "b"]  # both temporary names gone
