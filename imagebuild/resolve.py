@@ -25,7 +25,7 @@ from packaging.version import InvalidVersion, Version
 from . import remote, web
 from .closure import ClosureLock, LockedDist, format_closure
 from .errors import LockError, ResolveFailed
-from .lock import INDEX_URL, SHA256, WHEEL_FILE, parse_wheel, sha256_file
+from .lock import INDEX_URL, SHA256, WHEEL_FILE, parse_wheel
 
 UV_TIMEOUT = 600
 
@@ -176,7 +176,7 @@ def wheel_metadata(path: Path) -> bytes:
                         hint="the file is not a valid wheel; rebuild or re-download it") from None
 
 
-Downloader = Callable[[str, Path], bool]  # URL, destination -> False on 404
+Downloader = Callable[[str, Path], str | None]  # URL, destination -> its sha256; None: 404
 
 
 def dist_requires(dists: Iterable[LockedDist], wheels_dir: Path, get: Getter | None = None,
@@ -210,11 +210,11 @@ def _downloaded_metadata(p: LockedDist, download: Downloader) -> bytes:
     assert p.url is not None
     with tempfile.TemporaryDirectory(prefix="imagebuild-wheel-") as tmp:
         dest = Path(tmp) / p.filename
-        if not download(p.url, dest):
+        digest = download(p.url, dest)
+        if digest is None:
             raise LockError(f"{p.url}: not found",
                             hint=f"the index no longer serves the locked file; run "
                                  f"'imagebuild lock --upgrade {p.name}'")
-        digest = sha256_file(dest)
         if digest != p.sha256:
             raise LockError(f"{p.url}: sha256 {digest} is not the locked {p.sha256}",
                             hint="the index serves other bytes under the locked name")

@@ -6,6 +6,7 @@ a connect and a read timeout. The registry's API is registry.py's, on its own se
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import requests
@@ -48,13 +49,17 @@ def _get(url: str, timeout: float, limit: int, *, missing_ok: bool) -> bytes | N
         return _body(resp, url, limit)
 
 
-def download(url: str, dest: Path, timeout: float = 60) -> bool:
-    """``url`` streamed into the file ``dest``; False when it is not there (404)."""
+def download(url: str, dest: Path, timeout: float = 60) -> str | None:
+    """``url`` streamed into the file ``dest``, hashed as it is written: the sha256 of the
+    bytes written, or None when it is not there (404). The caller checks the digest; the
+    file is never read a second time to hash it."""
+    h = hashlib.sha256()
     with requests.get(url, timeout=(CONNECT_TIMEOUT, timeout), stream=True) as resp:
         if resp.status_code == 404:
-            return False
+            return None
         resp.raise_for_status()
         with dest.open("wb") as f:
             for chunk in resp.iter_content(CHUNK):
+                h.update(chunk)
                 f.write(chunk)
-    return True
+    return h.hexdigest()

@@ -36,7 +36,7 @@ from .errors import (
     WheelHashMismatch,
 )
 from .git import checkout_source
-from .lock import WHEEL_FILE, LockedWheel, parse_wheel, sha256_file
+from .lock import WHEEL_FILE, LockedWheel, parse_wheel
 from .progress import Progress
 from .remote import Completed
 from .resolve import requires_dist, wheel_metadata
@@ -392,7 +392,7 @@ def fetch_wheels(spec: Spec, wheels: Iterable[LockedWheel], progress: Progress, 
         with store.incoming() as tmp:
             part = tmp / w.filename
             try:
-                found = web.download(w.url, part, timeout=FETCH_TIMEOUT)
+                got = web.download(w.url, part, timeout=FETCH_TIMEOUT)
             except Exception as exc:  # requests' errors: the network, the server
                 why = f"{w.url}: {exc.__class__.__name__}: {str(exc)[:200]}"
                 if strict:
@@ -402,10 +402,9 @@ def fetch_wheels(spec: Spec, wheels: Iterable[LockedWheel], progress: Progress, 
                 notes.append(f"{w.filename}: cannot fetch it ({why}); its closure stays "
                              f"unresolved")
                 continue
-            if not found:
+            if got is None:
                 raise LockError(f"{w.url} is not there (404): {w.filename} cannot be fetched",
                                 hint="fix the URL under wheels.url in the spec")
-            got = sha256_file(part)
             if got != w.sha256:
                 raise WheelHashMismatch(
                     f"{w.url}: the download's sha256 is {got}, the spec declares {w.sha256}; "

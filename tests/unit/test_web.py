@@ -1,8 +1,9 @@
 """web.py against a small HTTP server on 127.0.0.1: bodies read whole only up to their
-limit, a missing file is None (or False for a download), other errors raise."""
+limit, a missing file is None, a download is hashed as it is written, other errors raise."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,12 +27,13 @@ def test_pages_bytes_and_downloads(base: str, tmp_path: Path) -> None:
     assert web.get_text(f"{base}/page") == PAGES["/page"].decode()
     assert web.get_bytes(f"{base}/big") == PAGES["/big"]
     dest = tmp_path / "big.whl"
-    assert web.download(f"{base}/big", dest) and dest.read_bytes() == PAGES["/big"]
+    assert web.download(f"{base}/big", dest) == hashlib.sha256(PAGES["/big"]).hexdigest()
+    assert dest.read_bytes() == PAGES["/big"]
 
 
 def test_missing_is_none_or_false_and_other_errors_raise(base: str, tmp_path: Path) -> None:
     assert web.get_bytes(f"{base}/nothing") is None
-    assert web.download(f"{base}/nothing", tmp_path / "x") is False
+    assert web.download(f"{base}/nothing", tmp_path / "x") is None
     assert not (tmp_path / "x").exists()
     with pytest.raises(requests.HTTPError):
         web.get_text(f"{base}/nothing")  # an index page that is not there is an error
