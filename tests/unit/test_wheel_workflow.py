@@ -85,9 +85,13 @@ def wheel_maker(name: str = "vllm", tag: str = "py3-none-any", copies: int = 1
             out = root / BUILD_OUT.lstrip("/") / f"{name}-{version}{'.' + str(i) if i else ''}" \
                 f"-{tag}.whl"
             with zipfile.ZipFile(out, "w") as zf:
-                zf.writestr(f"{name}-{version}.dist-info/METADATA",
-                            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-                zf.writestr(f"{name}/pkg.py", (src / "pkg.py").read_text())
+                # a fixed entry time: writestr(name, ...) stamps the clock, and two builds
+                # a second apart would differ (what the reproducibility check looks for)
+                for entry, text in ((f"{name}-{version}.dist-info/METADATA",
+                                     f"Metadata-Version: 2.1\nName: {name}\n"
+                                     f"Version: {version}\n"),
+                                    (f"{name}/pkg.py", (src / "pkg.py").read_text())):
+                    zf.writestr(zipfile.ZipInfo(entry, date_time=(2026, 6, 3, 12, 0, 0)), text)
         return 0
 
     return run
