@@ -318,14 +318,12 @@ def status(ctx: Context, engine: Engine, workers: list[Worker], *,
     mirrors = ([mirror_state(store, m) for m in mirror_stores(spec)]
                if check and store is not None else [])
     return StatusReport(rows, unreachable, time.monotonic() - started, mirrors,
-                        _wheel_store(ctx))
+                        store_state(ctx.spec, ctx.lock) if _has_wheel_store(ctx) else None)
 
 
-def _wheel_store(ctx: Context) -> WheelStoreState | None:
-    """The wheel store's state, when the spec builds wheels or the store exists."""
-    if not ctx.spec.built and not ctx.spec.wheel_store.exists():
-        return None
-    return store_state(ctx.spec, ctx.lock)
+def _has_wheel_store(ctx: Context) -> bool:
+    """The spec builds wheels, or a wheel store is there (the spec built or fetched some)."""
+    return bool(ctx.spec.built) or ctx.spec.wheel_store.exists()
 
 
 # -- prune -----------------------------------------------------------------------------------
@@ -495,7 +493,7 @@ def prune(ctx: Context, engine: Engine, workers: list[Worker], *, dry_run: bool 
         results = list(pool.map(lambda ne: _prune_node(ne[0], ne[1], names, keep, dry_run),
                                 nodes))
     wheels = (prune_store(ctx.spec, ctx.lock, dry_run=dry_run)
-              if _wheel_store(ctx) is not None else None)
+              if _has_wheel_store(ctx) else None)
     return PruneOutcome(results, dry_run, wheels)
 
 

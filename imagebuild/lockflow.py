@@ -22,7 +22,7 @@ from .errors import (
 )
 from .fsutil import atomic_write_text
 from .lock import compute_lock, format_lock, read_lock
-from .locking import lock_image, read_previous
+from .locking import IndexListings, lock_image, read_previous
 from .progress import Progress, Quiet
 from .render import RenderResult, check_rendered, write_rendered
 from .spec import Spec
@@ -101,6 +101,7 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
     wheels = {w.name: w for w in result.wheels}
     closures: list[tuple[ClosureLock, ClosureLock | None, str]] = []
     made: dict[str, ClosureLock] = {}
+    listed: IndexListings = {}  # index pages read once for every image's source check
     with wheel_view(spec, result.wheels) as links:
         for name in spec.closure(None):
             if progress is not None:
@@ -109,7 +110,7 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
             prev = read_previous(path, name)
             parent = spec.images[name].parent
             made[name] = lock_image(spec, wheels, name, made[parent] if parent else None,
-                                    prev, upgrade, wheel_dir=links)
+                                    prev, upgrade, wheel_dir=links, listed=listed)
             closures.append((made[name], prev, format_closure(made[name], spec.path.name)))
     if isinstance(upgrade, list):
         locked = {p.name for c, _p, _t in closures for p in c.packages}

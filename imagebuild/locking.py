@@ -100,11 +100,17 @@ def unresolved_reason(spec: Spec, inputs: ImageInputs) -> str | None:
     return None
 
 
+IndexListings = dict[tuple[str, str], set[str]]  # (index, project) -> the sha256s listed
+
+
 def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
                parent: ClosureLock | None, previous: ClosureLock | None,
                upgrade: bool | list[str], get: Getter | None = None,
-               wheel_dir: Path | None = None) -> ClosureLock:
+               wheel_dir: Path | None = None, listed: IndexListings | None = None
+               ) -> ClosureLock:
     """One image's closure lock (unresolved, with the reason, where it cannot be made).
+    ``listed``: the index pages already read for the source check, shared by the images
+    of one lock step (their closures are mostly the same packages).
     ``wheel_dir``: where the local and built wheels are seen together (``wheel_view``);
     the spec's wheels directory by default."""
     links = wheel_dir or spec.wheels_dir
@@ -157,7 +163,7 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
             f"which the spec does not declare for this image",
             hint="declare the wheel under wheels.local and in the image's wheels (so it is "
                  "hash-locked), or remove the file from the wheels directory")
-    check_sources(name, inputs, resolution.packages)
+    check_sources(name, inputs, resolution.packages, {} if listed is None else listed)
     # every locked distribution's requirements against the closure
     stated = dist_requires(resolution.packages, links, get)
     found = conflicts(stated, {p.name: p.version for p in resolution.packages},
@@ -173,17 +179,18 @@ def index_page(url: str) -> str:
     return "" if body is None else body.decode("utf-8", errors="replace")
 
 
-def check_sources(image: str, inputs: ImageInputs, packages: Iterable[LockedDist]) -> None:
+def check_sources(image: str, inputs: ImageInputs, packages: Iterable[LockedDist],
+                  pages: IndexListings) -> None:
     """Each index serves only the packages assigned to it: with more than one index, the
     file of every index distribution must be one (by sha256) that its index lists (the
     primary for any package not assigned elsewhere). uv resolves across all of them
     (it has to: torch+cu130 is only on its own index, and its pip interface drops an
     index assignment when an override replaces the requirement), so this is where a
     package served by the wrong index (numpy from the torch index, a name squatted on
-    an extra index) is refused, by name, before anything is written."""
+    an extra index) is refused, by name, before anything is written. ``pages``: the
+    listings read so far (read once per index and project, whatever the image)."""
     if len(inputs.indexes) < 2:
         return
-    pages: dict[tuple[str, str], set[str]] = {}
     wrong: list[str] = []
     for p in packages:
         if p.url is None:

@@ -286,9 +286,15 @@ def test_each_index_serves_only_the_packages_assigned_to_it(
     assert inputs.assigned == {"torch": "http://127.0.0.1:9/simple",
                                "numpy": "http://127.0.0.1:9/simple",
                                "uv": "http://127.0.0.1:9/simple"}
+    asked: list[str] = []
+    assigned_page = imagebuild_locking.index_page
+    monkeypatch.setattr("imagebuild.locking.index_page",
+                        lambda url: asked.append(url) or assigned_page(url))
     lockflow.lock(stack.load(), check=False, upgrade=False)
     node = read_closure(stack.load().closure_lock_path("vllm-node"), "vllm-node")
     assert node.by_name()["numpy"].version == "9.9.9"
+    # each index page read once for the three images, whose closures share it
+    assert asked and len(asked) == len(set(asked))
 
 
 def test_an_index_that_cannot_be_read_or_a_package_on_two_is_refused(
