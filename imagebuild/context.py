@@ -75,8 +75,7 @@ def open_context(spec: Spec, built: Sequence[WheelDerivation] | None = None) -> 
     derivations of the wheels the spec builds, when the caller has them already."""
     lock = read_lock(spec.lock_path)
     derivations = wheel_plan(spec) if built is None else built
-    check_matches(lock, [(d.filename, d.index if d.url is None else d.source)
-                         for d in spec.wheels], spec.path,
+    check_matches(lock, [(d.filename, d.source) for d in spec.wheels], spec.path,
                   built={d.name: d.input_hash for d in derivations})
     wheels = {w.name: w for w in lock.wheels}
     closures: dict[str, ClosureLock] = {}

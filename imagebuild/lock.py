@@ -291,9 +291,9 @@ def check_matches(lock: Lock, decls: Iterable[tuple[str, str | None]], spec_path
                      f"'imagebuild build-wheels {name}' then 'imagebuild lock'; commit the "
                      f"locks")
         wanted.add(entry.filename)
-    for filename, index in decls:
-        wanted.add(filename)
-        source = LOCAL_PREFIX + filename if index is None else index
+    for filename, declared in decls:  # declared: its source as the lock must record it
+        wanted.add(filename)  # (None: the wheels directory's file)
+        source = LOCAL_PREFIX + filename if declared is None else declared
         locked = by_file.get(filename)
         if locked is None:
             name = parse_wheel(filename).name

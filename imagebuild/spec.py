@@ -29,12 +29,12 @@ from packaging.utils import canonicalize_name
 from .errors import LockError, SpecError
 from .layers import DEFAULT_LAYERS, GROUP_NAME, PATTERN, LayerGroup
 from .lock import (
-    FETCHED_PREFIX,
     INDEX_URL,
     LOCAL_PREFIX,
     SHA256,
     WHEEL_FILE,
     WHEEL_URL,
+    fetched_source,
     parse_wheel,
     url_filename,
 )
@@ -116,7 +116,9 @@ class WheelDecl:
     def source(self) -> str:
         """Where wheels.lock says it comes from."""
         if self.url is not None and self.sha256 is not None:
-            return f"{FETCHED_PREFIX}{self.url}#sha256={self.sha256}"
+            source = fetched_source(self.url, self.filename, self.sha256)
+            assert source is not None  # checked when the spec was read
+            return source
         return self.index if self.index is not None else LOCAL_PREFIX + self.filename
 
 
