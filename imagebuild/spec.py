@@ -598,11 +598,11 @@ def spec_from_text(text: str, path: Path) -> Spec:
     return _build_spec(_parse_yaml(text, path), path)
 
 
-def with_wheel_commit(text: str, path: Path, name: str, commit: str) -> tuple[str, str]:
+def with_wheel_commit(text: str, path: Path, name: str, commit: str
+                      ) -> tuple[str, str, Spec]:
     """The spec's text with the ``commit:`` of the wheel ``name`` under wheels.build set
-    to ``commit`` (nothing else changes: comments, layout and quoting stay), and the
-    value it replaced. The new text is parsed and validated as a spec before it is
-    returned."""
+    to ``commit`` (nothing else changes: comments, layout and quoting stay), the value it
+    replaced, and the spec the new text is (parsed and validated here)."""
     data = _parse_yaml(text, path)  # bounded, and a SpecError with file:line if broken
     builds = (data.get("wheels") or {}).get("build") if isinstance(data, dict) else None
     if not isinstance(builds, list) or not any(
@@ -631,8 +631,7 @@ def with_wheel_commit(text: str, path: Path, name: str, commit: str) -> tuple[st
                         hint="write 'commit: <anything>' in the entry, then resolve again")
     start, end = target.start_mark.index, target.end_mark.index
     new = f'{text[:start]}"{commit}"{text[end:]}'  # quoted: YAML reads 1234e5... as a number
-    _build_spec(_parse_yaml(new, path), path)
-    return new, str(target.value)
+    return new, str(target.value), spec_from_text(new, path)
 
 
 MAX_YAML_CHARS = 1 << 20  # a spec is a page or two; a megabyte is a mistake or an attack

@@ -22,7 +22,7 @@ from .fsutil import atomic_write_text
 from .git import git_mirror, git_rev_parse
 from .lock import Lock, read_lock
 from .progress import Progress
-from .spec import DEFAULT_SPEC, Spec, did_you_mean, spec_from_text, with_wheel_commit
+from .spec import DEFAULT_SPEC, Spec, did_you_mean, with_wheel_commit
 from .wheelbuild import WheelOutcome, build_wheel, mirror_path, realize_wheels
 from .wheelplan import WheelDerivation, needed_by, wheel_plan
 from .wheelstore import WheelRecord, WheelStore
@@ -247,10 +247,9 @@ def resolve_refs(spec_file: str | None, refs: list[tuple[str, str]],
         raise SpecError(f"{spec_path}: cannot read the spec: {exc}") from None
     out: list[RefResolution] = []
     for name, ref in refs:
-        probe, _old = with_wheel_commit(text, spec_path, name, PLACEHOLDER_COMMIT)
-        spec = spec_from_text(probe, spec_path)
-        build = spec.built[name]
-        mirror = mirror_path(spec, build.git)
+        probe = with_wheel_commit(text, spec_path, name, PLACEHOLDER_COMMIT)[2]
+        build = probe.built[name]
+        mirror = mirror_path(probe, build.git)
         progress.say(f"{name}: fetching {build.git}")
         done = git_mirror(build.git, mirror)
         if done.code != 0:
@@ -262,7 +261,7 @@ def resolve_refs(spec_file: str | None, refs: list[tuple[str, str]],
         if commit is None:
             raise SpecError(f"{name}: {build.git} has no branch, tag or commit {ref!r}",
                             hint=f"git ls-remote {build.git} lists its branches and tags")
-        text, old = with_wheel_commit(text, spec_path, name, commit)
+        text, old, _spec = with_wheel_commit(text, spec_path, name, commit)
         out.append(RefResolution(name, ref, old, commit))
     if any(r.changed for r in out):
         try:
