@@ -6,6 +6,7 @@ release page; the resolver is the unit tier's offline one (tests/unit/conftest.p
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from imagebuild import context, lockflow
 from imagebuild.closure import read_closure
 from imagebuild.errors import LockError, SpecError, WheelHashMismatch
 from imagebuild.lock import read_lock
+from imagebuild.progress import Quiet
+from imagebuild.wheelbuild import fetch_wheels
 from imagebuild.wheelstore import WheelStore, store_state
 
 from .conftest import SPEC, Stack
@@ -133,3 +136,23 @@ def test_a_fetched_wheels_lock_entry_is_checked_when_read(stack: Stack, tmp_path
         lock.write_text(good.replace(local, bad))
         with pytest.raises(LockError, match="source"):
             read_lock(lock)
+
+
+def test_a_build_on_a_machine_without_the_wheel_stops_when_its_url_is_unreachable(
+        stack: Stack, release: Release, offline_lock: object) -> None:
+    _by_url(stack, release)
+    lockflow.lock(stack.load(), check=False, upgrade=False)
+    spec = stack.load()
+    entry = read_lock(spec.lock_path).get("extra-mimo")
+    shutil.rmtree(spec.wheel_store)  # another head: the lock names it, the store lacks it
+    dead = type(entry)(entry.name, entry.version, entry.filename, entry.sha256,
+                       entry.source.replace(release.base, "http://127.0.0.1:9"))
+    with pytest.raises(LockError, match=r"cannot fetch extra_mimo-1\.0-py3-none-any\.whl"):
+        fetch_wheels(spec, [dead], Quiet(), strict=True)
+    assert not list(spec.wheel_store.glob("sha256/*/*"))
+    assert not list(spec.wheel_store.glob("incoming/*"))
+    # reachable: fetched once, and a second call does not ask again
+    assert fetch_wheels(spec, [entry], Quiet(), strict=True) == []
+    asked = len(release.requests)
+    assert fetch_wheels(spec, [entry], Quiet(), strict=True) == [] and (
+        len(release.requests) == asked)

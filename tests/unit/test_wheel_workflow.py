@@ -491,3 +491,40 @@ def cli_main(argv: list[str]) -> int:
     except SystemExit as exc:
         assert isinstance(exc.code, int)
         return exc.code
+
+
+def test_resolve_against_a_repository_that_cannot_be_fetched_is_exit_5(
+        tmp_path: Path, repo: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+    spec_path = tmp_path / "imagebuild.yaml"
+    text = RESOLVE_SPEC.format(repo=tmp_path / "gone.git", builder=BUILDER)
+    spec_path.write_text(text)
+    code = cli_main(["-f", str(spec_path), "build-wheels", "--resolve", "vllm=main"])
+    err = capsys.readouterr().err
+    assert code == 5 and f"fetching {tmp_path / 'gone.git'} failed" in err
+    assert spec_path.read_text() == text
+
+
+def test_a_submodule_with_no_url_or_outside_the_tree_fails_the_build(
+        tmp_path: Path, repo: tuple[Path, str]) -> None:
+    path, _ = repo
+    commit = git(path, "rev-parse", "HEAD")
+    # a gitlink the source records with no .gitmodules entry saying where it comes from
+    git(path, "update-index", "--add", "--cacheinfo", f"160000,{commit},3rdparty/lost")
+    git(path, "commit", "-q", "-m", "a gitlink with no URL")
+    spec = make_spec(tmp_path, path, git(path, "rev-parse", "HEAD"))
+    with pytest.raises(WheelBuildFailed) as info:
+        wheelops.build_wheels(spec, engine_with(wheel_maker()), ["vllm"], progress=Quiet())
+    assert info.value.exit_code == 5
+    assert "submodule 3rdparty/lost: a submodule with no URL in .gitmodules" in (
+        info.value.message)
+    _nothing_recorded(spec)
+    # a URL git could be made to run a command with (ext::) is refused before any fetch
+    (path / ".gitmodules").write_text(
+        '[submodule "lost"]\n\tpath = 3rdparty/lost\n\turl = ext::sh -c touch% /tmp/x\n')
+    git(path, "add", ".gitmodules")
+    git(path, "commit", "-q", "-m", "an ext:: URL")
+    spec = make_spec(tmp_path, path, git(path, "rev-parse", "HEAD"))
+    with pytest.raises(WheelBuildFailed) as info:
+        wheelops.build_wheels(spec, engine_with(wheel_maker()), ["vllm"], progress=Quiet())
+    assert "is not a URL git may fetch for a submodule" in info.value.message
+    _nothing_recorded(spec)

@@ -61,6 +61,19 @@ def torch_prints(text: str):  # type: ignore[no-untyped-def]
     return respond
 
 
+def damage(store: LocalDir, name: str, layer: int, at: int | None = None) -> Path:
+    """Flip one bit of a layer blob of ``name``'s newest generation in ``store`` (at byte
+    ``at``, the middle by default); returns the blob."""
+    gen = backups_of(store, name)[0].gen
+    assert gen is not None
+    blob = store.directory / BLOBS / str(gen.files[gen.layer_files[layer]][0])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2 if at is None else at] ^= 1
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    return blob
+
+
 def lose(e: FakeEngine, image_id: str) -> None:
     """The image is gone, holders and all (as after docker rm -f and docker rmi)."""
     for c in [c for c in e.containers.values() if c.image_id == image_id]:
@@ -280,14 +293,7 @@ def test_a_damaged_layer_is_refused_and_nothing_is_loaded(ctx: context.Context) 
     e = head()
     ops.build_images(ctx, e, ["node"], progress=Quiet())
     node = e.require("vllm-node:latest")
-    store = LocalDir(ctx.spec.root / "backups")
-    gen = backups_of(store, "vllm-node")[0].gen
-    assert gen is not None
-    blob = store.directory / BLOBS / str(gen.files[gen.layer_files[0]][0])
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 1
-    blob.chmod(0o644)
-    blob.write_bytes(bytes(data))
+    damage(LocalDir(ctx.spec.root / "backups"), "vllm-node", 0)
     lose(e, node.id)
     with pytest.raises(BackupError, match=r"damaged.*nothing was loaded.*vllm-node "):
         ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Quiet())
@@ -374,14 +380,7 @@ def test_export_refuses_bad_arguments_and_leaves_nothing_when_a_blob_is_damaged(
     with pytest.raises(BackupError, match="no backup of generation 000000000000"):
         ops.export(ctx, request(["node"], output=str(out),
                                 generation="000000000000"), Quiet())
-    store = LocalDir(ctx.spec.root / "backups")
-    gen = backups_of(store, "vllm-node")[0].gen
-    assert gen is not None
-    blob = store.directory / BLOBS / str(gen.files[gen.layer_files[-1]][0])
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 1
-    blob.chmod(0o644)
-    blob.write_bytes(bytes(data))
+    damage(LocalDir(ctx.spec.root / "backups"), "vllm-node", -1)
     with pytest.raises(BackupError, match=r"damaged.*vllm-node "):
         ops.export(ctx, request(["node"], output=str(out)), Quiet())
     assert os.listdir(out) == []  # no tar, no sidecar, no partial file
@@ -929,22 +928,14 @@ def test_restore_falls_back_to_a_mirror_when_the_stores_copy_is_damaged(
     mirror = LocalDir(tmp_path / "mirror")
     copy_to_mirror(store, mirror, ["vllm-node"], 2, Quiet())
     monkeypatch.setattr(ops, "mirror_stores", lambda spec: [mirror])
-    gen = backups_of(store, "vllm-node")[0].gen
-    assert gen is not None
-    blob = store.directory / BLOBS / str(gen.files[gen.layer_files[-1]][0])
-    blob.chmod(0o644)
-    raw = bytearray(blob.read_bytes())
-    raw[7] ^= 1
-    blob.write_bytes(bytes(raw))
+    blob = damage(store, "vllm-node", -1, at=7)
     lose(e, node.id)
     said = io.StringIO()
     done = ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Progress(said))
     assert done.error() is None and e.require("vllm-node:latest").id == node.id
     assert "is damaged" in said.getvalue() and "trying the next copy" in said.getvalue()
     # with the mirror's copy damaged as well, the first error is the one raised
-    mblob = mirror.directory / BLOBS / blob.name
-    mblob.chmod(0o644)
-    mblob.write_bytes(bytes(raw))
+    assert damage(mirror, "vllm-node", -1, at=7).name == blob.name
     lose(e, node.id)
     with pytest.raises(BackupError, match=r"backups/images/vllm-node/.* is damaged"):
         ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Quiet())
