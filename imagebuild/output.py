@@ -470,12 +470,18 @@ def rollback_lines(name: str, result: RollbackOutcome) -> list[str]:
 # -- --json: one document per command, a stable shape (README, "Machine-readable output") --
 
 
+def _check_rows(record: VerifyRecord | None) -> list[dict[str, object]]:
+    return [{"check": r.check, "kind": r.kind, "expected": r.expected, "got": r.got,
+             "passed": r.passed, "hint": r.hint} for r in (record.results if record else ())]
+
+
 def _checks_json(record: VerifyRecord) -> dict[str, object]:
     return {"image": record.image, "image_id": record.image_id, "passed": record.passed,
-            "checked_at": record.checked_at,
-            "checks": [{"check": r.check, "kind": r.kind, "expected": r.expected,
-                        "got": r.got, "passed": r.passed, "hint": r.hint}
-                       for r in record.results]}
+            "checked_at": record.checked_at, "checks": _check_rows(record)}
+
+
+def _mirrors_json(mirrors: list[MirrorResult]) -> list[dict[str, object]]:
+    return [{"where": m.where, "ok": not m.error, "error": m.error or None} for m in mirrors]
 
 
 def verify_json(result: VerifyOutcome) -> str:
@@ -517,8 +523,7 @@ def build_json(result: BuildOutcome, dry_run: bool) -> str:
         "wheels": [wheel_row(w) for w in result.wheels.steps] if result.wheels else [],
         "relocked": result.relocked is not None,
         "images": images,
-        "mirrors": [{"where": m.where, "ok": not m.error, "error": m.error or None}
-                    for m in result.mirrors]})
+        "mirrors": _mirrors_json(result.mirrors)})
 
 
 def prune_json(result: PruneOutcome) -> str:
@@ -542,13 +547,12 @@ def backup_json(result: BackupOutcome) -> str:
                     "bytes_written": r.bytes_written, "size": r.backup.size,
                     "imported": list(r.imported), "dropped": list(r.dropped)}
                    for name, r in result.results],
-        "mirrors": [{"where": m.where, "ok": not m.error, "error": m.error or None}
-                    for m in result.mirrors]})
+        "mirrors": _mirrors_json(result.mirrors)})
 
 
 def _promotion_json(p: Promotion) -> dict[str, object]:
     return {"image_id": p.image.id, "verified": p.passed, "latest_moved": p.moved,
-            "checks": _checks_json(p.record)["checks"] if p.record is not None else []}
+            "checks": _check_rows(p.record)}
 
 
 def restore_json(result: RestoreOutcome) -> str:
