@@ -383,18 +383,28 @@ class _Anchors(html.parser.HTMLParser):
 Fetcher = Callable[[str], str]
 
 
-def index_files(index: str, project: str, fetch: Fetcher) -> dict[str, str | None]:
-    """Every file a PEP 503 index lists for ``project``, with the sha256 it publishes
-    (None where it publishes none), from the page ``fetch`` reads."""
+@dataclass(frozen=True)
+class IndexFile:
+    """One file a PEP 503 index lists: where it is and the sha256 it publishes."""
+
+    url: str  # absolute, without the fragment
+    sha256: str | None  # None where the index publishes none
+
+
+def index_files(index: str, project: str, fetch: Fetcher) -> dict[str, IndexFile]:
+    """Every file a PEP 503 index lists for ``project``, by filename, from the page
+    ``fetch`` reads."""
     page_url = f"{index.rstrip('/')}/{canonicalize_name(project)}/"
     parser = _Anchors()
     parser.feed(fetch(page_url))
-    out: dict[str, str | None] = {}
+    out: dict[str, IndexFile] = {}
     for text, href in parser.links:
         url, frag = urldefrag(urljoin(page_url, href))
         name = unquote(url.rsplit("/", 1)[-1]) or text
         digest = frag.split("=", 1)[1].lower() if frag.startswith("sha256=") else None
-        out[name] = digest if digest is not None and SHA256.match(digest) else None
+        if INDEX_URL.match(url):
+            out[name] = IndexFile(url, digest if digest is not None and SHA256.match(digest)
+                                  else None)
     return out
 
 

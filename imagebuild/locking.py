@@ -16,10 +16,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 from . import web
-from .closure import ClosureLock, LockedDist, conflict_error, conflicts
+from .closure import ClosureLock, LockedDist, conflict_error, conflicts, pick_wheel
 from .errors import LockError, SpecError
-from .lock import LockedWheel, index_files, parse_wheel
+from .lock import IndexFile, LockedWheel, index_files, parse_wheel
 from .resolve import Getter, dist_requires, requires_dist, resolve, wheel_metadata
 from .spec import Spec
 from .wheelstore import wheel_path
@@ -100,7 +103,23 @@ def unresolved_reason(spec: Spec, inputs: ImageInputs) -> str | None:
     return None
 
 
-IndexListings = dict[tuple[str, str], set[str]]  # (index, project) -> the sha256s listed
+IndexListings = dict[tuple[str, str], dict[str, IndexFile]]  # (index, project) -> its files
+
+
+@dataclass(frozen=True)
+class DirectPin:
+    """A package an index other than the primary serves: uv is given this one file of
+    it, by URL and sha256, instead of the index (see ``direct_pins``)."""
+
+    name: str
+    index: str
+    filename: str
+    url: str
+    sha256: str | None  # None where the index publishes none: uv hashes the file
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name} @ {self.url}" + (f"#sha256={self.sha256}" if self.sha256 else "")
 
 
 def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
@@ -137,10 +156,14 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
                       spec.target.python, spec.target.platform)
     if any(not c.covered for c in found):
         raise conflict_error(name, [c for c in found if not c.covered], spec_name)
+    direct = direct_pins(name, inputs, spec.target.python, spec.target.platform,
+                         {} if listed is None else listed)
+    overrides = [o for o in inputs.overrides if requirement_name(o) not in direct]
     resolution = resolve(image=name, requirements=list(inputs.requirements),
-                         overrides=list(inputs.overrides), python=spec.target.python,
-                         platform=spec.target.platform, wheels_dir=links,
-                         indexes=list(inputs.indexes), previous=previous, upgrade=upgrade)
+                         overrides=[*overrides, *(d.requirement for d in direct.values())],
+                         python=spec.target.python, platform=spec.target.platform,
+                         wheels_dir=links, index=inputs.indexes[0], previous=previous,
+                         upgrade=upgrade)
     by_name = {p.name: p for p in resolution.packages}
     for w in inputs.pinned:
         got = by_name.get(w.name)
@@ -163,7 +186,7 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
             f"which the spec does not declare for this image",
             hint="declare the wheel under wheels.local and in the image's wheels (so it is "
                  "hash-locked), or remove the file from the wheels directory")
-    check_sources(name, inputs, resolution.packages, {} if listed is None else listed)
+    check_sources(name, inputs, resolution.packages, direct)
     # every locked distribution's requirements against the closure
     stated = dist_requires(resolution.packages, links, get)
     found = conflicts(stated, {p.name: p.version for p in resolution.packages},
@@ -179,43 +202,119 @@ def index_page(url: str) -> str:
     return "" if body is None else body.decode("utf-8", errors="replace")
 
 
-def check_sources(image: str, inputs: ImageInputs, packages: Iterable[LockedDist],
-                  pages: IndexListings) -> None:
-    """Each index serves only the packages assigned to it: with more than one index, the
-    file of every index distribution must be one (by sha256) that its index lists (the
-    primary for any package not assigned elsewhere). uv resolves across all of them
-    (it has to: torch+cu130 is only on its own index, and its pip interface drops an
-    index assignment when an override replaces the requirement), so this is where a
-    package served by the wrong index (numpy from the torch index, a name squatted on
-    an extra index) is refused, by name, before anything is written. ``pages``: the
-    listings read so far (read once per index and project, whatever the image)."""
-    if len(inputs.indexes) < 2:
-        return
-    wrong: list[str] = []
-    for p in packages:
-        if p.url is None:
-            continue  # a local or built wheel, served by imagebuild
-        index = inputs.assigned.get(p.name, inputs.indexes[0])
-        key = (index, p.name)
+def requirement_name(requirement: str) -> str:
+    """The canonical name a requirement the spec checked at load is about."""
+    return canonicalize_name(Requirement(requirement).name)
+
+
+def exact_version(requirement: str) -> str | None:
+    """The one version ``requirement`` allows (``name==V``, no wildcard), or None."""
+    specs = list(Requirement(requirement).specifier)
+    if len(specs) == 1 and specs[0].operator in ("==", "===") and "*" not in specs[0].version:
+        return specs[0].version
+    return None
+
+
+def pinned_version(package: str, inputs: ImageInputs) -> str | None:
+    """The one version of ``package`` the image's inputs allow: its override's, where it
+    has one (the override replaces every requirement on it), else an exact requirement."""
+    if package in inputs.overridden:
+        return exact_version(inputs.overridden[package][0])
+    return next((v for v in (exact_version(r) for r in inputs.requirements
+                             if requirement_name(r) == package) if v is not None), None)
+
+
+def direct_pins(image: str, inputs: ImageInputs, python: str, platform: str,
+                pages: IndexListings) -> dict[str, DirectPin]:
+    """Each index serves only the packages assigned to it. uv is given the primary index
+    alone, and every package assigned to another index as one file of that index, by URL
+    (its declared wheel; for a package listed under the index's packages:, the file of
+    the version its override or requirement pins that the target installs). uv's own
+    index assignment (an explicit index named in tool.uv.sources) would say the same, but
+    its pip interface drops it where an override replaces the requirement, as the torch
+    override does. A listed package pinned to no one version is not pinned here and is
+    refused if the closure takes it (``check_sources``). ``pages``: the index pages read
+    so far (once per index and project for every image of a lock step)."""
+    declared = {w.name: w for w in inputs.pinned}
+    out: dict[str, DirectPin] = {}
+    for package, index in sorted(inputs.assigned.items()):
+        w = declared.get(package)
+        if w is not None and w.index != index:
+            continue  # a local or built wheel of that name: imagebuild serves it
+        version = None if w is not None else pinned_version(package, inputs)
+        if w is None and version is None:
+            continue
+        key = (index, package)
         if key not in pages:
             try:
-                listed = index_files(index, p.name, index_page)
+                pages[key] = index_files(index, package, index_page)
             except Exception as exc:  # requests' errors: the network, the server
-                raise LockError(f"{image}: cannot read {index}/{p.name}/ to check where "
-                                f"{p.name} comes from: {exc.__class__.__name__}",
+                raise LockError(f"{image}: cannot read {index}/{package}/, the index that "
+                                f"serves {package}: {exc.__class__.__name__}",
                                 hint="run 'imagebuild lock' where every index of the spec "
                                      "answers") from None
-            pages[key] = {sha for sha in listed.values() if sha}
-        if p.sha256 not in pages[key]:
-            wrong.append(f"{p.name} {p.version} ({p.filename}) is not a file {index} lists: "
-                         f"another index served it")
+        files = pages[key]
+        filename = w.filename if w is not None else _file_for_target(
+            image, index, package, str(version), files, python, platform)
+        found = files.get(filename)
+        if found is None:
+            raise LockError(f"{image}: {index} does not list {filename} (any more)",
+                            hint="declare a file the index serves; nothing was written")
+        sha = w.sha256 if w is not None else found.sha256
+        if w is not None and found.sha256 is not None and found.sha256 != w.sha256:
+            raise LockError(
+                f"{image}: {index} publishes sha256 {found.sha256} for {filename}, "
+                f"wheels.lock has {w.sha256}",
+                hint=f"the index serves other bytes under that name now: if that is "
+                     f"intended, run 'imagebuild lock --upgrade {package}'")
+        out[package] = DirectPin(package, index, filename, found.url, sha)
+    return out
+
+
+def _file_for_target(image: str, index: str, package: str, version: str,
+                     files: Mapping[str, IndexFile], python: str, platform: str) -> str:
+    try:
+        filename = pick_wheel(files, package, version, python, platform)
+    except ValueError:
+        raise LockError(
+            f"{image}: imagebuild knows the wheel tags of a Linux target named "
+            f"ARCH-manylinux_2_N, not {platform!r}, so it cannot choose the file of "
+            f"{package} {version} that {index} serves",
+            hint="name the spec's target.platform that way (aarch64-manylinux_2_28 on a "
+                 "GB10)") from None
+    if filename is None:
+        raise LockError(f"{image}: {index} lists no wheel of {package} {version} for CPython "
+                        f"{python} on {platform}",
+                        hint="pin a version that index has for the target, or take the "
+                             "package off the index's packages: to let the primary index "
+                             "serve it")
+    return filename
+
+
+def check_sources(image: str, inputs: ImageInputs, packages: Iterable[LockedDist],
+                  direct: Mapping[str, DirectPin]) -> None:
+    """What ``direct_pins`` arranged, checked in what uv wrote: each package assigned to
+    an index other than the primary is the file given to uv; everything else came from
+    the primary (the only index uv was given)."""
+    wrong: list[str] = []
+    for p in packages:
+        index = inputs.assigned.get(p.name)
+        if index is None or p.url is None:
+            continue  # the primary's, or a local or built wheel imagebuild serves
+        pin = direct.get(p.name)
+        if pin is None:
+            wrong.append(f"{p.name} {p.version} came from the primary index, but {index} "
+                         f"serves it, at the one version the spec pins: none is pinned")
+        elif p.filename != pin.filename or (pin.sha256 is not None and p.sha256 != pin.sha256):
+            wrong.append(f"{p.name}: uv locked {p.filename} ({p.sha256[:12]}), not "
+                         f"{pin.filename} from {index}")
     if wrong:
         raise LockError(
             f"{image}: each index serves only the packages assigned to it:\n  "
             + "\n  ".join(wrong),
-            hint="pin the package to a version its own index has (requires: in the spec), "
-                 "or, if that other index should serve it, list it under that index's "
-                 "packages: in wheels.index; nothing was written")
+            hint="pin the package to one version (an override name==version in the spec), "
+                 "or take it off the index's packages: to let the primary index serve it; "
+                 "nothing was written")
 
 
 def stale_reason(spec: Spec, wheels: Mapping[str, LockedWheel], lock: ClosureLock

@@ -1,11 +1,12 @@
 """Resolving an image's closure with uv, and reading wheels' metadata for the conflict check.
 
 uv does the resolving (``uv pip compile ... -o pylock.<image>.toml``) for the spec's
-target (``--python-version``, ``--python-platform``), against the spec's indexes and its
-wheels directory, with the overrides in force for the image; only wheels, never a source
-build. An existing lock is handed to uv as its previous output, so pins stay where they
-are unless asked to move (``--upgrade-package``). What uv writes is parsed and checked
-here before anything else reads it.
+target (``--python-version``, ``--python-platform``), against the spec's primary index
+and its wheels directory, with the overrides in force for the image (a package another
+index serves arrives as an override naming its file by URL: ``locking.direct_pins``);
+only wheels, never a source build. An existing lock is handed to uv as its previous
+output, so pins stay where they are unless asked to move (``--upgrade-package``). What
+uv writes is parsed and checked here before anything else reads it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Resolution:
 
 
 def resolve(*, image: str, requirements: list[str], overrides: list[str], python: str,
-            platform: str, wheels_dir: Path, indexes: list[str], previous: ClosureLock | None,
+            platform: str, wheels_dir: Path, index: str, previous: ClosureLock | None,
             upgrade: bool | list[str]) -> Resolution:
     """Run uv for one image and return its checked resolution. ``previous`` seeds uv's
     preferences (unless ``upgrade`` is True: everything may move); a list ``upgrade``
@@ -62,12 +63,7 @@ def resolve(*, image: str, requirements: list[str], overrides: list[str], python
         argv = [uv_binary(), "pip", "compile", "--quiet", "--no-config", "--no-build",
                 "--refresh", "--python-version", python, "--python-platform", platform,
                 "--override", str(d / "overrides.txt"), "--find-links", str(wheels_dir),
-                "--index-url", indexes[0]]
-        for extra in indexes[1:]:
-            argv += ["--extra-index-url", extra]
-        if len(indexes) > 1:
-            # torch 2.11.0+cu130 is only on its own index: the best match over all of them
-            argv += ["--index-strategy", "unsafe-best-match"]
+                "--index-url", index]
         if isinstance(upgrade, list):
             for name in upgrade:
                 argv += ["--upgrade-package", name]
@@ -111,12 +107,18 @@ def _read_uv_output(path: Path, image: str, wheels_dir: Path) -> tuple[LockedDis
     local_root = wheels_dir.absolute()
     out: list[LockedDist] = []
     for e in entries:
-        if not isinstance(e, dict) or not isinstance(e.get("wheels"), list):
+        # an index's or the wheels directory's file under wheels; a file given by URL
+        # (another index's: locking.direct_pins) as the archive
+        archive = e.get("archive") if isinstance(e, dict) else None
+        if isinstance(e, dict) and isinstance(archive, dict) and "wheels" not in e:
+            wheels = [archive]
+        elif isinstance(e, dict) and isinstance(e.get("wheels"), list):
+            wheels = e["wheels"]
+        else:
             name = e.get("name") if isinstance(e, dict) else e
             raise LockError(f"{bad}: {name!r} has no wheel (a source distribution?)",
                             hint="imagebuild installs wheels only: publish a wheel for it, or "
                                  "build one")
-        wheels = e["wheels"]
         if len(wheels) != 1 or not isinstance(wheels[0], dict):
             raise LockError(f"{bad}: {e.get('name')!r} has {len(wheels)} wheels for one target",
                             hint=hint)

@@ -4,6 +4,7 @@ conflict check, hand edits, and what a lock change rebuilds."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,37 +152,50 @@ TORCH_DECL = ("    - file: torch-2.11.0+cu130-py3-none-any.whl\n"
 def test_an_extra_index_serves_only_what_is_assigned_to_it(mini: MiniStack,
                                                            tmp_path: Path) -> None:
     # a second index, as the cu130 one: torch, and a newer transformers it also carries
-    # (the pytorch index mirrors packages): uv resolves across both and takes the newer
+    # (the pytorch index mirrors packages)
     newer = testbed.make_wheel(tmp_path / "files", "transformers", "4.57.2",
                                {"transformers/__init__.py": '__version__ = "4.57.2"\n'},
                                requires=["tokenizers<=0.23.0,>=0.22.0"])
+    five = testbed.BED / "index-files" / "transformers-5.0.0-py3-none-any.whl"
+    torch = testbed.BED / "index-files" / TORCH_DECL.split()[2]
     root = tmp_path / "cu130"
-    testbed.build_index_at(root, [testbed.BED / "index-files" / TORCH_DECL.split()[2], newer])
+    testbed.build_index_at(root, [torch, newer])
     testbed.start_index_at(root, SECOND_INDEX_PORT)
     try:
         url = f"http://127.0.0.1:{SECOND_INDEX_PORT}/simple"
         mini.edit_spec(TORCH_DECL, TORCH_DECL.replace("http://127.0.0.1:18080/simple", url))
-        texts = {p.name: p.read_text() for p in (mini.root / "locks").iterdir()}
         r = mini.cli("lock", "--upgrade", "transformers")
-        assert r.returncode == 2, r.stdout + r.stderr
-        assert ("transformers 4.57.2 (transformers-4.57.2-py3-none-any.whl) is not a file "
-                "http://127.0.0.1:18080/simple lists: another index served it") in r.stderr
-        assert "torch" not in r.stderr.split("assigned to it:")[1].split("hint")[0]
-        assert {p.name: p.read_text() for p in (mini.root / "locks").iterdir()} == texts
-        # assigned to that index, it serves transformers, and only it does: mimo's
-        # transformers 5 (on the primary alone) is refused now
+        assert r.returncode == 0, r.stdout + r.stderr
+        # torch is its own index's file, given to uv by URL; transformers never comes from
+        # that index, though it carries a newer one
+        node = (mini.root / "locks" / "pylock.vllm-node.toml").read_text()
+        assert f'url = "{url}/torch/torch-2.11.0+cu130-py3-none-any.whl"' in node, node
+        tf5 = _locked(mini, "vllm-node-tf5")
+        assert tf5["torch"] == "2.11.0+cu130" and tf5["transformers"] != "4.57.2"
+        assert "18094" not in node.replace(f"{url}/torch/", "")
+        assert mini.cli("lock", "--check").returncode == 0
+        # listed under its packages:, but pinned to no one version: refused by name
         mini.edit_spec(f"      url: {url}\n", f"      url: {url}\n"
                                                f"      packages: [transformers]\n")
-        r = mini.cli("lock", "--upgrade", "transformers")
+        texts = {p.name: p.read_text() for p in (mini.root / "locks").iterdir()}
+        r = mini.cli("lock")
         assert r.returncode == 2, r.stdout + r.stderr
-        assert ("transformers 5.0.0 (transformers-5.0.0-py3-none-any.whl) is not a file "
-                f"{url} lists") in r.stderr
-        testbed.build_index_at(root, [testbed.BED / "index-files" / TORCH_DECL.split()[2],
-                                      newer, testbed.BED / "index-files" /
-                                      "transformers-5.0.0-py3-none-any.whl"])
-        r = mini.cli("lock", "--upgrade", "transformers")
+        assert re.search(rf"transformers [0-9.]+ came from the primary index, but {url} "
+                         r"serves it, at the one version the spec pins: none is pinned",
+                         r.stderr), r.stderr
+        assert {p.name: p.read_text() for p in (mini.root / "locks").iterdir()} == texts
+        # pinned (node and tf5 by a requirement, mimo by its override): that index's files
+        testbed.build_index_at(root, [torch, newer, five])
+        mini.edit_spec("    torch: torch\n    overrides:\n",
+                       '    torch: torch\n    requires: ["transformers==4.57.2"]\n'
+                       "    overrides:\n")
+        mini.edit_spec("      - requirement: transformers>=5.0.0\n",
+                       "      - requirement: transformers==5.0.0\n")
+        r = mini.cli("lock")
         assert r.returncode == 0, r.stdout + r.stderr
         assert _locked(mini, "vllm-node-tf5")["transformers"] == "4.57.2"
         assert _locked(mini, "vllm-node-mimo")["transformers"] == "5.0.0"  # its override
+        mimo = (mini.root / "locks" / "pylock.vllm-node-mimo.toml").read_text()
+        assert f'url = "{url}/transformers/transformers-5.0.0-py3-none-any.whl"' in mimo
     finally:
         testbed.stop_index_at(root)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import zipfile
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -119,9 +120,10 @@ class Stack:
         for name in spec.closure(None):
             inputs = image_inputs(spec, wheels, name)
             unresolved = unresolved or unresolved_reason(spec, inputs)
-            packages = {w.name: LockedDist(w.name, w.version, w.filename, w.sha256 or "",
-                                           None if w.is_local else f"{w.index}/{w.filename}")
-                        for w in inputs.pinned}
+            packages = {w.name: LockedDist(
+                w.name, w.version, w.filename, w.sha256 or "",
+                None if w.is_local else f"{w.index}/{w.name}/{w.filename}")
+                for w in inputs.pinned}
             for p in (closure or CLOSURE).get(name, []):
                 packages[p.name] = p
             # what the overrides silence, recorded as the lock step records it (the index
@@ -191,6 +193,13 @@ def offline_lock(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[LockedDist]]
                 packages[name] = _dist(name, version, "a" * 64)
         for p in closure.get(image, []):
             packages[p.name] = p
+        for o in overrides:  # a file another index serves, given by URL (as uv locks it)
+            name, sep, url = o.partition(" @ ")
+            if sep and name in packages:
+                where, _, frag = url.partition("#sha256=")
+                filename = unquote(where.rsplit("/", 1)[-1])
+                packages[name] = LockedDist(name, parse_wheel(filename).version, filename,
+                                            frag or "e" * 64, where)
         return Resolution(tuple(sorted(packages.values(), key=lambda p: p.name)))
 
     def metadata(url: str) -> bytes:

@@ -63,7 +63,8 @@ def test_context_holds_only_the_dockerfile_and_the_pinned_requirement_files(
     # vllm-node installs all of its closure: torch in its own group, the local wheels last
     node = plan(spec, load(str(spec.path)).lock, ["node"])[0]
     files = {f.arcname: (f.data or b"").decode() for f in node.context}
-    assert files["install-torch.txt"].startswith("torch @ http://127.0.0.1:9/simple/torch-")
+    assert files["install-torch.txt"].startswith(
+        "torch @ http://127.0.0.1:9/simple/torch/torch-")
     assert [ln.split()[0] for ln in files["install-flashinfer.txt"].splitlines()] == [
         "flashinfer-python"]
     assert [ln.split()[0] for ln in files["install-wheels.txt"].splitlines()] == ["vllm"]

@@ -3,16 +3,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from imagebuild import context, lockflow
 from imagebuild import locking as imagebuild_locking
-from imagebuild.closure import LockedDist, _seal, format_closure, read_closure
+from imagebuild.closure import (
+    LockedDist,
+    _seal,
+    format_closure,
+    pick_wheel,
+    read_closure,
+    target_tags,
+)
 from imagebuild.errors import LockConflict, LockError, SpecError
 from imagebuild.lock import parse_wheel, read_lock
-from imagebuild.locking import image_inputs
+from imagebuild.locking import exact_version, image_inputs, pinned_version
 
-from .conftest import CLOSURE, SPEC, Stack, _dist
+from .conftest import CLOSURE, SPEC, TORCH_SHA, Stack, _dist
 
 
 def _wheels(stack: Stack):  # type: ignore[no-untyped-def]
@@ -252,49 +261,119 @@ def test_a_hand_edited_covered_list_is_refused(stack: Stack, offline_lock: objec
         read_closure(path, "vllm-node")
 
 
-def test_each_index_serves_only_the_packages_assigned_to_it(
+SECOND = "http://127.0.0.1:9/simple"  # the stack's torch index
+NUMPY_FILES = {  # what the torch index lists of numpy (it mirrors PyPI's packages)
+    "numpy-9.9.9-cp312-cp312-manylinux_2_17_x86_64.whl": "1" * 64,
+    "numpy-9.9.9-cp312-cp312-manylinux_2_17_aarch64.whl": "2" * 64,
+    "numpy-9.9.9-cp312-cp312-manylinux_2_28_aarch64.whl": "3" * 64,
+    "numpy-9.9.9-cp312-cp312-manylinux_2_34_aarch64.whl": "4" * 64,
+    "numpy-9.9.9-cp311-cp311-manylinux_2_28_aarch64.whl": "5" * 64,
+    "numpy-9.9.8-cp312-cp312-manylinux_2_28_aarch64.whl": "6" * 64,
+}
+
+
+def _resolutions(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """What each uv run is given (the unit tier's resolver stands in for uv)."""
+    seen: list[dict[str, object]] = []
+    fake = imagebuild_locking.resolve
+
+    def resolve(**kw: object):  # type: ignore[no-untyped-def]
+        seen.append(kw)
+        return fake(**kw)
+
+    monkeypatch.setattr("imagebuild.locking.resolve", resolve)
+    return seen
+
+
+def test_another_index_serves_its_packages_to_uv_as_its_files_by_url(
         stack: Stack, offline_lock: dict[str, list[LockedDist]],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # numpy resolved from the torch index (the pytorch index mirrors numpy, jinja2, ...):
-    # PyPI, the index that serves numpy, does not list that file
-    squatted = _dist("numpy", "9.9.9", "9" * 64)
-    offline_lock["vllm-node"].append(squatted)
+    seen = _resolutions(monkeypatch)
+    lockflow.lock(stack.load(), check=False, upgrade=False)
+    # uv is given the primary index alone, and torch as the one file of its own index
+    # (in place of the override torch==2.11.0+cu130, which silences vllm's torch pin)
+    torch_url = f"{SECOND}/torch/torch-2.11.0+cu130-py3-none-any.whl"
+    node = next(kw for kw in seen if kw["image"] == "vllm-node")
+    assert node["index"] == "https://pypi.org/simple"
+    assert node["overrides"] == [f"torch @ {torch_url}#sha256={TORCH_SHA}"]
+    mimo = next(kw for kw in seen if kw["image"] == "vllm-node-mimo")
+    assert mimo["overrides"] == ["transformers>=5.0.0", f"torch @ {torch_url}#sha256={TORCH_SHA}"]
+    locked = read_closure(stack.load().closure_lock_path("vllm-node"), "vllm-node")
+    assert locked.by_name()["torch"].url == torch_url
+    assert locked.overrides == ("torch==2.11.0+cu130",)  # the spec's, as it wrote them
+
+
+def test_a_package_listed_under_an_index_is_its_file_for_the_pinned_version_and_target(
+        stack: Stack, offline_lock: dict[str, list[LockedDist]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # numpy in the closure, listed under the torch index's packages:
+    offline_lock["vllm-node"].append(_dist("numpy", "9.9.9", "9" * 64))
     real_page = imagebuild_locking.index_page
+    asked: list[str] = []
 
     def page(url: str) -> str:
-        if url == "https://pypi.org/simple/numpy/":
-            return '<a href="numpy-2.2.6-py3-none-any.whl#sha256=' + "8" * 64 + '">x</a>'
+        asked.append(url)
+        if url == f"{SECOND}/numpy/":
+            return "".join(f'<a href="../../files/{f}#sha256={h}">{f}</a>'
+                           for f, h in NUMPY_FILES.items())
         return real_page(url)
 
     monkeypatch.setattr("imagebuild.locking.index_page", page)
+    stack.write_spec(SPEC.replace(f"      url: {SECOND}\n", f"      url: {SECOND}\n"
+                                  "      packages: [numpy]\n", 1))
+    assert image_inputs(stack.load(), _wheels(stack), "vllm-node").assigned == {
+        "torch": SECOND, "numpy": SECOND, "uv": SECOND}
     texts = {p: p.read_text() for p in (stack.root / "locks").iterdir()}
+    # not pinned to one version: the lock cannot take a file of it from that index
     with pytest.raises(LockError) as info:
         lockflow.lock(stack.load(), check=False, upgrade=False)
     assert info.value.exit_code == 2
-    assert ("numpy 9.9.9 (numpy-9.9.9-py3-none-any.whl) is not a file "
-            "https://pypi.org/simple lists: another index served it") in info.value.message
+    assert (f"numpy 9.9.9 came from the primary index, but {SECOND} serves it, at the one "
+            "version the spec pins: none is pinned") in info.value.message
     assert "torch" not in info.value.message.split("\n", 1)[1]  # torch is its index's
+    assert info.value.hint is not None and "override" in info.value.hint
     assert all(p.read_text() == t for p, t in texts.items())  # nothing written
-    # assigned to the torch index (as torchvision is in the real spec): it may serve it
-    monkeypatch.setattr("imagebuild.locking.index_page", lambda url: (
-        '<a href="numpy-9.9.9-py3-none-any.whl#sha256=' + "9" * 64 + '">x</a>'
-        if url == "http://127.0.0.1:9/simple/numpy/" else page(url)))
-    stack.write_spec(SPEC.replace("      url: http://127.0.0.1:9/simple\n",
-                                  "      url: http://127.0.0.1:9/simple\n"
-                                  "      packages: [numpy]\n", 1))
-    inputs = image_inputs(stack.load(), _wheels(stack), "vllm-node")
-    assert inputs.assigned == {"torch": "http://127.0.0.1:9/simple",
-                               "numpy": "http://127.0.0.1:9/simple",
-                               "uv": "http://127.0.0.1:9/simple"}
-    asked: list[str] = []
-    assigned_page = imagebuild_locking.index_page
-    monkeypatch.setattr("imagebuild.locking.index_page",
-                        lambda url: asked.append(url) or assigned_page(url))
+    # pinned by an override: the file of that version the target (CPython 3.12,
+    # aarch64, glibc 2.28) installs, best tag first
+    pinned = SPEC.replace(f"      url: {SECOND}\n", f"      url: {SECOND}\n"
+                          "      packages: [numpy]\n", 1).replace(
+        "covers: [vllm]}\n    checks: [torch-gate]",
+        "covers: [vllm]}\n      - {requirement: numpy==9.9.9, reason: the index's build}\n"
+        "    checks: [torch-gate]", 1)
+    stack.write_spec(pinned)
+    asked.clear()
     lockflow.lock(stack.load(), check=False, upgrade=False)
-    node = read_closure(stack.load().closure_lock_path("vllm-node"), "vllm-node")
-    assert node.by_name()["numpy"].version == "9.9.9"
+    numpy = read_closure(stack.load().closure_lock_path("vllm-node"), "vllm-node"
+                         ).by_name()["numpy"]
+    assert (numpy.filename, numpy.sha256) == (
+        "numpy-9.9.9-cp312-cp312-manylinux_2_28_aarch64.whl", "3" * 64)
+    assert numpy.url == ("http://127.0.0.1:9/files/"
+                         "numpy-9.9.9-cp312-cp312-manylinux_2_28_aarch64.whl")
     # each index page read once for the three images, whose closures share it
-    assert asked and len(asked) == len(set(asked))
+    assert f"{SECOND}/numpy/" in asked and len(asked) == len(set(asked))
+    # a version the index has no file of for this target: refused, naming both
+    stack.write_spec(pinned.replace("numpy==9.9.9", "numpy==9.9.7"))
+    with pytest.raises(LockError, match=rf"{SECOND} lists no wheel of numpy 9\.9\.7 for "
+                                        r"CPython 3\.12 on aarch64-manylinux_2_28"):
+        lockflow.lock(stack.load(), check=False, upgrade=False)
+    # a target named so that its tags are unknown: said, not guessed
+    stack.write_spec(pinned.replace("platform: aarch64-manylinux_2_28", "platform: aarch64-x"))
+    with pytest.raises(LockError, match="not 'aarch64-x'"):
+        lockflow.lock(stack.load(), check=False, upgrade=False)
+
+
+def test_an_index_that_publishes_other_bytes_for_a_declared_file_is_refused(
+        stack: Stack, offline_lock: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("imagebuild.locking.index_page", lambda url: (
+        '<a href="torch-2.11.0+cu130-py3-none-any.whl#sha256=' + "f" * 64 + '">t</a>'
+        if url == f"{SECOND}/torch/" else '<a href="uv-0.9.7-py3-none-any.whl">u</a>'))
+    with pytest.raises(LockError) as info:
+        lockflow.lock(stack.load(), check=False, upgrade=False)
+    assert f"publishes sha256 {'f' * 64} for torch-2.11.0+cu130" in info.value.message
+    assert info.value.hint is not None and "lock --upgrade torch" in info.value.hint
+    monkeypatch.setattr("imagebuild.locking.index_page", lambda url: "")
+    with pytest.raises(LockError, match=rf"{SECOND} does not list torch-2\.11\.0"):
+        lockflow.lock(stack.load(), check=False, upgrade=False)
 
 
 def test_an_index_that_cannot_be_read_or_a_package_on_two_is_refused(
@@ -303,7 +382,8 @@ def test_an_index_that_cannot_be_read_or_a_package_on_two_is_refused(
         raise ConnectionError(url)
 
     monkeypatch.setattr("imagebuild.locking.index_page", down)
-    with pytest.raises(LockError, match=r"cannot read https://pypi\.org/simple/"):
+    with pytest.raises(LockError, match=r"cannot read http://127\.0\.0\.1:9/simple/torch/, "
+                                        "the index that serves torch"):
         lockflow.lock(stack.load(), check=False, upgrade=False)
     stack.write_spec(SPEC.replace(
         "    - file: uv-0.9.7-py3-none-any.whl\n      url: http://127.0.0.1:9/simple\n",
@@ -311,3 +391,52 @@ def test_an_index_that_cannot_be_read_or_a_package_on_two_is_refused(
         "      packages: [torch]\n", 1))
     with pytest.raises(SpecError, match="torch is assigned to two indexes"):
         image_inputs(stack.load(), _wheels(stack), "vllm-node")
+
+
+def test_the_wheel_a_target_installs_is_chosen_by_its_tags() -> None:
+    files = list(NUMPY_FILES)
+    # a GB10 head (aarch64, glibc 2.28, CPython 3.12): the newest glibc tag it can load
+    assert pick_wheel(files, "numpy", "9.9.9", "3.12", "aarch64-manylinux_2_28") == (
+        "numpy-9.9.9-cp312-cp312-manylinux_2_28_aarch64.whl")
+    assert pick_wheel(files, "numpy", "9.9.9", "3.12", "aarch64-manylinux_2_34") == (
+        "numpy-9.9.9-cp312-cp312-manylinux_2_34_aarch64.whl")
+    assert pick_wheel(files, "numpy", "9.9.9", "3.12", "aarch64-manylinux_2_17") == (
+        "numpy-9.9.9-cp312-cp312-manylinux_2_17_aarch64.whl")
+    assert pick_wheel(files, "numpy", "9.9.9", "3.12", "x86_64-manylinux_2_28") == (
+        "numpy-9.9.9-cp312-cp312-manylinux_2_17_x86_64.whl")
+    assert pick_wheel(files, "numpy", "9.9.9", "3.11", "aarch64-unknown-linux-gnu") == (
+        "numpy-9.9.9-cp311-cp311-manylinux_2_28_aarch64.whl")
+    # nothing for that interpreter, glibc or version: None, never a near miss
+    assert pick_wheel(files, "numpy", "9.9.9", "3.13", "aarch64-manylinux_2_28") is None
+    assert pick_wheel(files, "numpy", "9.9.9", "3.12", "aarch64-manylinux_2_12") is None
+    assert pick_wheel(files, "numpy", "9.9", "3.12", "aarch64-manylinux_2_28") is None
+    # a pure wheel, an abi3 one and a local version: each where an installer ranks it
+    mixed = ["torchvision-0.26.0+cu130-cp312-cp312-manylinux_2_28_aarch64.whl",
+             "torchvision-0.26.0-cp312-cp312-manylinux_2_28_aarch64.whl",
+             "torchvision-0.26.0+cu130-py3-none-any.whl",
+             "torchvision-0.26.0+cu130-cp39-abi3-manylinux_2_28_aarch64.whl",
+             "not a wheel.whl"]
+    assert pick_wheel(mixed, "torchvision", "0.26.0+cu130", "3.12",
+                      "aarch64-manylinux_2_28") == mixed[0]
+    assert pick_wheel(mixed[2:], "torchvision", "0.26.0+cu130", "3.12",
+                      "aarch64-manylinux_2_28") == mixed[3]
+    assert pick_wheel(mixed[2:3], "torchvision", "0.26.0+cu130", "3.12",
+                      "x86_64-manylinux_2_28") == mixed[2]
+    with pytest.raises(ValueError):
+        pick_wheel(files, "numpy", "9.9.9", "3.12", "linux")
+    assert target_tags("3.12", "aarch64-manylinux2014") == target_tags(
+        "3.12", "aarch64-manylinux_2_17")
+
+
+def test_an_override_decides_the_pinned_version_even_where_a_parent_pins_another(
+        stack: Stack) -> None:
+    inputs = image_inputs(stack.load(), _wheels(stack), "mimo")
+    exact = replace(inputs, requirements=(*inputs.requirements, "transformers==4.57.2"))
+    # mimo's override (transformers>=5.0.0) replaces tf5's pin: no one version
+    assert pinned_version("transformers", exact) is None
+    assert pinned_version("torch", exact) == "2.11.0+cu130"  # its override's
+    tf5 = image_inputs(stack.load(), _wheels(stack), "tf5")
+    assert pinned_version("transformers", tf5) is None  # >=4.57,<5: a range
+    assert pinned_version("transformers", replace(
+        tf5, requirements=(*tf5.requirements, "transformers==4.57.2"))) == "4.57.2"
+    assert exact_version("numpy===1.0") == "1.0" and exact_version("numpy==1.*") is None
