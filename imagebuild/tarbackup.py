@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -125,15 +126,39 @@ def _octal(field: bytes) -> int:
 
 
 def _pax(data: bytes) -> dict[str, str]:
+    """The records of a pax header ("LEN key=value\n" each). Raises ValueError on a
+    record whose length does not cover itself or runs past the header (a zero-length
+    record would otherwise never advance)."""
     out: dict[str, str] = {}
     pos = 0
     while pos < len(data):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        end = pos + length
+        if end <= space + 1 or end > len(data) or data[end - 1:end] != b"\n":
+            raise ValueError(f"a record of length {length} at {pos}")
+        key, eq, value = data[space + 1:end - 1].partition(b"=")
+        if not eq:
+            raise ValueError(f"a record without '=' at {pos}")
         out[key.decode(errors="replace")] = value.decode(errors="replace")
-        pos += length
+        pos = end
     return out
+
+
+# What a docker save archive holds (classic: <id>/layer.tar, <id>/json, <id>/VERSION,
+# <config>.json; OCI layout: blobs/sha256/<digest>, index.json, oci-layout; both:
+# manifest.json, repositories), by name after normalising ("./x" and "a/../x" are "x")
+_FILE = re.compile(r"manifest\.json|index\.json|repositories|oci-layout|[0-9a-f]{64}\.json"
+                   r"|[0-9a-f]{64}/(?:layer\.tar|json|VERSION)|blobs/sha256/[0-9a-f]{64}")
+_DIRECTORY = re.compile(r"\.|[0-9a-f]{64}|blobs|blobs/sha256")
+# docker 20.10 writes a layer saved twice as a link to the first file; newer ones may
+# point a layer directory at its blob
+_LINK = re.compile(r"[0-9a-f]{64}/layer\.tar")
+_LINK_TARGET = re.compile(r"[0-9a-f]{64}/layer\.tar|blobs/sha256/[0-9a-f]{64}")
+REFUSED_HINT = ("imagebuild loads only what docker save writes: regular files under their "
+                "own names (no name twice), the directories, and a layer linked to another; "
+                "save the image again with 'docker save', or load it with 'restore-from-tar "
+                "--file X.tar --adopt' if it is a tar of the field's")
 
 
 class TarGuard:
@@ -162,6 +187,8 @@ class TarGuard:
         self.capture: bytearray | None = None
         self.maybe_json = False  # the member captured is a small blob, kept if JSON
         self.next_name: str | None = None  # from a pax or GNU long-name header
+        self.next_link: str | None = None  # from a pax header's linkpath
+        self.names: set[str] = set()  # every member's name so far, normalised
 
     def feed(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         for chunk in chunks:
@@ -226,12 +253,15 @@ class TarGuard:
                     raise BackupError(f"{self.where}: a tar header is corrupt") from None
                 flag = header[156:157]
                 raw = header[0:100].split(b"\0", 1)[0]
-                if header[257:262] == b"ustar":
+                if header[257:263] == b"ustar\0":  # POSIX ustar: a GNU header has no prefix
                     prefix = header[345:500].split(b"\0", 1)[0]
                     raw = prefix + b"/" + raw if prefix else raw
                 name = self.next_name or raw.decode(errors="replace")
-                if flag not in (b"x", b"g", b"L"):
-                    self.next_name = None
+                if flag not in (b"x", b"L"):
+                    link = self.next_link or header[157:257].split(b"\0", 1)[0].decode(
+                        errors="replace")
+                    self.next_name = self.next_link = None
+                    name = self._admit(name, flag, size, link)
                 regular = flag in (b"0", b"\0") and size < SMALL
                 meta = regular and is_meta(name)
                 # an OCI layout names its config blobs/sha256/<hex>: keep any small JSON
@@ -256,6 +286,44 @@ class TarGuard:
             self.current = None
             self._member_done(name, flag)
 
+    def _admit(self, name: str, flag: bytes, size: int, link: str) -> str:
+        """A member's name, normalised, if a docker save archive can hold it as this kind
+        of member; else the stream is refused (what docker load would read under a name
+        the checks never saw: a second manifest.json as ./manifest.json, a link named
+        manifest.json, one too large to check)."""
+        norm = posixpath.normpath(name) if name else ""
+        what = f"{self.where}: the member {name[:200]!r}"
+        if not norm or name.startswith("/") or norm == ".." or norm.startswith("../"):
+            raise BackupError(f"{what} is not a name inside the archive; nothing was loaded",
+                              hint=REFUSED_HINT)
+        if norm in self.names:
+            raise BackupError(f"{what} is a second member named {norm}; nothing was loaded",
+                              hint=REFUSED_HINT)
+        self.names.add(norm)
+        if flag in (b"0", b"\0"):
+            if not _FILE.fullmatch(norm):
+                raise BackupError(f"{what} is not a file docker save writes; nothing was "
+                                  f"loaded", hint=REFUSED_HINT)
+            if is_meta(norm) and size >= SMALL:
+                raise BackupError(f"{what} is {size} bytes, more than imagebuild reads to "
+                                  f"check it ({SMALL} bytes); nothing was loaded",
+                                  hint=REFUSED_HINT)
+        elif flag == b"5":
+            if not _DIRECTORY.fullmatch(norm):
+                raise BackupError(f"{what} is not a directory docker save writes; nothing "
+                                  f"was loaded", hint=REFUSED_HINT)
+        elif flag == b"2":
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(norm), link))
+            if not _LINK.fullmatch(norm) or not _LINK_TARGET.fullmatch(target):
+                raise BackupError(f"{what} is a link to {link[:200]!r}, not a layer linked to "
+                                  f"another; nothing was loaded", hint=REFUSED_HINT)
+        else:
+            kinds = {b"1": "a hard link", b"3": "a device", b"4": "a device", b"6": "a FIFO",
+                     b"g": "a global pax header", b"K": "a GNU long link name"}
+            raise BackupError(f"{what} is {kinds.get(flag, f'of type {flag!r}')}, which docker "
+                              f"save never writes; nothing was loaded", hint=REFUSED_HINT)
+        return norm
+
     def _member_done(self, name: str, flag: bytes) -> None:
         data = bytes(self.capture) if self.capture is not None else None
         self.capture = None
@@ -267,6 +335,7 @@ class TarGuard:
             except ValueError:
                 raise BackupError(f"{self.where}: a pax header is corrupt") from None
             self.next_name = pax.get("path", self.next_name)
+            self.next_link = pax.get("linkpath", self.next_link)
             return
         if flag == b"L":
             self.next_name = data.split(b"\0", 1)[0].decode(errors="replace")

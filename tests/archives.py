@@ -22,26 +22,26 @@ class Saved:
 
 def save_like(path: Path, layers: list[bytes], *, tags: list[str] | None = None,
               repeat: str = "", manifest_first: bool = False, env: str = "A=1",
-              long_names: bool = False) -> Saved:
+              pax_names: bool = False) -> Saved:
     """A classic-store ``docker save`` tar. ``repeat="link"``: a layer equal to an
     earlier one is written as a symlink to its file (Docker 20.10); ``"same"``: the
-    manifest names the earlier file again (newer Dockers)."""
+    manifest names the earlier file again (newer Dockers). ``pax_names``: every member's
+    name (and a link's target) in a pax header before it, as a writer may put them."""
     diff_ids = ["sha256:" + hashlib.sha256(b).hexdigest() for b in layers]
     cfg = {"Env": [env], "Cmd": ["/bin/sh"], "Labels": {"x": "y"}}
     config = json.dumps({"architecture": "amd64", "config": cfg,
                          "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
     config_name = hashlib.sha256(config).hexdigest() + ".json"
-    prefix = "d" * 120 + "/" if long_names else ""
     names: list[str] = []
     first: dict[str, str] = {}
     entries: list[tuple[str, bytes | str]] = []  # data, or a symlink target
     for i, (data, diff) in enumerate(zip(layers, diff_ids, strict=True)):
-        name = f"{prefix}{i:064x}/layer.tar"
+        name = f"{i:064x}/layer.tar"
         if diff in first and repeat == "same":
             names.append(first[diff])
             continue
         if diff in first and repeat == "link":
-            entries.append((name, "../" + first[diff].removeprefix(prefix)))
+            entries.append((name, "../" + first[diff]))
         else:
             entries.append((name, data))
             first.setdefault(diff, name)
@@ -51,8 +51,12 @@ def save_like(path: Path, layers: list[bytes], *, tags: list[str] | None = None,
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
         def add(name: str, data: bytes | str) -> None:
             ti = tarfile.TarInfo(name)
+            if pax_names:
+                ti.pax_headers = {"path": name}
             if isinstance(data, str):
                 ti.type, ti.linkname = tarfile.SYMTYPE, data
+                if pax_names:
+                    ti.pax_headers["linkpath"] = data
                 tf.addfile(ti)
                 return
             ti.size = len(data)

@@ -130,7 +130,7 @@ def _chunks(data: bytes, n: int) -> list[bytes]:
 def test_a_good_stream_passes_through_unchanged(tmp_path: Path, chunk: int,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tarbackup, "HOLD", 2048)
-    saved = save_like(tmp_path / "a.tar", LAYERS * 3, long_names=True)
+    saved = save_like(tmp_path / "a.tar", LAYERS * 3, pax_names=True, repeat="link")
     data = saved.path.read_bytes()
     out = b"".join(_guard(saved.path).feed(_chunks(data, chunk)))
     assert out == data
@@ -322,3 +322,157 @@ def test_an_oci_layout_for_a_containerd_worker_names_compressed_blobs_by_their_d
     cindex = _read(saved.path)
     assert [cindex.layer_blob(i) for i in range(2)] == [
         ("application/vnd.oci.image.layer.v1.tar", d) for d in saved.diff_ids]
+
+
+# -- the tar a restore loads is read by the strict reader's rules -----------------------------
+
+
+BAD_TAGS = json.dumps([{"Config": "x.json", "RepoTags": ["vllm-node:latest", "nvidia/cuda:13"],
+                        "Layers": []}]).encode()
+
+
+def _members(path: Path) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    with tarfile.open(path) as tf:
+        return [(m, tf.extractfile(m).read() if m.isfile() else None)  # type: ignore[union-attr]
+                for m in tf]
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]], fmt: int = tarfile.PAX_FORMAT
+         ) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tf:
+        for ti, data in members:
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    return ti, data
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfile.TarInfo, None]:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname = kind, target
+    return ti, None
+
+
+def _gnu_manifest_with_atime(data: bytes) -> bytes:
+    """A GNU-format member manifest.json whose atime field (where a ustar header keeps
+    its name prefix) is set, as GNU tar writes with --atime-preserve."""
+    ti = tarfile.TarInfo("manifest.json")
+    ti.size = len(data)
+    header = bytearray(ti.tobuf(tarfile.GNU_FORMAT))
+    assert header[257:265] == b"ustar  \0"
+    header[345:357] = b"14734236340\0"  # atime, octal
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + data + b"\0" * (-len(data) % 512)
+
+
+@pytest.mark.parametrize("variant", [
+    "./manifest.json", "dir/../manifest.json", "gnu atime", "hard link", "symlink",
+    "large", "large alone"])
+def test_a_tar_with_a_second_way_to_name_its_manifest_is_refused(
+        tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each way a tar could give docker load a manifest (with other tags) the guard never
+    checked: refused before that member is released, exit 8."""
+    monkeypatch.setattr(tarbackup, "HOLD", 1024)
+    monkeypatch.setattr(tarbackup, "SMALL", 64 << 10)
+    saved = save_like(tmp_path / "a.tar", LAYERS)
+    members = _members(saved.path)
+    if variant in ("./manifest.json", "dir/../manifest.json"):
+        data = _tar([*members, _file(variant, BAD_TAGS)])
+    elif variant == "gnu atime":
+        good = _tar(members, tarfile.GNU_FORMAT)
+        end = len(good.rstrip(b"\0"))
+        end += -end % 512
+        data = good[:end] + _gnu_manifest_with_atime(BAD_TAGS) + b"\0" * 1024
+    elif variant == "hard link":
+        others = [(m, d) for m, d in members if m.name != "manifest.json"]
+        layer = next(m.name for m, _ in members if m.name.endswith("/json"))
+        data = _tar([*others, _file(layer.replace("/json", "/VERSION"), BAD_TAGS),
+                     _link("manifest.json", layer.replace("/json", "/VERSION"),
+                           tarfile.LNKTYPE)])
+    elif variant == "symlink":
+        others = [(m, d) for m, d in members if m.name != "manifest.json"]
+        data = _tar([*others, _file("0" * 64 + "/VERSION", BAD_TAGS),
+                     _link("manifest.json", "0" * 64 + "/VERSION")])
+    elif variant == "large":
+        data = _tar([*members, _file("manifest.json", BAD_TAGS + b" " * (64 << 10))])
+    else:
+        others = [(m, d) for m, d in members if m.name != "manifest.json"]
+        big = next(d for m, d in members if m.name == "manifest.json")
+        assert big is not None
+        data = _tar([*others, _file("manifest.json", big + b" " * (64 << 10))])
+    guard = TarGuard(str(saved.path), len(data), hashlib.sha256(data).hexdigest(),
+                     lambda name, blob: None if not manifest_tags(name, blob, "t") or
+                     manifest_tags(name, blob, "t") == ["img:abc"] else (_ for _ in ()).throw(
+                         BackupError("would tag other names")), lambda metas: None)
+    out, err = _released_before_failing(guard, data)
+    assert err.exit_code == 8 and "nothing was loaded" in err.message
+    assert "would tag" not in err.message  # refused by the reader's rules, not by chance
+    assert b"vllm-node:latest" not in out and len(out) < len(data)
+    expected = {"./manifest.json": "a second member named manifest.json",
+                "dir/../manifest.json": "a second member named manifest.json",
+                "gnu atime": "a second member named manifest.json",
+                "hard link": "is a hard link",
+                "symlink": "is a link to",
+                "large": "a second member named manifest.json",
+                "large alone": "more than imagebuild reads to check it"}[variant]
+    assert expected in err.message, err.message
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("etc/passwd", "is not a file docker save writes"),
+    ("/manifest.json", "is not a name inside the archive"),
+    ("../" + "0" * 64 + ".json", "is not a name inside the archive"),
+    ("fifo", "is a FIFO"),
+    ("usr", "is not a directory docker save writes"),
+    ("0" * 64 + "/layer.tar", "a second member named"),
+])
+def test_a_member_docker_save_never_writes_is_refused(tmp_path: Path, name: str,
+                                                      why: str) -> None:
+    saved = save_like(tmp_path / "a.tar", LAYERS)
+    extra: tuple[tarfile.TarInfo, bytes | None]
+    if name == "fifo":
+        ti = tarfile.TarInfo("0" * 64 + "/VERSION")
+        ti.type = tarfile.FIFOTYPE
+        extra = (ti, None)
+    elif name == "usr":
+        ti = tarfile.TarInfo("usr")
+        ti.type = tarfile.DIRTYPE
+        extra = (ti, None)
+    else:
+        extra = _file(name, b"{}")
+    data = _tar([extra, *_members(saved.path)])
+    _, err = _released_before_failing(_guard(saved.path, sha=hashlib.sha256(data).hexdigest(),
+                                             size=len(data)), data)
+    assert why in err.message and err.exit_code == 8
+
+
+def test_a_relative_name_and_a_linked_layer_docker_wrote_pass(tmp_path: Path) -> None:
+    saved = save_like(tmp_path / "a.tar", [b"same" * 100, b"other" * 100, b"same" * 100],
+                      repeat="link")
+    members = [(m, d) for m, d in _members(saved.path)]
+    for ti, _ in members:
+        ti.name = "./" + ti.name  # tar -C dir -cf x.tar . writes names this way
+    top = tarfile.TarInfo(".")
+    top.type = tarfile.DIRTYPE
+    data = _tar([(top, None), *members])
+    guard = _guard(saved.path, sha=hashlib.sha256(data).hexdigest(), size=len(data))
+    assert b"".join(guard.feed(_chunks(data, 4096))) == data
+
+
+@pytest.mark.parametrize("record", [b"0 ", b"3 a=\n", b"99 path=x\n", b"12 pathx\n"])
+def test_a_corrupt_pax_record_is_refused_and_never_spins(tmp_path: Path, record: bytes) -> None:
+    saved = save_like(tmp_path / "a.tar", LAYERS)
+    good = saved.path.read_bytes()
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(record)
+    data = (header.tobuf(tarfile.USTAR_FORMAT) + record + b"\0" * (-len(record) % 512)
+            + good)
+    _, err = _released_before_failing(_guard(saved.path, sha=hashlib.sha256(data).hexdigest(),
+                                             size=len(data)), data)
+    assert "a pax header is corrupt" in err.message
