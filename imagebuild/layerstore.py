@@ -75,6 +75,22 @@ _LINK = re.compile(r"\.\./[0-9a-f]{64}/layer\.tar")  # a layer repeated within o
 _LAST = ("index.json", "manifest.json")  # composed last: a cut stream never has them
 
 
+def check_layout(store: BackupDir, *more: str) -> None:
+    """Refuse (exit 8) a store whose own directories are not directories of their own:
+    with ``blobs/.incoming`` a symlink, cleaning leftovers would delete files elsewhere;
+    with ``blobs/sha256``, garbage collection; with ``images/NAME``, generations would be
+    written elsewhere. ``more``: other directories of the store its caller writes."""
+    bad = store.not_directories(["blobs", BLOBS, INCOMING, IMAGES, *more], IMAGES)
+    if bad:
+        raise BackupError(
+            f"{store}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
+            f"{'is not a directory' if len(bad) == 1 else 'are not directories'} of the "
+            f"store's own (a symlink, or a file): imagebuild writes into and deletes from "
+            f"its store's directories only; nothing was changed",
+            hint="see where it points; put the real directory in its place (or remove the "
+                 "link or file), then run again")
+
+
 def blob_path(digest: str) -> str:
     if not _HEX.fullmatch(digest):
         raise BackupError(f"{digest!r} is not a sha256 hex digest")

@@ -18,7 +18,8 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -135,6 +136,12 @@ class BackupDir(Protocol):
 
     def remove(self, *names: str) -> None:
         """Remove files; absent ones are not an error."""
+        ...
+
+    def not_directories(self, paths: Sequence[str], children_of: str) -> list[str]:
+        """Of ``paths``, those that exist but are not directories of their own (a symlink,
+        even to a directory, or any other kind of file), then every entry directly in
+        ``children_of`` that is not (as lstat sees them: nothing is followed)."""
         ...
 
 
@@ -291,6 +298,20 @@ class LocalDir:
     def remove(self, *names: str) -> None:
         for name in names:
             self._p(name).unlink(missing_ok=True)
+
+    def not_directories(self, paths: Sequence[str], children_of: str) -> list[str]:
+        out: list[str] = []
+        for path in paths:
+            try:
+                mode = os.lstat(self._p(path)).st_mode
+            except (FileNotFoundError, NotADirectoryError):  # a parent is named already
+                continue
+            if not stat.S_ISDIR(mode):
+                out.append(path)
+        if children_of not in out:
+            out.extend(f"{children_of}/{e.name}" for e in self._entries(children_of)
+                       if not e.is_dir(follow_symlinks=False))
+        return out
 
 
 # -- on another host -----------------------------------------------------------------------------
@@ -466,6 +487,21 @@ class SshDir:
     def remove(self, *names: str) -> None:
         if names:
             run(self.target, ["rm", "-f", "--", *(self.path_of(n) for n in names)])
+
+    def not_directories(self, paths: Sequence[str], children_of: str) -> list[str]:
+        # one round trip; test -L before -d (which follows links); find lists without
+        # following them
+        script = ('c=$1; shift; for p; do if [ -L "$p" ] || { [ -e "$p" ] && [ ! -d "$p" ]; }; '
+                  'then printf "%s\\0" "$p"; fi; done; '
+                  'if [ -d "$c" ] && [ ! -L "$c" ]; then '
+                  'find "$c" -mindepth 1 -maxdepth 1 ! -type d -printf "%p\\0"; fi')
+        out = run(self.target, ["sh", "-c", script, "sh", self.path_of(children_of),
+                                *(self.path_of(p) for p in paths)])
+        root = self.location.path + "/"
+        found = [p.removeprefix(root) for p in out.split("\0")[:-1]]
+        if any(p.startswith("/") for p in found):
+            raise RemoteError(f"{self.target}: unexpected reply checking {self.location.path}")
+        return found
 
 
 def _ns(seconds: str) -> int:

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from .errors import StoreBusy
-from .layerstore import run_alive, run_token
+from .layerstore import check_layout, run_alive, run_token
 from .store import BackupDir
 
 LOCKS = "locks"
@@ -51,6 +51,7 @@ class StoreLock:
         self.release()
 
     def acquire(self) -> None:
+        check_layout(self.store, LOCKS)  # every run that writes or removes passes here
         self.store.mkdirs(LOCKS)
         self.path = f"{LOCKS}/{self.kind}.{run_token()}.{secrets.token_hex(4)}"
         created = datetime.now(UTC).isoformat(timespec="seconds")

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -16,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from imagebuild.engine_docker import DockerEngine
+from imagebuild.errors import BackupError
 from imagebuild.naming import ADOPTED_LABEL, hash12, input_hash
 from imagebuild.spec import SshLocation
 from imagebuild.store import SshDir
+from imagebuild.storelock import StoreLock
 
 from .conftest import HEAD_STORES, Bed, MiniStack, testbed
 
@@ -327,6 +330,39 @@ def test_build_restores_a_missing_derivation_from_its_backup(mini: MiniStack) ->
     assert DockerEngine().require(tag).id == sidecar["image_id"]
 
 
+def test_a_remote_store_whose_own_directory_points_elsewhere_is_refused(bed: Bed) -> None:
+    """Over ssh as on this host: a symlink (or a file) where the store keeps its blobs,
+    leftovers, images or locks is refused (exit 8) before anything is written or removed
+    (one round trip, nothing followed)."""
+    remote = bed.root / "remote-backups" / f"layout-{uuid.uuid4().hex[:8]} x"
+    elsewhere = remote.parent / f"{remote.name} elsewhere"
+    try:
+        for d in ("blobs/sha256", "blobs/.incoming", "images/vllm-node", "locks"):
+            (remote / d).mkdir(parents=True)
+        elsewhere.mkdir()
+        (elsewhere / ("a" * 64)).write_text("not the store's")
+        there = SshDir(SshLocation(host="w1", path=str(remote)), str(bed.ssh_config))
+        with StoreLock(there, "shared", "a backup"):
+            pass
+        assert there.not_directories(["blobs", "nothing-here"], "images") == []
+        for path in ("blobs/.incoming", "blobs/sha256", "images/vllm-node", "locks"):
+            target = remote / path
+            os.rename(target, remote / "moved")
+            target.symlink_to(elsewhere, target_is_directory=True)
+            with pytest.raises(BackupError) as info:
+                StoreLock(there, "exclusive", "pruning").acquire()
+            assert info.value.exit_code == 8, path
+            assert f"{path} is not a directory of the store's own" in info.value.message
+            target.unlink()
+            os.rename(remote / "moved", target)
+        (remote / "images" / "a file").write_text("x")
+        assert there.not_directories([], "images") == ["images/a file"]
+        assert (elsewhere / ("a" * 64)).read_text() == "not the store's"
+        assert sorted(p.name for p in elsewhere.iterdir()) == ["a" * 64]
+    finally:
+        subprocess.run(["rm", "-rf", str(remote), str(elsewhere)])
+
+
 def test_a_remote_ssh_store_works_against_a_worker(mini: MiniStack) -> None:
     # a directory whose name has a space, beside a file that pruning must not touch
     remote = mini.bed.root / "remote-backups" / f"{mini.root.parent.name} copy"
@@ -456,6 +492,98 @@ def test_a_tar_whose_manifest_would_move_a_tag_is_refused_before_loading(
         assert engine.inspect(str(sidecar["image_id"])) is None
         assert engine.inspect("vllm-node-mimo:latest") is None
         assert engine.require("imagebuild-bed/bookworm-python:1").id == base_before
+
+
+def _gnu_member(ti: tarfile.TarInfo, data: bytes = b"", atime: bool = False) -> bytes:
+    """One member as GNU tar writes it; ``atime``: with the atime field set, where a
+    POSIX ustar header keeps a name prefix."""
+    ti.size = len(data) if ti.isfile() else 0
+    header = bytearray(ti.tobuf(tarfile.GNU_FORMAT))
+    if atime:
+        header[-512 + 345:-512 + 357] = b"14734236340\0"
+        header[-512 + 148:-512 + 156] = b" " * 8
+        header[-512 + 148:-512 + 156] = b"%06o\0 " % sum(header[-512:])
+    return bytes(header) + data + b"\0" * (-len(data) % 512)
+
+
+def _crafted(gen: Path, sidecar: dict[str, object], dest: Path, variant: str) -> Path:
+    """The generation as a tar backup whose manifest.json is the sidecar's, followed at
+    once by a second way to give docker load a manifest that tags vllm-node:latest and
+    the base (each a way the reader once let through); the sidecar agrees with it."""
+    manifest = json.loads((gen / "manifest.json").read_text())
+    manifest[0]["RepoTags"] = ["vllm-node:latest", "imagebuild-bed/bookworm-python:1"]
+    bad = json.dumps(manifest).encode()
+    with dest.open("wb") as out:
+        out.write(_gnu_member(tarfile.TarInfo("manifest.json"),
+                              (gen / "manifest.json").read_bytes()))
+        if variant == "./manifest.json":
+            out.write(_gnu_member(tarfile.TarInfo("./manifest.json"), bad))
+        elif variant == "gnu atime":
+            out.write(_gnu_member(tarfile.TarInfo("manifest.json"), bad, atime=True))
+        elif variant == "large":
+            out.write(_gnu_member(tarfile.TarInfo("manifest.json"), bad + b" " * (4 << 20)))
+        elif variant in ("hard link", "symlink"):  # manifest.json again, as a link
+            out.write(_gnu_member(tarfile.TarInfo("repositories"), bad))
+            link = tarfile.TarInfo("manifest.json")
+            link.type = tarfile.LNKTYPE if variant == "hard link" else tarfile.SYMTYPE
+            link.linkname = "repositories"
+            out.write(_gnu_member(link))
+        for path in sorted(gen.rglob("*")):
+            rel = str(path.relative_to(gen))
+            if rel == "manifest.json":
+                continue
+            ti = tarfile.TarInfo(rel)
+            if path.is_symlink():
+                ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(path)
+                out.write(_gnu_member(ti))
+            elif path.is_dir():
+                ti.type = tarfile.DIRTYPE
+                out.write(_gnu_member(ti))
+            else:
+                out.write(_gnu_member(ti, path.read_bytes()))
+        out.write(b"\0" * 1024)
+    data = dest.read_bytes()
+    dest.with_name(dest.name + ".json").write_text(json.dumps({
+        "image": "vllm-node-mimo", "image_id": sidecar["image_id"],
+        "fingerprint": sidecar["fingerprint"], "input_hash": sidecar["input_hash"],
+        "tags": sidecar["tags"], "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(), "created": sidecar["created"],
+        "mtime_ns": dest.stat().st_mtime_ns}))
+    return dest
+
+
+def _every_tag() -> list[str]:
+    r = subprocess.run(["docker", "images", "--no-trunc", "--format",
+                        "{{.Repository}}:{{.Tag}} {{.ID}}"], capture_output=True, text=True,
+                       check=True)
+    return sorted(r.stdout.splitlines())
+
+
+@pytest.mark.parametrize("head_store", HEAD_STORES)
+def test_a_tar_with_a_second_way_to_name_its_manifest_moves_no_tag(
+        mini: MiniStack, tmp_path: Path, head_store: str) -> None:
+    """restore-from-tar --file with a tar and sidecar that agree, whose manifest.json is
+    the image's own but which also names a manifest that would move vllm-node:latest and
+    the base: refused (exit 8) before docker load gets it, on either image store, and no
+    image's tags, the base's included, change."""
+    gen, sidecar, hash_tag = _built(mini)
+    _rmi(hash_tag, "vllm-node-mimo:latest")  # so that restore loads it, not a no-op
+    before = _every_tag()
+    assert any(t.startswith("vllm-node:latest ") for t in before)
+    for variant in ("./manifest.json", "gnu atime", "hard link", "symlink", "large"):
+        crafted = _crafted(gen, sidecar, tmp_path / "crafted.tar", variant)
+        r = mini.cli("restore-from-tar", "--file", str(crafted))
+        assert r.returncode == 8, (variant, r.stdout + r.stderr)
+        assert "nothing was loaded" in r.stderr, (variant, r.stderr)
+        assert _every_tag() == before, variant
+    # the tar without the second manifest: loads, and tags only what its sidecar names
+    r = mini.cli("restore-from-tar", "--file", str(_crafted(gen, sidecar, tmp_path /
+                                                             "good.tar", "none")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = _every_tag()
+    added = {t.split()[0] for t in set(after) - set(before)}
+    assert set(before) <= set(after) and hash_tag in added
+    assert added <= {hash_tag, "vllm-node-mimo:latest"}, added  # latest: after the gate
 
 
 @pytest.mark.parametrize("head_store", ["containerd"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.errors import StoreBusy
+from imagebuild.errors import BackupError, StoreBusy
 from imagebuild.layerstore import FOREIGN_PARTIAL_AGE
 from imagebuild.store import LocalDir
 from imagebuild.storelock import LOCKS, StoreLock, holders
@@ -60,3 +60,53 @@ def test_the_locks_of_one_run_never_conflict(tmp_path: Path) -> None:
     with StoreLock(store, "shared", "a backup"), StoreLock(store, "exclusive", "pruning"):
         assert {h.kind for h in holders(store)} == {"shared", "exclusive"}
     assert holders(store) == [] and list((tmp_path / LOCKS).iterdir()) == []
+
+
+@pytest.mark.parametrize("path", ["blobs", "blobs/sha256", "blobs/.incoming", "images",
+                                  "images/vllm-node", "locks"])
+@pytest.mark.parametrize("kind", ["symlink", "file"])
+def test_a_store_whose_own_directory_points_elsewhere_is_refused_before_any_change(
+        tmp_path: Path, path: str, kind: str) -> None:
+    """A run that writes or removes takes the store's lock first: with blobs/.incoming a
+    symlink it would delete old files elsewhere as leftovers, with blobs/sha256 garbage
+    collection would, with images/NAME generations would be written there."""
+    store = LocalDir(tmp_path / "store")
+    for d in ("blobs/sha256", "blobs/.incoming", "images/vllm-node", "locks"):
+        (store.directory / d).mkdir(parents=True, exist_ok=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / ("a" * 64)  # a name garbage collection or cleaning would take
+    victim.write_bytes(b"not the store's")
+    old = time.time() - 3 * 86400
+    os.utime(victim, (old, old))
+    target = store.directory / path
+    os.rename(target, tmp_path / "moved")  # keep what was there out of the way
+    if kind == "symlink":
+        target.symlink_to(elsewhere, target_is_directory=True)
+    else:
+        target.write_text("x")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(BackupError) as info:
+        StoreLock(store, "exclusive", "pruning").acquire()
+    assert info.value.exit_code == 8
+    assert f"{path} is not a directory of the store's own" in info.value.message
+    assert "nothing was changed" in info.value.message
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert victim.read_bytes() == b"not the store's"
+
+
+def test_a_store_with_real_directories_or_none_yet_is_taken(tmp_path: Path) -> None:
+    store = LocalDir(tmp_path / "new")
+    with StoreLock(store, "shared", "a backup"):  # a store not made yet: nothing to refuse
+        pass
+    for d in ("blobs/sha256", "blobs/.incoming", "images/vllm-node"):
+        (store.directory / d).mkdir(parents=True, exist_ok=True)
+    with StoreLock(store, "exclusive", "pruning"):
+        pass
+    # a link inside a generation is the archive's own (a layer saved twice), not the store's
+    (store.directory / "images" / "vllm-node" / "current").write_text("abc\n")
+    with StoreLock(store, "shared", "a backup"):
+        pass
+    (store.directory / "images" / "stray.json").write_text("{}")
+    with pytest.raises(BackupError, match=r"images/stray\.json is not a directory"):
+        StoreLock(store, "shared", "a backup").acquire()
