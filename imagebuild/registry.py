@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
@@ -35,7 +35,7 @@ HELPER_TIMEOUT = 30
 READ_TIMEOUT = 600  # a registry may take a while to commit a 10 GB blob
 MANIFEST_MEDIA = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA = "application/vnd.oci.image.config.v1+json"
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -185,10 +185,29 @@ class RegistryClient:
 
     # -- transport ---------------------------------------------------------------------------
 
+    def _own(self, url: str) -> bool:
+        """``url`` is the registry's own: its scheme, host and port. Credentials and
+        tokens go there and nowhere else."""
+        return _origin(url) == _origin(self.base)
+
+    def _not_downgraded(self, url: str, what: str) -> str:
+        """``url``, unless the registry is HTTPS and it is plain HTTP (refused: a token
+        service or an upload location there would receive credentials or layers in
+        clear text)."""
+        if self.base.startswith("https://") and not url.startswith("https://"):
+            raise RegistryError(
+                f"the registry at {self.address} is HTTPS, but names {_clean(url)[:200]} "
+                f"as {what}: imagebuild sends nothing there in clear text",
+                hint="fix the registry's configuration (its token realm, or the upload "
+                     "location it gives: http.host in distribution's config.yml)")
+        return url
+
     def _send(self, method: str, url: str, what: str, scope: str = "",
               **kw: Any) -> requests.Response:
         headers = dict(kw.pop("headers", {}))
-        if self._scheme == "bearer" and scope:
+        if not self._own(url):
+            pass  # another host (an upload location elsewhere): followed without them
+        elif self._scheme == "bearer" and scope:
             headers["Authorization"] = f"Bearer {self._token(scope)}"
         elif self._scheme == "basic" and self.credentials is not None:
             kw["auth"] = (self.credentials.username, self.credentials.password)
@@ -212,7 +231,7 @@ class RegistryClient:
                                 f"{_short(exc)}") from None
 
     def _fail(self, what: str, r: requests.Response) -> RegistryError:
-        detail = r.text[:300].strip().replace("\n", " ")
+        detail = _clean(r.text[:300].strip().replace("\n", " "))
         hint = None
         if r.status_code in (401, 403):
             hint = f"log in on this host: docker login {self.address}"
@@ -250,11 +269,14 @@ class RegistryClient:
         realm = self._challenge.get("realm", "")
         if not realm.startswith(("https://", "http://")):
             raise RegistryError(f"the registry at {self.address} names no token service")
+        self._not_downgraded(realm, "its token service")
         params = [("scope", s) for s in scope.split()]
         if self._challenge.get("service"):
             params.append(("service", self._challenge["service"]))
+        # the docker config's credentials are the registry's: a token service on another
+        # host is asked without them (an anonymous token, for a registry that allows it)
         auth = ((self.credentials.username, self.credentials.password)
-                if self.credentials is not None else None)
+                if self.credentials is not None and self._own(realm) else None)
         try:
             r = self.session.get(realm, params=params, auth=auth,
                                  timeout=(CONNECT_TIMEOUT, 60))
@@ -277,7 +299,8 @@ class RegistryClient:
         r = self._send("HEAD", f"{self.base}/v2/{repo}/blobs/{digest}",
                        f"HEAD {repo} blob {digest[:19]}", f"repository:{repo}:pull")
         if r.status_code == 200:
-            return True
+            # an answer from elsewhere (a redirect to another host) never skips an upload
+            return self._own(r.url)
         if r.status_code == 404:
             return False
         raise self._fail(f"HEAD {repo} blob {digest[:19]}", r)
@@ -298,7 +321,8 @@ class RegistryClient:
             return False
         if r.status_code != 202 or not r.headers.get("Location"):
             raise self._fail(f"starting an upload into {repo}", r)
-        location = urljoin(url, r.headers["Location"])
+        location = self._not_downgraded(urljoin(url, r.headers["Location"]),
+                                        "the place to upload a layer to")
         r = self._send("PUT", location, f"PUT {repo} blob {digest[:19]}", scope,
                        params={"digest": digest},
                        headers={"Content-Type": "application/octet-stream"},
@@ -306,10 +330,16 @@ class RegistryClient:
         if r.status_code != 201:
             raise self._fail(f"uploading blob {digest[:19]} ({size / 1e6:,.1f} MB) into "
                              f"{repo}", r)
-        said = r.headers.get("Docker-Content-Digest", digest)
-        if said != digest:
+        said = r.headers.get("Docker-Content-Digest")
+        if said is not None and said != digest:
             raise RegistryError(f"the registry at {self.address} stored blob {digest[:19]} "
-                                f"as {said[:19]}")
+                                f"as {_clean(said)[:19]}")
+        if (said is None or not self._own(r.url)) and not self.has_blob(repo, digest):
+            # the 201 named no digest, or came from another host: the registry must have it
+            raise RegistryError(f"the registry at {self.address} said it stored blob "
+                                f"{digest[:19]} into {repo}, but does not have it",
+                                hint="the upload went elsewhere: check the registry's "
+                                     "http.host (the upload location it gives)")
         return True
 
     def put_manifest(self, repo: str, tag: str, manifest: bytes, digest: str,
@@ -325,6 +355,24 @@ class RegistryClient:
         if said != digest or not _DIGEST.match(said):
             raise RegistryError(f"the registry at {self.address} stored the manifest of "
                                 f"{repo}:{tag} as {said[:19]}, not {digest[:19]}")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or ""), port if port is not None else default
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _clean(text: str) -> str:
+    """Remote-provided text without control characters (terminal escapes), to print."""
+    return _CONTROL.sub("?", text)
 
 
 def _short(exc: Exception) -> str:

@@ -375,7 +375,8 @@ class FakeRegistry:
     """A ThreadingHTTPServer on 127.0.0.1 that records every request and answers with
     ``respond``."""
 
-    def __init__(self, respond: Respond) -> None:
+    def __init__(self, respond: Respond, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.respond = respond
         self.seen: list[Seen] = []
         self.arrived = threading.Condition()
@@ -423,7 +424,7 @@ class FakeRegistry:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
@@ -434,7 +435,7 @@ class FakeRegistry:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def client(self, credentials: Credentials | None = None) -> RegistryClient:
         return RegistryClient(self.address, tls=False, credentials=credentials)
@@ -457,13 +458,13 @@ def serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
                 "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,localhost")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     started: list[FakeRegistry] = []
     clients: list[RegistryClient] = []
 
-    def start(respond: Respond) -> FakeRegistry:
-        srv = FakeRegistry(respond)
+    def start(respond: Respond, host: str = "127.0.0.1") -> FakeRegistry:
+        srv = FakeRegistry(respond, host)
         started.append(srv)
         original = srv.client
 
@@ -482,7 +483,7 @@ def serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[
         srv.close()
 
 
-Serve = Callable[[Respond], FakeRegistry]
+Serve = Callable[..., FakeRegistry]
 
 
 def _digest(data: bytes) -> str:
@@ -987,3 +988,99 @@ def test_oci_image_is_the_manifest_the_oci_layout_carries(tmp_path: Path, kind: 
         assert {d["mediaType"] for d in manifest["layers"]} == {
             "application/vnd.oci.image.layer.v1.tar+gzip"}
         assert not set(diff_ids) & {d["digest"] for d in manifest["layers"]}
+
+
+# -- credentials go to the registry alone ------------------------------------------------------
+
+
+def test_an_upload_location_on_another_host_gets_the_layer_without_the_credentials(
+        serve: Serve) -> None:
+    """The registry (127.0.0.1, Basic auth) hands out an upload location on another host
+    (127.0.0.2): the layer is sent there without the docker config's credentials, and,
+    as that host's 201 proves nothing, the registry is asked whether it has the blob."""
+    other = serve(lambda req: (201, {}, b""), "127.0.0.2")
+    has = {"blob": False}
+
+    def respond(req: Seen) -> Reply:
+        if req.headers.get("authorization") != _basic("bob", "pw"):
+            return 401, {"WWW-Authenticate": 'Basic realm="r"'}, b""
+        if req.method == "POST" and req.path == REPO_PATH:
+            return 202, {"Location": f"http://{other.address}/upload/u-1"}, b""
+        if req.method == "HEAD":
+            return (200 if has["blob"] else 404), {}, b""
+        return 200, {}, b"{}"
+
+    srv = serve(respond)
+    client = srv.client(Credentials("bob", "pw"))
+    client.ping()
+    with pytest.raises(RegistryError, match=r"said it stored blob .* but does not have it"):
+        client.upload_blob("team/img", _digest(BLOB), len(BLOB), _chunks())
+    [put] = other.seen
+    assert put.method == "PUT" and put.body == BLOB
+    assert "authorization" not in put.headers  # the layer went; the credentials did not
+    assert all(r.headers.get("authorization") == _basic("bob", "pw")
+               for r in srv.seen[1:])  # after the first GET /v2/, which learns the scheme
+    has["blob"] = True  # the other host was the registry's own storage front: fine
+    assert client.upload_blob("team/img", _digest(BLOB), len(BLOB), _chunks()) is True
+    assert all("authorization" not in r.headers for r in other.seen)
+
+
+def test_a_token_service_on_another_host_is_asked_without_the_credentials(
+        serve: Serve) -> None:
+    tokens = serve(lambda req: (200, {}, b'{"token": "t"}'), "127.0.0.2")
+
+    def respond(req: Seen) -> Reply:
+        if req.headers.get("authorization") != "Bearer t":
+            realm = f"http://{tokens.address}/token"
+            return 401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="svc"'}, b""
+        return 200, {}, b""
+
+    srv = serve(respond)
+    client = srv.client(Credentials("bob", "pw"))
+    client.ping()
+    assert client.has_blob("team/img", DIGEST_OK) is True
+    [token] = tokens.seen
+    assert "authorization" not in token.headers  # anonymous there
+    assert [r.headers.get("authorization") for r in srv.seen if r.method == "HEAD"] == [
+        "Bearer t"]  # the token goes to the registry only
+
+
+def test_a_blob_found_at_a_redirect_to_another_host_is_uploaded_anyway(serve: Serve) -> None:
+    other = serve(lambda req: (200, {}, b""), "127.0.0.2")
+
+    def respond(req: Seen) -> Reply:
+        if req.method == "HEAD":
+            return 307, {"Location": f"http://{other.address}{req.path}"}, b""
+        return _upload_registry()(req)
+
+    srv = serve(respond)
+    client = srv.client()
+    assert client.has_blob("team/img", DIGEST_OK) is False
+    assert [r.method for r in other.seen] == ["HEAD"]
+
+
+def test_https_to_http_is_refused_for_a_token_service_and_an_upload_location() -> None:
+    client = RegistryClient("registry.example:5000", tls=True,
+                            credentials=Credentials("bob", "pw"))
+    client._scheme = "bearer"
+    client._challenge = {"realm": "http://registry.example:5000/token", "service": "s"}
+    with pytest.raises(RegistryError) as err:
+        client.has_blob("team/img", DIGEST_OK)  # asks for a token first: refused before
+    assert err.value.exit_code == 11
+    assert ("is HTTPS, but names http://registry.example:5000/token as its token service"
+            in err.value.message)
+    with pytest.raises(RegistryError, match="as the place to upload a layer to"):
+        client._not_downgraded("http://registry.example:5000/v2/x/blobs/uploads/u",
+                               "the place to upload a layer to")
+    assert client._not_downgraded("https://registry.example:5000/u", "x") == (
+        "https://registry.example:5000/u")
+    plain = RegistryClient("registry.example:5000", tls=False)
+    assert plain._not_downgraded("http://elsewhere/u", "x") == "http://elsewhere/u"
+
+
+def test_an_error_body_is_printed_without_terminal_escapes(serve: Serve) -> None:
+    srv = serve(lambda req: (500, {}, b"\x1b]0;owned\x07\x1b[8mhidden\x1b[0m boom"))
+    with pytest.raises(RegistryError) as err:
+        srv.client().ping()
+    assert "\x1b" not in err.value.message and "\x07" not in err.value.message
+    assert "boom" in err.value.message
