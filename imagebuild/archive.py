@@ -59,7 +59,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PIECE = 1 << 20  # layer files are read and hashed in pieces of this size
 _META = ("manifest.json", "index.json", "repositories", "oci-layout")
 _LAST = ("index.json", "manifest.json")  # a directory's members end with these, in this order
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 TRAILER = b"\0" * (2 * BLOCK)  # the end of a tar archive

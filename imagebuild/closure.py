@@ -53,7 +53,7 @@ _WHEEL_KEYS = {"name", "url", "path", "hashes"}
 _TOOL_KEYS = {"image", "parent", "python", "platform", "requirements", "overrides", "covered",
               "unresolved", "content-hash"}
 _SEAL = re.compile(r'^content-hash = "sha256:([0-9a-f]{64})"\n\Z', re.M)
-_UNRESOLVED_TEXT = re.compile(r"^[^\x00-\x1f\x7f]{1,500}$")
+_UNRESOLVED_TEXT = re.compile(r"^[^\x00-\x1f\x7f]{1,500}\Z")
 _REGENERATE = "regenerate it with 'imagebuild lock' (never edit a lock by hand)"
 
 

@@ -29,7 +29,7 @@ from .streams import OnBytes, Piece, archive_chunks, piece_size
 T = TypeVar("T")
 StoreKind = Literal["classic", "containerd"]
 CONTAINERD_DRIVER = "io.containerd.snapshotter.v1"
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ PROBE = ('docker info --format "{{json .}}" && echo @@images && '
          "| xargs -r docker container inspect")
 HOLDERS = ('docker ps -aq --no-trunc --filter "label=$1" '
            "| xargs -r docker container inspect")
-_SIZE = re.compile(r"^([0-9.]+)\s*([kKMGTP]?B)$")
+_SIZE = re.compile(r"^([0-9.]+)\s*([kKMGTP]?B)\Z")
 _UNITS = {"B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "PB": 10**15}
 # Images with a label: the label arrives as "$1", never as shell text.

@@ -28,9 +28,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 CATCH_ALL = "*"
-GROUP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
+GROUP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,23}\Z")
 # a project name, or one with fnmatch wildcards (no path or shell characters)
-PATTERN = re.compile(r"^[A-Za-z0-9*?][A-Za-z0-9*?._-]{0,99}$")
+PATTERN = re.compile(r"^[A-Za-z0-9*?][A-Za-z0-9*?._-]{0,99}\Z")
 
 
 @dataclass(frozen=True)

@@ -422,7 +422,7 @@ class PruneOutcome:
                            hint="the other nodes were pruned; run the same command again")
 
 
-ALL_SPELLINGS = re.compile(r"^(-[A-Za-z]*a[A-Za-z]*|--all(=.*)?|--all-.*|--everything)$")
+ALL_SPELLINGS = re.compile(r"^(-[A-Za-z]*a[A-Za-z]*|--all(=.*)?|--all-.*|--everything)\Z")
 
 
 def refuse_all(args: list[str]) -> None:
@@ -500,7 +500,7 @@ def prune(ctx: Context, engine: Engine, workers: list[Worker], *, dry_run: bool 
 # -- rollback --------------------------------------------------------------------------------
 
 
-_HASH12 = re.compile(rf"^[0-9a-f]{{{HASH12}}}$")
+_HASH12 = re.compile(rf"^[0-9a-f]{{{HASH12}}}\Z")
 
 
 @dataclass(frozen=True)

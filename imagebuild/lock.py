@@ -33,9 +33,9 @@ BUILT_PREFIX = "built/"  # + the input hash of the wheel derivation that made it
 FETCHED_PREFIX = "fetched/"  # + the URL it is downloaded from, "#sha256=" + its sha256
 _CHUNK = 1 << 20
 # shared with spec.py: what a wheel filename and an index URL may look like
-WHEEL_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+!-]*\.whl$")
-INDEX_URL = re.compile(r"^https?://[A-Za-z0-9._~:/@%+-]+$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+WHEEL_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+!-]*\.whl\Z")
+INDEX_URL = re.compile(r"^https?://[A-Za-z0-9._~:/@%+-]+\Z")
+SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _ENTRY_KEYS = {"name", "version", "filename", "sha256", "source"}
 
 
@@ -227,7 +227,7 @@ def check_keys(where: str, table: object, allowed: set[str], required: set[str],
 
 
 # no query, no fragment, nothing a TOML string or a log line could be confused by
-WHEEL_URL = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/[A-Za-z0-9._~%+@:/-]*\.whl$")
+WHEEL_URL = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/[A-Za-z0-9._~%+@:/-]*\.whl\Z")
 
 
 def url_filename(url: str) -> str:

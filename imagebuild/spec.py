@@ -399,26 +399,26 @@ class Spec:
 
 # -- loading -------------------------------------------------------------------------------
 
-_IMAGE_NAME = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")
-_ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._/-]*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_APT = re.compile(r"^[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+:~_-]+)?$")
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_ENV_VALUE = re.compile(r"^[A-Za-z0-9_.,:/=+@%-]*$")
+_IMAGE_NAME = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*\Z")
+_ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]*\Z")
+_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._/-]*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?\Z")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_APT = re.compile(r"^[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+:~_-]+)?\Z")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_ENV_VALUE = re.compile(r"^[A-Za-z0-9_.,:/=+@%-]*\Z")
 _URL = INDEX_URL
-_REQUIREMENT_CHARS = re.compile(r"^[A-Za-z0-9_.\-\[\],<>=!~*+ ]+$")
-_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-_USER = re.compile(r"^[a-z_][a-z0-9_.-]*$")
-_PACKAGE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")  # PEP 508 names
-_WORKER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_REQUIREMENT_CHARS = re.compile(r"^[A-Za-z0-9_.\-\[\],<>=!~*+ ]+\Z")
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*\Z")
+_USER = re.compile(r"^[a-z_][a-z0-9_.-]*\Z")
+_PACKAGE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?\Z")  # PEP 508 names
+_WORKER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _WHEEL_FILE = WHEEL_FILE
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 _EXPECT_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 EXPECT_ATTRIBUTES = ("version", "cuda")
-_CUDA_TAG = re.compile(r"^cu(\d{2,3})$")
+_CUDA_TAG = re.compile(r"^cu(\d{2,3})\Z")
 
 
 def expect_fields(text: str) -> list[str | tuple[str, str]]:
@@ -565,11 +565,11 @@ _IMAGE_KEYS = {"aliases", "template", "parent", "base", "base_digest", "params",
                "torch", "checks", "requires", "overrides", "files", "workdir", "entrypoint",
                "cmd"}
 # an absolute path in an image: no "..", no "$" (a Dockerfile would substitute it), no space
-_IMAGE_PATH = re.compile(r"^/(?:(?!\.\.?(?:/|$))[A-Za-z0-9._+@-]+/?)*$")
+_IMAGE_PATH = re.compile(r"^/(?:(?!\.\.?(?:/|$))[A-Za-z0-9._+@-]+/?)*\Z")
 _FILE_KEYS = {"src", "dest", "mode"}
 _PARAM_KEYS = {"apt_packages", "env", "uv", "pip_index"}
-_PYTHON = re.compile(r"^3\.[0-9]{1,2}$")
-_PLATFORM = re.compile(r"^[a-z0-9_]+-[a-z0-9_.-]+$")
+_PYTHON = re.compile(r"^3\.[0-9]{1,2}\Z")
+_PLATFORM = re.compile(r"^[a-z0-9_]+-[a-z0-9_.-]+\Z")
 _CHECK_KEYS = {"run", "expect", "specifier", "locked", "succeeds", "hint", "timeout"}
 _CHECK_KINDS: dict[str, CheckKind] = {"expect": "output", "specifier": "specifier",
                                       "locked": "locked", "succeeds": "succeeds"}
@@ -971,9 +971,9 @@ _BUILD_KEYS = {"name", "git", "commit", "patches", "builder", "builder_digest", 
                "command", "submodules"}
 # no host or path that starts with "-" (git would read it as an option of ssh)
 _GIT_URL = re.compile(r"^(?:(?:https?|ssh|git|file)://(?![^/]*@-)(?!-)[A-Za-z0-9._~:/@%+=-]+"
-                      r"|/[A-Za-z0-9._/+@-]+)$")
-_COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
-_BUILD_ENV_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+                      r"|/[A-Za-z0-9._/+@-]+)\Z")
+_COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})\Z")
+_BUILD_ENV_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*\Z")
 
 
 def _read_builds(r: _Reader, raw: Any, line: int | None) -> dict[str, WheelBuild]:
@@ -1245,7 +1245,7 @@ def _read_images(r: _Reader, raw: Any, line: int | None, wheels: tuple[WheelDecl
             raise r.fail(where, b.line, "give exactly one of 'parent' (another image of this "
                          "spec) or 'base' (the root base image reference)")
         template = r.string(b["template"], f"{where}.template", kl("template"),
-                            re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"), "template file name")
+                            re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*\Z"), "template file name")
         parent = base = digest = None
         if "parent" in b:
             parent = r.string(b["parent"], f"{where}.parent", kl("parent"), _IMAGE_NAME,
@@ -1456,8 +1456,8 @@ def _read_mirrors(r: _Reader, raw: Any, line: int | None) -> tuple[SshLocation, 
 
 _REGISTRY_ADDRESS = re.compile(
     r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
-_REPO_PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
+_REPO_PREFIX = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*\Z")
 
 
 def _read_registry(r: _Reader, raw: Any, line: int | None, state_dir: Path) -> Registry | None:

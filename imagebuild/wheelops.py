@@ -196,7 +196,7 @@ def check_wheels(spec: Spec, engine: Engine, names: list[str],
 
 # -- a branch or a tag, pinned ---------------------------------------------------------------
 
-_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]{0,199}$")
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]{0,199}\Z")
 PLACEHOLDER_COMMIT = "0" * 40  # stands in while the spec is read for the wheel's URL
 
 

@@ -42,7 +42,7 @@ from urllib.parse import unquote, urlsplit
 
 from .fsutil import PinnedFile
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)\Z")
 _MAX_DIGITS = 18  # byte offsets beyond an exabyte are not offsets
 PORT_BASE, PORT_SPAN = 20000, 10000  # below the usual ephemeral range (32768 on Linux)
 SHUTDOWN_POLL = 0.02  # how soon the serving thread sees close(): a build waits for it

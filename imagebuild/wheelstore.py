@@ -37,8 +37,8 @@ from .spec import Spec
 from .wheelplan import WheelDerivation, wheel_plan
 
 RECORD_SCHEMA = 1
-_HASH = re.compile(r"^[0-9a-f]{64}$")
-_IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HASH = re.compile(r"^[0-9a-f]{64}\Z")
+_IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)

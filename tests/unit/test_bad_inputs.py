@@ -3,6 +3,7 @@ code (never a traceback), or a refusal where a value used to be accepted silentl
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -145,3 +146,20 @@ def test_every_refusal_here_is_an_imagebuild_error_with_exit_2(stack: Stack) -> 
     with pytest.raises(ImagebuildError) as info:
         context.load(str(stack.spec_path))
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(("pattern", "good"), [
+    ("imagebuild.spec._COMMIT", "a" * 40), ("imagebuild.lock.SHA256", "b" * 64),
+    ("imagebuild.lock.INDEX_URL", "https://download.pytorch.org/whl/cu130"),
+    ("imagebuild.lock.WHEEL_FILE", "torch-2.11.0-py3-none-any.whl"),
+    ("imagebuild.spec._IMAGE_NAME", "vllm-node"), ("imagebuild.spec._GIT_URL",
+                                                   "https://github.com/vllm-project/vllm.git"),
+    ("imagebuild.wheelstore._HASH", "c" * 64), ("imagebuild.image._DIGEST", "sha256:" + "d" * 64),
+])
+def test_a_value_with_a_final_newline_matches_no_pattern(pattern: str, good: str) -> None:
+    # "$" matches before a final newline: every pattern that checks a whole value ends
+    # at the end of the text instead
+    module, name = pattern.rsplit(".", 1)
+    regex = getattr(importlib.import_module(module), name)
+    assert regex.match(good)
+    assert not regex.match(good + "\n") and not regex.fullmatch(good + "\n")
