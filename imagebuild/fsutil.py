@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,35 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+class NotAFile(OSError):
+    """What was asked for as a file is a FIFO, a device, a directory or a socket."""
+
+
+def read_file_bytes(path: Path, limit: int | None = None) -> bytes:
+    """A regular file's bytes (at most ``limit`` + 1 of them, so a caller can tell it is
+    too large). Opened without blocking, so a FIFO put in a file's place is refused
+    (``NotAFile``) instead of waiting forever for a writer; OSError as ``open`` raises
+    it otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(0, "not a regular file (a FIFO, a device or a directory)")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        left = (limit + 1) if limit is not None else None
+        while left is None or left > 0:
+            chunk = os.read(fd, _CHUNK if left is None else min(_CHUNK, left))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if left is not None:
+                left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
@@ -76,8 +106,10 @@ class PinnedFile:
     @classmethod
     def open(cls, path: Path, *, follow_symlinks: bool = True) -> PinnedFile:
         """Open ``path`` for reading; with ``follow_symlinks=False`` a symbolic link in
-        its last component is refused (``OSError``, ELOOP)."""
-        flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+        its last component is refused (``OSError``, ELOOP). Never blocks: a FIFO in a
+        file's place opens at once (callers refuse what is not a regular file)."""
+        flags = (os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+                 | (0 if follow_symlinks else os.O_NOFOLLOW))
         fd = os.open(path, flags)
         return cls(path, fd, _identity(os.fstat(fd)))
 

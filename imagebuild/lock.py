@@ -25,6 +25,7 @@ from packaging.utils import (
 )
 
 from .errors import LockError, UnresolvedHashError, WheelHashMismatch
+from .fsutil import read_file_bytes
 
 LOCK_VERSION = 1
 UNRESOLVED = "unresolved"
@@ -158,7 +159,7 @@ def check_wheel_digest(path: Path, actual: str, expected: str) -> None:
 def lock_bytes(path: Path, missing: str, missing_hint: str, unreadable_hint: str) -> bytes:
     """A lock file's bytes; a missing or unreadable file is a LockError saying so."""
     try:
-        return path.read_bytes()
+        return read_file_bytes(path)
     except FileNotFoundError:
         raise LockError(f"{path}: {missing}", hint=missing_hint) from None
     except OSError as exc:

@@ -27,6 +27,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 
 from .errors import LockError, SpecError
+from .fsutil import read_file_bytes
 from .layers import DEFAULT_LAYERS, GROUP_NAME, PATTERN, LayerGroup
 from .lock import (
     INDEX_URL,
@@ -580,7 +581,7 @@ def load_spec(path: str | os.PathLike[str] | None = None) -> Spec:
     """Parse and validate a spec file. Raises SpecError with file:line on any problem."""
     spec_path = Path(path or DEFAULT_SPEC).absolute()
     try:
-        text = spec_path.read_text(encoding="utf-8")
+        text = read_file_bytes(spec_path).decode("utf-8")
     except FileNotFoundError:
         raise SpecError(
             f"{spec_path}: spec file not found",

@@ -27,11 +27,11 @@ from types import TracebackType
 from typing import Protocol
 
 from .errors import BackupError, RemoteError
-from .fsutil import atomic_write_text, fsync_dir
+from .fsutil import PinnedFile, atomic_write_text, fsync_dir
 from .progress import Meter
 from .remote import Process, Target, call, explain, finish, last_line, reading, run, start
 from .spec import Backups, SshLocation
-from .streams import CHUNK
+from .streams import CHUNK, DAMAGED_HINT
 
 _COMPONENT = re.compile(r"[A-Za-z0-9._@+-]+")
 
@@ -265,8 +265,13 @@ class LocalDir:
         return _LocalWriter(self._p(name))
 
     def read(self, name: str, meter: Meter | None = None) -> Iterator[bytes]:
-        with self._p(name).open("rb") as f:
-            while chunk := f.read(CHUNK):
+        with PinnedFile.open(self._p(name)) as f:  # never blocks on a FIFO
+            if not stat.S_ISREG(os.fstat(f.fd).st_mode):
+                raise BackupError(f"{self._p(name)} is not a regular file; refusing to read "
+                                  f"it", hint=DAMAGED_HINT)
+            offset = 0
+            while chunk := os.pread(f.fd, CHUNK, offset):
+                offset += len(chunk)
                 if meter is not None:
                     meter.add(len(chunk))
                 yield chunk
@@ -450,7 +455,10 @@ class SshDir:
         return _SshWriter(self, name)
 
     def read(self, name: str, meter: Meter | None = None) -> Iterator[bytes]:
-        with reading(self.target, ["cat", "--", self.path_of(name)]) as proc:
+        # a FIFO would hold cat forever, a device would never end: regular files only
+        guarded = ('if [ ! -f "$1" ]; then echo "$1: not a regular file" >&2; exit 3; fi; '
+                   'exec cat -- "$1"')
+        with reading(self.target, ["sh", "-c", guarded, "sh", self.path_of(name)]) as proc:
             assert proc.stdout is not None
             while chunk := proc.stdout.read(CHUNK):
                 if meter is not None:

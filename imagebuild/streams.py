@@ -110,6 +110,8 @@ def checked(chunks: Iterable[bytes], sha256: str, length: int, where: str, label
     for chunk in chunks:
         h.update(chunk)
         got += len(chunk)
+        if got > length:  # longer than recorded (a link to /dev/zero): stop reading now
+            raise DamagedBytes(where, label, sha256, h.hexdigest(), got, length)
         if held is not None:
             yield held
         held = chunk

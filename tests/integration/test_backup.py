@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from imagebuild.engine_docker import DockerEngine
-from imagebuild.errors import BackupError
+from imagebuild.errors import BackupError, RemoteError
 from imagebuild.naming import ADOPTED_LABEL, hash12, input_hash
 from imagebuild.spec import SshLocation
 from imagebuild.store import SshDir
@@ -357,6 +357,12 @@ def test_a_remote_store_whose_own_directory_points_elsewhere_is_refused(bed: Bed
             os.rename(remote / "moved", target)
         (remote / "images" / "a file").write_text("x")
         assert there.not_directories([], "images") == ["images/a file"]
+        # reading a FIFO (it would hold cat forever) or a device is refused at once
+        os.mkfifo(remote / "blobs" / "fifo")
+        os.symlink("/dev/zero", remote / "blobs" / "zero")
+        for name in ("blobs/fifo", "blobs/zero"):
+            with pytest.raises(RemoteError, match="not a regular file"):
+                list(there.read(name))
         assert (elsewhere / ("a" * 64)).read_text() == "not the store's"
         assert sorted(p.name for p in elsewhere.iterdir()) == ["a" * 64]
     finally:

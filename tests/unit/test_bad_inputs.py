@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,19 @@ def test_a_value_with_a_final_newline_matches_no_pattern(pattern: str, good: str
     regex = getattr(importlib.import_module(module), name)
     assert regex.match(good)
     assert not regex.match(good + "\n") and not regex.fullmatch(good + "\n")
+
+
+@pytest.mark.parametrize("which", ["imagebuild.yaml", "wheels.lock",
+                                   "locks/pylock.vllm-node.toml"])
+def test_a_fifo_in_place_of_the_spec_or_a_lock_is_refused_at_once(stack: Stack,
+                                                                  which: str) -> None:
+    """Opened without blocking and refused as not a file (exit 2): a FIFO no one writes
+    would otherwise hold 'plan' forever."""
+    path = stack.root / which
+    path.unlink()
+    os.mkfifo(path)
+    r = subprocess.run([sys.executable, "-m", "imagebuild", "-f", str(stack.spec_path),
+                        "plan"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "not a regular file" in r.stderr and which.rsplit("/", 1)[-1] in r.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,24 @@ def test_a_store_with_real_directories_or_none_yet_is_taken(tmp_path: Path) -> N
     (store.directory / "images" / "stray.json").write_text("{}")
     with pytest.raises(BackupError, match=r"images/stray\.json is not a directory"):
         StoreLock(store, "shared", "a backup").acquire()
+
+
+def test_reading_a_store_file_that_is_a_fifo_or_a_device_is_refused_at_once(
+        tmp_path: Path) -> None:
+    from imagebuild.streams import DamagedBytes, checked
+
+    store = LocalDir(tmp_path)
+    os.mkfifo(tmp_path / "fifo")  # no writer: a plain open would wait forever
+    os.symlink("/dev/zero", tmp_path / "zero")
+    for name in ("fifo", "zero"):
+        with pytest.raises(BackupError, match="is not a regular file"):
+            next(iter(store.read(name)))
+
+    # and a stream longer than its record is cut at the first byte too many
+    def endless() -> Iterator[bytes]:
+        while True:
+            yield b"\0" * 4096
+
+    with pytest.raises(DamagedBytes, match=r"\(4096 bytes, not 100\)"):
+        for _ in checked(endless(), "0" * 64, 100, "store/x", "x"):
+            pass

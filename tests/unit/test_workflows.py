@@ -300,6 +300,34 @@ def test_a_damaged_layer_is_refused_and_nothing_is_loaded(ctx: context.Context) 
     assert e.inspect(node.id) is None
 
 
+@pytest.mark.parametrize("swap", ["fifo", "symlink to /dev/zero"])
+def test_a_generation_file_that_is_not_a_file_is_refused_at_once(
+        ctx: context.Context, swap: str) -> None:
+    """A FIFO in place of a layer would hold restore forever; manifest.json as a link to
+    /dev/zero would fill memory: each is refused as not a regular file (exit 8), and
+    nothing is loaded."""
+    e = head()
+    ops.build_images(ctx, e, ["node"], progress=Quiet())
+    node = e.require("vllm-node:latest")
+    store = LocalDir(ctx.spec.root / "backups")
+    gen = backups_of(store, "vllm-node")[0].gen
+    assert gen is not None
+    where = store.directory / gen.key
+    name = gen.layer_files[0] if swap == "fifo" else "manifest.json"
+    (where / name).unlink()
+    if swap == "fifo":
+        os.mkfifo(where / name)
+    else:
+        os.symlink("/dev/zero", where / name)
+    lose(e, node.id)
+    with pytest.raises(BackupError) as info:
+        ops.restore(ctx, e, ops.restore_request(ctx, ["node"], None), Quiet())
+    assert info.value.exit_code == 8
+    # its size (0) is not the recorded one: refused before a byte is read from it
+    assert f"{name} is damaged" in info.value.message and "got 0 bytes" in info.value.message
+    assert e.inspect(node.id) is None
+
+
 def test_tar_backups_from_before_the_store_restore_and_are_imported(ctx: context.Context) -> None:
     e = head()
     ops.build_images(ctx, e, ["node"], progress=Quiet())
