@@ -28,8 +28,7 @@ from pathlib import Path
 
 from packaging.markers import InvalidMarker
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.tags import Tag, compatible_tags, cpython_tags
-from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from .errors import LockConflict, LockError, UnresolvedHashError
@@ -120,56 +119,6 @@ def markers_env(python: str, platform: str) -> dict[str, str]:
             "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
             "platform_machine": machine, "platform_release": "", "platform_version": "",
             "implementation_version": f"{python}.0", "extra": ""}
-
-
-_GLIBC_ALIASES = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
-_TARGET = re.compile(r"(?P<arch>[a-z0-9_]+)-(?:manylinux_2_(?P<glibc>[0-9]+)|"
-                     r"(?P<m2014>manylinux2014)|unknown-linux-gnu)")
-
-
-def target_tags(python: str, platform: str) -> list[Tag] | None:
-    """The wheel tags a Linux target installs, best first, as uv reads ``platform``
-    (``aarch64-manylinux_2_28``; ``aarch64-unknown-linux-gnu`` is glibc 2.28 there, as
-    ``...-manylinux2014`` is 2.17); None for a platform named any other way."""
-    m = _TARGET.fullmatch(platform)
-    major, _, minor = python.partition(".")
-    if m is None or not major.isdigit() or not minor.isdigit():
-        return None
-    glibc = int(m["glibc"]) if m["glibc"] else 17 if m["m2014"] else 28
-    arch = m["arch"]
-    platforms: list[str] = []
-    for n in range(glibc, 4, -1):
-        platforms.append(f"manylinux_2_{n}_{arch}")
-        if n in _GLIBC_ALIASES:
-            platforms.append(f"{_GLIBC_ALIASES[n]}_{arch}")
-    version = (int(major), int(minor))
-    interpreter = f"cp{major}{minor}"
-    return [*cpython_tags(version, [interpreter], platforms),
-            *compatible_tags(version, interpreter, platforms)]
-
-
-def pick_wheel(filenames: Iterable[str], name: str, version: str, python: str,
-               platform: str) -> str | None:
-    """Of an index's files, the wheel of ``name`` ``version`` the target installs (the one
-    with the best tag, as an installer chooses), or None. Raises ValueError for a
-    platform whose tags are unknown."""
-    tags = target_tags(python, platform)
-    if tags is None:
-        raise ValueError(platform)
-    rank = {t: i for i, t in enumerate(tags)}
-    want = Version(version)
-    best: tuple[int, str] | None = None
-    for filename in filenames:
-        try:
-            parsed_name, parsed_version, _, file_tags = parse_wheel_filename(filename)
-        except (InvalidWheelFilename, InvalidVersion):
-            continue
-        if parsed_name != canonicalize_name(name) or parsed_version != want:
-            continue
-        score = min((rank[t] for t in file_tags if t in rank), default=None)
-        if score is not None and (best is None or score < best[0]):
-            best = (score, filename)
-    return None if best is None else best[1]
 
 
 def environment_marker(python: str, platform: str) -> str:

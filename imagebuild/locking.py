@@ -20,11 +20,12 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from . import web
-from .closure import ClosureLock, LockedDist, conflict_error, conflicts, pick_wheel
+from .closure import ClosureLock, LockedDist, conflict_error, conflicts
 from .errors import LockError, SpecError
 from .lock import IndexFile, LockedWheel, index_files, parse_wheel
 from .resolve import Getter, dist_requires, requires_dist, resolve, wheel_metadata
 from .spec import Spec
+from .wheelplan import pick_wheel
 from .wheelstore import wheel_path
 
 PYPI = "https://pypi.org/simple"
@@ -273,15 +274,7 @@ def direct_pins(image: str, inputs: ImageInputs, python: str, platform: str,
 
 def _file_for_target(image: str, index: str, package: str, version: str,
                      files: Mapping[str, IndexFile], python: str, platform: str) -> str:
-    try:
-        filename = pick_wheel(files, package, version, python, platform)
-    except ValueError:
-        raise LockError(
-            f"{image}: imagebuild knows the wheel tags of a Linux target named "
-            f"ARCH-manylinux_2_N, not {platform!r}, so it cannot choose the file of "
-            f"{package} {version} that {index} serves",
-            hint="name the spec's target.platform that way (aarch64-manylinux_2_28 on a "
-                 "GB10)") from None
+    filename = pick_wheel(files, package, version, python, platform)
     if filename is None:
         raise LockError(f"{image}: {index} lists no wheel of {package} {version} for CPython "
                         f"{python} on {platform}",

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from packaging.tags import Tag, compatible_tags, cpython_tags
-from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
 from .lock import sha256_file
@@ -90,6 +90,31 @@ def target_tags(python: str, platform: str) -> set[Tag]:
     ``aarch64-unknown-linux-gnu``) installs: CPython and pure-Python tags for every
     manylinux level up to the target's, and the plain ``linux_<arch>`` a wheel built on
     the target itself carries. A platform that is not Linux gets the pure-Python tags."""
+    return set(tags_best_first(python, platform))
+
+
+def pick_wheel(filenames: Iterable[str], name: str, version: str, python: str,
+               platform: str) -> str | None:
+    """Of an index's files, the wheel of ``name`` ``version`` the target installs: the
+    one whose best tag ranks first, as an installer chooses; None if there is none."""
+    rank = {t: i for i, t in enumerate(tags_best_first(python, platform))}
+    want = Version(version)
+    best: tuple[int, str] | None = None
+    for filename in filenames:
+        try:
+            project, found, _build, tags = parse_wheel_filename(filename)
+        except (InvalidWheelFilename, InvalidVersion):
+            continue
+        if project != canonicalize_name(name) or found != want:
+            continue
+        score = min((rank[t] for t in tags if t in rank), default=None)
+        if score is not None and (best is None or score < best[0]):
+            best = (score, filename)
+    return None if best is None else best[1]
+
+
+def tags_best_first(python: str, platform: str) -> list[Tag]:
+    """``target_tags`` in an installer's order of preference, best first."""
     major, minor = (int(x) for x in python.split("."))
     arch, _, system = platform.partition("-")
     glibc = _GLIBC_OF.get(system)
@@ -104,9 +129,8 @@ def target_tags(python: str, platform: str) -> set[Tag]:
         platforms += [f"{tag}_{arch}" for m, tag in legacy.items()
                       if glibc_major == 2 and glibc_minor >= m]
         platforms.append(f"linux_{arch}")
-    tags = set(cpython_tags((major, minor), platforms=platforms))
-    tags |= set(compatible_tags((major, minor), platforms=platforms))
-    return tags
+    return [*cpython_tags((major, minor), platforms=platforms),
+            *compatible_tags((major, minor), platforms=platforms)]
 
 
 def wheel_problem(filename: str, name: str, python: str, platform: str,
