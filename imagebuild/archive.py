@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import json
 import os
 import posixpath
 import re
@@ -51,6 +50,7 @@ from .errors import BackupError
 from .fsutil import PinnedFile
 from .image import BadReply, fingerprint_of
 from .streams import DAMAGED_HINT, FileRange, Piece, StoredFile, piece_chunks
+from .untrusted import loads_json
 
 BLOCK = 512
 SMALL = 4 << 20  # metadata members (manifest, config, index) are read whole below this
@@ -150,7 +150,7 @@ class Manifest:
     def parse_all(cls, data: bytes, where: str) -> list[Manifest]:
         """Every entry of a manifest.json (an archive of one image or several)."""
         try:
-            entries = json.loads(data)
+            entries = loads_json(data)
         except ValueError:
             raise BackupError(f"{where}: manifest.json is not JSON") from None
         if not isinstance(entries, list) or not entries or not all(
@@ -172,7 +172,7 @@ class Manifest:
 def config_fingerprint(config: bytes, where: str) -> tuple[str, tuple[str, ...]]:
     """The content fingerprint an image config (JSON) gives, and its layers' diff IDs."""
     try:
-        data = json.loads(config)
+        data = loads_json(config)
     except ValueError:
         raise BackupError(f"{where}: the image config is not JSON") from None
     if not isinstance(data, dict):

@@ -37,6 +37,7 @@ from .promote import Gate
 from .remote import Target
 from .spec import Spec, SshLocation, did_you_mean, load_spec
 from .store import BackupDir, SshDir, open_store
+from .untrusted import loads_json
 from .wheelplan import WheelDerivation, wheel_plan
 
 MIRROR_DAMAGE = "mirror-damage.json"  # in the state directory
@@ -147,7 +148,7 @@ def mirror_error(mirrors: list[MirrorResult]) -> MirrorError | None:
 def read_mirror_damage(spec: Spec) -> dict[str, list[str]]:
     """The blobs ``backup --check --mirror`` last found damaged, per mirror."""
     try:
-        data = json.loads((spec.state_dir / MIRROR_DAMAGE).read_text(encoding="utf-8"))
+        data = loads_json((spec.state_dir / MIRROR_DAMAGE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict):

@@ -42,6 +42,7 @@ from .progress import Progress, Quiet
 from .promote import Gate, promote
 from .registry import CONFIG_MEDIA, MANIFEST_MEDIA
 from .streams import Piece, piece_size
+from .untrusted import loads_json
 from .verify import VerifyRecord
 
 
@@ -128,7 +129,7 @@ def _own_manifest(archive: ArchiveIndex, config_digest: str,
     if raw is None:
         return None
     try:
-        index: Any = json.loads(raw)
+        index: Any = loads_json(raw)
         (entry,) = index["manifests"]
         media, digest = str(entry["mediaType"]), str(entry["digest"])
     except (ValueError, KeyError, TypeError):
@@ -139,7 +140,7 @@ def _own_manifest(archive: ArchiveIndex, config_digest: str,
     if data is None or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
         return None
     try:
-        manifest: Any = json.loads(data)
+        manifest: Any = loads_json(data)
         named = [(str(x["digest"]), int(x["size"])) for x in manifest["layers"]]
         same = (manifest.get("mediaType", media) == media
                 and manifest["config"]["digest"] == config_digest and named == layers)

@@ -11,7 +11,6 @@ chunk held back until the digest matched.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import uuid
@@ -33,6 +32,7 @@ from .image import BadReply, ImageInfo, T, parse_array, parse_images
 from .naming import CHECK_LABEL, ROOT_LABEL
 from .remote import Process, Target, call, explain, finish, last_line, reading, run, start
 from .streams import CHUNK, FileRange, OnBytes, Piece, piece_chunks
+from .untrusted import loads_json
 
 # One round trip: the engine's info, then the inspect arrays of every image and of every
 # root holder, in marked sections (a constant script; nothing from the spec reaches this
@@ -88,7 +88,7 @@ class SshEngine(Engine):
 
     def _parse_info(self, line: str) -> EngineInfo:
         try:
-            return parse_info(json.loads(line))
+            return parse_info(loads_json(line))
         except (ValueError, BadReply) as exc:
             raise RemoteError(f"{self.target}: unexpected reply to docker info: {exc}",
                               hint="a login banner or message on stdout breaks replies; "

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .untrusted import loads_json
+
 T = TypeVar("T")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
@@ -124,7 +126,7 @@ def parse_array(text: str, parse: Callable[[object], T]) -> list[T]:
     if not text.strip():
         return []
     try:
-        data = json.loads(text)
+        data = loads_json(text)
     except ValueError as exc:
         raise BadReply(f"docker inspect did not print JSON ({exc})") from None
     if not isinstance(data, list):

@@ -54,6 +54,7 @@ from .image import ImageInfo
 from .naming import hash12, hash_tag, input_hash, latest_tag
 from .progress import Meter
 from .store import BackupDir, FileStat, writing
+from .untrusted import loads_json
 
 CHUNK = 1 << 20
 SMALL = 1 << 16  # files up to this size are read whole (manifests, configs, json)
@@ -119,7 +120,7 @@ def sidecar_json(sidecar: Any) -> str:
 def json_fields(cls: Any, text: str) -> dict[str, Any]:
     """A sidecar's JSON object, refused when it has keys the dataclass ``cls`` lacks
     (the caller constructs it and checks every value)."""
-    data = json.loads(text)
+    data = loads_json(text)
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     extra = sorted(set(data) - {f.name for f in fields(cls)})
@@ -512,7 +513,7 @@ def _ingest(state: _Ingest, save: Callable[[], Iterable[bytes]], wanted: list[Wa
                                   hint="run the backup again") from None
             state.force_sizes.add(again.size)
     try:
-        raw = json.loads(small["manifest.json"])
+        raw = loads_json(small["manifest.json"])
     except ValueError:
         raise BackupError(f"{where}: manifest.json is not JSON") from None
     entries = Manifest.parse_all(small["manifest.json"], where)
@@ -578,7 +579,7 @@ def _one_image(state: _Ingest, entry: dict[str, Any], manifest: Manifest,
     extra = {"manifest.json": json.dumps([entry]).encode()}
     if "index.json" in small:
         try:
-            index = json.loads(small["index.json"])
+            index = loads_json(small["index.json"])
         except ValueError:
             raise BackupError(f"{where}: index.json is not JSON") from None
         config_digest = "sha256:" + manifest.config.rsplit("/", 1)[-1]
@@ -586,7 +587,7 @@ def _one_image(state: _Ingest, entry: dict[str, Any], manifest: Manifest,
         for desc in index.get("manifests", []) if isinstance(index, dict) else []:
             path = "blobs/sha256/" + str(desc.get("digest", "")).removeprefix("sha256:")
             try:
-                names = json.loads(small[path]).get("config", {}).get("digest")
+                names = loads_json(small[path]).get("config", {}).get("digest")
             except (KeyError, ValueError, AttributeError):
                 continue
             if names == config_digest:

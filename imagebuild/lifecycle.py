@@ -63,6 +63,7 @@ from .roots import plan_roots, root
 from .shipping import distribute as distribute_op
 from .shipping import request_for
 from .store import BackupDir
+from .untrusted import loads_json
 from .verify import image_checks, passing_record
 from .wheelstore import WheelStoreState, prune_store, store_state
 
@@ -172,7 +173,7 @@ class StatusReport:
 def _read_checks(ctx: Context) -> dict[str, dict[str, object]]:
     path = ctx.spec.state_dir / "backup-checks.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -16,7 +16,6 @@ the digest we sent, a manifest with the digest of the bytes we put. Failures are
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +28,7 @@ import requests
 
 from .errors import RegistryError, RemoteError
 from .remote import last_line, local
+from .untrusted import loads_json
 
 CONNECT_TIMEOUT = 10
 HELPER_TIMEOUT = 30
@@ -64,7 +64,7 @@ def docker_credentials(address: str, path: Path | None = None) -> Credentials | 
     except (OSError, UnicodeDecodeError) as exc:
         raise RegistryError(f"cannot read the docker config {path}: {exc}") from None
     try:
-        config = json.loads(text)
+        config = loads_json(text)
     except ValueError as exc:
         raise RegistryError(f"the docker config {path} is not JSON: {exc}",
                             hint="fix it, or run docker login again") from None
@@ -112,7 +112,7 @@ def _from_helper(helper: str, address: str) -> Credentials | None:
     if reply is None:
         return None
     try:
-        data = json.loads(reply)
+        data = loads_json(reply)
         user, secret = data["Username"], data["Secret"]
     except (ValueError, KeyError, TypeError):
         raise RegistryError(f"docker-credential-{helper} get did not reply with "

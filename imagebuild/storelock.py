@@ -23,6 +23,7 @@ from typing import Literal
 from .errors import StoreBusy
 from .layerstore import check_layout, run_alive, run_token
 from .store import BackupDir
+from .untrusted import loads_json
 
 LOCKS = "locks"
 Kind = Literal["shared", "exclusive"]
@@ -92,7 +93,7 @@ def holders(store: BackupDir) -> list[Holder]:
             continue
         what = "a run"
         try:  # another run's words: printable, and short
-            said = str(json.loads(store.read_text(path) or "{}").get("what") or "")
+            said = str(loads_json(store.read_text(path) or "{}").get("what") or "")
             what = re.sub(r"[^\x20-\x7e]", "?", said)[:80] or what
         except (ValueError, AttributeError):
             pass

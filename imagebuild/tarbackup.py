@@ -14,7 +14,6 @@ truncated archive and loads nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +33,7 @@ from .errors import BackupError
 from .layerstore import json_fields, sidecar_json
 from .naming import hash12
 from .store import BackupDir
+from .untrusted import loads_json
 
 HOLD = 1 << 20  # bytes TarGuard keeps back until the end of the stream is checked
 
@@ -354,7 +354,7 @@ def manifest_tags(name: str, data: bytes, where: str) -> list[str]:
         return list(Manifest.parse(data, where).repo_tags)
     if name == "index.json":
         try:
-            index: Any = json.loads(data)
+            index: Any = loads_json(data)
             manifests = index.get("manifests") or []
             return [str(v) for m in manifests for k, v in (m.get("annotations") or {}).items()
                     if k in ("io.containerd.image.name", "org.opencontainers.image.ref.name")

@@ -26,6 +26,7 @@ from .image import ImageInfo
 from .lock import Lock
 from .naming import input_hash, short_id
 from .spec import Check, CheckKind, Spec, cuda_of, expect_fields
+from .untrusted import loads_json
 
 STDERR_TAIL = 3
 
@@ -59,7 +60,7 @@ class VerifyRecord:
 
     @classmethod
     def from_json(cls, text: str) -> VerifyRecord:
-        data = json.loads(text)
+        data = loads_json(text)
         data["results"] = tuple(CheckResult(**r) for r in data["results"])
         return cls(**data)
 

@@ -34,6 +34,7 @@ from .errors import LockError
 from .fsutil import atomic_write_text, fsync_dir
 from .lock import BUILT_PREFIX, SHA256, WHEEL_FILE, Lock, LockedWheel, parse_wheel
 from .spec import Spec
+from .untrusted import loads_json
 from .wheelplan import WheelDerivation, wheel_plan
 
 RECORD_SCHEMA = 1
@@ -106,7 +107,7 @@ class WheelStore:
 def _parse(raw: str, input_hash: str) -> WheelRecord | None:
     """A record, checked field by field (None: not a usable record)."""
     try:
-        data = json.loads(raw)
+        data = loads_json(raw)
     except ValueError:
         return None
     if not isinstance(data, dict) or data.get("schema") != RECORD_SCHEMA:

@@ -181,3 +181,36 @@ def test_a_fifo_in_place_of_the_spec_or_a_lock_is_refused_at_once(stack: Stack,
                        env={**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"})
     assert r.returncode == 2, r.stdout + r.stderr
     assert "not a regular file" in r.stderr and which.rsplit("/", 1)[-1] in r.stderr
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion limit
+
+
+def test_json_nested_too_deep_is_each_edge_s_own_error_never_a_traceback(
+        tmp_path: Path) -> None:
+    from imagebuild.archive import Manifest
+    from imagebuild.errors import BackupError, RegistryError
+    from imagebuild.layerstore import read_gen_sidecar
+    from imagebuild.registry import docker_credentials
+    from imagebuild.store import LocalDir
+    from imagebuild.tarbackup import Sidecar, manifest_tags
+
+    # a generation's sidecar (restore, backup --check and every store listing read it)
+    store = LocalDir(tmp_path / "store")
+    (store.directory / "images" / "vllm-node").mkdir(parents=True)
+    (store.directory / "images" / "vllm-node" / ("a" * 12 + ".json")).write_text(DEEP)
+    with pytest.raises(BackupError, match="nested too deeply"):
+        read_gen_sidecar(store, "vllm-node", "a" * 12)
+    # a tar backup's sidecar, a tar's manifest.json and index.json
+    with pytest.raises(ValueError, match="nested too deeply"):
+        Sidecar.from_json(DEEP)
+    with pytest.raises(BackupError, match=r"manifest\.json is not JSON"):
+        Manifest.parse(DEEP.encode(), "x.tar")
+    with pytest.raises(BackupError, match=r"index\.json is malformed"):
+        manifest_tags("index.json", DEEP.encode(), "x.tar")
+    # the docker config
+    config = tmp_path / "config.json"
+    config.write_text(DEEP)
+    with pytest.raises(RegistryError, match="is not JSON: JSON nested too deeply") as err:
+        docker_credentials("registry:5000", config)
+    assert err.value.exit_code == 11
