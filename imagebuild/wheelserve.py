@@ -22,7 +22,8 @@ same descriptor: a file swapped in by rename afterwards is never seen, and one r
 in place (its ctime moves even when its mtime is put back) is refused with 409.
 
 Bounded: an idle connection is closed after ``IDLE_TIMEOUT`` seconds, at most
-``MAX_CONNECTIONS`` are served at once, a malformed ``Range`` is answered 400 or 416,
+``MAX_CONNECTIONS`` are served at once, a malformed ``Range`` is answered 400, one past
+the end 416 (one whose last byte is before its first is ignored: the whole file),
 and nothing is served once the server is closed (open connections are shut down).
 """
 
@@ -260,8 +261,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int, bool] | str | None:
-    """(start, length, partial) for a ``Range`` header; the whole file when there is none
-    or it asks for several ranges (not served here); None when it is out of bounds;
+    """(start, length, partial) for a ``Range`` header; the whole file when there is none,
+    it asks for several ranges (not served here) or its last byte is before its first
+    (invalid: ignored); None when it is out of bounds;
     ``"bad"`` when it is malformed."""
     whole = (0, size, False)
     if header is None:
@@ -279,7 +281,9 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int, bool] | str |
         n = min(int(last), size)
         return (size - n, n, True) if n > 0 else None
     start = int(first)
+    if last and int(last) < start:
+        return whole  # an invalid range (5-2) is ignored, as RFC 9110 says: the whole file
     end = min(int(last), size - 1) if last else size - 1
-    if start >= size or end < start:
+    if start >= size:
         return None
     return (start, end - start + 1, True)

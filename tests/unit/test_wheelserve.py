@@ -71,7 +71,9 @@ def test_serves_the_whole_file_and_byte_ranges_on_the_loopback(
         assert status == 416 and h["content-range"] == f"bytes */{len(data)}"
         # several ranges are not served as such: the whole file instead
         assert _get(srv.url, "/" + NAME, headers={"Range": "bytes=0-1,5-6"})[:3:2] == (200, data)
-    assert srv.bytes_sent == 3 * len(data) + 10 + 4 + 2
+        # last before first is invalid, and an invalid range is ignored (RFC 9110 14.2)
+        assert _get(srv.url, "/" + NAME, headers={"Range": "bytes=5-2"})[:3:2] == (200, data)
+    assert srv.bytes_sent == 4 * len(data) + 10 + 4 + 2
 
 
 @pytest.mark.parametrize("path", ["/", "/other.whl", "/../" + NAME, "/%2e%2e/" + NAME,
@@ -126,7 +128,6 @@ def test_a_wheel_changed_while_the_build_ran_fails_it(wheel: Path,
     ("bytes=" + "9" * 5000 + "-", 416),
     ("bytes=0-" + "9" * 5000, 416),
     ("bytes=-" + "9" * 40, 416),
-    ("bytes=5-2", 416),
     ("bytes=abc", 400),
     ("bytes=-", 400),
     ("items=0-1", 400),
