@@ -187,13 +187,15 @@ def build(bp: BuildPlan, connect: Callable[[], Engine], *, rebuild: bool = False
     progress = progress or Progress()
     if dry_run and bp.wheels.pending:
         return BuildOutcome([], wheels=bp.wheels)
+    # with no wheel to build, nothing re-locks: locks out of date with the spec are
+    # refused (exit 2) before the engine is asked anything
+    ctx = None if bp.wheels.pending else open_context(bp.spec, bp.wheels.every)
     engine = connect()
     relocked = None
     if not dry_run:
         relocked = realize_planned(bp.spec, engine, bp.wheels, progress).relocked
-    # the wheel derivations carried on; the locks read again only if the step above
-    # wrote them
-    ctx = open_context(bp.spec, bp.wheels.every)
+    if ctx is None or relocked is not None:  # the locks, read again after the lock step
+        ctx = open_context(bp.spec, bp.wheels.every)
     if not dry_run:  # the prebuilt wheels by URL this machine has not fetched yet
         fetch_wheels(bp.spec, ctx.lock.wheels, progress, strict=True)
     outcome = build_images(ctx, engine, bp.images, rebuild=rebuild, backup=backup,

@@ -805,6 +805,22 @@ def test_usage_errors_exit_2_before_the_engine_is_contacted(
     assert says in err and "cannot reach the Docker engine" not in err
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_build_refuses_a_stale_lock_before_the_engine_is_contacted(
+        stack: Stack, dry_run: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from imagebuild import cli
+
+    stack.write_spec(SPEC.replace('requires: ["transformers>=4.57,<5"]',
+                                  'requires: ["transformers>=4.57,<5", "numpy"]'))
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine-here.sock")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["-f", str(stack.spec_path), "build", *(["--dry-run"] if dry_run else [])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err  # not 4: the engine was never asked
+    assert "out of date" in err and "cannot reach the Docker engine" not in err
+
+
 # -- bad inputs (the hardening pass) -------------------------------------------------------------
 
 
