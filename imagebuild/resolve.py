@@ -15,6 +15,7 @@ import email.parser
 import tempfile
 import tomllib
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .errors import LockError, ResolveFailed
 from .lock import INDEX_URL, SHA256, WHEEL_FILE, parse_wheel
 
 UV_TIMEOUT = 600
+MAX_METADATA = 8 << 20  # a wheel's METADATA unpacked: real ones are a few kB
 
 
 def uv_binary() -> str:
@@ -172,8 +174,17 @@ def wheel_metadata(path: Path) -> bytes:
             if len(names) != 1:
                 raise LockError(f"{path}: no single .dist-info/METADATA in the wheel",
                                 hint="the file is not a valid wheel; rebuild or re-download it")
-            return zf.read(names[0])
-    except (OSError, zipfile.BadZipFile) as exc:
+            with zf.open(names[0]) as f:  # bounded: a zip bomb stops at the limit
+                data = f.read(MAX_METADATA + 1)
+            if len(data) > MAX_METADATA:
+                raise LockError(f"{path}: its METADATA is larger than {MAX_METADATA} bytes "
+                                f"unpacked", hint="the file is not a wheel imagebuild reads; "
+                                                  "rebuild or re-download it")
+            return data
+    except (RuntimeError, NotImplementedError) as exc:  # encrypted; an unknown compression
+        raise LockError(f"{path}: cannot read its METADATA: {exc}",
+                        hint="the file is not a valid wheel; rebuild or re-download it") from None
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise LockError(f"{path}: cannot read the wheel: {exc}",
                         hint="the file is not a valid wheel; rebuild or re-download it") from None
 

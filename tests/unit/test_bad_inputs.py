@@ -214,3 +214,46 @@ def test_json_nested_too_deep_is_each_edge_s_own_error_never_a_traceback(
     with pytest.raises(RegistryError, match="is not JSON: JSON nested too deeply") as err:
         docker_credentials("registry:5000", config)
     assert err.value.exit_code == 11
+
+
+def _wheel_with_metadata(path: Path, meta: bytes, *, flags: int = 0, method: int | None = None,
+                         deflate: bool = False) -> Path:
+    """A wheel whose METADATA entry comes first, its zip headers patched as asked: flag
+    bit 0 (encrypted), or a compression method zipfile does not know."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("demo-1.0.dist-info/METADATA"), meta,
+                    compress_type=zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    for at, flag_at, method_at in ((0, 6, 8), (central, 8, 10)):
+        if flags:
+            data[at + flag_at] |= flags
+        if method is not None:
+            data[at + method_at:at + method_at + 2] = method.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("encrypted", "cannot read its METADATA"),
+    ("unknown compression", "cannot read its METADATA"),
+    ("zip bomb", "larger than"),
+])
+def test_a_wheel_whose_metadata_cannot_be_read_safely_is_a_lock_error(
+        tmp_path: Path, kind: str, says: str) -> None:
+    from imagebuild.resolve import MAX_METADATA, wheel_metadata
+
+    path = tmp_path / "demo-1.0-py3-none-any.whl"
+    meta = b"Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n"
+    if kind == "encrypted":
+        _wheel_with_metadata(path, meta, flags=0x1)
+    elif kind == "unknown compression":
+        _wheel_with_metadata(path, meta, method=99)
+    else:  # a few kB on disk, more than the limit unpacked
+        _wheel_with_metadata(path, meta + b" " * (MAX_METADATA + 1), deflate=True)
+        assert path.stat().st_size < 100_000
+    with pytest.raises(LockError, match=says) as info:
+        wheel_metadata(path)
+    assert info.value.exit_code == 2
