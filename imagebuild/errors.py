@@ -7,6 +7,8 @@ in the package calls ``sys.exit``.
 
 from __future__ import annotations
 
+import re
+
 
 class ImagebuildError(Exception):
     """Base class. ``exit_code`` is what the command exits with."""
@@ -20,8 +22,20 @@ class ImagebuildError(Exception):
 
     def __str__(self) -> str:
         if self.hint:
-            return f"{self.message}\n  hint: {self.hint}"
-        return self.message
+            return printable(f"{self.message}\n  hint: {self.hint}")
+        return printable(self.message)
+
+
+# control characters but newline and tab: what a remote text (a registry's error body, a
+# worker's stderr, git's or uv's) could carry to move the cursor, retitle or blank the
+# terminal an error is printed on
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (escape sequences, carriage returns) shown as
+    '?': safe to print on a terminal."""
+    return _CONTROL.sub("?", text)
 
 
 class SpecError(ImagebuildError):

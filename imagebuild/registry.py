@@ -26,7 +26,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from .errors import RegistryError, RemoteError
+from .errors import RegistryError, RemoteError, printable
 from .remote import last_line, local
 from .untrusted import loads_json
 
@@ -367,12 +367,9 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or ""), port if port is not None else default
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def _clean(text: str) -> str:
-    """Remote-provided text without control characters (terminal escapes), to print."""
-    return _CONTROL.sub("?", text)
+    """Remote-provided text on one line, without control characters, to print."""
+    return printable(text.replace("\n", " "))
 
 
 def _short(exc: Exception) -> str:

@@ -257,3 +257,17 @@ def test_a_wheel_whose_metadata_cannot_be_read_safely_is_a_lock_error(
     with pytest.raises(LockError, match=says) as info:
         wheel_metadata(path)
     assert info.value.exit_code == 2
+
+
+def test_an_error_is_printed_without_terminal_control_characters(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from imagebuild.errors import RemoteError
+
+    text = str(RemoteError("w1: \x1b]0;owned\x07docker: \x1b[8mhidden\x1b[0m\rover\nnext\tx",
+                           hint="\x1b[2Jcleared"))
+    assert text == "w1: ?]0;owned?docker: ?[8mhidden?[0m?over\nnext\tx\n  hint: ?[2Jcleared"
+    with pytest.raises(SystemExit) as info:  # a path or any remote text goes the same way
+        cli.main(["-f", str(tmp_path / "spec\x1b[2J.yaml"), "plan"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "spec?[2J.yaml: spec file not found" in err
+    assert "\x1b" not in err
