@@ -17,6 +17,7 @@ from .remote import Completed, local
 
 GIT_TIMEOUT = 10
 GIT_FETCH_TIMEOUT = 3600  # a first clone of a large repository over a slow link
+GIT_IDLE_TIMEOUT = 120.0  # a fetch that prints no progress for this long has stalled
 
 
 def _quiet(args: list[str]) -> str | None:
@@ -50,14 +51,18 @@ def git_show_head(path: Path) -> str | None:
     return _quiet(["-C", str(path.parent), "show", f"HEAD:./{path.name}"])
 
 
-def _git(args: list[str], timeout: float, cwd: Path | None = None) -> Completed:
-    """git with an argument list; never prompts (a fetch that needs credentials fails)."""
+def _git(args: list[str], timeout: float, cwd: Path | None = None,
+         idle: float | None = None) -> Completed:
+    """git with an argument list; never prompts (a fetch that needs credentials fails,
+    and git runs without the terminal, so ssh cannot ask about a host key there either:
+    an unknown host fails, host-key checking stays on). ``idle``: stop it after that
+    many seconds without output (with --progress, a transfer prints as it goes)."""
     git = shutil.which("git")
     if git is None:
         raise RemoteError("git is not installed", hint="install git (apt-get install git)")
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true",
            "LC_ALL": "C"}
-    return local([git, *args], timeout, cwd, env=env)
+    return local([git, *args], timeout, cwd, env=env, no_tty=True, idle=idle)
 
 
 def git_mirror(url: str, mirror: Path) -> Completed:
@@ -65,13 +70,14 @@ def git_mirror(url: str, mirror: Path) -> Completed:
     the first time (into a temporary name, renamed when complete), a ``git fetch``
     afterwards. The URL comes after ``--``: it can never be read as an option."""
     if (mirror / "HEAD").is_file():
-        return _git(["-C", str(mirror), "fetch", "--quiet", "--prune", "--tags", "origin"],
-                    GIT_FETCH_TIMEOUT)
+        return _git(["-C", str(mirror), "fetch", "--progress", "--prune", "--tags",
+                     "origin"], GIT_FETCH_TIMEOUT, idle=GIT_IDLE_TIMEOUT)
     mirror.parent.mkdir(parents=True, exist_ok=True)
     partial = mirror.with_name(mirror.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    done = _git(["clone", "--quiet", "--mirror", "--", url, str(partial)], GIT_FETCH_TIMEOUT)
+    done = _git(["clone", "--progress", "--mirror", "--", url, str(partial)],
+                GIT_FETCH_TIMEOUT, idle=GIT_IDLE_TIMEOUT)
     if done.code == 0:
         os.replace(partial, mirror)
     else:

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -205,21 +206,71 @@ def finish(proc: Process) -> Completed:
 
 def local(argv: list[str], timeout: float, cwd: Path | None = None, *,
           env: dict[str, str] | None = None, stdin: bytes | None = None,
-          missing: str = "reinstall imagebuild (pip install -e .), which brings uv"
-          ) -> Completed:
+          missing: str = "reinstall imagebuild (pip install -e .), which brings uv",
+          no_tty: bool = False, idle: float | None = None) -> Completed:
     """Run a local program (uv, git, a credential helper) with an argument list, never a
     shell, ``stdin`` as its input (none: /dev/null); what happened, whatever its exit
-    status (``code`` None: it ran out of ``timeout``). A missing program is a RemoteError
-    naming it, with ``missing`` as the hint."""
+    status (``code`` None: it ran out of ``timeout``, or of ``idle``: seconds without a
+    byte of output). ``no_tty``: in a session of its own, without the terminal, so that
+    nothing it starts (ssh asking about a host key) can prompt there. A missing program
+    is a RemoteError naming it, with ``missing`` as the hint."""
+    if idle is not None:
+        return _watched(argv, timeout, idle, cwd, env, no_tty, missing)
     try:
         r = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, cwd=cwd,
-                           env=env, input=stdin,
+                           env=env, input=stdin, start_new_session=no_tty,
                            stdin=subprocess.DEVNULL if stdin is None else None)
     except subprocess.TimeoutExpired as exc:
         return Completed(None, _text(exc.stdout), _text(exc.stderr))
     except FileNotFoundError:
         raise RemoteError(f"{argv[0]} is not installed", hint=missing) from None
     return Completed(r.returncode, _text(r.stdout), _text(r.stderr))
+
+
+def _watched(argv: list[str], timeout: float, idle: float, cwd: Path | None,
+             env: dict[str, str] | None, no_tty: bool, missing: str) -> Completed:
+    """``local`` for a program that reports progress as it works (git --progress): killed,
+    with what it started, when it prints nothing for ``idle`` seconds (a server that
+    accepts and never answers) or runs past ``timeout``."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=cwd, env=env,
+                                start_new_session=no_tty)
+    except FileNotFoundError:
+        raise RemoteError(f"{argv[0]} is not installed", hint=missing) from None
+    started = last = time.monotonic()
+    out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+
+    def drain(name: str) -> None:
+        nonlocal last
+        stream = getattr(proc, name)
+        while chunk := stream.read1(65536):
+            out[name].append(chunk)
+            last = time.monotonic()
+
+    readers = [threading.Thread(target=drain, args=(n,), daemon=True) for n in out]
+    for t in readers:
+        t.start()
+    why = ""  # set when it was stopped
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now - started > timeout or now - last > idle:
+            why = (f"\nimagebuild: stopped after {now - last:.0f}s without output"
+                   if now - last > idle else f"\nimagebuild: stopped after {timeout:.0f}s")
+            try:
+                if no_tty:
+                    os.killpg(proc.pid, 9)  # git and the ssh or helper it started
+                else:
+                    proc.kill()
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            break
+        time.sleep(min(0.2, idle / 10))
+    for t in readers:
+        t.join(timeout=5)
+    stderr = _text(b"".join(out["stderr"])) + why
+    return Completed(None if why else proc.returncode, _text(b"".join(out["stdout"])), stderr)
 
 
 # -- long-running programs ------------------------------------------------------------------
