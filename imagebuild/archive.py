@@ -69,15 +69,26 @@ def is_meta(name: str) -> bool:
     return name in _META or name.endswith(".json")
 
 
+USTAR_MAX_SIZE = 8 ** 11 - 1  # 8 GiB: a USTAR header's size field holds no more
+
+
 def tar_header(name: str, size: int = 0, linkname: str = "") -> bytes:
-    """The USTAR header of a regular file (or, with ``linkname``, a symbolic link) as
-    imagebuild composes them: mode 0644, owner 0:0, mtime 0."""
+    """The header of a regular file (or, with ``linkname``, a symbolic link) as imagebuild
+    composes them: mode 0644, owner 0:0, mtime 0; USTAR, or for a file of 8 GiB and more
+    (a CUDA layer can be) the GNU header that writes the size in base 256, one block all
+    the same, as docker's own tar writer does. ValueError for a name or size no header
+    holds."""
     ti = tarfile.TarInfo(name)
     ti.mode, ti.mtime, ti.uid, ti.gid = 0o644, 0, 0, 0
     if linkname:
         ti.type, ti.linkname = tarfile.SYMTYPE, linkname
     else:
         ti.size = size
+    if size > USTAR_MAX_SIZE:
+        header = ti.tobuf(format=tarfile.GNU_FORMAT)
+        if len(header) != BLOCK:
+            raise ValueError(f"{name!r} does not fit one GNU header")
+        return header
     return ti.tobuf(format=tarfile.USTAR_FORMAT)
 
 

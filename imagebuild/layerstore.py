@@ -60,6 +60,7 @@ CHUNK = 1 << 20
 SMALL = 1 << 16  # files up to this size are read whole (manifests, configs, json)
 BLOBS = "blobs/sha256"
 INCOMING = "blobs/.incoming"
+MAX_FILE_SIZE = 1 << 50  # a layer file recorded larger than a PiB is a damaged record
 IMAGES = "images"
 CURRENT = "current"
 PARTIAL = ".partial"
@@ -175,7 +176,8 @@ class GenSidecar:
             if (not isinstance(path, str) or not _MEMBER.fullmatch(path)
                     or not isinstance(v, list) or len(v) != 2
                     or not isinstance(v[0], str) or not _HEX.fullmatch(v[0])
-                    or isinstance(v[1], bool) or not isinstance(v[1], int) or v[1] < 0):
+                    or isinstance(v[1], bool) or not isinstance(v[1], int) or v[1] < 0
+                    or v[1] > MAX_FILE_SIZE):
                 raise ValueError(f"files: bad entry {path!r}")
         if not isinstance(sc.links, dict) or not all(
                 isinstance(p, str) and _MEMBER.fullmatch(p) and isinstance(t, str)

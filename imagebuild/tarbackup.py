@@ -62,8 +62,10 @@ class Sidecar:
     def from_json(cls, text: str) -> Sidecar:
         sc = cls(**json_fields(cls, text))
         ints = (sc.size, sc.mtime_ns, sc.ino, sc.ctime_ns)
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
-            raise ValueError("size, mtime_ns, ino and ctime_ns must be whole numbers")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= 1 << 64
+               for v in ints):
+            raise ValueError("size, mtime_ns, ino and ctime_ns must be whole numbers "
+                             "below 2**64")
         strs = (sc.image, sc.image_id, sc.fingerprint, sc.sha256, sc.created, sc.tool_version)
         if not all(isinstance(v, str) for v in strs):
             raise ValueError("image, image_id, fingerprint, sha256, created and tool_version "

@@ -476,3 +476,35 @@ def test_a_corrupt_pax_record_is_refused_and_never_spins(tmp_path: Path, record:
     _, err = _released_before_failing(_guard(saved.path, sha=hashlib.sha256(data).hexdigest(),
                                              size=len(data)), data)
     assert "a pax header is corrupt" in err.message
+
+
+@pytest.mark.parametrize("size", [0, 1, (8 ** 11 - 1), (8 ** 11 - 1) + 1,
+                                  40 << 30])
+def test_a_header_holds_a_layer_of_any_real_size_in_one_block(size: int) -> None:
+    """A CUDA layer of the real images can pass 8 GiB, past what a USTAR header holds:
+    that header is GNU's base-256 one, one block all the same, and every reader here
+    (and docker's) reads the size back."""
+    header = archive.tar_header("blobs/sha256/" + "a" * 64, size)
+    assert len(header) == 512
+    info = tarfile.TarInfo.frombuf(header, "utf-8", "strict")
+    assert info.size == size and info.name == "blobs/sha256/" + "a" * 64
+    assert tarbackup._octal(header[124:136]) == size
+
+
+def test_a_record_with_an_absurd_size_is_refused_when_read() -> None:
+    from imagebuild.layerstore import GenSidecar
+    from imagebuild.tarbackup import Sidecar
+
+    good = {"image": "vllm-node", "image_id": "sha256:" + "a" * 64,
+            "fingerprint": "sha256:" + "b" * 64, "input_hash": None, "tags": [],
+            "size": 10 ** 30, "sha256": "c" * 64, "created": "", "mtime_ns": 0}
+    with pytest.raises(ValueError, match="below 2\\*\\*64"):
+        Sidecar.from_json(json.dumps(good))
+    gen = {"image": "vllm-node", "hash12": "a" * 12, "image_id": "sha256:" + "a" * 64,
+           "fingerprint": "sha256:" + "b" * 64, "input_hash": None, "tags": [],
+           "created": "", "tool_version": "x", "files": {"manifest.json": ["d" * 64, 10 ** 30]},
+           "links": {}, "layers": [], "layer_files": []}
+    with pytest.raises(ValueError, match=r"files: bad entry 'manifest\.json'"):
+        GenSidecar.from_json(json.dumps(gen))
+    gen["files"] = {"manifest.json": ["d" * 64, 10]}
+    assert GenSidecar.from_json(json.dumps(gen)).files["manifest.json"] == ["d" * 64, 10]
