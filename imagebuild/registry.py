@@ -18,7 +18,8 @@ from __future__ import annotations
 import base64
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ from .untrusted import loads_json
 CONNECT_TIMEOUT = 10
 HELPER_TIMEOUT = 30
 READ_TIMEOUT = 600  # a registry may take a while to commit a 10 GB blob
+DEADLINE = 120.0  # a whole request and its reply (an upload: plus its size at MIN_RATE)
+MIN_RATE = 1e6  # bytes/s: the slowest upload imagebuild waits for
+BODY_CAP = 64 << 10  # of a reply's body, what is read (an error page, a token)
 MANIFEST_MEDIA = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA = "application/vnd.oci.image.config.v1+json"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
@@ -174,8 +178,7 @@ class RegistryClient:
         self.address = address
         self.base = f"{'https' if tls else 'http'}://{address}"
         self.credentials = credentials
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = "imagebuild"
+        self.session = _new_session()
         self._bearer: dict[str, str] = {}  # scope -> token
         self._scheme = ""  # "", "basic" or "bearer", learnt from /v2/
         self._challenge: dict[str, str] = {}
@@ -203,7 +206,7 @@ class RegistryClient:
         return url
 
     def _send(self, method: str, url: str, what: str, scope: str = "",
-              **kw: Any) -> requests.Response:
+              extra_time: float = 0.0, **kw: Any) -> Reply:
         headers = dict(kw.pop("headers", {}))
         if not self._own(url):
             pass  # another host (an upload location elsewhere): followed without them
@@ -212,9 +215,8 @@ class RegistryClient:
         elif self._scheme == "basic" and self.credentials is not None:
             kw["auth"] = (self.credentials.username, self.credentials.password)
         try:
-            return self.session.request(method, url, headers=headers,
-                                        timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-                                        allow_redirects=method in ("GET", "HEAD"), **kw)
+            return self._exchange(method, url, what, DEADLINE + extra_time, headers=headers,
+                                  allow_redirects=method in ("GET", "HEAD"), **kw)
         except requests.exceptions.SSLError as exc:
             raise RegistryError(
                 f"the registry at {self.address}: TLS failed for {what}: {_short(exc)}",
@@ -230,7 +232,44 @@ class RegistryClient:
             raise RegistryError(f"the registry at {self.address}: {what} failed: "
                                 f"{_short(exc)}") from None
 
-    def _fail(self, what: str, r: requests.Response) -> RegistryError:
+    def _exchange(self, method: str, url: str, what: str, deadline: float,
+                  **kw: Any) -> Reply:
+        """One request and its reply, the body read up to ``BODY_CAP`` bytes (an error
+        page, a token: never the whole of an endless one), all of it within ``deadline``
+        seconds: a registry that accepts and never answers, or answers a byte at a time,
+        is given up on (its connections closed) instead of holding the run."""
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with self.session.request(method, url, stream=True,
+                                          timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), **kw) as r:
+                    body = bytearray()
+                    for chunk in r.iter_content(8192):
+                        body += chunk[:BODY_CAP - len(body)]
+                        if len(body) >= BODY_CAP:
+                            break
+                    box["reply"] = Reply(r.status_code, r.headers, r.url, bytes(body))
+            except BaseException as exc:  # handed to the caller's thread
+                box["error"] = exc
+
+        worker = threading.Thread(target=run, daemon=True, name="registry-request")
+        worker.start()
+        worker.join(deadline)
+        if worker.is_alive():  # left to its read timeout, on a session of its own
+            self.session.close()
+            self.session = _new_session()
+            self._bearer.clear()
+            raise RegistryError(f"the registry at {self.address} did not answer {what} "
+                                f"within {deadline:.0f}s",
+                                hint="check the registry (its logs, its disk), then run the "
+                                     "command again")
+        if "error" in box:
+            raise box["error"]
+        reply: Reply = box["reply"]
+        return reply
+
+    def _fail(self, what: str, r: Reply) -> RegistryError:
         detail = _clean(r.text[:300].strip().replace("\n", " "))
         hint = None
         if r.status_code in (401, 403):
@@ -278,8 +317,8 @@ class RegistryClient:
         auth = ((self.credentials.username, self.credentials.password)
                 if self.credentials is not None and self._own(realm) else None)
         try:
-            r = self.session.get(realm, params=params, auth=auth,
-                                 timeout=(CONNECT_TIMEOUT, 60))
+            r = self._exchange("GET", realm, f"a token for {scope}", DEADLINE, params=params,
+                               auth=auth)
             data = r.json() if r.status_code == 200 else None
         except (requests.exceptions.RequestException, ValueError) as exc:
             raise RegistryError(f"the token service {realm} of {self.address} failed: "
@@ -324,7 +363,7 @@ class RegistryClient:
         location = self._not_downgraded(urljoin(url, r.headers["Location"]),
                                         "the place to upload a layer to")
         r = self._send("PUT", location, f"PUT {repo} blob {digest[:19]}", scope,
-                       params={"digest": digest},
+                       size / MIN_RATE, params={"digest": digest},
                        headers={"Content-Type": "application/octet-stream"},
                        data=Body(chunks, size, on_bytes))
         if r.status_code != 201:
@@ -355,6 +394,30 @@ class RegistryClient:
         if said != digest or not _DIGEST.match(said):
             raise RegistryError(f"the registry at {self.address} stored the manifest of "
                                 f"{repo}:{tag} as {said[:19]}, not {digest[:19]}")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A registry's reply: its status, headers, final URL and (at most ``BODY_CAP`` bytes
+    of) its body."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    url: str
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return loads_json(self.body)
+
+
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    session.headers["User-Agent"] = "imagebuild"
+    return session
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

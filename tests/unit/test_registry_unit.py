@@ -12,6 +12,7 @@ import socket
 import stat
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1084,3 +1085,87 @@ def test_an_error_body_is_printed_without_terminal_escapes(serve: Serve) -> None
         srv.client().ping()
     assert "\x1b" not in err.value.message and "\x07" not in err.value.message
     assert "boom" in err.value.message
+
+
+# -- replies read within bounds --------------------------------------------------------------
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 whose every connection ``behave(conn)`` serves by hand:
+    replies no HTTP server library would send."""
+
+    def __init__(self, behave: Callable[[socket.socket], None]) -> None:
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(8)
+        self.stop = threading.Event()
+        self.behave = behave
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.srv.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        self.srv.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)  # the request (small: a GET)
+                self.behave(conn)
+            except OSError:  # the client gave up: as it should
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.srv.close()
+
+
+def _endless_error(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"x" * 65536
+    for _ in range(10_000):  # 640 MB, unless the client stops reading (it must)
+        conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+
+def _never_answers(conn: socket.socket) -> None:
+    time.sleep(30)
+
+
+def _trickles(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 500 Slow\r\nContent-Length: 1000000\r\n\r\n")
+    for _ in range(300):
+        conn.sendall(b"x")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("behave", "says"), [
+    (_endless_error, "HTTP 500"),
+    (_never_answers, "did not answer GET /v2/ within 1s"),
+    (_trickles, "did not answer GET /v2/ within 1s"),
+])
+def test_a_reply_is_read_within_a_size_and_a_time_bound(
+        behave: Callable[[socket.socket], None], says: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("imagebuild.registry.DEADLINE", 1.0)
+    server = RawServer(behave)
+    client = RegistryClient(server.address, tls=False)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RegistryError, match=says) as err:
+            client.ping()
+    finally:
+        client.close()
+        server.close()
+    assert time.monotonic() - started < 15
+    assert err.value.exit_code == 11 and len(err.value.message) < 1000
