@@ -446,15 +446,19 @@ def _as_tar(gen: Path, sidecar: dict[str, object], dest: Path) -> Path:
     # member names as docker save writes them (no "./"), manifest.json last
     names = sorted(os.listdir(gen), key=lambda n: (n == "manifest.json", n))
     subprocess.run(["tar", "-C", str(gen), "-cf", str(dest), *names], check=True)
-    data = dest.read_bytes()
-    st = dest.stat()
-    dest.with_name(dest.name + ".json").write_text(json.dumps({
+    return _with_sidecar(dest, sidecar)
+
+
+def _with_sidecar(tar: Path, sidecar: dict[str, object]) -> Path:
+    """``tar`` with the sidecar a tar backup of mimo has, agreeing with its bytes."""
+    data = tar.read_bytes()
+    tar.with_name(tar.name + ".json").write_text(json.dumps({
         "image": "vllm-node-mimo", "image_id": sidecar["image_id"],
         "fingerprint": sidecar["fingerprint"], "input_hash": sidecar["input_hash"],
         "tags": sidecar["tags"], "size": len(data),
         "sha256": hashlib.sha256(data).hexdigest(), "created": sidecar["created"],
-        "mtime_ns": st.st_mtime_ns}))
-    return dest
+        "mtime_ns": tar.stat().st_mtime_ns}))
+    return tar
 
 
 def test_tar_backups_from_before_the_store_restore_and_are_imported(mini: MiniStack) -> None:
@@ -548,14 +552,7 @@ def _crafted(gen: Path, sidecar: dict[str, object], dest: Path, variant: str) ->
             else:
                 out.write(_gnu_member(ti, path.read_bytes()))
         out.write(b"\0" * 1024)
-    data = dest.read_bytes()
-    dest.with_name(dest.name + ".json").write_text(json.dumps({
-        "image": "vllm-node-mimo", "image_id": sidecar["image_id"],
-        "fingerprint": sidecar["fingerprint"], "input_hash": sidecar["input_hash"],
-        "tags": sidecar["tags"], "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(), "created": sidecar["created"],
-        "mtime_ns": dest.stat().st_mtime_ns}))
-    return dest
+    return _with_sidecar(dest, sidecar)
 
 
 def _every_tag() -> list[str]:
