@@ -158,7 +158,8 @@ _DIRECTORY = re.compile(r"\.|[0-9a-f]{64}|blobs|blobs/sha256")
 _LINK = re.compile(r"[0-9a-f]{64}/layer\.tar")
 _LINK_TARGET = re.compile(r"[0-9a-f]{64}/layer\.tar|blobs/sha256/[0-9a-f]{64}")
 REFUSED_HINT = ("imagebuild loads only what docker save writes: regular files under their "
-                "own names (no name twice), the directories, and a layer linked to another; "
+                "own names (no name twice), the directories, a layer linked to another "
+                "(and a file hard-linked to one before it, as tar writes them); "
                 "save the image again with 'docker save', or load it with 'restore-from-tar "
                 "--file X.tar --adopt' if it is a tar of the field's")
 
@@ -191,6 +192,7 @@ class TarGuard:
         self.next_name: str | None = None  # from a pax or GNU long-name header
         self.next_link: str | None = None  # from a pax header's linkpath
         self.names: set[str] = set()  # every member's name so far, normalised
+        self.files: set[str] = set()  # of them, the regular files (what a hard link may name)
 
     def feed(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         for chunk in chunks:
@@ -303,6 +305,7 @@ class TarGuard:
                               hint=REFUSED_HINT)
         self.names.add(norm)
         if flag in (b"0", b"\0"):
+            self.files.add(norm)
             if not _FILE.fullmatch(norm):
                 raise BackupError(f"{what} is not a file docker save writes; nothing was "
                                   f"loaded", hint=REFUSED_HINT)
@@ -319,8 +322,14 @@ class TarGuard:
             if not _LINK.fullmatch(norm) or not _LINK_TARGET.fullmatch(target):
                 raise BackupError(f"{what} is a link to {link[:200]!r}, not a layer linked to "
                                   f"another; nothing was loaded", hint=REFUSED_HINT)
+        elif flag == b"1":  # tar of a directory writes a file again as a hard link to it
+            target = posixpath.normpath(link)
+            if not _FILE.fullmatch(norm) or is_meta(norm) or target not in self.files:
+                raise BackupError(f"{what} is a hard link to {link[:200]!r}: only a file "
+                                  f"docker save writes may be one, to a file before it; "
+                                  f"nothing was loaded", hint=REFUSED_HINT)
         else:
-            kinds = {b"1": "a hard link", b"3": "a device", b"4": "a device", b"6": "a FIFO",
+            kinds = {b"3": "a device", b"4": "a device", b"6": "a FIFO",
                      b"g": "a global pax header", b"K": "a GNU long link name"}
             raise BackupError(f"{what} is {kinds.get(flag, f'of type {flag!r}')}, which docker "
                               f"save never writes; nothing was loaded", hint=REFUSED_HINT)

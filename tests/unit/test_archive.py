@@ -508,3 +508,22 @@ def test_a_record_with_an_absurd_size_is_refused_when_read() -> None:
         GenSidecar.from_json(json.dumps(gen))
     gen["files"] = {"manifest.json": ["d" * 64, 10]}
     assert GenSidecar.from_json(json.dumps(gen)).files["manifest.json"] == ["d" * 64, 10]
+
+
+def test_a_file_tar_wrote_again_as_a_hard_link_passes_and_no_other_does(tmp_path: Path) -> None:
+    """tar of a directory whose files share an inode (a generation's files are links to
+    the store's blobs) writes the second as a hard link to the first: that passes; a hard
+    link to nothing before it, or one named as metadata, does not."""
+    saved = save_like(tmp_path / "a.tar", LAYERS)
+    members = _members(saved.path)
+    first = next(m.name for m, _ in members if m.name.endswith("/json"))
+    other = first.replace("0" * 63 + "0/", "f" * 64 + "/")
+    ok = _tar([*members, _link(other, first, tarfile.LNKTYPE)])
+    guard = _guard(saved.path, sha=hashlib.sha256(ok).hexdigest(), size=len(ok))
+    assert b"".join(guard.feed(_chunks(ok, 4096))) == ok
+    for name, target, says in ((other, "e" * 64 + "/json", "is a hard link to"),
+                               ("repositories", first, "is a hard link to")):
+        bad = _tar([*members, _link(name, target, tarfile.LNKTYPE)])
+        _, err = _released_before_failing(
+            _guard(saved.path, sha=hashlib.sha256(bad).hexdigest(), size=len(bad)), bad)
+        assert says in err.message and err.exit_code == 8
