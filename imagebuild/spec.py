@@ -529,8 +529,11 @@ class _Reader:
             raise self.fail(where, line, f"{text!r} is not a valid requirement: {exc}") from None
         return text
 
-    def to_path(self, value: Any, where: str, line: int | None) -> Path:
-        text = self.string(value, where, line, None, "path")
+    def expanded(self, value: Any, where: str, line: int | None,
+                 pattern: re.Pattern[str] | None, what: str) -> str:
+        """A string with ``${VAR}`` and ``${VAR:-default}`` expanded from the environment,
+        then checked as any other (what the variable brings is checked too)."""
+        text = self.string(value, where, line, None, what)
         try:
             expanded = expand_vars(text)
         except KeyError as exc:
@@ -538,6 +541,10 @@ class _Reader:
                 where, line, f"{text!r} uses the environment variable {exc.args[0]} which is unset",
                 hint="set it, or give a default with ${VAR:-default}",
             ) from None
+        return self.string(expanded, where, line, pattern, what)
+
+    def to_path(self, value: Any, where: str, line: int | None) -> Path:
+        expanded = self.expanded(value, where, line, None, "path")
         p = Path(expanded).expanduser()
         return p if p.is_absolute() else (self.path.parent / p)
 
@@ -819,8 +826,8 @@ def _read_target(r: _Reader, raw: Any, line: int | None) -> Target:
     return Target(
         python=r.string(python, "target.python", m.key_lines.get("python"), _PYTHON,
                         'Python version such as "3.12"'),
-        platform=r.string(m["platform"], "target.platform", m.key_lines.get("platform"),
-                          _PLATFORM, "uv platform such as aarch64-manylinux_2_28"))
+        platform=r.expanded(m["platform"], "target.platform", m.key_lines.get("platform"),
+                            _PLATFORM, "uv platform such as aarch64-manylinux_2_28"))
 
 
 def _read_overrides(r: _Reader, raw: Any, where: str, line: int | None) -> tuple[Override, ...]:
@@ -877,8 +884,8 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
         entry = r.mapping(item, where, index_raw.item_lines[i])  # type: ignore[attr-defined]
         r.keys(entry, where, {"file", "url", "packages"}, {"file", "url"})
         decls.append(WheelDecl(
-            filename=r.string(entry["file"], f"{where}.file", entry.key_lines["file"],
-                              _WHEEL_FILE, "wheel filename"),
+            filename=r.expanded(entry["file"], f"{where}.file", entry.key_lines["file"],
+                                _WHEEL_FILE, "wheel filename"),
             index=r.string(entry["url"], f"{where}.url", entry.key_lines["url"], _URL,
                            "http(s) index URL").rstrip("/"),
             serves=tuple(str(canonicalize_name(n)) for n in r.string_list(

@@ -14,6 +14,16 @@ ib_need_root() {
   fi
 }
 
+ib_need_arch() {
+  # the test stack has locks for these two (examples/mini: wheels.<arch>.lock)
+  case "$(uname -m)" in
+    x86_64|amd64|aarch64|arm64) ;;
+    *) echo "$1: the test bed and the test stack run on x86_64 and aarch64 hosts, not" \
+            "$(uname -m)" >&2
+       exit 1 ;;
+  esac
+}
+
 ib_packages() {
   local missing=()
   command -v dockerd >/dev/null || missing+=(docker.io)

@@ -55,6 +55,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -78,13 +79,63 @@ UV_VERSION = "0.9.7"
 # real Ray for the images' runtime contract (the launcher forms a Ray cluster): downloaded
 # once on the host for the bed's Python and the test stack's target, served by its index
 RAY_VERSION = "2.60.0"
-RAY_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
-                 "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_5_x86_64",
-                 "manylinux1_x86_64")
+# The test stack follows the host's architecture (examples/mini/imagebuild.yaml reads
+# these from the bed's env): uname -m -> the architecture as wheel tags name it
+ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+UV_WHEELS = {  # the uv wheel the test stack's images install, per architecture
+    "x86_64": f"uv-{UV_VERSION}-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+    "aarch64": f"uv-{UV_VERSION}-py3-none-manylinux_2_28_aarch64.whl",
+}
+UV_PLATFORMS = {"x86_64": "manylinux_2_17_x86_64", "aarch64": "manylinux_2_28_aarch64"}
+
+
+def host_arch(machine: str | None = None) -> str:
+    """The host's architecture, as the test stack names it (x86_64 or aarch64)."""
+    m = machine if machine is not None else os.uname().machine
+    if m not in ARCHES:
+        die(f"the test bed and the test stack run on x86_64 and aarch64 hosts, not {m}",
+            "use an x86_64 or aarch64 (GB10) machine")
+    return ARCHES[m]
+
+
+def arch_env(arch: str) -> dict[str, str]:
+    """What examples/mini/imagebuild.yaml reads for ``arch``: its target and uv wheel."""
+    return {"IMAGEBUILD_BED_ARCH": arch, "IMAGEBUILD_BED_UV_WHEEL": UV_WHEELS[arch]}
+
+
+MINI_DIR = Path(__file__).resolve().parent.parent / "examples" / "mini"
+
+
+def copy_test_stack(dest: Path, arch: str | None = None) -> str:
+    """The test stack for ``arch`` (the host's by default) made concrete in ``dest``: that
+    architecture's committed locks copied as wheels.lock and locks/, with files/; returns
+    the spec's text with the architecture filled in and those two paths made plain (the
+    caller adapts the rest and writes it)."""
+    arch = arch or host_arch()
+    shutil.copy(MINI_DIR / f"wheels.{arch}.lock", dest / "wheels.lock")
+    shutil.copytree(MINI_DIR / "locks" / arch, dest / "locks")
+    shutil.copytree(MINI_DIR / "files", dest / "files")
+    text = (MINI_DIR / "imagebuild.yaml").read_text()
+    for old, new in (("lock: wheels.${IMAGEBUILD_BED_ARCH:-x86_64}.lock", "lock: wheels.lock"),
+                     ("locks: locks/${IMAGEBUILD_BED_ARCH:-x86_64}", "locks: locks")):
+        if old not in text:
+            die(f"{MINI_DIR / 'imagebuild.yaml'} has no {old!r} line to make concrete")
+        text = text.replace(old, new)
+    text = text.replace("${IMAGEBUILD_BED_ARCH:-x86_64}", arch)
+    return re.sub(r"\$\{IMAGEBUILD_BED_UV_WHEEL:-[^}]*\}", UV_WHEELS[arch], text)
+
+
+def ray_platforms(arch: str) -> tuple[str, ...]:
+    """The platform tags of the ray wheels for ``arch`` (glibc 2.28 and older)."""
+    return (*(f"manylinux_2_{n}_{arch}" for n in (28, 27, 24, 17)), f"manylinux2014_{arch}",
+            *((f"manylinux_2_5_{arch}", f"manylinux1_{arch}") if arch == "x86_64" else ()))
+
+
 SUITE = "bookworm"
 CTRD = "c1"  # the containerd-store worker
 CTRD_ADDR = "127.0.0.9"
 CTRD_SUITE = "trixie"  # Docker 26.1 with the containerd image store
+CTRD_DOCKER = "26.1"  # the version of that Docker (the tests check the engine is it)
 CTRD_RUN = "/run/imagebuild-bed"  # inside its chroot: sockets and pid files
 CHEAD = "chead"  # the head on the containerd store: a second engine in c1's chroot
 HEADS = {"classic": "head", "containerd": CHEAD}  # head store -> node
@@ -188,7 +239,7 @@ def node_dir(node: str) -> Path:
 
 
 def chroot_root() -> Path:
-    """The Debian trixie chroot both containerd-store engines (c1, chead) run in."""
+    """The Debian chroot (CTRD_SUITE) both containerd-store engines (c1, chead) run in."""
     return node_dir(CTRD) / "root"
 
 
@@ -342,6 +393,21 @@ def cached_rootfs(suite: str, packages: str, what: str, slimmed: bool = False) -
     return tarball
 
 
+SUITE_MARK = "etc/imagebuild-bed-suite"  # in the chroot: the suite it was made from
+
+
+def chroot_suite() -> str | None:
+    """The Debian suite the chroot engines run from (None: no chroot yet). A chroot made
+    before the mark existed is trixie's."""
+    root = chroot_root()
+    if not (root / "usr" / "sbin" / "dockerd").is_file():
+        return None
+    try:
+        return (root / SUITE_MARK).read_text().strip()
+    except FileNotFoundError:
+        return "trixie"
+
+
 def ensure_chroot() -> Path:
     """c1's chroot, unpacked and mounted (proc, sys, dev), its root a mount point."""
     root = chroot_root()
@@ -349,6 +415,7 @@ def ensure_chroot() -> Path:
         tarball = cached_rootfs(CTRD_SUITE, "docker.io,containerd,ca-certificates", "docker")
         root.mkdir(parents=True, exist_ok=True)
         run(["tar", "--numeric-owner", "-C", str(root), "-xf", str(tarball)])
+        (root / SUITE_MARK).write_text(CTRD_SUITE + "\n")
     mounted = _mounted()
     if str(root) not in mounted:
         # runc remounts the container's root relative to the engine's own "/": in a chroot
@@ -369,7 +436,7 @@ def ensure_chroot() -> Path:
 
 
 def start_chroot_engine(node: str) -> None:
-    """containerd and dockerd of ``node`` (c1 or chead) in the trixie chroot. c1 uses the
+    """containerd and dockerd of ``node`` (c1 or chead) in the CTRD_SUITE chroot. c1 uses the
     default paths; chead its own containerd root and state, data-root and exec-root."""
     d = node_dir(node)
     rd = run_dir(node)
@@ -625,15 +692,17 @@ def index_files() -> list[Path]:
     """What the index serves: the fixtures, what tests published since 'up', uv, and
     real ray[default] with everything it needs."""
     _local, served = fixture_wheels(int(os.environ.get("IMAGEBUILD_BED_PAD_MB", "0")))
-    return [*served, *sorted((BED / "index-extra").glob("*.whl")), ensure_uv_wheel(),
+    return [*served, *sorted((BED / "index-extra").glob("*.whl")), *uv_wheels(),
             *ensure_ray_wheels()]
 
 
 def ensure_ray_wheels() -> list[Path]:
     """``ray[default]`` and its dependencies as wheels for the bed's images (CPython 3.11,
-    x86_64, glibc 2.28 and older: the test stack's target), downloaded once from PyPI on
-    the host (a build on this machine cannot check PyPI's certificate) and cached."""
-    cache = BED / "cache" / f"ray-{RAY_VERSION}"
+    the host's architecture, glibc 2.28 and older: the test stack's target), downloaded
+    once from PyPI on the host (a build on this machine cannot check PyPI's certificate)
+    and cached."""
+    arch = host_arch()
+    cache = BED / "cache" / f"ray-{RAY_VERSION}{'' if arch == 'x86_64' else '-' + arch}"
     done = cache / ".complete"
     if done.is_file():
         return sorted(cache.glob("*.whl"))
@@ -642,7 +711,7 @@ def ensure_ray_wheels() -> list[Path]:
     partial = cache.with_name(cache.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    platforms = [arg for p in RAY_PLATFORMS for arg in ("--platform", p)]
+    platforms = [arg for p in ray_platforms(arch) for arg in ("--platform", p)]
     run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
          "--only-binary", ":all:", *platforms, "--python-version", "3.11",
          "--implementation", "cp", "--abi", "cp311", "-d", str(partial),
@@ -667,22 +736,30 @@ def unpublish(filename: str) -> None:
     build_index(index_files())
 
 
-def ensure_uv_wheel() -> Path:
+def ensure_uv_wheel(arch: str | None = None) -> Path:
+    """The uv wheel of the test stack for ``arch`` (the host's by default), downloaded
+    from PyPI once and cached."""
+    arch = arch or host_arch()
     cache = BED / "cache"
-    found = sorted(cache.glob(f"uv-{UV_VERSION}-*.whl"))
-    if found:
-        return found[0]
-    log(f"downloading uv {UV_VERSION} from PyPI (once; cached)")
+    wheel = cache / UV_WHEELS[arch]
+    if wheel.is_file():
+        return wheel
+    log(f"downloading uv {UV_VERSION} for {arch} from PyPI (once; cached)")
     cache.mkdir(parents=True, exist_ok=True)
     if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode:
         die(f"{sys.executable} has no pip to download the uv wheel with",
             "run scripts/test or scripts/try once (they create .venv), or install python3-pip")
     run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-         "-d", str(cache), f"uv=={UV_VERSION}"])
-    found = sorted(cache.glob(f"uv-{UV_VERSION}-*.whl"))
-    if not found:
-        die(f"pip download did not produce a uv {UV_VERSION} wheel in {cache}")
-    return found[0]
+         "--platform", UV_PLATFORMS[arch], "-d", str(cache), f"uv=={UV_VERSION}"])
+    if not wheel.is_file():
+        die(f"pip download did not produce {wheel.name} in {cache}")
+    return wheel
+
+
+def uv_wheels() -> list[Path]:
+    """Both architectures' uv wheels: the index serves both, so the test stack's locks
+    for either can be checked on any host."""
+    return [ensure_uv_wheel(a) for a in UV_WHEELS]
 
 
 def build_index(files: list[Path]) -> None:
@@ -1496,6 +1573,8 @@ def env_text(store: str) -> str:
         f"export IMAGEBUILD_BED={BED}",
         f"export DOCKER_HOST=unix://{socket_of(head_node(store))}",
         f"export IMAGEBUILD_SSH_CONFIG={BED / 'ssh' / 'config'}",
+        "# the test stack's architecture: this host's",
+        *(f"export {k}={v}" for k, v in arch_env(host_arch()).items()),
     ]) + "\n"
 
 
@@ -1524,6 +1603,11 @@ def cmd_up(n: int, fresh: bool = False, store: str = "classic") -> None:
     if os.geteuid() != 0:
         die("the test bed runs dockerd and sshd, which need root", "run it as root (or sudo)")
     if fresh and BED.is_dir():
+        wipe_engines()
+    elif BED.is_dir() and chroot_suite() not in (None, CTRD_SUITE):
+        # the containerd-store engines' Docker changed: their data is the old engine's
+        log(f"the containerd-store engines move from Debian {chroot_suite()} to "
+            f"{CTRD_SUITE}: starting every engine empty (the cache stays)")
         wipe_engines()
     BED.mkdir(parents=True, exist_ok=True)
     ensure_packages()

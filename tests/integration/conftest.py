@@ -121,7 +121,7 @@ class MiniStack:
         self.bed = bed
         shutil.copytree(REPO / "templates", root / "templates")
         shutil.copytree(bed.root / "wheels", root / "wheels")
-        text = MINI.read_text()
+        text = testbed.copy_test_stack(root)
         text = text.replace("templates: ../../templates", "templates: templates")
         text = text.replace("${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/wheels", "wheels")
         text = text.replace("${IMAGEBUILD_BED:-/var/lib/imagebuild-bed}/state", "state")
@@ -132,9 +132,6 @@ class MiniStack:
         assert "IMAGEBUILD_TEST_SALT" in text
         self.spec = root / "imagebuild.yaml"
         self.spec.write_text(text)
-        shutil.copy(MINI.parent / "wheels.lock", root / "wheels.lock")
-        shutil.copytree(MINI.parent / "locks", root / "locks")
-        shutil.copytree(MINI.parent / "files", root / "files")
 
     def on(self, store: str) -> MiniStack:
         """The same stack (spec, state, backups) driven against the head on ``store``."""

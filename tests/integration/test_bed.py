@@ -26,7 +26,7 @@ def test_a_container_runs_on_the_head_engine(bed: Bed, head_store: str) -> None:
 
 @pytest.mark.parametrize("head_store, root, driver, version", [
     ("classic", "head/data", "overlay2", "20.10."),
-    ("containerd", "c1/root/var/lib/docker-chead", "overlayfs", "26.1."),
+    ("containerd", "c1/root/var/lib/docker-chead", "overlayfs", testbed.CTRD_DOCKER + "."),
 ])
 def test_the_head_engine_is_private(bed: Bed, head_store: str, root: str, driver: str,
                                     version: str) -> None:

@@ -4,6 +4,7 @@ conflict check, hand edits, and what a lock change rebuilds."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -40,11 +41,16 @@ def newer_tokenizers(tmp_path: Path) -> Iterator[str]:
     testbed.unpublish(wheel.name)
 
 
-def test_the_committed_test_stack_lock_is_current(bed_env: object) -> None:
+@pytest.mark.parametrize("arch", sorted(testbed.UV_WHEELS))
+def test_the_committed_test_stack_lock_is_current(bed_env: object, arch: str) -> None:
+    # each architecture's locks, on any host: the bed's index serves both uv wheels, and
+    # uv resolves for the spec's target, not for the machine it runs on
     r = subprocess.run([str(Path(__file__).parents[2] / ".venv" / "bin" / "imagebuild"),
-                        "-f", str(MINI), "lock", "--check"], capture_output=True, text=True)
+                        "-f", str(MINI), "lock", "--check"], capture_output=True, text=True,
+                       env=dict(os.environ, **testbed.arch_env(arch)))
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("is up to date") == 4
+    assert f"wheels.{arch}.lock" in r.stdout and f"locks/{arch}/" in r.stdout, r.stdout
 
 
 def test_the_closure_is_the_whole_graph_with_the_overrides(mini: MiniStack) -> None:

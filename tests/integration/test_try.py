@@ -33,7 +33,7 @@ def test_try_runs_the_whole_job(bed: Bed, head_store: str) -> None:
     first = _try("--head-store", head_store)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout
-    version = "26.1" if head_store == "containerd" else "20.10"
+    version = testbed.CTRD_DOCKER if head_store == "containerd" else "20.10"
     assert f"== the head is on the {head_store} image store: {version}" in out
     for cmd in ("$ imagebuild plan mimo", "$ imagebuild build mimo", "$ imagebuild verify",
                 "$ imagebuild distribute --workers 3", "$ docker image prune -a -f",

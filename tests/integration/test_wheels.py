@@ -25,7 +25,7 @@ pytestmark = pytest.mark.bed
 
 VLLM_LOCAL = "    - vllm-0.22.1rc1.dev124+gace95c9cf.d20260603.cu132-py3-none-any.whl\n"
 FLASHINFER_LOCAL = "    - flashinfer_python-0.6.12-py3-none-any.whl\n"
-BUILT_VLLM = "vllm-0.22.1rc1.dev124+gace95c9cf-cp311-cp311-linux_x86_64.whl"
+BUILT_VLLM = f"vllm-0.22.1rc1.dev124+gace95c9cf-cp311-cp311-linux_{testbed.host_arch()}.whl"
 BUILT_FLASHINFER = "flashinfer_python-0.6.12-py3-none-any.whl"
 CUBIN = "flashinfer_cubin-0.6.12-py3-none-any.whl"
 
@@ -294,13 +294,13 @@ dockerfiles: dockerfiles
 lock: wheels.lock
 locks: locks
 state: state
-target: {{python: "3.11", platform: x86_64-manylinux_2_28}}
+target: {{python: "3.11", platform: {arch}-manylinux_2_28}}
 wheels:
   directory: wheels
   index:
     - file: torch-2.11.0+cu130-py3-none-any.whl
       url: http://127.0.0.1:18080/simple
-    - file: uv-0.9.7-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
+    - file: {uv}
       url: http://127.0.0.1:18080/simple
 layers:
   - {{name: cuda, packages: ["nvidia-*"]}}
@@ -330,8 +330,10 @@ def test_the_builder_template_builds_an_input_addressed_builder_that_builds_whee
     root = tmp_path / "builder"
     (root / "wheels").mkdir(parents=True)
     spec = root / "imagebuild.yaml"
+    arch = testbed.host_arch()
     spec.write_text(BED_BUILDER_SPEC.format(templates=REPO / "templates",
-                                            base=testbed.BUILDER_IMAGE))
+                                            base=testbed.BUILDER_IMAGE, arch=arch,
+                                            uv=testbed.UV_WHEELS[arch]))
     env = dict(os.environ, DOCKER_HOST=bed.docker_host, IMAGEBUILD_BED=str(bed.root))
 
     def builder_cli(*args: str) -> subprocess.CompletedProcess[str]:
