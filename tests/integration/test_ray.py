@@ -7,6 +7,8 @@ containerd store), a remote task on every node, and nothing left running."""
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 import uuid
 
 import pytest
@@ -92,12 +94,16 @@ def test_the_distributed_images_form_a_ray_cluster(mini: MiniStack) -> None:
                                        "--host-ip", HEAD_IP))
         assert r.returncode == 0, r.stderr
         started.append("")
+        _wait_started(mini, "", f"ray-head-{tag}")
+        # one node after another: a raylet has 30 s (fixed in Ray) to register, which
+        # five starting at once on the bed's two cores do not always make
         for w in workers:
             r = mini.bed.ssh(w, "docker", *_run_args(
                 f"ray-{w}-{tag}", port, "--role", "worker", "--head-ip", HEAD_IP,
                 "--host-ip", addrs[w]))
             assert r.returncode == 0, (w, r.stderr)
             started.append(w)
+            _wait_started(mini, w, f"ray-{w}-{tag}")
         r = mini.bed.docker("run", "--rm", "--label", LABEL, "--network", "host",
                             "-e", "RAY_USAGE_STATS_ENABLED=0", "vllm-node:latest",
                             "python3", "-c", PROBE, str(len(workers) + 1),
@@ -123,6 +129,23 @@ def test_the_distributed_images_form_a_ray_cluster(mini: MiniStack) -> None:
     assert mini.bed.docker("images", "-q", "vllm-node:latest").stdout.strip()
     for w in workers:
         assert mini.bed.ssh(w, "docker", "images", "-q", "vllm-node:latest").stdout.strip(), w
+
+
+def _wait_started(mini: MiniStack, worker: str, name: str) -> None:
+    """Until the node's ``ray start`` says its runtime started (its container still
+    running); a node that stopped, or never says so, fails the test with its log."""
+    def docker(*args: str) -> subprocess.CompletedProcess[str]:
+        return mini.bed.ssh(worker, "docker", *args) if worker else mini.bed.docker(*args)
+
+    deadline = time.monotonic() + 300
+    while True:
+        logs = docker("logs", name)
+        if "Ray runtime started" in logs.stdout + logs.stderr:
+            return
+        running = docker("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
+        assert running == "true" and time.monotonic() < deadline, (
+            f"{name} did not start: {(logs.stdout + logs.stderr)[-2000:]}")
+        time.sleep(2)
 
 
 def _logs(mini: MiniStack, tag: str, workers: list[str]) -> str:
