@@ -790,12 +790,14 @@ class SaveCheck:
             raise self._incomplete(missing)
 
     def _incomplete(self, missing: list[str]) -> BackupError:
-        return incomplete_save(
-            self.where, missing,
-            hint="on the containerd image store 'docker save' leaves out blobs that are "
-                 "missing from the content store (moby#49473). Rebuild the image "
-                 "(imagebuild build --rebuild NAME) or load it again from a good archive "
-                 "so its blobs are complete, then run imagebuild backup NAME")
+        return incomplete_save(self.where, missing, INCOMPLETE_HINT)
+
+
+INCOMPLETE_HINT = (
+    "on the containerd image store 'docker save' leaves out blobs that are missing from "
+    "the content store (moby#49473; Docker 28.5 leaves out the image's config with them). "
+    "Rebuild the image (imagebuild build --rebuild NAME) or load it again from a good "
+    "archive so its blobs are complete, then run imagebuild backup NAME")
 
 
 def incomplete_save(where: str, missing: list[str], hint: str) -> BackupError:

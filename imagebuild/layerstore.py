@@ -42,6 +42,7 @@ from typing import Any
 
 from . import __version__
 from .archive import (
+    INCOMPLETE_HINT,
     Manifest,
     SaveCheck,
     allowed_tags_error,
@@ -534,7 +535,8 @@ def _ingest(state: _Ingest, save: Callable[[], Iterable[bytes]], wanted: list[Wa
             w_files, w_links = _one_image(state, raw[i], manifest, files, links, small, where)
         config = small.get(manifest.config)
         if config is None:
-            raise BackupError(f"{where}: the archive's config {manifest.config} was not read")
+            raise incomplete_save(where, [f"its image config ({manifest.config}) is not in it"],
+                                  INCOMPLETE_HINT)
         fingerprint, diff_ids = config_fingerprint(config, where)
         meta = w.meta
         if fingerprint != meta.fingerprint or len(diff_ids) != len(manifest.layers):

@@ -605,9 +605,14 @@ def test_an_incomplete_save_is_refused_and_nothing_is_kept(mini: MiniStack,
     before = _tree(root)
     testbed.ctr(mini.bed.head_node, "content", "rm", blob, capture_output=True)
     try:
+        # Docker 28.5 names the image by another ID once its content lacks a blob: the
+        # gate knows no record for that ID yet (the image still runs: verify passes)
+        r = mini.cli("verify", "mimo")
+        assert r.returncode == 0, r.stdout + r.stderr
         r = mini.cli("backup", "mimo")
         assert r.returncode == 8, r.stdout + r.stderr
-        # (docker 26.1 stops at the missing blob: what would follow it is left out too)
+        # (docker 26.1 stops at the missing blob: what would follow it is left out too;
+        # docker 28.5 leaves out the image's config as well)
         assert "incomplete" in r.stderr and "is not in it" in r.stderr
         assert "moby#49473" in r.stderr
         assert not gen.exists() and not Path(f"{gen}.json").exists()
@@ -616,6 +621,7 @@ def test_an_incomplete_save_is_refused_and_nothing_is_kept(mini: MiniStack,
     finally:  # give the content store its blob back: load the good archive
         subprocess.run(["docker", "load", "-q", "-i", str(good)], check=True,
                        capture_output=True)
+    assert mini.cli("verify", "mimo").returncode == 0  # 28.5: under its first ID again
     r = mini.cli("backup", "mimo")
     assert r.returncode == 0, r.stderr
     assert _gen(root)[0] == gen
