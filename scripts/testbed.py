@@ -20,11 +20,11 @@ Everything lives under $IMAGEBUILD_BED (default /var/lib/imagebuild-bed):
     head/                 the head node's dockerd on the classic store (overlay2; own
                           data-root, exec-root, socket, pidfile)
     chead/                logs and pid files of a second head on the containerd image store
-                          (Docker 26, in c1's chroot with its own containerd, data-root and
+                          (Docker 28.5, in c1's chroot with its own containerd, data-root and
                           socket); both heads always run, --head-store picks the env's
     workers/wN/           worker N: a dockerd plus the sshd on 127.0.0.(N+1):2222 that reaches it
-    c1/                   a worker on the containerd image store: Docker 26 and containerd
-                          from Debian trixie in a debootstrapped chroot (Debian 12's docker.io
+    c1/                   a worker on the containerd image store: Docker 28.5 and containerd
+                          2.1 from Debian sid in a debootstrapped chroot (Debian 12's docker.io
                           20.10 has no containerd store), behind its sshd on 127.0.0.9:2222;
                           inventory in cluster-containerd.yaml
     ssh/                  client key, known_hosts (host keys of the workers), ssh_config
@@ -134,8 +134,8 @@ def ray_platforms(arch: str) -> tuple[str, ...]:
 SUITE = "bookworm"
 CTRD = "c1"  # the containerd-store worker
 CTRD_ADDR = "127.0.0.9"
-CTRD_SUITE = "trixie"  # Docker 26.1 with the containerd image store
-CTRD_DOCKER = "26.1"  # the version of that Docker (the tests check the engine is it)
+CTRD_SUITE = "sid"  # the newest Docker Debian has (28.5), with containerd 2.1
+CTRD_DOCKER = "28.5"  # the version of that Docker (the tests check the engine is it)
 CTRD_RUN = "/run/imagebuild-bed"  # inside its chroot: sockets and pid files
 CHEAD = "chead"  # the head on the containerd store: a second engine in c1's chroot
 HEADS = {"classic": "head", "containerd": CHEAD}  # head store -> node

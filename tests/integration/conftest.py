@@ -5,7 +5,7 @@ tests are skipped on a developer machine — and fail the run when ``CI=true``: 
 missing engine is a failure, never a silent skip.
 
 The bed runs two heads: ``head`` on the classic store (Docker 20.10, overlay2) and
-``chead`` on the containerd image store (Docker 26.1). A test's head is the
+``chead`` on the containerd image store (Docker 28.5). A test's head is the
 ``head_store`` fixture ("classic" unless the test is parametrized over ``HEAD_STORES``);
 ``bed_env``, ``mini`` and ``warm`` follow it.
 """

@@ -1,6 +1,6 @@
 """GC roots against the real prunes, imagebuild prune, status and rollback, on the bed:
 the classic-store workers (Docker 20.10) and the containerd-store worker c1 (Docker
-26.1), from a head on either store."""
+28.5), from a head on either store."""
 
 from __future__ import annotations
 
