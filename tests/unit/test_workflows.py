@@ -821,6 +821,31 @@ def test_build_refuses_a_stale_lock_before_the_engine_is_contacted(
     assert "out of date" in err and "cannot reach the Docker engine" not in err
 
 
+def test_build_with_wheels_still_to_build_refuses_a_stale_lock_before_building_them(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock records the wheel (nothing will re-lock), the wheel store lacks it: the
+    stale lock is refused before the engine is asked or a wheel is built (hours, for
+    vllm), not after."""
+    from imagebuild.wheelops import WheelPlan, WheelStep
+
+    stack.write_spec(SPEC.replace('requires: ["transformers>=4.57,<5"]',
+                                  'requires: ["transformers>=4.57,<5", "numpy"]'))
+    to_build = WheelStep(derivation=None, record=None, locked=True)  # type: ignore[arg-type]
+    plan = WheelPlan([to_build])
+    assert not plan.pending and to_build.action == "build"
+    called: list[str] = []
+    monkeypatch.setattr("imagebuild.ops.realize_planned",
+                        lambda *a, **k: called.append("wheels"))
+
+    def connect() -> FakeEngine:
+        called.append("engine")
+        return head()
+
+    with pytest.raises(LockError, match="out of date") as info:
+        ops.build(ops.BuildPlan(stack.load(), [], plan), connect, progress=Quiet())
+    assert info.value.exit_code == 2 and called == []
+
+
 # -- bad inputs (the hardening pass) -------------------------------------------------------------
 
 
