@@ -525,14 +525,19 @@ def _ingest(state: _Ingest, save: Callable[[], Iterable[bytes]], wanted: list[Wa
         if w.tag is None:
             if len(entries) != 1:
                 raise BackupError(f"{where} is not a single-image docker save archive")
-            manifest, w_files, w_links = entries[0], files, links
+            i = 0
         else:
-            i = next((i for i, e in enumerate(entries)
-                      if w.tag in map(familiar, e.repo_tags)), None)
-            if i is None:
+            found = next((i for i, e in enumerate(entries)
+                          if w.tag in map(familiar, e.repo_tags)), None)
+            if found is None:
                 raise BackupError(f"{where}: {w.tag} is not in the archive")
-            manifest = entries[i]
-            w_files, w_links = _one_image(state, raw[i], manifest, files, links, small, where)
+            i = found
+        # the same files for an image whatever save it came in (alone, or with others):
+        # two backups writing one generation at once then agree on every blob, so the
+        # directory one of them renames into place and the sidecar the other writes
+        # always name the same files
+        manifest = entries[i]
+        w_files, w_links = _one_image(state, raw[i], manifest, files, links, small, where)
         config = small.get(manifest.config)
         if config is None:
             raise incomplete_save(where, [f"its image config ({manifest.config}) is not in it"],
@@ -566,7 +571,7 @@ def _one_image(state: _Ingest, entry: dict[str, Any], manifest: Manifest,
                files: dict[str, tuple[str, int]], links: dict[str, str],
                small: dict[str, bytes], where: str
                ) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
-    """The files of one image of an archive of several: its config, its layer files
+    """The files of one image of an archive (of it alone or of several): its config, its layer files
     (with the file a repeated layer links to, and the legacy ``json``/``VERSION`` beside
     each), and a ``manifest.json`` (and for the OCI layout an ``index.json``, the
     ``oci-layout`` and its manifest blob) that name this image alone."""
@@ -600,8 +605,9 @@ def _one_image(state: _Ingest, entry: dict[str, Any], manifest: Manifest,
         paths.add("oci-layout")
         extra["index.json"] = json.dumps({**index, "manifests": mine}).encode()
     missing = sorted(p for p in paths if p not in files)
-    if missing:
-        raise BackupError(f"{where}: the archive lacks {missing[0]}, which its manifest names")
+    if missing:  # Docker 28.5 leaves the config out with a blob missing from its store
+        raise incomplete_save(where, [f"{p}, which its manifest names, is not in it"
+                                      for p in missing], INCOMPLETE_HINT)
     own = {p: files[p] for p in paths}
     for name, data in extra.items():
         own[name] = (state.put_small(data, None), len(data))

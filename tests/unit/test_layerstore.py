@@ -4,6 +4,7 @@ without touching a shared blob; a generation streams back as a checked archive."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -354,6 +355,48 @@ def test_several_images_saved_in_one_call_become_one_generation_each(store: Loca
                     missing, "test")
     assert sorted(os.listdir(store.directory / BLOBS)) == before
     assert not (store.directory / "images" / "img-c" / "cccccccccccc").exists()
+
+
+def test_an_image_saved_alone_or_with_others_is_one_generation_of_the_same_files(
+        tmp_path: Path) -> None:
+    """'backup mimo' saves mimo alone, 'backup' saves every image in one archive; run at
+    once they write the same generation. Its files (and so the blobs its sidecar names)
+    must not depend on which save it came in, or the directory one run renames into
+    place and the sidecar the other writes name different blobs, and pruning removes
+    the one only the sidecar names (seen as a MISSING blob after concurrent backups)."""
+    shared, a_top, b_top = os.urandom(60_000), os.urandom(20_000), os.urandom(30_000)
+    e = FakeEngine(name="head")
+    a = e.add_base("img-a:aaaaaaaaaaaa", [shared, a_top])
+    b = e.add_base("img-b:bbbbbbbbbbbb", [shared, b_top])
+    wanted = [Wanted(n, h12, Meta(i.id, i.fingerprint, h12[0] * 64, [f"{n}:{h12}"], i.size,
+                                  i.diff_ids), f"{n}:{h12}")
+              for n, h12, i in (("img-a", "aaaaaaaaaaaa", a), ("img-b", "bbbbbbbbbbbb", b))]
+
+    def as_docker_writes_it() -> Iterator[bytes]:
+        """The save of img-a alone as docker writes one: its own manifest.json bytes
+        (one line, its own key order) and a repositories file."""
+        with tarfile.open(fileobj=io.BytesIO(b"".join(e.save("img-a:aaaaaaaaaaaa")))) as tf:
+            members = [(m, tf.extractfile(m).read() if m.isfile() else None)  # type: ignore[union-attr]
+                       for m in tf]
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w") as tf:
+            for m, data in members:
+                if m.name == "manifest.json" and data is not None:
+                    data = json.dumps(json.loads(data), indent=1).encode() + b"\n"
+                    m.size = len(data)
+                tf.addfile(m, io.BytesIO(data) if data is not None else None)
+            repos = b'{"img-a":{"aaaaaaaaaaaa":"x"}}\n'
+            info = tarfile.TarInfo("repositories")
+            info.size = len(repos)
+            tf.addfile(info, io.BytesIO(repos))
+        yield out.getvalue()
+
+    alone = ingest_many(LocalDir(tmp_path / "one"), as_docker_writes_it,
+                        [dataclasses.replace(wanted[0], tag=None)], "test")[0].sidecar
+    together = ingest_many(LocalDir(tmp_path / "two"),
+                           lambda: e.save("img-a:aaaaaaaaaaaa", "img-b:bbbbbbbbbbbb"),
+                           wanted, "test")[0].sidecar
+    assert alone.files == together.files and alone.links == together.links
 
 
 def test_a_classic_save_missing_a_layer_file_is_refused_and_nothing_kept(
