@@ -216,7 +216,7 @@ class RegistryClient:
             kw["auth"] = (self.credentials.username, self.credentials.password)
         try:
             return self._exchange(method, url, what, DEADLINE + extra_time, headers=headers,
-                                  allow_redirects=method in ("GET", "HEAD"), **kw)
+                                  allow_redirects=method == "GET", **kw)
         except requests.exceptions.SSLError as exc:
             raise RegistryError(
                 f"the registry at {self.address}: TLS failed for {what}: {_short(exc)}",
@@ -337,9 +337,11 @@ class RegistryClient:
     def has_blob(self, repo: str, digest: str) -> bool:
         r = self._send("HEAD", f"{self.base}/v2/{repo}/blobs/{digest}",
                        f"HEAD {repo} blob {digest[:19]}", f"repository:{repo}:pull")
-        if r.status_code == 200:
-            # an answer from elsewhere (a redirect to another host) never skips an upload
-            return self._own(r.url)
+        # the registry's own answer only: a registry whose storage serves blobs elsewhere
+        # (S3, GCS) redirects there for a blob it has; another host is never asked
+        if r.status_code == 200 or (r.status_code in (301, 302, 303, 307, 308)
+                                    and r.headers.get("Location")):
+            return True
         if r.status_code == 404:
             return False
         raise self._fail(f"HEAD {repo} blob {digest[:19]}", r)
