@@ -159,7 +159,7 @@ def lock_image(spec: Spec, wheels: Mapping[str, LockedWheel], name: str,
         raise conflict_error(name, [c for c in found if not c.covered], spec_name)
     direct = direct_pins(name, inputs, spec.target.python, spec.target.platform,
                          {} if listed is None else listed)
-    overrides = [o for o in inputs.overrides if requirement_name(o) not in direct]
+    overrides = [o for n, (o, _) in sorted(inputs.overridden.items()) if n not in direct]
     resolution = resolve(image=name, requirements=list(inputs.requirements),
                          overrides=[*overrides, *(d.requirement for d in direct.values())],
                          python=spec.target.python, platform=spec.target.platform,

@@ -208,12 +208,11 @@ class RegistryClient:
     def _send(self, method: str, url: str, what: str, scope: str = "",
               extra_time: float = 0.0, **kw: Any) -> Reply:
         headers = dict(kw.pop("headers", {}))
-        if not self._own(url):
-            pass  # another host (an upload location elsewhere): followed without them
-        elif self._scheme == "bearer" and scope:
-            headers["Authorization"] = f"Bearer {self._token(scope)}"
-        elif self._scheme == "basic" and self.credentials is not None:
-            kw["auth"] = (self.credentials.username, self.credentials.password)
+        if self._own(url):  # another host (an upload location elsewhere) gets neither
+            if self._scheme == "bearer" and scope:
+                headers["Authorization"] = f"Bearer {self._token(scope)}"
+            elif self._scheme == "basic" and self.credentials is not None:
+                kw["auth"] = (self.credentials.username, self.credentials.password)
         try:
             return self._exchange(method, url, what, DEADLINE + extra_time, headers=headers,
                                   allow_redirects=method == "GET", **kw)
@@ -270,7 +269,7 @@ class RegistryClient:
         return reply
 
     def _fail(self, what: str, r: Reply) -> RegistryError:
-        detail = _clean(r.text[:300].strip().replace("\n", " "))
+        detail = _clean(r.text[:300].strip())
         hint = None
         if r.status_code in (401, 403):
             hint = f"log in on this host: docker login {self.address}"
