@@ -324,7 +324,10 @@ def test_leftovers_of_a_dead_run_are_removed_and_a_live_ones_spared(
     assert not dead.exists() and live.exists() and not partial.exists()
 
 
-def test_several_images_saved_in_one_call_become_one_generation_each(store: LocalDir) -> None:
+def _two_images() -> tuple[bytes, bytes, bytes, FakeEngine, ImageInfo, ImageInfo,
+                           list[Wanted]]:
+    """Two images on a head that share their first layer, and a backup's wish for each
+    (saved together, by their hash tags)."""
     shared, a_top, b_top = os.urandom(60_000), os.urandom(20_000), os.urandom(30_000)
     e = FakeEngine(name="head")
     a = e.add_base("img-a:aaaaaaaaaaaa", [shared, a_top])
@@ -332,6 +335,11 @@ def test_several_images_saved_in_one_call_become_one_generation_each(store: Loca
     wanted = [Wanted(n, h12, Meta(i.id, i.fingerprint, h12[0] * 64, [f"{n}:{h12}"], i.size,
                                   i.diff_ids), f"{n}:{h12}")
               for n, h12, i in (("img-a", "aaaaaaaaaaaa", a), ("img-b", "bbbbbbbbbbbb", b))]
+    return shared, a_top, b_top, e, a, b, wanted
+
+
+def test_several_images_saved_in_one_call_become_one_generation_each(store: LocalDir) -> None:
+    shared, a_top, b_top, e, a, b, wanted = _two_images()
     got = ingest_many(store, lambda: e.save("img-a:aaaaaaaaaaaa", "img-b:bbbbbbbbbbbb"),
                       wanted, "test")
     assert [w.sidecar.image for w in got] == ["img-a", "img-b"]
@@ -364,13 +372,7 @@ def test_an_image_saved_alone_or_with_others_is_one_generation_of_the_same_files
     must not depend on which save it came in, or the directory one run renames into
     place and the sidecar the other writes name different blobs, and pruning removes
     the one only the sidecar names (seen as a MISSING blob after concurrent backups)."""
-    shared, a_top, b_top = os.urandom(60_000), os.urandom(20_000), os.urandom(30_000)
-    e = FakeEngine(name="head")
-    a = e.add_base("img-a:aaaaaaaaaaaa", [shared, a_top])
-    b = e.add_base("img-b:bbbbbbbbbbbb", [shared, b_top])
-    wanted = [Wanted(n, h12, Meta(i.id, i.fingerprint, h12[0] * 64, [f"{n}:{h12}"], i.size,
-                                  i.diff_ids), f"{n}:{h12}")
-              for n, h12, i in (("img-a", "aaaaaaaaaaaa", a), ("img-b", "bbbbbbbbbbbb", b))]
+    *_, e, _a, _b, wanted = _two_images()
 
     def as_docker_writes_it() -> Iterator[bytes]:
         """The save of img-a alone as docker writes one: its own manifest.json bytes
