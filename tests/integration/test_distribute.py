@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -341,7 +342,10 @@ def test_a_damaged_backup_generation_is_never_loaded_by_a_worker(clean: MiniStac
         os.chmod(target, 0o644)
         data = bytearray(good)
         if what == "manifest.json":
-            at = data.index(b'"RepoTags":["vllm-node:') + len(b'"RepoTags":["')
+            # (imagebuild writes each generation's manifest.json itself: spaced JSON)
+            found = re.search(rb'"RepoTags":\s*\["vllm-node:', data)
+            assert found is not None, data
+            at = found.end() - len(b"vllm-node:")
             data[at:at + 9] = b"vllm-nodX"  # another image's tag, same length
         elif what == "truncated":
             data = data[:len(data) // 2]
