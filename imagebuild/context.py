@@ -10,27 +10,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .closure import (
-    ClosureLock,
-    Locks,
-    read_closure,
-)
+from .closure import ClosureLock, Locks
 from .derivation import Derivation, plan
 from .distribute import Worker
 from .engine_ssh import SshEngine
 from .errors import (
     ImagebuildError,
-    LockError,
     MirrorError,
     SpecError,
     reason,
 )
 from .fsutil import atomic_write_text
-from .lock import check_matches, read_lock
-from .locking import stale_reason
+from .locking import checked, read_lock_files
 from .mirror import MirrorResult, copy_to_mirror
 from .progress import Progress
 from .promote import Gate
@@ -38,7 +32,7 @@ from .remote import Target
 from .spec import Spec, SshLocation, did_you_mean, load_spec
 from .store import BackupDir, SshDir, open_store
 from .untrusted import loads_json
-from .wheelplan import WheelDerivation, wheel_plan
+from .wheelplan import wheel_plan
 
 MIRROR_DAMAGE = "mirror-damage.json"  # in the state directory
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -66,28 +60,9 @@ class Context:
 
 
 def load(spec_path: str | None) -> Context:
-    """The spec and its locks (see ``open_context``)."""
-    return open_context(load_spec(spec_path))
-
-
-def open_context(spec: Spec, built: Sequence[WheelDerivation] | None = None) -> Context:
-    """The spec's locks, checked against it: a command never builds, serves or checks
-    against a lock that pins other wheels than the spec declares. ``built``: the
-    derivations of the wheels the spec builds, when the caller has them already."""
-    lock = read_lock(spec.lock_path)
-    derivations = wheel_plan(spec) if built is None else built
-    check_matches(lock, [(d.filename, d.source) for d in spec.wheels], spec.path,
-                  built={d.name: d.input_hash for d in derivations})
-    wheels = {w.name: w for w in lock.wheels}
-    closures: dict[str, ClosureLock] = {}
-    for name in spec.images:
-        closure = read_closure(spec.closure_lock_path(name), name)
-        why = stale_reason(spec, wheels, closure)
-        if why is not None:
-            raise LockError(f"{closure.path} is out of date: {why}",
-                            hint="run 'imagebuild lock' and commit locks/")
-        closures[name] = closure
-    return Context(spec, Locks(lock.path, lock.wheels, closures))
+    """The spec and its locks, read and checked against each other (``locking.checked``)."""
+    spec = load_spec(spec_path)
+    return Context(spec, checked(spec, read_lock_files(spec), wheel_plan(spec)))
 
 
 def backup_store(spec: Spec) -> BackupDir:

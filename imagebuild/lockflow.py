@@ -14,6 +14,7 @@ from packaging.utils import canonicalize_name
 from . import web
 from .closure import (
     ClosureLock,
+    Locks,
     changes,
     format_closure,
 )
@@ -21,13 +22,13 @@ from .errors import (
     LockError,
 )
 from .fsutil import atomic_write_text
-from .lock import compute_lock, format_lock, read_lock
-from .locking import IndexListings, lock_image, read_previous
+from .lock import compute_lock, format_lock
+from .locking import IndexListings, LockFiles, lock_image, read_lock_files
 from .progress import Progress, Quiet
 from .render import RenderResult, check_rendered, write_rendered
 from .spec import Spec
 from .wheelbuild import fetch_wheels
-from .wheelplan import WheelDerivation
+from .wheelplan import WheelDerivation, wheel_plan
 from .wheelstore import fetched_wheels, locked_built_wheels, wheel_view
 
 
@@ -59,6 +60,8 @@ class LockOutcome:
     unresolved: int
     state: LockState
     notes: tuple[str, ...]
+    # the locks as written (with --check: as they stand), what a build goes on with
+    locks: Locks
     warnings: tuple[str, ...] = ()
     closures: tuple[ClosureOutcome, ...] = ()
     allowed_unresolved: bool = False  # --check --allow-unresolved passed an unresolved lock
@@ -69,21 +72,26 @@ class LockOutcome:
 
 
 def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
-         progress: Progress | None = None,
-         built: Sequence[WheelDerivation] | None = None,
-         allow_unresolved: bool = False) -> LockOutcome:
+         progress: Progress | None = None, allow_unresolved: bool = False) -> LockOutcome:
+    """``imagebuild lock``: the lock step (``lock_from``) from the lock files as they
+    are now and the derivations of the wheels the spec builds."""
+    return lock_from(spec, read_lock_files(spec), wheel_plan(spec), check=check,
+                     upgrade=upgrade, progress=progress, allow_unresolved=allow_unresolved)
+
+
+def lock_from(spec: Spec, files: LockFiles, built: Sequence[WheelDerivation], *,
+              check: bool, upgrade: bool | list[str], progress: Progress | None = None,
+              allow_unresolved: bool = False) -> LockOutcome:
     """Hash every declared wheel into wheels.lock and resolve every image's closure into
     locks/pylock.<image>.toml (or, ``check``, refuse a stale lock). ``upgrade``: True
     moves everything to the newest the indexes offer, a list of names moves only those;
     otherwise every existing pin stays. Every file is computed before any is written.
-    ``built``: the derivations of the wheels the spec builds, when the caller has them."""
-    previous = None
+    ``files``: the lock files as the caller read them (what the new locks start from);
+    ``built``: the derivations of the wheels the spec builds."""
+    previous = files.previous
     warnings: list[str] = []
-    if spec.lock_path.exists():
-        try:
-            previous = read_lock(spec.lock_path)
-        except LockError as exc:
-            warnings.append(f"ignoring the existing lock: {exc.message}")
+    if isinstance(files.wheels, LockError) and spec.lock_path.exists():
+        warnings.append(f"ignoring the existing lock: {files.wheels.message}")
     decls = [(d.filename, d.index) for d in spec.wheels if d.url is None]
     built_wheels, built_notes = locked_built_wheels(spec, previous, built)
     fetched = fetched_wheels(spec)
@@ -106,8 +114,7 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
         for name in spec.closure(None):
             if progress is not None:
                 progress.say(f"locking the closure of {name}")
-            path = spec.closure_lock_path(name)
-            prev = read_previous(path, name)
+            prev = files.previous_closure(name)
             parent = spec.images[name].parent
             made[name] = lock_image(spec, wheels, name, made[parent] if parent else None,
                                     prev, upgrade, wheel_dir=links, listed=listed)
@@ -130,7 +137,8 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
     def outcome() -> LockOutcome:
         return LockOutcome(
             spec.lock_path, len(result.wheels), unresolved, state_of(spec.lock_path, text),
-            (*built_notes, *result.notes), tuple(warnings),
+            (*built_notes, *result.notes), Locks(spec.lock_path, tuple(result.wheels), made),
+            tuple(warnings),
             tuple(ClosureOutcome(c.image, c.path, len(c.packages), c.unresolved,
                                  state_of(c.path, t), _moved(prev, c))
                   for c, prev, t in closures),

@@ -20,12 +20,12 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from . import web
-from .closure import ClosureLock, LockedDist, conflict_error, conflicts
+from .closure import ClosureLock, LockedDist, Locks, conflict_error, conflicts, read_closure
 from .errors import LockError, SpecError
-from .lock import IndexFile, LockedWheel, index_files, parse_wheel
+from .lock import IndexFile, Lock, LockedWheel, check_matches, index_files, parse_wheel, read_lock
 from .resolve import Getter, dist_requires, requires_dist, resolve, wheel_metadata
 from .spec import Spec
-from .wheelplan import pick_wheel
+from .wheelplan import WheelDerivation, pick_wheel
 from .wheelstore import wheel_path
 
 PYPI = "https://pypi.org/simple"
@@ -338,12 +338,60 @@ def stale_reason(spec: Spec, wheels: Mapping[str, LockedWheel], lock: ClosureLoc
     return None
 
 
-def read_previous(path: Path, name: str) -> ClosureLock | None:
-    from .closure import read_closure
+@dataclass(frozen=True)
+class LockFiles:
+    """wheels.lock and the closure lock of every image, as read once when a command
+    starts: each file parsed and checked on its own, not yet against the spec
+    (``checked``). A file that could not be read or parsed is the error reading it
+    raised, raised where a command needs that lock; the lock step takes it for none."""
 
-    if not path.exists():
-        return None
+    wheels: Lock | LockError
+    closures: Mapping[str, ClosureLock | LockError]
+
+    @property
+    def previous(self) -> Lock | None:
+        """wheels.lock, or None (none, or unreadable): what a new lock starts from."""
+        return None if isinstance(self.wheels, LockError) else self.wheels
+
+    def previous_closure(self, image: str) -> ClosureLock | None:
+        closure = self.closures.get(image)
+        return None if isinstance(closure, LockError) else closure
+
+
+def read_lock_files(spec: Spec) -> LockFiles:
+    """Every lock file of the spec, read once (see ``LockFiles``)."""
+    wheels: Lock | LockError
     try:
-        return read_closure(path, name)
-    except LockError:
-        return None
+        wheels = read_lock(spec.lock_path)
+    except LockError as exc:
+        wheels = exc
+    closures: dict[str, ClosureLock | LockError] = {}
+    for name in spec.images:
+        try:
+            closures[name] = read_closure(spec.closure_lock_path(name), name)
+        except LockError as exc:
+            closures[name] = exc
+    return LockFiles(wheels, closures)
+
+
+def checked(spec: Spec, files: LockFiles, built: Iterable[WheelDerivation]) -> Locks:
+    """The spec's locks, checked against it: a command never builds, serves or checks
+    against a lock that pins other wheels than the spec declares, or a closure lock
+    resolved from other inputs. ``built``: the derivations of the wheels the spec builds."""
+    if isinstance(files.wheels, LockError):
+        raise files.wheels
+    lock = files.wheels
+    check_matches(lock, [(d.filename, d.source) for d in spec.wheels], spec.path,
+                  built={d.name: d.input_hash for d in built})
+    wheels = {w.name: w for w in lock.wheels}
+    closures: dict[str, ClosureLock] = {}
+    for name in spec.images:
+        closure = files.closures[name]
+        if isinstance(closure, LockError):
+            raise closure
+        why = stale_reason(spec, wheels, closure)
+        if why is not None:
+            raise LockError(f"{closure.path} is out of date: {why}",
+                            hint="run 'imagebuild lock' and commit locks/")
+        closures[name] = closure
+    return Locks(lock.path, lock.wheels, closures)

@@ -41,7 +41,6 @@ from .context import (
     backup_store,
     mirror_error,
     mirror_stores,
-    open_context,
     plan_images,
     update_mirrors,
 )
@@ -60,6 +59,7 @@ from .errors import (
 from .git import git_show_head
 from .image import ImageInfo
 from .lockflow import LockOutcome
+from .locking import LockFiles, checked, read_lock_files
 from .mirror import MirrorResult
 from .naming import hash_tag, latest_tag, short_id
 from .progress import Progress
@@ -76,19 +76,25 @@ from .wheelops import WheelPlan, plan_wheels, realize_planned
 @dataclass(frozen=True)
 class BuildPlan:
     """What ``plan`` and ``build`` start from, computed once and carried through: the
-    spec, its wheel steps (every built wheel's derivation, the lock as read), and the
-    images asked for. No engine."""
+    spec, the images asked for, its lock files as read, and its wheel steps (every built
+    wheel's derivation, planned from that wheels.lock). No engine."""
 
     spec: Spec
     images: list[str]
+    files: LockFiles
     wheels: WheelPlan
+
+    def context(self) -> Context:
+        """The locks as read, checked against the spec (see ``locking.checked``)."""
+        return Context(self.spec, checked(self.spec, self.files, self.wheels.every))
 
 
 def plan_build(spec_path: str | None, images: list[str]) -> BuildPlan:
-    """Read the spec and plan the wheels of ``images`` (all: empty). Unknown image names
-    are refused here, before anything else."""
+    """Read the spec and its locks, and plan the wheels of ``images`` (all: empty).
+    Unknown image names are refused here, before anything else."""
     spec = load_spec(spec_path)
-    return BuildPlan(spec, images, plan_wheels(spec, images))
+    files = read_lock_files(spec)
+    return BuildPlan(spec, images, files, plan_wheels(spec, images, files.previous))
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ def plan_all(bp: BuildPlan) -> PlanOutcome:
     derivations and what a lock change since the last commit rebuilds. No engine."""
     if bp.wheels.pending:
         return PlanOutcome(bp.spec, bp.wheels, None, {})
-    ctx = open_context(bp.spec, bp.wheels.every)
+    ctx = bp.context()
     derivations = plan_images(ctx, bp.images)
     return PlanOutcome(bp.spec, bp.wheels, derivations, lock_changes(ctx, derivations))
 
@@ -189,13 +195,14 @@ def build(bp: BuildPlan, connect: Callable[[], Engine], *, rebuild: bool = False
         return BuildOutcome([], wheels=bp.wheels)
     # with no wheel to build, nothing re-locks: locks out of date with the spec are
     # refused (exit 2) before the engine is asked anything
-    ctx = None if bp.wheels.pending else open_context(bp.spec, bp.wheels.every)
+    ctx = None if bp.wheels.pending else bp.context()
     engine = connect()
     relocked = None
     if not dry_run:
-        relocked = realize_planned(bp.spec, engine, bp.wheels, progress).relocked
-    if ctx is None or relocked is not None:  # the locks, read again after the lock step
-        ctx = open_context(bp.spec, bp.wheels.every)
+        relocked = realize_planned(bp.spec, engine, bp.wheels, bp.files, progress).relocked
+    if relocked is not None:  # the locks the lock step wrote, as it wrote them
+        ctx = Context(bp.spec, relocked.locks)
+    assert ctx is not None  # a wheel the lock lacks is built, then always locked
     if not dry_run:  # the prebuilt wheels by URL this machine has not fetched yet
         fetch_wheels(bp.spec, ctx.lock.wheels, progress, strict=True)
     outcome = build_images(ctx, engine, bp.images, rebuild=rebuild, backup=backup,

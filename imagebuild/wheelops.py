@@ -20,7 +20,8 @@ from .engine import Engine
 from .errors import ImagebuildError, LockError, NotReproducible, SpecError, WheelBuildFailed
 from .fsutil import atomic_write_text
 from .git import git_mirror, git_rev_parse
-from .lock import Lock, read_lock
+from .lock import Lock
+from .locking import LockFiles, read_lock_files
 from .progress import Progress
 from .spec import DEFAULT_SPEC, Spec, did_you_mean, with_wheel_commit
 from .wheelbuild import WheelOutcome, build_wheel, mirror_path, realize_wheels
@@ -57,14 +58,7 @@ def wheel_names(spec: Spec, names: list[str]) -> list[str]:
 def wheel_steps(spec: Spec, names: list[str]) -> list[WheelStep]:
     """What building the wheels ``names`` does: reuse or build each, and whether the lock
     records it. No engine."""
-    return _steps(spec, wheel_plan(spec, names), _lock_or_none(spec))
-
-
-def _lock_or_none(spec: Spec) -> Lock | None:
-    try:
-        return read_lock(spec.lock_path)
-    except LockError:
-        return None
+    return _steps(spec, wheel_plan(spec, names), read_lock_files(spec).previous)
 
 
 def _steps(spec: Spec, derivations: Sequence[WheelDerivation], lock: Lock | None
@@ -98,40 +92,39 @@ class WheelPlan:
         return any(not s.locked for s in self.steps)
 
 
-def plan_wheels(spec: Spec, images: list[str]) -> WheelPlan:
+def plan_wheels(spec: Spec, images: list[str], lock: Lock | None) -> WheelPlan:
     """``plan`` and ``build``'s first phase: the wheels the closure of ``images`` (all
-    when empty) builds from source, each reused or built. Unknown image names are
-    refused here, before any engine is contacted."""
+    when empty) builds from source, each reused or built, against wheels.lock as read
+    (``lock``). Unknown image names are refused here, before any engine is contacted."""
     needed = set(needed_by(spec, [spec.resolve(n) for n in images]))
     every = tuple(wheel_plan(spec))
-    lock = _lock_or_none(spec)
     return WheelPlan(_steps(spec, [d for d in every if d.name in needed], lock), every, lock)
 
 
-def realize_planned(spec: Spec, engine: Engine, plan: WheelPlan,
+def realize_planned(spec: Spec, engine: Engine, plan: WheelPlan, files: LockFiles,
                     progress: Progress | None = None) -> WheelsOutcome:
     """``build``'s first phase: realize the planned wheels and re-lock when the lock
     does not record every wheel the spec builds (its ``relocked``: that lock step's
-    outcome; None: no lock written)."""
+    outcome; None: no lock written). ``files``: the locks the plan was made from."""
     if not plan.steps:
         return WheelsOutcome([])
-    return _realize(spec, engine, [s.derivation for s in plan.steps], plan.every, plan.lock,
+    return _realize(spec, engine, [s.derivation for s in plan.steps], plan.every, files,
                     relock=True, progress=progress or Progress())
 
 
 def _realize(spec: Spec, engine: Engine, wanted: list[WheelDerivation],
-             every: Sequence[WheelDerivation], lock: Lock | None, *, relock: bool,
+             every: Sequence[WheelDerivation], files: LockFiles, *, relock: bool,
              progress: Progress) -> WheelsOutcome:
-    """Realize ``wanted``; with ``relock``, run the lock step when ``lock`` does not
-    record ``every`` wheel the spec builds (its derivations handed on, not planned again),
-    else say which wheels the lock lacks."""
+    """Realize ``wanted``; with ``relock``, run the lock step when wheels.lock does not
+    record ``every`` wheel the spec builds (the derivations and lock files handed on, not
+    planned or read again), else say which wheels the lock lacks."""
     done = realize_wheels(spec, engine, wanted, progress)
-    if relock and any(not s.locked for s in _steps(spec, every, lock)):
+    if relock and any(not s.locked for s in _steps(spec, every, files.previous)):
         progress.say("locking the newly built wheels")
-        return WheelsOutcome(done, lockflow.lock(spec, check=False, upgrade=False,
-                                                 progress=progress, built=every))
+        return WheelsOutcome(done, lockflow.lock_from(spec, files, every, check=False,
+                                                      upgrade=False, progress=progress))
     return WheelsOutcome(done, unlocked=tuple(
-        s.derivation.name for s in _steps(spec, wanted, lock) if not s.locked))
+        s.derivation.name for s in _steps(spec, wanted, files.previous) if not s.locked))
 
 
 @dataclass(frozen=True)
@@ -147,7 +140,7 @@ def build_wheels(spec: Spec, engine: Engine, names: list[str], *, relock: bool =
     step when wheels.lock does not record the derivations now built."""
     every = wheel_plan(spec)
     return _realize(spec, engine, [d for d in every if d.name in set(names)], every,
-                    _lock_or_none(spec), relock=relock, progress=progress or Progress())
+                    read_lock_files(spec), relock=relock, progress=progress or Progress())
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,7 @@ def fetched_wheels(spec: Spec) -> list[LockedWheel]:
 
 
 def locked_built_wheels(spec: Spec, previous: Lock | None,
-                        derivations: Sequence[WheelDerivation] | None = None
+                        derivations: Sequence[WheelDerivation]
                         ) -> tuple[list[LockedWheel], list[str]]:
     """The lock entries of the wheels built from source: each from the wheel store, by
     its derivation's input hash (or kept from the previous lock when it already records
@@ -198,7 +198,7 @@ def locked_built_wheels(spec: Spec, previous: Lock | None,
     out: list[LockedWheel] = []
     notes: list[str] = []
     missing: list[WheelDerivation] = []
-    for d in wheel_plan(spec) if derivations is None else derivations:
+    for d in derivations:
         record = store.lookup(d.input_hash)
         prev = old.get(d.name)
         if record is not None:

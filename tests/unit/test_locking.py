@@ -45,6 +45,17 @@ def test_lock_writes_every_closure_and_a_second_run_changes_nothing(
     assert lock.by_name()["transformers"].version == "5.0.0"
 
 
+def test_the_locks_a_lock_step_returns_are_the_locks_it_wrote_as_a_reader_sees_them(
+        stack: Stack, offline_lock: object) -> None:
+    # a build goes on with the lock step's own locks instead of reading the files again:
+    # they must be what reading the files gives, field for field
+    (stack.root / "wheels.lock").unlink()  # a first lock: every file written anew
+    done = lockflow.lock(stack.load(), check=False, upgrade=False)
+    assert {c.state for c in done.closures} == {"written"}
+    assert done.locks == context.load(str(stack.spec_path)).lock
+    assert set(done.locks.closures) == set(stack.load().images)
+
+
 def test_a_conflict_no_override_covers_is_refused_naming_its_cause(
         stack: Stack, offline_lock: object) -> None:
     before = sorted(p.name for p in (stack.root / "locks").iterdir())

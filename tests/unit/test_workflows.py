@@ -826,6 +826,7 @@ def test_build_with_wheels_still_to_build_refuses_a_stale_lock_before_building_t
     """The lock records the wheel (nothing will re-lock), the wheel store lacks it: the
     stale lock is refused before the engine is asked or a wheel is built (hours, for
     vllm), not after."""
+    from imagebuild.locking import read_lock_files
     from imagebuild.wheelops import WheelPlan, WheelStep
 
     stack.write_spec(SPEC.replace('requires: ["transformers>=4.57,<5"]',
@@ -841,8 +842,10 @@ def test_build_with_wheels_still_to_build_refuses_a_stale_lock_before_building_t
         called.append("engine")
         return head()
 
+    spec = stack.load()
     with pytest.raises(LockError, match="out of date") as info:
-        ops.build(ops.BuildPlan(stack.load(), [], plan), connect, progress=Quiet())
+        ops.build(ops.BuildPlan(spec, [], read_lock_files(spec), plan), connect,
+                  progress=Quiet())
     assert info.value.exit_code == 2 and called == []
 
 
