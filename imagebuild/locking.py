@@ -22,7 +22,7 @@ from packaging.utils import canonicalize_name
 from . import web
 from .closure import ClosureLock, LockedDist, Locks, conflict_error, conflicts, read_closure
 from .errors import LockError, SpecError
-from .lock import IndexFile, Lock, LockedWheel, check_matches, index_files, parse_wheel, read_lock
+from .lock import IndexFile, Lock, LockedWheel, check_matches, index_files, read_lock
 from .resolve import Getter, dist_requires, requires_dist, resolve, wheel_metadata
 from .spec import Spec
 from .wheelplan import WheelDerivation, pick_wheel
@@ -74,7 +74,7 @@ def image_inputs(spec: Spec, wheels: Mapping[str, LockedWheel], name: str) -> Im
     for decl in spec.wheels:
         if decl.index is None or decl.index == indexes[0]:
             continue
-        for package in (parse_wheel(decl.filename).name, *decl.serves):
+        for package in (decl.name, *decl.serves):
             if assigned.setdefault(package, decl.index) != decl.index:
                 raise SpecError(f"{spec.path.name}: {package} is assigned to two indexes, "
                                 f"{assigned[package]} and {decl.index}",

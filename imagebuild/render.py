@@ -21,7 +21,6 @@ import jinja2
 from .errors import RenderDrift, SpecError
 from .fsutil import atomic_write_text
 from .layers import describe, group_for
-from .lock import parse_wheel
 from .spec import ImageSpec, Spec
 
 UV_REQUIREMENTS = "uv-requirements.txt"
@@ -80,9 +79,8 @@ def _index_wheel(spec: Spec, img: ImageSpec, name: str | None, key: str
     if name is None:
         return None
     for decl in spec.wheels:
-        parsed = parse_wheel(decl.filename)
-        if parsed.name == name and decl.index is not None:
-            return {"name": parsed.name, "version": parsed.version, "index": decl.index}
+        if decl.name == name and decl.index is not None:
+            return {"name": decl.name, "version": decl.version, "index": decl.index}
     raise SpecError(f"{spec.path}: images.{img.name}.{key} names {name!r}, which is not "
                     f"declared under wheels.index")
 

@@ -112,6 +112,15 @@ class WheelDecl:
     url: str | None = None  # where a prebuilt wheel is downloaded from, once
     sha256: str | None = None  # what its bytes must hash to (declared with the URL)
     serves: tuple[str, ...] = ()  # other packages its index may serve (canonical names)
+    # the canonical project name and the version, from the file name (PEP 427): read
+    # once here (the spec reader has checked the name), never parsed again downstream
+    name: str = field(init=False)
+    version: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        parsed = parse_wheel(self.filename)
+        object.__setattr__(self, "name", parsed.name)
+        object.__setattr__(self, "version", parsed.version)
 
     @property
     def source(self) -> str:
@@ -354,8 +363,7 @@ class Spec:
 
     def local_names(self) -> set[str]:
         """Canonical names of the local and built wheels (served to the builds)."""
-        return {parse_wheel(w.filename).name for w in self.wheels if w.index is None
-                } | set(self.built)
+        return {w.name for w in self.wheels if w.index is None} | set(self.built)
 
     def torch_of(self, name: str) -> str | None:
         """The torch of ``name``'s lineage: its own, or its nearest ancestor's."""
@@ -872,10 +880,10 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
     r.keys(m, "wheels", {"directory", "local", "index", "url", "build"}, set())
     directory = r.to_path(m.get("directory", "wheels"), "wheels.directory",
                        m.key_lines.get("directory"))
-    decls: list[WheelDecl] = []
+    declared: list[dict[str, Any]] = []  # each a WheelDecl's fields, its file name unparsed
     for name in r.string_list(m.get("local", []), "wheels.local", m.key_lines.get("local"),
                               _WHEEL_FILE, "wheel filename"):
-        decls.append(WheelDecl(filename=name))
+        declared.append({"filename": name})
     index_raw = m.get("index", [])
     if not isinstance(index_raw, list):
         raise r.fail("wheels.index", m.key_lines.get("index"), "expected a list")
@@ -883,7 +891,7 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
         where = f"wheels.index[{i}]"
         entry = r.mapping(item, where, index_raw.item_lines[i])  # type: ignore[attr-defined]
         r.keys(entry, where, {"file", "url", "packages"}, {"file", "url"})
-        decls.append(WheelDecl(
+        declared.append(dict(
             filename=r.expanded(entry["file"], f"{where}.file", entry.key_lines["file"],
                                 _WHEEL_FILE, "wheel filename"),
             index=r.string(entry["url"], f"{where}.url", entry.key_lines["url"], _URL,
@@ -892,13 +900,16 @@ def _read_wheels(r: _Reader, raw: Any, line: int | None
                 entry.get("packages", []), f"{where}.packages",
                 entry.key_lines.get("packages"), _PACKAGE, "package name")),
         ))
-    decls.extend(_read_urls(r, m.get("url", []), m.key_lines.get("url")))
+    declared.extend(_read_urls(r, m.get("url", []), m.key_lines.get("url")))
+    decls: list[WheelDecl] = []
     seen: dict[str, str] = {}
-    for d in decls:
+    for fields in declared:
         try:
-            project = parse_wheel(d.filename).name
+            d = WheelDecl(**fields)  # parses the file name
         except LockError as exc:
             raise r.fail("wheels", line, exc.message, hint=exc.hint) from None
+        project = d.name
+        decls.append(d)
         if d.filename in seen.values():
             raise r.fail("wheels", line, f"wheel {d.filename!r} is declared twice")
         if project in seen:
@@ -945,7 +956,7 @@ def _read_digest(r: _Reader, value: Any, where: str, line: int | None, reference
     return digest
 
 
-def _read_urls(r: _Reader, raw: Any, line: int | None) -> list[WheelDecl]:
+def _read_urls(r: _Reader, raw: Any, line: int | None) -> list[dict[str, Any]]:
     """wheels.url: prebuilt wheels by URL, each with the sha256 its bytes must have."""
     if not isinstance(raw, list):
         raise r.fail("wheels.url", line, "expected a list of {url, sha256}")
@@ -971,7 +982,7 @@ def _read_urls(r: _Reader, raw: Any, line: int | None) -> list[WheelDecl]:
                          f"{url!r} does not end in a wheel filename",
                          hint="the URL's last part is the wheel's file name (PEP 427)"
                          ) from None
-        out.append(WheelDecl(filename=filename, url=url, sha256=sha))
+        out.append({"filename": filename, "url": url, "sha256": sha})
     return out
 
 
@@ -1200,7 +1211,7 @@ def _read_files(r: _Reader, raw: Any, where: str, line: int | None
 def _wheel_names(wheels: tuple[WheelDecl, ...]) -> dict[str, WheelDecl]:
     out: dict[str, WheelDecl] = {}
     for d in wheels:
-        out[parse_wheel(d.filename).name] = d
+        out[d.name] = d
     return out
 
 
@@ -1219,7 +1230,7 @@ def _check_fields(r: _Reader, cname: str, text: str, by_name: Mapping[str, Wheel
                          f"{did_you_mean(name, {*by_name, *built})}")
         decl = by_name.get(name)
         if attr == "cuda" and decl is not None:
-            version = parse_wheel(decl.filename).version
+            version = decl.version
             if cuda_of(version) is None:
                 raise r.fail(f"checks.{cname}.expect", None,
                              f"{{{name}.cuda}}: {name} {version} names no CUDA release "

