@@ -13,7 +13,7 @@ import hashlib
 import html.parser
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urljoin
@@ -269,50 +269,6 @@ def _locked(filename: str, sha: str, source: str, where: str) -> LockedWheel:
                         hint="regenerate it with 'imagebuild lock'")
     return LockedWheel(name=parsed.name, version=parsed.version, filename=filename,
                        sha256=None if sha == UNRESOLVED else sha, source=source)
-
-
-def check_matches(lock: Lock, decls: Iterable[tuple[str, str | None]], spec_path: Path,
-                  built: Mapping[str, str] | None = None) -> None:
-    """Refuse a lock that does not pin exactly the wheels the spec declares: a stale lock
-    would be hash-checked, served and installed as if it were the spec's. ``built`` maps
-    each wheel built from source to its derivation's current input hash."""
-    by_file = lock.by_filename()
-    wanted: set[str] = set()
-    for name, input_hash in (built or {}).items():
-        entry = next((w for w in lock.wheels if w.name == name), None)
-        if entry is None or entry.derivation != input_hash:
-            has = ("it has no entry for it" if entry is None else
-                   f"it locks {entry.filename} from "
-                   + (f"derivation {entry.derivation[:12]}" if entry.derivation
-                      else entry.source))
-            raise LockError(
-                f"{lock.path} is out of date: {spec_path.name} builds {name} from source "
-                f"(derivation {input_hash[:12]}), but {has}",
-                hint=f"run 'imagebuild build' (it builds the wheel and re-locks), or "
-                     f"'imagebuild build-wheels {name}' then 'imagebuild lock'; commit the "
-                     f"locks")
-        wanted.add(entry.filename)
-    for filename, declared in decls:  # declared: its source as the lock must record it
-        wanted.add(filename)  # (None: the wheels directory's file)
-        source = LOCAL_PREFIX + filename if declared is None else declared
-        locked = by_file.get(filename)
-        if locked is None:
-            name = parse_wheel(filename).name
-            other = [w.filename for w in lock.wheels if w.name == name]
-            has = f"it locks {other[0]} instead" if other else "it has no entry for it"
-            raise LockError(f"{lock.path} is out of date: {spec_path.name} declares "
-                            f"{filename}, but {has}",
-                            hint="run 'imagebuild lock' (where the wheels are) and commit "
-                                 "wheels.lock")
-        if locked.source != source:
-            raise LockError(f"{lock.path} is out of date: {filename} comes from {source} in "
-                            f"{spec_path.name}, from {locked.source} in the lock",
-                            hint="run 'imagebuild lock' and commit wheels.lock")
-    extra = sorted(set(by_file) - wanted)
-    if extra:
-        raise LockError(f"{lock.path} is out of date: it locks {', '.join(extra)}, which "
-                        f"{spec_path.name} does not declare",
-                        hint="run 'imagebuild lock' and commit wheels.lock")
 
 
 def _sorted(wheels: Iterable[LockedWheel]) -> list[LockedWheel]:

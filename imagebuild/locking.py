@@ -22,9 +22,9 @@ from packaging.utils import canonicalize_name
 from . import web
 from .closure import ClosureLock, LockedDist, Locks, conflict_error, conflicts, read_closure
 from .errors import LockError, SpecError
-from .lock import IndexFile, Lock, LockedWheel, check_matches, index_files, read_lock
+from .lock import IndexFile, Lock, LockedWheel, index_files, read_lock
 from .resolve import Getter, dist_requires, requires_dist, resolve, wheel_metadata
-from .spec import Spec
+from .spec import Spec, WheelDecl
 from .wheelplan import WheelDerivation, pick_wheel
 from .wheelstore import wheel_path
 
@@ -374,6 +374,49 @@ def read_lock_files(spec: Spec) -> LockFiles:
     return LockFiles(wheels, closures)
 
 
+def check_matches(lock: Lock, decls: Iterable[WheelDecl], spec_path: Path,
+                  built: Mapping[str, str] | None = None) -> None:
+    """Refuse a lock that does not pin exactly the wheels the spec declares: a stale lock
+    would be hash-checked, served and installed as if it were the spec's. ``built`` maps
+    each wheel built from source to its derivation's current input hash."""
+    by_file = {w.filename: w for w in lock.wheels}
+    wanted: set[str] = set()
+    for name, input_hash in (built or {}).items():
+        entry = next((w for w in lock.wheels if w.name == name), None)
+        if entry is None or entry.derivation != input_hash:
+            has = ("it has no entry for it" if entry is None else
+                   f"it locks {entry.filename} from "
+                   + (f"derivation {entry.derivation[:12]}" if entry.derivation
+                      else entry.source))
+            raise LockError(
+                f"{lock.path} is out of date: {spec_path.name} builds {name} from source "
+                f"(derivation {input_hash[:12]}), but {has}",
+                hint=f"run 'imagebuild build' (it builds the wheel and re-locks), or "
+                     f"'imagebuild build-wheels {name}' then 'imagebuild lock'; commit the "
+                     f"locks")
+        wanted.add(entry.filename)
+    for decl in decls:
+        filename, source = decl.filename, decl.source  # its source as the lock must record it
+        wanted.add(filename)
+        locked = by_file.get(filename)
+        if locked is None:
+            other = [w.filename for w in lock.wheels if w.name == decl.name]
+            has = f"it locks {other[0]} instead" if other else "it has no entry for it"
+            raise LockError(f"{lock.path} is out of date: {spec_path.name} declares "
+                            f"{filename}, but {has}",
+                            hint="run 'imagebuild lock' (where the wheels are) and commit "
+                                 "wheels.lock")
+        if locked.source != source:
+            raise LockError(f"{lock.path} is out of date: {filename} comes from {source} in "
+                            f"{spec_path.name}, from {locked.source} in the lock",
+                            hint="run 'imagebuild lock' and commit wheels.lock")
+    extra = sorted(set(by_file) - wanted)
+    if extra:
+        raise LockError(f"{lock.path} is out of date: it locks {', '.join(extra)}, which "
+                        f"{spec_path.name} does not declare",
+                        hint="run 'imagebuild lock' and commit wheels.lock")
+
+
 def checked(spec: Spec, files: LockFiles, built: Iterable[WheelDerivation]) -> Locks:
     """The spec's locks, checked against it: a command never builds, serves or checks
     against a lock that pins other wheels than the spec declares, or a closure lock
@@ -381,7 +424,7 @@ def checked(spec: Spec, files: LockFiles, built: Iterable[WheelDerivation]) -> L
     if isinstance(files.wheels, LockError):
         raise files.wheels
     lock = files.wheels
-    check_matches(lock, [(d.filename, d.source) for d in spec.wheels], spec.path,
+    check_matches(lock, spec.wheels, spec.path,
                   built={d.name: d.input_hash for d in built})
     wheels = {w.name: w for w in lock.wheels}
     closures: dict[str, ClosureLock] = {}

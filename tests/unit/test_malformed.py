@@ -21,7 +21,8 @@ from imagebuild import context
 from imagebuild.archive import ArchiveIndex
 from imagebuild.errors import ImagebuildError
 from imagebuild.fsutil import PinnedFile
-from imagebuild.lock import check_matches, read_lock
+from imagebuild.lock import read_lock
+from imagebuild.locking import check_matches
 from imagebuild.store import LocalDir
 from imagebuild.tarbackup import TarGuard, read_sidecar
 
@@ -154,7 +155,7 @@ def test_the_lock_reader(stack: Stack) -> None:
     cases += list(_byte_damage(text, random.Random(2), 100))
     lock_path = stack.root / "wheels.lock"
     spec = stack.load()
-    decls = [(d.filename, d.index) for d in spec.wheels]
+    decls = spec.wheels
     outcomes = {"accepted": 0, "refused": 0}
     for data in cases:
         lock_path.write_bytes(data)

@@ -23,11 +23,11 @@ from imagebuild.errors import LockError, SpecError, WheelBuildFailed
 from imagebuild.lock import (
     Lock,
     LockedWheel,
-    check_matches,
     compute_lock,
     format_lock,
     read_lock,
 )
+from imagebuild.locking import check_matches
 from imagebuild.spec import (
     BUILD_OUT,
     BUILD_SRC,
@@ -35,6 +35,7 @@ from imagebuild.spec import (
     RESERVED_BUILD_ENV,
     Spec,
     WheelBuild,
+    WheelDecl,
     load_spec,
 )
 from imagebuild.wheelplan import (
@@ -672,13 +673,13 @@ LOCAL_W = LockedWheel("flashinfer-python", "0.6.12", LOCAL, "6" * 64, "wheels/" 
 
 
 def test_check_matches_accepts_the_current_derivation(tmp_path: Path) -> None:
-    check_matches(_lock(tmp_path, BUILT, LOCAL_W), [(LOCAL, None)], tmp_path / "imagebuild.yaml",
+    check_matches(_lock(tmp_path, BUILT, LOCAL_W), [WheelDecl(LOCAL)], tmp_path / "imagebuild.yaml",
                   built={"vllm": H1})
 
 
 def test_check_matches_refuses_a_missing_built_entry(tmp_path: Path) -> None:
     with pytest.raises(LockError) as info:
-        check_matches(_lock(tmp_path, LOCAL_W), [(LOCAL, None)], tmp_path / "imagebuild.yaml",
+        check_matches(_lock(tmp_path, LOCAL_W), [WheelDecl(LOCAL)], tmp_path / "imagebuild.yaml",
                       built={"vllm": H1})
     msg = str(info.value)
     assert "out of date" in msg and "builds vllm from source" in msg
@@ -688,7 +689,7 @@ def test_check_matches_refuses_a_missing_built_entry(tmp_path: Path) -> None:
 
 def test_check_matches_refuses_another_derivation(tmp_path: Path) -> None:
     with pytest.raises(LockError) as info:
-        check_matches(_lock(tmp_path, BUILT, LOCAL_W), [(LOCAL, None)],
+        check_matches(_lock(tmp_path, BUILT, LOCAL_W), [WheelDecl(LOCAL)],
                       tmp_path / "imagebuild.yaml", built={"vllm": H2})
     msg = str(info.value)
     assert "builds vllm from source" in msg
@@ -708,7 +709,7 @@ def test_check_matches_refuses_a_built_name_locked_from_wheels(tmp_path: Path) -
 def test_check_matches_refuses_an_undeclared_built_entry(tmp_path: Path,
                                                         built: dict[str, str] | None) -> None:
     with pytest.raises(LockError) as info:
-        check_matches(_lock(tmp_path, BUILT, LOCAL_W), [(LOCAL, None)],
+        check_matches(_lock(tmp_path, BUILT, LOCAL_W), [WheelDecl(LOCAL)],
                       tmp_path / "imagebuild.yaml", built=built)
     msg = str(info.value)
     assert f"it locks {FILENAME}" in msg and "does not declare" in msg
