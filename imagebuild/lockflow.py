@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,8 +27,14 @@ from .progress import Progress, Quiet
 from .render import RenderResult, check_rendered, write_rendered
 from .spec import Spec
 from .wheelbuild import fetch_wheels
-from .wheelplan import WheelDerivation, wheel_plan
-from .wheelstore import fetched_wheels, locked_built_wheels, wheel_view
+from .wheelplan import wheel_plan
+from .wheelstore import (
+    Stored,
+    fetched_wheels,
+    locked_built_wheels,
+    stored,
+    wheel_view,
+)
 
 
 def render(spec: Spec, *, check: bool) -> RenderResult:
@@ -75,11 +80,11 @@ def lock(spec: Spec, *, check: bool, upgrade: bool | list[str],
          progress: Progress | None = None, allow_unresolved: bool = False) -> LockOutcome:
     """``imagebuild lock``: the lock step (``lock_from``) from the lock files as they
     are now and the derivations of the wheels the spec builds."""
-    return lock_from(spec, read_lock_files(spec), wheel_plan(spec), check=check,
+    return lock_from(spec, read_lock_files(spec), stored(spec, wheel_plan(spec)), check=check,
                      upgrade=upgrade, progress=progress, allow_unresolved=allow_unresolved)
 
 
-def lock_from(spec: Spec, files: LockFiles, built: Sequence[WheelDerivation], *,
+def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
               check: bool, upgrade: bool | list[str], progress: Progress | None = None,
               allow_unresolved: bool = False) -> LockOutcome:
     """Hash every declared wheel into wheels.lock and resolve every image's closure into
@@ -87,13 +92,14 @@ def lock_from(spec: Spec, files: LockFiles, built: Sequence[WheelDerivation], *,
     moves everything to the newest the indexes offer, a list of names moves only those;
     otherwise every existing pin stays. Every file is computed before any is written.
     ``files``: the lock files as the caller read them (what the new locks start from);
-    ``built``: the derivations of the wheels the spec builds."""
+    ``built``: the derivation of every wheel the spec builds, with its wheel store record
+    as the caller found it."""
     previous = files.previous
     warnings: list[str] = []
     if isinstance(files.wheels, LockError) and spec.lock_path.exists():
         warnings.append(f"ignoring the existing lock: {files.wheels.message}")
     decls = [(d.filename, d.index) for d in spec.wheels if d.url is None]
-    built_wheels, built_notes = locked_built_wheels(spec, previous, built)
+    built_wheels, built_notes = locked_built_wheels(previous, built)
     fetched = fetched_wheels(spec)
     built_notes += fetch_wheels(spec, fetched, progress or Quiet(), strict=False)
     result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade,

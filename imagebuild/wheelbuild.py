@@ -42,7 +42,7 @@ from .remote import Completed
 from .resolve import requires_dist, wheel_metadata
 from .spec import BUILD_CCACHE, BUILD_OUT, BUILD_SRC, Spec
 from .wheelplan import WheelDerivation, wheel_problem
-from .wheelstore import WheelRecord, WheelStore
+from .wheelstore import Stored, WheelRecord, WheelStore
 
 CCACHE_VOLUME = "imagebuild-ccache"
 JOB_LABEL = "org.imagebuild.wheel-build"  # on the throwaway build containers: the wheel
@@ -67,15 +67,14 @@ def log_path(spec: Spec, d: WheelDerivation) -> Path:
     return spec.state_dir / "logs" / f"wheel-{d.name}-{d.hash12}.log"
 
 
-def realize_wheels(spec: Spec, engine: Engine, derivations: list[WheelDerivation],
-                   progress: Progress) -> list[WheelOutcome]:
-    """Each derivation's wheel: from the store, or built (in order; the first failure
-    stops and raises)."""
+def realize_wheels(spec: Spec, engine: Engine, planned: Stored, progress: Progress
+                   ) -> list[WheelOutcome]:
+    """Each derivation's wheel: the one the store held when it was planned (its record),
+    or built (in order; the first failure stops and raises)."""
     store = WheelStore(spec.wheel_store)
     out: list[WheelOutcome] = []
-    for i, d in enumerate(derivations, 1):
-        prefix = f"[wheel {i}/{len(derivations)}] {d.name}"
-        record = store.lookup(d.input_hash)
+    for i, (d, record) in enumerate(planned, 1):
+        prefix = f"[wheel {i}/{len(planned)}] {d.name}"
         if record is not None:
             progress.say(f"{prefix} {d.hash12} reused: {record.filename}")
             _builder_moved(engine, d, record, progress, prefix)

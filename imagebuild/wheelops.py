@@ -64,27 +64,32 @@ def wheel_steps(spec: Spec, names: list[str]) -> list[WheelStep]:
 def _steps(spec: Spec, derivations: Sequence[WheelDerivation], lock: Lock | None
            ) -> list[WheelStep]:
     store = WheelStore(spec.wheel_store)
-    locked = {w.name: w for w in lock.wheels} if lock is not None else {}
-    out = []
-    for d in derivations:
-        record = store.lookup(d.input_hash)
-        entry = locked.get(d.name)
-        # locked: the lock records this derivation, with the stored wheel's bytes (a
-        # wheel built again here may have others, if its build is not reproducible)
-        ok = entry is not None and entry.derivation == d.input_hash and (
-            record is None or entry.sha256 == record.sha256)
-        out.append(WheelStep(d, record, ok))
-    return out
+    return [_step(d, store.lookup(d.input_hash), lock) for d in derivations]
+
+
+def _step(d: WheelDerivation, record: WheelRecord | None, lock: Lock | None) -> WheelStep:
+    entry = next((w for w in lock.wheels if w.name == d.name), None) if lock else None
+    # locked: the lock records this derivation, with the stored wheel's bytes (a wheel
+    # built again here may have others, if its build is not reproducible)
+    ok = entry is not None and entry.derivation == d.input_hash and (
+        record is None or entry.sha256 == record.sha256)
+    return WheelStep(d, record, ok)
 
 
 @dataclass(frozen=True)
 class WheelPlan:
-    """The wheel steps of a build of some images, and what they were planned from (every
-    wheel the spec builds, wheels.lock as read), carried on to realizing and locking."""
+    """The wheel steps of a build of some images, and what they were planned from (a
+    step for every wheel the spec builds, wheels.lock as read), carried on to realizing
+    and locking."""
 
-    steps: list[WheelStep]
-    every: tuple[WheelDerivation, ...] = ()  # every wheel the spec builds from source
+    steps: list[WheelStep]  # the wheels of the images asked for
+    all_steps: tuple[WheelStep, ...] = ()  # every wheel the spec builds, in its order
     lock: Lock | None = None  # wheels.lock when planned (None: none, or unreadable)
+
+    @property
+    def every(self) -> tuple[WheelDerivation, ...]:
+        """Every wheel the spec builds from source, in the spec's order."""
+        return tuple(s.derivation for s in self.all_steps)
 
     @property
     def pending(self) -> bool:
@@ -97,8 +102,8 @@ def plan_wheels(spec: Spec, images: list[str], lock: Lock | None) -> WheelPlan:
     when empty) builds from source, each reused or built, against wheels.lock as read
     (``lock``). Unknown image names are refused here, before any engine is contacted."""
     needed = set(needed_by(spec, [spec.resolve(n) for n in images]))
-    every = tuple(wheel_plan(spec))
-    return WheelPlan(_steps(spec, [d for d in every if d.name in needed], lock), every, lock)
+    steps = _steps(spec, wheel_plan(spec), lock)
+    return WheelPlan([s for s in steps if s.derivation.name in needed], tuple(steps), lock)
 
 
 def realize_planned(spec: Spec, engine: Engine, plan: WheelPlan, files: LockFiles,
@@ -108,23 +113,24 @@ def realize_planned(spec: Spec, engine: Engine, plan: WheelPlan, files: LockFile
     outcome; None: no lock written). ``files``: the locks the plan was made from."""
     if not plan.steps:
         return WheelsOutcome([])
-    return _realize(spec, engine, [s.derivation for s in plan.steps], plan.every, files,
-                    relock=True, progress=progress or Progress())
+    return _realize(spec, engine, plan, files, relock=True, progress=progress or Progress())
 
 
-def _realize(spec: Spec, engine: Engine, wanted: list[WheelDerivation],
-             every: Sequence[WheelDerivation], files: LockFiles, *, relock: bool,
+def _realize(spec: Spec, engine: Engine, plan: WheelPlan, files: LockFiles, *, relock: bool,
              progress: Progress) -> WheelsOutcome:
-    """Realize ``wanted``; with ``relock``, run the lock step when wheels.lock does not
-    record ``every`` wheel the spec builds (the derivations and lock files handed on, not
-    planned or read again), else say which wheels the lock lacks."""
-    done = realize_wheels(spec, engine, wanted, progress)
-    if relock and any(not s.locked for s in _steps(spec, every, files.previous)):
+    """Realize the plan's steps (reuse the stored wheels it found, build the others);
+    with ``relock``, run the lock step when wheels.lock does not record every wheel the
+    spec builds as realized (the derivations and lock files handed on, not planned or
+    read again), else say which wheels the lock lacks."""
+    done = realize_wheels(spec, engine, [(s.derivation, s.record) for s in plan.steps],
+                          progress)
+    now = {o.derivation.name: _step(o.derivation, o.record, plan.lock) for o in done}
+    if relock and any(not now.get(s.derivation.name, s).locked for s in plan.all_steps):
         progress.say("locking the newly built wheels")
-        return WheelsOutcome(done, lockflow.lock_from(spec, files, every, check=False,
+        built = [(s.derivation, now.get(s.derivation.name, s).record) for s in plan.all_steps]
+        return WheelsOutcome(done, lockflow.lock_from(spec, files, built, check=False,
                                                       upgrade=False, progress=progress))
-    return WheelsOutcome(done, unlocked=tuple(
-        s.derivation.name for s in _steps(spec, wanted, files.previous) if not s.locked))
+    return WheelsOutcome(done, unlocked=tuple(n for n, s in now.items() if not s.locked))
 
 
 @dataclass(frozen=True)
@@ -138,9 +144,11 @@ def build_wheels(spec: Spec, engine: Engine, names: list[str], *, relock: bool =
                  progress: Progress | None = None) -> WheelsOutcome:
     """Realize the wheels ``names`` (reuse or build each); with ``relock``, run the lock
     step when wheels.lock does not record the derivations now built."""
-    every = wheel_plan(spec)
-    return _realize(spec, engine, [d for d in every if d.name in set(names)], every,
-                    read_lock_files(spec), relock=relock, progress=progress or Progress())
+    files = read_lock_files(spec)
+    steps = _steps(spec, wheel_plan(spec), files.previous)
+    plan = WheelPlan([s for s in steps if s.derivation.name in set(names)], tuple(steps),
+                     files.previous)
+    return _realize(spec, engine, plan, files, relock=relock, progress=progress or Progress())
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@
     <store>/derivations/<input hash>.json  what the derivation with that hash made
     <store>/incoming/                      builds in progress (renamed into place)
 
+A prebuilt wheel declared by URL (``wheels.url``) is downloaded once into the same
+store (``wheelbuild.fetch_wheels``), kept only when its sha256 is the declared one.
+
 ``imagebuild status`` shows what the store holds (``store_state``): each wheel locked by
 wheels.lock, built by the spec's current derivation but not locked yet, or referred to
 by nothing; ``imagebuild prune`` removes the last kind (``prune_store``).
@@ -184,20 +187,26 @@ def fetched_wheels(spec: Spec) -> list[LockedWheel]:
     return out
 
 
-def locked_built_wheels(spec: Spec, previous: Lock | None,
-                        derivations: Sequence[WheelDerivation]
-                        ) -> tuple[list[LockedWheel], list[str]]:
-    """The lock entries of the wheels built from source: each from the wheel store, by
-    its derivation's input hash (or kept from the previous lock when it already records
-    that derivation), and notes on what changed. A wheel that is not built yet is
-    refused, by name."""
+# derivations, each with the record of its wheel in the store (None: not built there)
+Stored = Sequence[tuple[WheelDerivation, "WheelRecord | None"]]
+
+
+def stored(spec: Spec, derivations: Iterable[WheelDerivation]) -> Stored:
+    """Each derivation with the record of its wheel in the store (None: not built)."""
     store = WheelStore(spec.wheel_store)
+    return [(d, store.lookup(d.input_hash)) for d in derivations]
+
+
+def locked_built_wheels(previous: Lock | None, built: Stored
+                        ) -> tuple[list[LockedWheel], list[str]]:
+    """The lock entries of the wheels built from source: each from its wheel store
+    record (or kept from the previous lock when it already records that derivation),
+    and notes on what changed. A wheel that is not built yet is refused, by name."""
     old = {w.name: w for w in previous.wheels} if previous is not None else {}
     out: list[LockedWheel] = []
     notes: list[str] = []
     missing: list[WheelDerivation] = []
-    for d in derivations:
-        record = store.lookup(d.input_hash)
+    for d, record in built:
         prev = old.get(d.name)
         if record is not None:
             out.append(LockedWheel(record.name, record.version, record.filename,

@@ -49,6 +49,7 @@ from imagebuild.wheelstore import (
     WheelRecord,
     WheelStore,
     locked_built_wheels,
+    stored,
     wheel_path,
     wheel_view,
 )
@@ -751,7 +752,7 @@ def test_built_wheels_takes_the_record_from_the_store(tmp_path: Path) -> None:
     (d,) = wheel_plan(spec)
     stale = LockedWheel("vllm", "0.0", "vllm-0.0-py3-none-any.whl", "7" * 64, "built/" + H2)
     for previous in (None, _lock(tmp_path, stale)):
-        (w,), notes = locked_built_wheels(spec, previous, wheel_plan(spec))
+        (w,), notes = locked_built_wheels(previous, stored(spec, wheel_plan(spec)))
         assert w == LockedWheel("vllm", "0.1", record.filename, record.sha256,
                                 "built/" + d.input_hash)
         assert notes == []
@@ -762,7 +763,7 @@ def test_built_wheels_notes_a_rebuild_with_other_bytes(tmp_path: Path) -> None:
     record = _store_for(spec)
     (d,) = wheel_plan(spec)
     before = LockedWheel("vllm", "0.1", record.filename, "7" * 64, "built/" + d.input_hash)
-    (w,), notes = locked_built_wheels(spec, _lock(tmp_path, before), wheel_plan(spec))
+    (w,), notes = locked_built_wheels(_lock(tmp_path, before), stored(spec, wheel_plan(spec)))
     assert w.sha256 == record.sha256
     assert len(notes) == 1 and "not reproducible" in notes[0] and "777777777777" in notes[0]
     # and the step is not locked until the lock step records the new bytes
@@ -776,8 +777,8 @@ def test_built_wheels_keeps_the_previous_entry_of_the_same_derivation(tmp_path: 
     (d,) = wheel_plan(spec)
     prev = LockedWheel("vllm", "0.1", FILENAME, SHA, "built/" + d.input_hash)
     assert WheelStore(spec.wheel_store).lookup(d.input_hash) is None
-    assert locked_built_wheels(spec, _lock(tmp_path, prev, LOCAL_W),
-                               wheel_plan(spec)) == ([prev], [])
+    assert locked_built_wheels(_lock(tmp_path, prev, LOCAL_W),
+                               stored(spec, wheel_plan(spec))) == ([prev], [])
 
 
 def test_built_wheels_refuses_every_unbuilt_wheel(tmp_path: Path) -> None:
@@ -786,7 +787,7 @@ def test_built_wheels_refuses_every_unbuilt_wheel(tmp_path: Path) -> None:
     plan = {d.name: d for d in wheel_plan(spec)}
     other = LockedWheel("vllm", "0.1", FILENAME, SHA, "built/" + H2)  # another derivation
     with pytest.raises(LockError) as info:
-        locked_built_wheels(spec, _lock(tmp_path, other), wheel_plan(spec))
+        locked_built_wheels(_lock(tmp_path, other), stored(spec, wheel_plan(spec)))
     msg = str(info.value)
     assert info.value.exit_code == 2
     assert f"vllm (derivation {plan['vllm'].hash12})" in msg
