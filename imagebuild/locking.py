@@ -360,17 +360,17 @@ class LockFiles:
 
 def read_lock_files(spec: Spec) -> LockFiles:
     """Every lock file of the spec, read once (see ``LockFiles``)."""
-    wheels: Lock | LockError
-    try:
-        wheels = read_lock(spec.lock_path)
-    except LockError as exc:
-        wheels = exc
     closures: dict[str, ClosureLock | LockError] = {}
     for name in spec.images:
         try:
             closures[name] = read_closure(spec.closure_lock_path(name), name)
         except LockError as exc:
             closures[name] = exc
+    wheels: Lock | LockError
+    try:
+        wheels = read_lock(spec.lock_path)
+    except LockError as exc:
+        wheels = exc
     return LockFiles(wheels, closures)
 
 

@@ -32,6 +32,7 @@ from .backup import (
 from .build import BuildReport, Step, decide, execute
 from .closure import (
     ClosureLock,
+    Locks,
     changes,
     install_set,
     parse_closure,
@@ -69,32 +70,33 @@ from .store import BackupDir, LocalDir
 from .storelock import StoreLock
 from .tarbackup import read_sidecar
 from .verify import VerifyRecord, image_checks, require_verified, verify_image
-from .wheelbuild import fetch_wheels
 from .wheelops import WheelPlan, plan_wheels, realize_planned
 
 
 @dataclass(frozen=True)
 class BuildPlan:
     """What ``plan`` and ``build`` start from, computed once and carried through: the
-    spec, the images asked for, its lock files as read, and its wheel steps (every built
-    wheel's derivation, planned from that wheels.lock). No engine."""
+    spec, the images asked for, its lock files as read, its wheel steps (every built
+    wheel's derivation, planned from that wheels.lock), and the locks checked against
+    the spec (None while a wheel is pending: the image plan follows a new lock). No
+    engine."""
 
     spec: Spec
     images: list[str]
     files: LockFiles
     wheels: WheelPlan
-
-    def context(self) -> Context:
-        """The locks as read, checked against the spec (see ``locking.checked``)."""
-        return Context(self.spec, checked(self.spec, self.files, self.wheels.every))
+    locks: Locks | None
 
 
 def plan_build(spec_path: str | None, images: list[str]) -> BuildPlan:
-    """Read the spec and its locks, and plan the wheels of ``images`` (all: empty).
-    Unknown image names are refused here, before anything else."""
+    """Read the spec and its locks, plan the wheels of ``images`` (all: empty), and,
+    unless a wheel is pending, check the locks against the spec. Unknown image names and
+    stale locks are refused here, before an engine is asked anything."""
     spec = load_spec(spec_path)
     files = read_lock_files(spec)
-    return BuildPlan(spec, images, files, plan_wheels(spec, images, files.previous))
+    wheels = plan_wheels(spec, images, files.previous)
+    locks = None if wheels.pending else checked(spec, files, wheels.every)
+    return BuildPlan(spec, images, files, wheels, locks)
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,9 @@ class PlanOutcome:
 def plan_all(bp: BuildPlan) -> PlanOutcome:
     """``imagebuild plan``: the wheel steps, then (once every wheel is locked) the image
     derivations and what a lock change since the last commit rebuilds. No engine."""
-    if bp.wheels.pending:
+    if bp.locks is None:
         return PlanOutcome(bp.spec, bp.wheels, None, {})
-    ctx = bp.context()
+    ctx = Context(bp.spec, bp.locks)
     derivations = plan_images(ctx, bp.images)
     return PlanOutcome(bp.spec, bp.wheels, derivations, lock_changes(ctx, derivations))
 
@@ -193,18 +195,16 @@ def build(bp: BuildPlan, connect: Callable[[], Engine], *, rebuild: bool = False
     progress = progress or Progress()
     if dry_run and bp.wheels.pending:
         return BuildOutcome([], wheels=bp.wheels)
-    # with no wheel to build, nothing re-locks: locks out of date with the spec are
-    # refused (exit 2) before the engine is asked anything
-    ctx = None if bp.wheels.pending else bp.context()
+    # with no wheel to build, nothing re-locks: the plan has checked the locks against
+    # the spec (out of date: refused, exit 2, before the engine was asked anything)
     engine = connect()
     relocked = None
     if not dry_run:
         relocked = realize_planned(bp.spec, engine, bp.wheels, bp.files, progress).relocked
-    if relocked is not None:  # the locks the lock step wrote, as it wrote them
-        ctx = Context(bp.spec, relocked.locks)
-    assert ctx is not None  # a wheel the lock lacks is built, then always locked
-    if not dry_run:  # the prebuilt wheels by URL this machine has not fetched yet
-        fetch_wheels(bp.spec, ctx.lock.wheels, progress, strict=True)
+    # the locks the lock step wrote, as it wrote them, or the plan's
+    locks = relocked.locks if relocked is not None else bp.locks
+    assert locks is not None  # a wheel the lock lacks is built, then always locked
+    ctx = Context(bp.spec, locks)
     outcome = build_images(ctx, engine, bp.images, rebuild=rebuild, backup=backup,
                            dry_run=dry_run, progress=progress)
     outcome.wheels, outcome.relocked = bp.wheels, relocked

@@ -824,9 +824,8 @@ def test_build_refuses_a_stale_lock_before_the_engine_is_contacted(
 def test_build_with_wheels_still_to_build_refuses_a_stale_lock_before_building_them(
         stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lock records the wheel (nothing will re-lock), the wheel store lacks it: the
-    stale lock is refused before the engine is asked or a wheel is built (hours, for
-    vllm), not after."""
-    from imagebuild.locking import read_lock_files
+    stale lock is refused by the plan, before the engine is asked or a wheel is built
+    (hours, for vllm), not after."""
     from imagebuild.wheelops import WheelPlan, WheelStep
 
     stack.write_spec(SPEC.replace('requires: ["transformers>=4.57,<5"]',
@@ -834,19 +833,10 @@ def test_build_with_wheels_still_to_build_refuses_a_stale_lock_before_building_t
     to_build = WheelStep(derivation=None, record=None, locked=True)  # type: ignore[arg-type]
     plan = WheelPlan([to_build])
     assert not plan.pending and to_build.action == "build"
-    called: list[str] = []
-    monkeypatch.setattr("imagebuild.ops.realize_planned",
-                        lambda *a, **k: called.append("wheels"))
-
-    def connect() -> FakeEngine:
-        called.append("engine")
-        return head()
-
-    spec = stack.load()
+    monkeypatch.setattr("imagebuild.ops.plan_wheels", lambda *a, **k: plan)
     with pytest.raises(LockError, match="out of date") as info:
-        ops.build(ops.BuildPlan(spec, [], read_lock_files(spec), plan), connect,
-                  progress=Quiet())
-    assert info.value.exit_code == 2 and called == []
+        ops.plan_build(str(stack.spec_path), [])
+    assert info.value.exit_code == 2
 
 
 # -- bad inputs (the hardening pass) -------------------------------------------------------------
