@@ -26,11 +26,10 @@ from .locking import IndexListings, LockFiles, lock_image, read_lock_files
 from .progress import Progress, Quiet
 from .render import RenderResult, check_rendered, write_rendered
 from .spec import Spec
-from .wheelbuild import fetch_wheels
+from .wheelbuild import fetch_wheels, fetched_wheels
 from .wheelplan import wheel_plan
 from .wheelstore import (
     Stored,
-    fetched_wheels,
     locked_built_wheels,
     stored,
     wheel_view,
@@ -99,9 +98,10 @@ def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
     if isinstance(files.wheels, LockError) and spec.lock_path.exists():
         warnings.append(f"ignoring the existing lock: {files.wheels.message}")
     decls = [(d.filename, d.index) for d in spec.wheels if d.url is None]
-    built_wheels, built_notes = locked_built_wheels(previous, built)
     fetched = fetched_wheels(spec)
-    built_notes += fetch_wheels(spec, fetched, progress or Quiet(), strict=False)
+    fetch_notes = fetch_wheels(spec, fetched, progress or Quiet(), strict=False)
+    built_wheels, built_notes = locked_built_wheels(previous, built)
+    built_notes += fetch_notes
     result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade,
                           fetch=web.get_text, built=[*built_wheels, *fetched])
     try:

@@ -371,6 +371,15 @@ def _extract_wheel(output_tar: Path, dest: Path, log: _Log) -> tuple[Path, str]:
 # -- prebuilt wheels by URL --------------------------------------------------------------------
 
 
+def fetched_wheels(spec: Spec) -> list[LockedWheel]:
+    """The lock entries of the wheels fetched by URL: the spec declares their sha256."""
+    out = []
+    for d in spec.wheels:
+        if d.url is not None and d.sha256 is not None:
+            out.append(LockedWheel(d.name, d.version, d.filename, d.sha256, d.source))
+    return out
+
+
 def fetch_wheels(spec: Spec, wheels: Iterable[LockedWheel], progress: Progress, *,
                  strict: bool) -> list[str]:
     """Download each wheel of ``wheels`` that is fetched by URL and not in the wheel store

@@ -24,7 +24,14 @@ from .lock import Lock
 from .locking import LockFiles, read_lock_files
 from .progress import Progress
 from .spec import DEFAULT_SPEC, Spec, did_you_mean, with_wheel_commit
-from .wheelbuild import WheelOutcome, build_wheel, mirror_path, realize_wheels
+from .wheelbuild import (
+    WheelOutcome,
+    build_wheel,
+    fetch_wheels,
+    fetched_wheels,
+    mirror_path,
+    realize_wheels,
+)
 from .wheelplan import WheelDerivation, needed_by, wheel_plan
 from .wheelstore import WheelRecord, WheelStore
 
@@ -108,12 +115,17 @@ def plan_wheels(spec: Spec, images: list[str], lock: Lock | None) -> WheelPlan:
 
 def realize_planned(spec: Spec, engine: Engine, plan: WheelPlan, files: LockFiles,
                     progress: Progress | None = None) -> WheelsOutcome:
-    """``build``'s first phase: realize the planned wheels and re-lock when the lock
-    does not record every wheel the spec builds (its ``relocked``: that lock step's
-    outcome; None: no lock written). ``files``: the locks the plan was made from."""
+    """``build``'s first phase: fetch the prebuilt wheels by URL this machine lacks (a
+    dead link fails here, before hours of building), realize the planned wheels, and
+    re-lock when the lock does not record every wheel the spec builds (its
+    ``relocked``: that lock step's outcome; None: no lock written). ``files``: the locks
+    the plan was made from."""
+    progress = progress or Progress()
+    prebuilt = fetched_wheels(spec)
+    fetch_wheels(spec, prebuilt, progress, strict=True)
     if not plan.steps:
         return WheelsOutcome([])
-    return _realize(spec, engine, plan, files, relock=True, progress=progress or Progress())
+    return _realize(spec, engine, plan, files, relock=True, progress=progress)
 
 
 def _realize(spec: Spec, engine: Engine, plan: WheelPlan, files: LockFiles, *, relock: bool,

@@ -178,15 +178,6 @@ def _project(filename: str) -> str | None:
         return None
 
 
-def fetched_wheels(spec: Spec) -> list[LockedWheel]:
-    """The lock entries of the wheels fetched by URL: the spec declares their sha256."""
-    out = []
-    for d in spec.wheels:
-        if d.url is not None and d.sha256 is not None:
-            out.append(LockedWheel(d.name, d.version, d.filename, d.sha256, d.source))
-    return out
-
-
 # derivations, each with the record of its wheel in the store (None: not built there)
 Stored = Sequence[tuple[WheelDerivation, "WheelRecord | None"]]
 

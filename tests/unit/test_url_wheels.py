@@ -156,3 +156,26 @@ def test_a_build_on_a_machine_without_the_wheel_stops_when_its_url_is_unreachabl
     asked = len(release.requests)
     assert fetch_wheels(spec, [entry], Quiet(), strict=True) == [] and (
         len(release.requests) == asked)
+
+
+def test_a_build_fetches_the_prebuilt_wheels_before_it_builds_any_from_source(
+        stack: Stack, release: Release, offline_lock: object,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead release link fails the build at once, not after hours of building vllm."""
+    from imagebuild import wheelops
+    from imagebuild.locking import read_lock_files
+
+    from ..fake_engine import FakeEngine
+
+    _by_url(stack, release)
+    lockflow.lock(stack.load(), check=False, upgrade=False)
+    spec = stack.load()
+    shutil.rmtree(spec.wheel_store)  # another head: the lock names it, the store lacks it
+    release.files.clear()  # and the release is gone
+    realized: list[object] = []
+    monkeypatch.setattr("imagebuild.wheelops._realize", lambda *a, **k: realized.append(a))
+    to_build = wheelops.WheelStep(derivation=None, record=None, locked=False)  # type: ignore[arg-type]
+    with pytest.raises(LockError, match=r"is not there \(404\)"):
+        wheelops.realize_planned(spec, FakeEngine(), wheelops.WheelPlan([to_build]),
+                                 read_lock_files(spec), Quiet())
+    assert realized == []
