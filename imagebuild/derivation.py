@@ -20,10 +20,11 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .closure import LockedDist, Locks, install_set, requirements_text
+from .closure import ClosureLock, LockedDist, Locks, install_set, requirements_text
 from .errors import SpecError, UnresolvedHashError
 from .layers import assign
 from .lock import LockedWheel, sha256_file
@@ -119,22 +120,28 @@ def pinned_requirement(wheel: LockedWheel) -> bytes | None:
     return f"{wheel.name}=={wheel.version} --hash=sha256:{wheel.sha256}\n".encode()
 
 
-def assigned_groups(spec: Spec, installs: list[LockedDist]) -> dict[str, list[str]]:
-    """Each layer group of the spec (layers.py) and the distributions of ``installs`` it
-    takes, in install order."""
-    return assign(((p.name, p.is_local) for p in installs), spec.layers)
-
-
-def layer_files(spec: Spec, name: str, installs: list[LockedDist],
-                assigned: dict[str, list[str]], parent: str | None) -> list[ContextFile]:
-    """One hash-pinned requirements file per layer group: what ``name`` installs in that
-    group; a group with nothing to install gets a comment."""
+def _installs(spec: Spec, name: str, closures: Mapping[str, ClosureLock]
+              ) -> tuple[list[LockedDist], list[ContextFile],
+                         tuple[tuple[str, tuple[str, ...]], ...]]:
+    """What ``name`` installs on top of its parent: the distributions (what the parent's
+    closure lacks, nothing more: torch and every wheel the parent has are never
+    installed again), one hash-pinned requirements file per layer group (a group with
+    nothing to install gets a comment), and each group with what it takes
+    (``name==version``, in install order). No files while its closure is unresolved."""
+    closure, parent = closures[name], spec.images[name].parent
+    if closure.unresolved is not None:
+        return [], [ContextFile(g.requirements, None) for g in spec.layers], ()
+    installs = install_set(closure, closures[parent] if parent is not None else None)
+    assigned = assign(((p.name, p.is_local) for p in installs), spec.layers)
     by_name = {p.name: p for p in installs}
     had = f"{parent} has all of it" if parent else "the lock has nothing for it"
-    return [ContextFile(g.requirements, requirements_text(
-                [by_name[n] for n in assigned[g.name]], WHEELS_ARG,
-                empty=f"{name} installs nothing in group {g.name}: {had}").encode())
-            for g in spec.layers]
+    files = [ContextFile(g.requirements, requirements_text(
+                 [by_name[n] for n in assigned[g.name]], WHEELS_ARG,
+                 empty=f"{name} installs nothing in group {g.name}: {had}").encode())
+             for g in spec.layers]
+    groups = tuple((g, tuple(f"{n}=={by_name[n].version}" for n in names))
+                   for g, names in assigned.items())
+    return installs, files, groups
 
 
 def copied_files(img: ImageSpec) -> tuple[list[CopiedFile], list[str]]:
@@ -161,19 +168,19 @@ def _entries(image: str, arcname: str, path: Path, st: os.stat_result, mode: int
     """A regular file, or a directory and everything in it (sorted by name). A symbolic
     link inside a declared directory, or anything but a file or a directory, is refused:
     the image would not hold what the checkout shows."""
-    if stat.S_ISREG(st.st_mode):
-        keep = 0o755 if st.st_mode & 0o111 else 0o644
-        return [CopiedFile(arcname, path, sha256_file(path), st.st_size,
-                           keep if mode is None else mode)]
-    if not stat.S_ISDIR(st.st_mode):
+    if stat.S_ISDIR(st.st_mode):
+        out = [CopiedFile(arcname, None, None, 0, 0o755)]
+        for child in sorted(path.iterdir()):
+            out.extend(_entries(image, f"{arcname}/{child.name}", child, child.lstat(), mode))
+        return out
+    if not stat.S_ISREG(st.st_mode):
         what = ("a symbolic link inside a declared directory" if stat.S_ISLNK(st.st_mode)
                 else "neither a file nor a directory")
         raise SpecError(f"images.{image}.files: {path} is {what}",
                         hint="declare the file it points to, or copy it in place")
-    out = [CopiedFile(arcname, None, None, 0, 0o755)]
-    for child in sorted(path.iterdir()):
-        out.extend(_entries(image, f"{arcname}/{child.name}", child, child.lstat(), mode))
-    return out
+    keep = 0o755 if st.st_mode & 0o111 else 0o644
+    return [CopiedFile(arcname, path, sha256_file(path), st.st_size,
+                       keep if mode is None else mode)]
 
 
 def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Derivation]:
@@ -183,25 +190,12 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
     out: dict[str, Derivation] = {}
     for name in spec.closure(names):
         img = spec.images[name]
+        copied, missing = copied_files(img)
         dockerfile = render_image(spec, name)
-        df_bytes = dockerfile.encode()
-        context: list[ContextFile] = [ContextFile("Dockerfile", df_bytes)]
+        installs, install_files, groups = _installs(spec, name, closures)
+        context = [ContextFile("Dockerfile", dockerfile.encode()), *install_files]
         unresolved: list[str] = []
         closure = closures[name]
-        installs: list[LockedDist] = []
-        groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
-        if closure.unresolved is not None:
-            context.extend(ContextFile(g.requirements, None) for g in spec.layers)
-        else:
-            parent_lock = closures[img.parent] if img.parent is not None else None
-            # what the parent's closure lacks, nothing more: torch and every wheel the
-            # parent has are never installed again
-            installs = install_set(closure, parent_lock)
-            assigned = assigned_groups(spec, installs)
-            context.extend(layer_files(spec, name, installs, assigned, img.parent))
-            versions = {p.name: p.version for p in installs}
-            groups = tuple((g, tuple(f"{n}=={versions[n]}" for n in names))
-                           for g, names in assigned.items())
         wheels: list[LockedWheel] = [lock.get(wname) for wname in img.wheels]
         served_names = {p.filename for p in installs if p.is_local}
         by_file = lock.by_filename()
@@ -219,7 +213,6 @@ def plan(spec: Spec, lock: Locks, names: list[str] | None = None) -> list[Deriva
                 unresolved.append(t.filename)
             if arcname is not None:
                 context.append(ContextFile(arcname, pinned_requirement(t)))
-        copied, missing = copied_files(img)
         unresolved.extend(missing)
         parent = out[img.parent] if img.parent is not None else None
         if parent is not None and parent.input_hash is None:

@@ -108,8 +108,8 @@ def plan_wheels(spec: Spec, images: list[str], lock: Lock | None) -> WheelPlan:
     """``plan`` and ``build``'s first phase: the wheels the closure of ``images`` (all
     when empty) builds from source, each reused or built, against wheels.lock as read
     (``lock``). Unknown image names are refused here, before any engine is contacted."""
-    needed = set(needed_by(spec, [spec.resolve(n) for n in images]))
     steps = _steps(spec, wheel_plan(spec), lock)
+    needed = set(needed_by(spec, [spec.resolve(n) for n in images]))
     return WheelPlan([s for s in steps if s.derivation.name in needed], tuple(steps), lock)
 
 
