@@ -98,10 +98,10 @@ def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
     if isinstance(files.wheels, LockError) and spec.lock_path.exists():
         warnings.append(f"ignoring the existing lock: {files.wheels.message}")
     decls = [(d.filename, d.index) for d in spec.wheels if d.url is None]
-    fetched = fetched_wheels(spec)
-    fetch_notes = fetch_wheels(spec, fetched, progress or Quiet(), strict=False)
+    # a wheel not built yet is refused before anything is downloaded
     built_wheels, built_notes = locked_built_wheels(previous, built)
-    built_notes += fetch_notes
+    fetched = fetched_wheels(spec)
+    built_notes += fetch_wheels(spec, fetched, progress or Quiet(), strict=False)
     result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade,
                           fetch=web.get_text, built=[*built_wheels, *fetched])
     try:
