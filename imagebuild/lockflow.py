@@ -26,11 +26,10 @@ from .locking import IndexListings, LockFiles, lock_image, read_lock_files
 from .progress import Progress, Quiet
 from .render import RenderResult, check_rendered, write_rendered
 from .spec import Spec
-from .wheelbuild import fetch_wheels, fetched_wheels
+from .wheelbuild import fetch_wheels, fetched_wheels, locked_built_wheels
 from .wheelplan import wheel_plan
 from .wheelstore import (
     Stored,
-    locked_built_wheels,
     stored,
     wheel_view,
 )
@@ -94,6 +93,7 @@ def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
     ``built``: the derivation of every wheel the spec builds, with its wheel store record
     as the caller found it."""
     previous = files.previous
+    current = _current_text(spec.lock_path)
     warnings: list[str] = []
     if isinstance(files.wheels, LockError) and spec.lock_path.exists():
         warnings.append(f"ignoring the existing lock: {files.wheels.message}")
@@ -102,21 +102,20 @@ def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
     built_wheels, built_notes = locked_built_wheels(previous, built)
     fetched = fetched_wheels(spec)
     built_notes += fetch_wheels(spec, fetched, progress or Quiet(), strict=False)
-    result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade,
-                          fetch=web.get_text, built=[*built_wheels, *fetched])
-    try:
-        spec_name = str(spec.path.relative_to(spec.lock_path.parent))
-    except ValueError:
-        spec_name = spec.path.name
-    text = format_lock(result.wheels, spec_name)
-    current = _current_text(spec.lock_path)
-    unresolved = sum(1 for w in result.wheels if w.sha256 is None)
-
-    wheels = {w.name: w for w in result.wheels}
     closures: list[tuple[ClosureLock, ClosureLock | None, str]] = []
     made: dict[str, ClosureLock] = {}
     listed: IndexListings = {}  # index pages read once for every image's source check
-    with wheel_view(spec, result.wheels) as links:
+    # the wheels directory with the built and fetched wheels: what the resolver sees
+    with wheel_view(spec, [*built_wheels, *fetched]) as links:
+        result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade,
+                              fetch=web.get_text, built=[*built_wheels, *fetched])
+        try:
+            spec_name = str(spec.path.relative_to(spec.lock_path.parent))
+        except ValueError:
+            spec_name = spec.path.name
+        text = format_lock(result.wheels, spec_name)
+        unresolved = sum(1 for w in result.wheels if w.sha256 is None)
+        wheels = {w.name: w for w in result.wheels}
         for name in spec.closure(None):
             if progress is not None:
                 progress.say(f"locking the closure of {name}")

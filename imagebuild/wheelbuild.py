@@ -36,7 +36,7 @@ from .errors import (
     WheelHashMismatch,
 )
 from .git import checkout_source
-from .lock import WHEEL_FILE, LockedWheel, parse_wheel
+from .lock import BUILT_PREFIX, WHEEL_FILE, Lock, LockedWheel, parse_wheel
 from .progress import Progress
 from .remote import Completed
 from .resolve import requires_dist, wheel_metadata
@@ -368,7 +368,40 @@ def _extract_wheel(output_tar: Path, dest: Path, log: _Log) -> tuple[Path, str]:
                      hint="run again; if it repeats, report it with the log") from None
 
 
-# -- prebuilt wheels by URL --------------------------------------------------------------------
+# -- the lock entries of the wheels realized here, and the prebuilt wheels by URL ----------
+
+
+def locked_built_wheels(previous: Lock | None, built: Stored
+                        ) -> tuple[list[LockedWheel], list[str]]:
+    """The lock entries of the wheels built from source: each from its wheel store
+    record (or kept from the previous lock when it already records that derivation),
+    and notes on what changed. A wheel that is not built yet is refused, by name."""
+    old = {w.name: w for w in previous.wheels} if previous is not None else {}
+    out: list[LockedWheel] = []
+    notes: list[str] = []
+    missing: list[WheelDerivation] = []
+    for d, record in built:
+        prev = old.get(d.name)
+        if record is not None:
+            out.append(LockedWheel(record.name, record.version, record.filename,
+                                   record.sha256, BUILT_PREFIX + d.input_hash))
+            if prev is not None and prev.derivation == d.input_hash and \
+                    prev.sha256 != record.sha256:
+                notes.append(f"{record.filename}: built again from the same inputs with other "
+                             f"bytes (sha256 {(prev.sha256 or '?')[:12]} -> "
+                             f"{record.sha256[:12]}): its build is not reproducible")
+        elif prev is not None and prev.derivation == d.input_hash:
+            out.append(prev)
+        else:
+            missing.append(d)
+    if missing:
+        names = " ".join(d.name for d in missing)
+        raise LockError(
+            "not built yet, so there is no wheel to lock: " + ", ".join(
+                f"{d.name} (derivation {d.hash12})" for d in missing) + "; nothing was written",
+            hint=f"run 'imagebuild build-wheels {names}' (or 'imagebuild build IMAGE', which "
+                 f"builds the wheels it needs and locks them), then lock again")
+    return out, notes
 
 
 def fetched_wheels(spec: Spec) -> list[LockedWheel]:

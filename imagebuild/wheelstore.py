@@ -35,7 +35,7 @@ from typing import Literal
 
 from .errors import LockError
 from .fsutil import atomic_write_text, fsync_dir
-from .lock import BUILT_PREFIX, SHA256, WHEEL_FILE, Lock, LockedWheel, parse_wheel
+from .lock import SHA256, WHEEL_FILE, Lock, LockedWheel, parse_wheel
 from .spec import Spec
 from .untrusted import loads_json
 from .wheelplan import WheelDerivation, wheel_plan
@@ -160,14 +160,14 @@ def wheel_view(spec: Spec, wheels: Iterable[LockedWheel]) -> Iterator[Path]:
     names = {w.name for w in built}
     with tempfile.TemporaryDirectory(prefix="imagebuild-wheels-") as tmp:
         view = Path(tmp)
-        if spec.wheels_dir.is_dir():
-            for f in sorted(spec.wheels_dir.iterdir()):
-                if WHEEL_FILE.match(f.name) and f.is_file() and _project(f.name) not in names:
-                    (view / f.name).symlink_to(f.absolute())
         for w in built:
             target = wheel_path(spec, w)
             if target.is_file():
                 (view / w.filename).symlink_to(target.absolute())
+        if spec.wheels_dir.is_dir():
+            for f in sorted(spec.wheels_dir.iterdir()):
+                if WHEEL_FILE.match(f.name) and f.is_file() and _project(f.name) not in names:
+                    (view / f.name).symlink_to(f.absolute())
         yield view
 
 
@@ -186,39 +186,6 @@ def stored(spec: Spec, derivations: Iterable[WheelDerivation]) -> Stored:
     """Each derivation with the record of its wheel in the store (None: not built)."""
     store = WheelStore(spec.wheel_store)
     return [(d, store.lookup(d.input_hash)) for d in derivations]
-
-
-def locked_built_wheels(previous: Lock | None, built: Stored
-                        ) -> tuple[list[LockedWheel], list[str]]:
-    """The lock entries of the wheels built from source: each from its wheel store
-    record (or kept from the previous lock when it already records that derivation),
-    and notes on what changed. A wheel that is not built yet is refused, by name."""
-    old = {w.name: w for w in previous.wheels} if previous is not None else {}
-    out: list[LockedWheel] = []
-    notes: list[str] = []
-    missing: list[WheelDerivation] = []
-    for d, record in built:
-        prev = old.get(d.name)
-        if record is not None:
-            out.append(LockedWheel(record.name, record.version, record.filename,
-                                   record.sha256, BUILT_PREFIX + d.input_hash))
-            if prev is not None and prev.derivation == d.input_hash and \
-                    prev.sha256 != record.sha256:
-                notes.append(f"{record.filename}: built again from the same inputs with other "
-                             f"bytes (sha256 {(prev.sha256 or '?')[:12]} -> "
-                             f"{record.sha256[:12]}): its build is not reproducible")
-        elif prev is not None and prev.derivation == d.input_hash:
-            out.append(prev)
-        else:
-            missing.append(d)
-    if missing:
-        names = " ".join(d.name for d in missing)
-        raise LockError(
-            "not built yet, so there is no wheel to lock: " + ", ".join(
-                f"{d.name} (derivation {d.hash12})" for d in missing) + "; nothing was written",
-            hint=f"run 'imagebuild build-wheels {names}' (or 'imagebuild build IMAGE', which "
-                 f"builds the wheels it needs and locks them), then lock again")
-    return out, notes
 
 
 # -- what the store holds, and pruning it ----------------------------------------------------

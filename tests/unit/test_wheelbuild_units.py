@@ -38,6 +38,7 @@ from imagebuild.spec import (
     WheelDecl,
     load_spec,
 )
+from imagebuild.wheelbuild import locked_built_wheels
 from imagebuild.wheelplan import (
     needed_by,
     target_tags,
@@ -48,7 +49,6 @@ from imagebuild.wheelplan import (
 from imagebuild.wheelstore import (
     WheelRecord,
     WheelStore,
-    locked_built_wheels,
     stored,
     wheel_path,
     wheel_view,
