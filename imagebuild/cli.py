@@ -79,9 +79,9 @@ def cmd_build_wheels(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    result = ops.build(ops.plan_build(args.file, args.images), DockerEngine,
-                       rebuild=args.rebuild, backup=not args.no_backup, dry_run=args.dry_run,
-                       progress=Progress())
+    planned = ops.plan_build(args.file, args.images)
+    result = ops.build(planned, DockerEngine, rebuild=args.rebuild, backup=not args.no_backup,
+                       dry_run=args.dry_run, progress=Progress())
     _show(output.build_json(result, args.dry_run) if args.json
           else output.build_shown(result, args.dry_run))
     return _raise(result)

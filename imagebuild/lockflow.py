@@ -102,8 +102,9 @@ def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
     built_wheels, built_notes = locked_built_wheels(previous, built)
     fetched = fetched_wheels(spec)
     built_notes += fetch_wheels(spec, fetched, progress or Quiet(), strict=False)
-    closures: list[tuple[ClosureLock, ClosureLock | None, str]] = []
+    closures: list[tuple[ClosureLock, str]] = []  # each image's lock and its text
     made: dict[str, ClosureLock] = {}
+    moved: dict[str, tuple[str, ...]] = {}
     listed: IndexListings = {}  # index pages read once for every image's source check
     # the wheels directory with the built and fetched wheels: what the resolver sees
     with wheel_view(spec, [*built_wheels, *fetched]) as links:
@@ -123,11 +124,14 @@ def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
             parent = spec.images[name].parent
             made[name] = lock_image(spec, wheels, name, made[parent] if parent else None,
                                     prev, upgrade, wheel_dir=links, listed=listed)
-            closures.append((made[name], prev, format_closure(made[name], spec.path.name)))
+            # what moved in it (nothing for a first lock)
+            moved[name] = (() if prev is None or prev.unresolved is not None else
+                           tuple(changes(prev.by_name(), made[name].by_name())))
+            closures.append((made[name], format_closure(made[name], spec.path.name)))
     if isinstance(upgrade, list):
-        locked = {p.name for c, _p, _t in closures for p in c.packages}
+        locked = {p.name for c, _t in closures for p in c.packages}
         unknown = [n for n in upgrade if canonicalize_name(n) not in locked]
-        if unknown and all(c.unresolved is None for c, _p, _t in closures):
+        if unknown and all(c.unresolved is None for c, _t in closures):
             raise LockError(f"--upgrade {' '.join(unknown)}: no image's closure has "
                             f"{'it' if len(unknown) == 1 else 'them'}; nothing was written",
                             hint="name packages as the locks do (see locks/pylock.*.toml)")
@@ -145,13 +149,13 @@ def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
             (*built_notes, *result.notes), Locks(spec.lock_path, tuple(result.wheels), made),
             tuple(warnings),
             tuple(ClosureOutcome(c.image, c.path, len(c.packages), c.unresolved,
-                                 state_of(c.path, t), _moved(prev, c))
-                  for c, prev, t in closures),
+                                 state_of(c.path, t), moved[c.image])
+                  for c, t in closures),
             allowed_unresolved=check and allow_unresolved)
 
     if check:
         stale = [str(spec.lock_path)] if current != text else []
-        stale += [str(c.path) for c, _p, t in closures if _current_text(c.path) != t]
+        stale += [str(c.path) for c, t in closures if _current_text(c.path) != t]
         stale += [f"{p} (no such image)" for p in strays]
         if stale:
             raise LockError(f"out of date with the spec, the wheels or the indexes: "
@@ -168,7 +172,7 @@ def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
         return done
     result_outcome = outcome()
     try:
-        for c, _prev, t in closures:
+        for c, t in closures:
             if _current_text(c.path) != t:
                 c.path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(c.path, t)
@@ -180,13 +184,6 @@ def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
         raise LockError(f"cannot write the locks: {exc.strerror or exc}",
                         hint="the spec's 'lock:' and 'locks:' must be writable") from None
     return result_outcome
-
-
-def _moved(prev: ClosureLock | None, new: ClosureLock) -> tuple[str, ...]:
-    """What moved in one image's closure lock (nothing for a first lock)."""
-    if prev is None or prev.unresolved is not None:
-        return ()
-    return tuple(changes(prev.by_name(), new.by_name()))
 
 
 def _current_text(path: Path) -> str | None:

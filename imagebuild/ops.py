@@ -219,8 +219,8 @@ def build_images(ctx: Context, engine: Engine, images: list[str], *, rebuild: bo
     progress = progress or Progress()
     spec = ctx.spec
     derivations = plan(spec, ctx.lock, images)
-    forced = ({d.name for d in derivations} if not images else set(ctx.names(images))
-              ) if rebuild else set()
+    forced = ({d.name for d in derivations} if not images else
+              {spec.resolve(n) for n in images}) if rebuild else set()
     store = backup_store(spec) if spec.backups is not None else None
     steps = decide(engine, derivations, forced, store)
     outcome = BuildOutcome(steps)

@@ -65,14 +65,6 @@ def dockerfile_path(spec: Spec, name: str) -> Path:
     return spec.dockerfiles_dir / f"{name}.Dockerfile"
 
 
-def default_base(spec: Spec, img: ImageSpec) -> str:
-    """The ``BASE_IMAGE`` default written in the Dockerfile (readable, runnable by hand)."""
-    if img.parent is not None:
-        return f"{img.parent}:latest"
-    assert img.base_reference is not None
-    return img.base_reference
-
-
 def _index_wheel(spec: Spec, img: ImageSpec, name: str | None, key: str
                  ) -> dict[str, str] | None:
     """What a template needs to install a hash-pinned wheel from its index."""
@@ -125,7 +117,9 @@ def render_image(spec: Spec, name: str) -> str:
     torch = spec.torch_of(name)
     context = {
         "header": header,
-        "image": {"name": img.name, "parent": img.parent, "default_base": default_base(spec, img)},
+        # BASE_IMAGE's default in the Dockerfile (readable, runnable by hand)
+        "image": {"name": img.name, "parent": img.parent,
+                  "default_base": f"{img.parent}:latest" if img.parent else img.base_reference},
         "apt_packages": list(p.apt_packages),
         "env": list(p.env),
         "uv": uv and {**uv, "requirements": UV_REQUIREMENTS},
