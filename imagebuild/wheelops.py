@@ -33,7 +33,7 @@ from .wheelbuild import (
     realize_wheels,
 )
 from .wheelplan import WheelDerivation, needed_by, wheel_plan
-from .wheelstore import WheelRecord, WheelStore
+from .wheelstore import WheelRecord, WheelStore, is_locked, stored
 
 
 @dataclass(frozen=True)
@@ -70,17 +70,8 @@ def wheel_steps(spec: Spec, names: list[str]) -> list[WheelStep]:
 
 def _steps(spec: Spec, derivations: Sequence[WheelDerivation], lock: Lock | None
            ) -> list[WheelStep]:
-    store = WheelStore(spec.wheel_store)
-    return [_step(d, store.lookup(d.input_hash), lock) for d in derivations]
-
-
-def _step(d: WheelDerivation, record: WheelRecord | None, lock: Lock | None) -> WheelStep:
-    entry = next((w for w in lock.wheels if w.name == d.name), None) if lock else None
-    # locked: the lock records this derivation, with the stored wheel's bytes (a wheel
-    # built again here may have others, if its build is not reproducible)
-    ok = entry is not None and entry.derivation == d.input_hash and (
-        record is None or entry.sha256 == record.sha256)
-    return WheelStep(d, record, ok)
+    return [WheelStep(d, record, is_locked(lock, d, record))
+            for d, record in stored(spec, derivations)]
 
 
 @dataclass(frozen=True)
@@ -136,7 +127,9 @@ def _realize(spec: Spec, engine: Engine, plan: WheelPlan, files: LockFiles, *, r
     read again), else say which wheels the lock lacks."""
     done = realize_wheels(spec, engine, [(s.derivation, s.record) for s in plan.steps],
                           progress)
-    now = {o.derivation.name: _step(o.derivation, o.record, plan.lock) for o in done}
+    now = {o.derivation.name: WheelStep(o.derivation, o.record,
+                                        is_locked(plan.lock, o.derivation, o.record))
+           for o in done}
     if relock and any(not now.get(s.derivation.name, s).locked for s in plan.all_steps):
         progress.say("locking the newly built wheels")
         built = [(s.derivation, now.get(s.derivation.name, s).record) for s in plan.all_steps]

@@ -188,6 +188,14 @@ def stored(spec: Spec, derivations: Iterable[WheelDerivation]) -> Stored:
     return [(d, store.lookup(d.input_hash)) for d in derivations]
 
 
+def is_locked(lock: Lock | None, d: WheelDerivation, record: WheelRecord | None) -> bool:
+    """wheels.lock records this derivation, with the stored wheel's bytes (a wheel built
+    again here may have others, if its build is not reproducible)."""
+    entry = next((w for w in lock.wheels if w.name == d.name), None) if lock else None
+    return entry is not None and entry.derivation == d.input_hash and (
+        record is None or entry.sha256 == record.sha256)
+
+
 # -- what the store holds, and pruning it ----------------------------------------------------
 
 WheelUse = Literal["locked", "built, not locked", "unreferenced"]
