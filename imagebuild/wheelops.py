@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,13 +64,15 @@ def wheel_names(spec: Spec, names: list[str]) -> list[str]:
 def wheel_steps(spec: Spec, names: list[str]) -> list[WheelStep]:
     """What building the wheels ``names`` does: reuse or build each, and whether the lock
     records it. No engine."""
-    return _steps(spec, wheel_plan(spec, names), read_lock_files(spec).previous)
+    return _plan(spec, read_lock_files(spec).previous, set(names)).steps
 
 
-def _steps(spec: Spec, derivations: Sequence[WheelDerivation], lock: Lock | None
-           ) -> list[WheelStep]:
-    return [WheelStep(d, record, is_locked(lock, d, record))
-            for d, record in stored(spec, derivations)]
+def _plan(spec: Spec, lock: Lock | None, wanted: set[str]) -> WheelPlan:
+    """A step for every wheel the spec builds (its wheel store record, whether ``lock``
+    records it), and the steps of the wheels ``wanted``."""
+    steps = [WheelStep(d, record, is_locked(lock, d, record))
+             for d, record in stored(spec, wheel_plan(spec))]
+    return WheelPlan([s for s in steps if s.derivation.name in wanted], tuple(steps))
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,6 @@ class WheelPlan:
 
     steps: list[WheelStep]  # the wheels of the images asked for
     all_steps: tuple[WheelStep, ...] = ()  # every wheel the spec builds, in its order
-    lock: Lock | None = None  # wheels.lock when planned (None: none, or unreadable)
 
     @property
     def every(self) -> tuple[WheelDerivation, ...]:
@@ -99,9 +99,7 @@ def plan_wheels(spec: Spec, images: list[str], lock: Lock | None) -> WheelPlan:
     """``plan`` and ``build``'s first phase: the wheels the closure of ``images`` (all
     when empty) builds from source, each reused or built, against wheels.lock as read
     (``lock``). Unknown image names are refused here, before any engine is contacted."""
-    steps = _steps(spec, wheel_plan(spec), lock)
-    needed = set(needed_by(spec, [spec.resolve(n) for n in images]))
-    return WheelPlan([s for s in steps if s.derivation.name in needed], tuple(steps), lock)
+    return _plan(spec, lock, set(needed_by(spec, [spec.resolve(n) for n in images])))
 
 
 def realize_planned(spec: Spec, engine: Engine, plan: WheelPlan, files: LockFiles,
@@ -127,15 +125,16 @@ def _realize(spec: Spec, engine: Engine, plan: WheelPlan, files: LockFiles, *, r
     read again), else say which wheels the lock lacks."""
     done = realize_wheels(spec, engine, [(s.derivation, s.record) for s in plan.steps],
                           progress)
-    now = {o.derivation.name: WheelStep(o.derivation, o.record,
-                                        is_locked(plan.lock, o.derivation, o.record))
-           for o in done}
-    if relock and any(not now.get(s.derivation.name, s).locked for s in plan.all_steps):
+    realized = {o.derivation.name: WheelStep(o.derivation, o.record,
+                                             is_locked(files.previous, o.derivation, o.record))
+                for o in done}
+    now = [realized.get(s.derivation.name, s) for s in plan.all_steps]
+    if relock and any(not s.locked for s in now):
         progress.say("locking the newly built wheels")
-        built = [(s.derivation, now.get(s.derivation.name, s).record) for s in plan.all_steps]
-        return WheelsOutcome(done, lockflow.lock_from(spec, files, built, check=False,
-                                                      upgrade=False, progress=progress))
-    return WheelsOutcome(done, unlocked=tuple(n for n, s in now.items() if not s.locked))
+        return WheelsOutcome(done, lockflow.lock_from(
+            spec, files, [(s.derivation, s.record) for s in now], check=False,
+            upgrade=False, progress=progress))
+    return WheelsOutcome(done, unlocked=tuple(n for n, s in realized.items() if not s.locked))
 
 
 @dataclass(frozen=True)
@@ -150,10 +149,8 @@ def build_wheels(spec: Spec, engine: Engine, names: list[str], *, relock: bool =
     """Realize the wheels ``names`` (reuse or build each); with ``relock``, run the lock
     step when wheels.lock does not record the derivations now built."""
     files = read_lock_files(spec)
-    steps = _steps(spec, wheel_plan(spec), files.previous)
-    plan = WheelPlan([s for s in steps if s.derivation.name in set(names)], tuple(steps),
-                     files.previous)
-    return _realize(spec, engine, plan, files, relock=relock, progress=progress or Progress())
+    return _realize(spec, engine, _plan(spec, files.previous, set(names)), files,
+                    relock=relock, progress=progress or Progress())
 
 
 @dataclass(frozen=True)

@@ -248,11 +248,7 @@ def store_state(spec: Spec, lock: Lock) -> WheelStoreState:
     spec's current derivation of a wheel (built, not locked yet). Reads only."""
     store = WheelStore(spec.wheel_store)
     locked = {w.sha256 for w in lock.wheels if w.sha256 is not None}
-    current = set()
-    for derivation in wheel_plan(spec):
-        record = store.lookup(derivation.input_hash)
-        if record is not None:
-            current.add(record.sha256)
+    current = {r.sha256 for _d, r in stored(spec, wheel_plan(spec)) if r is not None}
     wheels: list[StoredWheel] = []
     blobs = store.root / "sha256"
     for d in sorted(blobs.iterdir()) if blobs.is_dir() else ():
