@@ -102,14 +102,15 @@ def lock_from(spec: Spec, files: LockFiles, built: Stored, *,
     built_wheels, built_notes = locked_built_wheels(previous, built)
     fetched = fetched_wheels(spec)
     built_notes += fetch_wheels(spec, fetched, progress or Quiet(), strict=False)
+    in_store = [*built_wheels, *fetched]  # their entries come from the store, not hashing
     closures: list[tuple[ClosureLock, str]] = []  # each image's lock and its text
     made: dict[str, ClosureLock] = {}
     moved: dict[str, tuple[str, ...]] = {}
     listed: IndexListings = {}  # index pages read once for every image's source check
     # the wheels directory with the built and fetched wheels: what the resolver sees
-    with wheel_view(spec, [*built_wheels, *fetched]) as links:
+    with wheel_view(spec, in_store) as links:
         result = compute_lock(spec.wheels_dir, decls, previous, upgrade=upgrade,
-                              fetch=web.get_text, built=[*built_wheels, *fetched])
+                              fetch=web.get_text, built=in_store)
         try:
             spec_name = str(spec.path.relative_to(spec.lock_path.parent))
         except ValueError:
