@@ -56,6 +56,34 @@ def test_the_locks_a_lock_step_returns_are_the_locks_it_wrote_as_a_reader_sees_t
     assert set(done.locks.closures) == set(stack.load().images)
 
 
+def test_the_lock_step_regenerates_damaged_locks_and_says_so(
+        stack: Stack, offline_lock: object) -> None:
+    """A closure lock or a wheels.lock that does not parse is no starting point: the lock
+    step locks from the spec and writes it again (saying it ignored the wheels.lock),
+    and a build then reads them as it would any lock."""
+    spec = stack.load()
+    lockflow.lock(spec, check=False, upgrade=False)
+    closure = spec.closure_lock_path("vllm-node")
+    good = closure.read_text()
+    closure.write_bytes(b"\xff\xfe not a lock")
+    with pytest.raises(LockError):
+        context.load(str(stack.spec_path))
+    done = lockflow.lock(stack.load(), check=False, upgrade=False)
+    assert done.warnings == () and closure.read_text() == good
+
+    before = read_lock(spec.lock_path)
+    spec.lock_path.write_text("version = [\n")
+    done = lockflow.lock(stack.load(), check=False, upgrade=False)
+    assert len(done.warnings) == 1 and "ignoring the existing lock" in done.warnings[0]
+    again = read_lock(spec.lock_path)
+    # the local wheels hashed again; the index wheels' hashes came from the old lock,
+    # and this machine cannot reach their index: unresolved, not guessed
+    assert {w.filename: w.sha256 for w in again.wheels if w.is_local} == {
+        w.filename: w.sha256 for w in before.wheels if w.is_local}
+    assert all(w.sha256 is None for w in again.wheels if not w.is_local)
+    assert context.load(str(stack.spec_path)).lock == done.locks
+
+
 def test_a_conflict_no_override_covers_is_refused_naming_its_cause(
         stack: Stack, offline_lock: object) -> None:
     before = sorted(p.name for p in (stack.root / "locks").iterdir())
