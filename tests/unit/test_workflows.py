@@ -821,7 +821,7 @@ def test_build_refuses_a_stale_lock_before_the_engine_is_contacted(
     assert "out of date" in err and "cannot reach the Docker engine" not in err
 
 
-def test_build_with_wheels_still_to_build_refuses_a_stale_lock_before_building_them(
+def test_a_plan_with_wheels_still_to_build_refuses_a_stale_lock_before_building_them(
         stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lock records the wheel (nothing will re-lock), the wheel store lacks it: the
     stale lock is refused by the plan, before the engine is asked or a wheel is built
